@@ -4,3 +4,35 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 #![warn(missing_docs, clippy::unwrap_used)]
+
+//! # Layout
+//!
+//! | module | role |
+//! | --- | --- |
+//! | [`config`] | the TOML config, parsed in two stages, errors with file:line:column |
+//! | [`daemon`] | `batond`'s top level: proxy + supervisor + control socket + signals |
+//! | [`supervisor`] | the actor that owns generations and moves traffic |
+//! | [`worker_proc`] | build, snapshot, start, prove and monitor one worker |
+//! | [`process`] | process groups, parent-death signal, the exec shim, stop |
+//! | [`probe`] | `/healthz` probes and the signature verdict |
+//! | [`router`] | the atomically swapped upstream and its traffic counters |
+//! | [`proxy`] | the public HTTP/WebSocket reverse proxy |
+//! | [`headers`] | hop-by-hop and forwarding headers (RFC 9110) |
+//! | [`watch`] | `notify` watches with ignore globs |
+//! | [`events`] | the event bus behind the log and `/v1/events` |
+//! | [`control`] | the control socket API, server and client |
+//! | [`systemd`] | `sd_notify` and socket activation |
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod events;
+pub mod headers;
+pub mod probe;
+pub mod process;
+pub mod proxy;
+pub mod router;
+pub mod supervisor;
+pub mod systemd;
+pub mod watch;
+pub mod worker_proc;

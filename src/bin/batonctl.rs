@@ -1,1 +1,299 @@
-fn main() {}
+//! `batonctl`: the operator's CLI over `batond`'s control socket.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use baton::control::api::{DeployOutcome, Event, GenerationInfo, Status};
+use baton::control::client;
+use clap::{Parser, Subcommand};
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
+
+/// Control a running batond.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The control socket (default: `daemon.control_socket` of --config).
+    #[arg(long, short, env = "BATON_CONTROL_SOCKET", global = true)]
+    socket: Option<PathBuf>,
+    /// The daemon's config file, to find the control socket.
+    #[arg(long, short, default_value = "etc/baton.toml", global = true)]
+    config: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Show the active, candidate, draining and past generations.
+    Status {
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build and deploy now.
+    Deploy {
+        /// Wait for the outcome; exit 1 when the deploy is rejected or fails.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Start a fresh process of the active build and cut over to it.
+    Restart {
+        /// Wait for the outcome; exit 1 when it fails.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Re-read the config file (like SIGHUP); exit 1 when it is refused.
+    Reload,
+    /// Print a generation's worker or build log.
+    Logs {
+        /// The generation (default: the active one).
+        #[arg(long, short)]
+        generation: Option<u64>,
+        /// The build log instead of the worker log.
+        #[arg(long)]
+        build: bool,
+        /// How many lines from the end.
+        #[arg(long, short = 'n', default_value_t = 100)]
+        lines: usize,
+    },
+    /// Follow the daemon's events.
+    Events {
+        /// Print the raw JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("batonctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            // A closed pipe (batonctl events | head) is not an error.
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("batonctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn socket_path(cli: &Cli) -> anyhow::Result<PathBuf> {
+    if let Some(s) = &cli.socket {
+        return Ok(s.clone());
+    }
+    let cfg = baton::config::Config::load(&cli.config, &Default::default()).with_context(|| {
+        format!(
+            "reading {} to find the control socket (or pass --socket)",
+            cli.config.display()
+        )
+    })?;
+    Ok(cfg.daemon.control_socket)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let socket = socket_path(&cli)?;
+    match cli.cmd {
+        Cmd::Status { json } => {
+            let (code, body) = client::call_text(&socket, Method::GET, "/v1/status").await?;
+            check(code, &body)?;
+            if json {
+                print!("{body}");
+            } else {
+                let s: Status = serde_json::from_str(&body).context("status JSON")?;
+                print!("{}", render_status(&s));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Deploy { wait } => outcome(&socket, "/v1/deploy", wait).await,
+        Cmd::Restart { wait } => outcome(&socket, "/v1/restart", wait).await,
+        Cmd::Reload => {
+            let (code, body) = client::call_text(&socket, Method::POST, "/v1/reload").await?;
+            if code.is_success() {
+                println!("config reloaded; redeploying");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("reload refused: {}", error_text(&body));
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Cmd::Logs {
+            generation,
+            build,
+            lines,
+        } => {
+            let mut q = format!(
+                "/v1/logs?kind={}&lines={lines}",
+                if build { "build" } else { "worker" }
+            );
+            if let Some(g) = generation {
+                q.push_str(&format!("&generation={g}"));
+            }
+            let (code, body) = client::call_text(&socket, Method::GET, &q).await?;
+            check(code, &body)?;
+            print!("{body}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Events { json } => {
+            use std::io::Write;
+            let (code, mut body) = client::call(&socket, Method::GET, "/v1/events").await?;
+            if !code.is_success() {
+                bail!("events: {code}");
+            }
+            let mut buf = Vec::new();
+            let mut out = std::io::stdout().lock();
+            while let Some(frame) = body.frame().await {
+                let frame = frame?;
+                let Some(data) = frame.data_ref() else {
+                    continue;
+                };
+                buf.extend_from_slice(data);
+                while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    if json {
+                        out.write_all(&line)?;
+                    } else if let Ok(ev) = serde_json::from_slice::<Event>(&line) {
+                        let g = ev
+                            .generation
+                            .map(|g| format!(" gen {g}"))
+                            .unwrap_or_default();
+                        writeln!(out, "{} {}{g}: {}", ev.ts, ev.kind, ev.message)?;
+                    }
+                    out.flush()?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn outcome(socket: &std::path::Path, path: &str, wait: bool) -> anyhow::Result<ExitCode> {
+    let q = if wait {
+        format!("{path}?wait=1")
+    } else {
+        path.to_string()
+    };
+    let (code, body) = client::call_text(socket, Method::POST, &q).await?;
+    if code == StatusCode::FORBIDDEN {
+        bail!("{}", error_text(&body));
+    }
+    let o: DeployOutcome =
+        serde_json::from_str(&body).with_context(|| format!("answer: {body}"))?;
+    let g = o
+        .generation
+        .map(|g| format!("generation {g}: "))
+        .unwrap_or_default();
+    match (&o.reason, o.succeeded()) {
+        (_, true) => {
+            println!("{g}{}", o.outcome);
+            Ok(ExitCode::SUCCESS)
+        }
+        (Some(r), false) => {
+            eprintln!("{g}{}: {r}", o.outcome);
+            Ok(ExitCode::FAILURE)
+        }
+        (None, false) => {
+            eprintln!("{g}{}", o.outcome);
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn error_text(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_else(|| body.trim().to_string())
+}
+
+fn check(code: StatusCode, body: &str) -> anyhow::Result<()> {
+    if code.is_success() {
+        Ok(())
+    } else {
+        bail!("{code}: {}", error_text(body))
+    }
+}
+
+fn gen_line(g: &GenerationInfo) -> String {
+    let mut s = format!("gen {} {}", g.id, g.state.as_str());
+    if let Some(pid) = g.pid {
+        s.push_str(&format!(" pid {pid}"));
+    }
+    if let Some(port) = g.port {
+        s.push_str(&format!(" port {port}"));
+    }
+    if let Some(sig) = &g.signature {
+        s.push_str(&format!(" sig {}", baton::probe::short(sig)));
+    }
+    if let Some(b) = g.build_ms {
+        s.push_str(&format!(" build {b} ms"));
+    }
+    if let Some(h) = g.health_ms {
+        s.push_str(&format!(" health {h} ms"));
+    }
+    if g.restarts > 0 {
+        s.push_str(&format!(" restarts {}", g.restarts));
+    }
+    if g.requests_in_flight > 0 || g.connections > 0 {
+        s.push_str(&format!(
+            " ({} req, {} conn)",
+            g.requests_in_flight, g.connections
+        ));
+    }
+    s.push_str(&format!(" [{}]", g.trigger));
+    if let Some(r) = &g.reason {
+        s.push_str(&format!(": {r}"));
+    }
+    s
+}
+
+fn render_status(s: &Status) -> String {
+    let dot = match s.state.as_str() {
+        "running" => "●",
+        "failed" => "×",
+        _ => "○",
+    };
+    let mut out = format!(
+        "{dot} batond {} — {}\n     Listen: {}\n     Config: {}\n        PID: {}\n     Uptime: {} s\n",
+        s.version, s.state, s.listen, s.config_file, s.pid, s.uptime_s
+    );
+    if let Some(e) = &s.config_error {
+        out.push_str(&format!("  Config error (running config kept): {e}\n"));
+    }
+    match &s.active {
+        Some(a) => out.push_str(&format!("     Active: {}\n", gen_line(a))),
+        None => out.push_str("     Active: none\n"),
+    }
+    if let Some(c) = &s.candidate {
+        out.push_str(&format!("  Candidate: {}\n", gen_line(c)));
+    }
+    for d in &s.draining {
+        out.push_str(&format!("   Draining: {}\n", gen_line(d)));
+    }
+    if s.deploy_pending {
+        out.push_str("    Pending: one more deploy queued\n");
+    }
+    if !s.history.is_empty() {
+        out.push_str("    History:\n");
+        for g in &s.history {
+            out.push_str(&format!("      {}\n", gen_line(g)));
+        }
+    }
+    out
+}

@@ -1,1 +1,109 @@
-fn main() {}
+//! `batond`: parse the command line, build a validated config, bind (or
+//! inherit) the public listener, and call [`baton::daemon::run`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use baton::config::{Config, ConfigError, Overrides};
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// sysexits' EX_CONFIG: the configuration is wrong.
+const EXIT_CONFIG: u8 = 78;
+
+/// The Baton supervisor daemon.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The config file.
+    #[arg(long, short, default_value = "etc/baton.toml", env = "BATON_CONFIG")]
+    config: PathBuf,
+    /// Validate the config and exit: 0 when valid, 78 with the errors.
+    #[arg(long)]
+    check: bool,
+    /// Override `daemon.listen`.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Override `daemon.control_socket`.
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    /// Override `daemon.state_dir`.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == baton::process::SHIM_ARG) {
+        // The exec shim: only returns on failure.
+        let Err(e) = baton::process::shim_exec(&args[2..]);
+        eprintln!("batond exec: {e}");
+        return ExitCode::from(127);
+    }
+    let cli = Cli::parse();
+    init_tracing(cli.log_json);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("batond: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let overrides = Overrides {
+        listen: cli.listen,
+        control_socket: cli.control_socket,
+        state_dir: cli.state_dir,
+    };
+    let cfg = match Config::load(&cli.config, &overrides) {
+        Ok(cfg) => cfg,
+        Err(e @ ConfigError::Invalid { .. }) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    if cli.check {
+        println!("{}: ok", cfg.file.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let shim = std::env::current_exe().context("cannot find batond's own executable")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(async move {
+        let listener =
+            match baton::systemd::inherited_listener().context("inherited socket (LISTEN_FDS)")? {
+                Some(l) => l,
+                None => tokio::net::TcpListener::bind(cfg.daemon.listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {}", cfg.daemon.listen))?,
+            };
+        baton::daemon::run(listener, cfg, overrides, shim, CancellationToken::new()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -1,0 +1,675 @@
+//! The daemon's configuration: the TOML file, parsed in two stages.
+//!
+//! Stage one is serde with `deny_unknown_fields`, so an unknown key or a wrong
+//! type is an error. Stage two validates what serde cannot (addresses, globs,
+//! header names, non-zero timeouts) and resolves every relative path against
+//! `daemon.root`, which is itself relative to the folder of the config file.
+//! Every error names the file, the line, the column and the key, because a
+//! reload that fails must tell the operator exactly what to fix while the
+//! running config stays in force.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use serde::Deserialize;
+
+/// One problem found in a config file, with its position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// The file the problem is in.
+    pub file: PathBuf,
+    /// 1-based line, when the problem has a place in the file.
+    pub line: Option<usize>,
+    /// 1-based column, when the problem has a place in the file.
+    pub column: Option<usize>,
+    /// The dotted key, e.g. `daemon.listen`, when one is known.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(col) = self.column {
+                write!(f, ":{col}")?;
+            }
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": key `{key}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read at all.
+    #[error("{}: cannot read config: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file was read, and these problems were found in it.
+    #[error("{}", issues.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        /// Every problem found, in file order.
+        issues: Vec<ConfigIssue>,
+    },
+}
+
+// === raw (serde) layer ===
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    daemon: RawDaemon,
+    #[serde(default)]
+    watch: RawWatch,
+    build: Option<RawBuild>,
+    worker: Option<RawWorker>,
+    #[serde(default)]
+    restart: RawRestart,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    root: Option<String>,
+    listen: Option<String>,
+    control_socket: Option<String>,
+    state_dir: Option<String>,
+    hold_timeout_ms: Option<u64>,
+    history: Option<usize>,
+    shutdown_timeout_s: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawWatch {
+    paths: Option<Vec<String>>,
+    ignore: Option<Vec<String>>,
+    debounce_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBuild {
+    command: Vec<String>,
+    artifact: String,
+    timeout_s: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorker {
+    command: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    health_path: Option<String>,
+    signature_header: Option<String>,
+    signature: Option<SignatureMode>,
+    start_timeout_s: Option<u64>,
+    health_interval_ms: Option<u64>,
+    health_failures: Option<u32>,
+    drain_timeout_s: Option<u64>,
+    stop_timeout_s: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRestart {
+    backoff_initial_ms: Option<u64>,
+    backoff_max_ms: Option<u64>,
+    limit_burst: Option<u32>,
+    limit_interval_s: Option<u64>,
+}
+
+// === validated layer ===
+
+/// How a worker proves that it runs the build just made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SignatureMode {
+    /// The worker hashes its own executable and presents that digest; a stale
+    /// binary cannot present the new digest.
+    Artifact,
+    /// The supervisor passes the expected digest in `BATON_SIGNATURE` and the
+    /// worker echoes it (for interpreted workers).
+    Env,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The config file this was read from (absolute), watched for reloads.
+    pub file: PathBuf,
+    /// `[daemon]`.
+    pub daemon: DaemonConfig,
+    /// `[watch]`.
+    pub watch: WatchConfig,
+    /// `[build]`.
+    pub build: BuildConfig,
+    /// `[worker]`.
+    pub worker: WorkerConfig,
+    /// `[restart]`.
+    pub restart: RestartConfig,
+}
+
+/// `[daemon]`: where the daemon lives and listens.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Working folder of builds and workers; base of every relative path.
+    pub root: PathBuf,
+    /// The public listener, unless a socket is inherited from systemd.
+    pub listen: SocketAddr,
+    /// The control socket path.
+    pub control_socket: PathBuf,
+    /// Where generations keep their snapshot and logs.
+    pub state_dir: PathBuf,
+    /// How long a request waits for a healthy worker before a 503.
+    pub hold_timeout: Duration,
+    /// How many finished generations the status keeps.
+    pub history: usize,
+    /// How long SIGTERM waits for requests and calls before stopping workers.
+    pub shutdown_timeout: Duration,
+}
+
+/// `[watch]`: what changes trigger a rebuild.
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    /// Absolute paths watched recursively (plus the config file itself).
+    pub paths: Vec<PathBuf>,
+    /// The ignore globs as written, for the status.
+    pub ignore_patterns: Vec<String>,
+    /// Compiled ignore globs, matched against paths relative to `root` and
+    /// against absolute paths.
+    pub ignore: GlobSet,
+    /// Quiet time after the last change before a build starts.
+    pub debounce: Duration,
+}
+
+/// `[build]`: how to make the artifact.
+#[derive(Debug, Clone)]
+pub struct BuildConfig {
+    /// argv of the build; empty means "no build, snapshot the artifact as is".
+    pub command: Vec<String>,
+    /// The file the build produces (absolute).
+    pub artifact: PathBuf,
+    /// A build running longer is killed and the generation fails.
+    pub timeout: Duration,
+}
+
+/// `[worker]`: how to run and prove a worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// argv; `{artifact}` is replaced by the generation's snapshot path.
+    pub command: Vec<String>,
+    /// Extra environment for the worker.
+    pub env: BTreeMap<String, String>,
+    /// Path probed for health.
+    pub health_path: String,
+    /// Response header carrying the signature.
+    pub signature_header: http::HeaderName,
+    /// How the signature is proven.
+    pub signature: SignatureMode,
+    /// How long a candidate has to prove itself.
+    pub start_timeout: Duration,
+    /// Probe period for the active worker.
+    pub health_interval: Duration,
+    /// Consecutive failed probes before the active worker is replaced.
+    pub health_failures: u32,
+    /// How long a draining generation may keep its connections.
+    pub drain_timeout: Duration,
+    /// Grace between SIGTERM and SIGKILL.
+    pub stop_timeout: Duration,
+}
+
+/// `[restart]`: crash restart policy, like systemd's `Restart=on-failure`.
+#[derive(Debug, Clone)]
+pub struct RestartConfig {
+    /// First backoff delay.
+    pub backoff_initial: Duration,
+    /// Backoff ceiling.
+    pub backoff_max: Duration,
+    /// Starts allowed within `limit_interval`.
+    pub limit_burst: u32,
+    /// The start-limit window.
+    pub limit_interval: Duration,
+}
+
+/// Command-line overrides of file values.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--control-socket`.
+    pub control_socket: Option<PathBuf>,
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The default ignore globs: build output, VCS data and editor temp files.
+pub const DEFAULT_IGNORE: &[&str] = &[
+    "**/target/**",
+    "**/.git/**",
+    "**/*.swp",
+    "**/*.swx",
+    "**/*~",
+    "**/.#*",
+    "**/#*#",
+    "**/4913",
+    "**/*.tmp",
+];
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] when the file cannot be read,
+    /// [`ConfigError::Invalid`] with every problem and its position otherwise.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let abs = std::path::absolute(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&abs, &text, overrides)
+    }
+
+    /// Parses and validates config text that came from `file`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] with every problem and its position.
+    pub fn parse(file: &Path, text: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            issues: vec![serde_issue(file, text, &e)],
+        })?;
+        let mut v = Validator {
+            file,
+            text,
+            issues: Vec::new(),
+        };
+        let cfg = v.validate(raw, overrides);
+        match cfg {
+            Some(cfg) if v.issues.is_empty() => Ok(cfg),
+            _ => Err(ConfigError::Invalid { issues: v.issues }),
+        }
+    }
+}
+
+/// Turns a toml/serde error into an issue with line, column and key.
+fn serde_issue(file: &Path, text: &str, e: &toml::de::Error) -> ConfigIssue {
+    let (line, column, key) = match e.span() {
+        Some(span) => {
+            let (line, column) = line_col(text, span.start);
+            (Some(line), Some(column), key_at(text, span.start))
+        }
+        None => (None, None, None),
+    };
+    ConfigIssue {
+        file: file.to_path_buf(),
+        line,
+        column,
+        key,
+        message: e.message().trim().to_string(),
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// The dotted key whose line holds `offset`: the nearest `[table]` header
+/// above, plus the bare key before `=` on that line (if any).
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let line = text[start..].lines().next().unwrap_or("");
+    let table = text[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && !l.starts_with("[["))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let trimmed = line.trim();
+    if trimmed.starts_with('[') {
+        return Some(
+            trimmed
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string(),
+        );
+    }
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_string());
+    match (table, key) {
+        (Some(t), Some(k)) => Some(format!("{t}.{k}")),
+        (None, Some(k)) => Some(k),
+        (Some(t), None) => Some(t),
+        (None, None) => None,
+    }
+}
+
+/// Finds the position of `key` inside `[table]` for validation errors.
+fn locate(text: &str, table: &str, key: &str) -> (Option<usize>, Option<usize>) {
+    let mut in_table = table.is_empty();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_table = t.trim_matches(|c| c == '[' || c == ']').trim() == table;
+            if key.is_empty() && in_table {
+                return (Some(i + 1), Some(1));
+            }
+            continue;
+        }
+        if in_table
+            && let Some((k, _)) = t.split_once('=')
+            && k.trim().trim_matches('"') == key
+        {
+            let col = line.len() - line.trim_start().len() + 1;
+            return (Some(i + 1), Some(col));
+        }
+    }
+    (None, None)
+}
+
+struct Validator<'a> {
+    file: &'a Path,
+    text: &'a str,
+    issues: Vec<ConfigIssue>,
+}
+
+impl Validator<'_> {
+    fn issue(&mut self, table: &str, key: &str, message: impl Into<String>) {
+        let (line, column) = locate(self.text, table, key);
+        let dotted = if key.is_empty() {
+            table.to_string()
+        } else {
+            format!("{table}.{key}")
+        };
+        self.issues.push(ConfigIssue {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+            key: Some(dotted),
+            message: message.into(),
+        });
+    }
+
+    fn positive(&mut self, table: &str, key: &str, v: Option<u64>, default: u64) -> u64 {
+        let v = v.unwrap_or(default);
+        if v == 0 {
+            self.issue(table, key, "must be greater than 0");
+        }
+        v
+    }
+
+    fn validate(&mut self, raw: RawFile, ov: &Overrides) -> Option<Config> {
+        let config_dir = self.file.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let root = config_dir.join(raw.daemon.root.as_deref().unwrap_or("."));
+        let root = match std::fs::canonicalize(&root) {
+            Ok(r) => r,
+            Err(e) => {
+                self.issue("daemon", "root", format!("{}: {e}", root.display()));
+                root
+            }
+        };
+        let at_root = |p: &str| root.join(p);
+
+        let listen = match ov.listen {
+            Some(a) => a,
+            None => {
+                let s = raw.daemon.listen.as_deref().unwrap_or("127.0.0.1:8080");
+                match s.parse::<SocketAddr>() {
+                    Ok(a) => a,
+                    Err(e) => {
+                        self.issue("daemon", "listen", format!("`{s}` is not host:port: {e}"));
+                        SocketAddr::from(([127, 0, 0, 1], 8080))
+                    }
+                }
+            }
+        };
+        let state_dir = ov.state_dir.clone().map_or_else(
+            || at_root(raw.daemon.state_dir.as_deref().unwrap_or("target/baton")),
+            |p| std::path::absolute(&p).unwrap_or(p),
+        );
+        let control_socket = ov.control_socket.clone().map_or_else(
+            || match &raw.daemon.control_socket {
+                Some(p) => at_root(p),
+                None => state_dir.join("control.sock"),
+            },
+            |p| std::path::absolute(&p).unwrap_or(p),
+        );
+        let hold = self.positive(
+            "daemon",
+            "hold_timeout_ms",
+            raw.daemon.hold_timeout_ms,
+            5000,
+        );
+        let shutdown = raw.daemon.shutdown_timeout_s.unwrap_or(30);
+        let daemon = DaemonConfig {
+            root: root.clone(),
+            listen,
+            control_socket,
+            state_dir,
+            hold_timeout: Duration::from_millis(hold),
+            history: raw.daemon.history.unwrap_or(20),
+            shutdown_timeout: Duration::from_secs(shutdown),
+        };
+
+        let ignore_patterns: Vec<String> = raw
+            .watch
+            .ignore
+            .unwrap_or_else(|| DEFAULT_IGNORE.iter().map(|s| s.to_string()).collect());
+        let mut gs = GlobSetBuilder::new();
+        for pat in &ignore_patterns {
+            match Glob::new(pat) {
+                Ok(g) => {
+                    gs.add(g);
+                }
+                Err(e) => self.issue("watch", "ignore", format!("bad glob `{pat}`: {e}")),
+            }
+        }
+        let ignore = gs.build().unwrap_or_else(|_| GlobSet::empty());
+        let paths = raw
+            .watch
+            .paths
+            .unwrap_or_default()
+            .iter()
+            .map(|p| at_root(p))
+            .collect::<Vec<_>>();
+        for p in &paths {
+            if !p.exists() {
+                self.issue("watch", "paths", format!("{} does not exist", p.display()));
+            }
+        }
+        let debounce = raw.watch.debounce_ms.unwrap_or(200);
+        let watch = WatchConfig {
+            paths,
+            ignore_patterns,
+            ignore,
+            debounce: Duration::from_millis(debounce),
+        };
+
+        let build = match raw.build {
+            Some(b) => {
+                let timeout = self.positive("build", "timeout_s", b.timeout_s, 600);
+                BuildConfig {
+                    command: b.command,
+                    artifact: at_root(&b.artifact),
+                    timeout: Duration::from_secs(timeout),
+                }
+            }
+            None => {
+                self.issue(
+                    "build",
+                    "",
+                    "the [build] table is required (command, artifact)",
+                );
+                return None;
+            }
+        };
+
+        let Some(w) = raw.worker else {
+            self.issue("worker", "", "the [worker] table is required (command)");
+            return None;
+        };
+        if w.command.is_empty() {
+            self.issue("worker", "command", "must name a program");
+        }
+        let health_path = w.health_path.unwrap_or_else(|| "/healthz".into());
+        if !health_path.starts_with('/') {
+            self.issue("worker", "health_path", "must start with `/`");
+        }
+        let header = w
+            .signature_header
+            .unwrap_or_else(|| "X-App-Signature".into());
+        let signature_header = match http::HeaderName::from_bytes(header.as_bytes()) {
+            Ok(h) => h,
+            Err(_) => {
+                self.issue(
+                    "worker",
+                    "signature_header",
+                    format!("`{header}` is not a valid header name"),
+                );
+                http::HeaderName::from_static("x-app-signature")
+            }
+        };
+        let start = self.positive("worker", "start_timeout_s", w.start_timeout_s, 30);
+        let interval = self.positive("worker", "health_interval_ms", w.health_interval_ms, 1000);
+        let failures = w.health_failures.unwrap_or(3);
+        if failures == 0 {
+            self.issue("worker", "health_failures", "must be greater than 0");
+        }
+        let drain = w.drain_timeout_s.unwrap_or(300);
+        let stop = self.positive("worker", "stop_timeout_s", w.stop_timeout_s, 10);
+        let worker = WorkerConfig {
+            command: w.command,
+            env: w.env,
+            health_path,
+            signature_header,
+            signature: w.signature.unwrap_or(SignatureMode::Artifact),
+            start_timeout: Duration::from_secs(start),
+            health_interval: Duration::from_millis(interval),
+            health_failures: failures,
+            drain_timeout: Duration::from_secs(drain),
+            stop_timeout: Duration::from_secs(stop),
+        };
+
+        let r = raw.restart;
+        let initial = self.positive("restart", "backoff_initial_ms", r.backoff_initial_ms, 100);
+        let max = r.backoff_max_ms.unwrap_or(10_000);
+        if max < initial {
+            self.issue(
+                "restart",
+                "backoff_max_ms",
+                "must be at least backoff_initial_ms",
+            );
+        }
+        let burst = r.limit_burst.unwrap_or(5);
+        if burst == 0 {
+            self.issue("restart", "limit_burst", "must be greater than 0");
+        }
+        let interval = self.positive("restart", "limit_interval_s", r.limit_interval_s, 60);
+        let restart = RestartConfig {
+            backoff_initial: Duration::from_millis(initial),
+            backoff_max: Duration::from_millis(max),
+            limit_burst: burst,
+            limit_interval: Duration::from_secs(interval),
+        };
+
+        Some(Config {
+            file: self.file.to_path_buf(),
+            daemon,
+            watch,
+            build,
+            worker,
+            restart,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let dir = std::env::temp_dir();
+        Config::parse(&dir.join("baton.toml"), text, &Overrides::default())
+    }
+
+    const MINIMAL: &str =
+        "[build]\ncommand = [\"true\"]\nartifact = \"a\"\n[worker]\ncommand = [\"{artifact}\"]\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let cfg = parse(MINIMAL).expect("valid");
+        assert_eq!(cfg.daemon.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(cfg.worker.health_path, "/healthz");
+        assert_eq!(cfg.worker.signature, SignatureMode::Artifact);
+        assert_eq!(cfg.worker.signature_header.as_str(), "x-app-signature");
+    }
+
+    fn single_issue(text: &str) -> ConfigIssue {
+        match parse(text) {
+            Err(ConfigError::Invalid { issues }) => issues[0].clone(),
+            other => panic!("expected invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_key_names_line_column_and_key() {
+        let text = format!("{MINIMAL}[daemon]\nlisten = \"127.0.0.1:1\"\nlisten_port = 3\n");
+        let i = single_issue(&text);
+        assert_eq!(i.line, Some(8));
+        assert_eq!(i.column, Some(1));
+        assert_eq!(i.key.as_deref(), Some("daemon.listen_port"));
+        assert!(i.message.contains("unknown field"), "{}", i.message);
+    }
+
+    #[test]
+    fn wrong_type_names_key() {
+        let text = format!("{MINIMAL}[daemon]\nhold_timeout_ms = \"soon\"\n");
+        let i = single_issue(&text);
+        assert_eq!(i.line, Some(7));
+        assert_eq!(i.key.as_deref(), Some("daemon.hold_timeout_ms"));
+        let shown = i.to_string();
+        assert!(shown.contains("baton.toml:7:"), "{shown}");
+    }
+
+    #[test]
+    fn validation_errors_are_located() {
+        let text = format!("{MINIMAL}[daemon]\nlisten = \"nowhere\"\n");
+        let i = single_issue(&text);
+        assert_eq!(i.line, Some(7));
+        assert_eq!(i.key.as_deref(), Some("daemon.listen"));
+    }
+
+    #[test]
+    fn bad_signature_mode_is_refused() {
+        let text = MINIMAL.replace("[worker]\n", "[worker]\nsignature = \"magic\"\n");
+        let i = single_issue(&text);
+        assert_eq!(i.key.as_deref(), Some("worker.signature"));
+    }
+}

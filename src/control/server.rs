@@ -1,0 +1,391 @@
+//! The control socket: HTTP/1.1 over a Unix socket (mode 0660).
+//!
+//! | route | what |
+//! | --- | --- |
+//! | `GET /v1/status` | [`Status`](super::api::Status) as JSON |
+//! | `POST /v1/deploy[?wait=1]` | build and deploy now |
+//! | `POST /v1/restart[?wait=1]` | fresh process of the active snapshot |
+//! | `POST /v1/reload` | re-read the config file |
+//! | `GET /v1/logs?generation=N&kind=worker\|build&lines=K` | a log's tail |
+//! | `GET /v1/events` | NDJSON stream of [`Event`](super::api::Event)s |
+//! | `GET /metrics` | Prometheus text |
+//!
+//! Mutating calls are allowed only to root and to the daemon's own user,
+//! checked on the connection with `SO_PEERCRED`.
+
+use std::convert::Infallible;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::control::api::{GenState, Status};
+use crate::proxy::ProxyBody;
+use crate::supervisor::Job;
+use crate::worker_proc::gen_dir;
+
+/// Why the control socket could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("control socket {}: {source}", path.display())]
+pub struct ControlError {
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+/// Binds the control socket at `path` (replacing a stale one) with mode 0660.
+///
+/// # Errors
+/// [`ControlError`] when the folder or socket cannot be made, or when a live
+/// daemon already answers on it.
+pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    let err = |source| ControlError {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another batond is answering on it",
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Serves the control API until `token` is cancelled.
+pub async fn serve(listener: UnixListener, job: Job, state_dir: PathBuf, token: CancellationToken) {
+    let me = nix::unistd::geteuid().as_raw();
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = token.cancelled() => return,
+        };
+        let peer_uid = stream.peer_cred().ok().map(|c| c.uid());
+        let trusted = peer_uid.is_some_and(|u| u == 0 || u == me);
+        let job = job.clone();
+        let state_dir = state_dir.clone();
+        let token = token.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let job = job.clone();
+                let state_dir = state_dir.clone();
+                let token = token.clone();
+                async move { Ok::<_, Infallible>(route(req, &job, &state_dir, trusted, token).await) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn query(req: &Request<Incoming>, key: &str) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == key).then(|| v.to_string())
+    })
+}
+
+fn flag(req: &Request<Incoming>, key: &str) -> bool {
+    query(req, key).is_some_and(|v| v.is_empty() || v == "1" || v == "true")
+}
+
+async fn route(
+    req: Request<Incoming>,
+    job: &Job,
+    state_dir: &Path,
+    trusted: bool,
+    token: CancellationToken,
+) -> Response<ProxyBody> {
+    let mutating = req.method() == Method::POST;
+    if mutating && !trusted {
+        return json_error(
+            StatusCode::FORBIDDEN,
+            "only root or the daemon's user may change the daemon",
+        );
+    }
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/v1/status") => match job.status().await {
+            Some(s) => json(StatusCode::OK, &s),
+            None => json_error(StatusCode::SERVICE_UNAVAILABLE, "supervisor stopped"),
+        },
+        (&Method::POST, "/v1/deploy") => {
+            let wait = flag(&req, "wait");
+            let o = job.deploy("ctl", wait).await;
+            let code = if o.succeeded() {
+                if wait {
+                    StatusCode::OK
+                } else {
+                    StatusCode::ACCEPTED
+                }
+            } else {
+                StatusCode::CONFLICT
+            };
+            json(code, &o)
+        }
+        (&Method::POST, "/v1/restart") => {
+            let wait = flag(&req, "wait");
+            let o = job.restart(wait).await;
+            let code = if o.succeeded() {
+                if wait {
+                    StatusCode::OK
+                } else {
+                    StatusCode::ACCEPTED
+                }
+            } else {
+                StatusCode::CONFLICT
+            };
+            json(code, &o)
+        }
+        (&Method::POST, "/v1/reload") => match job.reload().await {
+            Ok(()) => json(StatusCode::OK, &serde_json::json!({"reloaded": true})),
+            Err(e) => json_error(StatusCode::UNPROCESSABLE_ENTITY, &e),
+        },
+        (&Method::GET, "/v1/logs") => logs(&req, job, state_dir).await,
+        (&Method::GET, "/v1/events") => events(job, token),
+        (&Method::GET, "/metrics") => match job.status().await {
+            Some(s) => metrics(&s, job),
+            None => json_error(StatusCode::SERVICE_UNAVAILABLE, "supervisor stopped"),
+        },
+        _ => json_error(StatusCode::NOT_FOUND, "no such route"),
+    }
+}
+
+async fn logs(req: &Request<Incoming>, job: &Job, state_dir: &Path) -> Response<ProxyBody> {
+    let kind = query(req, "kind").unwrap_or_else(|| "worker".into());
+    if kind != "worker" && kind != "build" {
+        return json_error(StatusCode::BAD_REQUEST, "kind must be `worker` or `build`");
+    }
+    let lines: usize = match query(req, "lines").map(|l| l.parse()) {
+        None => 100,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => return json_error(StatusCode::BAD_REQUEST, "lines must be a number"),
+    };
+    let generation = match query(req, "generation").map(|g| g.parse::<u64>()) {
+        Some(Ok(g)) => g,
+        Some(Err(_)) => return json_error(StatusCode::BAD_REQUEST, "generation must be a number"),
+        None => {
+            let Some(s) = job.status().await else {
+                return json_error(StatusCode::SERVICE_UNAVAILABLE, "supervisor stopped");
+            };
+            let pick = if kind == "build" {
+                s.candidate
+                    .as_ref()
+                    .or(s.history.first())
+                    .or(s.active.as_ref())
+            } else {
+                s.active.as_ref().or(s.history.first())
+            };
+            match pick {
+                Some(g) => g.id,
+                None => return json_error(StatusCode::NOT_FOUND, "no generation yet"),
+            }
+        }
+    };
+    let path = gen_dir(state_dir, generation).join(format!("{kind}.log"));
+    match tokio::fs::read(&path).await {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            let tail = all[all.len().saturating_sub(lines)..].join("\n");
+            let mut resp = Response::new(full(format!("{tail}\n")));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            resp
+        }
+        Err(e) => json_error(
+            StatusCode::NOT_FOUND,
+            &format!("generation {generation} has no {kind} log: {e}"),
+        ),
+    }
+}
+
+fn events(job: &Job, token: CancellationToken) -> Response<ProxyBody> {
+    let rx = job.events.subscribe();
+    let stream = futures_util::stream::unfold((rx, token), |(mut rx, token)| async move {
+        loop {
+            let ev = tokio::select! {
+                r = rx.recv() => r,
+                () = token.cancelled() => return None,
+            };
+            match ev {
+                Ok(ev) => {
+                    let mut line = serde_json::to_vec(&ev).unwrap_or_default();
+                    line.push(b'\n');
+                    return Some((Ok(Frame::data(Bytes::from(line))), (rx, token)));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    let mut resp = Response::new(StreamBody::new(stream.boxed()).boxed_unsync());
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    resp
+}
+
+fn metrics(s: &Status, job: &Job) -> Response<ProxyBody> {
+    use std::fmt::Write;
+    let m = &job.proxy.metrics;
+    let mut out = String::new();
+    let mut put = |name: &str, kind: &str, help: &str, v: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+        );
+    };
+    put(
+        "baton_requests_total",
+        "counter",
+        "Requests received on the public listener.",
+        m.requests.load(Ordering::Relaxed),
+    );
+    put(
+        "baton_bad_gateway_total",
+        "counter",
+        "502 responses made by the proxy.",
+        m.bad_gateway.load(Ordering::Relaxed),
+    );
+    put(
+        "baton_unavailable_total",
+        "counter",
+        "503 responses made by the proxy (no healthy worker).",
+        m.unavailable.load(Ordering::Relaxed),
+    );
+    put(
+        "baton_upgrades_total",
+        "counter",
+        "Upgraded (WebSocket) connections proxied.",
+        m.upgrades.load(Ordering::Relaxed),
+    );
+    put(
+        "baton_connections_total",
+        "counter",
+        "Client connections accepted.",
+        m.connections.load(Ordering::Relaxed),
+    );
+    put(
+        "baton_uptime_seconds",
+        "gauge",
+        "Seconds since the daemon started.",
+        s.uptime_s,
+    );
+    put(
+        "baton_active_generation",
+        "gauge",
+        "The generation serving new traffic (0: none).",
+        s.active
+            .as_ref()
+            .filter(|g| g.state == GenState::Active)
+            .map_or(0, |g| g.id),
+    );
+    put(
+        "baton_draining_generations",
+        "gauge",
+        "Generations draining.",
+        s.draining.len() as u64,
+    );
+    let inflight: u64 = s
+        .active
+        .iter()
+        .chain(&s.draining)
+        .map(|g| g.requests_in_flight)
+        .sum();
+    let conns: u64 = s
+        .active
+        .iter()
+        .chain(&s.draining)
+        .map(|g| g.connections)
+        .sum();
+    put(
+        "baton_requests_in_flight",
+        "gauge",
+        "HTTP requests in flight to workers.",
+        inflight,
+    );
+    put(
+        "baton_open_connections",
+        "gauge",
+        "Upgraded connections open to workers.",
+        conns,
+    );
+    let rejected = s
+        .history
+        .iter()
+        .filter(|g| g.state == GenState::Rejected)
+        .count() as u64;
+    let failed = s
+        .history
+        .iter()
+        .filter(|g| g.state == GenState::Failed)
+        .count() as u64;
+    put(
+        "baton_history_rejected",
+        "gauge",
+        "Rejected generations in the kept history.",
+        rejected,
+    );
+    put(
+        "baton_history_failed",
+        "gauge",
+        "Failed generations in the kept history.",
+        failed,
+    );
+    let mut resp = Response::new(full(out));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
+}
+
+fn full(s: String) -> ProxyBody {
+    Full::new(Bytes::from(s))
+        .map_err(|e: Infallible| match e {})
+        .boxed_unsync()
+}
+
+fn json<T: serde::Serialize>(code: StatusCode, v: &T) -> Response<ProxyBody> {
+    let mut body = serde_json::to_string_pretty(v).unwrap_or_else(|_| "{}".into());
+    body.push('\n');
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn json_error(code: StatusCode, msg: &str) -> Response<ProxyBody> {
+    json(code, &serde_json::json!({ "error": msg }))
+}

@@ -1,0 +1,140 @@
+//! Hop-by-hop header handling for the front proxy (RFC 9110 §7.6.1).
+//!
+//! A proxy must not forward the headers that describe one connection: the
+//! fixed list below plus every name listed in `Connection`. This one module
+//! strips them in both directions so that request and response paths cannot
+//! disagree.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Headers that are always hop-by-hop (RFC 9110 §7.6.1, plus the legacy
+/// `Keep-Alive` and `Proxy-Connection`).
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes every hop-by-hop header, including those named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// The protocol a request asks to upgrade to, when it is a valid upgrade
+/// request: `Connection` lists `upgrade` and `Upgrade` is present.
+pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let connection_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if connection_upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// Puts back the two headers an upgrade needs after stripping.
+pub fn restore_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+}
+
+/// `X-Forwarded-For`.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Proto`.
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-Host`.
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Sets the forwarding headers: appends the client to `X-Forwarded-For`,
+/// and sets `X-Forwarded-Proto`/`X-Forwarded-Host` only when an outer proxy
+/// has not (Twilio signs the public URL, which the outermost proxy saw).
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    client: std::net::IpAddr,
+    proto: &'static str,
+    host: Option<&HeaderValue>,
+) {
+    let client = client.to_string();
+    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client}"),
+        _ => client,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    if !headers.contains_key(X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    if !headers.contains_key(X_FORWARDED_HOST)
+        && let Some(h) = host
+    {
+        headers.insert(X_FORWARDED_HOST, h.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_fixed_and_listed_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn detects_upgrade_only_with_connection_token() {
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(upgrade_protocol(&h).is_none());
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        assert_eq!(
+            upgrade_protocol(&h).as_ref().map(|v| v.as_bytes()),
+            Some(&b"websocket"[..])
+        );
+    }
+
+    #[test]
+    fn forwarded_headers_append_and_keep_outer_values() {
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.9"));
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        let host = HeaderValue::from_static("inner:8080");
+        set_forwarded(&mut h, [127, 0, 0, 1].into(), "http", Some(&host));
+        assert_eq!(h[X_FORWARDED_FOR], "203.0.113.9, 127.0.0.1");
+        assert_eq!(h[X_FORWARDED_PROTO], "https");
+        assert_eq!(h[X_FORWARDED_HOST], "inner:8080");
+    }
+}

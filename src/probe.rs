@@ -1,0 +1,146 @@
+//! Health probes: `GET health_path` on a worker's loopback port, and the
+//! verdict on whether the answer proves the expected build.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, Request, StatusCode};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+
+/// What one probe saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// No HTTP answer (refused, reset, timed out).
+    NoAnswer(String),
+    /// An HTTP answer.
+    Answer {
+        /// The status code.
+        status: StatusCode,
+        /// The signature header, if present and readable.
+        signature: Option<String>,
+    },
+}
+
+/// The verdict on a probe against the expected signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// 200 with the right signature.
+    Proven,
+    /// Not yet: keep probing until the start timeout (no answer, 5xx).
+    NotYet(String),
+    /// Definitely not this build: reject now (4xx, wrong or missing signature).
+    Wrong(String),
+}
+
+/// Probes `addr` once, bounded by `timeout`.
+pub async fn probe(addr: SocketAddr, path: &str, header: &HeaderName, timeout: Duration) -> Probe {
+    match tokio::time::timeout(timeout, probe_inner(addr, path, header)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => Probe::NoAnswer(e),
+        Err(_) => Probe::NoAnswer(format!("no answer within {} ms", timeout.as_millis())),
+    }
+}
+
+async fn probe_inner(addr: SocketAddr, path: &str, header: &HeaderName) -> Result<Probe, String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = Request::get(path)
+        .header(http::header::HOST, addr.to_string())
+        .header(http::header::USER_AGENT, "batond-probe")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let signature = resp
+        .headers()
+        .get(header)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim().to_string());
+    Ok(Probe::Answer {
+        status: resp.status(),
+        signature,
+    })
+}
+
+/// Judges a probe: a 200 must carry exactly `want`.
+pub fn judge(p: &Probe, want: &str) -> Verdict {
+    match p {
+        Probe::NoAnswer(e) => Verdict::NotYet(format!("no answer: {e}")),
+        Probe::Answer { status, signature } => {
+            if *status != StatusCode::OK {
+                let reason = format!("healthz {}", status.as_u16());
+                if status.is_client_error() && *status != StatusCode::TOO_MANY_REQUESTS {
+                    Verdict::Wrong(reason)
+                } else {
+                    Verdict::NotYet(reason)
+                }
+            } else {
+                match signature {
+                    Some(got) if got.eq_ignore_ascii_case(want) => Verdict::Proven,
+                    Some(got) => Verdict::Wrong(format!(
+                        "signature mismatch: want {} got {}",
+                        short(want),
+                        short(got)
+                    )),
+                    None => Verdict::Wrong(format!(
+                        "signature mismatch: want {} got nothing (header missing)",
+                        short(want)
+                    )),
+                }
+            }
+        }
+    }
+}
+
+/// The first 12 hex digits, enough to tell builds apart in a message.
+pub fn short(sig: &str) -> String {
+    let s: String = sig.chars().take(12).collect();
+    if sig.chars().count() > 12 {
+        format!("{s}..")
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(code: u16, sig: Option<&str>) -> Probe {
+        Probe::Answer {
+            status: StatusCode::from_u16(code).expect("status"),
+            signature: sig.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn verdicts() {
+        assert_eq!(judge(&answer(200, Some("ABC")), "abc"), Verdict::Proven);
+        assert_eq!(
+            judge(&answer(404, None), "abc"),
+            Verdict::Wrong("healthz 404".into())
+        );
+        assert_eq!(
+            judge(&answer(503, None), "abc"),
+            Verdict::NotYet("healthz 503".into())
+        );
+        assert!(matches!(judge(&answer(200, Some("9f3c")), "ab12"),
+            Verdict::Wrong(r) if r == "signature mismatch: want ab12 got 9f3c"));
+        assert!(matches!(
+            judge(&answer(200, None), "ab12"),
+            Verdict::Wrong(_)
+        ));
+        assert!(matches!(
+            judge(&Probe::NoAnswer("refused".into()), "x"),
+            Verdict::NotYet(_)
+        ));
+    }
+}

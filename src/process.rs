@@ -1,0 +1,322 @@
+//! Child processes: spawned in their own process group, tied to the daemon's
+//! life, stopped with SIGTERM then SIGKILL, always reaped.
+//!
+//! Two things a plain `Command` cannot do without `unsafe` code in the child
+//! between fork and exec: set a parent-death signal and put the listening
+//! socket at fd 3 with `LISTEN_PID` equal to the child's own pid. Baton does
+//! both in an exec shim instead: the daemon runs its own executable with
+//! [`SHIM_ARG`]; the shim (already the child process) sets
+//! `PR_SET_PDEATHSIG`, checks that its parent is still the daemon, moves the
+//! socket it received as stdin to fd 3, and `execvpe`s the real command with
+//! `LISTEN_FDS=1` and `LISTEN_PID` set to its own pid (which `exec` keeps).
+
+use std::ffi::{CString, OsString};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+/// The first argument that turns `batond` into the exec shim.
+pub const SHIM_ARG: &str = "__baton-exec";
+
+/// Environment the daemon never passes on: it belongs to the daemon's own
+/// systemd unit (socket activation, notify socket, watchdog).
+pub const PRIVATE_ENV: &[&str] = &[
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
+/// Why a child could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The command list was empty.
+    #[error("empty command")]
+    Empty,
+    /// `fork`/`exec` of the shim failed.
+    #[error("cannot start `{program}`: {source}")]
+    Io {
+        /// The program that was being started.
+        program: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What to start.
+#[derive(Debug)]
+pub struct Spec {
+    /// argv; `argv[0]` is looked up in `PATH` by the shim.
+    pub argv: Vec<String>,
+    /// Extra environment.
+    pub env: Vec<(String, String)>,
+    /// Working folder.
+    pub cwd: PathBuf,
+    /// A listening socket to hand over as fd 3 (`LISTEN_FDS=1`).
+    pub listener: Option<OwnedFd>,
+    /// Where stdout goes.
+    pub stdout: Stdio,
+    /// Where stderr goes.
+    pub stderr: Stdio,
+}
+
+/// A running child that leads its own process group.
+#[derive(Debug)]
+pub struct Child {
+    inner: tokio::process::Child,
+    pid: i32,
+}
+
+impl Child {
+    /// Starts `spec` through the exec shim in a new process group.
+    ///
+    /// # Errors
+    /// [`SpawnError`] when the command is empty or cannot be started.
+    pub fn spawn(shim: &Path, spec: Spec) -> Result<Child, SpawnError> {
+        if spec.argv.is_empty() {
+            return Err(SpawnError::Empty);
+        }
+        let mut cmd = tokio::process::Command::new(shim);
+        cmd.arg(SHIM_ARG)
+            .arg(std::process::id().to_string())
+            .arg(if spec.listener.is_some() { "fd" } else { "-" })
+            .arg("--")
+            .args(&spec.argv)
+            .current_dir(&spec.cwd)
+            .process_group(0)
+            .stdout(spec.stdout)
+            .stderr(spec.stderr)
+            .kill_on_drop(false);
+        for k in PRIVATE_ENV {
+            cmd.env_remove(k);
+        }
+        cmd.envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        match spec.listener {
+            Some(fd) => cmd.stdin(Stdio::from(fd)),
+            None => cmd.stdin(Stdio::null()),
+        };
+        let inner = cmd.spawn().map_err(|source| SpawnError::Io {
+            program: spec.argv[0].clone(),
+            source,
+        })?;
+        let pid = inner
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .unwrap_or_default();
+        Ok(Child { inner, pid })
+    }
+
+    /// The child's pid, which is also its process group id.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Takes the child's stdout pipe, if it was piped.
+    pub fn take_stdout(&mut self) -> Option<tokio::process::ChildStdout> {
+        self.inner.stdout.take()
+    }
+
+    /// Takes the child's stderr pipe, if it was piped.
+    pub fn take_stderr(&mut self) -> Option<tokio::process::ChildStderr> {
+        self.inner.stderr.take()
+    }
+
+    /// Waits for the child to exit and reaps it; then kills whatever is left
+    /// of its process group.
+    ///
+    /// # Errors
+    /// The I/O error of `waitpid`.
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        let status = self.inner.wait().await?;
+        signal_group(self.pid, Signal::SIGKILL);
+        Ok(status)
+    }
+
+    /// Sends `sig` to the child's whole process group.
+    pub fn signal(&self, sig: Signal) {
+        signal_group(self.pid, sig);
+    }
+}
+
+/// Sends `sig` to process group `pgid`, ignoring "no such group".
+pub fn signal_group(pgid: i32, sig: Signal) {
+    if pgid > 1 {
+        let _ = killpg(Pid::from_raw(pgid), sig);
+    }
+}
+
+/// Stops a child: SIGTERM to its group, SIGKILL after `grace`, then reaps.
+pub async fn stop(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
+    child.signal(Signal::SIGTERM);
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(r) => r.ok(),
+        Err(_) => {
+            child.signal(Signal::SIGKILL);
+            child.wait().await.ok()
+        }
+    }
+}
+
+/// Describes an exit status the way an operator reads it.
+pub fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = status.code() {
+        format!("code {code}")
+    } else if let Some(sig) = status.signal() {
+        match Signal::try_from(sig) {
+            Ok(s) => format!("signal {}", s.as_str()),
+            Err(_) => format!("signal {sig}"),
+        }
+    } else {
+        status.to_string()
+    }
+}
+
+/// A record of a process group left behind by a previous daemon, kept as a
+/// file so that the next daemon can kill it after a `kill -9`.
+#[derive(Debug, Clone)]
+pub struct GroupRecord {
+    path: PathBuf,
+}
+
+impl GroupRecord {
+    /// Writes `pgid` plus its start time (to tell a reused pid apart) to `path`.
+    pub fn write(path: &Path, pgid: i32) -> GroupRecord {
+        let content = format!("{pgid} {}\n", start_time(pgid).unwrap_or_default());
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = std::fs::write(path, content);
+        GroupRecord {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Removes the record: the group is gone.
+    pub fn clear(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+
+    /// Kills the group recorded at `path` if it is still the same group, then
+    /// removes the record. Returns the pgid killed.
+    pub fn reap_stale(path: &Path) -> Option<i32> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let _ = std::fs::remove_file(path);
+        let mut it = text.split_whitespace();
+        let pgid: i32 = it.next()?.parse().ok()?;
+        let started: u64 = it.next()?.parse().ok()?;
+        if pgid > 1 && start_time(pgid) == Some(started) {
+            signal_group(pgid, Signal::SIGKILL);
+            Some(pgid)
+        } else {
+            None
+        }
+    }
+}
+
+/// The start time of `pid` in clock ticks since boot (field 22 of
+/// `/proc/PID/stat`).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+// === the shim ===
+
+/// Why the shim could not exec.
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    /// The shim was called with the wrong arguments.
+    #[error("usage: {SHIM_ARG} PARENT_PID fd|- -- PROGRAM [ARGS...]")]
+    Usage,
+    /// The daemon died before the shim could tie itself to it.
+    #[error("parent {0} is gone")]
+    Orphan(i32),
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Sys {
+        /// What was being done.
+        what: &'static str,
+        /// The errno.
+        #[source]
+        source: nix::Error,
+    },
+    /// An argument contained a NUL byte.
+    #[error("argument with a NUL byte")]
+    Nul,
+}
+
+fn sys(what: &'static str) -> impl FnOnce(nix::Error) -> ShimError {
+    move |source| ShimError::Sys { what, source }
+}
+
+/// Runs the shim: `args` are the arguments after [`SHIM_ARG`]. Only returns
+/// on failure; on success the process image is replaced.
+///
+/// # Errors
+/// [`ShimError`] when the arguments are wrong or a system call fails.
+pub fn shim_exec(args: &[OsString]) -> Result<std::convert::Infallible, ShimError> {
+    let [parent, fd_mode, sep, argv @ ..] = args else {
+        return Err(ShimError::Usage);
+    };
+    if sep != "--" || argv.is_empty() {
+        return Err(ShimError::Usage);
+    }
+    let parent: i32 = parent
+        .to_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or(ShimError::Usage)?;
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys("prctl(PR_SET_PDEATHSIG)"))?;
+    if nix::unistd::getppid().as_raw() != parent {
+        return Err(ShimError::Orphan(parent));
+    }
+    let mut env: Vec<CString> = Vec::new();
+    for (k, v) in std::env::vars_os() {
+        if PRIVATE_ENV.iter().any(|p| k == *p) {
+            continue;
+        }
+        let mut kv = k.as_bytes().to_vec();
+        kv.push(b'=');
+        kv.extend_from_slice(v.as_bytes());
+        env.push(CString::new(kv).map_err(|_| ShimError::Nul)?);
+    }
+    if fd_mode == "fd" {
+        let stdin = std::io::stdin();
+        let fd = nix::fcntl::fcntl(&stdin, nix::fcntl::FcntlArg::F_DUPFD(3))
+            .map_err(sys("fcntl(F_DUPFD)"))?;
+        if fd != 3 {
+            return Err(ShimError::Sys {
+                what: "listening socket did not land on fd 3",
+                source: nix::Error::EBADF,
+            });
+        }
+        let devnull = std::fs::File::open("/dev/null").map_err(|e| ShimError::Sys {
+            what: "open /dev/null",
+            source: nix::Error::from_raw(e.raw_os_error().unwrap_or(0)),
+        })?;
+        nix::unistd::dup2_stdin(&devnull).map_err(sys("dup2(stdin)"))?;
+        drop(devnull);
+        let pid = std::process::id();
+        for kv in [
+            "LISTEN_FDS=1".to_string(),
+            format!("LISTEN_PID={pid}"),
+            "LISTEN_FDNAMES=http".to_string(),
+        ] {
+            env.push(CString::new(kv).map_err(|_| ShimError::Nul)?);
+        }
+    }
+    let argv: Vec<CString> = argv
+        .iter()
+        .map(|a| CString::new(a.as_bytes()).map_err(|_| ShimError::Nul))
+        .collect::<Result<_, _>>()?;
+    nix::unistd::execvpe(&argv[0], &argv, &env).map_err(sys("execvpe"))
+}

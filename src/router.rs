@@ -1,0 +1,172 @@
+//! Which worker gets the next request: the atomically swapped upstream
+//! pointer, and per-generation counters of requests and pinned connections.
+//!
+//! A request takes a [`Ticket`] on the upstream that is active when it
+//! arrives. Taking the ticket and checking that the upstream is still active
+//! happen in that order, so a drain that sees zero tickets after a swap can
+//! never race with a request that is about to start on the old worker: such a
+//! request gives its ticket back and takes one on the new worker instead.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// One running worker that can take traffic.
+#[derive(Debug)]
+pub struct Upstream {
+    /// The generation the worker belongs to.
+    pub generation: u64,
+    /// The worker's loopback address.
+    pub addr: SocketAddr,
+    requests: AtomicU64,
+    tunnels: AtomicU64,
+    idle: Notify,
+    /// Cancelled to cut this worker's upgraded connections at drain timeout.
+    pub tunnel_cancel: CancellationToken,
+    /// The tasks copying this worker's upgraded connections.
+    pub tunnel_tracker: TaskTracker,
+}
+
+/// A counted use of an [`Upstream`]; dropping it gives the count back.
+#[derive(Debug)]
+pub struct Ticket {
+    upstream: Arc<Upstream>,
+    tunnel: bool,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let counter = if self.tunnel {
+            &self.upstream.tunnels
+        } else {
+            &self.upstream.requests
+        };
+        if counter.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.upstream.idle.notify_waiters();
+        }
+    }
+}
+
+// === impl Upstream ===
+
+impl Upstream {
+    /// A new upstream with no traffic.
+    pub fn new(generation: u64, addr: SocketAddr) -> Arc<Upstream> {
+        Arc::new(Upstream {
+            generation,
+            addr,
+            requests: AtomicU64::new(0),
+            tunnels: AtomicU64::new(0),
+            idle: Notify::new(),
+            tunnel_cancel: CancellationToken::new(),
+            tunnel_tracker: TaskTracker::new(),
+        })
+    }
+
+    /// Counts one HTTP request until the ticket drops.
+    pub fn request(self: &Arc<Self>) -> Ticket {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        Ticket {
+            upstream: self.clone(),
+            tunnel: false,
+        }
+    }
+
+    /// Counts one upgraded connection until the ticket drops.
+    pub fn tunnel(self: &Arc<Self>) -> Ticket {
+        self.tunnels.fetch_add(1, Ordering::SeqCst);
+        Ticket {
+            upstream: self.clone(),
+            tunnel: true,
+        }
+    }
+
+    /// HTTP requests in flight.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Upgraded connections open.
+    pub fn tunnels(&self) -> u64 {
+        self.tunnels.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once no request and no connection uses this upstream.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.requests() == 0 && self.tunnels() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The active-upstream pointer plus a way to wait for one to appear.
+#[derive(Debug)]
+pub struct Router {
+    current: ArcSwapOption<Upstream>,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Router {
+            current: ArcSwapOption::empty(),
+            changed: watch::channel(0).0,
+        }
+    }
+}
+
+// === impl Router ===
+
+impl Router {
+    /// Swaps the active upstream (None: no healthy worker, requests hold).
+    pub fn set(&self, upstream: Option<Arc<Upstream>>) {
+        self.current.store(upstream);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// The active upstream now.
+    pub fn current(&self) -> Option<Arc<Upstream>> {
+        self.current.load_full()
+    }
+
+    /// A ticket on the upstream active now, waiting up to `hold` for one to
+    /// become active. None when none did.
+    pub async fn acquire(&self, hold: Duration) -> Option<(Arc<Upstream>, Ticket)> {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + hold;
+        // Bounded: each retry needs a swap between two loads, and a wait
+        // needs a swap to end before the deadline.
+        for _ in 0..64 {
+            rx.mark_unchanged();
+            if let Some(up) = self.current.load_full() {
+                let ticket = up.request();
+                let still = self
+                    .current
+                    .load()
+                    .as_ref()
+                    .is_some_and(|now| Arc::ptr_eq(now, &up));
+                if still {
+                    return Some((up, ticket));
+                }
+                continue;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return None;
+            }
+        }
+        None
+    }
+}

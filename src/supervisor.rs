@@ -1,0 +1,1195 @@
+//! The supervisor: one actor task that owns every generation's state and is
+//! the only place that moves traffic.
+//!
+//! Everything else talks to it through a [`Job`] handle that queues
+//! [`Control`] messages; the long steps (build, snapshot, start and prove)
+//! run in tasks of their own and report back, so the actor never blocks and
+//! a status request is always answered at once.
+//!
+//! Deploys are debounced and coalesced: one pipeline runs at a time; any
+//! number of changes that arrive while it runs cause exactly one more run
+//! after it (the latest tree wins, since the build reads the tree when it
+//! starts).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Overrides};
+use crate::control::api::{DeployOutcome, GenState, GenerationInfo, Status, timestamp};
+use crate::events::Events;
+use crate::proxy::Proxy;
+use crate::router::Router;
+use crate::systemd;
+use crate::watch::{self, Change};
+use crate::worker_proc::{self, Instance, Launch, WorkerEvent};
+
+/// A request to the supervisor.
+#[derive(Debug)]
+pub enum Control {
+    /// A watched file changed.
+    Changed(Change),
+    /// Re-read the config file (SIGHUP, `batonctl reload`, file change).
+    Reload(Option<oneshot::Sender<Result<(), String>>>),
+    /// Build and deploy now; the reply (if any) comes when it is decided.
+    Deploy {
+        /// What asked for it.
+        trigger: String,
+        /// Where to send the outcome.
+        reply: Option<oneshot::Sender<DeployOutcome>>,
+    },
+    /// Start the active generation's snapshot afresh (or retry a failed
+    /// unit), then cut over to the fresh process.
+    Restart(Option<oneshot::Sender<DeployOutcome>>),
+    /// Report the state.
+    Status(oneshot::Sender<Status>),
+    /// Stop everything; the reply comes when all workers are gone.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// The handle everyone else uses to talk to the supervisor.
+#[derive(Debug, Clone)]
+pub struct Job {
+    tx: mpsc::UnboundedSender<Control>,
+    /// The event bus (for `/v1/events`).
+    pub events: Events,
+    /// The proxy (for `/metrics`).
+    pub proxy: Arc<Proxy>,
+}
+
+// === impl Job ===
+
+impl Job {
+    /// Queues a control message. False when the supervisor is gone.
+    pub fn send(&self, c: Control) -> bool {
+        self.tx.send(c).is_ok()
+    }
+
+    /// The current status, or None when the supervisor is gone.
+    pub async fn status(&self) -> Option<Status> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Control::Status(tx));
+        rx.await.ok()
+    }
+
+    /// Asks for a deploy; waits for its outcome when `wait`.
+    pub async fn deploy(&self, trigger: &str, wait: bool) -> DeployOutcome {
+        let (tx, rx) = oneshot::channel();
+        self.send(Control::Deploy {
+            trigger: trigger.to_string(),
+            reply: wait.then_some(tx),
+        });
+        outcome(wait, rx).await
+    }
+
+    /// Asks for a restart; waits for its outcome when `wait`.
+    pub async fn restart(&self, wait: bool) -> DeployOutcome {
+        let (tx, rx) = oneshot::channel();
+        self.send(Control::Restart(wait.then_some(tx)));
+        outcome(wait, rx).await
+    }
+
+    /// Asks for a config reload and waits for its verdict.
+    pub async fn reload(&self) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Control::Reload(Some(tx)));
+        rx.await
+            .unwrap_or_else(|_| Err("supervisor stopped".to_string()))
+    }
+}
+
+async fn outcome(wait: bool, rx: oneshot::Receiver<DeployOutcome>) -> DeployOutcome {
+    if !wait {
+        return DeployOutcome {
+            generation: None,
+            outcome: "queued".into(),
+            reason: None,
+        };
+    }
+    rx.await.unwrap_or_else(|_| DeployOutcome {
+        generation: None,
+        outcome: "failed".into(),
+        reason: Some("supervisor stopped".into()),
+    })
+}
+
+/// Messages from the supervisor's own tasks.
+#[derive(Debug)]
+enum Internal {
+    Worker(WorkerEvent),
+    DebounceDue(u64),
+    Progress {
+        generation: u64,
+        state: GenState,
+        build_ms: Option<u64>,
+        signature: Option<String>,
+    },
+    PipelineDone {
+        generation: u64,
+        result: Result<(Instance, Duration), (GenState, String)>,
+        snapshot: Option<PathBuf>,
+    },
+    RestartDue(u64),
+    RestartDone {
+        generation: u64,
+        replace: bool,
+        result: Result<(Instance, Duration), String>,
+    },
+    DrainTimedOut {
+        generation: u64,
+        instance: u64,
+    },
+}
+
+/// What a generation needs to be started again.
+#[derive(Debug, Clone)]
+struct GenRuntime {
+    snapshot: PathBuf,
+    signature: String,
+    dir: PathBuf,
+    next_instance: u64,
+    starts: VecDeque<Instant>,
+    backoff: Duration,
+    restart_pending: bool,
+}
+
+struct Supervisor {
+    cfg: Arc<Config>,
+    overrides: Overrides,
+    shim: PathBuf,
+    router: Arc<Router>,
+    proxy: Arc<Proxy>,
+    events: Events,
+    token: CancellationToken,
+    rx: mpsc::UnboundedReceiver<Control>,
+    itx: mpsc::UnboundedSender<Internal>,
+    irx: mpsc::UnboundedReceiver<Internal>,
+    wtx: mpsc::UnboundedSender<WorkerEvent>,
+    watcher: Option<watch::Watcher>,
+    change_tx: mpsc::UnboundedSender<Change>,
+
+    gens: BTreeMap<u64, GenerationInfo>,
+    runtime: BTreeMap<u64, GenRuntime>,
+    next_gen: u64,
+    active: Option<Instance>,
+    draining: Vec<Instance>,
+    candidate: Option<u64>,
+    pipeline_busy: bool,
+    replacing: bool,
+    pending: Option<String>,
+    debounce_epoch: u64,
+    waiters_next: Vec<oneshot::Sender<DeployOutcome>>,
+    waiters_now: Vec<oneshot::Sender<DeployOutcome>>,
+    restart_waiters: Vec<oneshot::Sender<DeployOutcome>>,
+    unit_state: &'static str,
+    ready_sent: bool,
+    config_error: Option<String>,
+    started: Instant,
+}
+
+/// Starts the supervisor actor and its watcher. The returned [`Job`] is the
+/// only way to talk to it; the actor ends after `Control::Shutdown`.
+///
+/// # Errors
+/// When the watches cannot be set up.
+pub fn spawn(
+    cfg: Config,
+    overrides: Overrides,
+    shim: PathBuf,
+    router: Arc<Router>,
+    proxy: Arc<Proxy>,
+    token: CancellationToken,
+) -> Result<(Job, tokio::task::JoinHandle<()>), watch::WatchError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (itx, irx) = mpsc::unbounded_channel();
+    let (wtx, mut wrx) = mpsc::unbounded_channel();
+    let (change_tx, mut change_rx) = mpsc::unbounded_channel();
+    let events = Events::default();
+    let watcher = watch::watch(
+        &cfg.daemon.root,
+        &cfg.watch.paths,
+        &cfg.file,
+        cfg.watch.ignore.clone(),
+        change_tx.clone(),
+    )?;
+    {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(c) = change_rx.recv().await {
+                if tx.send(Control::Changed(c)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    {
+        let itx = itx.clone();
+        tokio::spawn(async move {
+            while let Some(e) = wrx.recv().await {
+                if itx.send(Internal::Worker(e)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let job = Job {
+        tx,
+        events: events.clone(),
+        proxy: proxy.clone(),
+    };
+    let sup = Supervisor {
+        cfg: Arc::new(cfg),
+        overrides,
+        shim,
+        router,
+        proxy,
+        events,
+        token,
+        rx,
+        itx,
+        irx,
+        wtx,
+        watcher: Some(watcher),
+        change_tx,
+        gens: BTreeMap::new(),
+        runtime: BTreeMap::new(),
+        next_gen: 1,
+        active: None,
+        draining: Vec::new(),
+        candidate: None,
+        pipeline_busy: false,
+        replacing: false,
+        pending: None,
+        debounce_epoch: 0,
+        waiters_next: Vec::new(),
+        waiters_now: Vec::new(),
+        restart_waiters: Vec::new(),
+        unit_state: "starting",
+        ready_sent: false,
+        config_error: None,
+        started: Instant::now(),
+    };
+    let handle = tokio::spawn(sup.run());
+    Ok((job, handle))
+}
+
+// === impl Supervisor ===
+
+impl Supervisor {
+    async fn run(mut self) {
+        self.first_generation_number();
+        self.request_deploy("startup".into(), true);
+        loop {
+            tokio::select! {
+                Some(c) = self.rx.recv() => {
+                    if let Control::Shutdown(done) = c {
+                        self.shutdown().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    self.control(c);
+                }
+                Some(i) = self.irx.recv() => self.internal(i),
+            }
+        }
+    }
+
+    /// Continues numbering after the generations a previous daemon left.
+    fn first_generation_number(&mut self) {
+        let Ok(rd) = std::fs::read_dir(&self.cfg.daemon.state_dir) else {
+            return;
+        };
+        let max = rd
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("gen-"))
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .max()
+            .unwrap_or(0);
+        self.next_gen = max + 1;
+    }
+
+    fn control(&mut self, c: Control) {
+        match c {
+            Control::Changed(Change::Config) => {
+                self.events.emit("change", None, "config file changed");
+                self.reload(None);
+            }
+            Control::Changed(Change::Source(p)) => {
+                tracing::debug!(path = %p.display(), "source changed");
+                self.request_deploy(format!("watch: {}", p.display()), false);
+            }
+            Control::Reload(reply) => self.reload(reply),
+            Control::Deploy { trigger, reply } => {
+                if let Some(r) = reply {
+                    self.waiters_next.push(r);
+                }
+                self.request_deploy(trigger, true);
+            }
+            Control::Restart(reply) => self.restart_now(reply),
+            Control::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Control::Shutdown(_) => {}
+        }
+    }
+
+    // --- deploy scheduling ---
+
+    /// Notes that a deploy is wanted. `now` skips the debounce (startup,
+    /// explicit requests); file changes wait for quiet.
+    fn request_deploy(&mut self, trigger: String, now: bool) {
+        self.pending = Some(trigger);
+        self.debounce_epoch += 1;
+        if self.pipeline_busy {
+            return;
+        }
+        if now {
+            self.start_pipeline();
+        } else {
+            let epoch = self.debounce_epoch;
+            let itx = self.itx.clone();
+            let d = self.cfg.watch.debounce;
+            tokio::spawn(async move {
+                tokio::time::sleep(d).await;
+                let _ = itx.send(Internal::DebounceDue(epoch));
+            });
+        }
+    }
+
+    fn start_pipeline(&mut self) {
+        let Some(trigger) = self.pending.take() else {
+            return;
+        };
+        self.pipeline_busy = true;
+        self.waiters_now.append(&mut self.waiters_next);
+        let generation = self.next_gen;
+        self.next_gen += 1;
+        let dir = worker_proc::gen_dir(&self.cfg.daemon.state_dir, generation);
+        self.gens.insert(
+            generation,
+            GenerationInfo {
+                id: generation,
+                state: GenState::Building,
+                reason: None,
+                trigger: trigger.clone(),
+                signature: None,
+                pid: None,
+                port: None,
+                dir: dir.display().to_string(),
+                created_at: timestamp(SystemTime::now()),
+                build_ms: None,
+                health_ms: None,
+                cutover_at: None,
+                ended_at: None,
+                restarts: 0,
+                requests_in_flight: 0,
+                connections: 0,
+            },
+        );
+        self.candidate = Some(generation);
+        self.events.emit(
+            "build_started",
+            Some(generation),
+            format!("generation {generation}: building ({trigger})"),
+        );
+        self.notify_status();
+        let cfg = self.cfg.clone();
+        let shim = self.shim.clone();
+        let itx = self.itx.clone();
+        let wtx = self.wtx.clone();
+        let token = self.token.child_token();
+        tokio::spawn(async move {
+            let (result, snapshot) =
+                pipeline(&cfg, &shim, generation, &dir, &itx, wtx, &token).await;
+            let _ = itx.send(Internal::PipelineDone {
+                generation,
+                result,
+                snapshot,
+            });
+        });
+    }
+
+    fn internal(&mut self, i: Internal) {
+        match i {
+            Internal::DebounceDue(epoch) => {
+                if epoch == self.debounce_epoch && !self.pipeline_busy {
+                    self.start_pipeline();
+                }
+            }
+            Internal::Progress {
+                generation,
+                state,
+                build_ms,
+                signature,
+            } => {
+                if let Some(g) = self.gens.get_mut(&generation) {
+                    g.state = state;
+                    g.build_ms = build_ms.or(g.build_ms);
+                    g.signature = signature.or(g.signature.take());
+                }
+                if state == GenState::Starting {
+                    self.events.emit(
+                        "candidate_started",
+                        Some(generation),
+                        format!(
+                            "generation {generation}: built in {} ms; starting the candidate",
+                            build_ms.unwrap_or(0)
+                        ),
+                    );
+                }
+                self.notify_status();
+            }
+            Internal::PipelineDone {
+                generation,
+                result,
+                snapshot,
+            } => self.pipeline_done(generation, result, snapshot),
+            Internal::Worker(WorkerEvent::Exited {
+                generation,
+                instance,
+                exit,
+            }) => self.exited(generation, instance, &exit),
+            Internal::Worker(WorkerEvent::Unhealthy {
+                generation,
+                instance,
+                reason,
+            }) => {
+                let is_active = self
+                    .active
+                    .as_ref()
+                    .is_some_and(|a| a.generation == generation && a.instance == instance);
+                if is_active && !self.replacing {
+                    self.events.emit(
+                        "health_failed",
+                        Some(generation),
+                        format!(
+                            "generation {generation}: active worker failed {} probes in a row ({reason}); starting a fresh process",
+                            self.cfg.worker.health_failures
+                        ),
+                    );
+                    self.start_instance(generation, true);
+                }
+            }
+            Internal::RestartDue(generation) => {
+                if let Some(rt) = self.runtime.get_mut(&generation) {
+                    rt.restart_pending = false;
+                }
+                if self.active.is_none() && self.unit_state != "failed" {
+                    self.start_instance(generation, false);
+                }
+            }
+            Internal::RestartDone {
+                generation,
+                replace,
+                result,
+            } => self.restart_done(generation, replace, result),
+            Internal::DrainTimedOut {
+                generation,
+                instance,
+            } => {
+                if let Some(d) = self
+                    .draining
+                    .iter()
+                    .find(|d| d.generation == generation && d.instance == instance)
+                {
+                    self.events.emit(
+                        "drain_timeout",
+                        Some(generation),
+                        format!(
+                            "generation {generation}: drain timeout; closing {} connection(s) and {} request(s)",
+                            d.upstream.tunnels(),
+                            d.upstream.requests()
+                        ),
+                    );
+                    d.upstream.tunnel_cancel.cancel();
+                    d.stop.cancel();
+                }
+            }
+        }
+    }
+
+    fn pipeline_done(
+        &mut self,
+        generation: u64,
+        result: Result<(Instance, Duration), (GenState, String)>,
+        snapshot: Option<PathBuf>,
+    ) {
+        self.pipeline_busy = false;
+        self.candidate = None;
+        let waiters = std::mem::take(&mut self.waiters_now);
+        let outcome = match result {
+            Ok((inst, health)) => {
+                let signature = self
+                    .gens
+                    .get(&generation)
+                    .and_then(|g| g.signature.clone())
+                    .unwrap_or_default();
+                if let (Some(g), Some(snapshot)) = (self.gens.get_mut(&generation), snapshot) {
+                    g.health_ms = Some(u64::try_from(health.as_millis()).unwrap_or(u64::MAX));
+                    self.runtime.insert(
+                        generation,
+                        GenRuntime {
+                            snapshot,
+                            signature,
+                            dir: PathBuf::from(&g.dir),
+                            next_instance: 2,
+                            starts: VecDeque::from([Instant::now()]),
+                            backoff: self.cfg.restart.backoff_initial,
+                            restart_pending: false,
+                        },
+                    );
+                }
+                self.cut_over(inst);
+                DeployOutcome {
+                    generation: Some(generation),
+                    outcome: "active".into(),
+                    reason: None,
+                }
+            }
+            Err((state, reason)) => {
+                let kind = if state == GenState::Failed {
+                    "build_failed"
+                } else {
+                    "rejected"
+                };
+                let keeps = match &self.active {
+                    Some(a) => format!("; generation {} keeps serving", a.generation),
+                    None => "; no worker is serving".to_string(),
+                };
+                self.events.emit(
+                    kind,
+                    Some(generation),
+                    format!(
+                        "generation {generation}: {} ({reason}){keeps}",
+                        state.as_str()
+                    ),
+                );
+                self.finish(generation, state, Some(reason.clone()));
+                DeployOutcome {
+                    generation: Some(generation),
+                    outcome: state.as_str().into(),
+                    reason: Some(reason),
+                }
+            }
+        };
+        for w in waiters {
+            let _ = w.send(outcome.clone());
+        }
+        self.prune();
+        self.notify_status();
+        if self.pending.is_some() {
+            // Changes came in during the run: exactly one more, after quiet.
+            let trigger = self.pending.take().unwrap_or_default();
+            let now = !self.waiters_next.is_empty();
+            self.request_deploy(trigger, now);
+        }
+    }
+
+    /// Moves traffic to a proven instance and starts draining the old one.
+    fn cut_over(&mut self, inst: Instance) {
+        let generation = inst.generation;
+        self.router.set(Some(inst.upstream.clone()));
+        let now = timestamp(SystemTime::now());
+        if let Some(g) = self.gens.get_mut(&generation) {
+            g.state = GenState::Active;
+            g.cutover_at = Some(now);
+            g.pid = Some(inst.pid);
+            g.port = Some(inst.addr.port());
+            g.reason = None;
+        }
+        let old = self.active.replace(inst);
+        self.unit_state = "running";
+        self.events.emit(
+            "cutover",
+            Some(generation),
+            format!(
+                "generation {generation}: proven; traffic moved to pid {} on {}",
+                self.active.as_ref().map_or(0, |a| a.pid),
+                self.active
+                    .as_ref()
+                    .map_or_else(String::new, |a| a.addr.to_string())
+            ),
+        );
+        self.spawn_monitor();
+        if let Some(old) = old {
+            self.drain(old);
+        }
+        if !self.ready_sent {
+            self.ready_sent = true;
+            systemd::ready(&self.status_line());
+        }
+    }
+
+    fn spawn_monitor(&self) {
+        let Some(a) = &self.active else { return };
+        let Some(rt) = self.runtime.get(&a.generation) else {
+            return;
+        };
+        tokio::spawn(worker_proc::monitor(
+            self.cfg.clone(),
+            a.generation,
+            a.instance,
+            a.addr,
+            rt.signature.clone(),
+            a.monitor.clone(),
+            self.wtx.clone(),
+        ));
+    }
+
+    /// Lets an instance finish its requests and calls, then stops it.
+    fn drain(&mut self, old: Instance) {
+        old.monitor.cancel();
+        let (generation, instance) = (old.generation, old.instance);
+        let same_gen_active = self
+            .active
+            .as_ref()
+            .is_some_and(|a| a.generation == generation);
+        if !same_gen_active {
+            self.set_state(generation, GenState::Draining, None);
+        }
+        self.events.emit(
+            "draining",
+            Some(generation),
+            format!(
+                "generation {generation} (pid {}): draining {} request(s) and {} connection(s)",
+                old.pid,
+                old.upstream.requests(),
+                old.upstream.tunnels()
+            ),
+        );
+        let upstream = old.upstream.clone();
+        let stop = old.stop.clone();
+        let itx = self.itx.clone();
+        let timeout = self.cfg.worker.drain_timeout;
+        tokio::spawn(async move {
+            tokio::select! {
+                () = upstream.idle() => stop.cancel(),
+                _ = tokio::time::sleep(timeout) => {
+                    let _ = itx.send(Internal::DrainTimedOut { generation, instance });
+                }
+                () = stop.cancelled() => {}
+            }
+        });
+        self.draining.push(old);
+    }
+
+    fn exited(&mut self, generation: u64, instance: u64, exit: &worker_proc::Exit) {
+        if let Some(pos) = self
+            .draining
+            .iter()
+            .position(|d| d.generation == generation && d.instance == instance)
+        {
+            let d = self.draining.remove(pos);
+            d.upstream.tunnel_cancel.cancel();
+            let still_used = self
+                .active
+                .as_ref()
+                .is_some_and(|a| a.generation == generation)
+                || self.draining.iter().any(|o| o.generation == generation);
+            self.events.emit(
+                "stopped",
+                Some(generation),
+                format!(
+                    "generation {generation} (pid {}) stopped after draining ({})",
+                    d.pid, exit.status
+                ),
+            );
+            if !still_used {
+                self.finish(generation, GenState::Stopped, None);
+            }
+            self.notify_status();
+            return;
+        }
+        let is_active = self
+            .active
+            .as_ref()
+            .is_some_and(|a| a.generation == generation && a.instance == instance);
+        if !is_active {
+            return; // a candidate: the pipeline reports it
+        }
+        let Some(dead) = self.active.take() else {
+            return;
+        };
+        dead.monitor.cancel();
+        dead.upstream.tunnel_cancel.cancel();
+        self.router.set(None);
+        if exit.requested || self.token.is_cancelled() {
+            return;
+        }
+        self.events.emit(
+            "worker_exited",
+            Some(generation),
+            format!(
+                "generation {generation}: active worker (pid {}) exited with status {}",
+                dead.pid, exit.status
+            ),
+        );
+        self.schedule_restart(generation);
+    }
+
+    /// systemd's `Restart=on-failure`: restart after a growing backoff,
+    /// unless the start limit is hit.
+    fn schedule_restart(&mut self, generation: u64) {
+        let limit = self.cfg.restart.clone();
+        let Some(rt) = self.runtime.get_mut(&generation) else {
+            return;
+        };
+        let now = Instant::now();
+        while rt
+            .starts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > limit.limit_interval)
+        {
+            rt.starts.pop_front();
+        }
+        if rt.starts.len() >= limit.limit_burst as usize {
+            self.unit_state = "failed";
+            let reason = format!(
+                "start limit hit: {} starts within {} s",
+                rt.starts.len(),
+                limit.limit_interval.as_secs()
+            );
+            self.events.emit(
+                "start_limit_hit",
+                Some(generation),
+                format!("generation {generation}: {reason}; the unit is failed until the next deploy or restart"),
+            );
+            self.set_state(generation, GenState::Failed, Some(reason));
+            self.notify_status();
+            return;
+        }
+        let delay = rt.backoff;
+        rt.backoff = (rt.backoff * 2).min(limit.backoff_max);
+        rt.restart_pending = true;
+        self.unit_state = "restarting";
+        self.events.emit(
+            "restart_scheduled",
+            Some(generation),
+            format!(
+                "generation {generation}: restarting the same snapshot in {} ms",
+                delay.as_millis()
+            ),
+        );
+        self.notify_status();
+        let itx = self.itx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = itx.send(Internal::RestartDue(generation));
+        });
+    }
+
+    /// Starts a fresh process of `generation`'s snapshot. With `replace`,
+    /// the active keeps serving until the new one is proven.
+    fn start_instance(&mut self, generation: u64, replace: bool) {
+        let Some(rt) = self.runtime.get_mut(&generation) else {
+            return;
+        };
+        if replace {
+            self.replacing = true;
+        }
+        let launch = Launch {
+            generation,
+            instance: rt.next_instance,
+            snapshot: rt.snapshot.clone(),
+            signature: rt.signature.clone(),
+            dir: rt.dir.clone(),
+        };
+        rt.next_instance += 1;
+        rt.starts.push_back(Instant::now());
+        if let Some(g) = self.gens.get_mut(&generation) {
+            g.restarts += 1;
+        }
+        let cfg = self.cfg.clone();
+        let shim = self.shim.clone();
+        let itx = self.itx.clone();
+        let wtx = self.wtx.clone();
+        let token = self.token.child_token();
+        tokio::spawn(async move {
+            let result = worker_proc::start(&cfg, &shim, &launch, wtx, &token).await;
+            let _ = itx.send(Internal::RestartDone {
+                generation,
+                replace,
+                result,
+            });
+        });
+    }
+
+    fn restart_done(
+        &mut self,
+        generation: u64,
+        replace: bool,
+        result: Result<(Instance, Duration), String>,
+    ) {
+        if replace {
+            self.replacing = false;
+        }
+        let waiters = std::mem::take(&mut self.restart_waiters);
+        let outcome = match result {
+            Ok((inst, _)) => {
+                // A deploy may have moved on meanwhile: only take over from
+                // the same generation (or from nothing).
+                let current = self.active.as_ref().map(|a| a.generation);
+                if current.is_none() || current == Some(generation) {
+                    self.cut_over(inst);
+                    if let Some(rt) = self.runtime.get_mut(&generation) {
+                        rt.backoff = self.cfg.restart.backoff_initial;
+                    }
+                    DeployOutcome {
+                        generation: Some(generation),
+                        outcome: "active".into(),
+                        reason: None,
+                    }
+                } else {
+                    inst.stop.cancel();
+                    DeployOutcome {
+                        generation: Some(generation),
+                        outcome: "rejected".into(),
+                        reason: Some("superseded by a newer generation".into()),
+                    }
+                }
+            }
+            Err(reason) => {
+                self.events.emit(
+                    "rejected",
+                    Some(generation),
+                    format!("generation {generation}: fresh start failed ({reason})"),
+                );
+                if self.active.is_none() && !self.token.is_cancelled() {
+                    self.schedule_restart(generation);
+                }
+                DeployOutcome {
+                    generation: Some(generation),
+                    outcome: "rejected".into(),
+                    reason: Some(reason),
+                }
+            }
+        };
+        for w in waiters {
+            let _ = w.send(outcome.clone());
+        }
+        self.notify_status();
+    }
+
+    fn restart_now(&mut self, reply: Option<oneshot::Sender<DeployOutcome>>) {
+        let generation = self
+            .active
+            .as_ref()
+            .map(|a| a.generation)
+            .or_else(|| self.runtime.keys().next_back().copied());
+        match generation {
+            Some(g) if self.runtime.contains_key(&g) => {
+                if let Some(r) = reply {
+                    self.restart_waiters.push(r);
+                }
+                if self.unit_state == "failed" {
+                    if let Some(rt) = self.runtime.get_mut(&g) {
+                        rt.starts.clear();
+                        rt.backoff = self.cfg.restart.backoff_initial;
+                    }
+                    self.unit_state = "restarting";
+                }
+                self.events.emit(
+                    "restart",
+                    Some(g),
+                    format!("generation {g}: restart requested"),
+                );
+                let replace = self.active.is_some();
+                self.start_instance(g, replace);
+            }
+            _ => {
+                // Nothing was ever built: a restart is a deploy.
+                if let Some(r) = reply {
+                    self.waiters_next.push(r);
+                }
+                self.request_deploy("restart".into(), true);
+            }
+        }
+    }
+
+    // --- config ---
+
+    fn reload(&mut self, reply: Option<oneshot::Sender<Result<(), String>>>) {
+        systemd::reloading();
+        let result = match Config::load(&self.cfg.file, &self.overrides) {
+            Err(e) => {
+                let msg = e.to_string();
+                self.events.emit(
+                    "config_rejected",
+                    None,
+                    format!("config refused; the running config stays: {msg}"),
+                );
+                self.config_error = Some(msg.clone());
+                Err(msg)
+            }
+            Ok(mut new) => {
+                if new.daemon.listen.port() != 0 && new.daemon.listen != self.cfg.daemon.listen {
+                    tracing::warn!(
+                        old = %self.cfg.daemon.listen,
+                        new = %new.daemon.listen,
+                        "daemon.listen changed; the listener moves at the next daemon restart"
+                    );
+                }
+                new.daemon.listen = self.cfg.daemon.listen;
+                match watch::watch(
+                    &new.daemon.root,
+                    &new.watch.paths,
+                    &new.file,
+                    new.watch.ignore.clone(),
+                    self.change_tx.clone(),
+                ) {
+                    Ok(w) => {
+                        self.watcher = Some(w);
+                        self.proxy.set_hold(new.daemon.hold_timeout);
+                        self.cfg = Arc::new(new);
+                        self.config_error = None;
+                        self.events
+                            .emit("config_reloaded", None, "config reloaded; redeploying");
+                        self.request_deploy("config reload".into(), true);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        self.events.emit(
+                            "config_rejected",
+                            None,
+                            format!("config refused; the running config stays: {msg}"),
+                        );
+                        self.config_error = Some(msg.clone());
+                        Err(msg)
+                    }
+                }
+            }
+        };
+        systemd::ready(&self.status_line());
+        if let Some(r) = reply {
+            let _ = r.send(result);
+        }
+    }
+
+    // --- bookkeeping ---
+
+    fn set_state(&mut self, generation: u64, state: GenState, reason: Option<String>) {
+        if let Some(g) = self.gens.get_mut(&generation) {
+            g.state = state;
+            if reason.is_some() {
+                g.reason = reason;
+            }
+        }
+    }
+
+    fn finish(&mut self, generation: u64, state: GenState, reason: Option<String>) {
+        self.set_state(generation, state, reason);
+        if let Some(g) = self.gens.get_mut(&generation) {
+            g.ended_at = Some(timestamp(SystemTime::now()));
+            g.pid = None;
+            g.port = None;
+        }
+    }
+
+    /// Keeps the history bounded, and deletes the snapshots of old finished
+    /// generations (their logs stay).
+    fn prune(&mut self) {
+        let keep = self.cfg.daemon.history.max(1);
+        let finished: Vec<u64> = self
+            .gens
+            .values()
+            .filter(|g| {
+                matches!(
+                    g.state,
+                    GenState::Stopped | GenState::Rejected | GenState::Failed
+                ) && !self.is_live(g.id)
+            })
+            .map(|g| g.id)
+            .collect();
+        if finished.len() > keep {
+            for id in &finished[..finished.len() - keep] {
+                self.gens.remove(id);
+                if let Some(rt) = self.runtime.remove(id) {
+                    let _ = std::fs::remove_file(&rt.snapshot);
+                }
+            }
+        }
+    }
+
+    fn is_live(&self, generation: u64) -> bool {
+        self.active
+            .as_ref()
+            .is_some_and(|a| a.generation == generation)
+            || self.draining.iter().any(|d| d.generation == generation)
+            || self.candidate == Some(generation)
+    }
+
+    fn info(&self, generation: u64, inst: Option<&Instance>) -> Option<GenerationInfo> {
+        let mut g = self.gens.get(&generation)?.clone();
+        if let Some(i) = inst {
+            g.pid = Some(i.pid);
+            g.port = Some(i.addr.port());
+            g.requests_in_flight = i.upstream.requests();
+            g.connections = i.upstream.tunnels();
+        }
+        Some(g)
+    }
+
+    fn status(&self) -> Status {
+        let active = self
+            .active
+            .as_ref()
+            .and_then(|a| self.info(a.generation, Some(a)));
+        let mut draining = Vec::new();
+        for d in &self.draining {
+            if let Some(mut g) = self.info(d.generation, Some(d)) {
+                g.state = GenState::Draining;
+                draining.push(g);
+            }
+        }
+        let candidate = self.candidate.and_then(|c| self.info(c, None));
+        let history = self
+            .gens
+            .values()
+            .rev()
+            .filter(|g| !self.is_live(g.id))
+            .cloned()
+            .collect();
+        // A failed unit shows the generation that hit the limit.
+        let active = active.or_else(|| {
+            if self.unit_state == "failed" || self.unit_state == "restarting" {
+                self.runtime
+                    .keys()
+                    .next_back()
+                    .and_then(|g| self.info(*g, None))
+            } else {
+                None
+            }
+        });
+        Status {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            state: self.unit_state.to_string(),
+            listen: self.cfg.daemon.listen.to_string(),
+            config_file: self.cfg.file.display().to_string(),
+            config_error: self.config_error.clone(),
+            uptime_s: self.started.elapsed().as_secs(),
+            active,
+            candidate,
+            draining,
+            history,
+            deploy_pending: self.pending.is_some(),
+        }
+    }
+
+    fn status_line(&self) -> String {
+        match (&self.active, self.candidate) {
+            (Some(a), Some(c)) => format!(
+                "generation {} active (pid {}); generation {c} {}",
+                a.generation,
+                a.pid,
+                self.gens.get(&c).map_or("", |g| g.state.as_str())
+            ),
+            (Some(a), None) => format!("generation {} active (pid {})", a.generation, a.pid),
+            (None, Some(c)) => format!(
+                "no active worker; generation {c} {}",
+                self.gens.get(&c).map_or("", |g| g.state.as_str())
+            ),
+            (None, None) => format!("no active worker ({})", self.unit_state),
+        }
+    }
+
+    fn notify_status(&self) {
+        systemd::status(&self.status_line());
+    }
+
+    async fn shutdown(&mut self) {
+        systemd::stopping();
+        self.events.emit("stopping", None, "daemon stopping");
+        self.token.cancel();
+        let grace = self.cfg.daemon.shutdown_timeout;
+        let mut all: Vec<Instance> = self.draining.drain(..).collect();
+        if let Some(a) = self.active.take() {
+            all.push(a);
+        }
+        self.router.set(None);
+        let deadline = tokio::time::Instant::now() + grace;
+        for inst in &all {
+            inst.monitor.cancel();
+            let _ = tokio::time::timeout_at(deadline, inst.upstream.idle()).await;
+            inst.upstream.tunnel_cancel.cancel();
+            inst.stop.cancel();
+        }
+        let wait = self.cfg.worker.stop_timeout + Duration::from_secs(2);
+        for inst in &all {
+            let mut rx = inst.exited.clone();
+            let _ = tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await;
+        }
+        // Candidates and builds end through the cancelled token; give their
+        // tasks the stop timeout to reap.
+        if self.pipeline_busy || self.replacing {
+            let _ = tokio::time::timeout(wait, async {
+                while let Some(i) = self.irx.recv().await {
+                    if matches!(
+                        i,
+                        Internal::PipelineDone { .. } | Internal::RestartDone { .. }
+                    ) {
+                        return;
+                    }
+                }
+            })
+            .await;
+        }
+        self.watcher = None;
+    }
+}
+
+/// Build, snapshot, start and prove one generation.
+async fn pipeline(
+    cfg: &Config,
+    shim: &std::path::Path,
+    generation: u64,
+    dir: &std::path::Path,
+    itx: &mpsc::UnboundedSender<Internal>,
+    wtx: mpsc::UnboundedSender<WorkerEvent>,
+    token: &CancellationToken,
+) -> (
+    Result<(Instance, Duration), (GenState, String)>,
+    Option<PathBuf>,
+) {
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        return (
+            Err((GenState::Failed, format!("{}: {e}", dir.display()))),
+            None,
+        );
+    }
+    let t0 = Instant::now();
+    if let Err(reason) = worker_proc::build(cfg, shim, dir, token).await {
+        return (Err((GenState::Failed, reason)), None);
+    }
+    let build_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let (snapshot, signature) = match worker_proc::snapshot(&cfg.build.artifact, dir).await {
+        Ok(x) => x,
+        Err(reason) => return (Err((GenState::Failed, reason)), None),
+    };
+    let _ = itx.send(Internal::Progress {
+        generation,
+        state: GenState::Starting,
+        build_ms: Some(build_ms),
+        signature: Some(signature.clone()),
+    });
+    let launch = Launch {
+        generation,
+        instance: 1,
+        snapshot: snapshot.clone(),
+        signature,
+        dir: dir.to_path_buf(),
+    };
+    let result = worker_proc::start(cfg, shim, &launch, wtx, token)
+        .await
+        .map_err(|r| (GenState::Rejected, r));
+    (result, Some(snapshot))
+}

@@ -1,0 +1,474 @@
+//! One worker process of a generation: build, snapshot, start, prove, watch.
+//!
+//! These are the steps the supervisor runs in tasks of their own; each
+//! returns a result the supervisor's actor turns into state. Nothing here
+//! touches the router: traffic only moves in the actor.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, SignatureMode};
+use crate::probe::{self, Verdict};
+use crate::process::{self, Child, GroupRecord, Spec};
+use crate::router::Upstream;
+
+/// Name of the record of a running build's process group in the state dir.
+pub const BUILD_PGID_FILE: &str = "build.pgid";
+
+/// A generation's folder: `state_dir/gen-000N`.
+pub fn gen_dir(state_dir: &Path, generation: u64) -> PathBuf {
+    state_dir.join(format!("gen-{generation:04}"))
+}
+
+/// Runs the build command with its timeout in its own process group,
+/// writing its output to `build.log`.
+///
+/// # Errors
+/// A one-line reason: the exit status or the timeout, with the last line of
+/// the log.
+pub async fn build(
+    cfg: &Config,
+    shim: &Path,
+    dir: &Path,
+    token: &CancellationToken,
+) -> Result<(), String> {
+    let log_path = dir.join("build.log");
+    if cfg.build.command.is_empty() {
+        let _ = std::fs::write(&log_path, "no build command; artifact used as is\n");
+        return Ok(());
+    }
+    let log = std::fs::File::create(&log_path).map_err(|e| format!("build.log: {e}"))?;
+    let err = log.try_clone().map_err(|e| format!("build.log: {e}"))?;
+    let mut child = Child::spawn(
+        shim,
+        Spec {
+            argv: cfg.build.command.clone(),
+            env: vec![],
+            cwd: cfg.daemon.root.clone(),
+            listener: None,
+            stdout: Stdio::from(log),
+            stderr: Stdio::from(err),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let record = GroupRecord::write(&cfg.daemon.state_dir.join(BUILD_PGID_FILE), child.pid());
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(cfg.build.timeout, child.wait()) => match r {
+            Ok(Ok(status)) if status.success() => Ok(()),
+            Ok(Ok(status)) => Err(format!("build failed: {}", process::describe(status))),
+            Ok(Err(e)) => Err(format!("build failed: {e}")),
+            Err(_) => {
+                process::stop(&mut child, Duration::from_secs(2)).await;
+                Err(format!("build timed out after {} s", cfg.build.timeout.as_secs()))
+            }
+        },
+        () = token.cancelled() => {
+            process::stop(&mut child, Duration::from_secs(2)).await;
+            Err("build cancelled: daemon stopping".to_string())
+        }
+    };
+    record.clear();
+    outcome.map_err(|r| match last_line(&log_path) {
+        Some(l) => format!("{r}: {l}"),
+        None => r,
+    })
+}
+
+/// The last line of a log worth quoting in a reason: the last one that
+/// mentions an error, else the last non-empty one.
+pub fn last_line(path: &Path) -> Option<String> {
+    let text = std::fs::read(path).ok()?;
+    let tail = &text[text.len().saturating_sub(64 * 1024)..];
+    let text = String::from_utf8_lossy(tail);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let pick = lines
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("error") || l.contains("error:"))
+        .or(lines.last())?;
+    Some(pick.chars().take(240).collect())
+}
+
+/// Copies the artifact into the generation's folder, hashing it on the way.
+/// Returns the snapshot path and its SHA-256 (hex).
+///
+/// # Errors
+/// A one-line reason when the artifact is missing or cannot be copied.
+pub async fn snapshot(artifact: &Path, dir: &Path) -> Result<(PathBuf, String), String> {
+    let artifact = artifact.to_path_buf();
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        use std::os::unix::fs::PermissionsExt;
+        let name = artifact.file_name().map_or_else(
+            || std::ffi::OsString::from("artifact"),
+            std::ffi::OsStr::to_os_string,
+        );
+        let dest = dir.join(name);
+        let mut src = std::fs::File::open(&artifact)
+            .map_err(|e| format!("artifact {}: {e}", artifact.display()))?;
+        let mode = src
+            .metadata()
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0o755);
+        let tmp = dir.join(".snapshot.tmp");
+        let mut out =
+            std::fs::File::create(&tmp).map_err(|e| format!("snapshot {}: {e}", tmp.display()))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = src
+                .read(&mut buf)
+                .map_err(|e| format!("reading artifact: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n])
+                .map_err(|e| format!("writing snapshot: {e}"))?;
+        }
+        out.sync_all()
+            .map_err(|e| format!("writing snapshot: {e}"))?;
+        drop(out);
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode | 0o500))
+            .map_err(|e| format!("snapshot mode: {e}"))?;
+        std::fs::rename(&tmp, &dest).map_err(|e| format!("snapshot rename: {e}"))?;
+        Ok((dest, hex::encode(hasher.finalize())))
+    })
+    .await
+    .map_err(|e| format!("snapshot task: {e}"))?
+}
+
+/// SHA-256 of a file, hex.
+///
+/// # Errors
+/// The I/O error.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// How a worker process ended.
+#[derive(Debug, Clone)]
+pub struct Exit {
+    /// `code 1`, `signal SIGKILL`, ...
+    pub status: String,
+    /// Whether the supervisor asked it to stop.
+    pub requested: bool,
+}
+
+/// A message a worker task sends the supervisor.
+#[derive(Debug)]
+pub enum WorkerEvent {
+    /// The process ended.
+    Exited {
+        /// Its generation.
+        generation: u64,
+        /// Its instance number within the generation.
+        instance: u64,
+        /// How it ended.
+        exit: Exit,
+    },
+    /// The active worker failed its probes too many times in a row.
+    Unhealthy {
+        /// Its generation.
+        generation: u64,
+        /// Its instance number.
+        instance: u64,
+        /// The last failure.
+        reason: String,
+    },
+}
+
+/// A running worker process.
+#[derive(Debug)]
+pub struct Instance {
+    /// Its generation.
+    pub generation: u64,
+    /// 1 for the first start of a generation's snapshot, +1 per restart.
+    pub instance: u64,
+    /// The process id.
+    pub pid: u32,
+    /// Where it listens (loopback).
+    pub addr: SocketAddr,
+    /// Its traffic counters and tunnels.
+    pub upstream: Arc<Upstream>,
+    /// Cancel to stop the process (SIGTERM, then SIGKILL).
+    pub stop: CancellationToken,
+    /// Cancel to end its health monitor.
+    pub monitor: CancellationToken,
+    /// Becomes Some when the process has ended.
+    pub exited: watch::Receiver<Option<Exit>>,
+    /// When it started.
+    pub started: Instant,
+}
+
+/// Everything needed to start one instance of a generation.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// The generation.
+    pub generation: u64,
+    /// The instance number.
+    pub instance: u64,
+    /// The snapshot to run.
+    pub snapshot: PathBuf,
+    /// The digest it must present.
+    pub signature: String,
+    /// The generation's folder (for `worker.log`).
+    pub dir: PathBuf,
+}
+
+/// Starts a worker and probes it until it proves the expected signature.
+/// Returns the proven instance and the time it took.
+///
+/// # Errors
+/// The reason for rejection: `exited with status S`, `healthz NNN`,
+/// `signature mismatch: want X got Y`, `start timeout`, or a spawn error.
+pub async fn start(
+    cfg: &Config,
+    shim: &Path,
+    launch: &Launch,
+    events: mpsc::UnboundedSender<WorkerEvent>,
+    token: &CancellationToken,
+) -> Result<(Instance, Duration), String> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .map_err(|e| format!("cannot bind a loopback port: {e}"))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("cannot bind a loopback port: {e}"))?;
+    let snapshot = launch.snapshot.to_string_lossy();
+    let port = addr.port().to_string();
+    let argv: Vec<String> = cfg
+        .worker
+        .command
+        .iter()
+        .map(|a| a.replace("{artifact}", &snapshot).replace("{port}", &port))
+        .collect();
+    let mut env: Vec<(String, String)> = cfg
+        .worker
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    env.push(("PORT".into(), port.clone()));
+    env.push(("BATON_GENERATION".into(), launch.generation.to_string()));
+    if cfg.worker.signature == SignatureMode::Env {
+        env.push(("BATON_SIGNATURE".into(), launch.signature.clone()));
+    }
+    let log_path = launch.dir.join("worker.log");
+    let mut child = Child::spawn(
+        shim,
+        Spec {
+            argv,
+            env,
+            cwd: cfg.daemon.root.clone(),
+            listener: Some(listener.into()),
+            stdout: Stdio::piped(),
+            stderr: Stdio::piped(),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let pid = u32::try_from(child.pid()).unwrap_or_default();
+    let log = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .await
+        .map_err(|e| format!("worker.log: {e}"))?;
+    let (line_tx, line_rx) = mpsc::channel::<String>(1024);
+    tokio::spawn(write_log(log, line_rx));
+    if let Some(out) = child.take_stdout() {
+        tokio::spawn(pump(out, line_tx.clone(), launch.generation));
+    }
+    if let Some(err) = child.take_stderr() {
+        tokio::spawn(pump(err, line_tx, launch.generation));
+    }
+    let stop = token.child_token();
+    let (exit_tx, exited) = watch::channel(None);
+    {
+        let stop = stop.clone();
+        let grace = cfg.worker.stop_timeout;
+        let (generation, instance) = (launch.generation, launch.instance);
+        tokio::spawn(async move {
+            let exit = tokio::select! {
+                r = child.wait() => Exit {
+                    status: r.map_or_else(|e| e.to_string(), process::describe),
+                    requested: false,
+                },
+                () = stop.cancelled() => Exit {
+                    status: process::stop(&mut child, grace)
+                        .await
+                        .map_or_else(|| "unknown".into(), process::describe),
+                    requested: true,
+                },
+            };
+            let _ = exit_tx.send(Some(exit.clone()));
+            let _ = events.send(WorkerEvent::Exited {
+                generation,
+                instance,
+                exit,
+            });
+        });
+    }
+    let inst = Instance {
+        generation: launch.generation,
+        instance: launch.instance,
+        pid,
+        addr,
+        upstream: Upstream::new(launch.generation, addr),
+        stop,
+        monitor: CancellationToken::new(),
+        exited,
+        started,
+    };
+    match prove(cfg, &inst, &launch.signature, &log_path).await {
+        Ok(()) => Ok((inst, started.elapsed())),
+        Err(reason) => {
+            inst.stop.cancel();
+            let mut rx = inst.exited.clone();
+            let _ = tokio::time::timeout(
+                cfg.worker.stop_timeout + Duration::from_secs(1),
+                rx.wait_for(Option::is_some),
+            )
+            .await;
+            Err(reason)
+        }
+    }
+}
+
+async fn prove(cfg: &Config, inst: &Instance, want: &str, log: &Path) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + cfg.worker.start_timeout;
+    let mut last;
+    let mut exited = inst.exited.clone();
+    let mut delay = Duration::from_millis(10);
+    loop {
+        let exit = exited.borrow().clone();
+        if let Some(exit) = exit {
+            // Give the log pumps a moment to write the last words.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return Err(match last_line(log) {
+                Some(l) => format!("exited with status {} (last log line: {l})", exit.status),
+                None => format!("exited with status {}", exit.status),
+            });
+        }
+        let p = probe::probe(
+            inst.addr,
+            &cfg.worker.health_path,
+            &cfg.worker.signature_header,
+            Duration::from_secs(2),
+        )
+        .await;
+        match probe::judge(&p, want) {
+            Verdict::Proven => return Ok(()),
+            Verdict::Wrong(r) => return Err(r),
+            Verdict::NotYet(r) => last = r,
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Err(format!(
+                "start timeout after {} s ({last})",
+                cfg.worker.start_timeout.as_secs()
+            ));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay.min(deadline - now)) => {}
+            _ = exited.changed() => {}
+        }
+        delay = (delay * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// Probes an active instance every `health_interval`; after
+/// `health_failures` failures in a row it reports the instance unhealthy
+/// and stops.
+pub async fn monitor(
+    cfg: Arc<Config>,
+    generation: u64,
+    instance: u64,
+    addr: SocketAddr,
+    want: String,
+    token: CancellationToken,
+    events: mpsc::UnboundedSender<WorkerEvent>,
+) {
+    let mut failures = 0;
+    let mut tick = tokio::time::interval(cfg.worker.health_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = token.cancelled() => return,
+        }
+        let p = probe::probe(
+            addr,
+            &cfg.worker.health_path,
+            &cfg.worker.signature_header,
+            cfg.worker.health_interval.max(Duration::from_secs(1)),
+        )
+        .await;
+        match probe::judge(&p, &want) {
+            Verdict::Proven => failures = 0,
+            Verdict::Wrong(r) | Verdict::NotYet(r) => {
+                failures += 1;
+                tracing::warn!(generation, instance, failures, "health probe failed: {r}");
+                if failures >= cfg.worker.health_failures {
+                    let _ = events.send(WorkerEvent::Unhealthy {
+                        generation,
+                        instance,
+                        reason: r,
+                    });
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn pump(out: impl AsyncRead + Unpin, tx: mpsc::Sender<String>, generation: u64) {
+    let mut lines = BufReader::new(out).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        tracing::info!(target: "worker", generation, "[gen {generation}] {line}");
+        if tx.send(line).await.is_err() {
+            break;
+        }
+    }
+}
+
+async fn write_log(mut file: tokio::fs::File, mut rx: mpsc::Receiver<String>) {
+    while let Some(line) = rx.recv().await {
+        let mut buf = line.into_bytes();
+        buf.push(b'\n');
+        // Batch whatever else is already queued into one write.
+        while let Ok(more) = rx.try_recv() {
+            buf.extend_from_slice(more.as_bytes());
+            buf.push(b'\n');
+        }
+        if file.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+    let _ = file.flush().await;
+}

@@ -1,0 +1,395 @@
+//! `batond` end to end with a worker in another language (Python, `env`
+//! signature mode): cutover, rejection, restart, drain, reload, watch.
+
+use std::time::Duration;
+
+use baton::control::api::GenState;
+use http::StatusCode;
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutover_on_source_change_in_env_mode() {
+    let p = Project::python("", "");
+    let d = Daemon::start(&p).await;
+    let s = d.wait_active(1).await;
+    let first = s.active.expect("active");
+    let (g, pid1, who) = whoami(d.addr).await;
+    assert_eq!(g, 1);
+    assert_eq!(Some(pid1), first.pid);
+    // The worker sees the forwarding headers.
+    let h = &who["headers"];
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], d.addr.to_string());
+    // Every response carries the signature the supervisor fixed.
+    let (code, headers, _) = d.get("/healthz").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(
+        headers["x-app-signature"].to_str().ok(),
+        first.signature.as_deref()
+    );
+
+    p.append("src/pyworker.py", "\n# an edit\n");
+    let s = d.wait_active(2).await;
+    let second = s.active.expect("active");
+    assert_ne!(second.signature, first.signature);
+    assert!(
+        second.trigger.contains("src/pyworker.py"),
+        "{}",
+        second.trigger
+    );
+    let (g, pid2, _) = whoami(d.addr).await;
+    assert_eq!(g, 2);
+    assert_ne!(pid1, pid2);
+    d.wait_history(1, "stopped").await;
+    assert!(wait_gone(pid1).await, "old worker still running");
+    let gen2_dir = p.path("state/gen-0002");
+    assert!(gen2_dir.join("pyworker.py").exists(), "snapshot kept");
+    assert!(read(&gen2_dir.join("worker.log")).contains("listening on"));
+    assert!(d.stop().await.success());
+    assert!(wait_gone(pid2).await, "worker survived the daemon's stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_build_keeps_the_old_worker() {
+    let p = Project::python("", "");
+    p.write(
+        "etc/baton.toml",
+        &read(&p.path("etc/baton.toml")).replace(
+            "command = []",
+            r#"command = ["sh", "-c", "if grep -q BROKEN src/pyworker.py; then echo 'error: the source is broken' >&2; exit 2; fi"]"#,
+        ),
+    );
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    p.append("src/pyworker.py", "\n# BROKEN\n");
+    let g2 = d.wait_history(2, "failed").await;
+    let reason = g2.reason.expect("reason");
+    assert!(reason.contains("build failed: code 2"), "{reason}");
+    assert!(reason.contains("error: the source is broken"), "{reason}");
+    let s = d.status().await;
+    assert_eq!(s.active.map(|a| a.id), Some(1));
+    assert_eq!(whoami(d.addr).await.0, 1);
+    assert!(read(&p.path("state/gen-0002/build.log")).contains("the source is broken"));
+    // `batonctl deploy --wait` reports the failure with a non-zero exit.
+    let out = d.ctl(&["deploy", "--wait"]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("build failed"));
+    // Fixing the source deploys again.
+    p.write("src/pyworker.py", pyworker_source());
+    let s = d
+        .wait_for("a fixed generation active", |s| {
+            s.active.as_ref().is_some_and(|a| a.id > 3)
+        })
+        .await;
+    assert_eq!(whoami(d.addr).await.0, s.active.expect("active").id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_404_is_rejected_and_traffic_stays() {
+    let p = Project::python("", "");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    p.append("src/pyworker.py", "\n# HEALTH=404\n");
+    let g2 = d.wait_history(2, "rejected").await;
+    assert_eq!(g2.reason.as_deref(), Some("healthz 404"));
+    assert_eq!(whoami(d.addr).await.0, 1);
+    let out = d.ctl(&["status"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Active: gen 1 active"), "{text}");
+    assert!(text.contains("gen 2 rejected"), "{text}");
+    assert!(text.contains("healthz 404"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_signature_is_rejected_with_both_digests() {
+    let p = Project::python("", "");
+    let d = Daemon::start(&p).await;
+    let s = d.wait_active(1).await;
+    let old_sig = s.active.and_then(|a| a.signature).expect("sig");
+    // The new build presents the old build's digest: a stale process.
+    p.append("src/pyworker.py", &format!("\n# SIGNATURE={old_sig}\n"));
+    let g2 = d.wait_history(2, "rejected").await;
+    let reason = g2.reason.expect("reason");
+    let want = g2.signature.expect("sig");
+    assert!(reason.starts_with("signature mismatch: want "), "{reason}");
+    assert!(reason.contains(&want[..12]), "{reason}");
+    assert!(
+        reason.contains(&format!("got {}", &old_sig[..12])),
+        "{reason}"
+    );
+    assert_eq!(whoami(d.addr).await.0, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_restarts_the_same_snapshot_and_holds_requests() {
+    let p = Project::python("", "[restart]\nbackoff_initial_ms = 200\n");
+    let d = Daemon::start(&p).await;
+    let s = d.wait_active(1).await;
+    let a = s.active.expect("active");
+    let (code, _, _) = d.get("/crash").await;
+    assert_eq!(code, StatusCode::OK);
+    // Requests during the restart wait for the fresh process, not a 502/503.
+    let (g, pid, _) = whoami(d.addr).await;
+    assert_eq!(g, 1);
+    assert_ne!(Some(pid), a.pid);
+    let s = d
+        .wait_for("restarted", |s| {
+            s.active
+                .as_ref()
+                .is_some_and(|x| x.restarts == 1 && x.pid == Some(pid))
+        })
+        .await;
+    let b = s.active.expect("active");
+    assert_eq!(b.id, 1);
+    assert_eq!(b.signature, a.signature, "same snapshot");
+    assert_eq!(s.state, "running");
+    assert!(d.log().contains("worker_exited"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_limit_marks_the_unit_failed_until_the_next_deploy() {
+    let p = Project::python(
+        "",
+        "[restart]\nbackoff_initial_ms = 50\nbackoff_max_ms = 100\nlimit_burst = 3\nlimit_interval_s = 60\n",
+    );
+    p.write(
+        "etc/baton.toml",
+        &read(&p.path("etc/baton.toml")).replace("hold_timeout_ms = 5000", "hold_timeout_ms = 300"),
+    );
+    p.append("src/pyworker.py", "\n# CRASH_AFTER_MS=400\n");
+    let d = Daemon::start(&p).await;
+    let s = d.wait_for("failed", |s| s.state == "failed").await;
+    let g = s.active.expect("the failed generation is shown");
+    assert_eq!(g.state, GenState::Failed);
+    assert!(
+        g.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("start limit")),
+        "{g:?}"
+    );
+    let (code, headers, _) = d.get("/whoami").await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["retry-after"], "1");
+    // A fixed source deploys and the unit runs again.
+    p.write("src/pyworker.py", pyworker_source());
+    d.wait_for("running again", |s| s.state == "running").await;
+    assert_eq!(d.get("/healthz").await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_waits_for_requests_then_times_out() {
+    let p = Project::python("", "");
+    p.write(
+        "etc/baton.toml",
+        &read(&p.path("etc/baton.toml")).replace("drain_timeout_s = 10", "drain_timeout_s = 2"),
+    );
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    let pid1 = whoami(d.addr).await.1;
+    // One request that finishes during the drain, one that outlives it.
+    let addr = d.addr;
+    let short = tokio::spawn(async move { http_get(addr, "/slow?ms=1000").await });
+    let long = tokio::spawn(async move {
+        tokio::time::timeout(Duration::from_secs(20), http_get(addr, "/slow?ms=8000")).await
+    });
+    d.wait_for("two requests in flight", |s| {
+        s.active.as_ref().is_some_and(|a| a.requests_in_flight == 2)
+    })
+    .await;
+    p.append("src/pyworker.py", "\n# v2\n");
+    d.wait_active(2).await;
+    let (code, _, body) = short.await.expect("short");
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(body, "slow 1", "finished on the old worker");
+    d.wait_history(1, "stopped").await;
+    assert!(d.log().contains("drain timeout"), "{}", d.log());
+    assert!(wait_gone(pid1).await);
+    // The long request was cut when the old worker stopped at the timeout.
+    let cut = !matches!(long.await, Ok(Ok((StatusCode::OK, _, _))));
+    assert!(cut, "a request outlived the drain timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_config_on_reload_keeps_the_running_one() {
+    let p = Project::python("", "");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    let good = read(&p.path("etc/baton.toml"));
+    let bad = good.replace("debounce_ms = 100", "debounce_ms = 100\ndebounce_secs = 3");
+    p.write("etc/baton.toml", &bad);
+    let s = d
+        .wait_for("config refused", |s| s.config_error.is_some())
+        .await;
+    let err = s.config_error.expect("error");
+    assert!(err.contains("baton.toml:"), "{err}");
+    assert!(err.contains("watch.debounce_secs"), "{err}");
+    let line = bad
+        .lines()
+        .position(|l| l.starts_with("debounce_secs"))
+        .expect("line")
+        + 1;
+    assert!(err.contains(&format!(":{line}:1")), "{err}");
+    assert_eq!(s.active.map(|a| a.id), Some(1));
+    assert_eq!(whoami(d.addr).await.0, 1);
+    // batonctl reload says why, with a non-zero exit.
+    let out = d.ctl(&["reload"]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("debounce_secs"));
+    // SIGHUP with a fixed config reloads and redeploys.
+    p.write(
+        "etc/baton.toml",
+        &good.replace("health_interval_ms = 300", "health_interval_ms = 400"),
+    );
+    let s = d
+        .wait_for("config accepted", |s| {
+            s.config_error.is_none() && s.active.as_ref().is_some_and(|a| a.id >= 2)
+        })
+        .await;
+    assert!(s.active.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_mode_reports_errors_with_position_and_exit_78() {
+    let p = Project::python("", "");
+    let out = std::process::Command::new(BATOND)
+        .args(["--check", "--config"])
+        .arg(p.path("etc/baton.toml"))
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    p.write(
+        "etc/baton.toml",
+        &read(&p.path("etc/baton.toml")).replace("stop_timeout_s = 2", "stop_timeout_s = \"two\""),
+    );
+    let out = std::process::Command::new(BATOND)
+        .args(["--check", "--config"])
+        .arg(p.path("etc/baton.toml"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("baton.toml:"), "{err}");
+    assert!(err.contains("worker.stop_timeout_s"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_storm_builds_at_most_twice() {
+    let p = Project::python("", "");
+    p.write(
+        "etc/baton.toml",
+        &read(&p.path("etc/baton.toml"))
+            .replace(
+                "command = []",
+                r#"command = ["sh", "-c", "echo build >> builds.txt; sleep 0.3"]"#,
+            )
+            .replace("debounce_ms = 100", "debounce_ms = 200"),
+    );
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    // 50 saves in about one second.
+    for i in 0..50 {
+        p.append("src/pyworker.py", &format!("# save {i}\n"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    d.wait_for("storm settled", |s| {
+        s.candidate.is_none() && !s.deploy_pending && s.active.as_ref().is_some_and(|a| a.id >= 2)
+    })
+    .await;
+    // Let a straggling debounce fire, if any, then count.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let s = d
+        .wait_for("idle", |s| s.candidate.is_none() && !s.deploy_pending)
+        .await;
+    let builds = read(&p.path("builds.txt")).lines().count();
+    assert!(
+        (2..=3).contains(&builds),
+        "{builds} builds (1 at start-up + at most 2)"
+    );
+    // The last build saw the last save.
+    let active = s.active.expect("active");
+    let snap = read(&p.path(&format!("state/gen-{:04}/pyworker.py", active.id)));
+    assert!(snap.contains("# save 49"), "latest wins");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_daemon_leaves_no_worker() {
+    let p = Project::python("", "");
+    let mut d = Daemon::start(&p).await;
+    let s = d.wait_active(1).await;
+    let pid = s.active.and_then(|a| a.pid).expect("pid");
+    assert!(alive(pid));
+    d.child.start_kill().expect("kill -9");
+    let _ = d.child.wait().await;
+    assert!(
+        wait_gone(pid).await,
+        "worker {pid} outlived kill -9 of batond"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_socket_metrics_logs_and_restart() {
+    let p = Project::python("", "");
+    let d = Daemon::start(&p).await;
+    let s = d.wait_active(1).await;
+    let pid1 = s.active.and_then(|a| a.pid).expect("pid");
+    let _ = whoami(d.addr).await;
+    let (code, text) = baton::control::client::call_text(&d.socket, http::Method::GET, "/metrics")
+        .await
+        .expect("metrics");
+    assert_eq!(code, StatusCode::OK);
+    assert!(text.contains("baton_active_generation 1"), "{text}");
+    assert!(text.contains("baton_requests_total "), "{text}");
+    let out = d.ctl(&["logs", "-n", "50"]).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("listening on"));
+    let out = d.ctl(&["status", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["active"]["id"], 1);
+    let out = d.ctl(&["restart", "--wait"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = d.status().await;
+    let a = s.active.expect("active");
+    assert_eq!(a.id, 1);
+    assert_ne!(a.pid, Some(pid1));
+    assert!(wait_gone(pid1).await);
+    let out = d.ctl(&["deploy", "--wait"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.status().await.active.map(|a| a.id), Some(2));
+    // Unknown routes get a JSON 404; malformed HTTP on the public port, a 400.
+    let (code, _) = baton::control::client::call_text(&d.socket, http::Method::GET, "/nope")
+        .await
+        .expect("call");
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut raw = tokio::net::TcpStream::connect(d.addr)
+        .await
+        .expect("connect");
+    raw.write_all(b"GARBAGE\x01 / HTTP/9\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, raw.read_to_end(&mut buf)).await;
+    assert!(
+        String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+    assert_eq!(
+        d.get("/healthz").await.0,
+        StatusCode::OK,
+        "listener survived"
+    );
+}

@@ -1,0 +1,329 @@
+//! Shared test support: a real `batond` in a temp dir, its control socket,
+//! a small HTTP client, and bounded waits (never sleeps for readiness).
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use baton::control::api::Status;
+use baton::control::client;
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// Patience for anything that involves starting processes.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+pub const BATOND: &str = env!("CARGO_BIN_EXE_batond");
+pub const BATONCTL: &str = env!("CARGO_BIN_EXE_batonctl");
+
+/// The Python worker fixture.
+pub fn pyworker_source() -> &'static str {
+    include_str!("fixtures/pyworker.py")
+}
+
+/// A project folder for a daemon: `etc/baton.toml`, `src/`, `state/`.
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    pub fn new() -> Project {
+        let dir = tempfile::Builder::new()
+            .prefix("baton-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("etc")).expect("etc");
+        std::fs::create_dir_all(dir.path().join("src")).expect("src");
+        Project { dir }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn write(&self, rel: &str, text: &str) {
+        let p = self.path(rel);
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).expect("mkdir");
+        }
+        std::fs::write(p, text).expect("write");
+    }
+
+    pub fn append(&self, rel: &str, text: &str) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.path(rel))
+            .expect("open for append");
+        f.write_all(text.as_bytes()).expect("append");
+    }
+
+    /// A project whose worker is the Python fixture in `env` mode, with no
+    /// build step (the script is the artifact).
+    pub fn python(extra_worker: &str, extra: &str) -> Project {
+        let p = Project::new();
+        p.write("src/pyworker.py", pyworker_source());
+        p.write(
+            "etc/baton.toml",
+            &format!(
+                r#"[daemon]
+root = ".."
+listen = "127.0.0.1:0"
+state_dir = "state"
+hold_timeout_ms = 5000
+shutdown_timeout_s = 5
+
+[watch]
+paths = ["src"]
+debounce_ms = 100
+
+[build]
+command = []
+artifact = "src/pyworker.py"
+
+[worker]
+command = ["python3", "{{artifact}}"]
+signature = "env"
+start_timeout_s = 10
+health_interval_ms = 300
+drain_timeout_s = 10
+stop_timeout_s = 2
+{extra_worker}
+{extra}
+"#
+            ),
+        );
+        p
+    }
+}
+
+/// A running `batond`.
+pub struct Daemon {
+    pub child: tokio::process::Child,
+    pub addr: SocketAddr,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    /// Starts `batond -c etc/baton.toml` in `project` and waits until it
+    /// says where it listens.
+    pub async fn start(project: &Project) -> Daemon {
+        Self::start_with(project, &[]).await
+    }
+
+    pub async fn start_with(project: &Project, args: &[&str]) -> Daemon {
+        let mut child = tokio::process::Command::new(BATOND)
+            .arg("--config")
+            .arg(project.path("etc/baton.toml"))
+            .args(args)
+            .env("BATON_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn batond");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut tx = Some(tx);
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Some(rest) = line.split("batond listening on ").nth(1)
+                        && let Some(tx) = tx.take()
+                    {
+                        let addr = rest.split(';').next().unwrap_or("").trim().to_string();
+                        let _ = tx.send(addr);
+                    }
+                    let mut l = log.lock().expect("log lock");
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        let addr: SocketAddr = match tokio::time::timeout(PATIENCE, rx).await {
+            Ok(Ok(a)) => a.parse().expect("listen address"),
+            _ => panic!(
+                "batond did not report its address; log:\n{}",
+                log.lock().expect("log")
+            ),
+        };
+        Daemon {
+            child,
+            addr,
+            socket: project.path("state/control.sock"),
+            state_dir: project.path("state"),
+            log,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    pub async fn status(&self) -> Status {
+        let (code, body) = client::call_text(&self.socket, Method::GET, "/v1/status")
+            .await
+            .expect("status call");
+        assert_eq!(code, StatusCode::OK, "{body}");
+        serde_json::from_str(&body).expect("status json")
+    }
+
+    /// Polls the status until `pred` holds (bounded by `PATIENCE`).
+    pub async fn wait_for(&self, what: &str, pred: impl Fn(&Status) -> bool) -> Status {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let s = self.status().await;
+            if pred(&s) {
+                return s;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; status:\n{}\nlog:\n{}",
+                    serde_json::to_string_pretty(&s).unwrap_or_default(),
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until generation `g` is active.
+    pub async fn wait_active(&self, g: u64) -> Status {
+        self.wait_for(&format!("generation {g} active"), |s| {
+            s.active
+                .as_ref()
+                .is_some_and(|a| a.id == g && a.state == baton::control::api::GenState::Active)
+                && s.candidate.is_none()
+        })
+        .await
+    }
+
+    /// Waits until generation `g` is in the history with `state`.
+    pub async fn wait_history(&self, g: u64, state: &str) -> baton::control::api::GenerationInfo {
+        let s = self
+            .wait_for(&format!("generation {g} {state}"), |s| {
+                s.history
+                    .iter()
+                    .any(|h| h.id == g && h.state.as_str() == state)
+            })
+            .await;
+        s.history
+            .into_iter()
+            .find(|h| h.id == g)
+            .expect("generation in history")
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, HeaderMap, String) {
+        http_get(self.addr, path).await
+    }
+
+    pub async fn ctl(&self, args: &[&str]) -> std::process::Output {
+        tokio::time::timeout(
+            PATIENCE,
+            tokio::process::Command::new(BATONCTL)
+                .arg("--socket")
+                .arg(&self.socket)
+                .args(args)
+                .output(),
+        )
+        .await
+        .expect("batonctl timed out")
+        .expect("batonctl runs")
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub async fn stop(mut self) -> std::process::ExitStatus {
+        if let Some(pid) = self.child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("batond did not stop")
+            .expect("wait")
+    }
+}
+
+/// One HTTP/1.1 GET on a fresh connection.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (StatusCode, HeaderMap, String) {
+    tokio::time::timeout(PATIENCE, async {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header(http::header::HOST, addr.to_string())
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let resp = send.send_request(req).await.expect("response");
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    })
+    .await
+    .expect("GET timed out")
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Waits until `pid` is gone (bounded).
+pub async fn wait_gone(pid: u32) -> bool {
+    for _ in 0..600 {
+        if !alive(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// The `generation` a pyworker reports on `/whoami`.
+pub async fn whoami(addr: SocketAddr) -> (u64, u32, serde_json::Value) {
+    let (code, _, body) = http_get(addr, "/whoami").await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("whoami json");
+    let g = v["generation"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("generation");
+    let pid = v["pid"].as_u64().expect("pid") as u32;
+    (g, pid, v)
+}
+
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
