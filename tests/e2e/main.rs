@@ -3,3 +3,4 @@
 
 mod daemon;
 mod support;
+mod system;

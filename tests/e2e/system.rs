@@ -1,0 +1,123 @@
+//! Process-level and systemd-level behaviour: socket activation, the unit
+//! files, and builds left behind by a killed daemon.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activation_serves_on_the_inherited_listener() {
+    let p = Project::python("", "");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    // batond's own exec shim does what systemd does: the socket at fd 3,
+    // LISTEN_FDS=1 and LISTEN_PID set to the daemon's pid.
+    let mut child = tokio::process::Command::new(BATOND)
+        .arg(baton::process::SHIM_ARG)
+        .arg(std::process::id().to_string())
+        .arg("fd")
+        .arg("--")
+        .arg(BATOND)
+        .arg("--config")
+        .arg(p.path("etc/baton.toml"))
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let mut served = false;
+    for _ in 0..600 {
+        if let Ok(Ok(stream)) =
+            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await
+        {
+            drop(stream);
+            let (code, _, _) = http_get(addr, "/healthz").await;
+            if code == StatusCode::OK {
+                served = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "batond did not serve on the inherited socket");
+    let (g, _, _) = whoami(addr).await;
+    assert_eq!(g, 1);
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
+
+#[test]
+fn unit_files_pass_systemd_analyze_verify() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = env!("CARGO_MANIFEST_DIR");
+    let service = std::fs::read_to_string(format!("{root}/units/batond.service"))
+        .expect("service")
+        .replace("/usr/local/bin/batond", BATOND);
+    let socket = std::fs::read_to_string(format!("{root}/units/batond.socket")).expect("socket");
+    for needle in [
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "RuntimeDirectory=baton",
+        "WatchdogSec=",
+    ] {
+        assert!(service.contains(needle), "unit lacks {needle}");
+    }
+    std::fs::write(dir.path().join("batond.service"), service).expect("write");
+    std::fs::write(dir.path().join("batond.socket"), socket).expect("write");
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.path().join("batond.service"))
+        .arg(dir.path().join("batond.socket"))
+        .output()
+        .expect("systemd-analyze runs (scripts/deps test installs it)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let complaints: Vec<&str> = err.lines().filter(|l| l.contains("batond")).collect();
+    assert!(complaints.is_empty(), "{complaints:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_daemon_kills_what_a_killed_build_left() {
+    let p = Project::python("", "");
+    let p2 = read(&p.path("etc/baton.toml")).replace(
+        "command = []",
+        r#"command = ["sh", "-c", "if [ -e slow-build ]; then sleep 60 & echo $! > grandchild.pid; wait; fi"]"#,
+    );
+    p.write("etc/baton.toml", &p2);
+    let mut d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    p.write("slow-build", "");
+    p.append("src/pyworker.py", "# v2\n");
+    let pidfile = p.path("grandchild.pid");
+    let mut grandchild = None;
+    for _ in 0..600 {
+        if let Ok(s) = std::fs::read_to_string(&pidfile)
+            && let Ok(pid) = s.trim().parse::<u32>()
+        {
+            grandchild = Some(pid);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let grandchild = grandchild.expect("the build started its grandchild");
+    assert!(p.path("state/build.pgid").exists(), "build group recorded");
+    d.child.start_kill().expect("kill -9");
+    let _ = d.child.wait().await;
+    // The shell died with the daemon (parent-death signal); the grandchild
+    // lives on in the build's process group until a daemon cleans up.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(alive(grandchild), "grandchild should have outlived kill -9");
+    std::fs::remove_file(p.path("slow-build")).expect("rm");
+    let d = Daemon::start(&p).await;
+    assert!(wait_gone(grandchild).await, "stale build group not killed");
+    assert!(d.log().contains("killed what was left of a build"));
+    let s = d.wait_for("a worker", |s| s.active.is_some()).await;
+    assert!(s.active.expect("active").id >= 3, "numbering continues");
+}
