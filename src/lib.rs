@@ -1,15 +1,12 @@
 //! Baton: a systemd-style supervisor that rebuilds a worker when its source
 //! changes and cuts traffic over only to a worker that proves it is the new
 //! build, plus the Twilio Media Streams worker it supervises.
-#![forbid(unsafe_code)]
-#![deny(rust_2018_idioms)]
-#![warn(missing_docs, clippy::unwrap_used)]
-
+//!
 //! # Layout
 //!
 //! | module | role |
 //! | --- | --- |
-//! | [`config`] | the TOML config, parsed in two stages, errors with file:line:column |
+//! | [`config`] | the daemon's TOML config, parsed in two stages, errors with file:line:column |
 //! | [`daemon`] | `batond`'s top level: proxy + supervisor + control socket + signals |
 //! | [`supervisor`] | the actor that owns generations and moves traffic |
 //! | [`worker_proc`] | build, snapshot, start, prove and monitor one worker |
@@ -22,7 +19,14 @@
 //! | [`events`] | the event bus behind the log and `/v1/events` |
 //! | [`control`] | the control socket API, server and client |
 //! | [`systemd`] | `sd_notify` and socket activation |
+//! | [`twilio`] | Media Streams messages, `X-Twilio-Signature`, G.711 mu-law and 8 kHz framing (shared by the worker and callsim) |
+//! | [`worker`] | the `media-worker` server (webhooks, Media Streams, pipeline) |
+//! | [`callsim`] | the Twilio-side call simulator behind `callsim` |
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+#![warn(missing_docs, clippy::unwrap_used)]
 
+pub mod callsim;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -34,5 +38,7 @@ pub mod proxy;
 pub mod router;
 pub mod supervisor;
 pub mod systemd;
+pub mod twilio;
 pub mod watch;
+pub mod worker;
 pub mod worker_proc;

@@ -1,1 +1,137 @@
-fn main() {}
+//! `media-worker`: the Twilio Media Streams worker that `batond` supervises.
+//!
+//! Thin: parses flags, starts tracing, reads the environment (`LISTEN_FDS`,
+//! `PORT`, `TWILIO_AUTH_TOKEN`, `BATON_SIGNATURE`), builds the config, takes
+//! or binds the listener, turns SIGTERM/SIGINT into a cancellation, and
+//! calls [`baton::worker::run`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use baton::worker::config::{Config, EnvOverrides};
+use clap::{Parser, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+/// Default port when `PORT` is unset and no socket is inherited.
+const DEFAULT_PORT: u16 = 8081;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Twilio Media Streams worker.
+#[derive(Debug, Parser)]
+#[command(name = "media-worker", version, about)]
+struct Cli {
+    /// TOML config file (see etc/media-worker.toml); defaults apply without it.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Override the config's data_dir (call records).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Validate the config, print the resolved signature, and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("media-worker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(false).init(),
+        LogFormat::Json => builder.json().flatten_event(false).init(),
+    }
+}
+
+fn run() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let env = EnvOverrides {
+        twilio_auth_token: std::env::var("TWILIO_AUTH_TOKEN").ok(),
+        baton_signature: std::env::var("BATON_SIGNATURE").ok(),
+    };
+    let mut cfg = Config::load(cli.config.as_deref(), &env)?;
+    if let Some(dir) = cli.data_dir {
+        cfg.data_dir = dir;
+    }
+    if cli.check {
+        println!("config ok; signature {}", cfg.app_signature);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("building tokio runtime")?;
+    rt.block_on(async move {
+        let listener = take_listener(&cfg).await?;
+        let token = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(token.clone()));
+        baton::worker::run(listener, cfg, token).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// The inherited socket (`LISTEN_FDS`), else `bind_address:$PORT`.
+async fn take_listener(cfg: &Config) -> anyhow::Result<tokio::net::TcpListener> {
+    let mut fds = listenfd::ListenFd::from_env();
+    if let Some(std_listener) = fds
+        .take_tcp_listener(0)
+        .context("taking inherited socket from LISTEN_FDS")?
+    {
+        std_listener
+            .set_nonblocking(true)
+            .context("setting inherited socket non-blocking")?;
+        return tokio::net::TcpListener::from_std(std_listener)
+            .context("registering inherited socket");
+    }
+    let port = match std::env::var("PORT") {
+        Ok(p) => p
+            .trim()
+            .parse::<u16>()
+            .with_context(|| format!("PORT={p:?}"))?,
+        Err(_) => DEFAULT_PORT,
+    };
+    let addr = SocketAddr::new(cfg.bind_address, port);
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))
+}
+
+async fn cancel_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            tracing::warn!("cannot install signal handlers");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    }
+    token.cancel();
+}

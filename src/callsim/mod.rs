@@ -1,0 +1,1 @@
+//! Twilio-side call simulator (in progress).

@@ -1,0 +1,648 @@
+//! One Media Streams call: a single task that reads Twilio's messages,
+//! runs the pipeline, and paces outbound audio.
+//!
+//! Pacing: a per-call clock `next_play_at` is the instant at which the next
+//! outbound frame would start playing at the caller. A frame is sent when it
+//! is due within `pacing_lead` (so at most that much audio is ever buffered
+//! at Twilio, and a `clear` cuts quickly); an idle gap resets the clock to
+//! now. Every outbound frame is exactly 160 bytes of raw mu-law.
+//!
+//! Robustness: malformed or unknown messages, binary frames, media before
+//! `start` and a wrong streamSid are logged and skipped; an oversized frame
+//! closes with 1009; nothing here panics, and every exit path writes the
+//! call record and logs `WS_STOP`.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{MissedTickBehavior, sleep_until};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tracing::{debug, info, warn};
+
+use super::AppState;
+use super::pipeline::{Dialog, Stt, Vad, VadEvent};
+use super::record::{CallRecord, TranscriptEntry, rfc3339};
+use crate::twilio::audio::{FRAME_BYTES, SAMPLE_RATE_HZ};
+use crate::twilio::messages::{
+    MarkBody, MessageError, OutboundMedia, ServerMessage, TwilioMessage,
+};
+use crate::twilio::mulaw;
+
+/// Log `MEDIA_TX` every this many outbound frames (one second of audio).
+const MEDIA_TX_EVERY_FRAMES: u64 = 50;
+/// Audio kept before speech start, so the echo includes the onset.
+const PREROLL_SAMPLES: usize = 2_400;
+/// How long we wait for the peer's close reply.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Something queued for the caller.
+enum Out {
+    /// Audio (length a multiple of 160) and how much of it went out.
+    Audio { data: Arc<[u8]>, pos: usize },
+    /// A mark, sent once all audio before it went out.
+    Mark(String),
+}
+
+/// How a call loop ended.
+enum End {
+    /// Twilio sent `stop`: we close normally.
+    Stop,
+    /// The peer closed (or the TCP connection ended).
+    PeerClosed(&'static str),
+    /// We close with this code.
+    Close(CloseCode, &'static str),
+}
+
+/// Per-call state; owned by the call's task only.
+struct Call {
+    state: Arc<AppState>,
+    opened: Instant,
+    rec: CallRecord,
+    started: bool,
+    stream_sid: String,
+    call_sid: String,
+    vad: Box<dyn Vad>,
+    stt: Box<dyn Stt>,
+    dialog: Box<dyn Dialog>,
+    in_bytes: Vec<u8>,
+    pcm: Vec<i16>,
+    preroll: VecDeque<i16>,
+    utterance: Vec<i16>,
+    queue: VecDeque<Out>,
+    next_play_at: Instant,
+    b64_out: String,
+    ping_seq: u64,
+    ping_sent: Option<(u64, Instant)>,
+    pending_clear: bool,
+}
+
+/// Serves one upgraded WebSocket until the call ends, then writes its
+/// record. Never panics; errors are logged with the call's sids.
+pub async fn run_call<S>(
+    mut ws: WebSocketStream<S>,
+    state: Arc<AppState>,
+    conn_id: u64,
+    peer: SocketAddr,
+    subprotocol: bool,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (vad, stt, dialog) = state.engines.new_call();
+    let now = Instant::now();
+    let mut call = Call {
+        rec: CallRecord {
+            conn_id,
+            subprotocol,
+            started_at: rfc3339(SystemTime::now()),
+            stt_engine: stt.name().to_string(),
+            ..CallRecord::default()
+        },
+        state,
+        opened: now,
+        started: false,
+        stream_sid: String::new(),
+        call_sid: String::new(),
+        vad,
+        stt,
+        dialog,
+        in_bytes: Vec::with_capacity(FRAME_BYTES * 2),
+        pcm: Vec::with_capacity(FRAME_BYTES * 2),
+        preroll: VecDeque::with_capacity(PREROLL_SAMPLES + FRAME_BYTES),
+        utterance: Vec::new(),
+        queue: VecDeque::new(),
+        next_play_at: now,
+        b64_out: String::with_capacity(256),
+        ping_seq: 0,
+        ping_sent: None,
+        pending_clear: false,
+    };
+    debug!(conn = conn_id, peer = %peer, subprotocol, "websocket open");
+    let end = call.serve(&mut ws).await;
+    let reason = match end {
+        End::Stop => {
+            close(&mut ws, CloseCode::Normal, "stream stopped").await;
+            "stop"
+        }
+        End::PeerClosed(why) => why,
+        End::Close(code, why) => {
+            close(&mut ws, code, why).await;
+            why
+        }
+    };
+    call.finish(reason).await;
+}
+
+async fn close<S>(ws: &mut WebSocketStream<S>, code: CloseCode, why: &'static str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let frame = CloseFrame {
+        code,
+        reason: why.into(),
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        if ws.close(Some(frame)).await.is_ok() {
+            // Read until the peer's close reply (or EOF) completes the handshake.
+            while let Some(Ok(_)) = ws.next().await {}
+        }
+    })
+    .await;
+}
+
+impl Call {
+    fn t_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+
+    fn warn_skip(&mut self, what: &'static str, detail: String) {
+        self.rec.protocol_warnings += 1;
+        let t = self.t_ms();
+        warn!(
+            event = "WS_PROTOCOL_WARNING",
+            callSid = %self.call_sid,
+            streamSid = %self.stream_sid,
+            what,
+            detail = %detail,
+            "skipped inbound message: {what}"
+        );
+        self.rec
+            .push_event(t, "warning", format!("{what}: {detail}"));
+    }
+
+    async fn serve<S>(&mut self, ws: &mut WebSocketStream<S>) -> End
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let period = self.state.cfg.ping_interval;
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let cancel = self.state.calls_cancel.clone();
+        loop {
+            let deadline = self.send_deadline();
+            tokio::select! {
+                msg = ws.next() => {
+                    let flow = match msg {
+                        None => return End::PeerClosed("eof"),
+                        Some(Ok(m)) => self.on_message(m).await,
+                        Some(Err(e)) => return self.on_ws_error(e),
+                    };
+                    match flow {
+                        Ok(None) => {}
+                        Ok(Some(end)) => return end,
+                        Err(e) => return self.on_ws_error(e),
+                    }
+                    // Inbound may have queued a clear (barge-in) or a reply.
+                    if let Err(e) = self.flush_control(ws).await {
+                        return self.on_ws_error(e);
+                    }
+                }
+                () = wait_until(deadline) => {
+                    if let Err(e) = self.pump(ws).await {
+                        return self.on_ws_error(e);
+                    }
+                }
+                _ = ping.tick() => {
+                    self.ping_seq += 1;
+                    self.ping_sent = Some((self.ping_seq, Instant::now()));
+                    let payload = Bytes::copy_from_slice(&self.ping_seq.to_be_bytes());
+                    if let Err(e) = ws.send(Message::Ping(payload)).await {
+                        return self.on_ws_error(e);
+                    }
+                }
+                () = cancel.cancelled() => return End::Close(CloseCode::Away, "server shutting down"),
+            }
+        }
+    }
+
+    fn on_ws_error(&mut self, e: WsError) -> End {
+        match e {
+            WsError::Capacity(c) => {
+                self.warn_skip("oversized message", c.to_string());
+                End::Close(CloseCode::Size, "message too big")
+            }
+            WsError::Utf8(detail) => {
+                self.warn_skip("invalid utf-8", detail);
+                End::Close(CloseCode::Invalid, "invalid utf-8")
+            }
+            WsError::ConnectionClosed | WsError::AlreadyClosed => End::PeerClosed("client_close"),
+            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+                End::PeerClosed("reset")
+            }
+            WsError::Protocol(p) => {
+                self.warn_skip("websocket protocol error", p.to_string());
+                End::Close(CloseCode::Protocol, "protocol error")
+            }
+            other => {
+                debug!(callSid = %self.call_sid, error = %other, "websocket error");
+                End::PeerClosed("io_error")
+            }
+        }
+    }
+
+    /// Handles one inbound message; `Some(End)` ends the call.
+    async fn on_message(&mut self, msg: Message) -> Result<Option<End>, WsError> {
+        match msg {
+            Message::Text(text) => Ok(self.on_text(text.as_str()).await),
+            Message::Binary(b) => {
+                self.warn_skip("binary frame", format!("{} bytes", b.len()));
+                Ok(None)
+            }
+            Message::Pong(data) => {
+                if let Some((seq, sent)) = self.ping_sent
+                    && data.as_ref() == seq.to_be_bytes()
+                {
+                    self.ping_sent = None;
+                    let rtt_ms = sent.elapsed().as_secs_f64() * 1000.0;
+                    self.rec.last_rtt_ms = Some(rtt_ms);
+                    info!(
+                        event = "PING_PONG",
+                        callSid = %self.call_sid,
+                        streamSid = %self.stream_sid,
+                        rtt_ms,
+                        "PING_PONG"
+                    );
+                }
+                Ok(None)
+            }
+            // tungstenite answers pings itself.
+            Message::Ping(_) | Message::Frame(_) => Ok(None),
+            Message::Close(_) => Ok(Some(End::PeerClosed("client_close"))),
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) -> Option<End> {
+        let msg = match TwilioMessage::parse(text) {
+            Ok(m) => m,
+            Err(MessageError::UnknownEvent(ev)) => {
+                self.warn_skip("unknown event", ev);
+                return None;
+            }
+            Err(MessageError::Malformed(e)) => {
+                self.warn_skip("malformed message", e.to_string());
+                return None;
+            }
+        };
+        if let (true, Some(sid)) = (self.started, msg.stream_sid())
+            && sid != self.stream_sid
+            && !matches!(msg, TwilioMessage::Start { .. })
+        {
+            self.warn_skip("wrong streamSid", sid.to_string());
+            return None;
+        }
+        let t = self.t_ms();
+        match msg {
+            TwilioMessage::Connected { protocol, version } => {
+                debug!(protocol, version, "connected");
+                self.rec.push_event(t, "connected", "");
+            }
+            TwilioMessage::Start {
+                stream_sid, start, ..
+            } => {
+                if self.started {
+                    self.warn_skip("duplicate start", stream_sid);
+                    return None;
+                }
+                self.started = true;
+                self.stream_sid = stream_sid;
+                self.call_sid = start.call_sid.clone();
+                self.rec.stream_sid = Some(self.stream_sid.clone());
+                self.rec.call_sid = Some(start.call_sid);
+                self.rec.account_sid = Some(start.account_sid);
+                self.rec.custom_parameters = start.custom_parameters;
+                info!(
+                    event = "WS_START",
+                    callSid = %self.call_sid,
+                    streamSid = %self.stream_sid,
+                    subprotocol = self.rec.subprotocol,
+                    params = ?self.rec.custom_parameters,
+                    "WS_START"
+                );
+                self.rec.push_event(t, "start", "");
+                let greeting = Arc::clone(&self.state.engines.greeting);
+                self.enqueue_reply(greeting, "greeting", "greeting".into());
+            }
+            TwilioMessage::Media { media, .. } => {
+                if !self.started {
+                    self.warn_skip("media before start", String::new());
+                    return None;
+                }
+                self.in_bytes.clear();
+                if let Err(e) = base64::engine::general_purpose::STANDARD
+                    .decode_vec(media.payload.as_bytes(), &mut self.in_bytes)
+                {
+                    self.warn_skip("bad media payload", e.to_string());
+                    return None;
+                }
+                self.rec.frames_in += 1;
+                self.rec.bytes_in += self.in_bytes.len() as u64;
+                self.pcm.clear();
+                mulaw::decode_into(&self.in_bytes, &mut self.pcm);
+                self.on_audio().await;
+            }
+            TwilioMessage::Dtmf { dtmf, .. } => {
+                info!(event = "DTMF", callSid = %self.call_sid, streamSid = %self.stream_sid, digit = %dtmf.digit, "DTMF");
+                self.rec.push_event(t, "dtmf", dtmf.digit);
+            }
+            TwilioMessage::Mark { mark, .. } => {
+                debug!(callSid = %self.call_sid, mark = %mark.name, "mark echoed");
+                self.rec.push_event(t, "mark_echoed", mark.name.clone());
+                self.rec.marks_echoed.push(mark.name);
+            }
+            TwilioMessage::Stop { .. } => {
+                if !self.started {
+                    self.warn_skip("stop before start", String::new());
+                }
+                self.rec.push_event(t, "stop", "");
+                return Some(End::Stop);
+            }
+        }
+        None
+    }
+
+    /// Runs the decoded inbound PCM through VAD -> STT -> dialog.
+    async fn on_audio(&mut self) {
+        let pcm = std::mem::take(&mut self.pcm);
+        for block in pcm.chunks(FRAME_BYTES) {
+            match self.vad.process(block) {
+                VadEvent::SpeechStart => {
+                    self.utterance.clear();
+                    self.utterance.extend(self.preroll.iter());
+                    self.utterance.extend_from_slice(block);
+                    let t = self.t_ms();
+                    self.rec.push_event(t, "speech_start", "");
+                    if self.is_playing() {
+                        self.barge_in();
+                    }
+                }
+                VadEvent::None if self.vad.in_speech() => {
+                    self.utterance.extend_from_slice(block);
+                    if let Some(text) = self.stt.partial(block) {
+                        info!(event = "STT_PARTIAL", callSid = %self.call_sid, streamSid = %self.stream_sid, engine = self.stt.name(), text = %text, "STT_PARTIAL");
+                    }
+                }
+                VadEvent::SpeechEnd => {
+                    self.utterance.extend_from_slice(block);
+                    self.end_of_utterance().await;
+                }
+                VadEvent::None => {}
+            }
+            self.preroll.extend(block.iter());
+            while self.preroll.len() > PREROLL_SAMPLES {
+                self.preroll.pop_front();
+            }
+        }
+        self.pcm = pcm;
+    }
+
+    async fn end_of_utterance(&mut self) {
+        let mut utt = std::mem::take(&mut self.utterance);
+        // Drop most of the trailing pause that ended the utterance.
+        let pause = (self.state.cfg.vad.end_silence_ms.saturating_sub(100)
+            * u64::from(SAMPLE_RATE_HZ)
+            / 1000) as usize;
+        utt.truncate(utt.len().saturating_sub(pause));
+        let utterance_ms = utt.len() as u64 * 1000 / u64::from(SAMPLE_RATE_HZ);
+        self.rec.utterances += 1;
+        let n = self.rec.utterances;
+        let text = self.stt.finish(&utt);
+        info!(
+            event = "STT_FINAL",
+            callSid = %self.call_sid,
+            streamSid = %self.stream_sid,
+            engine = self.stt.name(),
+            transcribed = text.is_some(),
+            text = text.as_deref().unwrap_or(""),
+            utterance_ms,
+            "STT_FINAL"
+        );
+        let t = self.t_ms();
+        self.rec
+            .push_event(t, "stt_final", text.clone().unwrap_or_default());
+        self.rec.transcript.push(TranscriptEntry {
+            t_ms: t,
+            utterance_ms,
+            text: text.clone(),
+        });
+        let reply = self.dialog.reply(&utt, text.as_deref());
+        let pcm = match (reply.audio, reply.text) {
+            (Some(a), _) => a,
+            (None, Some(say)) => {
+                let tts = Arc::clone(&self.state.engines.tts);
+                match tokio::task::spawn_blocking(move || tts.synthesize(&say)).await {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(e)) => {
+                        warn!(callSid = %self.call_sid, error = %e, "tts failed");
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(callSid = %self.call_sid, error = %e, "tts task failed");
+                        return;
+                    }
+                }
+            }
+            (None, None) => return,
+        };
+        let mut encoded = Vec::with_capacity(pcm.len() + FRAME_BYTES);
+        mulaw::encode_into(&pcm, &mut encoded);
+        self.enqueue_reply(encoded.into(), reply.source, format!("utt-{n}"));
+    }
+
+    /// Queues audio (padded to whole frames) followed by its mark.
+    fn enqueue_reply(&mut self, audio: Arc<[u8]>, source: &'static str, mark: String) {
+        let audio: Arc<[u8]> = if audio.len().is_multiple_of(FRAME_BYTES) {
+            audio
+        } else {
+            let mut v = audio.to_vec();
+            v.resize(v.len().div_ceil(FRAME_BYTES) * FRAME_BYTES, mulaw::SILENCE);
+            v.into()
+        };
+        let len_ms = audio.len() as u64 * 1000 / u64::from(SAMPLE_RATE_HZ);
+        info!(
+            event = "TTS_LEN_ms",
+            callSid = %self.call_sid,
+            streamSid = %self.stream_sid,
+            source,
+            len_ms,
+            mark = %mark,
+            "TTS_LEN_ms"
+        );
+        let t = self.t_ms();
+        self.rec
+            .push_event(t, "reply", format!("{source} {len_ms} ms"));
+        if !audio.is_empty() {
+            self.queue.push_back(Out::Audio {
+                data: audio,
+                pos: 0,
+            });
+        }
+        self.queue.push_back(Out::Mark(mark));
+    }
+
+    /// True while audio is queued here or still playing at the caller.
+    fn is_playing(&self) -> bool {
+        self.queue.iter().any(|o| matches!(o, Out::Audio { .. }))
+            || self.next_play_at > Instant::now()
+    }
+
+    /// Caller speech over our audio: drop our queue and ask Twilio to drop
+    /// its buffer. The `clear` itself goes out in `flush_control`.
+    fn barge_in(&mut self) {
+        self.queue.clear();
+        self.next_play_at = Instant::now();
+        self.rec.clears += 1;
+        let t = self.t_ms();
+        self.rec.push_event(t, "barge_in", "");
+        info!(event = "BARGE_IN", callSid = %self.call_sid, streamSid = %self.stream_sid, "BARGE_IN: clear");
+        self.pending_clear = true;
+    }
+
+    /// When the next queued item is due, `None` when the queue is empty.
+    fn send_deadline(&self) -> Option<Instant> {
+        let now = Instant::now();
+        match self.queue.front()? {
+            Out::Mark(_) => Some(now),
+            Out::Audio { .. } => Some(
+                self.next_play_at
+                    .checked_sub(self.state.cfg.pacing_lead)
+                    .map_or(now, |d| d.max(now)),
+            ),
+        }
+    }
+
+    /// Sends a pending `clear` (and anything due) right away.
+    async fn flush_control<S>(&mut self, ws: &mut WebSocketStream<S>) -> Result<(), WsError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        if self.pending_clear {
+            self.pending_clear = false;
+            let msg = ServerMessage::Clear {
+                stream_sid: self.stream_sid.as_str().into(),
+            };
+            ws.send(server_text(&msg)).await?;
+        }
+        if self.send_deadline().is_some_and(|d| d <= Instant::now()) {
+            self.pump(ws).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends every queued item that is due, then flushes once.
+    async fn pump<S>(&mut self, ws: &mut WebSocketStream<S>) -> Result<(), WsError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let now = Instant::now();
+        let horizon = now + self.state.cfg.pacing_lead;
+        let mut sent = false;
+        loop {
+            let msg = match self.queue.front_mut() {
+                None => break,
+                Some(Out::Mark(_)) => {
+                    let Some(Out::Mark(name)) = self.queue.pop_front() else {
+                        break;
+                    };
+                    let t = self.t_ms();
+                    self.rec.push_event(t, "mark_sent", name.clone());
+                    let msg = server_text(&ServerMessage::Mark {
+                        stream_sid: self.stream_sid.as_str().into(),
+                        mark: MarkBody { name: name.clone() },
+                    });
+                    self.rec.marks_sent.push(name);
+                    msg
+                }
+                Some(Out::Audio { data, pos }) => {
+                    if self.next_play_at < now {
+                        self.next_play_at = now;
+                    }
+                    if self.next_play_at > horizon {
+                        break;
+                    }
+                    let end = (*pos + FRAME_BYTES).min(data.len());
+                    self.b64_out.clear();
+                    base64::engine::general_purpose::STANDARD
+                        .encode_string(&data[*pos..end], &mut self.b64_out);
+                    let n = end - *pos;
+                    *pos = end;
+                    if end >= data.len() {
+                        self.queue.pop_front();
+                    }
+                    self.next_play_at += Duration::from_micros(n as u64 * 125);
+                    self.rec.frames_out += 1;
+                    self.rec.bytes_out += n as u64;
+                    if self.rec.frames_out.is_multiple_of(MEDIA_TX_EVERY_FRAMES) {
+                        info!(
+                            event = "MEDIA_TX",
+                            callSid = %self.call_sid,
+                            streamSid = %self.stream_sid,
+                            frames_out = self.rec.frames_out,
+                            bytes_out = self.rec.bytes_out,
+                            "MEDIA_TX"
+                        );
+                    }
+                    server_text(&ServerMessage::Media {
+                        stream_sid: self.stream_sid.as_str().into(),
+                        media: OutboundMedia {
+                            payload: self.b64_out.as_str().into(),
+                        },
+                    })
+                }
+            };
+            ws.feed(msg).await?;
+            sent = true;
+        }
+        if sent {
+            ws.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Logs `WS_STOP` and writes the record.
+    async fn finish(mut self, reason: &'static str) {
+        let duration_ms = self.t_ms();
+        self.rec.duration_ms = duration_ms;
+        self.rec.ended_at = rfc3339(SystemTime::now());
+        self.rec.end_reason = reason.to_string();
+        info!(
+            event = "WS_STOP",
+            callSid = %self.call_sid,
+            streamSid = %self.stream_sid,
+            reason,
+            duration_ms,
+            frames_in = self.rec.frames_in,
+            frames_out = self.rec.frames_out,
+            marks_sent = self.rec.marks_sent.len(),
+            marks_echoed = self.rec.marks_echoed.len(),
+            clears = self.rec.clears,
+            warnings = self.rec.protocol_warnings,
+            "WS_STOP"
+        );
+        match self.rec.write(&self.state.cfg.data_dir).await {
+            Ok(path) => debug!(path = %path.display(), "call record written"),
+            Err(e) => warn!(callSid = %self.call_sid, error = %e, "writing call record failed"),
+        }
+    }
+}
+
+fn server_text(msg: &ServerMessage<'_>) -> Message {
+    // Serialising these plain structs cannot fail; an empty text would be
+    // logged by the peer as malformed rather than crash us.
+    Message::Text(serde_json::to_string(msg).unwrap_or_default().into())
+}
+
+async fn wait_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,488 @@
+//! media-worker configuration: a TOML file plus a few environment values.
+//!
+//! Two stages, as the house style asks: [`FileConfig`] is what the file may
+//! say (unknown keys are refused, so a typo is an error and not a silent
+//! default); [`Config`] is the validated form `run` uses. The binary reads
+//! the environment and hands it in through [`EnvOverrides`], so the library
+//! never reaches for process-global state.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where `X-App-Signature` comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SignatureMode {
+    /// SHA-256 of our own executable: a stale binary cannot present the
+    /// digest of a new build. The default.
+    #[default]
+    Artifact,
+    /// Echo `BATON_SIGNATURE` (for interpreted workers; opt-in only, since an
+    /// old binary could otherwise borrow the new build's value).
+    Env,
+}
+
+/// Which engine renders text to speech (the greeting, for now).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TtsChoice {
+    /// espeak-ng when it runs, else the tone.
+    #[default]
+    Auto,
+    /// espeak-ng or fail at start-up.
+    EspeakNg,
+    /// A generated chime; no external program.
+    Tone,
+}
+
+/// Energy VAD knobs, in the file's `[vad]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VadConfig {
+    /// Mean absolute amplitude (16-bit scale) above which a block is speech.
+    pub threshold: u32,
+    /// Speech must last this long before it counts (filters clicks).
+    pub start_ms: u64,
+    /// Silence this long ends an utterance.
+    pub end_silence_ms: u64,
+    /// An utterance is cut here even without a pause.
+    pub max_utterance_ms: u64,
+}
+
+impl Default for VadConfig {
+    fn default() -> Self {
+        Self {
+            threshold: 400,
+            start_ms: 60,
+            end_silence_ms: 400,
+            max_utterance_ms: 10_000,
+        }
+    }
+}
+
+/// The file as written; every key optional.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// Address to bind when no socket is inherited (the port is `PORT`).
+    pub bind_address: String,
+    /// Public base URL Twilio uses (`https://host`), for TwiML and
+    /// signature checks; otherwise derived from forwarded headers.
+    pub public_url: Option<String>,
+    /// Twilio auth token; enables signature checks. Env
+    /// `TWILIO_AUTH_TOKEN` overrides it.
+    pub auth_token: Option<String>,
+    /// What the greeting says.
+    pub greeting_text: String,
+    /// Where call records go (relative paths are relative to the config
+    /// file's directory).
+    pub data_dir: String,
+    /// `artifact` (default) or `env`.
+    pub signature_mode: SignatureMode,
+    /// `auto`, `espeak-ng` or `tone`.
+    pub tts: TtsChoice,
+    /// WebSocket ping period.
+    pub ping_interval_ms: u64,
+    /// How long open calls may go on after SIGTERM.
+    pub shutdown_grace_ms: u64,
+    /// Largest inbound WebSocket message; larger closes with 1009.
+    pub max_message_bytes: usize,
+    /// How far outbound audio may run ahead of real time.
+    pub pacing_lead_ms: u64,
+    /// Energy VAD.
+    pub vad: VadConfig,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        Self {
+            bind_address: "127.0.0.1".into(),
+            public_url: None,
+            auth_token: None,
+            greeting_text:
+                "Hello, you are connected to Baton. Say something and I will say it back.".into(),
+            data_dir: "data".into(),
+            signature_mode: SignatureMode::Artifact,
+            tts: TtsChoice::Auto,
+            ping_interval_ms: 5_000,
+            shutdown_grace_ms: 10_000,
+            max_message_bytes: 64 * 1024,
+            pacing_lead_ms: 100,
+            vad: VadConfig::default(),
+        }
+    }
+}
+
+/// Values the binary read from the environment.
+#[derive(Debug, Clone, Default)]
+pub struct EnvOverrides {
+    /// `TWILIO_AUTH_TOKEN`.
+    pub twilio_auth_token: Option<String>,
+    /// `BATON_SIGNATURE` (used only in `env` signature mode).
+    pub baton_signature: Option<String>,
+}
+
+/// The validated configuration `run` uses.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Bind address for the binary's fallback bind.
+    pub bind_address: IpAddr,
+    /// Public base URL without a trailing slash (`https://host[/prefix]`).
+    pub public_url: Option<String>,
+    /// Twilio auth token; `None` disables signature checks.
+    pub auth_token: Option<String>,
+    /// Greeting text.
+    pub greeting_text: String,
+    /// Call records directory.
+    pub data_dir: PathBuf,
+    /// How the signature was chosen.
+    pub signature_mode: SignatureMode,
+    /// The value sent as `X-App-Signature`.
+    pub app_signature: String,
+    /// TTS engine choice.
+    pub tts: TtsChoice,
+    /// WebSocket ping period.
+    pub ping_interval: Duration,
+    /// Grace for open calls on shutdown.
+    pub shutdown_grace: Duration,
+    /// Max inbound WebSocket message size.
+    pub max_message_bytes: usize,
+    /// Outbound pacing lead.
+    pub pacing_lead: Duration,
+    /// Energy VAD knobs.
+    pub vad: VadConfig,
+}
+
+/// A configuration that cannot be used, with enough location to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is invalid or has an unknown key or a wrong type.
+    #[error("{path}:{line}:{column}: key `{key}`: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// Dotted key at fault (best effort).
+        key: String,
+        /// The parser's message.
+        message: String,
+    },
+    /// Parsed, but a value is not acceptable.
+    #[error("{path}: key `{key}`: {message}")]
+    Invalid {
+        /// The file (or `<defaults>`).
+        path: PathBuf,
+        /// The key.
+        key: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// `env` signature mode without `BATON_SIGNATURE`, or our own
+    /// executable could not be hashed.
+    #[error("signature: {0}")]
+    Signature(String),
+}
+
+impl Config {
+    /// Loads the file (or defaults when `path` is `None`), applies the
+    /// environment values and resolves the signature.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, line, column and key at fault.
+    pub fn load(path: Option<&Path>, env: &EnvOverrides) -> Result<Self, ConfigError> {
+        let (file, origin, base_dir) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Io {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                let dir = p
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from("."));
+                (parse_file(&text, p)?, p.to_path_buf(), dir)
+            }
+            None => (
+                FileConfig::default(),
+                PathBuf::from("<defaults>"),
+                PathBuf::from("."),
+            ),
+        };
+        Self::from_file(file, &origin, &base_dir, env)
+    }
+
+    /// Validates a parsed file; see [`Config::load`].
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] or [`ConfigError::Signature`].
+    pub fn from_file(
+        file: FileConfig,
+        origin: &Path,
+        base_dir: &Path,
+        env: &EnvOverrides,
+    ) -> Result<Self, ConfigError> {
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+            path: origin.to_path_buf(),
+            key,
+            message,
+        };
+        let bind_address: IpAddr = file
+            .bind_address
+            .parse()
+            .map_err(|e| invalid("bind_address", format!("{e}")))?;
+        let public_url = match file.public_url.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(u) => {
+                let ok = (u.starts_with("https://") || u.starts_with("http://"))
+                    && !u.contains('?')
+                    && u.split_once("://")
+                        .is_some_and(|(_, rest)| !rest.is_empty());
+                if !ok {
+                    return Err(invalid(
+                        "public_url",
+                        format!("{u:?} is not an http(s) base URL without a query"),
+                    ));
+                }
+                Some(u.trim_end_matches('/').to_string())
+            }
+        };
+        let auth_token = env
+            .twilio_auth_token
+            .clone()
+            .or(file.auth_token)
+            .filter(|t| !t.is_empty());
+        if file.ping_interval_ms == 0 {
+            return Err(invalid("ping_interval_ms", "must be > 0".into()));
+        }
+        if file.max_message_bytes < 1024 {
+            return Err(invalid("max_message_bytes", "must be >= 1024".into()));
+        }
+        if file.vad.end_silence_ms == 0 || file.vad.max_utterance_ms == 0 {
+            return Err(invalid("vad", "durations must be > 0".into()));
+        }
+        let data_dir = {
+            let d = PathBuf::from(&file.data_dir);
+            if d.is_absolute() { d } else { base_dir.join(d) }
+        };
+        let app_signature = match file.signature_mode {
+            SignatureMode::Artifact => self_digest()
+                .map_err(|e| ConfigError::Signature(format!("hashing own executable: {e}")))?,
+            SignatureMode::Env => env
+                .baton_signature
+                .clone()
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| {
+                    ConfigError::Signature(
+                        "signature_mode = \"env\" but BATON_SIGNATURE is not set".into(),
+                    )
+                })?,
+        };
+        Ok(Self {
+            bind_address,
+            public_url,
+            auth_token,
+            greeting_text: file.greeting_text,
+            data_dir,
+            signature_mode: file.signature_mode,
+            app_signature,
+            tts: file.tts,
+            ping_interval: Duration::from_millis(file.ping_interval_ms),
+            shutdown_grace: Duration::from_millis(file.shutdown_grace_ms),
+            max_message_bytes: file.max_message_bytes,
+            pacing_lead: Duration::from_millis(file.pacing_lead_ms),
+            vad: file.vad,
+        })
+    }
+}
+
+/// SHA-256 (lowercase hex) of the running executable, the `artifact`
+/// signature.
+///
+/// # Errors
+/// I/O errors locating or reading the executable.
+pub fn self_digest() -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let path = std::env::current_exe().or_else(|_| std::fs::read_link("/proc/self/exe"))?;
+    // /proc/self/exe keeps working even if the file was replaced on disk.
+    let mut f = std::fs::File::open("/proc/self/exe").or_else(|_| std::fs::File::open(&path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Parses the TOML text, turning errors into file:line:column + key.
+///
+/// # Errors
+/// [`ConfigError::Parse`].
+pub fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+    toml::from_str::<FileConfig>(text).map_err(|e| {
+        let offset = e.span().map(|s| s.start).unwrap_or(0).min(text.len());
+        let (line, column) = line_col(text, offset);
+        let span_text = e
+            .span()
+            .and_then(|s| text.get(s))
+            .map(str::trim)
+            .unwrap_or_default();
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            line,
+            column,
+            key: key_at(text, offset, span_text),
+            message: e.message().trim().to_string(),
+        }
+    })
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+/// The dotted key at `offset`: the current `[table]` plus the key on that
+/// line (or the span text, which is the key for unknown-field errors).
+fn key_at(text: &str, offset: usize, span_text: &str) -> String {
+    let before = &text[..offset];
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line_end = text[offset..]
+        .find('\n')
+        .map(|i| offset + i)
+        .unwrap_or(text.len());
+    let line = &text[line_start..line_end];
+    let key = match line.split_once('=') {
+        Some((k, _)) if offset - line_start >= k.len() => k.trim().to_string(),
+        _ => span_text
+            .split('=')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+    };
+    let table = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(['[', ']']).trim().to_string());
+    match table {
+        Some(t) if !key.is_empty() && key != t => format!("{t}.{key}"),
+        Some(t) if key.is_empty() => t,
+        _ => key,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_err(text: &str) -> ConfigError {
+        match parse_file(text, Path::new("w.toml")) {
+            Err(e) => e,
+            Ok(c) => panic!("parsed: {c:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_column_and_key() {
+        let e = parse_err("greeting_text = \"hi\"\n\nping_intervall_ms = 5\n");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("w.toml:3:1: key `ping_intervall_ms`"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_in_table_names_dotted_key() {
+        let e = parse_err("[vad]\nthreshold = \"loud\"\n");
+        match e {
+            ConfigError::Parse {
+                line, column, key, ..
+            } => {
+                assert_eq!((line, column), (2, 13));
+                assert_eq!(key, "vad.threshold");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_parse_and_validate() {
+        let file = parse_file("", Path::new("w.toml")).expect("empty file");
+        let env = EnvOverrides {
+            twilio_auth_token: Some("tok".into()),
+            baton_signature: Some("ignored".into()),
+        };
+        let cfg =
+            Config::from_file(file, Path::new("w.toml"), Path::new("/x"), &env).expect("valid");
+        assert_eq!(cfg.auth_token.as_deref(), Some("tok"));
+        assert_eq!(cfg.data_dir, PathBuf::from("/x/data"));
+        // Artifact mode ignores BATON_SIGNATURE.
+        assert_ne!(cfg.app_signature, "ignored");
+        assert_eq!(cfg.app_signature.len(), 64);
+    }
+
+    #[test]
+    fn env_mode_uses_baton_signature() {
+        let file = parse_file("signature_mode = \"env\"", Path::new("w.toml")).expect("parse");
+        let env = EnvOverrides {
+            twilio_auth_token: None,
+            baton_signature: Some("abc".into()),
+        };
+        let cfg =
+            Config::from_file(file.clone(), Path::new("w"), Path::new("."), &env).expect("valid");
+        assert_eq!(cfg.app_signature, "abc");
+        assert!(
+            Config::from_file(
+                file,
+                Path::new("w"),
+                Path::new("."),
+                &EnvOverrides::default()
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn bad_public_url_is_refused() {
+        let file = parse_file("public_url = \"ftp://x\"", Path::new("w.toml")).expect("parse");
+        let e = Config::from_file(
+            file,
+            Path::new("w"),
+            Path::new("."),
+            &EnvOverrides::default(),
+        );
+        assert!(matches!(
+            e,
+            Err(ConfigError::Invalid {
+                key: "public_url",
+                ..
+            })
+        ));
+    }
+}

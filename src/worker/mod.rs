@@ -1,0 +1,171 @@
+//! `media-worker`: Twilio webhooks, Media Streams over WebSocket, and the
+//! voice pipeline, served with hyper 1 and tokio-tungstenite.
+//!
+//! - [`config`]: the TOML file, env overrides, signature resolution;
+//! - [`http`]: routes, `X-App-Signature`, Twilio signature checks, TwiML and
+//!   the WebSocket upgrade (we write the 101 ourselves, to choose its
+//!   headers);
+//! - [`call`]: one task per call: protocol, pacing, barge-in, ping;
+//! - [`pipeline`]: the engine traits and today's engines;
+//! - [`record`]: the JSON record each finished call leaves in the data dir.
+//!
+//! [`run`] takes a bound listener and a cancellation token; it never binds
+//! or reads the environment.
+
+pub mod call;
+pub mod config;
+pub mod http;
+pub mod pipeline;
+pub mod record;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Instant, SystemTime};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+pub use config::Config;
+
+/// Why the worker could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The listener or the data dir failed.
+    #[error("{about}: {source}")]
+    Io {
+        /// What we were doing.
+        about: &'static str,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The greeting could not be rendered.
+    #[error("rendering greeting: {0}")]
+    Tts(#[from] pipeline::TtsError),
+    /// A start-up task panicked or was cancelled.
+    #[error("start-up task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// State shared by every connection and call.
+#[derive(Debug)]
+pub struct AppState {
+    /// The validated configuration.
+    pub cfg: Config,
+    /// Engines and the pre-rendered greeting.
+    pub engines: pipeline::Engines,
+    /// The `X-App-Signature` value, ready to insert.
+    pub signature_header: hyper::header::HeaderValue,
+    /// Wall-clock start, for `/version`.
+    pub started_at: SystemTime,
+    /// Monotonic start.
+    pub started: Instant,
+    /// Calls in progress; shutdown waits on it.
+    pub calls: TaskTracker,
+    /// Cancelled when the shutdown grace runs out: calls close with 1001.
+    pub calls_cancel: CancellationToken,
+    /// Connection counter, to name calls before their `start` arrives.
+    pub next_conn: AtomicU64,
+}
+
+/// Serves until `shutdown` is cancelled, then stops accepting, lets open
+/// calls finish for `cfg.shutdown_grace`, closes the rest, and returns.
+///
+/// # Errors
+/// [`WorkerError`] when the greeting cannot be rendered or the data dir
+/// cannot be created.
+pub async fn run(
+    listener: TcpListener,
+    cfg: Config,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let addr = listener.local_addr().map_err(|source| WorkerError::Io {
+        about: "reading listener address",
+        source,
+    })?;
+    tokio::fs::create_dir_all(cfg.data_dir.join("calls"))
+        .await
+        .map_err(|source| WorkerError::Io {
+            about: "creating data dir",
+            source,
+        })?;
+    let cfg_for_engines = cfg.clone();
+    let engines =
+        tokio::task::spawn_blocking(move || pipeline::Engines::build(&cfg_for_engines)).await??;
+    let signature_header = hyper::header::HeaderValue::from_str(&cfg.app_signature)
+        .unwrap_or_else(|_| hyper::header::HeaderValue::from_static("invalid"));
+    let state = Arc::new(AppState {
+        cfg,
+        engines,
+        signature_header,
+        started_at: SystemTime::now(),
+        started: Instant::now(),
+        calls: TaskTracker::new(),
+        calls_cancel: CancellationToken::new(),
+        next_conn: AtomicU64::new(1),
+    });
+    info!(
+        addr = %addr,
+        signature = %state.cfg.app_signature,
+        tts = state.engines.tts.name(),
+        "listening on {addr}"
+    );
+
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly, keep serving.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let st = Arc::clone(&state);
+                let svc = service_fn(move |req| http::handle(Arc::clone(&st), peer, req));
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                let conn = graceful.watch(conn.into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(peer = %peer, error = %e, "connection ended with error");
+                    }
+                });
+            }
+            () = shutdown.cancelled() => break,
+        }
+    }
+    drop(listener);
+    info!(
+        grace_ms = state.cfg.shutdown_grace.as_millis() as u64,
+        calls = state.calls.len(),
+        "shutting down: no longer accepting"
+    );
+    state.calls.close();
+    let http_done = tokio::time::timeout(state.cfg.shutdown_grace, graceful.shutdown());
+    let calls_done = tokio::time::timeout(state.cfg.shutdown_grace, state.calls.wait());
+    let (http_res, calls_res) = tokio::join!(http_done, calls_done);
+    if http_res.is_err() {
+        warn!("http connections still open after grace");
+    }
+    if calls_res.is_err() {
+        warn!(
+            calls = state.calls.len(),
+            "grace over: closing remaining calls"
+        );
+        state.calls_cancel.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), state.calls.wait()).await;
+    }
+    info!("stopped");
+    Ok(())
+}

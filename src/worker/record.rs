@@ -1,0 +1,170 @@
+//! The JSON record each finished call leaves in `<data_dir>/calls/`.
+//!
+//! Written once, at the end of the call, to a temporary name and renamed,
+//! so a reader never sees half a record.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+/// Most events kept per record; a long call must not grow without bound.
+pub const MAX_EVENTS: usize = 2_000;
+
+/// One thing that happened during the call.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordEvent {
+    /// Milliseconds since the WebSocket opened.
+    pub t_ms: u64,
+    /// What (`start`, `greeting`, `speech_start`, `stt_final`, `reply`,
+    /// `mark_sent`, `mark_echoed`, `barge_in`, `dtmf`, `warning`, `stop`...).
+    pub kind: &'static str,
+    /// Details (mark name, digit, warning text...).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+/// One utterance's transcript entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct TranscriptEntry {
+    /// Milliseconds since the WebSocket opened, at end of utterance.
+    pub t_ms: u64,
+    /// Utterance length.
+    pub utterance_ms: u64,
+    /// The recognised text; `None` when no STT engine is installed.
+    pub text: Option<String>,
+}
+
+/// The whole record.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct CallRecord {
+    /// Connection number within this worker process.
+    pub conn_id: u64,
+    /// `CA...`, when `start` arrived.
+    pub call_sid: Option<String>,
+    /// `MZ...`, when `start` arrived.
+    pub stream_sid: Option<String>,
+    /// `AC...`, when `start` arrived.
+    pub account_sid: Option<String>,
+    /// `<Parameter>` pairs from `start`.
+    pub custom_parameters: BTreeMap<String, String>,
+    /// Whether the 101 echoed `audio.twilio.com`.
+    pub subprotocol: bool,
+    /// RFC 3339 UTC.
+    pub started_at: String,
+    /// RFC 3339 UTC.
+    pub ended_at: String,
+    /// WebSocket lifetime.
+    pub duration_ms: u64,
+    /// Why the call ended (`stop`, `client_close`, `shutdown`, ...).
+    pub end_reason: String,
+    /// Inbound media messages.
+    pub frames_in: u64,
+    /// Outbound media messages.
+    pub frames_out: u64,
+    /// Inbound audio bytes.
+    pub bytes_in: u64,
+    /// Outbound audio bytes.
+    pub bytes_out: u64,
+    /// Marks we sent, in order.
+    pub marks_sent: Vec<String>,
+    /// Marks echoed back, in order.
+    pub marks_echoed: Vec<String>,
+    /// `clear` messages sent (barge-ins).
+    pub clears: u64,
+    /// Utterances detected.
+    pub utterances: u64,
+    /// STT engine (`none` = no recogniser installed; no transcripts).
+    pub stt_engine: String,
+    /// One entry per utterance.
+    pub transcript: Vec<TranscriptEntry>,
+    /// Last ping round trip.
+    pub last_rtt_ms: Option<f64>,
+    /// Messages logged and skipped (malformed, unknown, binary, ...).
+    pub protocol_warnings: u64,
+    /// Timeline.
+    pub events: Vec<RecordEvent>,
+}
+
+impl CallRecord {
+    /// Appends an event unless the cap is reached.
+    pub fn push_event(&mut self, t_ms: u64, kind: &'static str, detail: impl Into<String>) {
+        if self.events.len() < MAX_EVENTS {
+            self.events.push(RecordEvent {
+                t_ms,
+                kind,
+                detail: detail.into(),
+            });
+        }
+    }
+
+    /// Writes the record atomically; returns its path.
+    ///
+    /// # Errors
+    /// I/O or serialisation errors.
+    pub async fn write(&self, data_dir: &Path) -> std::io::Result<PathBuf> {
+        let dir = data_dir.join("calls");
+        tokio::fs::create_dir_all(&dir).await?;
+        let stem = match (&self.call_sid, &self.stream_sid) {
+            (Some(c), Some(s)) => format!("{}_{}", sanitize(c), sanitize(s)),
+            _ => format!("conn-{}-{}", std::process::id(), self.conn_id),
+        };
+        let path = dir.join(format!("{stem}.json"));
+        let tmp = dir.join(format!(".{stem}.json.tmp"));
+        let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        tokio::fs::write(&tmp, json).await?;
+        tokio::fs::rename(&tmp, &path).await?;
+        Ok(path)
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect()
+}
+
+/// Formats a time as RFC 3339 UTC with milliseconds (no date crate needed).
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rfc3339_known_dates() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_709_210_096_789);
+        assert_eq!(rfc3339(t), "2024-02-29T12:34:56.789Z");
+    }
+}
