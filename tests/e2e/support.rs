@@ -184,7 +184,17 @@ impl Daemon {
 
     /// Polls the status until `pred` holds (bounded by `PATIENCE`).
     pub async fn wait_for(&self, what: &str, pred: impl Fn(&Status) -> bool) -> Status {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
+        self.wait_for_long(what, PATIENCE, pred).await
+    }
+
+    /// Polls the status until `pred` holds, bounded by `patience`.
+    pub async fn wait_for_long(
+        &self,
+        what: &str,
+        patience: Duration,
+        pred: impl Fn(&Status) -> bool,
+    ) -> Status {
+        let deadline = tokio::time::Instant::now() + patience;
         loop {
             let s = self.status().await;
             if pred(&s) {

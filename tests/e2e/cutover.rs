@@ -1,0 +1,312 @@
+//! `batond` supervising the real `media-worker` in `artifact` mode: calls
+//! pinned across a cutover, drain timeout, a stale binary rejected, and a
+//! real `cargo build` after a source edit.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use http::StatusCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::support::*;
+
+pub const MEDIA_WORKER: &str = env!("CARGO_BIN_EXE_media-worker");
+
+const WORKER_TOML: &str = r#"bind_address = "127.0.0.1"
+greeting_text = "Hello from the test."
+data_dir = "../data"
+tts = "tone"
+ping_interval_ms = 500
+shutdown_grace_ms = 2000
+"#;
+
+/// A project whose "build" copies the prebuilt media-worker and appends a
+/// few random bytes, which changes its digest like a real rebuild would.
+pub fn media_project(drain_timeout_s: u64) -> Project {
+    let p = Project::new();
+    p.write("src/main.rs", "// the worker's source (watched)\n");
+    p.write("etc/media-worker.toml", WORKER_TOML);
+    p.write(
+        "etc/baton.toml",
+        &format!(
+            r#"[daemon]
+root = ".."
+listen = "127.0.0.1:0"
+state_dir = "state"
+hold_timeout_ms = 5000
+shutdown_timeout_s = 5
+
+[watch]
+paths = ["src", "etc/media-worker.toml"]
+debounce_ms = 100
+
+[build]
+command = ["sh", "-c", "mkdir -p build && cp '{MEDIA_WORKER}' build/mw.tmp && head -c 32 /dev/urandom >> build/mw.tmp && mv build/mw.tmp build/media-worker"]
+artifact = "build/media-worker"
+
+[worker]
+command = ["{{artifact}}", "--config", "etc/media-worker.toml"]
+signature = "artifact"
+start_timeout_s = 20
+health_interval_ms = 500
+drain_timeout_s = {drain_timeout_s}
+stop_timeout_s = 5
+"#
+        ),
+    );
+    p
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a Media Streams call through batond, offering the subprotocol, and
+/// sends `connected` + `start`. Returns the socket and the 101's headers.
+pub async fn open_call(addr: std::net::SocketAddr, call: &str) -> (Ws, http::HeaderMap) {
+    let mut req = format!("ws://{addr}/ws/twilio-media")
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        http::HeaderValue::from_static("audio.twilio.com"),
+    );
+    let (mut ws, resp) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(req))
+        .await
+        .expect("handshake timed out")
+        .expect("handshake");
+    let headers = resp.headers().clone();
+    let stream_sid = format!("MZ{call}");
+    let msgs = [
+        serde_json::json!({"event":"connected","protocol":"Call","version":"1.0.0"}),
+        serde_json::json!({"event":"start","sequenceNumber":"1","streamSid":stream_sid,
+            "start":{"accountSid":"AC1","streamSid":stream_sid,"callSid":format!("CA{call}"),
+            "tracks":["inbound"],"customParameters":{},
+            "mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}),
+    ];
+    for m in msgs {
+        ws.send(Message::text(m.to_string())).await.expect("send");
+    }
+    (ws, headers)
+}
+
+/// Reads until a text message with `event == want` arrives (bounded).
+pub async fn recv_event(ws: &mut Ws, want: &str) -> serde_json::Value {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).expect("json");
+                    if v["event"] == want {
+                        return v;
+                    }
+                }
+                Some(Ok(_)) => {}
+                other => panic!("call ended while waiting for {want}: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("timed out waiting for an event")
+}
+
+/// Sends a ping through the proxy and waits for the worker's pong.
+pub async fn ping_pong(ws: &mut Ws) {
+    ws.send(Message::Ping(b"still there?".to_vec().into()))
+        .await
+        .expect("ping");
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Pong(p))) if &p[..] == b"still there?" => return,
+                Some(Ok(_)) => {}
+                other => panic!("call ended while waiting for pong: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("no pong");
+}
+
+async fn version_pid(addr: std::net::SocketAddr) -> u64 {
+    let (code, _, body) = http_get(addr, "/version").await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    v["pid"].as_u64().expect("pid")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_stays_on_its_worker_across_a_cutover_then_the_old_one_stops() {
+    let p = media_project(60);
+    let d = Daemon::start(&p).await;
+    let s = d.wait_active(1).await;
+    let g1 = s.active.expect("active");
+    let (mut ws, headers) = open_call(d.addr, "1").await;
+    assert_eq!(headers["sec-websocket-protocol"], "audio.twilio.com");
+    assert_eq!(
+        headers["x-app-signature"].to_str().ok(),
+        g1.signature.as_deref(),
+        "the 101 carries the worker's signature"
+    );
+    // The greeting arrives as media.
+    let m = recv_event(&mut ws, "media").await;
+    assert_eq!(m["streamSid"], "MZ1");
+
+    p.append("src/main.rs", "// v2\n");
+    let s = d.wait_active(2).await;
+    let draining = s.draining.first().expect("gen 1 draining");
+    assert_eq!(draining.id, 1);
+    assert_eq!(draining.connections, 1, "the call is pinned to gen 1");
+    // New requests reach the new worker; the call still talks to the old one.
+    let new_pid = version_pid(d.addr).await;
+    assert_eq!(Some(new_pid as u32), s.active.as_ref().and_then(|a| a.pid));
+    ping_pong(&mut ws).await;
+    assert!(alive(g1.pid.expect("pid")));
+    // Hang up: the old generation stops.
+    ws.close(None).await.expect("close");
+    drop(ws);
+    d.wait_history(1, "stopped").await;
+    assert!(wait_gone(g1.pid.expect("pid")).await);
+    assert!(d.log().contains("stopped after draining"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_timeout_ends_calls_left_on_the_old_worker() {
+    let p = media_project(1);
+    let d = Daemon::start(&p).await;
+    let s = d.wait_active(1).await;
+    let pid1 = s.active.and_then(|a| a.pid).expect("pid");
+    let (mut ws, _) = open_call(d.addr, "2").await;
+    recv_event(&mut ws, "media").await;
+    p.append("src/main.rs", "// v2\n");
+    d.wait_active(2).await;
+    d.wait_history(1, "stopped").await;
+    assert!(wait_gone(pid1).await);
+    // The call was closed, not left hanging.
+    let ended = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return true,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(ended, Ok(true));
+    assert!(d.log().contains("drain timeout"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_command_running_an_older_binary_is_rejected() {
+    let p = media_project(60);
+    let d = Daemon::start(&p).await;
+    let s = d.wait_active(1).await;
+    let g1 = s.active.expect("active");
+    // An "old build" left in place: the exact failure Baton exists for.
+    std::fs::create_dir_all(p.path("old")).expect("mkdir");
+    std::fs::copy(MEDIA_WORKER, p.path("old/media-worker")).expect("copy");
+    let cfg = read(&p.path("etc/baton.toml")).replace(
+        r#"command = ["{artifact}", "#,
+        r#"command = ["old/media-worker", "#,
+    );
+    p.write("etc/baton.toml", &cfg);
+    let g2 = d.wait_history(2, "rejected").await;
+    let reason = g2.reason.expect("reason");
+    let want = g2.signature.expect("signature");
+    let old = baton::worker_proc::sha256_file(&p.path("old/media-worker")).expect("hash");
+    assert_eq!(
+        reason,
+        format!(
+            "signature mismatch: want {} got {}",
+            baton::probe::short(&want),
+            baton::probe::short(&old)
+        )
+    );
+    // Traffic never moved.
+    let (code, headers, _) = d.get("/healthz").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(
+        headers["x-app-signature"].to_str().ok(),
+        g1.signature.as_deref()
+    );
+    let s = d.status().await;
+    assert_eq!(s.active.map(|a| a.id), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_cargo_build_after_a_source_edit_is_cut_over() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let p = Project::new();
+    for f in ["Cargo.toml", "Cargo.lock", "clippy.toml"] {
+        std::fs::copy(root.join(f), p.path(f)).expect("copy manifest");
+    }
+    copy_tree(&root.join("src"), &p.path("src"));
+    p.write("etc/media-worker.toml", WORKER_TOML);
+    // A shared target dir keeps later runs incremental.
+    let target = root.join("target/e2e-cargo");
+    p.write(
+        "etc/baton.toml",
+        &format!(
+            r#"[daemon]
+root = ".."
+listen = "127.0.0.1:0"
+state_dir = "state"
+
+[watch]
+paths = ["src"]
+debounce_ms = 200
+
+[build]
+command = ["cargo", "build", "--quiet", "--target-dir", "{}", "--bin", "media-worker"]
+artifact = "{}/debug/media-worker"
+timeout_s = 1200
+
+[worker]
+command = ["{{artifact}}", "--config", "etc/media-worker.toml"]
+start_timeout_s = 30
+"#,
+            target.display(),
+            target.display()
+        ),
+    );
+    let d = Daemon::start(&p).await;
+    let slow = Duration::from_secs(1200);
+    let s = d
+        .wait_for_long("first cargo build", slow, |s| s.active.is_some())
+        .await;
+    let g1 = s.active.expect("active");
+    assert_eq!(g1.id, 1, "{:?}", s.history);
+    // Edit the worker's source: every line number below moves, so the
+    // binary (its panic locations) changes.
+    let lib = read(&p.path("src/worker/mod.rs"));
+    p.write(
+        "src/worker/mod.rs",
+        &format!("// edited by the test\n{lib}"),
+    );
+    let s = d
+        .wait_for_long("second cargo build", slow, |s| {
+            s.active.as_ref().is_some_and(|a| a.id == 2)
+        })
+        .await;
+    let g2 = s.active.expect("active");
+    assert_ne!(g1.signature, g2.signature);
+    assert!(g2.build_ms.is_some_and(|ms| ms > 0));
+    let (_, headers, _) = d.get("/healthz").await;
+    assert_eq!(
+        headers["x-app-signature"].to_str().ok(),
+        g2.signature.as_deref()
+    );
+}
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir") {
+        let e = e.expect("entry");
+        let dest = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).expect("copy");
+        }
+    }
+}
