@@ -55,7 +55,7 @@ pub struct ProxyMetrics {
 #[derive(Debug)]
 pub struct Proxy {
     router: Arc<Router>,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, Lazy>,
     hold_ms: AtomicU64,
     /// Counters for `/metrics`.
     pub metrics: ProxyMetrics,
@@ -148,17 +148,21 @@ impl Proxy {
         }
     }
 
+    fn unavailable(&self) -> Response<ProxyBody> {
+        self.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
+        let mut resp = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no healthy worker; try again shortly\n",
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        resp
+    }
+
     async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         self.metrics.requests.fetch_add(1, Ordering::Relaxed);
         let Some((upstream, ticket)) = self.router.acquire(self.hold()).await else {
-            self.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
-            let mut resp = text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no healthy worker; try again shortly\n",
-            );
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return resp;
+            return self.unavailable();
         };
         let upgrade = headers::upgrade_protocol(req.headers());
         let inbound_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -187,19 +191,75 @@ impl Proxy {
             Err(_) => return text(StatusCode::BAD_REQUEST, "bad request target\n"),
         };
         parts.version = http::Version::HTTP_11;
-        let resp = match self.client.request(Request::from_parts(parts, body)).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.metrics.bad_gateway.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(generation = upstream.generation, error = %e, "upstream request failed");
-                return text(
-                    StatusCode::BAD_GATEWAY,
-                    &format!(
-                        "bad gateway: worker of generation {} failed: {}\n",
-                        upstream.generation,
-                        reason(&e)
-                    ),
-                );
+        let slot = Reclaim::new(body);
+        let idempotent = upgrade.is_none()
+            && matches!(
+                parts.method,
+                http::Method::GET
+                    | http::Method::HEAD
+                    | http::Method::OPTIONS
+                    | http::Method::PUT
+                    | http::Method::DELETE
+            );
+        let (mut upstream, mut ticket) = (upstream, ticket);
+        let (mut refused, mut resets) = (0, 0);
+        let resp = loop {
+            let mut req = Request::new(slot.body());
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = parts.uri.clone();
+            *req.version_mut() = parts.version;
+            *req.headers_mut() = parts.headers.clone();
+            match self.client.request(req).await {
+                Ok(r) => break r,
+                // Connection refused: the request never left, so it is safe
+                // to send it (body included) to the worker that replaces
+                // this one, once the supervisor has swapped it in.
+                Err(e) if e.is_connect() && slot.untouched() && refused < 3 => {
+                    refused += 1;
+                    tracing::info!(generation = upstream.generation, error = %e, "worker refused a connection; waiting for its replacement");
+                    drop(ticket);
+                    let Some((u, t)) = self
+                        .router
+                        .acquire_other(Some(&upstream), self.hold())
+                        .await
+                    else {
+                        return self.unavailable();
+                    };
+                    parts.uri = match format!("http://{}{}", u.addr, path).parse() {
+                        Ok(uri) => uri,
+                        Err(_) => return text(StatusCode::BAD_REQUEST, "bad request target\n"),
+                    };
+                    (upstream, ticket) = (u, t);
+                }
+                // A reset before any answer from the active worker (it just
+                // crashed): an idempotent request without a body may be sent
+                // again (RFC 9110 §9.2.2). Not so for a draining worker cut
+                // at its drain timeout: that request is over.
+                Err(e) if idempotent && slot.end && resets < 2 && !upstream.is_retired() => {
+                    resets += 1;
+                    tracing::info!(generation = upstream.generation, error = %e, "retrying an idempotent request");
+                    drop(ticket);
+                    let Some((u, t)) = self.router.acquire(self.hold()).await else {
+                        return self.unavailable();
+                    };
+                    parts.uri = match format!("http://{}{}", u.addr, path).parse() {
+                        Ok(uri) => uri,
+                        Err(_) => return text(StatusCode::BAD_REQUEST, "bad request target\n"),
+                    };
+                    (upstream, ticket) = (u, t);
+                }
+                Err(e) => {
+                    self.metrics.bad_gateway.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(generation = upstream.generation, error = %e, "upstream request failed");
+                    return text(
+                        StatusCode::BAD_GATEWAY,
+                        &format!(
+                            "bad gateway: worker of generation {} failed: {}\n",
+                            upstream.generation,
+                            reason(&e)
+                        ),
+                    );
+                }
             }
         };
         match (upgrade, inbound_upgrade) {
@@ -301,6 +361,82 @@ fn empty() -> ProxyBody {
     Full::new(Bytes::new())
         .map_err(|e: Infallible| match e {})
         .boxed_unsync()
+}
+
+/// A request body that can be taken back when the request never reached a
+/// worker: the outgoing body only takes the real one out of the shared slot
+/// on its first poll, so after a refused connection it is still there.
+struct Reclaim {
+    slot: Arc<std::sync::Mutex<Option<Incoming>>>,
+    end: bool,
+    hint: SizeHint,
+}
+
+impl Reclaim {
+    fn new(body: Incoming) -> Reclaim {
+        Reclaim {
+            end: body.is_end_stream(),
+            hint: body.size_hint(),
+            slot: Arc::new(std::sync::Mutex::new(Some(body))),
+        }
+    }
+
+    /// A body for one attempt.
+    fn body(&self) -> Lazy {
+        Lazy {
+            slot: self.slot.clone(),
+            inner: None,
+            end: self.end,
+            hint: self.hint,
+        }
+    }
+
+    /// Whether no attempt has read the body yet.
+    fn untouched(&self) -> bool {
+        self.end || self.slot.lock().is_ok_and(|s| s.is_some())
+    }
+}
+
+struct Lazy {
+    slot: Arc<std::sync::Mutex<Option<Incoming>>>,
+    inner: Option<Incoming>,
+    end: bool,
+    hint: SizeHint,
+}
+
+impl Body for Lazy {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.end {
+            return Poll::Ready(None);
+        }
+        if self.inner.is_none() {
+            let taken = self.slot.lock().ok().and_then(|mut s| s.take());
+            match taken {
+                Some(b) => self.inner = Some(b),
+                None => return Poll::Ready(Some(Err("request body already used".into()))),
+            }
+        }
+        match self.inner.as_mut() {
+            Some(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|o| o.map(|r| r.map_err(Into::into))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.end || self.inner.as_ref().is_some_and(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.hint
+    }
 }
 
 /// An upstream response body that holds its request's ticket until the last

@@ -509,6 +509,7 @@ impl Supervisor {
                             d.upstream.requests()
                         ),
                     );
+                    d.upstream.retire();
                     d.upstream.tunnel_cancel.cancel();
                     d.stop.cancel();
                 }
@@ -671,7 +672,10 @@ impl Supervisor {
         let timeout = self.cfg.worker.drain_timeout;
         tokio::spawn(async move {
             tokio::select! {
-                () = upstream.idle() => stop.cancel(),
+                () = upstream.idle() => {
+                    upstream.retire();
+                    stop.cancel();
+                }
                 _ = tokio::time::sleep(timeout) => {
                     let _ = itx.send(Internal::DrainTimedOut { generation, instance });
                 }
@@ -1120,6 +1124,7 @@ impl Supervisor {
         for inst in &all {
             inst.monitor.cancel();
             let _ = tokio::time::timeout_at(deadline, inst.upstream.idle()).await;
+            inst.upstream.retire();
             inst.upstream.tunnel_cancel.cancel();
             inst.stop.cancel();
         }
