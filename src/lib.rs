@@ -12,6 +12,7 @@
 //! | [`worker_proc`] | build, snapshot, start, prove and monitor one worker |
 //! | [`process`] | process groups, parent-death signal, the exec shim, stop |
 //! | [`probe`] | `/healthz` probes and the signature verdict |
+//! | [`pool`] | keep-alive HTTP/1.1 connections to one worker, request bodies that survive a refused connect |
 //! | [`router`] | the atomically swapped upstream and its traffic counters |
 //! | [`proxy`] | the public HTTP/WebSocket reverse proxy |
 //! | [`headers`] | hop-by-hop and forwarding headers (RFC 9110) |
@@ -32,6 +33,7 @@ pub mod control;
 pub mod daemon;
 pub mod events;
 pub mod headers;
+pub mod pool;
 pub mod probe;
 pub mod process;
 pub mod proxy;

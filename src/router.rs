@@ -32,6 +32,8 @@ pub struct Upstream {
     pub tunnel_cancel: CancellationToken,
     /// The tasks copying this worker's upgraded connections.
     pub tunnel_tracker: TaskTracker,
+    /// Keep-alive connections to the worker.
+    pub pool: Arc<crate::pool::Pool>,
 }
 
 /// A counted use of an [`Upstream`]; dropping it gives the count back.
@@ -68,6 +70,7 @@ impl Upstream {
             idle: Notify::new(),
             tunnel_cancel: CancellationToken::new(),
             tunnel_tracker: TaskTracker::new(),
+            pool: crate::pool::Pool::new(addr),
         })
     }
 
