@@ -23,8 +23,7 @@ use futures_util::StreamExt;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
@@ -96,7 +95,7 @@ pub async fn serve(listener: UnixListener, job: Job, state_dir: PathBuf, token: 
                 let token = token.clone();
                 async move { Ok::<_, Infallible>(route(req, &job, &state_dir, trusted, token).await) }
             });
-            let _ = auto::Builder::new(TokioExecutor::new())
+            let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
