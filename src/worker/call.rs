@@ -41,7 +41,7 @@ use crate::twilio::mulaw;
 /// Log `MEDIA_TX` every this many outbound frames (one second of audio).
 const MEDIA_TX_EVERY_FRAMES: u64 = 50;
 /// Audio kept before speech start, so the echo includes the onset.
-const PREROLL_SAMPLES: usize = 2_400;
+const PREROLL_SAMPLES: usize = 800;
 /// How long we wait for the peer's close reply.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
