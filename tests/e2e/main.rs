@@ -1,1 +1,4 @@
-fn main() {}
+//! End-to-end tests: one test binary that spawns the real `batond`,
+//! `batonctl`, `media-worker` and `callsim` binaries on loopback.
+
+mod worker;
