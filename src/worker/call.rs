@@ -30,7 +30,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tracing::{debug, info, warn};
 
 use super::AppState;
-use super::pipeline::{Dialog, Stt, Vad, VadEvent};
+use super::pipeline::{Dialog, SttError, Vad, VadEvent};
 use super::record::{CallRecord, TranscriptEntry, rfc3339};
 use crate::twilio::audio::{FRAME_BYTES, SAMPLE_RATE_HZ};
 use crate::twilio::messages::{
@@ -42,6 +42,8 @@ use crate::twilio::mulaw;
 const MEDIA_TX_EVERY_FRAMES: u64 = 50;
 /// Audio kept before speech start, so the echo includes the onset.
 const PREROLL_SAMPLES: usize = 800;
+/// How long a finished call waits for its transcriptions.
+const STT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long we wait for the peer's close reply.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -63,6 +65,16 @@ enum End {
     Close(CloseCode, &'static str),
 }
 
+/// A finished transcription.
+struct SttDone {
+    /// Utterance number.
+    n: u64,
+    /// Utterance length.
+    utterance_ms: u64,
+    /// The result.
+    result: Result<Option<String>, SttError>,
+}
+
 /// Per-call state; owned by the call's task only.
 struct Call {
     state: Arc<AppState>,
@@ -72,7 +84,7 @@ struct Call {
     stream_sid: String,
     call_sid: String,
     vad: Box<dyn Vad>,
-    stt: Box<dyn Stt>,
+    stt_jobs: tokio::task::JoinSet<SttDone>,
     dialog: Box<dyn Dialog>,
     in_bytes: Vec<u8>,
     pcm: Vec<i16>,
@@ -97,14 +109,14 @@ pub async fn run_call<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (vad, stt, dialog) = state.engines.new_call();
+    let (vad, dialog) = state.engines.new_call();
     let now = Instant::now();
     let mut call = Call {
         rec: CallRecord {
             conn_id,
             subprotocol,
             started_at: rfc3339(SystemTime::now()),
-            stt_engine: stt.name().to_string(),
+            stt_engine: state.engines.stt.name().to_string(),
             ..CallRecord::default()
         },
         state,
@@ -113,7 +125,7 @@ pub async fn run_call<S>(
         stream_sid: String::new(),
         call_sid: String::new(),
         vad,
-        stt,
+        stt_jobs: tokio::task::JoinSet::new(),
         dialog,
         in_bytes: Vec::with_capacity(FRAME_BYTES * 2),
         pcm: Vec::with_capacity(FRAME_BYTES * 2),
@@ -218,6 +230,9 @@ impl Call {
                     if let Err(e) = ws.send(Message::Ping(payload)).await {
                         return self.on_ws_error(e);
                     }
+                }
+                Some(done) = self.stt_jobs.join_next(), if !self.stt_jobs.is_empty() => {
+                    self.on_stt_done(done);
                 }
                 () = cancel.cancelled() => return End::Close(CloseCode::Away, "server shutting down"),
             }
@@ -386,8 +401,11 @@ impl Call {
                 }
                 VadEvent::None if self.vad.in_speech() => {
                     self.utterance.extend_from_slice(block);
-                    if let Some(text) = self.stt.partial(block) {
-                        info!(event = "STT_PARTIAL", callSid = %self.call_sid, streamSid = %self.stream_sid, engine = self.stt.name(), text = %text, "STT_PARTIAL");
+                    let stt = &self.state.engines.stt;
+                    if stt.available()
+                        && let Some(text) = stt.partial(&self.utterance)
+                    {
+                        info!(event = "STT_PARTIAL", callSid = %self.call_sid, streamSid = %self.stream_sid, engine = stt.name(), text = %text, "STT_PARTIAL");
                     }
                 }
                 VadEvent::SpeechEnd => {
@@ -414,26 +432,34 @@ impl Call {
         let utterance_ms = utt.len() as u64 * 1000 / u64::from(SAMPLE_RATE_HZ);
         self.rec.utterances += 1;
         let n = self.rec.utterances;
-        let text = self.stt.finish(&utt);
-        info!(
-            event = "STT_FINAL",
-            callSid = %self.call_sid,
-            streamSid = %self.stream_sid,
-            engine = self.stt.name(),
-            transcribed = text.is_some(),
-            text = text.as_deref().unwrap_or(""),
-            utterance_ms,
-            "STT_FINAL"
-        );
-        let t = self.t_ms();
-        self.rec
-            .push_event(t, "stt_final", text.clone().unwrap_or_default());
-        self.rec.transcript.push(TranscriptEntry {
-            t_ms: t,
-            utterance_ms,
-            text: text.clone(),
-        });
-        let reply = self.dialog.reply(&utt, text.as_deref());
+        let stt = Arc::clone(&self.state.engines.stt);
+        if stt.available() {
+            // Transcribe off the call loop, a few at a time process-wide, so
+            // pacing and pings go on meanwhile; STT_FINAL lands later.
+            let slots = Arc::clone(&self.state.engines.stt_slots);
+            let pcm = utt.clone();
+            self.stt_jobs.spawn(async move {
+                let result = match slots.acquire_owned().await {
+                    Ok(_permit) => tokio::task::spawn_blocking(move || stt.transcribe(&pcm))
+                        .await
+                        .unwrap_or_else(|e| Err(SttError::Failed(format!("stt task: {e}")))),
+                    Err(e) => Err(SttError::Failed(e.to_string())),
+                };
+                SttDone {
+                    n,
+                    utterance_ms,
+                    result,
+                }
+            });
+        } else {
+            self.on_stt_done(Ok(SttDone {
+                n,
+                utterance_ms,
+                result: Ok(None),
+            }));
+        }
+        // Echo needs no transcript, so it does not wait for one.
+        let reply = self.dialog.reply(&utt, None);
         let pcm = match (reply.audio, reply.text) {
             (Some(a), _) => a,
             (None, Some(say)) => {
@@ -455,6 +481,49 @@ impl Call {
         let mut encoded = Vec::with_capacity(pcm.len() + FRAME_BYTES);
         mulaw::encode_into(&pcm, &mut encoded);
         self.enqueue_reply(encoded.into(), reply.source, format!("utt-{n}"));
+    }
+
+    /// Logs a transcription result and adds it to the record.
+    fn on_stt_done(&mut self, done: Result<SttDone, tokio::task::JoinError>) {
+        let SttDone {
+            n,
+            utterance_ms,
+            result,
+        } = match done {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(callSid = %self.call_sid, error = %e, "stt job failed");
+                return;
+            }
+        };
+        let engine = self.state.engines.stt.name();
+        let text = match result {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(callSid = %self.call_sid, streamSid = %self.stream_sid, engine, error = %e, "stt failed");
+                None
+            }
+        };
+        info!(
+            event = "STT_FINAL",
+            callSid = %self.call_sid,
+            streamSid = %self.stream_sid,
+            engine,
+            utterance = n,
+            transcribed = text.is_some(),
+            text = text.as_deref().unwrap_or(""),
+            utterance_ms,
+            "STT_FINAL"
+        );
+        let t = self.t_ms();
+        self.rec
+            .push_event(t, "stt_final", text.clone().unwrap_or_default());
+        self.rec.transcript.push(TranscriptEntry {
+            t_ms: t,
+            utterance: n,
+            utterance_ms,
+            text,
+        });
     }
 
     /// Queues audio (padded to whole frames) followed by its mark.
@@ -554,6 +623,17 @@ impl Call {
                     };
                     let t = self.t_ms();
                     self.rec.push_event(t, "mark_sent", name.clone());
+                    // A count at the end of every utterance, besides the
+                    // once-a-second one.
+                    info!(
+                        event = "MEDIA_TX",
+                        callSid = %self.call_sid,
+                        streamSid = %self.stream_sid,
+                        frames_out = self.rec.frames_out,
+                        bytes_out = self.rec.bytes_out,
+                        mark = %name,
+                        "MEDIA_TX"
+                    );
                     let msg = server_text(&ServerMessage::Mark {
                         stream_sid: self.stream_sid.as_str().into(),
                         mark: MarkBody { name: name.clone() },
@@ -609,6 +689,19 @@ impl Call {
 
     /// Logs `WS_STOP` and writes the record.
     async fn finish(mut self, reason: &'static str) {
+        // Let transcriptions in flight land in the record (bounded).
+        let deadline = tokio::time::Instant::now() + STT_DRAIN_TIMEOUT;
+        while !self.stt_jobs.is_empty() {
+            match tokio::time::timeout_at(deadline, self.stt_jobs.join_next()).await {
+                Ok(Some(done)) => self.on_stt_done(done),
+                Ok(None) => break,
+                Err(_) => {
+                    warn!(callSid = %self.call_sid, pending = self.stt_jobs.len(), "transcriptions still running at call end; dropped");
+                    self.stt_jobs.abort_all();
+                    break;
+                }
+            }
+        }
         let duration_ms = self.t_ms();
         self.rec.duration_ms = duration_ms;
         self.rec.ended_at = rfc3339(SystemTime::now());

@@ -38,6 +38,20 @@ pub enum TtsChoice {
     Tone,
 }
 
+/// Which speech recogniser transcribes utterances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SttChoice {
+    /// No transcripts (logged honestly as `engine=none`). The default: a
+    /// recogniser per utterance is far too heavy for the 1000-call bench.
+    #[default]
+    None,
+    /// PocketSphinx when installed, else none.
+    Auto,
+    /// PocketSphinx or fail at start-up.
+    Pocketsphinx,
+}
+
 /// Energy VAD knobs, in the file's `[vad]` table.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -84,6 +98,10 @@ pub struct FileConfig {
     pub signature_mode: SignatureMode,
     /// `auto`, `espeak-ng` or `tone`.
     pub tts: TtsChoice,
+    /// `none`, `auto` or `pocketsphinx`.
+    pub stt: SttChoice,
+    /// Transcriptions running at once, over all calls.
+    pub stt_concurrency: usize,
     /// WebSocket ping period.
     pub ping_interval_ms: u64,
     /// How long open calls may go on after SIGTERM.
@@ -107,6 +125,8 @@ impl Default for FileConfig {
             data_dir: "data".into(),
             signature_mode: SignatureMode::Artifact,
             tts: TtsChoice::Auto,
+            stt: SttChoice::None,
+            stt_concurrency: 2,
             ping_interval_ms: 5_000,
             shutdown_grace_ms: 10_000,
             max_message_bytes: 64 * 1024,
@@ -144,6 +164,10 @@ pub struct Config {
     pub app_signature: String,
     /// TTS engine choice.
     pub tts: TtsChoice,
+    /// STT engine choice.
+    pub stt: SttChoice,
+    /// Transcriptions running at once.
+    pub stt_concurrency: usize,
     /// WebSocket ping period.
     pub ping_interval: Duration,
     /// Grace for open calls on shutdown.
@@ -301,6 +325,8 @@ impl Config {
             signature_mode: file.signature_mode,
             app_signature,
             tts: file.tts,
+            stt: file.stt,
+            stt_concurrency: file.stt_concurrency,
             ping_interval: Duration::from_millis(file.ping_interval_ms),
             shutdown_grace: Duration::from_millis(file.shutdown_grace_ms),
             max_message_bytes: file.max_message_bytes,

@@ -1078,3 +1078,74 @@ async fn worker_config_errors_name_file_line_column_and_key() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Only where the Debian recogniser and synthesiser are installed: a spoken
+/// word goes through mu-law, the VAD and PocketSphinx into STT_FINAL and the
+/// call record.
+#[tokio::test]
+async fn worker_transcribes_with_pocketsphinx_when_installed() {
+    let have = |p: &str| {
+        std::process::Command::new(p)
+            .arg("--help")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    };
+    if !have("pocketsphinx_continuous") || !have("espeak-ng") {
+        eprintln!("skipped: pocketsphinx_continuous or espeak-ng not installed");
+        return;
+    }
+    let mut w = Worker::start("stt = \"pocketsphinx\"", &[]).await;
+    let spoken = w.dir.path().join("spoken.wav");
+    let st = tokio::process::Command::new("espeak-ng")
+        .args(["-s", "140", "-w"])
+        .arg(&spoken)
+        .arg("hello")
+        .status()
+        .await
+        .expect("espeak-ng");
+    assert!(st.success());
+    // Pad with silence so the VAD sees the end of the utterance.
+    let pcm = {
+        let r = hound::WavReader::open(&spoken).expect("wav");
+        let rate = r.spec().sample_rate;
+        let mut pcm = vec![0i16; rate as usize / 2];
+        pcm.extend(r.into_samples::<i16>().map(Result::unwrap));
+        pcm.extend(vec![0i16; rate as usize * 3 / 2]);
+        (rate, pcm)
+    };
+    let caller = w.dir.path().join("caller.wav");
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: pcm.0,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut wr = hound::WavWriter::create(&caller, spec).expect("wav");
+    for s in &pcm.1 {
+        wr.write_sample(*s).expect("sample");
+    }
+    wr.finalize().expect("finalize");
+
+    let url = w.ws_url();
+    let (ok, out) = callsim(&[
+        "--url",
+        &url,
+        "--audio",
+        caller.to_str().expect("path"),
+        "--fast",
+        "--linger-ms",
+        "300",
+        "--json",
+    ])
+    .await;
+    assert!(ok, "{out}");
+    let ev = w.wait_event("STT_FINAL", |_| true).await;
+    assert_eq!(ev["fields"]["engine"], "pocketsphinx");
+    assert_eq!(ev["fields"]["transcribed"], true, "{ev}");
+    assert!(ev["fields"]["text"].as_str().is_some_and(|t| !t.is_empty()));
+    let rec = w.wait_records(1).await;
+    assert_eq!(rec[0]["stt_engine"], "pocketsphinx");
+    assert!(rec[0]["transcript"][0]["text"].is_string(), "{}", rec[0]);
+}
