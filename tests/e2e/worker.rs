@@ -290,7 +290,7 @@ fn sha256_file(path: &str) -> String {
     hex::encode(Sha256::digest(std::fs::read(path).expect("read binary")))
 }
 
-/// Caller audio: 200 ms silence, 600 ms "speech", 1.5 s pause, 600 ms
+/// Caller audio: 200 ms silence, 600 ms "speech", 2 s pause, 600 ms
 /// "speech", 300 ms silence; 16 kHz so callsim has to resample.
 fn write_caller_wav(dir: &Path) -> PathBuf {
     let path = dir.join("caller.wav");
@@ -314,7 +314,7 @@ fn write_caller_wav(dir: &Path) -> PathBuf {
     };
     put(200, 0.0);
     put(600, 300.0);
-    put(1500, 0.0);
+    put(2000, 0.0);
     put(600, 450.0);
     put(300, 0.0);
     w.finalize().expect("finalize");
