@@ -95,6 +95,9 @@ struct Call {
     b64_out: String,
     ping_seq: u64,
     ping_sent: Option<(u64, Instant)>,
+    /// The oldest ping still without any pong: a dead peer (no FIN, no
+    /// RST) is detected by this rather than by TCP's 15-minute timeout.
+    unanswered_since: Option<Instant>,
     pending_clear: bool,
 }
 
@@ -136,6 +139,7 @@ pub async fn run_call<S>(
         b64_out: String::with_capacity(256),
         ping_seq: 0,
         ping_sent: None,
+        unanswered_since: None,
         pending_clear: false,
     };
     debug!(conn = conn_id, peer = %peer, subprotocol, "websocket open");
@@ -224,6 +228,15 @@ impl Call {
                     }
                 }
                 _ = ping.tick() => {
+                    let now = Instant::now();
+                    if self
+                        .unanswered_since
+                        .is_some_and(|t| now.duration_since(t) >= self.state.cfg.pong_timeout)
+                    {
+                        self.warn_skip("pong timeout", format!("no pong for {:?}", self.state.cfg.pong_timeout));
+                        return End::Close(CloseCode::Away, "pong timeout");
+                    }
+                    self.unanswered_since.get_or_insert(now);
                     self.ping_seq += 1;
                     self.ping_sent = Some((self.ping_seq, Instant::now()));
                     let payload = Bytes::copy_from_slice(&self.ping_seq.to_be_bytes());
@@ -273,6 +286,7 @@ impl Call {
                 Ok(None)
             }
             Message::Pong(data) => {
+                self.unanswered_since = None;
                 if let Some((seq, sent)) = self.ping_sent
                     && data.as_ref() == seq.to_be_bytes()
                 {

@@ -104,6 +104,8 @@ pub struct FileConfig {
     pub stt_concurrency: usize,
     /// WebSocket ping period.
     pub ping_interval_ms: u64,
+    /// A call whose pings go unanswered this long is closed (dead peer).
+    pub pong_timeout_ms: u64,
     /// How long open calls may go on after SIGTERM.
     pub shutdown_grace_ms: u64,
     /// Largest inbound WebSocket message; larger closes with 1009.
@@ -128,6 +130,7 @@ impl Default for FileConfig {
             stt: SttChoice::None,
             stt_concurrency: 2,
             ping_interval_ms: 5_000,
+            pong_timeout_ms: 15_000,
             shutdown_grace_ms: 10_000,
             max_message_bytes: 64 * 1024,
             pacing_lead_ms: 100,
@@ -170,6 +173,8 @@ pub struct Config {
     pub stt_concurrency: usize,
     /// WebSocket ping period.
     pub ping_interval: Duration,
+    /// Unanswered-ping limit.
+    pub pong_timeout: Duration,
     /// Grace for open calls on shutdown.
     pub shutdown_grace: Duration,
     /// Max inbound WebSocket message size.
@@ -293,6 +298,12 @@ impl Config {
         if file.ping_interval_ms == 0 {
             return Err(invalid("ping_interval_ms", "must be > 0".into()));
         }
+        if file.pong_timeout_ms <= file.ping_interval_ms {
+            return Err(invalid(
+                "pong_timeout_ms",
+                "must be longer than ping_interval_ms".into(),
+            ));
+        }
         if file.max_message_bytes < 1024 {
             return Err(invalid("max_message_bytes", "must be >= 1024".into()));
         }
@@ -328,6 +339,7 @@ impl Config {
             stt: file.stt,
             stt_concurrency: file.stt_concurrency,
             ping_interval: Duration::from_millis(file.ping_interval_ms),
+            pong_timeout: Duration::from_millis(file.pong_timeout_ms),
             shutdown_grace: Duration::from_millis(file.shutdown_grace_ms),
             max_message_bytes: file.max_message_bytes,
             pacing_lead: Duration::from_millis(file.pacing_lead_ms),

@@ -1149,3 +1149,29 @@ async fn worker_transcribes_with_pocketsphinx_when_installed() {
     assert_eq!(rec[0]["stt_engine"], "pocketsphinx");
     assert!(rec[0]["transcript"][0]["text"].is_string(), "{}", rec[0]);
 }
+
+#[tokio::test]
+async fn worker_closes_calls_whose_peer_stops_answering_pings() {
+    let mut w = Worker::start("pong_timeout_ms = 600", &[]).await;
+    // A client that completes the handshake, starts, then never reads again
+    // (so it never answers a ping).
+    let mut s = TcpStream::connect(w.addr).await.expect("connect");
+    let req = format!(
+        "GET /ws/twilio-media HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        w.addr
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        s,
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    let (mut tx, _rx) = ws.split();
+    tx.send(start_msg("MZdead", "CAdead")).await.expect("send");
+    let stop = w
+        .wait_event("WS_STOP", |e| e["fields"]["callSid"] == "CAdead")
+        .await;
+    assert_eq!(stop["fields"]["reason"], "pong timeout");
+    assert_eq!(http(w.addr, "GET", "/healthz", &[], b"").await.status, 200);
+}
