@@ -42,6 +42,8 @@ use crate::twilio::mulaw;
 const MEDIA_TX_EVERY_FRAMES: u64 = 50;
 /// Audio kept before speech start, so the echo includes the onset.
 const PREROLL_SAMPLES: usize = 800;
+/// A write that makes no progress this long means the peer stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a finished call waits for its transcriptions.
 const STT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long we wait for the peer's close reply.
@@ -189,7 +191,7 @@ impl Call {
             streamSid = %self.stream_sid,
             what,
             detail = %detail,
-            "skipped inbound message: {what}"
+            "call warning: {what}"
         );
         self.rec
             .push_event(t, "warning", format!("{what}: {detail}"));
@@ -218,13 +220,17 @@ impl Call {
                         Err(e) => return self.on_ws_error(e),
                     }
                     // Inbound may have queued a clear (barge-in) or a reply.
-                    if let Err(e) = self.flush_control(ws).await {
-                        return self.on_ws_error(e);
+                    match tokio::time::timeout(WRITE_TIMEOUT, self.flush_control(ws)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return self.on_ws_error(e),
+                        Err(_) => return self.write_stalled(),
                     }
                 }
                 () = wait_until(deadline) => {
-                    if let Err(e) = self.pump(ws).await {
-                        return self.on_ws_error(e);
+                    match tokio::time::timeout(WRITE_TIMEOUT, self.pump(ws)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return self.on_ws_error(e),
+                        Err(_) => return self.write_stalled(),
                     }
                 }
                 _ = ping.tick() => {
@@ -240,8 +246,10 @@ impl Call {
                     self.ping_seq += 1;
                     self.ping_sent = Some((self.ping_seq, Instant::now()));
                     let payload = Bytes::copy_from_slice(&self.ping_seq.to_be_bytes());
-                    if let Err(e) = ws.send(Message::Ping(payload)).await {
-                        return self.on_ws_error(e);
+                    match tokio::time::timeout(WRITE_TIMEOUT, ws.send(Message::Ping(payload))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return self.on_ws_error(e),
+                        Err(_) => return self.write_stalled(),
                     }
                 }
                 Some(done) = self.stt_jobs.join_next(), if !self.stt_jobs.is_empty() => {
@@ -250,6 +258,16 @@ impl Call {
                 () = cancel.cancelled() => return End::Close(CloseCode::Away, "server shutting down"),
             }
         }
+    }
+
+    /// The peer stopped reading: our writes have not drained for
+    /// [`WRITE_TIMEOUT`].
+    fn write_stalled(&mut self) -> End {
+        self.warn_skip(
+            "write stalled",
+            format!("no progress for {WRITE_TIMEOUT:?}"),
+        );
+        End::PeerClosed("write stalled")
     }
 
     fn on_ws_error(&mut self, e: WsError) -> End {
