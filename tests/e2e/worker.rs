@@ -1175,3 +1175,124 @@ async fn worker_closes_calls_whose_peer_stops_answering_pings() {
     assert_eq!(stop["fields"]["reason"], "pong timeout");
     assert_eq!(http(w.addr, "GET", "/healthz", &[], b"").await.status, 200);
 }
+
+/// A deliberately broken "worker": callsim must flag what Twilio would
+/// reject and exit non-zero.
+#[tokio::test]
+async fn callsim_flags_protocol_violations() {
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+
+    // tungstenite's handshake callback type returns a large Err; not ours.
+    #[allow(clippy::result_large_err)]
+    async fn serve_one(listener: tokio::net::TcpListener, echo_protocol: bool) {
+        let (s, _) = listener.accept().await.expect("accept");
+        let cb = move |req: &Request, mut resp: Response| {
+            if echo_protocol && req.headers().contains_key("sec-websocket-protocol") {
+                resp.headers_mut().insert(
+                    "sec-websocket-protocol",
+                    "audio.twilio.com".parse().expect("hv"),
+                );
+            }
+            Ok(resp)
+        };
+        let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(s, cb).await else {
+            return; // the client refused the handshake
+        };
+        let mut sid = String::new();
+        while let Some(Ok(m)) = ws.next().await {
+            let Message::Text(t) = m else { continue };
+            let v: Value = serde_json::from_str(t.as_str()).expect("json");
+            if v["event"] == "start" {
+                sid = v["streamSid"].as_str().expect("sid").to_string();
+                let riff = base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    b"RIFF\x24\x00\x00\x00WAVEfmt ",
+                );
+                let msgs = [
+                    Message::Binary(vec![0xFF; 160].into()),
+                    Message::Text(serde_json::json!({"event":"media","streamSid":sid,"media":{"payload":riff}}).to_string().into()),
+                    Message::Text(serde_json::json!({"event":"media","streamSid":"MZwrong","media":{"payload":"//8="}}).to_string().into()),
+                    Message::Text(r#"{"event":"hello"}"#.into()),
+                    Message::Text("{oops".into()),
+                ];
+                for m in msgs {
+                    ws.send(m).await.expect("send");
+                }
+            }
+            if v["event"] == "stop" {
+                let _ = ws.close(None).await;
+                break;
+            }
+        }
+        assert!(!sid.is_empty());
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wav = write_caller_wav(dir.path());
+    let wav = wav.to_str().expect("path");
+
+    // 1. Offered the subprotocol, got none back.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!(
+        "ws://{}/ws/twilio-media",
+        listener.local_addr().expect("addr")
+    );
+    let server = tokio::spawn(serve_one(listener, false));
+    let (ok, out) = callsim(&["--url", &url, "--audio", wav, "--fast", "--json"]).await;
+    assert!(!ok);
+    let v: Value = serde_json::from_str(&out).expect("summary");
+    assert!(
+        v["reports"][0]["violations"][0]
+            .as_str()
+            .is_some_and(|s| s.contains("echoed none")),
+        "{v}"
+    );
+    let _ = tokio::time::timeout(PATIENCE, server).await;
+
+    // 2. Binary frame, RIFF header in a payload, wrong streamSid, unknown event, bad JSON.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!(
+        "ws://{}/ws/twilio-media",
+        listener.local_addr().expect("addr")
+    );
+    let server = tokio::spawn(serve_one(listener, true));
+    let (ok, out) = callsim(&[
+        "--url",
+        &url,
+        "--audio",
+        wav,
+        "--fast",
+        "--linger-ms",
+        "200",
+        "--json",
+    ])
+    .await;
+    assert!(!ok);
+    let v: Value = serde_json::from_str(&out).expect("summary");
+    let violations: Vec<&str> = v["reports"][0]["violations"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for want in [
+        "binary frame",
+        "RIFF",
+        "wrong streamSid",
+        "unknown event",
+        "bad JSON",
+    ] {
+        assert!(
+            violations.iter().any(|x| x.contains(want)),
+            "{want} not flagged: {violations:?}"
+        );
+    }
+    tokio::time::timeout(PATIENCE, server)
+        .await
+        .expect("server")
+        .expect("server task");
+}
