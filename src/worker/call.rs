@@ -21,7 +21,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::{MissedTickBehavior, sleep_until};
+use tokio::time::MissedTickBehavior;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
@@ -204,9 +204,23 @@ impl Call {
         let period = self.state.cfg.ping_interval;
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Built once and re-polled: a fresh `cancelled()` per iteration would
+        // lock the shared token 100 times a second per call, and a fresh
+        // `Sleep` would re-register the timer on every inbound frame.
         let cancel = self.state.calls_cancel.clone();
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
+        let pacer = tokio::time::sleep_until(tokio::time::Instant::now());
+        tokio::pin!(pacer);
+        let mut armed: Option<Instant> = None;
         loop {
             let deadline = self.send_deadline();
+            if deadline != armed {
+                if let Some(d) = deadline {
+                    pacer.as_mut().reset(d.into());
+                }
+                armed = deadline;
+            }
             tokio::select! {
                 msg = ws.next() => {
                     let flow = match msg {
@@ -226,7 +240,8 @@ impl Call {
                         Err(_) => return self.write_stalled(),
                     }
                 }
-                () = wait_until(deadline) => {
+                () = &mut pacer, if armed.is_some() => {
+                    armed = None;
                     match tokio::time::timeout(WRITE_TIMEOUT, self.pump(ws)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => return self.on_ws_error(e),
@@ -255,7 +270,7 @@ impl Call {
                 Some(done) = self.stt_jobs.join_next(), if !self.stt_jobs.is_empty() => {
                     self.on_stt_done(done);
                 }
-                () = cancel.cancelled() => return End::Close(CloseCode::Away, "server shutting down"),
+                () = &mut cancelled => return End::Close(CloseCode::Away, "server shutting down"),
             }
         }
     }
@@ -763,11 +778,4 @@ fn server_text(msg: &ServerMessage<'_>) -> Message {
     // Serialising these plain structs cannot fail; an empty text would be
     // logged by the peer as malformed rather than crash us.
     Message::Text(serde_json::to_string(msg).unwrap_or_default().into())
-}
-
-async fn wait_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => sleep_until(d.into()).await,
-        None => std::future::pending().await,
-    }
 }
