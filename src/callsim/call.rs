@@ -8,7 +8,6 @@ use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use tokio::net::TcpStream;
-use tokio::time::sleep_until;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError, SubProtocolError};
@@ -30,6 +29,10 @@ const FAST_TRAILING_SILENCE_FRAMES: usize = 50;
 const JITTER_SKIP_FRAMES: usize = 6;
 /// A gap longer than this starts a new reply segment.
 const SEGMENT_GAP: Duration = Duration::from_millis(300);
+/// How long we wait for the server to close after our `stop`.
+const STOP_CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Wake-up when nothing is scheduled (defensive; should not happen).
+const IDLE_WAKE: Duration = Duration::from_millis(250);
 /// Cap on the silence inserted in a recording for one idle gap.
 const MAX_RECORDED_GAP: Duration = Duration::from_secs(5);
 
@@ -293,6 +296,11 @@ async fn call_inner(
     let mut payload_buf: Vec<u8> = Vec::with_capacity(FRAME_BYTES * 2);
     let mut line = String::with_capacity(512);
     let mut stop_sent = false;
+    let mut stop_deadline: Option<Instant> = None;
+    // One timer, reset only when the next wake-up changes.
+    let timer = tokio::time::sleep_until(tokio::time::Instant::now());
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
 
     loop {
         let now = Instant::now();
@@ -371,17 +379,32 @@ async fn call_inner(
             );
             ws.send(Message::Text(stop.into())).await.map_err(io)?;
             stop_sent = true;
+            stop_deadline = Some(Instant::now() + STOP_CLOSE_TIMEOUT);
         }
         // Wait for the next message or the next timer.
-        let mut wake = now + Duration::from_millis(50);
+        let mut wake: Option<Instant> = None;
+        let mut consider = |t: Instant| wake = Some(wake.map_or(t, |w: Instant| w.min(t)));
         if sending {
-            wake = wake.min(next_send);
+            consider(next_send);
         }
         if let Some((t, _)) = play.pending.front() {
-            wake = wake.min(*t);
+            consider(*t);
         }
-        if stop_sent {
-            wake = now + Duration::from_secs(3);
+        if let (false, Some(done)) = (stop_sent, audio_done_at) {
+            // When the stop condition can next become true.
+            consider(
+                (done + opts.linger)
+                    .max(last_activity + opts.linger)
+                    .max(play.buffer_end),
+            );
+        }
+        if let Some(d) = stop_deadline {
+            consider(d);
+        }
+        let wake = wake.unwrap_or(now + IDLE_WAKE);
+        if armed != Some(wake) {
+            timer.as_mut().reset(wake.into());
+            armed = Some(wake);
         }
         tokio::select! {
             msg = ws.next() => {
@@ -512,8 +535,9 @@ async fn call_inner(
                     Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
                 }
             }
-            () = sleep_until(wake.into()) => {
-                if stop_sent && Instant::now() >= wake {
+            () = &mut timer => {
+                armed = None;
+                if stop_deadline.is_some_and(|d| Instant::now() >= d) {
                     // The server did not close after stop; close ourselves.
                     let _ = ws.close(None).await;
                     break;
