@@ -390,6 +390,13 @@ impl Call {
                     "WS_START"
                 );
                 self.rec.push_event(t, "start", "");
+                let fmt = &start.media_format;
+                if fmt.encoding != "audio/x-mulaw" || fmt.sample_rate != 8000 || fmt.channels != 1 {
+                    // We decode as mu-law 8 kHz mono regardless: say so.
+                    let detail =
+                        format!("{} {} Hz x{}", fmt.encoding, fmt.sample_rate, fmt.channels);
+                    self.warn_skip("unexpected mediaFormat", detail);
+                }
                 let greeting = Arc::clone(&self.state.engines.greeting);
                 self.enqueue_reply(greeting, "greeting", "greeting".into());
             }
