@@ -16,12 +16,7 @@ use clap::{Args, Parser, Subcommand};
 
 /// Plays the Twilio side of Media Streams calls against a worker.
 #[derive(Debug, Parser)]
-#[command(
-    name = "callsim",
-    version,
-    about,
-    args_conflicts_with_subcommands = true
-)]
+#[command(name = "callsim", version, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
