@@ -188,32 +188,4 @@ mod tests {
             assert_eq!(back[i], decode(codes[i]));
         }
     }
-
-    /// Throughput check for the bench table; run with
-    /// `cargo test --release --lib mulaw_throughput -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "timing; run by hand in release"]
-    fn mulaw_throughput() {
-        let pcm: Vec<i16> = (0..1_000_000)
-            .map(|i| ((i * 7919) % 65536 - 32768) as i16)
-            .collect();
-        let mut codes = Vec::with_capacity(pcm.len());
-        let mut back = Vec::with_capacity(pcm.len());
-        let rounds = 50;
-        let t = std::time::Instant::now();
-        for _ in 0..rounds {
-            codes.clear();
-            back.clear();
-            encode_into(std::hint::black_box(&pcm), &mut codes);
-            decode_into(std::hint::black_box(&codes), &mut back);
-        }
-        let secs = t.elapsed().as_secs_f64();
-        // Bytes of mu-law through encode+decode per second.
-        let mb = (rounds * pcm.len()) as f64 / secs / 1e6;
-        println!(
-            "mu-law encode+decode: {mb:.0} MB/s of mu-law ({:.0} MB/s of PCM)",
-            mb * 2.0
-        );
-        assert_eq!(back.len(), pcm.len());
-    }
 }
