@@ -92,6 +92,7 @@ struct RawDaemon {
     hold_timeout_ms: Option<u64>,
     history: Option<usize>,
     shutdown_timeout_s: Option<u64>,
+    threads: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -183,6 +184,8 @@ pub struct DaemonConfig {
     pub history: usize,
     /// How long SIGTERM waits for requests and calls before stopping workers.
     pub shutdown_timeout: Duration,
+    /// Runtime threads: 1 runs everything on one thread (the default).
+    pub threads: usize,
 }
 
 /// `[watch]`: what changes trigger a rebuild.
@@ -486,6 +489,10 @@ impl Validator<'_> {
             5000,
         );
         let shutdown = raw.daemon.shutdown_timeout_s.unwrap_or(30);
+        let threads = raw.daemon.threads.unwrap_or(1);
+        if threads == 0 || threads > 64 {
+            self.issue("daemon", "threads", "must be between 1 and 64");
+        }
         let daemon = DaemonConfig {
             root: root.clone(),
             listen,
@@ -494,6 +501,7 @@ impl Validator<'_> {
             hold_timeout: Duration::from_millis(hold),
             history: raw.daemon.history.unwrap_or(20),
             shutdown_timeout: Duration::from_secs(shutdown),
+            threads: threads.clamp(1, 64),
         };
 
         let ignore_patterns: Vec<String> = raw
