@@ -26,6 +26,32 @@ const PATIENCE: Duration = Duration::from_secs(60);
 
 // === support ===
 
+/// How a test reaches the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// media-worker on its own, bound by itself on `PORT=0`.
+    Direct,
+    /// media-worker supervised by batond (socket handed over with
+    /// `LISTEN_FDS`), reached through batond's proxy.
+    Batond,
+}
+
+/// Declares a test twice: against the worker directly and through batond.
+macro_rules! both {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn direct() {
+                super::$name(super::Mode::Direct).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn through_batond() {
+                super::$name(super::Mode::Batond).await
+            }
+        }
+    };
+}
+
 /// A running media-worker with its temp dir and captured JSON logs.
 struct Worker {
     child: tokio::process::Child,
@@ -38,6 +64,11 @@ struct Worker {
 impl Worker {
     /// Starts media-worker with `extra` appended to a test config.
     async fn start(extra: &str, envs: &[(&str, &str)]) -> Worker {
+        Self::start_in(Mode::Direct, extra, envs).await
+    }
+
+    /// Starts media-worker directly or behind batond.
+    async fn start_in(mode: Mode, extra: &str, envs: &[(&str, &str)]) -> Worker {
         let dir = tempfile::Builder::new()
             .prefix("baton-worker-e2e-")
             .tempdir()
@@ -48,6 +79,9 @@ impl Worker {
             format!("data_dir = \"data\"\nping_interval_ms = 200\ntts = \"tone\"\n{extra}\n"),
         )
         .expect("write config");
+        if mode == Mode::Batond {
+            return Self::behind_batond(dir, &cfg, envs).await;
+        }
         let mut cmd = tokio::process::Command::new(MEDIA_WORKER);
         cmd.arg("--config")
             .arg(&cfg)
@@ -101,6 +135,120 @@ impl Worker {
         })
         .await
         .expect("media-worker did not print `listening on`");
+        Worker {
+            child,
+            addr,
+            dir,
+            lines,
+            line_count,
+        }
+    }
+
+    /// batond runs the worker binary as it is (no build step) with the test
+    /// config; the worker's JSON log is read from the generation's
+    /// `worker.log`, and `addr` is batond's public address.
+    async fn behind_batond(dir: tempfile::TempDir, cfg: &Path, envs: &[(&str, &str)]) -> Worker {
+        let baton = dir.path().join("baton.toml");
+        std::fs::write(
+            &baton,
+            format!(
+                r#"[daemon]
+listen = "127.0.0.1:0"
+state_dir = "state"
+[build]
+command = []
+artifact = "{MEDIA_WORKER}"
+[worker]
+command = ["{{artifact}}", "--config", "{}", "--log-format", "json"]
+env = {{ RUST_LOG = "info" }}
+drain_timeout_s = 5
+stop_timeout_s = 5
+"#,
+                cfg.display()
+            ),
+        )
+        .expect("write baton.toml");
+        let mut cmd = tokio::process::Command::new(crate::support::BATOND);
+        cmd.arg("--config")
+            .arg(&baton)
+            .env("NO_COLOR", "1")
+            .env_remove("TWILIO_AUTH_TOKEN")
+            .env_remove("BATON_SIGNATURE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn batond");
+        let stderr = child.stderr.take().expect("stderr");
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut addr_tx = Some(addr_tx);
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if let Some(rest) = line.split("batond listening on ").nth(1)
+                    && let Some(tx) = addr_tx.take()
+                {
+                    let _ = tx.send(rest.split(';').next().unwrap_or("").trim().to_string());
+                }
+            }
+        });
+        let addr: SocketAddr = tokio::time::timeout(PATIENCE, addr_rx)
+            .await
+            .expect("batond did not report its address")
+            .expect("batond exited")
+            .parse()
+            .expect("address");
+        // Wait for the worker to be proven and active.
+        let socket = dir.path().join("state/control.sock");
+        let log = dir.path().join("state/gen-0001/worker.log");
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                if let Ok((_, body)) =
+                    baton::control::client::call_text(&socket, http::Method::GET, "/v1/status")
+                        .await
+                    && serde_json::from_str::<Value>(&body)
+                        .is_ok_and(|v| v["active"]["state"] == "active")
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("worker not active behind batond");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, line_count) = watch::channel(0usize);
+        let sink = Arc::clone(&lines);
+        // Tail worker.log until the test ends (the sender is dropped with it).
+        tokio::spawn(async move {
+            let mut seen = 0usize;
+            loop {
+                if tx.is_closed() {
+                    return;
+                }
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let all: Vec<&str> = text.lines().collect();
+                // Only whole lines: the last one may still be being written.
+                let complete = if text.ends_with('\n') {
+                    all.len()
+                } else {
+                    all.len().saturating_sub(1)
+                };
+                if complete > seen {
+                    let n = {
+                        let mut l = sink.lock().expect("log lock");
+                        l.extend(all[seen..complete].iter().map(|s| s.to_string()));
+                        l.len()
+                    };
+                    seen = complete;
+                    let _ = tx.send(n);
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        });
         Worker {
             child,
             addr,
@@ -478,9 +626,9 @@ async fn worker_env_signature_mode_echoes_baton_signature() {
     );
 }
 
-#[tokio::test]
-async fn worker_handshake_echoes_subprotocol_only_when_offered() {
-    let w = Worker::start("", &[]).await;
+both!(worker_handshake_echoes_subprotocol_only_when_offered);
+async fn worker_handshake_echoes_subprotocol_only_when_offered(mode: Mode) {
+    let w = Worker::start_in(mode, "", &[]).await;
     let want = sha256_file(MEDIA_WORKER);
     // RFC 6455 section 1.3 sample key.
     let accept = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
@@ -547,9 +695,9 @@ async fn worker_handshake_echoes_subprotocol_only_when_offered() {
     }
 }
 
-#[tokio::test]
-async fn worker_webhooks_answer_twiml_that_parses_as_xml() {
-    let w = Worker::start("", &[]).await;
+both!(worker_webhooks_answer_twiml_that_parses_as_xml);
+async fn worker_webhooks_answer_twiml_that_parses_as_xml(mode: Mode) {
+    let w = Worker::start_in(mode, "", &[]).await;
     let base = format!("http://{}", w.addr);
     let (ok, out) = callsim(&["webhook", "--base", &base, "--allow-insecure-ws", "--json"]).await;
     assert!(ok, "{out}");
@@ -622,10 +770,11 @@ async fn worker_webhooks_answer_twiml_that_parses_as_xml() {
     assert_eq!(r.status, 204);
 }
 
-#[tokio::test]
-async fn worker_checks_twilio_signatures_on_webhooks_and_upgrade() {
+both!(worker_checks_twilio_signatures_on_webhooks_and_upgrade);
+async fn worker_checks_twilio_signatures_on_webhooks_and_upgrade(mode: Mode) {
     // Token from the environment (overrides the file), public URL from config.
-    let mut w = Worker::start(
+    let mut w = Worker::start_in(
+        mode,
         "auth_token = \"from-file\"\npublic_url = \"https://voice.example.com\"",
         &[("TWILIO_AUTH_TOKEN", "secret")],
     )
@@ -764,9 +913,9 @@ async fn worker_checks_twilio_signatures_on_webhooks_and_upgrade() {
     assert_eq!(http(w.addr, "GET", "/healthz", &[], b"").await.status, 200);
 }
 
-#[tokio::test]
-async fn worker_full_call_greeting_echo_marks_clear_stop_and_record() {
-    let mut w = Worker::start("", &[]).await;
+both!(worker_full_call_greeting_echo_marks_clear_stop_and_record);
+async fn worker_full_call_greeting_echo_marks_clear_stop_and_record(mode: Mode) {
+    let mut w = Worker::start_in(mode, "", &[]).await;
     let wav = write_caller_wav(w.dir.path());
     let rec_dir = w.dir.path().join("heard");
     let url = w.ws_url();
@@ -857,9 +1006,9 @@ async fn worker_full_call_greeting_echo_marks_clear_stop_and_record() {
     assert_eq!(stop["fields"]["frames_in"], rep["frames_out"]);
 }
 
-#[tokio::test]
-async fn worker_serves_fifty_concurrent_calls() {
-    let mut w = Worker::start("", &[]).await;
+both!(worker_serves_fifty_concurrent_calls);
+async fn worker_serves_fifty_concurrent_calls(mode: Mode) {
+    let mut w = Worker::start_in(mode, "", &[]).await;
     let wav = write_caller_wav(w.dir.path());
     let url = w.ws_url();
     let (ok, out) = callsim(&[
@@ -889,9 +1038,9 @@ async fn worker_serves_fifty_concurrent_calls() {
     assert_eq!(http(w.addr, "GET", "/healthz", &[], b"").await.status, 200);
 }
 
-#[tokio::test]
-async fn worker_skips_bad_messages_and_keeps_the_call() {
-    let mut w = Worker::start("", &[]).await;
+both!(worker_skips_bad_messages_and_keeps_the_call);
+async fn worker_skips_bad_messages_and_keeps_the_call(mode: Mode) {
+    let mut w = Worker::start_in(mode, "", &[]).await;
     let mut ws = ws_connect(&w.ws_url()).await;
     ws.send(Message::Text(
         r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#.into(),
@@ -948,9 +1097,9 @@ async fn worker_skips_bad_messages_and_keeps_the_call() {
     assert_eq!(http(w.addr, "GET", "/healthz", &[], b"").await.status, 200);
 }
 
-#[tokio::test]
-async fn worker_closes_oversized_frames_cleanly_and_survives() {
-    let mut w = Worker::start("max_message_bytes = 4096", &[]).await;
+both!(worker_closes_oversized_frames_cleanly_and_survives);
+async fn worker_closes_oversized_frames_cleanly_and_survives(mode: Mode) {
+    let mut w = Worker::start_in(mode, "max_message_bytes = 4096", &[]).await;
     let mut ws = ws_connect(&w.ws_url()).await;
     ws.send(start_msg("MZbig", "CAbig")).await.expect("send");
     let _ = expect_media(&mut ws).await;
@@ -968,9 +1117,9 @@ async fn worker_closes_oversized_frames_cleanly_and_survives() {
     let _ = expect_media(&mut ws).await;
 }
 
-#[tokio::test]
-async fn worker_handles_calls_without_start() {
-    let mut w = Worker::start("", &[]).await;
+both!(worker_handles_calls_without_start);
+async fn worker_handles_calls_without_start(mode: Mode) {
+    let mut w = Worker::start_in(mode, "", &[]).await;
     // stop without start: closed cleanly.
     let mut ws = ws_connect(&w.ws_url()).await;
     ws.send(Message::Text(
