@@ -7,6 +7,7 @@
 //! | module | role |
 //! | --- | --- |
 //! | [`config`] | the daemon's TOML config, parsed in two stages, errors with file:line:column |
+//! | [`digest`] | SHA-256 of files: the build signature |
 //! | [`daemon`] | `batond`'s top level: proxy + supervisor + control socket + signals |
 //! | [`supervisor`] | the actor that owns generations and moves traffic |
 //! | [`worker_proc`] | build, snapshot, start, prove and monitor one worker |
@@ -31,6 +32,7 @@ pub mod callsim;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod digest;
 pub mod events;
 pub mod headers;
 pub mod pool;

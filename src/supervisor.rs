@@ -923,16 +923,7 @@ impl Supervisor {
     fn reload(&mut self, reply: Option<oneshot::Sender<Result<(), String>>>) {
         systemd::reloading();
         let result = match Config::load(&self.cfg.file, &self.overrides) {
-            Err(e) => {
-                let msg = e.to_string();
-                self.events.emit(
-                    "config_rejected",
-                    None,
-                    format!("config refused; the running config stays: {msg}"),
-                );
-                self.config_error = Some(msg.clone());
-                Err(msg)
-            }
+            Err(e) => Err(self.refuse_config(e.to_string())),
             Ok(mut new) => {
                 if new.daemon.listen.port() != 0 && new.daemon.listen != self.cfg.daemon.listen {
                     tracing::warn!(
@@ -959,16 +950,7 @@ impl Supervisor {
                         self.request_deploy("config reload".into(), true);
                         Ok(())
                     }
-                    Err(e) => {
-                        let msg = e.to_string();
-                        self.events.emit(
-                            "config_rejected",
-                            None,
-                            format!("config refused; the running config stays: {msg}"),
-                        );
-                        self.config_error = Some(msg.clone());
-                        Err(msg)
-                    }
+                    Err(e) => Err(self.refuse_config(e.to_string())),
                 }
             }
         };
@@ -976,6 +958,17 @@ impl Supervisor {
         if let Some(r) = reply {
             let _ = r.send(result);
         }
+    }
+
+    /// Records a refused reload; the running config stays.
+    fn refuse_config(&mut self, msg: String) -> String {
+        self.events.emit(
+            "config_rejected",
+            None,
+            format!("config refused; the running config stays: {msg}"),
+        );
+        self.config_error = Some(msg.clone());
+        msg
     }
 
     // --- bookkeeping ---

@@ -354,21 +354,10 @@ impl Config {
 /// # Errors
 /// I/O errors locating or reading the executable.
 pub fn self_digest() -> std::io::Result<String> {
-    use sha2::{Digest, Sha256};
-    use std::io::Read;
     let path = std::env::current_exe().or_else(|_| std::fs::read_link("/proc/self/exe"))?;
     // /proc/self/exe keeps working even if the file was replaced on disk.
-    let mut f = std::fs::File::open("/proc/self/exe").or_else(|_| std::fs::File::open(&path))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
+    let f = std::fs::File::open("/proc/self/exe").or_else(|_| std::fs::File::open(&path))?;
+    crate::digest::sha256_reader(f)
 }
 
 /// Parses the TOML text, turning errors into file:line:column + key.
