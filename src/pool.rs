@@ -58,13 +58,19 @@ impl Pool {
     /// # Errors
     /// [`SendError`] when no connection can be made.
     pub async fn checkout(&self) -> Result<SendRequest<ReqBody>, SendError> {
-        loop {
-            let next = self.idle.lock().ok().and_then(|mut v| v.pop());
-            let Some(mut sender) = next else { break };
-            match sender.ready().now_or_never() {
-                Some(Ok(())) => return Ok(sender),
-                // Closed, or still busy finishing the last response: let it go.
-                Some(Err(_)) | None => continue,
+        if let Ok(mut idle) = self.idle.lock() {
+            // Newest first; a connection still finishing its last response
+            // stays in the pool for the next request.
+            let mut i = idle.len();
+            while i > 0 {
+                i -= 1;
+                match idle[i].ready().now_or_never() {
+                    Some(Ok(())) => return Ok(idle.swap_remove(i)),
+                    Some(Err(_)) => {
+                        idle.swap_remove(i);
+                    }
+                    None => {}
+                }
             }
         }
         let stream =
@@ -85,25 +91,12 @@ impl Pool {
         Ok(sender)
     }
 
-    /// Gives a connection back once its last response has been read.
-    pub fn checkin(self: &Arc<Self>, mut sender: SendRequest<ReqBody>) {
+    /// Gives a connection back once its last response has been read (its
+    /// task may not have seen the end yet: checkout checks readiness).
+    pub fn checkin(&self, sender: SendRequest<ReqBody>) {
         if sender.is_closed() {
             return;
         }
-        if sender.is_ready() {
-            self.put(sender);
-            return;
-        }
-        // The connection task has not seen the end of the response yet.
-        let pool = self.clone();
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                pool.put(sender);
-            }
-        });
-    }
-
-    fn put(&self, sender: SendRequest<ReqBody>) {
         if let Ok(mut v) = self.idle.lock()
             && v.len() < MAX_IDLE
         {
@@ -112,50 +105,14 @@ impl Pool {
     }
 }
 
-/// A request body that can be taken back when the request never reached a
-/// worker: the outgoing body only takes the real one out of the shared slot
-/// on its first poll, so after a refused connection it is still there.
+/// The body of a request to a worker: the client's, or none (a request
+/// sent again after its first attempt was reset).
 #[derive(Debug)]
-pub struct Reclaim {
-    slot: Arc<Mutex<Option<Incoming>>>,
-    /// The body is empty (a GET, say): nothing to lose, nothing to take back.
-    pub empty: bool,
-    hint: SizeHint,
-}
-
-impl Reclaim {
-    /// Wraps the client's body.
-    pub fn new(body: Incoming) -> Reclaim {
-        Reclaim {
-            empty: body.is_end_stream(),
-            hint: body.size_hint(),
-            slot: Arc::new(Mutex::new(Some(body))),
-        }
-    }
-
-    /// A body for one attempt.
-    pub fn body(&self) -> ReqBody {
-        ReqBody {
-            slot: self.slot.clone(),
-            inner: None,
-            empty: self.empty,
-            hint: self.hint,
-        }
-    }
-
-    /// Whether no attempt has read the body yet.
-    pub fn untouched(&self) -> bool {
-        self.empty || self.slot.lock().is_ok_and(|s| s.is_some())
-    }
-}
-
-/// The body of one attempt to send a request (see [`Reclaim`]).
-#[derive(Debug)]
-pub struct ReqBody {
-    slot: Arc<Mutex<Option<Incoming>>>,
-    inner: Option<Incoming>,
-    empty: bool,
-    hint: SizeHint,
+pub enum ReqBody {
+    /// The client's body, streamed.
+    Client(Incoming),
+    /// No body.
+    Empty,
 }
 
 impl Body for ReqBody {
@@ -163,32 +120,28 @@ impl Body for ReqBody {
     type Error = BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.empty {
-            return Poll::Ready(None);
-        }
-        if self.inner.is_none() {
-            let taken = self.slot.lock().ok().and_then(|mut s| s.take());
-            match taken {
-                Some(b) => self.inner = Some(b),
-                None => return Poll::Ready(Some(Err("request body already used".into()))),
-            }
-        }
-        match self.inner.as_mut() {
-            Some(b) => Pin::new(b)
+        match self.get_mut() {
+            ReqBody::Client(b) => Pin::new(b)
                 .poll_frame(cx)
                 .map(|o| o.map(|r| r.map_err(Into::into))),
-            None => Poll::Ready(None),
+            ReqBody::Empty => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.empty || self.inner.as_ref().is_some_and(Body::is_end_stream)
+        match self {
+            ReqBody::Client(b) => b.is_end_stream(),
+            ReqBody::Empty => true,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.hint
+        match self {
+            ReqBody::Client(b) => b.size_hint(),
+            ReqBody::Empty => SizeHint::with_exact(0),
+        }
     }
 }

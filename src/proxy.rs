@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::headers;
 pub use crate::pool::BoxError;
-use crate::pool::{Pool, Reclaim, ReqBody, SendError};
+use crate::pool::{Pool, ReqBody, SendError};
 use crate::router::{Router, Ticket, Upstream};
 /// The body type of every response the proxy sends.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -141,6 +141,19 @@ impl Proxy {
         }
     }
 
+    fn bad_gateway(&self, upstream: &Upstream, e: &SendError) -> Response<ProxyBody> {
+        self.metrics.bad_gateway.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(generation = upstream.generation, error = %e, "upstream request failed");
+        text(
+            StatusCode::BAD_GATEWAY,
+            &format!(
+                "bad gateway: worker of generation {} failed: {}\n",
+                upstream.generation,
+                reason(e)
+            ),
+        )
+    }
+
     fn unavailable(&self) -> Response<ProxyBody> {
         self.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
         let mut resp = text(
@@ -174,17 +187,13 @@ impl Proxy {
         if let Some(proto) = &upgrade {
             headers::restore_upgrade(&mut parts.headers, proto.clone());
         }
-        let path = parts
+        // Origin form: the worker gets the path, the host is in `Host`.
+        parts.uri = parts
             .uri
             .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        parts.uri = match format!("http://{}{}", upstream.addr, path).parse() {
-            Ok(u) => u,
-            Err(_) => return text(StatusCode::BAD_REQUEST, "bad request target\n"),
-        };
+            .cloned()
+            .map_or_else(|| http::Uri::from_static("/"), http::Uri::from);
         parts.version = http::Version::HTTP_11;
-        let slot = Reclaim::new(body);
         let idempotent = upgrade.is_none()
             && matches!(
                 parts.method,
@@ -194,74 +203,74 @@ impl Proxy {
                     | http::Method::PUT
                     | http::Method::DELETE
             );
+        // What it takes to send a bodiless idempotent request again after a
+        // reset (the request itself is gone by then).
+        let replay = (idempotent && body.is_end_stream()).then(|| {
+            (
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.headers.clone(),
+            )
+        });
+        let mut req = Request::from_parts(parts, ReqBody::Client(body));
         let (mut upstream, mut ticket) = (upstream, ticket);
         let (mut refused, mut resets) = (0, 0);
         let (resp, sender) = loop {
-            let mut req = Request::new(slot.body());
-            *req.method_mut() = parts.method.clone();
-            *req.uri_mut() = parts.uri.clone();
-            *req.version_mut() = parts.version;
-            *req.headers_mut() = parts.headers.clone();
-            let result = match upstream.pool.checkout().await {
-                Ok(mut sender) => match sender.send_request(req).await {
-                    Ok(resp) => Ok((resp, sender)),
-                    Err(e) if e.is_canceled() => Err(SendError::Connect(std::io::Error::new(
-                        std::io::ErrorKind::ConnectionAborted,
-                        "connection closed before the request was sent",
-                    ))),
-                    Err(e) => Err(SendError::Http(e)),
+            // (error, whether the worker refused connections: then wait for
+            // a different one; else the same one may take it again).
+            let (failure, refused_conn) = match upstream.pool.checkout().await {
+                Ok(mut sender) => match sender.try_send_request(req).await {
+                    Ok(resp) => break (resp, sender),
+                    Err(mut e) => match e.take_message() {
+                        // Not sent (the connection closed first): the request
+                        // comes back whole, body included.
+                        Some(back) => {
+                            req = back;
+                            (SendError::Http(e.into_error()), false)
+                        }
+                        None => {
+                            let err = SendError::Http(e.into_error());
+                            // A reset before any answer from a worker that was
+                            // not stopped on purpose (it just crashed): an
+                            // idempotent request without a body may be sent
+                            // again (RFC 9110 §9.2.2). Not so for a draining
+                            // worker cut at its drain timeout.
+                            match &replay {
+                                Some((m, u, h)) if resets < 2 && !upstream.is_retired() => {
+                                    resets += 1;
+                                    let mut again = Request::new(ReqBody::Empty);
+                                    *again.method_mut() = m.clone();
+                                    *again.uri_mut() = u.clone();
+                                    *again.headers_mut() = h.clone();
+                                    req = again;
+                                    tracing::info!(generation = upstream.generation, error = %err, "sending an idempotent request again");
+                                    drop(ticket);
+                                    let Some((u, t)) = self.router.acquire(self.hold()).await
+                                    else {
+                                        return self.unavailable();
+                                    };
+                                    (upstream, ticket) = (u, t);
+                                    continue;
+                                }
+                                _ => return self.bad_gateway(&upstream, &err),
+                            }
+                        }
+                    },
                 },
-                Err(e) => Err(e),
+                // Refused: the request never left.
+                Err(e) => (e, true),
             };
-            let e = match result {
-                Ok(x) => break x,
-                Err(e) => e,
-            };
-            let retry_elsewhere = match &e {
-                // Not sent: safe to send (body included) to the worker that
-                // replaces this one, once the supervisor has swapped it in.
-                SendError::Connect(_) if slot.untouched() && refused < 3 => {
-                    refused += 1;
-                    true
-                }
-                // A reset before any answer from a worker that was not
-                // stopped on purpose (it just crashed): an idempotent request
-                // without a body may be sent again (RFC 9110 §9.2.2). Not so
-                // for a draining worker cut at its drain timeout.
-                SendError::Http(_)
-                    if idempotent && slot.empty && resets < 2 && !upstream.is_retired() =>
-                {
-                    resets += 1;
-                    false
-                }
-                e => {
-                    self.metrics.bad_gateway.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(generation = upstream.generation, error = %e, "upstream request failed");
-                    return text(
-                        StatusCode::BAD_GATEWAY,
-                        &format!(
-                            "bad gateway: worker of generation {} failed: {}\n",
-                            upstream.generation,
-                            reason(e)
-                        ),
-                    );
-                }
-            };
-            tracing::info!(generation = upstream.generation, error = %e, "sending the request again");
+            // The request is still ours: send it to the worker that replaces
+            // this one, once the supervisor has swapped it in.
+            if refused >= 3 {
+                return self.bad_gateway(&upstream, &failure);
+            }
+            refused += 1;
+            tracing::info!(generation = upstream.generation, error = %failure, "worker did not take the request; waiting for its replacement");
             drop(ticket);
-            let next = if retry_elsewhere {
-                self.router
-                    .acquire_other(Some(&upstream), self.hold())
-                    .await
-            } else {
-                self.router.acquire(self.hold()).await
-            };
-            let Some((u, t)) = next else {
+            let dead = refused_conn.then_some(&upstream);
+            let Some((u, t)) = self.router.acquire_other(dead, self.hold()).await else {
                 return self.unavailable();
-            };
-            parts.uri = match format!("http://{}{}", u.addr, path).parse() {
-                Ok(uri) => uri,
-                Err(_) => return text(StatusCode::BAD_REQUEST, "bad request target\n"),
             };
             (upstream, ticket) = (u, t);
         };
