@@ -99,17 +99,19 @@ def wrk(path):
 
 def rss(pid, out, seconds):
     end = time.time() + float(seconds)
-    best = 0
+    best, anon = 0, 0
     while time.time() < end and not os.path.exists(out + ".stop"):
         try:
             for line in open(f"/proc/{pid}/status"):
                 if line.startswith("VmRSS:"):
                     best = max(best, int(line.split()[1]))
+                if line.startswith("RssAnon:"):
+                    anon = max(anon, int(line.split()[1]))
         except OSError:
             break
         time.sleep(0.2)
     with open(out, "w") as f:
-        f.write(str(best))
+        f.write(f"{best} {anon}\n")
 
 
 def parse_ts(ts):
@@ -271,8 +273,10 @@ def table(d):
         v = rss.get(k)
         mb = v / 1024 if v else None
         extra = ""
+        if rss.get(k + "_anon"):
+            extra = f" (anonymous {rss[k + '_anon'] / 1024:.1f} MB; the rest is the mapped executable and libc)"
         if k == "idle" and rss.get("nginx_worker"):
-            extra = f" (nginx worker {rss['nginx_worker'] / 1024:.1f} MB, HAProxy {rss.get('haproxy', 0) / 1024:.1f} MB, after load)"
+            extra += f"; nginx worker {rss['nginx_worker'] / 1024:.1f} MB, HAProxy {rss.get('haproxy', 0) / 1024:.1f} MB, after load"
         rows.append((f"4. batond RSS {label}", f"{fmt(mb, 1)} MB{extra}", "< 8 MB", verdict(None if mb is None else mb < 8)))
 
     mu = load(d, "mulaw.json") or {}
