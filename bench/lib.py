@@ -303,7 +303,7 @@ def table(d):
 
     mach = load(d, "machine.json") or {}
     print(f"Machine: {mach.get('nproc')} CPUs, {mach.get('cpu')}, {mach.get('ram')} RAM, Linux {mach.get('kernel')}; "
-          f"{mach.get('date')}; {mach.get('tools')}")
+          f"{mach.get('date')}; 1-min load average {mach.get('loadavg_start')} at start, {mach.get('loadavg_end')} at end; {mach.get('tools')}")
     print()
     print("| row | measured | target | ratio / verdict |")
     print("| --- | --- | --- | --- |")

@@ -113,7 +113,10 @@ async fn run(
     let mut stopping = *stop.borrow();
     let mut drain_deadline: Option<tokio::time::Instant> = None;
 
-    let mut on_msg = |m: Message, r: &mut Report, sent_at: &mut std::collections::VecDeque<(u64, Instant)>| -> anyhow::Result<bool> {
+    let mut on_msg = |m: Message,
+                      r: &mut Report,
+                      sent_at: &mut std::collections::VecDeque<(u64, Instant)>|
+     -> anyhow::Result<bool> {
         match m {
             Message::Pong(p) => {
                 let n = u64::from_be_bytes(p.as_ref().try_into().context("pong payload")?);
@@ -124,7 +127,8 @@ async fn run(
                     sent_at.pop_front();
                     if s == n {
                         r.echoed += 1;
-                        r.rtt_us.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        r.rtt_us
+                            .push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
                     }
                 }
             }
@@ -137,7 +141,8 @@ async fn run(
                             in_segment += 1;
                             if in_segment > JITTER_SKIP_FRAMES {
                                 let d = (now - prev).as_micros() as i64 - FRAME.as_micros() as i64;
-                                r.jitter_us.push(d.unsigned_abs().min(u32::MAX as u64) as u32);
+                                r.jitter_us
+                                    .push(d.unsigned_abs().min(u32::MAX as u64) as u32);
                             }
                         }
                         _ => in_segment = 0,
@@ -241,9 +246,19 @@ async fn main() -> anyhow::Result<()> {
     let sent: u64 = reports.iter().map(|r| r.sent).sum();
     let echoed: u64 = reports.iter().map(|r| r.echoed).sum();
     let media_in: u64 = reports.iter().map(|r| r.media_in).sum();
-    let mut rtt: Vec<u32> = reports.iter().flat_map(|r| r.rtt_us.iter().copied()).collect();
-    let mut jit: Vec<u32> = reports.iter().flat_map(|r| r.jitter_us.iter().copied()).collect();
-    let errors: Vec<&str> = reports.iter().filter_map(|r| r.error.as_deref()).take(5).collect();
+    let mut rtt: Vec<u32> = reports
+        .iter()
+        .flat_map(|r| r.rtt_us.iter().copied())
+        .collect();
+    let mut jit: Vec<u32> = reports
+        .iter()
+        .flat_map(|r| r.jitter_us.iter().copied())
+        .collect();
+    let errors: Vec<&str> = reports
+        .iter()
+        .filter_map(|r| r.error.as_deref())
+        .take(5)
+        .collect();
     let out = serde_json::json!({
         "conns": args.conns,
         "opened": opened,
