@@ -132,23 +132,21 @@ async fn run(
                     }
                 }
             }
-            Message::Text(t) => {
-                if t.as_str().contains("\"event\":\"media\"") {
-                    r.media_in += 1;
-                    let now = Instant::now();
-                    match last_media {
-                        Some(prev) if now - prev <= SEGMENT_GAP => {
-                            in_segment += 1;
-                            if in_segment > JITTER_SKIP_FRAMES {
-                                let d = (now - prev).as_micros() as i64 - FRAME.as_micros() as i64;
-                                r.jitter_us
-                                    .push(d.unsigned_abs().min(u32::MAX as u64) as u32);
-                            }
+            Message::Text(t) if t.as_str().contains("\"event\":\"media\"") => {
+                r.media_in += 1;
+                let now = Instant::now();
+                match last_media {
+                    Some(prev) if now - prev <= SEGMENT_GAP => {
+                        in_segment += 1;
+                        if in_segment > JITTER_SKIP_FRAMES {
+                            let d = (now - prev).as_micros() as i64 - FRAME.as_micros() as i64;
+                            r.jitter_us
+                                .push(d.unsigned_abs().min(u32::MAX as u64) as u32);
                         }
-                        _ => in_segment = 0,
                     }
-                    last_media = Some(now);
+                    _ => in_segment = 0,
                 }
+                last_media = Some(now);
             }
             Message::Close(_) => return Ok(false),
             _ => {}
