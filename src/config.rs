@@ -14,7 +14,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::Deserialize;
 
 /// One problem found in a config file, with its position.
@@ -93,6 +92,7 @@ struct RawDaemon {
     hold_timeout_ms: Option<u64>,
     history: Option<usize>,
     shutdown_timeout_s: Option<u64>,
+    threads: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -184,6 +184,8 @@ pub struct DaemonConfig {
     pub history: usize,
     /// How long SIGTERM waits for requests and calls before stopping workers.
     pub shutdown_timeout: Duration,
+    /// Runtime threads: 1 runs everything on one thread (the default).
+    pub threads: usize,
 }
 
 /// `[watch]`: what changes trigger a rebuild.
@@ -195,7 +197,7 @@ pub struct WatchConfig {
     pub ignore_patterns: Vec<String>,
     /// Compiled ignore globs, matched against paths relative to `root` and
     /// against absolute paths.
-    pub ignore: GlobSet,
+    pub ignore: IgnoreSet,
     /// Quiet time after the last change before a build starts.
     pub debounce: Duration,
 }
@@ -247,6 +249,25 @@ pub struct RestartConfig {
     pub limit_burst: u32,
     /// The start-limit window.
     pub limit_interval: Duration,
+}
+
+/// The `watch.ignore` globs, compiled.
+#[derive(Debug, Clone, Default)]
+pub struct IgnoreSet {
+    globs: Vec<glob::Pattern>,
+}
+
+impl IgnoreSet {
+    /// Whether `path` matches any glob (`*` stays within one path segment,
+    /// `**` spans any number of them).
+    pub fn is_match(&self, path: &Path) -> bool {
+        let opts = glob::MatchOptions {
+            case_sensitive: true,
+            require_literal_separator: true,
+            require_literal_leading_dot: false,
+        };
+        self.globs.iter().any(|g| g.matches_path_with(path, opts))
+    }
 }
 
 /// Command-line overrides of file values.
@@ -468,6 +489,10 @@ impl Validator<'_> {
             5000,
         );
         let shutdown = raw.daemon.shutdown_timeout_s.unwrap_or(30);
+        let threads = raw.daemon.threads.unwrap_or(1);
+        if threads == 0 || threads > 64 {
+            self.issue("daemon", "threads", "must be between 1 and 64");
+        }
         let daemon = DaemonConfig {
             root: root.clone(),
             listen,
@@ -476,22 +501,21 @@ impl Validator<'_> {
             hold_timeout: Duration::from_millis(hold),
             history: raw.daemon.history.unwrap_or(20),
             shutdown_timeout: Duration::from_secs(shutdown),
+            threads: threads.clamp(1, 64),
         };
 
         let ignore_patterns: Vec<String> = raw
             .watch
             .ignore
             .unwrap_or_else(|| DEFAULT_IGNORE.iter().map(|s| s.to_string()).collect());
-        let mut gs = GlobSetBuilder::new();
+        let mut globs = Vec::new();
         for pat in &ignore_patterns {
-            match Glob::new(pat) {
-                Ok(g) => {
-                    gs.add(g);
-                }
+            match glob::Pattern::new(pat) {
+                Ok(g) => globs.push(g),
                 Err(e) => self.issue("watch", "ignore", format!("bad glob `{pat}`: {e}")),
             }
         }
-        let ignore = gs.build().unwrap_or_else(|_| GlobSet::empty());
+        let ignore = IgnoreSet { globs };
         let paths = raw
             .watch
             .paths
@@ -664,6 +688,31 @@ mod tests {
         let i = single_issue(&text);
         assert_eq!(i.line, Some(7));
         assert_eq!(i.key.as_deref(), Some("daemon.listen"));
+    }
+
+    #[test]
+    fn ignore_globs_match_relative_and_absolute_paths() {
+        let cfg = parse(MINIMAL).expect("valid");
+        let ig = &cfg.watch.ignore;
+        for p in [
+            "target/debug/x",
+            "src/.git/HEAD",
+            "src/main.rs.swp",
+            "src/main.rs~",
+            "src/.#main.rs",
+            "src/4913",
+            "/abs/target/x",
+        ] {
+            assert!(ig.is_match(Path::new(p)), "{p} should be ignored");
+        }
+        for p in [
+            "src/main.rs",
+            "Cargo.toml",
+            "src/targets.rs",
+            "etc/media-worker.toml",
+        ] {
+            assert!(!ig.is_match(Path::new(p)), "{p} should be watched");
+        }
     }
 
     #[test]

@@ -7,11 +7,13 @@
 //! | module | role |
 //! | --- | --- |
 //! | [`config`] | the daemon's TOML config, parsed in two stages, errors with file:line:column |
+//! | [`digest`] | SHA-256 of files: the build signature |
 //! | [`daemon`] | `batond`'s top level: proxy + supervisor + control socket + signals |
 //! | [`supervisor`] | the actor that owns generations and moves traffic |
 //! | [`worker_proc`] | build, snapshot, start, prove and monitor one worker |
 //! | [`process`] | process groups, parent-death signal, the exec shim, stop |
 //! | [`probe`] | `/healthz` probes and the signature verdict |
+//! | [`pool`] | keep-alive HTTP/1.1 connections to one worker, request bodies that survive a refused connect |
 //! | [`router`] | the atomically swapped upstream and its traffic counters |
 //! | [`proxy`] | the public HTTP/WebSocket reverse proxy |
 //! | [`headers`] | hop-by-hop and forwarding headers (RFC 9110) |
@@ -30,8 +32,10 @@ pub mod callsim;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod digest;
 pub mod events;
 pub mod headers;
+pub mod pool;
 pub mod probe;
 pub mod process;
 pub mod proxy;

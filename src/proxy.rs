@@ -1,4 +1,4 @@
-//! The front proxy: the public listener, HTTP/1.1 (and h2c) with keep-alive,
+//! The front proxy: the public listener, HTTP/1.1 with keep-alive,
 //! bodies streamed both ways, WebSocket and any other `Upgrade` passed
 //! through and pinned to the generation that accepted it.
 //!
@@ -20,19 +20,16 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::headers;
+pub use crate::pool::BoxError;
+use crate::pool::{Pool, Reclaim, ReqBody, SendError};
 use crate::router::{Router, Ticket, Upstream};
-
-/// The error type of proxied bodies.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type of every response the proxy sends.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
@@ -55,7 +52,6 @@ pub struct ProxyMetrics {
 #[derive(Debug)]
 pub struct Proxy {
     router: Arc<Router>,
-    client: Client<HttpConnector, Incoming>,
     hold_ms: AtomicU64,
     /// Counters for `/metrics`.
     pub metrics: ProxyMetrics,
@@ -66,16 +62,8 @@ pub struct Proxy {
 impl Proxy {
     /// A proxy routing through `router`, holding requests up to `hold`.
     pub fn new(router: Arc<Router>, hold: Duration) -> Arc<Proxy> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(256)
-            .build(connector);
         Arc::new(Proxy {
             router,
-            client,
             hold_ms: AtomicU64::new(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX)),
             metrics: ProxyMetrics::default(),
         })
@@ -101,14 +89,12 @@ impl Proxy {
         token: CancellationToken,
         grace: Duration,
     ) {
-        let graceful = GracefulShutdown::new();
-        let mut builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = hyper::server::conn::http1::Builder::new();
         builder
-            .http1()
             .keep_alive(true)
-            .timer(hyper_util::rt::TokioTimer::new())
+            .timer(TokioTimer::new())
             .header_read_timeout(Duration::from_secs(30));
-        let builder = Arc::new(builder);
+        let conns = TaskTracker::new();
         loop {
             let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
@@ -130,35 +116,46 @@ impl Proxy {
                 async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
             });
             let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned();
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            let token = token.clone();
+            conns.spawn(async move {
+                let mut conn = std::pin::pin!(conn);
+                let r = tokio::select! {
+                    r = conn.as_mut() => r,
+                    () = token.cancelled() => {
+                        // Finish the request in flight, then close.
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = r {
                     tracing::debug!(%peer, error = %e, "client connection ended with an error");
                 }
             });
         }
         drop(listener);
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        conns.close();
+        if tokio::time::timeout(grace, conns.wait()).await.is_err() {
             tracing::warn!(?grace, "connections still open at shutdown; closing them");
         }
+    }
+
+    fn unavailable(&self) -> Response<ProxyBody> {
+        self.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
+        let mut resp = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no healthy worker; try again shortly\n",
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        resp
     }
 
     async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         self.metrics.requests.fetch_add(1, Ordering::Relaxed);
         let Some((upstream, ticket)) = self.router.acquire(self.hold()).await else {
-            self.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
-            let mut resp = text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no healthy worker; try again shortly\n",
-            );
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return resp;
+            return self.unavailable();
         };
         let upgrade = headers::upgrade_protocol(req.headers());
         let inbound_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -187,20 +184,86 @@ impl Proxy {
             Err(_) => return text(StatusCode::BAD_REQUEST, "bad request target\n"),
         };
         parts.version = http::Version::HTTP_11;
-        let resp = match self.client.request(Request::from_parts(parts, body)).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.metrics.bad_gateway.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(generation = upstream.generation, error = %e, "upstream request failed");
-                return text(
-                    StatusCode::BAD_GATEWAY,
-                    &format!(
-                        "bad gateway: worker of generation {} failed: {}\n",
-                        upstream.generation,
-                        reason(&e)
-                    ),
-                );
-            }
+        let slot = Reclaim::new(body);
+        let idempotent = upgrade.is_none()
+            && matches!(
+                parts.method,
+                http::Method::GET
+                    | http::Method::HEAD
+                    | http::Method::OPTIONS
+                    | http::Method::PUT
+                    | http::Method::DELETE
+            );
+        let (mut upstream, mut ticket) = (upstream, ticket);
+        let (mut refused, mut resets) = (0, 0);
+        let (resp, sender) = loop {
+            let mut req = Request::new(slot.body());
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = parts.uri.clone();
+            *req.version_mut() = parts.version;
+            *req.headers_mut() = parts.headers.clone();
+            let result = match upstream.pool.checkout().await {
+                Ok(mut sender) => match sender.send_request(req).await {
+                    Ok(resp) => Ok((resp, sender)),
+                    Err(e) if e.is_canceled() => Err(SendError::Connect(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "connection closed before the request was sent",
+                    ))),
+                    Err(e) => Err(SendError::Http(e)),
+                },
+                Err(e) => Err(e),
+            };
+            let e = match result {
+                Ok(x) => break x,
+                Err(e) => e,
+            };
+            let retry_elsewhere = match &e {
+                // Not sent: safe to send (body included) to the worker that
+                // replaces this one, once the supervisor has swapped it in.
+                SendError::Connect(_) if slot.untouched() && refused < 3 => {
+                    refused += 1;
+                    true
+                }
+                // A reset before any answer from a worker that was not
+                // stopped on purpose (it just crashed): an idempotent request
+                // without a body may be sent again (RFC 9110 §9.2.2). Not so
+                // for a draining worker cut at its drain timeout.
+                SendError::Http(_)
+                    if idempotent && slot.empty && resets < 2 && !upstream.is_retired() =>
+                {
+                    resets += 1;
+                    false
+                }
+                e => {
+                    self.metrics.bad_gateway.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(generation = upstream.generation, error = %e, "upstream request failed");
+                    return text(
+                        StatusCode::BAD_GATEWAY,
+                        &format!(
+                            "bad gateway: worker of generation {} failed: {}\n",
+                            upstream.generation,
+                            reason(e)
+                        ),
+                    );
+                }
+            };
+            tracing::info!(generation = upstream.generation, error = %e, "sending the request again");
+            drop(ticket);
+            let next = if retry_elsewhere {
+                self.router
+                    .acquire_other(Some(&upstream), self.hold())
+                    .await
+            } else {
+                self.router.acquire(self.hold()).await
+            };
+            let Some((u, t)) = next else {
+                return self.unavailable();
+            };
+            parts.uri = match format!("http://{}{}", u.addr, path).parse() {
+                Ok(uri) => uri,
+                Err(_) => return text(StatusCode::BAD_REQUEST, "bad request target\n"),
+            };
+            (upstream, ticket) = (u, t);
         };
         match (upgrade, inbound_upgrade) {
             (Some(proto), Some(inbound)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
@@ -212,6 +275,8 @@ impl Proxy {
                 let body = Guarded {
                     inner: body,
                     _ticket: ticket,
+                    conn: Some((sender, upstream.pool.clone())),
+                    done: false,
                 };
                 Response::from_parts(parts, body.boxed_unsync())
             }
@@ -272,7 +337,7 @@ impl Proxy {
     }
 }
 
-fn reason(e: &hyper_util::client::legacy::Error) -> String {
+fn reason(e: &SendError) -> String {
     let mut msg = e.to_string();
     let mut src = std::error::Error::source(e);
     while let Some(s) = src {
@@ -304,10 +369,13 @@ fn empty() -> ProxyBody {
 }
 
 /// An upstream response body that holds its request's ticket until the last
-/// byte has gone out (or the client went away), so a drain waits for it.
+/// byte has gone out (or the client went away), so a drain waits for it; at
+/// the end it gives the worker connection back to its pool.
 struct Guarded {
     inner: Incoming,
     _ticket: Ticket,
+    conn: Option<(SendRequest<ReqBody>, Arc<Pool>)>,
+    done: bool,
 }
 
 impl Body for Guarded {
@@ -318,9 +386,11 @@ impl Body for Guarded {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner)
-            .poll_frame(cx)
-            .map(|o| o.map(|r| r.map_err(Into::into)))
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None)) {
+            self.done = true;
+        }
+        r.map(|o| o.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -329,5 +399,16 @@ impl Body for Guarded {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        // Only a fully read response leaves the connection reusable.
+        if (self.done || self.inner.is_end_stream())
+            && let Some((sender, pool)) = self.conn.take()
+        {
+            pool.checkin(sender);
+        }
     }
 }

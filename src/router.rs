@@ -26,11 +26,14 @@ pub struct Upstream {
     pub addr: SocketAddr,
     requests: AtomicU64,
     tunnels: AtomicU64,
+    retired: std::sync::atomic::AtomicBool,
     idle: Notify,
     /// Cancelled to cut this worker's upgraded connections at drain timeout.
     pub tunnel_cancel: CancellationToken,
     /// The tasks copying this worker's upgraded connections.
     pub tunnel_tracker: TaskTracker,
+    /// Keep-alive connections to the worker.
+    pub pool: Arc<crate::pool::Pool>,
 }
 
 /// A counted use of an [`Upstream`]; dropping it gives the count back.
@@ -63,9 +66,11 @@ impl Upstream {
             addr,
             requests: AtomicU64::new(0),
             tunnels: AtomicU64::new(0),
+            retired: std::sync::atomic::AtomicBool::new(false),
             idle: Notify::new(),
             tunnel_cancel: CancellationToken::new(),
             tunnel_tracker: TaskTracker::new(),
+            pool: crate::pool::Pool::new(addr),
         })
     }
 
@@ -85,6 +90,18 @@ impl Upstream {
             upstream: self.clone(),
             tunnel: true,
         }
+    }
+
+    /// Marks the worker as stopped on purpose (drain timeout, shutdown): a
+    /// request it fails was cut by the supervisor, not by a crash, and is
+    /// not sent again elsewhere.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Upstream::retire`] was called.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
     }
 
     /// HTTP requests in flight.
@@ -142,13 +159,28 @@ impl Router {
     /// A ticket on the upstream active now, waiting up to `hold` for one to
     /// become active. None when none did.
     pub async fn acquire(&self, hold: Duration) -> Option<(Arc<Upstream>, Ticket)> {
+        self.acquire_other(None, hold).await
+    }
+
+    /// Like [`Router::acquire`], but waits for an upstream other than
+    /// `dead` (one that just refused a connection: it crashed, and the
+    /// supervisor is about to notice).
+    pub async fn acquire_other(
+        &self,
+        dead: Option<&Arc<Upstream>>,
+        hold: Duration,
+    ) -> Option<(Arc<Upstream>, Ticket)> {
         let mut rx = self.changed.subscribe();
         let deadline = tokio::time::Instant::now() + hold;
         // Bounded: each retry needs a swap between two loads, and a wait
         // needs a swap to end before the deadline.
         for _ in 0..64 {
             rx.mark_unchanged();
-            if let Some(up) = self.current.load_full() {
+            let current = self
+                .current
+                .load_full()
+                .filter(|up| !dead.is_some_and(|d| Arc::ptr_eq(d, up)));
+            if let Some(up) = current {
                 let ticket = up.request();
                 let still = self
                     .current

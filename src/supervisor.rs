@@ -509,6 +509,7 @@ impl Supervisor {
                             d.upstream.requests()
                         ),
                     );
+                    d.upstream.retire();
                     d.upstream.tunnel_cancel.cancel();
                     d.stop.cancel();
                 }
@@ -671,7 +672,10 @@ impl Supervisor {
         let timeout = self.cfg.worker.drain_timeout;
         tokio::spawn(async move {
             tokio::select! {
-                () = upstream.idle() => stop.cancel(),
+                () = upstream.idle() => {
+                    upstream.retire();
+                    stop.cancel();
+                }
                 _ = tokio::time::sleep(timeout) => {
                     let _ = itx.send(Internal::DrainTimedOut { generation, instance });
                 }
@@ -919,16 +923,7 @@ impl Supervisor {
     fn reload(&mut self, reply: Option<oneshot::Sender<Result<(), String>>>) {
         systemd::reloading();
         let result = match Config::load(&self.cfg.file, &self.overrides) {
-            Err(e) => {
-                let msg = e.to_string();
-                self.events.emit(
-                    "config_rejected",
-                    None,
-                    format!("config refused; the running config stays: {msg}"),
-                );
-                self.config_error = Some(msg.clone());
-                Err(msg)
-            }
+            Err(e) => Err(self.refuse_config(e.to_string())),
             Ok(mut new) => {
                 if new.daemon.listen.port() != 0 && new.daemon.listen != self.cfg.daemon.listen {
                     tracing::warn!(
@@ -955,16 +950,7 @@ impl Supervisor {
                         self.request_deploy("config reload".into(), true);
                         Ok(())
                     }
-                    Err(e) => {
-                        let msg = e.to_string();
-                        self.events.emit(
-                            "config_rejected",
-                            None,
-                            format!("config refused; the running config stays: {msg}"),
-                        );
-                        self.config_error = Some(msg.clone());
-                        Err(msg)
-                    }
+                    Err(e) => Err(self.refuse_config(e.to_string())),
                 }
             }
         };
@@ -972,6 +958,17 @@ impl Supervisor {
         if let Some(r) = reply {
             let _ = r.send(result);
         }
+    }
+
+    /// Records a refused reload; the running config stays.
+    fn refuse_config(&mut self, msg: String) -> String {
+        self.events.emit(
+            "config_rejected",
+            None,
+            format!("config refused; the running config stays: {msg}"),
+        );
+        self.config_error = Some(msg.clone());
+        msg
     }
 
     // --- bookkeeping ---
@@ -1120,6 +1117,7 @@ impl Supervisor {
         for inst in &all {
             inst.monitor.cancel();
             let _ = tokio::time::timeout_at(deadline, inst.upstream.idle()).await;
+            inst.upstream.retire();
             inst.upstream.tunnel_cancel.cancel();
             inst.stop.cancel();
         }

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use globset::GlobSet;
+use crate::config::IgnoreSet;
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
@@ -47,7 +47,7 @@ struct Filter {
     config: PathBuf,
     files: Vec<PathBuf>,
     dirs: Vec<PathBuf>,
-    ignore: GlobSet,
+    ignore: IgnoreSet,
 }
 
 impl Filter {
@@ -77,7 +77,7 @@ pub fn watch(
     root: &Path,
     paths: &[PathBuf],
     config: &Path,
-    ignore: GlobSet,
+    ignore: IgnoreSet,
     tx: mpsc::UnboundedSender<Change>,
 ) -> Result<Watcher, WatchError> {
     let mut files = Vec::new();

@@ -151,25 +151,6 @@ pub async fn snapshot(artifact: &Path, dir: &Path) -> Result<(PathBuf, String), 
     .map_err(|e| format!("snapshot task: {e}"))?
 }
 
-/// SHA-256 of a file, hex.
-///
-/// # Errors
-/// The I/O error.
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
-}
-
 /// How a worker process ended.
 #[derive(Debug, Clone)]
 pub struct Exit {

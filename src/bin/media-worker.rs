@@ -25,7 +25,7 @@ enum LogFormat {
 
 /// Twilio Media Streams worker.
 #[derive(Debug, Parser)]
-#[command(name = "media-worker", version, about)]
+#[command(name = "media-worker", version)]
 struct Cli {
     /// TOML config file (see etc/media-worker.toml); defaults apply without it.
     #[arg(long, short = 'c')]

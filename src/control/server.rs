@@ -23,8 +23,7 @@ use futures_util::StreamExt;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
@@ -96,7 +95,7 @@ pub async fn serve(listener: UnixListener, job: Job, state_dir: PathBuf, token: 
                 let token = token.clone();
                 async move { Ok::<_, Infallible>(route(req, &job, &state_dir, trusted, token).await) }
             });
-            let _ = auto::Builder::new(TokioExecutor::new())
+            let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
@@ -256,110 +255,98 @@ fn events(job: &Job, token: CancellationToken) -> Response<ProxyBody> {
 fn metrics(s: &Status, job: &Job) -> Response<ProxyBody> {
     use std::fmt::Write;
     let m = &job.proxy.metrics;
+    let live = || s.active.iter().chain(&s.draining);
+    let count = |state| s.history.iter().filter(|g| g.state == state).count() as u64;
+    let rows: [(&str, &str, &str, u64); 13] = [
+        (
+            "baton_requests_total",
+            "counter",
+            "Requests received on the public listener.",
+            m.requests.load(Ordering::Relaxed),
+        ),
+        (
+            "baton_bad_gateway_total",
+            "counter",
+            "502 responses made by the proxy.",
+            m.bad_gateway.load(Ordering::Relaxed),
+        ),
+        (
+            "baton_unavailable_total",
+            "counter",
+            "503 responses made by the proxy (no healthy worker).",
+            m.unavailable.load(Ordering::Relaxed),
+        ),
+        (
+            "baton_upgrades_total",
+            "counter",
+            "Upgraded (WebSocket) connections proxied.",
+            m.upgrades.load(Ordering::Relaxed),
+        ),
+        (
+            "baton_connections_total",
+            "counter",
+            "Client connections accepted.",
+            m.connections.load(Ordering::Relaxed),
+        ),
+        (
+            "baton_uptime_seconds",
+            "gauge",
+            "Seconds since the daemon started.",
+            s.uptime_s,
+        ),
+        (
+            "baton_active_generation",
+            "gauge",
+            "The generation serving new traffic (0: none).",
+            s.active
+                .as_ref()
+                .filter(|g| g.state == GenState::Active)
+                .map_or(0, |g| g.id),
+        ),
+        (
+            "baton_draining_generations",
+            "gauge",
+            "Generations draining.",
+            s.draining.len() as u64,
+        ),
+        (
+            "baton_requests_in_flight",
+            "gauge",
+            "HTTP requests in flight to workers.",
+            live().map(|g| g.requests_in_flight).sum(),
+        ),
+        (
+            "baton_open_connections",
+            "gauge",
+            "Upgraded connections open to workers.",
+            live().map(|g| g.connections).sum(),
+        ),
+        (
+            "baton_history_rejected",
+            "gauge",
+            "Rejected generations in the kept history.",
+            count(GenState::Rejected),
+        ),
+        (
+            "baton_history_failed",
+            "gauge",
+            "Failed generations in the kept history.",
+            count(GenState::Failed),
+        ),
+        (
+            "baton_unit_failed",
+            "gauge",
+            "1 when the start limit was hit.",
+            u64::from(s.state == "failed"),
+        ),
+    ];
     let mut out = String::new();
-    let mut put = |name: &str, kind: &str, help: &str, v: u64| {
+    for (name, kind, help, v) in rows {
         let _ = writeln!(
             out,
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
         );
-    };
-    put(
-        "baton_requests_total",
-        "counter",
-        "Requests received on the public listener.",
-        m.requests.load(Ordering::Relaxed),
-    );
-    put(
-        "baton_bad_gateway_total",
-        "counter",
-        "502 responses made by the proxy.",
-        m.bad_gateway.load(Ordering::Relaxed),
-    );
-    put(
-        "baton_unavailable_total",
-        "counter",
-        "503 responses made by the proxy (no healthy worker).",
-        m.unavailable.load(Ordering::Relaxed),
-    );
-    put(
-        "baton_upgrades_total",
-        "counter",
-        "Upgraded (WebSocket) connections proxied.",
-        m.upgrades.load(Ordering::Relaxed),
-    );
-    put(
-        "baton_connections_total",
-        "counter",
-        "Client connections accepted.",
-        m.connections.load(Ordering::Relaxed),
-    );
-    put(
-        "baton_uptime_seconds",
-        "gauge",
-        "Seconds since the daemon started.",
-        s.uptime_s,
-    );
-    put(
-        "baton_active_generation",
-        "gauge",
-        "The generation serving new traffic (0: none).",
-        s.active
-            .as_ref()
-            .filter(|g| g.state == GenState::Active)
-            .map_or(0, |g| g.id),
-    );
-    put(
-        "baton_draining_generations",
-        "gauge",
-        "Generations draining.",
-        s.draining.len() as u64,
-    );
-    let inflight: u64 = s
-        .active
-        .iter()
-        .chain(&s.draining)
-        .map(|g| g.requests_in_flight)
-        .sum();
-    let conns: u64 = s
-        .active
-        .iter()
-        .chain(&s.draining)
-        .map(|g| g.connections)
-        .sum();
-    put(
-        "baton_requests_in_flight",
-        "gauge",
-        "HTTP requests in flight to workers.",
-        inflight,
-    );
-    put(
-        "baton_open_connections",
-        "gauge",
-        "Upgraded connections open to workers.",
-        conns,
-    );
-    let rejected = s
-        .history
-        .iter()
-        .filter(|g| g.state == GenState::Rejected)
-        .count() as u64;
-    let failed = s
-        .history
-        .iter()
-        .filter(|g| g.state == GenState::Failed)
-        .count() as u64;
-    put(
-        "baton_history_rejected",
-        "gauge",
-        "Rejected generations in the kept history.",
-        rejected,
-    );
-    put(
-        "baton_history_failed",
-        "gauge",
-        "Failed generations in the kept history.",
-        failed,
-    );
+    }
     let mut resp = Response::new(full(out));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -33,14 +33,14 @@ pub enum TwilioMessage<'a> {
         /// The call and stream description.
         start: StartMeta,
     },
-    /// A chunk of caller audio.
+    /// A chunk of caller audio (the hot path: fields borrow from the frame).
     Media {
         /// Message counter as a decimal string.
-        #[serde(rename = "sequenceNumber")]
-        sequence_number: String,
+        #[serde(rename = "sequenceNumber", borrow)]
+        sequence_number: Cow<'a, str>,
         /// The stream these messages belong to.
-        #[serde(rename = "streamSid")]
-        stream_sid: String,
+        #[serde(rename = "streamSid", borrow)]
+        stream_sid: Cow<'a, str>,
         /// The audio and its position.
         #[serde(borrow)]
         media: InboundMedia<'a>,
@@ -127,11 +127,14 @@ impl Default for MediaFormat {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InboundMedia<'a> {
     /// `"inbound"` (or `"outbound"` on a both-tracks stream).
-    pub track: String,
+    #[serde(borrow)]
+    pub track: Cow<'a, str>,
     /// Chunk counter as a decimal string, from "1".
-    pub chunk: String,
+    #[serde(borrow)]
+    pub chunk: Cow<'a, str>,
     /// Milliseconds since the stream started, as a decimal string.
-    pub timestamp: String,
+    #[serde(borrow)]
+    pub timestamp: Cow<'a, str>,
     /// Base64 raw mu-law.
     #[serde(borrow)]
     pub payload: Cow<'a, str>,
@@ -242,8 +245,8 @@ impl<'a> TwilioMessage<'a> {
     pub fn stream_sid(&self) -> Option<&str> {
         match self {
             Self::Connected { .. } => None,
+            Self::Media { stream_sid, .. } => Some(stream_sid),
             Self::Start { stream_sid, .. }
-            | Self::Media { stream_sid, .. }
             | Self::Dtmf { stream_sid, .. }
             | Self::Mark { stream_sid, .. }
             | Self::Stop { stream_sid, .. } => Some(stream_sid),

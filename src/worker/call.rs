@@ -21,7 +21,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::{MissedTickBehavior, sleep_until};
+use tokio::time::MissedTickBehavior;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
@@ -30,7 +30,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tracing::{debug, info, warn};
 
 use super::AppState;
-use super::pipeline::{Dialog, Stt, Vad, VadEvent};
+use super::pipeline::{Dialog, SttError, Vad, VadEvent};
 use super::record::{CallRecord, TranscriptEntry, rfc3339};
 use crate::twilio::audio::{FRAME_BYTES, SAMPLE_RATE_HZ};
 use crate::twilio::messages::{
@@ -41,7 +41,11 @@ use crate::twilio::mulaw;
 /// Log `MEDIA_TX` every this many outbound frames (one second of audio).
 const MEDIA_TX_EVERY_FRAMES: u64 = 50;
 /// Audio kept before speech start, so the echo includes the onset.
-const PREROLL_SAMPLES: usize = 2_400;
+const PREROLL_SAMPLES: usize = 800;
+/// A write that makes no progress this long means the peer stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a finished call waits for its transcriptions.
+const STT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long we wait for the peer's close reply.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -63,6 +67,16 @@ enum End {
     Close(CloseCode, &'static str),
 }
 
+/// A finished transcription.
+struct SttDone {
+    /// Utterance number.
+    n: u64,
+    /// Utterance length.
+    utterance_ms: u64,
+    /// The result.
+    result: Result<Option<String>, SttError>,
+}
+
 /// Per-call state; owned by the call's task only.
 struct Call {
     state: Arc<AppState>,
@@ -72,7 +86,7 @@ struct Call {
     stream_sid: String,
     call_sid: String,
     vad: Box<dyn Vad>,
-    stt: Box<dyn Stt>,
+    stt_jobs: tokio::task::JoinSet<SttDone>,
     dialog: Box<dyn Dialog>,
     in_bytes: Vec<u8>,
     pcm: Vec<i16>,
@@ -83,6 +97,9 @@ struct Call {
     b64_out: String,
     ping_seq: u64,
     ping_sent: Option<(u64, Instant)>,
+    /// The oldest ping still without any pong: a dead peer (no FIN, no
+    /// RST) is detected by this rather than by TCP's 15-minute timeout.
+    unanswered_since: Option<Instant>,
     pending_clear: bool,
 }
 
@@ -97,14 +114,14 @@ pub async fn run_call<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (vad, stt, dialog) = state.engines.new_call();
+    let (vad, dialog) = state.engines.new_call();
     let now = Instant::now();
     let mut call = Call {
         rec: CallRecord {
             conn_id,
             subprotocol,
             started_at: rfc3339(SystemTime::now()),
-            stt_engine: stt.name().to_string(),
+            stt_engine: state.engines.stt.name().to_string(),
             ..CallRecord::default()
         },
         state,
@@ -113,7 +130,7 @@ pub async fn run_call<S>(
         stream_sid: String::new(),
         call_sid: String::new(),
         vad,
-        stt,
+        stt_jobs: tokio::task::JoinSet::new(),
         dialog,
         in_bytes: Vec::with_capacity(FRAME_BYTES * 2),
         pcm: Vec::with_capacity(FRAME_BYTES * 2),
@@ -124,6 +141,7 @@ pub async fn run_call<S>(
         b64_out: String::with_capacity(256),
         ping_seq: 0,
         ping_sent: None,
+        unanswered_since: None,
         pending_clear: false,
     };
     debug!(conn = conn_id, peer = %peer, subprotocol, "websocket open");
@@ -173,7 +191,7 @@ impl Call {
             streamSid = %self.stream_sid,
             what,
             detail = %detail,
-            "skipped inbound message: {what}"
+            "call warning: {what}"
         );
         self.rec
             .push_event(t, "warning", format!("{what}: {detail}"));
@@ -186,9 +204,23 @@ impl Call {
         let period = self.state.cfg.ping_interval;
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Built once and re-polled: a fresh `cancelled()` per iteration would
+        // lock the shared token 100 times a second per call, and a fresh
+        // `Sleep` would re-register the timer on every inbound frame.
         let cancel = self.state.calls_cancel.clone();
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
+        let pacer = tokio::time::sleep_until(tokio::time::Instant::now());
+        tokio::pin!(pacer);
+        let mut armed: Option<Instant> = None;
         loop {
             let deadline = self.send_deadline();
+            if deadline != armed {
+                if let Some(d) = deadline {
+                    pacer.as_mut().reset(d.into());
+                }
+                armed = deadline;
+            }
             tokio::select! {
                 msg = ws.next() => {
                     let flow = match msg {
@@ -202,26 +234,55 @@ impl Call {
                         Err(e) => return self.on_ws_error(e),
                     }
                     // Inbound may have queued a clear (barge-in) or a reply.
-                    if let Err(e) = self.flush_control(ws).await {
-                        return self.on_ws_error(e);
+                    match tokio::time::timeout(WRITE_TIMEOUT, self.flush_control(ws)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return self.on_ws_error(e),
+                        Err(_) => return self.write_stalled(),
                     }
                 }
-                () = wait_until(deadline) => {
-                    if let Err(e) = self.pump(ws).await {
-                        return self.on_ws_error(e);
+                () = &mut pacer, if armed.is_some() => {
+                    armed = None;
+                    match tokio::time::timeout(WRITE_TIMEOUT, self.pump(ws)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return self.on_ws_error(e),
+                        Err(_) => return self.write_stalled(),
                     }
                 }
                 _ = ping.tick() => {
+                    let now = Instant::now();
+                    if self
+                        .unanswered_since
+                        .is_some_and(|t| now.duration_since(t) >= self.state.cfg.pong_timeout)
+                    {
+                        self.warn_skip("pong timeout", format!("no pong for {:?}", self.state.cfg.pong_timeout));
+                        return End::Close(CloseCode::Away, "pong timeout");
+                    }
+                    self.unanswered_since.get_or_insert(now);
                     self.ping_seq += 1;
                     self.ping_sent = Some((self.ping_seq, Instant::now()));
                     let payload = Bytes::copy_from_slice(&self.ping_seq.to_be_bytes());
-                    if let Err(e) = ws.send(Message::Ping(payload)).await {
-                        return self.on_ws_error(e);
+                    match tokio::time::timeout(WRITE_TIMEOUT, ws.send(Message::Ping(payload))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return self.on_ws_error(e),
+                        Err(_) => return self.write_stalled(),
                     }
                 }
-                () = cancel.cancelled() => return End::Close(CloseCode::Away, "server shutting down"),
+                Some(done) = self.stt_jobs.join_next(), if !self.stt_jobs.is_empty() => {
+                    self.on_stt_done(done);
+                }
+                () = &mut cancelled => return End::Close(CloseCode::Away, "server shutting down"),
             }
         }
+    }
+
+    /// The peer stopped reading: our writes have not drained for
+    /// [`WRITE_TIMEOUT`].
+    fn write_stalled(&mut self) -> End {
+        self.warn_skip(
+            "write stalled",
+            format!("no progress for {WRITE_TIMEOUT:?}"),
+        );
+        End::PeerClosed("write stalled")
     }
 
     fn on_ws_error(&mut self, e: WsError) -> End {
@@ -258,6 +319,7 @@ impl Call {
                 Ok(None)
             }
             Message::Pong(data) => {
+                self.unanswered_since = None;
                 if let Some((seq, sent)) = self.ping_sent
                     && data.as_ref() == seq.to_be_bytes()
                 {
@@ -328,6 +390,13 @@ impl Call {
                     "WS_START"
                 );
                 self.rec.push_event(t, "start", "");
+                let fmt = &start.media_format;
+                if fmt.encoding != "audio/x-mulaw" || fmt.sample_rate != 8000 || fmt.channels != 1 {
+                    // We decode as mu-law 8 kHz mono regardless: say so.
+                    let detail =
+                        format!("{} {} Hz x{}", fmt.encoding, fmt.sample_rate, fmt.channels);
+                    self.warn_skip("unexpected mediaFormat", detail);
+                }
                 let greeting = Arc::clone(&self.state.engines.greeting);
                 self.enqueue_reply(greeting, "greeting", "greeting".into());
             }
@@ -386,8 +455,11 @@ impl Call {
                 }
                 VadEvent::None if self.vad.in_speech() => {
                     self.utterance.extend_from_slice(block);
-                    if let Some(text) = self.stt.partial(block) {
-                        info!(event = "STT_PARTIAL", callSid = %self.call_sid, streamSid = %self.stream_sid, engine = self.stt.name(), text = %text, "STT_PARTIAL");
+                    let stt = &self.state.engines.stt;
+                    if stt.available()
+                        && let Some(text) = stt.partial(&self.utterance)
+                    {
+                        info!(event = "STT_PARTIAL", callSid = %self.call_sid, streamSid = %self.stream_sid, engine = stt.name(), text = %text, "STT_PARTIAL");
                     }
                 }
                 VadEvent::SpeechEnd => {
@@ -414,26 +486,34 @@ impl Call {
         let utterance_ms = utt.len() as u64 * 1000 / u64::from(SAMPLE_RATE_HZ);
         self.rec.utterances += 1;
         let n = self.rec.utterances;
-        let text = self.stt.finish(&utt);
-        info!(
-            event = "STT_FINAL",
-            callSid = %self.call_sid,
-            streamSid = %self.stream_sid,
-            engine = self.stt.name(),
-            transcribed = text.is_some(),
-            text = text.as_deref().unwrap_or(""),
-            utterance_ms,
-            "STT_FINAL"
-        );
-        let t = self.t_ms();
-        self.rec
-            .push_event(t, "stt_final", text.clone().unwrap_or_default());
-        self.rec.transcript.push(TranscriptEntry {
-            t_ms: t,
-            utterance_ms,
-            text: text.clone(),
-        });
-        let reply = self.dialog.reply(&utt, text.as_deref());
+        let stt = Arc::clone(&self.state.engines.stt);
+        if stt.available() {
+            // Transcribe off the call loop, a few at a time process-wide, so
+            // pacing and pings go on meanwhile; STT_FINAL lands later.
+            let slots = Arc::clone(&self.state.engines.stt_slots);
+            let pcm = utt.clone();
+            self.stt_jobs.spawn(async move {
+                let result = match slots.acquire_owned().await {
+                    Ok(_permit) => tokio::task::spawn_blocking(move || stt.transcribe(&pcm))
+                        .await
+                        .unwrap_or_else(|e| Err(SttError::Failed(format!("stt task: {e}")))),
+                    Err(e) => Err(SttError::Failed(e.to_string())),
+                };
+                SttDone {
+                    n,
+                    utterance_ms,
+                    result,
+                }
+            });
+        } else {
+            self.on_stt_done(Ok(SttDone {
+                n,
+                utterance_ms,
+                result: Ok(None),
+            }));
+        }
+        // Echo needs no transcript, so it does not wait for one.
+        let reply = self.dialog.reply(&utt, None);
         let pcm = match (reply.audio, reply.text) {
             (Some(a), _) => a,
             (None, Some(say)) => {
@@ -455,6 +535,49 @@ impl Call {
         let mut encoded = Vec::with_capacity(pcm.len() + FRAME_BYTES);
         mulaw::encode_into(&pcm, &mut encoded);
         self.enqueue_reply(encoded.into(), reply.source, format!("utt-{n}"));
+    }
+
+    /// Logs a transcription result and adds it to the record.
+    fn on_stt_done(&mut self, done: Result<SttDone, tokio::task::JoinError>) {
+        let SttDone {
+            n,
+            utterance_ms,
+            result,
+        } = match done {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(callSid = %self.call_sid, error = %e, "stt job failed");
+                return;
+            }
+        };
+        let engine = self.state.engines.stt.name();
+        let text = match result {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(callSid = %self.call_sid, streamSid = %self.stream_sid, engine, error = %e, "stt failed");
+                None
+            }
+        };
+        info!(
+            event = "STT_FINAL",
+            callSid = %self.call_sid,
+            streamSid = %self.stream_sid,
+            engine,
+            utterance = n,
+            transcribed = text.is_some(),
+            text = text.as_deref().unwrap_or(""),
+            utterance_ms,
+            "STT_FINAL"
+        );
+        let t = self.t_ms();
+        self.rec
+            .push_event(t, "stt_final", text.clone().unwrap_or_default());
+        self.rec.transcript.push(TranscriptEntry {
+            t_ms: t,
+            utterance: n,
+            utterance_ms,
+            text,
+        });
     }
 
     /// Queues audio (padded to whole frames) followed by its mark.
@@ -554,6 +677,17 @@ impl Call {
                     };
                     let t = self.t_ms();
                     self.rec.push_event(t, "mark_sent", name.clone());
+                    // A count at the end of every utterance, besides the
+                    // once-a-second one.
+                    info!(
+                        event = "MEDIA_TX",
+                        callSid = %self.call_sid,
+                        streamSid = %self.stream_sid,
+                        frames_out = self.rec.frames_out,
+                        bytes_out = self.rec.bytes_out,
+                        mark = %name,
+                        "MEDIA_TX"
+                    );
                     let msg = server_text(&ServerMessage::Mark {
                         stream_sid: self.stream_sid.as_str().into(),
                         mark: MarkBody { name: name.clone() },
@@ -609,6 +743,19 @@ impl Call {
 
     /// Logs `WS_STOP` and writes the record.
     async fn finish(mut self, reason: &'static str) {
+        // Let transcriptions in flight land in the record (bounded).
+        let deadline = tokio::time::Instant::now() + STT_DRAIN_TIMEOUT;
+        while !self.stt_jobs.is_empty() {
+            match tokio::time::timeout_at(deadline, self.stt_jobs.join_next()).await {
+                Ok(Some(done)) => self.on_stt_done(done),
+                Ok(None) => break,
+                Err(_) => {
+                    warn!(callSid = %self.call_sid, pending = self.stt_jobs.len(), "transcriptions still running at call end; dropped");
+                    self.stt_jobs.abort_all();
+                    break;
+                }
+            }
+        }
         let duration_ms = self.t_ms();
         self.rec.duration_ms = duration_ms;
         self.rec.ended_at = rfc3339(SystemTime::now());
@@ -638,11 +785,4 @@ fn server_text(msg: &ServerMessage<'_>) -> Message {
     // Serialising these plain structs cannot fail; an empty text would be
     // logged by the peer as malformed rather than crash us.
     Message::Text(serde_json::to_string(msg).unwrap_or_default().into())
-}
-
-async fn wait_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => sleep_until(d.into()).await,
-        None => std::future::pending().await,
-    }
 }

@@ -38,6 +38,20 @@ pub enum TtsChoice {
     Tone,
 }
 
+/// Which speech recogniser transcribes utterances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SttChoice {
+    /// No transcripts (logged honestly as `engine=none`). The default: a
+    /// recogniser per utterance is far too heavy for the 1000-call bench.
+    #[default]
+    None,
+    /// PocketSphinx when installed, else none.
+    Auto,
+    /// PocketSphinx or fail at start-up.
+    Pocketsphinx,
+}
+
 /// Energy VAD knobs, in the file's `[vad]` table.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -84,8 +98,14 @@ pub struct FileConfig {
     pub signature_mode: SignatureMode,
     /// `auto`, `espeak-ng` or `tone`.
     pub tts: TtsChoice,
+    /// `none`, `auto` or `pocketsphinx`.
+    pub stt: SttChoice,
+    /// Transcriptions running at once, over all calls.
+    pub stt_concurrency: usize,
     /// WebSocket ping period.
     pub ping_interval_ms: u64,
+    /// A call whose pings go unanswered this long is closed (dead peer).
+    pub pong_timeout_ms: u64,
     /// How long open calls may go on after SIGTERM.
     pub shutdown_grace_ms: u64,
     /// Largest inbound WebSocket message; larger closes with 1009.
@@ -107,7 +127,10 @@ impl Default for FileConfig {
             data_dir: "data".into(),
             signature_mode: SignatureMode::Artifact,
             tts: TtsChoice::Auto,
+            stt: SttChoice::None,
+            stt_concurrency: 2,
             ping_interval_ms: 5_000,
+            pong_timeout_ms: 15_000,
             shutdown_grace_ms: 10_000,
             max_message_bytes: 64 * 1024,
             pacing_lead_ms: 100,
@@ -144,8 +167,14 @@ pub struct Config {
     pub app_signature: String,
     /// TTS engine choice.
     pub tts: TtsChoice,
+    /// STT engine choice.
+    pub stt: SttChoice,
+    /// Transcriptions running at once.
+    pub stt_concurrency: usize,
     /// WebSocket ping period.
     pub ping_interval: Duration,
+    /// Unanswered-ping limit.
+    pub pong_timeout: Duration,
     /// Grace for open calls on shutdown.
     pub shutdown_grace: Duration,
     /// Max inbound WebSocket message size.
@@ -269,6 +298,12 @@ impl Config {
         if file.ping_interval_ms == 0 {
             return Err(invalid("ping_interval_ms", "must be > 0".into()));
         }
+        if file.pong_timeout_ms <= file.ping_interval_ms {
+            return Err(invalid(
+                "pong_timeout_ms",
+                "must be longer than ping_interval_ms".into(),
+            ));
+        }
         if file.max_message_bytes < 1024 {
             return Err(invalid("max_message_bytes", "must be >= 1024".into()));
         }
@@ -301,7 +336,10 @@ impl Config {
             signature_mode: file.signature_mode,
             app_signature,
             tts: file.tts,
+            stt: file.stt,
+            stt_concurrency: file.stt_concurrency,
             ping_interval: Duration::from_millis(file.ping_interval_ms),
+            pong_timeout: Duration::from_millis(file.pong_timeout_ms),
             shutdown_grace: Duration::from_millis(file.shutdown_grace_ms),
             max_message_bytes: file.max_message_bytes,
             pacing_lead: Duration::from_millis(file.pacing_lead_ms),
@@ -316,21 +354,10 @@ impl Config {
 /// # Errors
 /// I/O errors locating or reading the executable.
 pub fn self_digest() -> std::io::Result<String> {
-    use sha2::{Digest, Sha256};
-    use std::io::Read;
     let path = std::env::current_exe().or_else(|_| std::fs::read_link("/proc/self/exe"))?;
     // /proc/self/exe keeps working even if the file was replaced on disk.
-    let mut f = std::fs::File::open("/proc/self/exe").or_else(|_| std::fs::File::open(&path))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
+    let f = std::fs::File::open("/proc/self/exe").or_else(|_| std::fs::File::open(&path))?;
+    crate::digest::sha256_reader(f)
 }
 
 /// Parses the TOML text, turning errors into file:line:column + key.

@@ -45,9 +45,9 @@ pub enum WorkerError {
         #[source]
         source: std::io::Error,
     },
-    /// The greeting could not be rendered.
-    #[error("rendering greeting: {0}")]
-    Tts(#[from] pipeline::TtsError),
+    /// An engine could not start or the greeting could not be rendered.
+    #[error("engines: {0}")]
+    Engine(#[from] pipeline::EngineError),
     /// A start-up task panicked or was cancelled.
     #[error("start-up task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
@@ -114,6 +114,7 @@ pub async fn run(
         addr = %addr,
         signature = %state.cfg.app_signature,
         tts = state.engines.tts.name(),
+        stt = state.engines.stt.name(),
         "listening on {addr}"
     );
 

@@ -1,18 +1,18 @@
 //! The voice pipeline behind small engine traits: VAD -> STT -> dialog -> TTS.
 //!
-//! Each call owns its own [`Vad`], [`Stt`] and [`Dialog`] (they keep
-//! per-call state); the [`Tts`] and the pre-rendered greeting are shared.
+//! Each call owns its own [`Vad`] and [`Dialog`] (they keep per-call
+//! state); the [`Stt`], the [`Tts`] and the pre-rendered greeting are shared.
 //! The engines in this file are the honest minimum until real ones land:
 //! - [`EnergyVad`]: mean-amplitude speech detection with end-of-utterance;
-//! - [`NoStt`]: there is no speech recogniser, and it says so (no fake
-//!   transcripts);
+//! - [`NoStt`]: no speech recogniser, and it says so (no fake transcripts);
+//!   [`PocketsphinxStt`] when configured and installed;
 //! - [`EchoDialog`]: replies with the caller's own utterance;
 //! - [`EspeakTts`] (espeak-ng when installed) or [`ToneTts`].
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use super::config::{Config, TtsChoice, VadConfig};
+use super::config::{Config, SttChoice, TtsChoice, VadConfig};
 use crate::twilio::audio::{self, SAMPLE_RATE_HZ};
 use crate::twilio::mulaw;
 
@@ -35,14 +35,45 @@ pub trait Vad: Send {
     fn in_speech(&self) -> bool;
 }
 
-/// Speech to text; per call.
-pub trait Stt: Send {
-    /// Engine name for logs, `/version` and records.
+/// Speech to text; shared between calls.
+///
+/// Recognisers are slow and may block, so the call runs [`Stt::transcribe`]
+/// on the blocking pool (a few at a time, see [`Engines::stt_slots`]) and
+/// keeps pacing audio meanwhile; the transcript is logged as `STT_FINAL`
+/// when it lands. Engines that can stream partial results report them
+/// through [`Stt::partial`] (`STT_PARTIAL`); the file-based ones here cannot.
+pub trait Stt: Send + Sync {
+    /// Engine name for logs, `/version` and records (`none` = no engine).
     fn name(&self) -> &'static str;
-    /// Feeds utterance audio as it arrives; may return a partial transcript.
-    fn partial(&mut self, pcm: &[i16]) -> Option<String>;
-    /// The final transcript of the utterance, `None` when there is none.
-    fn finish(&mut self, utterance: &[i16]) -> Option<String>;
+    /// Whether this engine transcribes at all (false for [`NoStt`]).
+    fn available(&self) -> bool;
+    /// A partial transcript of the utterance so far, if the engine streams.
+    fn partial(&self, _pcm_so_far: &[i16]) -> Option<String> {
+        None
+    }
+    /// The transcript of one finished utterance (8 kHz PCM); `Ok(None)`
+    /// when nothing was recognised. Blocking.
+    ///
+    /// # Errors
+    /// [`SttError`] when the engine fails.
+    fn transcribe(&self, utterance: &[i16]) -> Result<Option<String>, SttError>;
+}
+
+/// A speech recogniser failure.
+#[derive(Debug, thiserror::Error)]
+pub enum SttError {
+    /// The engine program could not be run or its input written.
+    #[error("running {program}: {source}")]
+    Io {
+        /// The program.
+        program: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The engine ran but failed.
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// What to say back.
@@ -157,8 +188,8 @@ impl Vad for EnergyVad {
 
 // === impl NoStt ===
 
-/// No recogniser installed: partials and finals are always `None`, and the
-/// call logs `transcribed=false` with engine `none`.
+/// No recogniser configured: nothing is transcribed, and the call logs
+/// `transcribed=false` with engine `none` (no fake transcripts).
 #[derive(Debug, Default)]
 pub struct NoStt;
 
@@ -166,11 +197,112 @@ impl Stt for NoStt {
     fn name(&self) -> &'static str {
         "none"
     }
-    fn partial(&mut self, _pcm: &[i16]) -> Option<String> {
-        None
+    fn available(&self) -> bool {
+        false
     }
-    fn finish(&mut self, _utterance: &[i16]) -> Option<String> {
-        None
+    fn transcribe(&self, _utterance: &[i16]) -> Result<Option<String>, SttError> {
+        Ok(None)
+    }
+}
+
+// === impl PocketsphinxStt ===
+
+/// CMU PocketSphinx (Debian `pocketsphinx` + `pocketsphinx-en-us`) run as
+/// `pocketsphinx_continuous -infile` on each utterance, upsampled to the
+/// 16 kHz its US-English model expects. Accuracy on telephone audio is
+/// modest; it is here so the pipeline runs on a real recogniser.
+#[derive(Debug)]
+pub struct PocketsphinxStt {
+    /// Where utterance WAVs are written for the recogniser.
+    scratch_dir: std::path::PathBuf,
+    /// Names scratch files uniquely within the process.
+    counter: std::sync::atomic::AtomicU64,
+}
+
+/// The recogniser program.
+pub const POCKETSPHINX_PROGRAM: &str = "pocketsphinx_continuous";
+
+impl PocketsphinxStt {
+    /// An engine writing scratch files under `scratch_dir`.
+    pub fn new(scratch_dir: std::path::PathBuf) -> Self {
+        Self {
+            scratch_dir,
+            counter: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Checks that the program runs (used by `stt = "auto"` and at start-up).
+    pub fn probe() -> bool {
+        Command::new(POCKETSPHINX_PROGRAM)
+            .arg("-h")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    }
+}
+
+impl Stt for PocketsphinxStt {
+    fn name(&self) -> &'static str {
+        "pocketsphinx"
+    }
+    fn available(&self) -> bool {
+        true
+    }
+    fn transcribe(&self, utterance: &[i16]) -> Result<Option<String>, SttError> {
+        let io = |source| SttError::Io {
+            program: POCKETSPHINX_PROGRAM,
+            source,
+        };
+        std::fs::create_dir_all(&self.scratch_dir).map_err(io)?;
+        let n = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = self
+            .scratch_dir
+            .join(format!("utt-{}-{n}.wav", std::process::id()));
+        // Pad with silence: the recogniser's own VAD needs some on each side.
+        let mut pcm16 = vec![0i16; 3200];
+        pcm16.extend(audio::resample_linear(utterance, SAMPLE_RATE_HZ, 16_000));
+        pcm16.extend(std::iter::repeat_n(0i16, 3200));
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: 16_000,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
+        let written = (|| -> Result<(), hound::Error> {
+            let mut w = hound::WavWriter::create(&path, spec)?;
+            for &s in &pcm16 {
+                w.write_sample(s)?;
+            }
+            w.finalize()
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&path);
+            return Err(SttError::Failed(format!("writing {}: {e}", path.display())));
+        }
+        let out = Command::new(POCKETSPHINX_PROGRAM)
+            .arg("-infile")
+            .arg(&path)
+            .args(["-logfn", "/dev/null"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output();
+        let _ = std::fs::remove_file(&path);
+        let out = out.map_err(io)?;
+        if !out.status.success() {
+            return Err(SttError::Failed(format!(
+                "{POCKETSPHINX_PROGRAM} exited {}",
+                out.status
+            )));
+        }
+        let text = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        Ok((!text.is_empty()).then_some(text))
     }
 }
 
@@ -286,6 +418,11 @@ impl Tts for ToneTts {
 pub struct Engines {
     /// The TTS in use.
     pub tts: Arc<dyn Tts>,
+    /// The STT in use ([`NoStt`] when none is configured or installed).
+    pub stt: Arc<dyn Stt>,
+    /// Bounds concurrent transcriptions (recognisers are CPU-heavy; a
+    /// thousand calls must not start a thousand of them).
+    pub stt_slots: Arc<tokio::sync::Semaphore>,
     /// The greeting as mu-law, shared by every call without copying.
     pub greeting: Arc<[u8]>,
     /// VAD knobs for new calls.
@@ -296,18 +433,19 @@ impl std::fmt::Debug for Engines {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engines")
             .field("tts", &self.tts.name())
+            .field("stt", &self.stt.name())
             .field("greeting_bytes", &self.greeting.len())
             .finish()
     }
 }
 
 impl Engines {
-    /// Picks the TTS and renders the greeting (blocking: call it from
+    /// Picks the engines and renders the greeting (blocking: call it from
     /// `spawn_blocking`).
     ///
     /// # Errors
-    /// [`TtsError`] when `tts = "espeak-ng"` was asked for and fails.
-    pub fn build(cfg: &Config) -> Result<Self, TtsError> {
+    /// [`EngineError`] when an engine that was asked for by name fails.
+    pub fn build(cfg: &Config) -> Result<Self, EngineError> {
         let (tts, pcm): (Arc<dyn Tts>, Vec<i16>) = match cfg.tts {
             TtsChoice::Tone => (Arc::new(ToneTts), ToneTts.synthesize(&cfg.greeting_text)?),
             TtsChoice::EspeakNg => (
@@ -322,20 +460,39 @@ impl Engines {
                 }
             },
         };
+        let scratch = cfg.data_dir.join("tmp");
+        let stt: Arc<dyn Stt> = match cfg.stt {
+            SttChoice::None => Arc::new(NoStt),
+            SttChoice::Pocketsphinx => {
+                if !PocketsphinxStt::probe() {
+                    return Err(EngineError::Missing(POCKETSPHINX_PROGRAM));
+                }
+                Arc::new(PocketsphinxStt::new(scratch))
+            }
+            SttChoice::Auto => {
+                if PocketsphinxStt::probe() {
+                    Arc::new(PocketsphinxStt::new(scratch))
+                } else {
+                    tracing::info!("no speech recogniser installed; transcripts are off");
+                    Arc::new(NoStt)
+                }
+            }
+        };
         let mut greeting = Vec::with_capacity(pcm.len());
         mulaw::encode_into(&pcm, &mut greeting);
         Ok(Self {
             tts,
+            stt,
+            stt_slots: Arc::new(tokio::sync::Semaphore::new(cfg.stt_concurrency.max(1))),
             greeting: greeting.into(),
             vad: cfg.vad.clone(),
         })
     }
 
     /// Fresh per-call engines.
-    pub fn new_call(&self) -> (Box<dyn Vad>, Box<dyn Stt>, Box<dyn Dialog>) {
+    pub fn new_call(&self) -> (Box<dyn Vad>, Box<dyn Dialog>) {
         (
             Box::new(EnergyVad::new(self.vad.clone())),
-            Box::new(NoStt),
             Box::new(EchoDialog),
         )
     }
@@ -344,11 +501,22 @@ impl Engines {
     pub fn names(&self) -> serde_json::Value {
         serde_json::json!({
             "vad": "energy",
-            "stt": NoStt.name(),
+            "stt": self.stt.name(),
             "dialog": EchoDialog.name(),
             "tts": self.tts.name(),
         })
     }
+}
+
+/// An engine asked for by name cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// TTS failed.
+    #[error(transparent)]
+    Tts(#[from] TtsError),
+    /// The program is not installed.
+    #[error("{0} is not installed (Debian: pocketsphinx pocketsphinx-en-us)")]
+    Missing(&'static str),
 }
 
 #[cfg(test)]

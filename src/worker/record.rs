@@ -28,8 +28,10 @@ pub struct RecordEvent {
 /// One utterance's transcript entry.
 #[derive(Debug, Clone, Serialize)]
 pub struct TranscriptEntry {
-    /// Milliseconds since the WebSocket opened, at end of utterance.
+    /// Milliseconds since the WebSocket opened, when the transcript landed.
     pub t_ms: u64,
+    /// Utterance number (1-based; matches the `utt-N` mark).
+    pub utterance: u64,
     /// Utterance length.
     pub utterance_ms: u64,
     /// The recognised text; `None` when no STT engine is installed.

@@ -213,7 +213,7 @@ async fn a_worker_command_running_an_older_binary_is_rejected() {
     let g2 = d.wait_history(2, "rejected").await;
     let reason = g2.reason.expect("reason");
     let want = g2.signature.expect("signature");
-    let old = baton::worker_proc::sha256_file(&p.path("old/media-worker")).expect("hash");
+    let old = baton::digest::sha256_file(&p.path("old/media-worker")).expect("hash");
     assert_eq!(
         reason,
         format!(

@@ -393,3 +393,140 @@ async fn control_socket_metrics_logs_and_restart() {
         "listener survived"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unhealthy_active_worker_is_replaced_without_failed_requests() {
+    let p = Project::python("", "");
+    p.append("src/pyworker.py", "\n# UNHEALTHY_AFTER_MS=1500\n");
+    let d = Daemon::start(&p).await;
+    let s = d.wait_active(1).await;
+    let pid1 = s.active.and_then(|a| a.pid).expect("pid");
+    // Requests keep succeeding while the sick worker is replaced.
+    let mut replaced = None;
+    for _ in 0..400 {
+        let (code, _, _) = d.get("/whoami").await;
+        assert_eq!(code, StatusCode::OK);
+        let s = d.status().await;
+        if let Some(a) = s.active.filter(|a| a.pid != Some(pid1)) {
+            replaced = Some(a);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let a = replaced.expect("the unhealthy worker was never replaced");
+    assert_eq!(a.id, 1, "same generation");
+    assert!(a.restarts >= 1);
+    assert!(d.log().contains("health_failed"), "{}", d.log());
+    assert!(wait_gone(pid1).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_stream_both_ways_and_upstream_failures_are_502() {
+    use http_body_util::BodyExt;
+    let p = Project::python("", "");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    // A response is passed on chunk by chunk: the first chunk arrives while
+    // the worker is still waiting for the gate.
+    let gate = p.path("gate");
+    let stream = tokio::net::TcpStream::connect(d.addr)
+        .await
+        .expect("connect");
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("/stream?gate={}", gate.display()))
+        .header("host", "x")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("req");
+    let resp = tokio::time::timeout(PATIENCE, send.send_request(req))
+        .await
+        .expect("timeout")
+        .expect("resp");
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(PATIENCE, body.frame())
+        .await
+        .expect("first chunk was held back")
+        .expect("frame")
+        .expect("ok");
+    assert_eq!(first.data_ref().map(|b| &b[..]), Some(&b"first\n"[..]));
+    std::fs::write(&gate, "").expect("gate");
+    let rest = tokio::time::timeout(PATIENCE, body.collect())
+        .await
+        .expect("timeout")
+        .expect("rest")
+        .to_bytes();
+    assert_eq!(&rest[..], b"second\n");
+    // A 1 MiB request body goes through and back intact.
+    let payload: Vec<u8> = (0..1_048_576u32).map(|i| (i % 251) as u8).collect();
+    let stream = tokio::net::TcpStream::connect(d.addr)
+        .await
+        .expect("connect");
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let req = http::Request::post("/echo")
+        .header("host", "x")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            payload.clone(),
+        )))
+        .expect("req");
+    let resp = send.send_request(req).await.expect("resp");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let echoed = resp.into_body().collect().await.expect("body").to_bytes();
+    assert!(echoed[..] == payload[..], "echoed body differs");
+    // The worker dies mid-request: a 502 with a short reason.
+    let (code, _, body) = d.get("/die").await;
+    assert_eq!(code, StatusCode::BAD_GATEWAY);
+    assert!(
+        body.starts_with("bad gateway: worker of generation 1"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_status_reloading_and_stopping() {
+    let p = Project::python("", "");
+    let sock_path = p.path("notify.sock");
+    let sock = tokio::net::UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    let d = Daemon::start_env(
+        &p,
+        &[],
+        &[("NOTIFY_SOCKET", sock_path.to_str().expect("utf8"))],
+    )
+    .await;
+    let mut seen = String::new();
+    let recv_until = async |needle: &str, seen: &mut String| {
+        let mut buf = vec![0u8; 4096];
+        for _ in 0..200 {
+            if seen.contains(needle) {
+                return;
+            }
+            match tokio::time::timeout(PATIENCE, sock.recv(&mut buf)).await {
+                Ok(Ok(n)) => {
+                    seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    seen.push('\n');
+                }
+                _ => break,
+            }
+        }
+        assert!(seen.contains(needle), "never got {needle}; got:\n{seen}");
+    };
+    recv_until("READY=1", &mut seen).await;
+    assert!(seen.contains("STATUS=generation 1 active"), "{seen}");
+    let pid = d.child.id().expect("pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("hup");
+    recv_until("RELOADING=1", &mut seen).await;
+    assert!(seen.contains("MONOTONIC_USEC="), "{seen}");
+    let exit = d.stop().await;
+    assert!(exit.success());
+    recv_until("STOPPING=1", &mut seen).await;
+}

@@ -5,3 +5,4 @@ mod cutover;
 mod daemon;
 mod support;
 mod system;
+mod worker;

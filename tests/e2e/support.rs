@@ -121,10 +121,15 @@ impl Daemon {
     }
 
     pub async fn start_with(project: &Project, args: &[&str]) -> Daemon {
+        Self::start_env(project, args, &[]).await
+    }
+
+    pub async fn start_env(project: &Project, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let mut child = tokio::process::Command::new(BATOND)
             .arg("--config")
             .arg(project.path("etc/baton.toml"))
             .args(args)
+            .envs(env.iter().copied())
             .env("BATON_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

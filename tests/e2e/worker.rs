@@ -1,0 +1,1448 @@
+//! media-worker and callsim, end to end: the real binaries on 127.0.0.1
+//! with ephemeral ports, a temp dir per test, every wait bounded, and no
+//! sleeps for readiness (the worker prints `listening on ADDR`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+const MEDIA_WORKER: &str = env!("CARGO_BIN_EXE_media-worker");
+const CALLSIM: &str = env!("CARGO_BIN_EXE_callsim");
+/// Upper bound for anything that starts a process or runs a call.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+// === support ===
+
+/// How a test reaches the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// media-worker on its own, bound by itself on `PORT=0`.
+    Direct,
+    /// media-worker supervised by batond (socket handed over with
+    /// `LISTEN_FDS`), reached through batond's proxy.
+    Batond,
+}
+
+/// Declares a test twice: against the worker directly and through batond.
+macro_rules! both {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn direct() {
+                super::$name(super::Mode::Direct).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn through_batond() {
+                super::$name(super::Mode::Batond).await
+            }
+        }
+    };
+}
+
+/// A running media-worker with its temp dir and captured JSON logs.
+struct Worker {
+    child: tokio::process::Child,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+    lines: Arc<Mutex<Vec<String>>>,
+    line_count: watch::Receiver<usize>,
+}
+
+impl Worker {
+    /// Starts media-worker with `extra` appended to a test config.
+    async fn start(extra: &str, envs: &[(&str, &str)]) -> Worker {
+        Self::start_in(Mode::Direct, extra, envs).await
+    }
+
+    /// Starts media-worker directly or behind batond.
+    async fn start_in(mode: Mode, extra: &str, envs: &[(&str, &str)]) -> Worker {
+        let dir = tempfile::Builder::new()
+            .prefix("baton-worker-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        let cfg = dir.path().join("media-worker.toml");
+        std::fs::write(
+            &cfg,
+            format!("data_dir = \"data\"\nping_interval_ms = 200\ntts = \"tone\"\n{extra}\n"),
+        )
+        .expect("write config");
+        if mode == Mode::Batond {
+            return Self::behind_batond(dir, &cfg, envs).await;
+        }
+        let mut cmd = tokio::process::Command::new(MEDIA_WORKER);
+        cmd.arg("--config")
+            .arg(&cfg)
+            .args(["--log-format", "json"])
+            .env("PORT", "0")
+            .env("RUST_LOG", "info")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("TWILIO_AUTH_TOKEN")
+            .env_remove("BATON_SIGNATURE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn media-worker");
+        let stderr = child.stderr.take().expect("stderr");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, mut line_count) = watch::channel(0usize);
+        let sink = Arc::clone(&lines);
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                let n = {
+                    let mut l = sink.lock().expect("log lock");
+                    l.push(line);
+                    l.len()
+                };
+                let _ = tx.send(n);
+            }
+        });
+        let addr = tokio::time::timeout(PATIENCE, async {
+            loop {
+                let found = lines
+                    .lock()
+                    .expect("log lock")
+                    .iter()
+                    .find_map(|l| parse_listening(l));
+                if let Some(a) = found {
+                    return a;
+                }
+                if line_count.changed().await.is_err() {
+                    panic!(
+                        "media-worker exited before listening: {:?}",
+                        lines.lock().expect("lock")
+                    );
+                }
+            }
+        })
+        .await
+        .expect("media-worker did not print `listening on`");
+        Worker {
+            child,
+            addr,
+            dir,
+            lines,
+            line_count,
+        }
+    }
+
+    /// batond runs the worker binary as it is (no build step) with the test
+    /// config; the worker's JSON log is read from the generation's
+    /// `worker.log`, and `addr` is batond's public address.
+    async fn behind_batond(dir: tempfile::TempDir, cfg: &Path, envs: &[(&str, &str)]) -> Worker {
+        let baton = dir.path().join("baton.toml");
+        std::fs::write(
+            &baton,
+            format!(
+                r#"[daemon]
+listen = "127.0.0.1:0"
+state_dir = "state"
+[build]
+command = []
+artifact = "{MEDIA_WORKER}"
+[worker]
+command = ["{{artifact}}", "--config", "{}", "--log-format", "json"]
+env = {{ RUST_LOG = "info" }}
+drain_timeout_s = 5
+stop_timeout_s = 5
+"#,
+                cfg.display()
+            ),
+        )
+        .expect("write baton.toml");
+        let mut cmd = tokio::process::Command::new(crate::support::BATOND);
+        cmd.arg("--config")
+            .arg(&baton)
+            .env("NO_COLOR", "1")
+            .env_remove("TWILIO_AUTH_TOKEN")
+            .env_remove("BATON_SIGNATURE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn batond");
+        let stderr = child.stderr.take().expect("stderr");
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut addr_tx = Some(addr_tx);
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if let Some(rest) = line.split("batond listening on ").nth(1)
+                    && let Some(tx) = addr_tx.take()
+                {
+                    let _ = tx.send(rest.split(';').next().unwrap_or("").trim().to_string());
+                }
+            }
+        });
+        let addr: SocketAddr = tokio::time::timeout(PATIENCE, addr_rx)
+            .await
+            .expect("batond did not report its address")
+            .expect("batond exited")
+            .parse()
+            .expect("address");
+        // Wait for the worker to be proven and active.
+        let socket = dir.path().join("state/control.sock");
+        let log = dir.path().join("state/gen-0001/worker.log");
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                if let Ok((_, body)) =
+                    baton::control::client::call_text(&socket, http::Method::GET, "/v1/status")
+                        .await
+                    && serde_json::from_str::<Value>(&body)
+                        .is_ok_and(|v| v["active"]["state"] == "active")
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("worker not active behind batond");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, line_count) = watch::channel(0usize);
+        let sink = Arc::clone(&lines);
+        // Tail worker.log until the test ends (the sender is dropped with it).
+        tokio::spawn(async move {
+            let mut seen = 0usize;
+            loop {
+                if tx.is_closed() {
+                    return;
+                }
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let all: Vec<&str> = text.lines().collect();
+                // Only whole lines: the last one may still be being written.
+                let complete = if text.ends_with('\n') {
+                    all.len()
+                } else {
+                    all.len().saturating_sub(1)
+                };
+                if complete > seen {
+                    let n = {
+                        let mut l = sink.lock().expect("log lock");
+                        l.extend(all[seen..complete].iter().map(|s| s.to_string()));
+                        l.len()
+                    };
+                    seen = complete;
+                    let _ = tx.send(n);
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        });
+        Worker {
+            child,
+            addr,
+            dir,
+            lines,
+            line_count,
+        }
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn ws_url(&self) -> String {
+        format!("ws://{}/ws/twilio-media", self.addr)
+    }
+
+    /// JSON log events whose message (or `event` field) is `name`.
+    fn events(&self, name: &str) -> Vec<Value> {
+        self.lines
+            .lock()
+            .expect("log lock")
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["fields"]["message"] == name || v["fields"]["event"] == name)
+            .collect()
+    }
+
+    /// Waits until a log event satisfies `pred`.
+    async fn wait_event(&mut self, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let found = tokio::time::timeout(PATIENCE, async {
+            loop {
+                if let Some(v) = self.events(name).into_iter().find(|v| pred(v)) {
+                    return v;
+                }
+                if self.line_count.changed().await.is_err() {
+                    panic!("worker log ended while waiting for {name}");
+                }
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| {
+            panic!(
+                "no {name} event in time; log: {:#?}",
+                self.lines.lock().expect("lock")
+            )
+        })
+    }
+
+    /// The call records written so far.
+    fn records(&self) -> Vec<Value> {
+        let dir = self.data().join("calls");
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        rd.filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .map(|e| {
+                serde_json::from_slice(&std::fs::read(e.path()).expect("read record"))
+                    .expect("record json")
+            })
+            .collect()
+    }
+
+    /// Waits until at least `n` call records exist.
+    async fn wait_records(&mut self, n: usize) -> Vec<Value> {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                let r = self.records();
+                if r.len() >= n {
+                    return r;
+                }
+                // Records are written right after WS_STOP is logged.
+                let _ = tokio::time::timeout(Duration::from_millis(200), self.line_count.changed())
+                    .await;
+            }
+        })
+        .await
+        .expect("call records not written in time")
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = self.child.id().expect("worker pid") as i32;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("kill");
+    }
+
+    async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("worker did not exit in time")
+            .expect("wait")
+    }
+}
+
+/// `... listening on 127.0.0.1:1234 ...` -> the address.
+fn parse_listening(line: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find("listening on ")? + "listening on ".len()..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']')))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// A minimal HTTP/1.1 exchange (Connection: close) to see exact headers.
+struct HttpResponse {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: Vec<u8>,
+}
+
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
+    tokio::time::timeout(PATIENCE, async {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).await.expect("write");
+        s.write_all(body).await.expect("write body");
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.expect("read");
+        parse_http(&buf)
+    })
+    .await
+    .expect("http request timed out")
+}
+
+fn parse_http(buf: &[u8]) -> HttpResponse {
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("end of headers");
+    let head = String::from_utf8_lossy(&buf[..split]).to_string();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .expect("status line")
+        .split(' ')
+        .nth(1)
+        .expect("code")
+        .parse()
+        .expect("status");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    HttpResponse {
+        status,
+        headers,
+        body: buf[split + 4..].to_vec(),
+    }
+}
+
+/// Raw upgrade request; returns the response head only.
+async fn raw_upgrade(addr: SocketAddr, extra: &[(&str, &str)]) -> HttpResponse {
+    tokio::time::timeout(PATIENCE, async {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let mut req = format!(
+            "GET /ws/twilio-media HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        );
+        for (k, v) in extra {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "connection closed during handshake");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        parse_http(&buf)
+    })
+    .await
+    .expect("upgrade timed out")
+}
+
+fn sha256_file(path: &str) -> String {
+    hex::encode(Sha256::digest(std::fs::read(path).expect("read binary")))
+}
+
+/// Caller audio: 200 ms silence, 600 ms "speech", 2 s pause, 600 ms
+/// "speech", 300 ms silence; 16 kHz so callsim has to resample.
+fn write_caller_wav(dir: &Path) -> PathBuf {
+    let path = dir.join("caller.wav");
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 16_000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(&path, spec).expect("wav");
+    let mut put = |ms: u32, freq: f64| {
+        for i in 0..(16 * ms) {
+            let s = if freq > 0.0 {
+                (8000.0 * (2.0 * std::f64::consts::PI * freq * f64::from(i) / 16_000.0).sin())
+                    as i16
+            } else {
+                0
+            };
+            w.write_sample(s).expect("sample");
+        }
+    };
+    put(200, 0.0);
+    put(600, 300.0);
+    put(2000, 0.0);
+    put(600, 450.0);
+    put(300, 0.0);
+    w.finalize().expect("finalize");
+    path
+}
+
+/// Runs callsim with `args`; returns (exit success, stdout JSON or text).
+async fn callsim(args: &[&str]) -> (bool, String) {
+    let out = tokio::time::timeout(
+        PATIENCE * 2,
+        tokio::process::Command::new(CALLSIM)
+            .args(args)
+            .env_remove("TWILIO_AUTH_TOKEN")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("callsim timed out")
+    .expect("run callsim");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        eprintln!("callsim stderr: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    (out.status.success(), stdout)
+}
+
+type Client = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+async fn ws_connect(url: &str) -> Client {
+    let mut req = url.into_client_request().expect("request");
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "audio.twilio.com".parse().expect("hv"),
+    );
+    let (ws, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(req))
+        .await
+        .expect("ws connect timed out")
+        .expect("ws connect");
+    ws
+}
+
+fn start_msg(stream_sid: &str, call_sid: &str) -> Message {
+    Message::Text(
+        serde_json::json!({
+            "event": "start", "sequenceNumber": "1", "streamSid": stream_sid,
+            "start": {"accountSid": "AC1", "streamSid": stream_sid, "callSid": call_sid,
+                      "tracks": ["inbound"], "customParameters": {"k": "v"},
+                      "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}
+        })
+        .to_string()
+        .into(),
+    )
+}
+
+fn media_msg(stream_sid: &str, seq: u64) -> Message {
+    Message::Text(
+        serde_json::json!({
+            "event": "media", "sequenceNumber": seq.to_string(), "streamSid": stream_sid,
+            "media": {"track": "inbound", "chunk": seq.to_string(), "timestamp": (seq * 20).to_string(),
+                      "payload": "//////////////////////////////////////////8="}
+        })
+        .to_string()
+        .into(),
+    )
+}
+
+fn stop_msg(stream_sid: &str, call_sid: &str) -> Message {
+    Message::Text(
+        serde_json::json!({"event": "stop", "sequenceNumber": "99", "streamSid": stream_sid,
+                           "stop": {"accountSid": "AC1", "callSid": call_sid}})
+        .to_string()
+        .into(),
+    )
+}
+
+/// Reads until a server media message arrives (the call is alive).
+async fn expect_media(ws: &mut Client) -> Value {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(t.as_str()).expect("server JSON");
+                    if v["event"] == "media" {
+                        return v;
+                    }
+                }
+                Some(Ok(_)) => {}
+                other => panic!("stream ended while waiting for media: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("no media from server")
+}
+
+/// Reads until the server closes; returns the close code (None = no frame).
+async fn expect_close(ws: &mut Client) -> Option<CloseCode> {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(f))) => return f.map(|f| f.code),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return None,
+            }
+        }
+    })
+    .await
+    .expect("server did not close")
+}
+
+// === tests ===
+
+#[tokio::test]
+async fn worker_healthz_version_and_app_signature() {
+    let w = Worker::start("", &[("BATON_SIGNATURE", "borrowed")]).await;
+    let want = sha256_file(MEDIA_WORKER);
+
+    let r = http(w.addr, "GET", "/healthz", &[], b"").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"ok");
+    // Artifact mode: the digest of the binary file, never BATON_SIGNATURE.
+    assert_eq!(r.headers.get("x-app-signature"), Some(&want));
+
+    let r = http(w.addr, "GET", "/version", &[], b"").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers.get("x-app-signature"), Some(&want));
+    let v: Value = serde_json::from_slice(&r.body).expect("version JSON");
+    assert_eq!(v["signature"], want.as_str());
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(v["pid"], w.child.id().expect("pid"));
+    assert!(v["started_at"].as_str().is_some_and(|s| s.ends_with('Z')));
+    assert_eq!(v["engines"]["stt"], "none");
+    assert_eq!(v["engines"]["dialog"], "echo");
+
+    for (method, path, status) in [
+        ("GET", "/nope", 404),
+        ("POST", "/healthz", 405),
+        ("GET", "/webhook/incoming_call", 405),
+    ] {
+        let r = http(w.addr, method, path, &[], b"").await;
+        assert_eq!(r.status, status, "{method} {path}");
+        assert_eq!(
+            r.headers.get("x-app-signature"),
+            Some(&want),
+            "{method} {path}"
+        );
+    }
+    // A plain GET on the WebSocket path is not an upgrade.
+    let r = http(w.addr, "GET", "/ws/twilio-media", &[], b"").await;
+    assert_eq!(r.status, 426);
+    assert_eq!(r.headers.get("x-app-signature"), Some(&want));
+}
+
+#[tokio::test]
+async fn worker_env_signature_mode_echoes_baton_signature() {
+    let w = Worker::start("signature_mode = \"env\"", &[("BATON_SIGNATURE", "abc123")]).await;
+    let r = http(w.addr, "GET", "/healthz", &[], b"").await;
+    assert_eq!(
+        r.headers.get("x-app-signature").map(String::as_str),
+        Some("abc123")
+    );
+}
+
+both!(worker_handshake_echoes_subprotocol_only_when_offered);
+async fn worker_handshake_echoes_subprotocol_only_when_offered(mode: Mode) {
+    let w = Worker::start_in(mode, "", &[]).await;
+    let want = sha256_file(MEDIA_WORKER);
+    // RFC 6455 section 1.3 sample key.
+    let accept = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+    let r = raw_upgrade(w.addr, &[("Sec-WebSocket-Protocol", "audio.twilio.com")]).await;
+    assert_eq!(r.status, 101);
+    assert_eq!(
+        r.headers.get("sec-websocket-protocol").map(String::as_str),
+        Some("audio.twilio.com")
+    );
+    assert_eq!(
+        r.headers.get("sec-websocket-accept").map(String::as_str),
+        Some(accept)
+    );
+    assert_eq!(r.headers.get("x-app-signature"), Some(&want));
+
+    let r = raw_upgrade(
+        w.addr,
+        &[("Sec-WebSocket-Protocol", "chat, audio.twilio.com")],
+    )
+    .await;
+    assert_eq!(r.status, 101);
+    assert_eq!(
+        r.headers.get("sec-websocket-protocol").map(String::as_str),
+        Some("audio.twilio.com")
+    );
+
+    let r = raw_upgrade(w.addr, &[]).await;
+    assert_eq!(r.status, 101);
+    assert!(
+        !r.headers.contains_key("sec-websocket-protocol"),
+        "{:?}",
+        r.headers
+    );
+    assert_eq!(r.headers.get("x-app-signature"), Some(&want));
+
+    let r = raw_upgrade(w.addr, &[("Sec-WebSocket-Protocol", "chat")]).await;
+    assert_eq!(r.status, 101);
+    assert!(!r.headers.contains_key("sec-websocket-protocol"));
+
+    // And through a real client, both ways, in callsim.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wav = write_caller_wav(dir.path());
+    let wav = wav.to_str().expect("path");
+    let url = w.ws_url();
+    for extra in [&[][..], &["--no-subprotocol"][..]] {
+        let mut args = vec![
+            "--url",
+            &url,
+            "--audio",
+            wav,
+            "--fast",
+            "--linger-ms",
+            "200",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, out) = callsim(&args).await;
+        assert!(ok, "{out}");
+        let v: Value = serde_json::from_str(&out).expect("summary");
+        let rep = &v["reports"][0];
+        assert_eq!(rep["subprotocol_echoed"], extra.is_empty(), "{rep}");
+        assert_eq!(rep["app_signature"], want.as_str());
+    }
+}
+
+both!(worker_webhooks_answer_twiml_that_parses_as_xml);
+async fn worker_webhooks_answer_twiml_that_parses_as_xml(mode: Mode) {
+    let w = Worker::start_in(mode, "", &[]).await;
+    let base = format!("http://{}", w.addr);
+    let (ok, out) = callsim(&["webhook", "--base", &base, "--allow-insecure-ws", "--json"]).await;
+    assert!(ok, "{out}");
+    let v: Value = serde_json::from_str(&out).expect("report");
+    assert_eq!(v["incoming_call_status"], 200);
+    assert_eq!(v["stream_status_status"], 204);
+    assert_eq!(v["stream_ended_status"], 204);
+    assert_eq!(v["stream_url"], format!("ws://{}/ws/twilio-media", w.addr));
+
+    // Behind a TLS proxy: scheme and host from X-Forwarded-*; values escaped.
+    let body = "CallSid=CA%26%3C%22x&From=%2B14155550100";
+    let r = http(
+        w.addr,
+        "POST",
+        "/webhook/incoming_call",
+        &[
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Host", "voice.example.com, inner.proxy"),
+        ],
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.headers
+            .get("content-type")
+            .is_some_and(|c| c.starts_with("text/xml"))
+    );
+    let xml = String::from_utf8(r.body).expect("utf-8");
+    let doc = roxmltree::Document::parse(&xml).expect("TwiML is XML");
+    let root = doc.root_element();
+    assert_eq!(root.tag_name().name(), "Response");
+    let connect = root
+        .children()
+        .find(|n| n.has_tag_name("Connect"))
+        .expect("<Connect>");
+    assert_eq!(
+        connect.attribute("action"),
+        Some("https://voice.example.com/webhook/stream_ended")
+    );
+    let stream = connect
+        .children()
+        .find(|n| n.has_tag_name("Stream"))
+        .expect("<Stream>");
+    assert_eq!(
+        stream.attribute("url"),
+        Some("wss://voice.example.com/ws/twilio-media")
+    );
+    assert_eq!(
+        stream.attribute("statusCallback"),
+        Some("https://voice.example.com/webhook/stream_status")
+    );
+    assert_eq!(stream.attribute("statusCallbackMethod"), Some("POST"));
+    let param = stream
+        .children()
+        .find(|n| n.has_tag_name("Parameter"))
+        .expect("<Parameter>");
+    assert_eq!(param.attribute("name"), Some("callSid"));
+    assert_eq!(param.attribute("value"), Some("CA&<\"x"));
+
+    let r = http(
+        w.addr,
+        "POST",
+        "/webhook/stream_status",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        b"StreamEvent=stream-stopped&CallSid=CA9",
+    )
+    .await;
+    assert_eq!(r.status, 204);
+}
+
+both!(worker_checks_twilio_signatures_on_webhooks_and_upgrade);
+async fn worker_checks_twilio_signatures_on_webhooks_and_upgrade(mode: Mode) {
+    // Token from the environment (overrides the file), public URL from config.
+    let mut w = Worker::start_in(
+        mode,
+        "auth_token = \"from-file\"\npublic_url = \"https://voice.example.com\"",
+        &[("TWILIO_AUTH_TOKEN", "secret")],
+    )
+    .await;
+    let want = sha256_file(MEDIA_WORKER);
+    let base = format!("http://{}", w.addr);
+
+    let (ok, out) = callsim(&[
+        "webhook",
+        "--base",
+        &base,
+        "--public-url",
+        "https://voice.example.com",
+        "--auth-token",
+        "secret",
+        "--json",
+    ])
+    .await;
+    assert!(ok, "{out}");
+    let v: Value = serde_json::from_str(&out).expect("report");
+    assert_eq!(v["stream_url"], "wss://voice.example.com/ws/twilio-media");
+
+    for token in ["from-file", "wrong"] {
+        let (ok, out) = callsim(&[
+            "webhook",
+            "--base",
+            &base,
+            "--public-url",
+            "https://voice.example.com",
+            "--auth-token",
+            token,
+            "--json",
+        ])
+        .await;
+        assert!(!ok, "{out}");
+        let v: Value = serde_json::from_str(&out).expect("report");
+        assert_eq!(v["incoming_call_status"], 403);
+        assert_eq!(v["stream_status_status"], 403);
+    }
+    // Unsigned, or signed over the wrong URL: 403, still signed by us.
+    let r = http(
+        w.addr,
+        "POST",
+        "/webhook/stream_ended",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        b"CallSid=CA1",
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.headers.get("x-app-signature"), Some(&want));
+    let sig = baton::twilio::signature::compute(
+        "secret",
+        &format!("{base}/webhook/stream_ended"),
+        &[("CallSid".into(), "CA1".into())],
+    );
+    let r = http(
+        w.addr,
+        "POST",
+        "/webhook/stream_ended",
+        &[
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("X-Twilio-Signature", &sig),
+        ],
+        b"CallSid=CA1",
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    let sig = baton::twilio::signature::compute(
+        "secret",
+        "https://voice.example.com/webhook/stream_ended",
+        &[("CallSid".into(), "CA1".into())],
+    );
+    let r = http(
+        w.addr,
+        "POST",
+        "/webhook/stream_ended",
+        &[
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("X-Twilio-Signature", &sig),
+        ],
+        b"CallSid=CA1",
+    )
+    .await;
+    assert_eq!(r.status, 204);
+
+    // The upgrade is signed on the wss:// URL.
+    let r = raw_upgrade(w.addr, &[]).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.headers.get("x-app-signature"), Some(&want));
+    let https_sig = baton::twilio::signature::compute(
+        "secret",
+        "https://voice.example.com/ws/twilio-media",
+        &[],
+    );
+    let r = raw_upgrade(w.addr, &[("X-Twilio-Signature", &https_sig)]).await;
+    assert_eq!(
+        r.status, 403,
+        "an https:// signature must not open the wss:// endpoint"
+    );
+    let wss_sig =
+        baton::twilio::signature::compute("secret", "wss://voice.example.com/ws/twilio-media", &[]);
+    let r = raw_upgrade(w.addr, &[("X-Twilio-Signature", &wss_sig)]).await;
+    assert_eq!(r.status, 101);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wav = write_caller_wav(dir.path());
+    let wav = wav.to_str().expect("path");
+    let url = w.ws_url();
+    let (ok, out) = callsim(&[
+        "--url",
+        &url,
+        "--audio",
+        wav,
+        "--fast",
+        "--linger-ms",
+        "200",
+        "--auth-token",
+        "secret",
+        "--signature-url",
+        "wss://voice.example.com/ws/twilio-media",
+        "--json",
+    ])
+    .await;
+    assert!(ok, "{out}");
+    let (ok, out) = callsim(&["--url", &url, "--audio", wav, "--fast", "--json"]).await;
+    assert!(!ok);
+    let v: Value = serde_json::from_str(&out).expect("summary");
+    assert!(
+        v["reports"][0]["errors"][0]
+            .as_str()
+            .is_some_and(|e| e.contains("403")),
+        "{v}"
+    );
+    // The server is still fine.
+    w.wait_event("WS_STOP", |_| true).await;
+    assert_eq!(http(w.addr, "GET", "/healthz", &[], b"").await.status, 200);
+}
+
+both!(worker_full_call_greeting_echo_marks_clear_stop_and_record);
+async fn worker_full_call_greeting_echo_marks_clear_stop_and_record(mode: Mode) {
+    let mut w = Worker::start_in(mode, "", &[]).await;
+    let wav = write_caller_wav(w.dir.path());
+    let rec_dir = w.dir.path().join("heard");
+    let url = w.ws_url();
+    let (ok, out) = callsim(&[
+        "--url",
+        &url,
+        "--audio",
+        wav.to_str().expect("path"),
+        "--record-dir",
+        rec_dir.to_str().expect("path"),
+        "--param",
+        "session=abc",
+        "--json",
+    ])
+    .await;
+    assert!(ok, "{out}");
+    let v: Value = serde_json::from_str(&out).expect("summary");
+    let rep = &v["reports"][0];
+    assert_eq!(rep["subprotocol_echoed"], true);
+    assert_eq!(rep["violations"].as_array().map(Vec::len), Some(0), "{rep}");
+    assert_eq!(rep["frames_in_not_160"], 0);
+    // Greeting heard, then cut by the first utterance (barge-in -> clear).
+    assert!(rep["greeting_latency_ms"].is_number(), "{rep}");
+    assert!(rep["clears"].as_u64() >= Some(1), "{rep}");
+    // Both utterances echoed, each followed by a mark that was echoed back.
+    let marks: Vec<&str> = rep["marks_received"]
+        .as_array()
+        .expect("marks")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        marks.contains(&"utt-1") && marks.contains(&"utt-2"),
+        "{rep}"
+    );
+    assert_eq!(rep["marks_echoed"], rep["marks_received"]);
+    assert!(rep["first_reply_ms"].is_number(), "{rep}");
+    assert_eq!(rep["close_code"], 1000);
+    // What the caller heard is real sound.
+    let heard = hound::WavReader::open(rec_dir.join("call-0.wav")).expect("recording");
+    let samples: Vec<i16> = heard.into_samples::<i16>().map(Result::unwrap).collect();
+    assert!(
+        samples.iter().any(|s| s.unsigned_abs() > 2000),
+        "recording is silent"
+    );
+
+    let call_sid = rep["call_sid"].as_str().expect("sid").to_string();
+    let records = w.wait_records(1).await;
+    let r = &records[0];
+    assert_eq!(r["call_sid"], call_sid.as_str());
+    assert_eq!(r["stream_sid"], rep["stream_sid"]);
+    assert_eq!(r["custom_parameters"]["session"], "abc");
+    assert_eq!(r["end_reason"], "stop");
+    assert_eq!(r["utterances"], 2);
+    assert_eq!(r["stt_engine"], "none");
+    assert!(
+        r["transcript"]
+            .as_array()
+            .is_some_and(|t| t.len() == 2 && t.iter().all(|e| e["text"].is_null()))
+    );
+    assert!(r["clears"].as_u64() >= Some(1));
+    assert_eq!(r["frames_in"], rep["frames_out"]);
+    assert_eq!(r["frames_out"], rep["frames_in"]);
+    assert_eq!(r["marks_echoed"], rep["marks_echoed"]);
+
+    // One structured event each, carrying the call's sids.
+    for name in [
+        "WS_START",
+        "STT_FINAL",
+        "TTS_LEN_ms",
+        "MEDIA_TX",
+        "PING_PONG",
+        "BARGE_IN",
+        "WS_STOP",
+    ] {
+        let ev = w
+            .wait_event(name, |e| e["fields"]["callSid"] == call_sid.as_str())
+            .await;
+        assert_eq!(ev["fields"]["streamSid"], rep["stream_sid"], "{name}");
+    }
+    let stt = w.events("STT_FINAL");
+    assert!(
+        stt.iter()
+            .all(|e| e["fields"]["transcribed"] == false && e["fields"]["engine"] == "none")
+    );
+    let stop = w.wait_event("WS_STOP", |_| true).await;
+    assert!(stop["fields"]["duration_ms"].is_number());
+    assert_eq!(stop["fields"]["frames_in"], rep["frames_out"]);
+}
+
+both!(worker_serves_fifty_concurrent_calls);
+async fn worker_serves_fifty_concurrent_calls(mode: Mode) {
+    let mut w = Worker::start_in(mode, "", &[]).await;
+    let wav = write_caller_wav(w.dir.path());
+    let url = w.ws_url();
+    let (ok, out) = callsim(&[
+        "--url",
+        &url,
+        "--audio",
+        wav.to_str().expect("path"),
+        "--calls",
+        "50",
+        "--fast",
+        "--linger-ms",
+        "300",
+        "--json",
+    ])
+    .await;
+    assert!(ok, "{out}");
+    let v: Value = serde_json::from_str(&out).expect("summary");
+    assert_eq!(v["calls"], 50);
+    assert_eq!(v["ok"], 50, "{v}");
+    let records = w.wait_records(50).await;
+    assert_eq!(records.len(), 50);
+    assert!(
+        records
+            .iter()
+            .all(|r| r["end_reason"] == "stop" && r["utterances"] == 2)
+    );
+    assert_eq!(http(w.addr, "GET", "/healthz", &[], b"").await.status, 200);
+}
+
+both!(worker_skips_bad_messages_and_keeps_the_call);
+async fn worker_skips_bad_messages_and_keeps_the_call(mode: Mode) {
+    let mut w = Worker::start_in(mode, "", &[]).await;
+    let mut ws = ws_connect(&w.ws_url()).await;
+    ws.send(Message::Text(
+        r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#.into(),
+    ))
+    .await
+    .expect("send");
+    ws.send(media_msg("MZbad", 1)).await.expect("send"); // before start
+    ws.send(Message::Text("{not json".into()))
+        .await
+        .expect("send");
+    ws.send(Message::Text(
+        r#"{"event":"hangup","streamSid":"MZ1"}"#.into(),
+    ))
+    .await
+    .expect("send");
+    ws.send(Message::Text(
+        r#"{"event":"media","streamSid":"MZ1"}"#.into(),
+    ))
+    .await
+    .expect("send");
+    ws.send(Message::Binary(vec![0xFF; 160].into()))
+        .await
+        .expect("send");
+    ws.send(start_msg("MZ1", "CAbad")).await.expect("send");
+    ws.send(media_msg("MZother", 2)).await.expect("send"); // wrong streamSid
+    ws.send(media_msg("MZ1", 3)).await.expect("send");
+    // Still alive: the greeting arrives, for our stream.
+    let m = expect_media(&mut ws).await;
+    assert_eq!(m["streamSid"], "MZ1");
+    ws.send(stop_msg("MZ1", "CAbad")).await.expect("send");
+    assert_eq!(expect_close(&mut ws).await, Some(CloseCode::Normal));
+
+    let records = w.wait_records(1).await;
+    assert_eq!(records[0]["call_sid"], "CAbad");
+    assert_eq!(records[0]["protocol_warnings"], 6, "{}", records[0]);
+    assert_eq!(records[0]["frames_in"], 1);
+    let warnings: Vec<String> = w
+        .events("WS_PROTOCOL_WARNING")
+        .iter()
+        .filter_map(|e| e["fields"]["what"].as_str().map(str::to_string))
+        .collect();
+    for what in [
+        "media before start",
+        "malformed message",
+        "unknown event",
+        "binary frame",
+        "wrong streamSid",
+    ] {
+        assert!(
+            warnings.iter().any(|x| x == what),
+            "{what} not logged: {warnings:?}"
+        );
+    }
+    assert_eq!(http(w.addr, "GET", "/healthz", &[], b"").await.status, 200);
+}
+
+both!(worker_closes_oversized_frames_cleanly_and_survives);
+async fn worker_closes_oversized_frames_cleanly_and_survives(mode: Mode) {
+    let mut w = Worker::start_in(mode, "max_message_bytes = 4096", &[]).await;
+    let mut ws = ws_connect(&w.ws_url()).await;
+    ws.send(start_msg("MZbig", "CAbig")).await.expect("send");
+    let _ = expect_media(&mut ws).await;
+    let big = format!(r#"{{"event":"media","pad":"{}"}}"#, "x".repeat(100 * 1024));
+    // The server may close mid-write; either way it must not crash.
+    let _ = ws.send(Message::Text(big.into())).await;
+    let code = expect_close(&mut ws).await;
+    assert!(matches!(code, Some(CloseCode::Size) | None), "{code:?}");
+    let rec = w.wait_records(1).await;
+    assert_eq!(rec[0]["end_reason"], "message too big");
+    assert_eq!(http(w.addr, "GET", "/healthz", &[], b"").await.status, 200);
+    // And a new call works.
+    let mut ws = ws_connect(&w.ws_url()).await;
+    ws.send(start_msg("MZok", "CAok")).await.expect("send");
+    let _ = expect_media(&mut ws).await;
+}
+
+both!(worker_handles_calls_without_start);
+async fn worker_handles_calls_without_start(mode: Mode) {
+    let mut w = Worker::start_in(mode, "", &[]).await;
+    // stop without start: closed cleanly.
+    let mut ws = ws_connect(&w.ws_url()).await;
+    ws.send(Message::Text(
+        r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#.into(),
+    ))
+    .await
+    .expect("send");
+    ws.send(stop_msg("MZx", "CAx")).await.expect("send");
+    assert_eq!(expect_close(&mut ws).await, Some(CloseCode::Normal));
+    // Connect and vanish without a close handshake.
+    let ws = ws_connect(&w.ws_url()).await;
+    drop(ws);
+    let records = w.wait_records(2).await;
+    assert!(records.iter().all(|r| r["call_sid"].is_null()));
+    assert!(records.iter().any(|r| r["end_reason"] == "stop"));
+    assert_eq!(http(w.addr, "GET", "/healthz", &[], b"").await.status, 200);
+}
+
+#[tokio::test]
+async fn worker_sigterm_lets_calls_finish_then_exits() {
+    let mut w = Worker::start("shutdown_grace_ms = 30000", &[]).await;
+    let mut ws = ws_connect(&w.ws_url()).await;
+    ws.send(start_msg("MZterm", "CAterm")).await.expect("send");
+    let _ = expect_media(&mut ws).await;
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    w.wait_event("shutting down: no longer accepting", |_| true)
+        .await;
+    // No new connections...
+    assert!(
+        TcpStream::connect(w.addr).await.is_err(),
+        "listener still open after SIGTERM"
+    );
+    // ...but the open call goes on.
+    ws.send(media_msg("MZterm", 2)).await.expect("send");
+    let _ = expect_media(&mut ws).await;
+    ws.send(stop_msg("MZterm", "CAterm")).await.expect("send");
+    assert_eq!(expect_close(&mut ws).await, Some(CloseCode::Normal));
+    let status = w.wait_exit().await;
+    assert!(status.success(), "{status:?}");
+    assert_eq!(w.records().len(), 1);
+}
+
+#[tokio::test]
+async fn worker_sigterm_closes_calls_after_grace() {
+    let mut w = Worker::start("shutdown_grace_ms = 300", &[]).await;
+    let mut ws = ws_connect(&w.ws_url()).await;
+    ws.send(start_msg("MZg", "CAg")).await.expect("send");
+    let _ = expect_media(&mut ws).await;
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(expect_close(&mut ws).await, Some(CloseCode::Away));
+    assert!(w.wait_exit().await.success());
+    let rec = w.records();
+    assert_eq!(rec[0]["end_reason"], "server shutting down");
+}
+
+#[tokio::test]
+async fn worker_config_errors_name_file_line_column_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "greeting_text = \"hi\"\n\n[vad]\nthreshold = \"loud\"\n",
+    )
+    .expect("write");
+    let out = tokio::process::Command::new(MEDIA_WORKER)
+        .arg("--check")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .await
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:4:13: key `vad.threshold`", cfg.display())),
+        "{err}"
+    );
+    std::fs::write(&cfg, "greting_text = \"hi\"\n").expect("write");
+    let out = tokio::process::Command::new(MEDIA_WORKER)
+        .arg("--check")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .await
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:1:1: key `greting_text`", cfg.display())),
+        "{err}"
+    );
+    // The shipped example config works as is.
+    let out = tokio::process::Command::new(MEDIA_WORKER)
+        .arg("--check")
+        .arg("--config")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/etc/media-worker.toml"
+        ))
+        .output()
+        .await
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Only where the Debian recogniser and synthesiser are installed: a spoken
+/// word goes through mu-law, the VAD and PocketSphinx into STT_FINAL and the
+/// call record.
+#[tokio::test]
+async fn worker_transcribes_with_pocketsphinx() {
+    let have = |p: &str| {
+        std::process::Command::new(p)
+            .arg("--help")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    };
+    // scripts/deps test installs both; a missing engine is a failure.
+    assert!(
+        have("pocketsphinx_continuous") && have("espeak-ng"),
+        "pocketsphinx_continuous and espeak-ng must be installed (scripts/deps test)"
+    );
+    let mut w = Worker::start("stt = \"pocketsphinx\"", &[]).await;
+    let spoken = w.dir.path().join("spoken.wav");
+    let st = tokio::process::Command::new("espeak-ng")
+        .args(["-s", "140", "-w"])
+        .arg(&spoken)
+        .arg("hello")
+        .status()
+        .await
+        .expect("espeak-ng");
+    assert!(st.success());
+    // Pad with silence so the VAD sees the end of the utterance.
+    let pcm = {
+        let r = hound::WavReader::open(&spoken).expect("wav");
+        let rate = r.spec().sample_rate;
+        let mut pcm = vec![0i16; rate as usize / 2];
+        pcm.extend(r.into_samples::<i16>().map(Result::unwrap));
+        pcm.extend(vec![0i16; rate as usize * 3 / 2]);
+        (rate, pcm)
+    };
+    let caller = w.dir.path().join("caller.wav");
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: pcm.0,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut wr = hound::WavWriter::create(&caller, spec).expect("wav");
+    for s in &pcm.1 {
+        wr.write_sample(*s).expect("sample");
+    }
+    wr.finalize().expect("finalize");
+
+    let url = w.ws_url();
+    let (ok, out) = callsim(&[
+        "--url",
+        &url,
+        "--audio",
+        caller.to_str().expect("path"),
+        "--fast",
+        "--linger-ms",
+        "300",
+        "--json",
+    ])
+    .await;
+    assert!(ok, "{out}");
+    let ev = w.wait_event("STT_FINAL", |_| true).await;
+    assert_eq!(ev["fields"]["engine"], "pocketsphinx");
+    assert_eq!(ev["fields"]["transcribed"], true, "{ev}");
+    assert!(ev["fields"]["text"].as_str().is_some_and(|t| !t.is_empty()));
+    let rec = w.wait_records(1).await;
+    assert_eq!(rec[0]["stt_engine"], "pocketsphinx");
+    assert!(rec[0]["transcript"][0]["text"].is_string(), "{}", rec[0]);
+}
+
+#[tokio::test]
+async fn worker_closes_calls_whose_peer_stops_answering_pings() {
+    let mut w = Worker::start("pong_timeout_ms = 600", &[]).await;
+    // A client that completes the handshake, starts, then never reads again
+    // (so it never answers a ping).
+    let mut s = TcpStream::connect(w.addr).await.expect("connect");
+    let req = format!(
+        "GET /ws/twilio-media HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        w.addr
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        s,
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    let (mut tx, _rx) = ws.split();
+    tx.send(start_msg("MZdead", "CAdead")).await.expect("send");
+    let stop = w
+        .wait_event("WS_STOP", |e| e["fields"]["callSid"] == "CAdead")
+        .await;
+    assert_eq!(stop["fields"]["reason"], "pong timeout");
+    assert_eq!(http(w.addr, "GET", "/healthz", &[], b"").await.status, 200);
+}
+
+/// A deliberately broken "worker": callsim must flag what Twilio would
+/// reject and exit non-zero.
+#[tokio::test]
+async fn callsim_flags_protocol_violations() {
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+
+    // tungstenite's handshake callback type returns a large Err; not ours.
+    #[allow(clippy::result_large_err)]
+    async fn serve_one(listener: tokio::net::TcpListener, echo_protocol: bool) {
+        let (s, _) = listener.accept().await.expect("accept");
+        let cb = move |req: &Request, mut resp: Response| {
+            if echo_protocol && req.headers().contains_key("sec-websocket-protocol") {
+                resp.headers_mut().insert(
+                    "sec-websocket-protocol",
+                    "audio.twilio.com".parse().expect("hv"),
+                );
+            }
+            Ok(resp)
+        };
+        let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(s, cb).await else {
+            return; // the client refused the handshake
+        };
+        let mut sid = String::new();
+        while let Some(Ok(m)) = ws.next().await {
+            let Message::Text(t) = m else { continue };
+            let v: Value = serde_json::from_str(t.as_str()).expect("json");
+            if v["event"] == "start" {
+                sid = v["streamSid"].as_str().expect("sid").to_string();
+                let riff = base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    b"RIFF\x24\x00\x00\x00WAVEfmt ",
+                );
+                let msgs = [
+                    Message::Binary(vec![0xFF; 160].into()),
+                    Message::Text(serde_json::json!({"event":"media","streamSid":sid,"media":{"payload":riff}}).to_string().into()),
+                    Message::Text(serde_json::json!({"event":"media","streamSid":"MZwrong","media":{"payload":"//8="}}).to_string().into()),
+                    Message::Text(r#"{"event":"hello"}"#.into()),
+                    Message::Text("{oops".into()),
+                ];
+                for m in msgs {
+                    ws.send(m).await.expect("send");
+                }
+            }
+            if v["event"] == "stop" {
+                let _ = ws.close(None).await;
+                break;
+            }
+        }
+        assert!(!sid.is_empty());
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wav = write_caller_wav(dir.path());
+    let wav = wav.to_str().expect("path");
+
+    // 1. Offered the subprotocol, got none back.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!(
+        "ws://{}/ws/twilio-media",
+        listener.local_addr().expect("addr")
+    );
+    let server = tokio::spawn(serve_one(listener, false));
+    let (ok, out) = callsim(&["--url", &url, "--audio", wav, "--fast", "--json"]).await;
+    assert!(!ok);
+    let v: Value = serde_json::from_str(&out).expect("summary");
+    assert!(
+        v["reports"][0]["violations"][0]
+            .as_str()
+            .is_some_and(|s| s.contains("echoed none")),
+        "{v}"
+    );
+    let _ = tokio::time::timeout(PATIENCE, server).await;
+
+    // 2. Binary frame, RIFF header in a payload, wrong streamSid, unknown event, bad JSON.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!(
+        "ws://{}/ws/twilio-media",
+        listener.local_addr().expect("addr")
+    );
+    let server = tokio::spawn(serve_one(listener, true));
+    let (ok, out) = callsim(&[
+        "--url",
+        &url,
+        "--audio",
+        wav,
+        "--fast",
+        "--linger-ms",
+        "200",
+        "--json",
+    ])
+    .await;
+    assert!(!ok);
+    let v: Value = serde_json::from_str(&out).expect("summary");
+    let violations: Vec<&str> = v["reports"][0]["violations"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for want in [
+        "binary frame",
+        "RIFF",
+        "wrong streamSid",
+        "unknown event",
+        "bad JSON",
+    ] {
+        assert!(
+            violations.iter().any(|x| x.contains(want)),
+            "{want} not flagged: {violations:?}"
+        );
+    }
+    tokio::time::timeout(PATIENCE, server)
+        .await
+        .expect("server")
+        .expect("server task");
+}
