@@ -258,7 +258,7 @@ def table(d):
     wsv = None
     if ws:
         wsv = ws.get("dropped") == 0 and ws.get("lost") == 0 and ws.get("opened") == ws.get("conns")
-    rows.append(("2. WebSockets across the same deploys",
+    rows.append((f"2. {os.environ.get('WS_CONNS', '?')} WebSockets across the same deploys",
                  f"{fmt(ws.get('dropped'))} dropped of {fmt(ws.get('opened'))} opened; {fmt(ws.get('lost'))} lost of {fmt(ws.get('sent'))} messages (ping every 20 ms + media; rtt p99 {fmt(ws.get('rtt_p99_ms'), 1)} ms)",
                  "0 dropped, 0 lost", verdict(wsv)))
 
@@ -270,7 +270,7 @@ def table(d):
 
     rss = load(d, "rss.json") or {}
     for k, label in (("idle", "idle"), ("load", "under HTTP load, row 1 (max)"),
-                     ("ws", "during row 2: wrk + 100 WebSockets + 20 deploys (max)")):
+                     ("ws", f"during row 2: wrk + {os.environ.get('WS_CONNS', '?')} WebSockets + {os.environ.get('DEPLOYS', '?')} deploys (max)")):
         v = rss.get(k)
         mb = v / 1024 if v else None
         extra = ""
