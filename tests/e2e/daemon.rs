@@ -530,3 +530,52 @@ async fn systemd_hears_ready_status_reloading_and_stopping() {
     assert!(exit.success());
     recv_until("STOPPING=1", &mut seen).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_timeout_start_timeout_and_early_exit_are_rejected_with_reasons() {
+    let p = Project::python("", "");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    let base = read(&p.path("etc/baton.toml"));
+    // A build that hangs is killed at its timeout.
+    p.write(
+        "etc/baton.toml",
+        &base
+            .replace("command = []", r#"command = ["sleep", "60"]"#)
+            .replace("[build]\n", "[build]\ntimeout_s = 1\n"),
+    );
+    let g = d.wait_history(2, "failed").await;
+    assert_eq!(g.reason.as_deref(), Some("build timed out after 1 s"));
+    // A worker that never answers.
+    p.write(
+        "etc/baton.toml",
+        &base
+            .replace(
+                r#"command = ["python3", "{artifact}"]"#,
+                r#"command = ["sleep", "60"]"#,
+            )
+            .replace("start_timeout_s = 10", "start_timeout_s = 1"),
+    );
+    let g = d.wait_history(3, "rejected").await;
+    let reason = g.reason.expect("reason");
+    assert!(
+        reason.starts_with("start timeout after 1 s (no answer"),
+        "{reason}"
+    );
+    // A worker that exits at once, with its last words.
+    p.write(
+        "etc/baton.toml",
+        &base.replace(
+            r#"command = ["python3", "{artifact}"]"#,
+            r#"command = ["sh", "-c", "echo cannot open the model >&2; exit 3"]"#,
+        ),
+    );
+    let g = d.wait_history(4, "rejected").await;
+    assert_eq!(
+        g.reason.as_deref(),
+        Some("exited with status code 3 (last log line: cannot open the model)")
+    );
+    // Through all of it, generation 1 kept serving.
+    assert_eq!(whoami(d.addr).await.0, 1);
+    assert_eq!(d.status().await.active.map(|a| a.id), Some(1));
+}
