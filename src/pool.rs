@@ -84,7 +84,10 @@ impl Pool {
                 })?
                 .map_err(SendError::Connect)?;
         let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+        let (sender, conn) = http1::Builder::new()
+            .writev(false)
+            .handshake(TokioIo::new(stream))
+            .await?;
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });

@@ -95,6 +95,7 @@ impl Proxy {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .keep_alive(true)
+            .writev(false)
             .timer(TokioTimer::new())
             .header_read_timeout(Duration::from_secs(30));
         let conns = TaskTracker::new();
