@@ -298,12 +298,13 @@ impl Supervisor {
         }
     }
 
-    /// Continues numbering after the generations a previous daemon left.
+    /// Continues numbering after the generations a previous daemon left,
+    /// and keeps only the newest `history` of their folders.
     fn first_generation_number(&mut self) {
         let Ok(rd) = std::fs::read_dir(&self.cfg.daemon.state_dir) else {
             return;
         };
-        let max = rd
+        let mut old: Vec<u64> = rd
             .filter_map(Result::ok)
             .filter_map(|e| {
                 e.file_name()
@@ -311,9 +312,13 @@ impl Supervisor {
                     .and_then(|n| n.strip_prefix("gen-"))
                     .and_then(|n| n.parse::<u64>().ok())
             })
-            .max()
-            .unwrap_or(0);
-        self.next_gen = max + 1;
+            .collect();
+        old.sort_unstable();
+        self.next_gen = old.last().copied().unwrap_or(0) + 1;
+        let keep = self.cfg.daemon.history.max(1);
+        for id in &old[..old.len().saturating_sub(keep)] {
+            let _ = std::fs::remove_dir_all(worker_proc::gen_dir(&self.cfg.daemon.state_dir, *id));
+        }
     }
 
     fn control(&mut self, c: Control) {
@@ -708,6 +713,7 @@ impl Supervisor {
             );
             if !still_used {
                 self.finish(generation, GenState::Stopped, None);
+                self.prune();
             }
             self.notify_status();
             return;
@@ -991,8 +997,8 @@ impl Supervisor {
         }
     }
 
-    /// Keeps the history bounded, and deletes the snapshots of old finished
-    /// generations (their logs stay).
+    /// Keeps the history bounded: generations that fall out of it lose their
+    /// folder (snapshot and logs), so the state dir does not grow forever.
     fn prune(&mut self) {
         let keep = self.cfg.daemon.history.max(1);
         let finished: Vec<u64> = self
@@ -1009,8 +1015,10 @@ impl Supervisor {
         if finished.len() > keep {
             for id in &finished[..finished.len() - keep] {
                 self.gens.remove(id);
-                if let Some(rt) = self.runtime.remove(id) {
-                    let _ = std::fs::remove_file(&rt.snapshot);
+                self.runtime.remove(id);
+                let dir = worker_proc::gen_dir(&self.cfg.daemon.state_dir, *id);
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot remove an old generation");
                 }
             }
         }

@@ -579,3 +579,43 @@ async fn build_timeout_start_timeout_and_early_exit_are_rejected_with_reasons() 
     assert_eq!(whoami(d.addr).await.0, 1);
     assert_eq!(d.status().await.active.map(|a| a.id), Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_and_generation_folders_stay_bounded() {
+    let p = Project::python("", "");
+    p.write(
+        "etc/baton.toml",
+        &read(&p.path("etc/baton.toml")).replace("[daemon]\n", "[daemon]\nhistory = 2\n"),
+    );
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    for _ in 0..5 {
+        let out = d.ctl(&["deploy", "--wait"]).await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let s = d
+        .wait_for("old generations stopped", |s| {
+            s.draining.is_empty() && s.active.as_ref().is_some_and(|a| a.id == 6)
+        })
+        .await;
+    assert!(s.history.len() <= 2, "{:?}", s.history);
+    let dirs = || {
+        std::fs::read_dir(p.path("state"))
+            .expect("state dir")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("gen-"))
+            .count()
+    };
+    assert!(dirs() <= 3, "{} generation folders", dirs());
+    assert!(p.path("state/gen-0006").exists());
+    // A new daemon on the same state dir continues the numbering and keeps
+    // only the newest folders.
+    assert!(d.stop().await.success());
+    let d = Daemon::start(&p).await;
+    d.wait_active(7).await;
+    assert!(dirs() <= 3, "{} generation folders", dirs());
+}
