@@ -23,6 +23,11 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 
 /// Removes every hop-by-hop header, including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the few names present is
+    // cheaper than nine hashed removals.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -69,18 +74,20 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 /// has not (Twilio signs the public URL, which the outermost proxy saw).
 pub fn set_forwarded(
     headers: &mut HeaderMap,
-    client: std::net::IpAddr,
+    client: &HeaderValue,
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) {
-    let client = client.to_string();
-    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client}"),
-        _ => client,
+    let appended = match headers.get(X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+        Some(prev) if !prev.trim_ascii().is_empty() => {
+            let mut v = prev.to_vec();
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(client.as_bytes());
+            HeaderValue::from_bytes(&v).ok()
+        }
+        _ => None,
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(X_FORWARDED_FOR, v);
-    }
+    headers.insert(X_FORWARDED_FOR, appended.unwrap_or_else(|| client.clone()));
     if !headers.contains_key(X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
@@ -132,7 +139,12 @@ mod tests {
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.9"));
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
         let host = HeaderValue::from_static("inner:8080");
-        set_forwarded(&mut h, [127, 0, 0, 1].into(), "http", Some(&host));
+        set_forwarded(
+            &mut h,
+            &HeaderValue::from_static("127.0.0.1"),
+            "http",
+            Some(&host),
+        );
         assert_eq!(h[X_FORWARDED_FOR], "203.0.113.9, 127.0.0.1");
         assert_eq!(h[X_FORWARDED_PROTO], "https");
         assert_eq!(h[X_FORWARDED_HOST], "inner:8080");

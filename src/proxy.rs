@@ -9,7 +9,6 @@
 //! from hyper and the listener lives on.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -30,8 +29,46 @@ use crate::headers;
 pub use crate::pool::BoxError;
 use crate::pool::{Pool, ReqBody, SendError};
 use crate::router::{Router, Ticket, Upstream};
-/// The body type of every response the proxy sends.
-pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+/// The body of every response the proxy sends: a worker's, streamed, or a
+/// short one the proxy made itself. An enum rather than a boxed trait
+/// object: no allocation per response.
+pub enum ProxyBody {
+    /// A worker's response body.
+    Upstream(Guarded),
+    /// A response the proxy made (502, 503, a 101's empty body).
+    Local(Full<Bytes>),
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ProxyBody::Upstream(g) => Pin::new(g).poll_frame(cx),
+            ProxyBody::Local(f) => Pin::new(f)
+                .poll_frame(cx)
+                .map(|o| o.map(|r| r.map_err(|e: Infallible| match e {}))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream(g) => g.is_end_stream(),
+            ProxyBody::Local(f) => f.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream(g) => g.size_hint(),
+            ProxyBody::Local(f) => f.size_hint(),
+        }
+    }
+}
 
 /// Copy buffer of an upgraded connection, each way.
 const TUNNEL_BUF_BYTES: usize = 4096;
@@ -115,9 +152,13 @@ impl Proxy {
             let _ = stream.set_nodelay(true);
             self.metrics.connections.fetch_add(1, Ordering::Relaxed);
             let proxy = self.clone();
+            // Made once per connection, cloned (a reference count) per request.
+            let client = HeaderValue::from_str(&peer.ip().to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
             let service = hyper::service::service_fn(move |req| {
                 let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+                let client = client.clone();
+                async move { Ok::<_, Infallible>(proxy.handle(req, &client).await) }
             });
             let conn = builder
                 .serve_connection(TokioIo::new(stream), service)
@@ -169,7 +210,11 @@ impl Proxy {
         resp
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        client: &HeaderValue,
+    ) -> Response<ProxyBody> {
         self.metrics.requests.fetch_add(1, Ordering::Relaxed);
         let Some((upstream, ticket)) = self.router.acquire(self.hold()).await else {
             return self.unavailable();
@@ -184,7 +229,7 @@ impl Proxy {
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         headers::strip_hop_by_hop(&mut parts.headers);
-        headers::set_forwarded(&mut parts.headers, peer.ip(), "http", host.as_ref());
+        headers::set_forwarded(&mut parts.headers, client, "http", host.as_ref());
         if let Some(h) = &host {
             parts.headers.insert(header::HOST, h.clone());
         }
@@ -291,7 +336,7 @@ impl Proxy {
                     conn: Some((sender, upstream.pool.clone())),
                     done: false,
                 };
-                Response::from_parts(parts, body.boxed_unsync())
+                Response::from_parts(parts, ProxyBody::Upstream(body))
             }
         }
     }
@@ -370,11 +415,7 @@ fn reason(e: &SendError) -> String {
 
 /// A plain-text response made by the proxy itself.
 pub fn text(status: StatusCode, body: &str) -> Response<ProxyBody> {
-    let mut resp = Response::new(
-        Full::new(Bytes::from(body.to_string()))
-            .map_err(|e: Infallible| match e {})
-            .boxed_unsync(),
-    );
+    let mut resp = Response::new(ProxyBody::Local(Full::new(Bytes::from(body.to_string()))));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -384,15 +425,13 @@ pub fn text(status: StatusCode, body: &str) -> Response<ProxyBody> {
 }
 
 fn empty() -> ProxyBody {
-    Full::new(Bytes::new())
-        .map_err(|e: Infallible| match e {})
-        .boxed_unsync()
+    ProxyBody::Local(Full::new(Bytes::new()))
 }
 
 /// An upstream response body that holds its request's ticket until the last
 /// byte has gone out (or the client went away), so a drain waits for it; at
 /// the end it gives the worker connection back to its pool.
-struct Guarded {
+pub struct Guarded {
     inner: Incoming,
     _ticket: Ticket,
     conn: Option<(SendRequest<ReqBody>, Arc<Pool>)>,

@@ -28,7 +28,10 @@ use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::api::{GenState, Status};
-use crate::proxy::ProxyBody;
+use crate::proxy::BoxError;
+
+/// The body of control API responses (some stream, some do not).
+type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 use crate::supervisor::Job;
 use crate::worker_proc::gen_dir;
 
