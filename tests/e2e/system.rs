@@ -121,3 +121,53 @@ async fn a_restarted_daemon_kills_what_a_killed_build_left() {
     let s = d.wait_for("a worker", |s| s.active.is_some()).await;
     assert!(s.active.expect("active").id >= 3, "numbering continues");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_line_overrides_win_over_the_file() {
+    let p = Project::python("", "");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    drop(listener);
+    let state = p.path("elsewhere/state");
+    let socket = p.path("elsewhere/ctl.sock");
+    let d = Daemon::start_with(
+        &p,
+        &[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--state-dir",
+            state.to_str().expect("utf8"),
+            "--control-socket",
+            socket.to_str().expect("utf8"),
+        ],
+    )
+    .await;
+    assert_eq!(d.addr.port(), port);
+    assert!(socket.exists(), "control socket at the override");
+    let out = tokio::process::Command::new(BATONCTL)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("status")
+        .output()
+        .await
+        .expect("batonctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for _ in 0..600 {
+        if state.join("gen-0001/worker.log").exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        state.join("gen-0001/worker.log").exists(),
+        "state at the override"
+    );
+    assert!(
+        !p.path("state").exists(),
+        "the file's state_dir was not used"
+    );
+}
