@@ -2,8 +2,6 @@
 //! `RELOADING=1`, `STOPPING=1`, `WATCHDOG=1`) and the socket-activated
 //! listener. All of it is a no-op when the daemon is not run by systemd.
 
-use std::time::Duration;
-
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
@@ -59,9 +57,4 @@ pub fn inherited_listener() -> std::io::Result<Option<tokio::net::TcpListener>> 
         }
         None => Ok(None),
     }
-}
-
-/// How long systemd lets the watchdog go unanswered, for the status.
-pub fn watchdog_period() -> Option<Duration> {
-    sd_notify::watchdog_enabled()
 }
