@@ -82,12 +82,25 @@ pub async fn build(
     })
 }
 
+/// The last `max_bytes` of a file (a worker log can be large).
+///
+/// # Errors
+/// The I/O error of opening or reading it.
+pub fn read_tail(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(max_bytes)))?;
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail)?;
+    Ok(tail)
+}
+
 /// The last line of a log worth quoting in a reason: the last one that
 /// mentions an error, else the last non-empty one.
 pub fn last_line(path: &Path) -> Option<String> {
-    let text = std::fs::read(path).ok()?;
-    let tail = &text[text.len().saturating_sub(64 * 1024)..];
-    let text = String::from_utf8_lossy(tail);
+    let tail = read_tail(path, 64 * 1024).ok()?;
+    let text = String::from_utf8_lossy(&tail);
     let lines: Vec<&str> = text
         .lines()
         .map(str::trim)

@@ -209,7 +209,11 @@ async fn logs(req: &Request<Incoming>, job: &Job, state_dir: &Path) -> Response<
         }
     };
     let path = gen_dir(state_dir, generation).join(format!("{kind}.log"));
-    match tokio::fs::read(&path).await {
+    // At most the last 8 MiB: enough for any sensible line count.
+    let read = tokio::task::spawn_blocking(move || crate::worker_proc::read_tail(&path, 8 << 20))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    match read {
         Ok(bytes) => {
             let text = String::from_utf8_lossy(&bytes);
             let all: Vec<&str> = text.lines().collect();
