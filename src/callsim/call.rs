@@ -188,7 +188,11 @@ async fn connect(rep: &mut CallReport, opts: &Options) -> Result<Ws, String> {
         let v = HeaderValue::from_str(&sig).map_err(|e| e.to_string())?;
         req.headers_mut().insert("x-twilio-signature", v);
     }
-    let config = WebSocketConfig::default().max_message_size(Some(1 << 20));
+    // A small read buffer: tungstenite zero-fills the free part of it before
+    // every read (128 KiB by default), and these messages are small.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .max_message_size(Some(1 << 20));
     let t0 = Instant::now();
     let result = tokio_tungstenite::connect_async_with_config(req, Some(config), true).await;
     match result {

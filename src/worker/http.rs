@@ -424,7 +424,10 @@ fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let conn_id = state.next_conn.fetch_add(1, Ordering::Relaxed);
     let st = Arc::clone(state);
+    // A small read buffer: tungstenite zero-fills the free part of it before
+    // every read, and a Media Streams message is a few hundred bytes.
     let ws_config = WebSocketConfig::default()
+        .read_buffer_size(4096)
         .max_message_size(Some(state.cfg.max_message_bytes))
         .max_frame_size(Some(state.cfg.max_message_bytes));
     state.calls.spawn(async move {
