@@ -87,7 +87,15 @@ async fn run(
     );
     let (mut ws, _) = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio_tungstenite::connect_async(req),
+        // A small read buffer, as in callsim: tungstenite zero-fills it.
+        tokio_tungstenite::connect_async_with_config(
+            req,
+            Some(
+                tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                    .read_buffer_size(4096),
+            ),
+            true,
+        ),
     )
     .await
     .context("handshake timed out")??;
