@@ -67,8 +67,14 @@ enum End {
     Close(CloseCode, &'static str),
 }
 
+/// How much more speech an utterance needs before the next partial
+/// transcript is attempted.
+const PARTIAL_EVERY_SAMPLES: usize = SAMPLE_RATE_HZ as usize; // 1 s
+
 /// A finished transcription.
 struct SttDone {
+    /// A partial transcript of an utterance still in progress.
+    partial: bool,
     /// Utterance number.
     n: u64,
     /// Utterance length.
@@ -87,6 +93,12 @@ struct Call {
     call_sid: String,
     vad: Box<dyn Vad>,
     stt_jobs: tokio::task::JoinSet<SttDone>,
+    /// Utterance length at which the next partial is due.
+    next_partial: usize,
+    /// A partial transcription of this call is running.
+    partial_running: bool,
+    /// The last utterance whose final transcript was logged.
+    finals_logged: u64,
     dialog: Box<dyn Dialog>,
     in_bytes: Vec<u8>,
     pcm: Vec<i16>,
@@ -131,6 +143,9 @@ pub async fn run_call<S>(
         call_sid: String::new(),
         vad,
         stt_jobs: tokio::task::JoinSet::new(),
+        next_partial: PARTIAL_EVERY_SAMPLES,
+        partial_running: false,
+        finals_logged: 0,
         dialog,
         in_bytes: Vec::with_capacity(FRAME_BYTES * 2),
         pcm: Vec::with_capacity(FRAME_BYTES * 2),
@@ -445,6 +460,7 @@ impl Call {
             match self.vad.process(block) {
                 VadEvent::SpeechStart => {
                     self.utterance.clear();
+                    self.next_partial = PARTIAL_EVERY_SAMPLES;
                     self.utterance.extend(self.preroll.iter());
                     self.utterance.extend_from_slice(block);
                     let t = self.t_ms();
@@ -455,11 +471,9 @@ impl Call {
                 }
                 VadEvent::None if self.vad.in_speech() => {
                     self.utterance.extend_from_slice(block);
-                    let stt = &self.state.engines.stt;
-                    if stt.available()
-                        && let Some(text) = stt.partial(&self.utterance)
-                    {
-                        info!(event = "STT_PARTIAL", callSid = %self.call_sid, streamSid = %self.stream_sid, engine = stt.name(), text = %text, "STT_PARTIAL");
+                    if self.utterance.len() >= self.next_partial {
+                        self.next_partial = self.utterance.len() + PARTIAL_EVERY_SAMPLES;
+                        self.start_partial();
                     }
                 }
                 VadEvent::SpeechEnd => {
@@ -474,6 +488,36 @@ impl Call {
             }
         }
         self.pcm = pcm;
+    }
+
+    /// Transcribes the utterance so far in the background, when the engine
+    /// transcribes, no partial of this call is running yet, and a
+    /// transcription slot is free right now (partials never queue: finals
+    /// come first).
+    fn start_partial(&mut self) {
+        let stt = Arc::clone(&self.state.engines.stt);
+        if !stt.available() || self.partial_running {
+            return;
+        }
+        let Ok(permit) = Arc::clone(&self.state.engines.stt_slots).try_acquire_owned() else {
+            return;
+        };
+        self.partial_running = true;
+        let n = self.rec.utterances + 1;
+        let pcm = self.utterance.clone();
+        let utterance_ms = pcm.len() as u64 * 1000 / u64::from(SAMPLE_RATE_HZ);
+        self.stt_jobs.spawn(async move {
+            let result = tokio::task::spawn_blocking(move || stt.transcribe(&pcm))
+                .await
+                .unwrap_or_else(|e| Err(SttError::Failed(format!("stt task: {e}"))));
+            drop(permit);
+            SttDone {
+                partial: true,
+                n,
+                utterance_ms,
+                result,
+            }
+        });
     }
 
     async fn end_of_utterance(&mut self) {
@@ -500,6 +544,7 @@ impl Call {
                     Err(e) => Err(SttError::Failed(e.to_string())),
                 };
                 SttDone {
+                    partial: false,
                     n,
                     utterance_ms,
                     result,
@@ -507,6 +552,7 @@ impl Call {
             });
         } else {
             self.on_stt_done(Ok(SttDone {
+                partial: false,
                 n,
                 utterance_ms,
                 result: Ok(None),
@@ -540,6 +586,7 @@ impl Call {
     /// Logs a transcription result and adds it to the record.
     fn on_stt_done(&mut self, done: Result<SttDone, tokio::task::JoinError>) {
         let SttDone {
+            partial,
             n,
             utterance_ms,
             result,
@@ -558,6 +605,27 @@ impl Call {
                 None
             }
         };
+        if partial {
+            self.partial_running = false;
+            // A partial that lands after its utterance's final says nothing new.
+            if n > self.finals_logged {
+                info!(
+                    event = "STT_PARTIAL",
+                    callSid = %self.call_sid,
+                    streamSid = %self.stream_sid,
+                    engine,
+                    utterance = n,
+                    text = text.as_deref().unwrap_or(""),
+                    heard_ms = utterance_ms,
+                    "STT_PARTIAL"
+                );
+                let t = self.t_ms();
+                self.rec
+                    .push_event(t, "stt_partial", text.unwrap_or_default());
+            }
+            return;
+        }
+        self.finals_logged = self.finals_logged.max(n);
         info!(
             event = "STT_FINAL",
             callSid = %self.call_sid,

@@ -47,10 +47,6 @@ pub trait Stt: Send + Sync {
     fn name(&self) -> &'static str;
     /// Whether this engine transcribes at all (false for [`NoStt`]).
     fn available(&self) -> bool;
-    /// A partial transcript of the utterance so far, if the engine streams.
-    fn partial(&self, _pcm_so_far: &[i16]) -> Option<String> {
-        None
-    }
     /// The transcript of one finished utterance (8 kHz PCM); `Ok(None)`
     /// when nothing was recognised. Blocking.
     ///

@@ -1251,7 +1251,7 @@ async fn worker_transcribes_with_pocketsphinx() {
     let st = tokio::process::Command::new("espeak-ng")
         .args(["-s", "140", "-w"])
         .arg(&spoken)
-        .arg("hello")
+        .arg("hello, this is a longer sentence so that a partial transcript comes first")
         .status()
         .await
         .expect("espeak-ng");
@@ -1284,13 +1284,23 @@ async fn worker_transcribes_with_pocketsphinx() {
         &url,
         "--audio",
         caller.to_str().expect("path"),
-        "--fast",
         "--linger-ms",
         "300",
         "--json",
     ])
     .await;
     assert!(ok, "{out}");
+    // In real time the utterance lasts seconds: a partial transcript of
+    // the speech so far is logged before the final one.
+    let partial = w.wait_event("STT_PARTIAL", |_| true).await;
+    assert_eq!(partial["fields"]["engine"], "pocketsphinx");
+    assert_eq!(partial["fields"]["utterance"], 1);
+    assert!(
+        partial["fields"]["heard_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms >= 1000),
+        "{partial}"
+    );
     let ev = w.wait_event("STT_FINAL", |_| true).await;
     assert_eq!(ev["fields"]["engine"], "pocketsphinx");
     assert_eq!(ev["fields"]["transcribed"], true, "{ev}");
