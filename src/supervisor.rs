@@ -939,6 +939,17 @@ impl Supervisor {
                     );
                 }
                 new.daemon.listen = self.cfg.daemon.listen;
+                // The control socket and the state dir are in use; they move
+                // at the next daemon start, not in the middle of a run.
+                if new.daemon.control_socket != self.cfg.daemon.control_socket
+                    || new.daemon.state_dir != self.cfg.daemon.state_dir
+                {
+                    tracing::warn!(
+                        "daemon.control_socket or daemon.state_dir changed; they move at the next daemon restart"
+                    );
+                }
+                new.daemon.control_socket = self.cfg.daemon.control_socket.clone();
+                new.daemon.state_dir = self.cfg.daemon.state_dir.clone();
                 match watch::watch(
                     &new.daemon.root,
                     &new.watch.paths,
