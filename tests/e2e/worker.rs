@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -435,7 +434,7 @@ async fn raw_upgrade(addr: SocketAddr, extra: &[(&str, &str)]) -> HttpResponse {
 }
 
 fn sha256_file(path: &str) -> String {
-    hex::encode(Sha256::digest(std::fs::read(path).expect("read binary")))
+    baton::digest::sha256_file(Path::new(path)).expect("read binary")
 }
 
 /// Caller audio: 200 ms silence, 600 ms "speech", 2 s pause, 600 ms
