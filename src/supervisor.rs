@@ -145,6 +145,15 @@ enum Internal {
     },
 }
 
+/// What a pipeline or start task takes from the supervisor.
+struct TaskCtx {
+    cfg: Arc<Config>,
+    shim: PathBuf,
+    itx: mpsc::UnboundedSender<Internal>,
+    wtx: mpsc::UnboundedSender<WorkerEvent>,
+    token: CancellationToken,
+}
+
 /// What a generation needs to be started again.
 #[derive(Debug, Clone)]
 struct GenRuntime {
@@ -406,11 +415,13 @@ impl Supervisor {
             format!("generation {generation}: building ({trigger})"),
         );
         self.notify_status();
-        let cfg = self.cfg.clone();
-        let shim = self.shim.clone();
-        let itx = self.itx.clone();
-        let wtx = self.wtx.clone();
-        let token = self.token.child_token();
+        let TaskCtx {
+            cfg,
+            shim,
+            itx,
+            wtx,
+            token,
+        } = self.task_ctx();
         tokio::spawn(async move {
             let (result, snapshot) =
                 pipeline(&cfg, &shim, generation, &dir, &itx, wtx, &token).await;
@@ -420,6 +431,18 @@ impl Supervisor {
                 snapshot,
             });
         });
+    }
+
+    /// The handles a spawned pipeline or start task needs; its token is a
+    /// child of the daemon's, so a shutdown cancels it.
+    fn task_ctx(&self) -> TaskCtx {
+        TaskCtx {
+            cfg: self.cfg.clone(),
+            shim: self.shim.clone(),
+            itx: self.itx.clone(),
+            wtx: self.wtx.clone(),
+            token: self.token.child_token(),
+        }
     }
 
     fn internal(&mut self, i: Internal) {
@@ -817,11 +840,13 @@ impl Supervisor {
         if let Some(g) = self.gens.get_mut(&generation) {
             g.restarts += 1;
         }
-        let cfg = self.cfg.clone();
-        let shim = self.shim.clone();
-        let itx = self.itx.clone();
-        let wtx = self.wtx.clone();
-        let token = self.token.child_token();
+        let TaskCtx {
+            cfg,
+            shim,
+            itx,
+            wtx,
+            token,
+        } = self.task_ctx();
         tokio::spawn(async move {
             let result = worker_proc::start(&cfg, &shim, &launch, wtx, &token).await;
             let _ = itx.send(Internal::RestartDone {

@@ -54,13 +54,7 @@ async fn cutover_on_source_change_in_env_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_build_keeps_the_old_worker() {
     let p = Project::python("", "");
-    p.write(
-        "etc/baton.toml",
-        &read(&p.path("etc/baton.toml")).replace(
-            "command = []",
-            r#"command = ["sh", "-c", "if grep -q BROKEN src/pyworker.py; then echo 'error: the source is broken' >&2; exit 2; fi"]"#,
-        ),
-    );
+    p.edit("etc/baton.toml", "command = []", r#"command = ["sh", "-c", "if grep -q BROKEN src/pyworker.py; then echo 'error: the source is broken' >&2; exit 2; fi"]"#);
     let d = Daemon::start(&p).await;
     d.wait_active(1).await;
     p.append("src/pyworker.py", "\n# BROKEN\n");
@@ -154,9 +148,10 @@ async fn start_limit_marks_the_unit_failed_until_the_next_deploy() {
         "",
         "[restart]\nbackoff_initial_ms = 50\nbackoff_max_ms = 100\nlimit_burst = 3\nlimit_interval_s = 60\n",
     );
-    p.write(
+    p.edit(
         "etc/baton.toml",
-        &read(&p.path("etc/baton.toml")).replace("hold_timeout_ms = 5000", "hold_timeout_ms = 300"),
+        "hold_timeout_ms = 5000",
+        "hold_timeout_ms = 300",
     );
     p.append("src/pyworker.py", "\n# CRASH_AFTER_MS=400\n");
     let d = Daemon::start(&p).await;
@@ -181,9 +176,10 @@ async fn start_limit_marks_the_unit_failed_until_the_next_deploy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_waits_for_requests_then_times_out() {
     let p = Project::python("", "");
-    p.write(
+    p.edit(
         "etc/baton.toml",
-        &read(&p.path("etc/baton.toml")).replace("drain_timeout_s = 10", "drain_timeout_s = 2"),
+        "drain_timeout_s = 10",
+        "drain_timeout_s = 2",
     );
     let d = Daemon::start(&p).await;
     d.wait_active(1).await;
@@ -263,9 +259,10 @@ async fn check_mode_reports_errors_with_position_and_exit_78() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    p.write(
+    p.edit(
         "etc/baton.toml",
-        &read(&p.path("etc/baton.toml")).replace("stop_timeout_s = 2", "stop_timeout_s = \"two\""),
+        "stop_timeout_s = 2",
+        "stop_timeout_s = \"two\"",
     );
     let out = std::process::Command::new(BATOND)
         .args(["--check", "--config"])
@@ -281,15 +278,12 @@ async fn check_mode_reports_errors_with_position_and_exit_78() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edit_storm_builds_at_most_twice() {
     let p = Project::python("", "");
-    p.write(
+    p.edit(
         "etc/baton.toml",
-        &read(&p.path("etc/baton.toml"))
-            .replace(
-                "command = []",
-                r#"command = ["sh", "-c", "echo build >> builds.txt; sleep 0.3"]"#,
-            )
-            .replace("debounce_ms = 100", "debounce_ms = 200"),
+        "command = []",
+        r#"command = ["sh", "-c", "echo build >> builds.txt; sleep 0.3"]"#,
     );
+    p.edit("etc/baton.toml", "debounce_ms = 100", "debounce_ms = 200");
     let d = Daemon::start(&p).await;
     d.wait_active(1).await;
     // 50 saves in about one second.
@@ -583,10 +577,7 @@ async fn build_timeout_start_timeout_and_early_exit_are_rejected_with_reasons() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_and_generation_folders_stay_bounded() {
     let p = Project::python("", "");
-    p.write(
-        "etc/baton.toml",
-        &read(&p.path("etc/baton.toml")).replace("[daemon]\n", "[daemon]\nhistory = 2\n"),
-    );
+    p.edit("etc/baton.toml", "[daemon]\n", "[daemon]\nhistory = 2\n");
     let d = Daemon::start(&p).await;
     d.wait_active(1).await;
     for _ in 0..5 {

@@ -56,6 +56,13 @@ impl Project {
         std::fs::write(p, text).expect("write");
     }
 
+    /// Replaces `from` with `to` in a file, which must contain `from`.
+    pub fn edit(&self, rel: &str, from: &str, to: &str) {
+        let text = read(&self.path(rel));
+        assert!(text.contains(from), "{rel} has no `{from}`");
+        self.write(rel, &text.replacen(from, to, 1));
+    }
+
     pub fn append(&self, rel: &str, text: &str) {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()

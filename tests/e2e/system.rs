@@ -86,11 +86,11 @@ fn unit_files_pass_systemd_analyze_verify() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_daemon_kills_what_a_killed_build_left() {
     let p = Project::python("", "");
-    let p2 = read(&p.path("etc/baton.toml")).replace(
+    p.edit(
+        "etc/baton.toml",
         "command = []",
         r#"command = ["sh", "-c", "if [ -e slow-build ]; then sleep 60 & echo $! > grandchild.pid; wait; fi"]"#,
     );
-    p.write("etc/baton.toml", &p2);
     let mut d = Daemon::start(&p).await;
     d.wait_active(1).await;
     p.write("slow-build", "");
