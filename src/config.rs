@@ -90,6 +90,7 @@ struct RawDaemon {
     control_socket: Option<String>,
     state_dir: Option<String>,
     hold_timeout_ms: Option<u64>,
+    header_timeout_s: Option<u64>,
     history: Option<usize>,
     shutdown_timeout_s: Option<u64>,
     threads: Option<usize>,
@@ -180,6 +181,9 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     /// How long a request waits for a healthy worker before a 503.
     pub hold_timeout: Duration,
+    /// A client connection that has no request in progress and sends no
+    /// complete request head for this long is closed (slow or idle clients).
+    pub header_timeout: Duration,
     /// How many finished generations the status keeps.
     pub history: usize,
     /// How long SIGTERM waits for requests and calls before stopping workers.
@@ -488,6 +492,12 @@ impl Validator<'_> {
             raw.daemon.hold_timeout_ms,
             5000,
         );
+        let header = self.positive(
+            "daemon",
+            "header_timeout_s",
+            raw.daemon.header_timeout_s,
+            30,
+        );
         let shutdown = raw.daemon.shutdown_timeout_s.unwrap_or(30);
         let threads = raw.daemon.threads.unwrap_or(1);
         if threads == 0 || threads > 64 {
@@ -499,6 +509,7 @@ impl Validator<'_> {
             control_socket,
             state_dir,
             hold_timeout: Duration::from_millis(hold),
+            header_timeout: Duration::from_secs(header),
             history: raw.daemon.history.unwrap_or(20),
             shutdown_timeout: Duration::from_secs(shutdown),
             threads: threads.clamp(1, 64),

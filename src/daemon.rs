@@ -87,7 +87,11 @@ pub async fn run(
     );
 
     let router = Arc::new(Router::default());
-    let proxy = Proxy::new(router.clone(), cfg.daemon.hold_timeout);
+    let proxy = Proxy::new(
+        router.clone(),
+        cfg.daemon.hold_timeout,
+        cfg.daemon.header_timeout,
+    );
     let shutdown_grace = cfg.daemon.shutdown_timeout;
     let worker_token = CancellationToken::new();
     let (job, actor) = supervisor::spawn(

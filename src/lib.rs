@@ -13,9 +13,10 @@
 //! | [`worker_proc`] | build, snapshot, start, prove and monitor one worker |
 //! | [`process`] | process groups, parent-death signal, the exec shim, stop |
 //! | [`probe`] | `/healthz` probes and the signature verdict |
-//! | [`pool`] | keep-alive HTTP/1.1 connections to one worker, request bodies that survive a refused connect |
+//! | [`pool`] | keep-alive HTTP/1.1 connections to one worker, driven by the task using them; request bodies that survive a refused connect |
 //! | [`router`] | the atomically swapped upstream and its traffic counters |
 //! | [`proxy`] | the public HTTP/WebSocket reverse proxy |
+//! | [`tunnel`] | upgraded connections copied both ways with no buffer per connection |
 //! | [`headers`] | hop-by-hop and forwarding headers (RFC 9110) |
 //! | [`watch`] | `notify` watches with ignore globs |
 //! | [`events`] | the event bus behind the log and `/v1/events` |
@@ -42,6 +43,7 @@ pub mod proxy;
 pub mod router;
 pub mod supervisor;
 pub mod systemd;
+pub mod tunnel;
 pub mod twilio;
 pub mod watch;
 pub mod worker;

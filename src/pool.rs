@@ -2,20 +2,23 @@
 //!
 //! Each [`Upstream`](crate::router::Upstream) owns one pool, so a worker's
 //! idle connections die with it and never outlive a generation. Connections
-//! are plain HTTP/1.1 (`hyper::client::conn::http1`) with upgrades enabled,
-//! which keeps the proxy lean: no HTTP/2 machinery is linked into `batond`.
+//! are plain HTTP/1.1 (`hyper::client::conn::http1`), which keeps the proxy
+//! lean: no HTTP/2 machinery is linked into `batond`.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::FutureExt;
+use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::TrySendError;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
 /// The error type of proxied bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -37,11 +40,108 @@ pub enum SendError {
     Http(#[from] hyper::Error),
 }
 
+/// One keep-alive connection to a worker: the request handle and the
+/// connection state machine, driven by whichever task uses it.
+///
+/// No task per connection: the request's own task writes the request, reads
+/// the response and its body by polling the connection inline, so a
+/// proxied request costs no task hand-offs. An upgrade request hands the
+/// connection to a task of its own (the upgraded bytes must flow after the
+/// exchange), see [`UpstreamConn::spawn_driver`].
+pub struct UpstreamConn {
+    sender: SendRequest<ReqBody>,
+    driver: Driver,
+}
+
+enum Driver {
+    /// Polled by the task holding the connection (boxed: it is large, and
+    /// moves in and out of the pool with every request).
+    Inline(Box<http1::Connection<TokioIo<TcpStream>, ReqBody>>),
+    /// Polled by a task of its own (an upgrade was asked for).
+    Spawned,
+    /// The connection has ended.
+    Done,
+}
+
+impl std::fmt::Debug for UpstreamConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let driver = match self.driver {
+            Driver::Inline(_) => "inline",
+            Driver::Spawned => "spawned",
+            Driver::Done => "done",
+        };
+        f.debug_struct("UpstreamConn")
+            .field("driver", &driver)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamConn {
+    /// Moves the connection's I/O: reads what the worker sent, writes what
+    /// is queued. Wakes `cx` when there is more to do.
+    pub fn drive(&mut self, cx: &mut Context<'_>) {
+        if let Driver::Inline(conn) = &mut self.driver
+            && Pin::new(&mut **conn).poll(cx).is_ready()
+        {
+            self.driver = Driver::Done;
+        }
+    }
+
+    /// Sends `req` and waits for the response head, driving the connection.
+    ///
+    /// # Errors
+    /// As [`SendRequest::try_send_request`]: the request comes back when it
+    /// was never sent.
+    pub async fn send(
+        &mut self,
+        req: Request<ReqBody>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<ReqBody>>> {
+        let mut fut = std::pin::pin!(self.sender.try_send_request(req));
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = fut.as_mut().poll(cx) {
+                return Poll::Ready(r);
+            }
+            self.drive(cx);
+            fut.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// Lets a task of its own drive the connection, with upgrades: an
+    /// upgraded connection's bytes flow after the exchange has ended.
+    pub fn spawn_driver(&mut self) {
+        if let Driver::Inline(conn) = std::mem::replace(&mut self.driver, Driver::Spawned) {
+            tokio::spawn(async move {
+                let _ = (*conn).with_upgrades().await;
+            });
+        }
+    }
+
+    /// Whether the connection is still open.
+    fn is_open(&self) -> bool {
+        !matches!(self.driver, Driver::Done) && !self.sender.is_closed()
+    }
+
+    /// One poll with the caller's waker: takes in an EOF the worker sent
+    /// while the connection sat idle, then asks whether it can take a
+    /// request now.
+    async fn ready_now(&mut self) -> bool {
+        std::future::poll_fn(|cx| {
+            self.drive(cx);
+            Poll::Ready(self.is_open() && matches!(self.sender.poll_ready(cx), Poll::Ready(Ok(()))))
+        })
+        .await
+    }
+}
+
 /// A worker's idle keep-alive connections.
 #[derive(Debug)]
 pub struct Pool {
     addr: SocketAddr,
-    idle: Mutex<Vec<SendRequest<ReqBody>>>,
+    idle: Mutex<Vec<UpstreamConn>>,
+    /// Set once the worker no longer takes new requests: connections are
+    /// closed when their last response is read, not kept.
+    closed: AtomicBool,
 }
 
 impl Pool {
@@ -50,6 +150,7 @@ impl Pool {
         Arc::new(Pool {
             addr,
             idle: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -57,20 +158,12 @@ impl Pool {
     ///
     /// # Errors
     /// [`SendError`] when no connection can be made.
-    pub async fn checkout(&self) -> Result<SendRequest<ReqBody>, SendError> {
-        if let Ok(mut idle) = self.idle.lock() {
-            // Newest first; a connection still finishing its last response
-            // stays in the pool for the next request.
-            let mut i = idle.len();
-            while i > 0 {
-                i -= 1;
-                match idle[i].ready().now_or_never() {
-                    Some(Ok(())) => return Ok(idle.swap_remove(i)),
-                    Some(Err(_)) => {
-                        idle.swap_remove(i);
-                    }
-                    None => {}
-                }
+    pub async fn checkout(&self) -> Result<UpstreamConn, SendError> {
+        // Newest first: the most recently used connection is the likeliest
+        // to be alive. One that is closed or not ready is dropped.
+        while let Some(mut conn) = self.idle.lock().ok().and_then(|mut v| v.pop()) {
+            if conn.ready_now().await {
+                return Ok(conn);
             }
         }
         let stream =
@@ -88,22 +181,32 @@ impl Pool {
             .writev(false)
             .handshake(TokioIo::new(stream))
             .await?;
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-        });
-        Ok(sender)
+        Ok(UpstreamConn {
+            sender,
+            driver: Driver::Inline(Box::new(conn)),
+        })
     }
 
-    /// Gives a connection back once its last response has been read (its
-    /// task may not have seen the end yet: checkout checks readiness).
-    pub fn checkin(&self, sender: SendRequest<ReqBody>) {
-        if sender.is_closed() {
+    /// Closes the idle connections and every one given back from now on:
+    /// the worker is draining, and a connection a pinned WebSocket keeps
+    /// its generation alive for would only hold memory.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        if let Ok(mut v) = self.idle.lock() {
+            *v = Vec::new();
+        }
+    }
+
+    /// Gives a connection back once its last response has been read (it
+    /// may not have seen the end yet: checkout drives it once first).
+    pub fn checkin(&self, conn: UpstreamConn) {
+        if !conn.is_open() || self.closed.load(Ordering::Relaxed) {
             return;
         }
         if let Ok(mut v) = self.idle.lock()
             && v.len() < MAX_IDLE
         {
-            v.push(sender);
+            v.push(conn);
         }
     }
 }

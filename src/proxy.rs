@@ -19,15 +19,14 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::headers;
 pub use crate::pool::BoxError;
-use crate::pool::{Pool, ReqBody, SendError};
+use crate::pool::{Pool, ReqBody, SendError, UpstreamConn};
 use crate::router::{Router, Ticket, Upstream};
 /// The body of every response the proxy sends: a worker's, streamed, or a
 /// short one the proxy made itself. An enum rather than a boxed trait
@@ -70,9 +69,6 @@ impl Body for ProxyBody {
     }
 }
 
-/// Copy buffer of an upgraded connection, each way.
-const TUNNEL_BUF_BYTES: usize = 4096;
-
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
 pub struct ProxyMetrics {
@@ -93,6 +89,7 @@ pub struct ProxyMetrics {
 pub struct Proxy {
     router: Arc<Router>,
     hold_ms: AtomicU64,
+    header_ms: AtomicU64,
     /// Counters for `/metrics`.
     pub metrics: ProxyMetrics,
 }
@@ -100,25 +97,29 @@ pub struct Proxy {
 // === impl Proxy ===
 
 impl Proxy {
-    /// A proxy routing through `router`, holding requests up to `hold`.
-    pub fn new(router: Arc<Router>, hold: Duration) -> Arc<Proxy> {
+    /// A proxy routing through `router`, holding requests up to `hold`,
+    /// closing client connections that send no request head for `header`.
+    pub fn new(router: Arc<Router>, hold: Duration, header: Duration) -> Arc<Proxy> {
         Arc::new(Proxy {
             router,
-            hold_ms: AtomicU64::new(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX)),
+            hold_ms: AtomicU64::new(millis(hold)),
+            header_ms: AtomicU64::new(millis(header)),
             metrics: ProxyMetrics::default(),
         })
     }
 
-    /// Changes the hold time (config reload).
-    pub fn set_hold(&self, hold: Duration) {
-        self.hold_ms.store(
-            u64::try_from(hold.as_millis()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+    /// Changes the hold and header timeouts (config reload).
+    pub fn set_timeouts(&self, hold: Duration, header: Duration) {
+        self.hold_ms.store(millis(hold), Ordering::Relaxed);
+        self.header_ms.store(millis(header), Ordering::Relaxed);
     }
 
     fn hold(&self) -> Duration {
         Duration::from_millis(self.hold_ms.load(Ordering::Relaxed))
+    }
+
+    fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_ms.load(Ordering::Relaxed))
     }
 
     /// Serves `listener` until `token` is cancelled, then lets open
@@ -130,11 +131,13 @@ impl Proxy {
         grace: Duration,
     ) {
         let mut builder = hyper::server::conn::http1::Builder::new();
+        // No per-request header timer (hyper's costs a timer and a clock
+        // read per request): each connection's task checks for progress
+        // instead, see `watch_connection`.
         builder
             .keep_alive(true)
             .writev(false)
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30));
+            .header_read_timeout(None);
         let conns = TaskTracker::new();
         loop {
             let (stream, peer) = tokio::select! {
@@ -155,29 +158,31 @@ impl Proxy {
             // Made once per connection, cloned (a reference count) per request.
             let client = HeaderValue::from_str(&peer.ip().to_string())
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+            let activity = Arc::new(Activity::default());
+            let seen = activity.clone();
             let service = hyper::service::service_fn(move |req| {
                 let proxy = proxy.clone();
                 let client = client.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(req, &client).await) }
+                let activity = activity.clone();
+                activity.started.fetch_add(1, Ordering::Relaxed);
+                async move {
+                    let resp = proxy.handle(req, &client).await;
+                    Ok::<_, Infallible>(resp.map(|body| ClientBody {
+                        body,
+                        _done: Finished(activity),
+                    }))
+                }
             });
             let conn = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
-            let token = token.clone();
-            conns.spawn(async move {
-                let mut conn = std::pin::pin!(conn);
-                let r = tokio::select! {
-                    r = conn.as_mut() => r,
-                    () = token.cancelled() => {
-                        // Finish the request in flight, then close.
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                };
-                if let Err(e) = r {
-                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
-                }
-            });
+            conns.spawn(watch_connection(
+                conn,
+                seen,
+                self.header_timeout(),
+                token.clone(),
+                peer,
+            ));
         }
         drop(listener);
         conns.close();
@@ -264,12 +269,12 @@ impl Proxy {
         let mut req = Request::from_parts(parts, ReqBody::Client(body));
         let (mut upstream, mut ticket) = (upstream, ticket);
         let (mut refused, mut resets) = (0, 0);
-        let (resp, sender) = loop {
+        let (resp, conn) = loop {
             // (error, whether the worker refused connections: then wait for
             // a different one; else the same one may take it again).
             let (failure, refused_conn) = match upstream.pool.checkout().await {
-                Ok(mut sender) => match sender.try_send_request(req).await {
-                    Ok(resp) => break (resp, sender),
+                Ok(mut conn) => match send(&mut conn, req, upgrade.is_some()).await {
+                    Ok(resp) => break (resp, conn),
                     Err(mut e) => match e.take_message() {
                         // Not sent (the connection closed first): the request
                         // comes back whole, body included.
@@ -333,7 +338,7 @@ impl Proxy {
                 let body = Guarded {
                     inner: body,
                     _ticket: ticket,
-                    conn: Some((sender, upstream.pool.clone())),
+                    conn: Some((conn, upstream.pool.clone())),
                     done: false,
                 };
                 Response::from_parts(parts, ProxyBody::Upstream(body))
@@ -375,16 +380,9 @@ impl Proxy {
                 let (client, worker) = tokio::try_join!(inbound, outbound)?;
                 let mut client = TokioIo::new(client);
                 let mut worker = TokioIo::new(worker);
-                // A reset from either side just ends the tunnel.
-                // Media Streams messages are a few hundred bytes every 20 ms:
-                // 4 KiB each way keeps a thousand calls' buffers small.
-                let _ = tokio::io::copy_bidirectional_with_sizes(
-                    &mut client,
-                    &mut worker,
-                    TUNNEL_BUF_BYTES,
-                    TUNNEL_BUF_BYTES,
-                )
-                .await;
+                // A reset from either side just ends the tunnel. No buffer
+                // per tunnel while both sides keep up (see `tunnel`).
+                let _ = crate::tunnel::relay(&mut client, &mut worker).await;
                 Ok::<(), hyper::Error>(())
             };
             tokio::select! {
@@ -401,6 +399,127 @@ impl Proxy {
         headers::restore_upgrade(&mut parts.headers, proto);
         Response::from_parts(parts, empty())
     }
+}
+
+/// Drives one client connection until it ends, the daemon stops (the
+/// request in flight finishes first), or it stalls: a connection that has
+/// no request in progress and started none during a whole `timeout` is
+/// closed, so a slow or idle client (a slowloris) holds it between
+/// `timeout` and twice that. One timer per connection, not per request.
+async fn watch_connection<C>(
+    conn: C,
+    activity: Arc<Activity>,
+    timeout: Duration,
+    token: CancellationToken,
+    peer: std::net::SocketAddr,
+) where
+    C: Future<Output = hyper::Result<()>> + GracefulConnection,
+{
+    let mut conn = std::pin::pin!(conn);
+    let stall = tokio::time::sleep(timeout);
+    let mut stall = std::pin::pin!(stall);
+    let cancelled = token.cancelled();
+    let mut cancelled = std::pin::pin!(cancelled);
+    let (mut seen, mut stopping) = (0, false);
+    let r = loop {
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            () = &mut cancelled, if !stopping => {
+                // Finish the request in flight, then close.
+                stopping = true;
+                conn.as_mut().shut_down();
+            }
+            () = &mut stall => {
+                let started = activity.started.load(Ordering::Relaxed);
+                let busy = started != activity.finished.load(Ordering::Relaxed);
+                if !busy && started == seen {
+                    tracing::debug!(%peer, ?timeout, "closing a client connection that sent no request");
+                    return;
+                }
+                seen = started;
+                stall.as_mut().reset(tokio::time::Instant::now() + timeout);
+            }
+        }
+    };
+    if let Err(e) = r {
+        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    }
+}
+
+/// A server connection that can be asked to finish and close.
+trait GracefulConnection {
+    fn shut_down(self: Pin<&mut Self>);
+}
+
+impl<I, S> GracefulConnection for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = ClientBody>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    fn shut_down(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Requests started and finished on one client connection (see
+/// `watch_connection`).
+#[derive(Debug, Default)]
+struct Activity {
+    started: AtomicU64,
+    finished: AtomicU64,
+}
+
+/// Counts a response as finished when its body is dropped: sent, or the
+/// client went away.
+struct Finished(Arc<Activity>);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.0.finished.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body on its way to the client.
+pub struct ClientBody {
+    body: ProxyBody,
+    _done: Finished,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Sends `req` on `conn`; an upgrade's connection gets a task of its own.
+async fn send(
+    conn: &mut UpstreamConn,
+    req: Request<ReqBody>,
+    upgrade: bool,
+) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<ReqBody>>> {
+    if upgrade {
+        conn.spawn_driver();
+    }
+    conn.send(req).await
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn reason(e: &SendError) -> String {
@@ -434,7 +553,8 @@ fn empty() -> ProxyBody {
 pub struct Guarded {
     inner: Incoming,
     _ticket: Ticket,
-    conn: Option<(SendRequest<ReqBody>, Arc<Pool>)>,
+    /// The worker connection, driven from here while the body streams.
+    conn: Option<(UpstreamConn, Arc<Pool>)>,
     done: bool,
 }
 
@@ -446,7 +566,15 @@ impl Body for Guarded {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        let this = &mut *self;
+        let mut r = Pin::new(&mut this.inner).poll_frame(cx);
+        if r.is_pending()
+            && let Some((conn, _)) = &mut this.conn
+        {
+            // The body comes off the connection this task drives.
+            conn.drive(cx);
+            r = Pin::new(&mut this.inner).poll_frame(cx);
+        }
         if matches!(r, Poll::Ready(None)) {
             self.done = true;
         }
@@ -466,9 +594,9 @@ impl Drop for Guarded {
     fn drop(&mut self) {
         // Only a fully read response leaves the connection reusable.
         if (self.done || self.inner.is_end_stream())
-            && let Some((sender, pool)) = self.conn.take()
+            && let Some((conn, pool)) = self.conn.take()
         {
-            pool.checkin(sender);
+            pool.checkin(conn);
         }
     }
 }

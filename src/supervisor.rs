@@ -676,6 +676,8 @@ impl Supervisor {
     /// Lets an instance finish its requests and calls, then stops it.
     fn drain(&mut self, old: Instance) {
         old.monitor.cancel();
+        // No new request goes there: its idle connections can go now.
+        old.upstream.pool.close();
         let (generation, instance) = (old.generation, old.instance);
         let same_gen_active = self
             .active
@@ -984,7 +986,8 @@ impl Supervisor {
                 ) {
                     Ok(w) => {
                         self.watcher = Some(w);
-                        self.proxy.set_hold(new.daemon.hold_timeout);
+                        self.proxy
+                            .set_timeouts(new.daemon.hold_timeout, new.daemon.header_timeout);
                         self.cfg = Arc::new(new);
                         self.config_error = None;
                         self.events

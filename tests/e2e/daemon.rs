@@ -610,3 +610,105 @@ async fn history_and_generation_folders_stay_bounded() {
     d.wait_active(7).await;
     assert!(dirs() <= 3, "{} generation folders", dirs());
 }
+
+/// Reads one `Content-Length` response off a raw connection.
+async fn read_response(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(PATIENCE, s.read(&mut chunk))
+            .await
+            .expect("response timed out")
+            .expect("read");
+        assert!(n > 0, "connection closed mid-response: {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).to_string();
+        if let Some(head_end) = text.find("\r\n\r\n") {
+            let len = text[..head_end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= head_end + 4 + len {
+                return text;
+            }
+        }
+    }
+}
+
+/// Waits (bounded) until the peer closes the connection; false if it
+/// stays open for `within`.
+async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 256];
+    match tokio::time::timeout(within, s.read(&mut chunk)).await {
+        Ok(Ok(0) | Err(_)) => true,
+        Ok(Ok(n)) => panic!(
+            "unexpected bytes: {:?}",
+            String::from_utf8_lossy(&chunk[..n])
+        ),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_clients_are_closed_but_requests_in_progress_are_not() {
+    use tokio::io::AsyncWriteExt;
+    let p = Project::python("", "");
+    p.edit(
+        "etc/baton.toml",
+        "hold_timeout_ms = 5000",
+        "hold_timeout_ms = 5000\nheader_timeout_s = 1",
+    );
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    // A client that never finishes its request head is closed.
+    let mut slowloris = tokio::net::TcpStream::connect(d.addr)
+        .await
+        .expect("connect");
+    slowloris
+        .write_all(b"GET /whoami HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    // A request that takes longer than twice the timeout is answered.
+    let mut slow = tokio::net::TcpStream::connect(d.addr)
+        .await
+        .expect("connect");
+    slow.write_all(b"GET /slow?ms=3000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    // A keep-alive client that keeps asking keeps its connection.
+    let mut busy = tokio::net::TcpStream::connect(d.addr)
+        .await
+        .expect("connect");
+    for _ in 0..8 {
+        busy.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write on the busy connection");
+        let resp = read_response(&mut busy).await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    // 3.2 s have passed: the slow client was cut, the slow request not.
+    assert!(
+        closed_within(&mut slowloris, Duration::from_secs(5)).await,
+        "a client with a half-sent head kept its connection"
+    );
+    let resp = read_response(&mut slow).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.ends_with("slow 1"), "{resp}");
+    // Once idle, both keep-alive connections are closed too.
+    for (name, conn) in [("slow", &mut slow), ("busy", &mut busy)] {
+        assert!(
+            closed_within(conn, Duration::from_secs(10)).await,
+            "the idle {name} connection stayed open"
+        );
+    }
+    // The listener serves on.
+    let (code, _, _) = d.get("/healthz").await;
+    assert_eq!(code, StatusCode::OK);
+}
