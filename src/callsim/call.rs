@@ -8,13 +8,14 @@ use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError, SubProtocolError};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use super::rxstamp::{RxStamped, RxTime};
 use super::{Options, Prepared};
 use crate::twilio::audio::{self, FRAME_BYTES};
 use crate::twilio::messages::{MessageError, ServerMessage};
@@ -150,7 +151,7 @@ impl CallReport {
     }
 }
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Ws = WebSocketStream<RxStamped>;
 
 /// Runs call `index` to the end; never panics, always returns a report.
 pub async fn run_call(index: usize, opts: &Options, prepared: &Prepared) -> CallReport {
@@ -170,7 +171,7 @@ pub async fn run_call(index: usize, opts: &Options, prepared: &Prepared) -> Call
     rep
 }
 
-async fn connect(rep: &mut CallReport, opts: &Options) -> Result<Ws, String> {
+async fn connect(rep: &mut CallReport, opts: &Options) -> Result<(Ws, RxTime), String> {
     let mut req = opts
         .url
         .as_str()
@@ -194,7 +195,20 @@ async fn connect(rep: &mut CallReport, opts: &Options) -> Result<Ws, String> {
         .read_buffer_size(4096)
         .max_message_size(Some(1 << 20));
     let t0 = Instant::now();
-    let result = tokio_tungstenite::connect_async_with_config(req, Some(config), true).await;
+    let uri = req.uri();
+    if uri.scheme_str() != Some("ws") {
+        return Err(format!("{}: only ws:// URLs are supported", opts.url));
+    }
+    let host = uri.host().unwrap_or_default();
+    let port = uri.port_u16().unwrap_or(80);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let stream = TcpStream::connect((host, port))
+        .await
+        .map_err(|e| format!("connect {}: {e}", opts.url))?;
+    let _ = stream.set_nodelay(true);
+    // Frames are timed by their kernel receive time (see `rxstamp`).
+    let (stream, rx) = RxStamped::new(stream).map_err(|e| format!("receive timestamps: {e}"))?;
+    let result = tokio_tungstenite::client_async_with_config(req, stream, Some(config)).await;
     match result {
         Ok((ws, resp)) => {
             rep.handshake_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
@@ -210,7 +224,7 @@ async fn connect(rep: &mut CallReport, opts: &Options) -> Result<Ws, String> {
             if rep.app_signature.is_none() {
                 rep.violations.push("101 without X-App-Signature".into());
             }
-            Ok(ws)
+            Ok((ws, rx))
         }
         Err(WsError::Protocol(ProtocolError::SecWebSocketSubProtocolError(e))) => {
             let what = match e {
@@ -245,7 +259,7 @@ async fn call_inner(
     opts: &Options,
     prepared: &Prepared,
 ) -> Result<(), String> {
-    let mut ws = connect(rep, opts).await?;
+    let (mut ws, rx_time) = connect(rep, opts).await?;
     let sid = rep.stream_sid.clone();
     let call_sid = rep.call_sid.clone();
     let account = "AC00000000000000000000000000000000";
@@ -289,6 +303,8 @@ async fn call_inner(
     let mut next_utt = 0usize;
     let mut reply_starts: Vec<Instant> = Vec::new();
     let mut last_media: Option<Instant> = None;
+    // Kernel receive time (ns) of the last media frame, for the jitter.
+    let mut last_media_rx: Option<u64> = None;
     let mut segment_frames = 0usize;
     let mut new_segment = true;
     let mut play = Playout {
@@ -458,12 +474,18 @@ async fn call_inner(
                                         rep.greeting_latency_ms = Some(now.duration_since(t_start).as_secs_f64() * 1000.0);
                                     }
                                     // Segment / jitter bookkeeping.
+                                    let rx_at = rx_time.get();
                                     match last_media {
                                         Some(prev) if !new_segment && now.duration_since(prev) < SEGMENT_GAP => {
                                             segment_frames += 1;
                                             if segment_frames >= JITTER_SKIP_FRAMES {
-                                                let gap = now.duration_since(prev).as_micros() as i64;
-                                                rep.jitter_samples_us.push((gap - 20_000).unsigned_abs() as u32);
+                                                // The gap between the frames' arrivals,
+                                                // else between their reads.
+                                                let gap_us = match (rx_at, last_media_rx) {
+                                                    (Some(a), Some(b)) => (a.saturating_sub(b) / 1000) as i64,
+                                                    _ => now.duration_since(prev).as_micros() as i64,
+                                                };
+                                                rep.jitter_samples_us.push((gap_us - 20_000).unsigned_abs() as u32);
                                             }
                                         }
                                         _ => {
@@ -473,6 +495,7 @@ async fn call_inner(
                                         }
                                     }
                                     last_media = Some(now);
+                                    last_media_rx = rx_at;
                                     // Playout.
                                     if play.buffer_end < now {
                                         if let Some(rec) = play.recording.as_mut()

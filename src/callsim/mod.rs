@@ -15,9 +15,11 @@
 //! a thousand calls fit in one process.
 //!
 //! - [`call`]: one simulated call;
+//! - [`rxstamp`]: kernel receive timestamps, by which frames are timed;
 //! - [`webhook`]: the webhook + TwiML check (`callsim webhook`).
 
 pub mod call;
+pub mod rxstamp;
 pub mod webhook;
 
 use std::collections::BTreeMap;

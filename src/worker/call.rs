@@ -225,14 +225,14 @@ impl Call {
         let cancel = self.state.calls_cancel.clone();
         let cancelled = cancel.cancelled();
         tokio::pin!(cancelled);
-        let pacer = tokio::time::sleep_until(tokio::time::Instant::now());
-        tokio::pin!(pacer);
+        // Outbound frames wait on the shared 1 ms pacing grid (see `pacer`).
+        let mut pacer = self.state.pacer.sleep();
         let mut armed: Option<Instant> = None;
         loop {
             let deadline = self.send_deadline();
             if deadline != armed {
                 if let Some(d) = deadline {
-                    pacer.as_mut().reset(d.into());
+                    pacer.reset(d);
                 }
                 armed = deadline;
             }

@@ -15,6 +15,7 @@
 pub mod call;
 pub mod config;
 pub mod http;
+pub mod pacer;
 pub mod pipeline;
 pub mod record;
 
@@ -72,6 +73,8 @@ pub struct AppState {
     pub calls_cancel: CancellationToken,
     /// Connection counter, to name calls before their `start` arrives.
     pub next_conn: AtomicU64,
+    /// The outbound pacing clock every call shares.
+    pub pacer: Arc<pacer::Pacer>,
 }
 
 /// Serves until `shutdown` is cancelled, then stops accepting, lets open
@@ -100,6 +103,10 @@ pub async fn run(
         tokio::task::spawn_blocking(move || pipeline::Engines::build(&cfg_for_engines)).await??;
     let signature_header = hyper::header::HeaderValue::from_str(&cfg.app_signature)
         .unwrap_or_else(|_| hyper::header::HeaderValue::from_static("invalid"));
+    let (pacer, _pacer_task) = pacer::Pacer::start().map_err(|source| WorkerError::Io {
+        about: "starting the pacing timer",
+        source,
+    })?;
     let state = Arc::new(AppState {
         cfg,
         engines,
@@ -109,6 +116,7 @@ pub async fn run(
         calls: TaskTracker::new(),
         calls_cancel: CancellationToken::new(),
         next_conn: AtomicU64::new(1),
+        pacer,
     });
     info!(
         addr = %addr,
