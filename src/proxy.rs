@@ -423,6 +423,9 @@ async fn watch_connection<C>(
     let (mut seen, mut stopping) = (0, false);
     let r = loop {
         tokio::select! {
+            // The connection first: when it is ready the others are not
+            // polled at all (the common case, a request's I/O).
+            biased;
             r = conn.as_mut() => break r,
             () = &mut cancelled, if !stopping => {
                 // Finish the request in flight, then close.
