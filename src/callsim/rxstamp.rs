@@ -138,24 +138,35 @@ mod tests {
         let (mut stream, rx) = RxStamped::new(client.expect("connect")).expect("stamped");
         let (mut server, _) = server.expect("accept");
         assert_eq!(rx.get(), None);
-        server.write_all(b"hello").await.expect("write");
-        // On loopback the data is in the receiver's queue once the write
-        // returns: its receive time cannot be later than this.
-        let mark = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_nanos();
-        // Read well after the data arrived.
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        let mut buf = [0u8; 16];
-        let n = stream.read(&mut buf).await.expect("read");
-        assert_eq!(&buf[..n], b"hello");
-        let at = u128::from(rx.get().expect("a receive time"));
+        // The kernel turns packet timestamps on a moment after the first
+        // socket asks for them: the first packets may come without one.
+        let mut stamped = None;
+        for _ in 0..100 {
+            server.write_all(b"hello").await.expect("write");
+            // On loopback the data is in the receiver's queue once the
+            // write returns: its receive time cannot be later than this.
+            let mark = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_nanos();
+            // Read well after the data arrived.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let before = rx.get();
+            let mut buf = [0u8; 16];
+            let n = stream.read(&mut buf).await.expect("read");
+            assert_eq!(&buf[..n], b"hello");
+            if let Some(at) = rx.get().filter(|t| Some(*t) != before) {
+                stamped = Some((u128::from(at), mark));
+                break;
+            }
+        }
+        let (at, mark) = stamped.expect("no read carried a receive time");
         assert!(
             at <= mark,
             "receive time {at} is after {mark}: the read's time, not the arrival's"
         );
         stream.write_all(b"back").await.expect("write back");
+        let mut buf = [0u8; 16];
         let n = server.read(&mut buf).await.expect("read back");
         assert_eq!(&buf[..n], b"back");
     }

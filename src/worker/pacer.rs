@@ -69,8 +69,10 @@ impl Pacer {
     pub fn start() -> io::Result<(Arc<Pacer>, PacerTask)> {
         let fd = TimerFd::new(ClockId::CLOCK_MONOTONIC, TimerFlags::TFD_CLOEXEC)
             .map_err(io::Error::from)?;
-        let mono = clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_err(io::Error::from)?;
+        // The Instant first: the grid's timer then never fires before
+        // `tick_now` has reached the tick it fires for.
         let epoch = Instant::now();
+        let mono = clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_err(io::Error::from)?;
         let pacer = Arc::new(Pacer {
             epoch,
             epoch_mono_ns: timespec_ns(&mono),
