@@ -7,12 +7,12 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::TrySendError;
@@ -138,10 +138,15 @@ impl UpstreamConn {
 #[derive(Debug)]
 pub struct Pool {
     addr: SocketAddr,
-    idle: Mutex<Vec<UpstreamConn>>,
+    idle: Mutex<Idle>,
+}
+
+#[derive(Debug, Default)]
+struct Idle {
+    conns: Vec<UpstreamConn>,
     /// Set once the worker no longer takes new requests: connections are
-    /// closed when their last response is read, not kept.
-    closed: AtomicBool,
+    /// closed when their last exchange ends, not kept.
+    closed: bool,
 }
 
 impl Pool {
@@ -149,8 +154,7 @@ impl Pool {
     pub fn new(addr: SocketAddr) -> Arc<Pool> {
         Arc::new(Pool {
             addr,
-            idle: Mutex::new(Vec::new()),
-            closed: AtomicBool::new(false),
+            idle: Mutex::new(Idle::default()),
         })
     }
 
@@ -161,7 +165,7 @@ impl Pool {
     pub async fn checkout(&self) -> Result<UpstreamConn, SendError> {
         // Newest first: the most recently used connection is the likeliest
         // to be alive. One that is closed or not ready is dropped.
-        while let Some(mut conn) = self.idle.lock().ok().and_then(|mut v| v.pop()) {
+        while let Some(mut conn) = self.idle.lock().ok().and_then(|mut v| v.conns.pop()) {
             if conn.ready_now().await {
                 return Ok(conn);
             }
@@ -191,22 +195,50 @@ impl Pool {
     /// the worker is draining, and a connection a pinned WebSocket keeps
     /// its generation alive for would only hold memory.
     pub fn close(&self) {
-        self.closed.store(true, Ordering::Relaxed);
-        if let Ok(mut v) = self.idle.lock() {
-            *v = Vec::new();
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.closed = true;
+            idle.conns = Vec::new();
         }
     }
 
-    /// Gives a connection back once its last response has been read (it
-    /// may not have seen the end yet: checkout drives it once first).
-    pub fn checkin(&self, conn: UpstreamConn) {
-        if !conn.is_open() || self.closed.load(Ordering::Relaxed) {
+    /// Gives a connection back once its response has been read. One that
+    /// is not idle yet (the worker answered before it had the whole request
+    /// body, which is still being sent) is driven to the end of its
+    /// exchange on a task of its own first, as a spawned connection would
+    /// have been.
+    pub fn checkin(self: &Arc<Self>, mut conn: UpstreamConn) {
+        if !conn.is_open() {
             return;
         }
-        if let Ok(mut v) = self.idle.lock()
-            && v.len() < MAX_IDLE
+        if conn.ready_now().now_or_never() == Some(true) {
+            self.keep(conn);
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let pool = self.clone();
+        rt.spawn(async move {
+            let idle = std::future::poll_fn(|cx| {
+                conn.drive(cx);
+                if !conn.is_open() {
+                    return Poll::Ready(false);
+                }
+                conn.sender.poll_ready(cx).map(|r| r.is_ok())
+            })
+            .await;
+            if idle {
+                pool.keep(conn);
+            }
+        });
+    }
+
+    fn keep(&self, conn: UpstreamConn) {
+        if let Ok(mut idle) = self.idle.lock()
+            && !idle.closed
+            && idle.conns.len() < MAX_IDLE
         {
-            v.push(conn);
+            idle.conns.push(conn);
         }
     }
 }

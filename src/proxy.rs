@@ -402,10 +402,13 @@ impl Proxy {
 }
 
 /// Drives one client connection until it ends, the daemon stops (the
-/// request in flight finishes first), or it stalls: a connection that has
-/// no request in progress and started none during a whole `timeout` is
-/// closed, so a slow or idle client (a slowloris) holds it between
-/// `timeout` and twice that. One timer per connection, not per request.
+/// request in flight finishes first), or it stalls: a connection on which
+/// no request started or finished during a whole `timeout`, and none is in
+/// progress, is asked to close (hyper closes it once what it has written is
+/// flushed); if it is still open a `timeout` later (a head still half
+/// sent: a slowloris) it is dropped. So a slow or idle client holds a
+/// connection for one to three `timeout`s. One timer per connection, not
+/// per request.
 async fn watch_connection<C>(
     conn: C,
     activity: Arc<Activity>,
@@ -420,7 +423,7 @@ async fn watch_connection<C>(
     let mut stall = std::pin::pin!(stall);
     let cancelled = token.cancelled();
     let mut cancelled = std::pin::pin!(cancelled);
-    let (mut seen, mut stopping) = (0, false);
+    let (mut seen, mut stopping, mut closing) = ((0, 0), false, false);
     let r = loop {
         tokio::select! {
             // The connection first: when it is ready the others are not
@@ -433,13 +436,21 @@ async fn watch_connection<C>(
                 conn.as_mut().shut_down();
             }
             () = &mut stall => {
-                let started = activity.started.load(Ordering::Relaxed);
-                let busy = started != activity.finished.load(Ordering::Relaxed);
-                if !busy && started == seen {
+                let now = (
+                    activity.started.load(Ordering::Relaxed),
+                    activity.finished.load(Ordering::Relaxed),
+                );
+                if now.0 != now.1 || now != seen {
+                    // In progress, or moved during the last period.
+                    seen = now;
+                } else if !closing {
                     tracing::debug!(%peer, ?timeout, "closing a client connection that sent no request");
+                    closing = true;
+                    conn.as_mut().shut_down();
+                } else {
+                    tracing::debug!(%peer, "dropping a client connection that did not close");
                     return;
                 }
-                seen = started;
                 stall.as_mut().reset(tokio::time::Instant::now() + timeout);
             }
         }

@@ -6,6 +6,10 @@
 //! round to reading it. `callsim` shares the machine with the daemon and
 //! the worker it measures, so it times each frame by the kernel's receive
 //! timestamp; its own scheduling delays are then not counted against them.
+//! The stamp is that of the last packet a read took in: when callsim falls
+//! more than a frame behind, the frames of one read share it (and the
+//! kernel may have merged their packets), which shows up as jitter, not as
+//! less of it.
 
 use std::io::{self, IoSliceMut};
 use std::os::fd::AsRawFd;
@@ -90,9 +94,11 @@ impl AsyncRead for RxStamped {
             });
             match r {
                 Ok((n, stamp)) => {
-                    if let Some(t) = stamp {
-                        this.rx.0.store(t.max(1), Ordering::Relaxed);
-                    }
+                    // A read without a stamp clears it: the reader then
+                    // falls back to its own clock rather than an old stamp.
+                    this.rx
+                        .0
+                        .store(stamp.map_or(0, |t| t.max(1)), Ordering::Relaxed);
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }

@@ -52,6 +52,9 @@ pub struct PacerTask(Arc<Pacer>);
 
 impl Drop for PacerTask {
     fn drop(&mut self) {
+        // Under the lock, so that the thread cannot disarm the timer between
+        // the flag and the wake-up.
+        let _st = self.0.state.lock();
         self.0.stopping.store(true, Ordering::SeqCst);
         // Wakes the thread at once so that it sees the flag.
         let _ = self.0.timer.set(
@@ -93,6 +96,7 @@ impl Pacer {
         PaceSleep {
             pacer: self.clone(),
             tick: None,
+            due_now: false,
             key: self.next_key.fetch_add(1, Ordering::Relaxed),
             registered: None,
         }
@@ -168,7 +172,7 @@ impl Pacer {
                 let later = st.due.split_off(&(now.saturating_add(1), 0));
                 let due = std::mem::replace(&mut st.due, later);
                 woken.extend(due.into_values());
-                if st.due.is_empty() && st.armed {
+                if st.due.is_empty() && st.armed && !self.stopping.load(Ordering::SeqCst) {
                     st.armed = false;
                     if let Err(e) = self.timer.unset() {
                         tracing::warn!(error = %e, "pacing timer could not be disarmed");
@@ -193,14 +197,19 @@ fn timespec_ns(ts: &TimeSpec) -> u128 {
 pub struct PaceSleep {
     pacer: Arc<Pacer>,
     tick: Option<u64>,
+    /// The deadline had passed when it was set: ready at once (a `mark`,
+    /// or a frame that is late), not at the next grid point.
+    due_now: bool,
     key: u64,
     /// The tick the waker is filed under.
     registered: Option<u64>,
 }
 
 impl PaceSleep {
-    /// Sets the deadline (replacing any earlier one).
+    /// Sets the deadline (replacing any earlier one). One that has already
+    /// passed ends the sleep at its next poll.
     pub fn reset(&mut self, deadline: Instant) {
+        self.due_now = deadline <= Instant::now();
         let tick = self.pacer.tick_at_or_after(deadline);
         if self.registered.is_some_and(|t| t != tick) {
             self.clear();
@@ -222,7 +231,8 @@ impl Future for PaceSleep {
         let Some(tick) = self.tick else {
             return Poll::Pending;
         };
-        if self.pacer.tick_now() >= tick {
+        if self.due_now || self.pacer.tick_now() >= tick {
+            self.due_now = false;
             self.clear();
             self.tick = None;
             return Poll::Ready(());

@@ -712,3 +712,50 @@ async fn slow_and_idle_clients_are_closed_but_requests_in_progress_are_not() {
     let (code, _, _) = d.get("/healthz").await;
     assert_eq!(code, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_does_not_cut_the_rest_of_the_upload() {
+    use tokio::io::AsyncWriteExt;
+    let p = Project::python("", "");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    // The worker answers 202 as soon as it has the head, then reads the
+    // body: the rest of the upload must still reach it, and the client's
+    // connection must stay usable.
+    let out = p.path("ingested");
+    let payload: Vec<u8> = (0..1_048_576u32).map(|i| (i % 253) as u8).collect();
+    let mut conn = tokio::net::TcpStream::connect(d.addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /ingest?to={} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        out.display(),
+        payload.len()
+    );
+    conn.write_all(head.as_bytes()).await.expect("head");
+    conn.write_all(&payload[..65536])
+        .await
+        .expect("first chunk");
+    let resp = read_response(&mut conn).await;
+    assert!(resp.starts_with("HTTP/1.1 202"), "{resp}");
+    for chunk in payload[65536..].chunks(65536) {
+        conn.write_all(chunk).await.expect("rest of the body");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut got = None;
+    for _ in 0..300 {
+        if let Ok(b) = std::fs::read(&out) {
+            got = Some(b);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = got.expect("the worker never got the whole body");
+    assert!(got == payload, "the body the worker got differs");
+    // The same client connection carries on.
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("next request");
+    let resp = read_response(&mut conn).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
