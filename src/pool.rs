@@ -47,7 +47,7 @@ pub enum SendError {
 /// the response and its body by polling the connection inline, so a
 /// proxied request costs no task hand-offs. An upgrade request hands the
 /// connection to a task of its own (the upgraded bytes must flow after the
-/// exchange), see [`UpstreamConn::spawn_driver`].
+/// exchange), see [`UpstreamConn::send`].
 pub struct UpstreamConn {
     sender: SendRequest<ReqBody>,
     driver: Driver,
@@ -88,6 +88,8 @@ impl UpstreamConn {
     }
 
     /// Sends `req` and waits for the response head, driving the connection.
+    /// A request that asks for an upgrade hands the connection to a task of
+    /// its own first: the upgraded bytes flow after the exchange has ended.
     ///
     /// # Errors
     /// As [`SendRequest::try_send_request`]: the request comes back when it
@@ -96,6 +98,9 @@ impl UpstreamConn {
         &mut self,
         req: Request<ReqBody>,
     ) -> Result<Response<Incoming>, TrySendError<Request<ReqBody>>> {
+        if req.headers().contains_key(http::header::UPGRADE) {
+            self.spawn_driver();
+        }
         let mut fut = std::pin::pin!(self.sender.try_send_request(req));
         std::future::poll_fn(|cx| {
             if let Poll::Ready(r) = fut.as_mut().poll(cx) {
@@ -107,9 +112,8 @@ impl UpstreamConn {
         .await
     }
 
-    /// Lets a task of its own drive the connection, with upgrades: an
-    /// upgraded connection's bytes flow after the exchange has ended.
-    pub fn spawn_driver(&mut self) {
+    /// Lets a task of its own drive the connection, with upgrades.
+    fn spawn_driver(&mut self) {
         if let Driver::Inline(conn) = std::mem::replace(&mut self.driver, Driver::Spawned) {
             tokio::spawn(async move {
                 let _ = (*conn).with_upgrades().await;

@@ -178,6 +178,7 @@ impl Proxy {
                 .with_upgrades();
             conns.spawn(watch_connection(
                 conn,
+                |c| c.graceful_shutdown(),
                 seen,
                 self.header_timeout(),
                 token.clone(),
@@ -273,7 +274,7 @@ impl Proxy {
             // (error, whether the worker refused connections: then wait for
             // a different one; else the same one may take it again).
             let (failure, refused_conn) = match upstream.pool.checkout().await {
-                Ok(mut conn) => match send(&mut conn, req, upgrade.is_some()).await {
+                Ok(mut conn) => match conn.send(req).await {
                     Ok(resp) => break (resp, conn),
                     Err(mut e) => match e.take_message() {
                         // Not sent (the connection closed first): the request
@@ -411,12 +412,13 @@ impl Proxy {
 /// per request.
 async fn watch_connection<C>(
     conn: C,
+    shut_down: impl Fn(Pin<&mut C>),
     activity: Arc<Activity>,
     timeout: Duration,
     token: CancellationToken,
     peer: std::net::SocketAddr,
 ) where
-    C: Future<Output = hyper::Result<()>> + GracefulConnection,
+    C: Future<Output = hyper::Result<()>>,
 {
     let mut conn = std::pin::pin!(conn);
     let stall = tokio::time::sleep(timeout);
@@ -433,7 +435,7 @@ async fn watch_connection<C>(
             () = &mut cancelled, if !stopping => {
                 // Finish the request in flight, then close.
                 stopping = true;
-                conn.as_mut().shut_down();
+                shut_down(conn.as_mut());
             }
             () = &mut stall => {
                 let now = (
@@ -446,7 +448,7 @@ async fn watch_connection<C>(
                 } else if !closing {
                     tracing::debug!(%peer, ?timeout, "closing a client connection that sent no request");
                     closing = true;
-                    conn.as_mut().shut_down();
+                    shut_down(conn.as_mut());
                 } else {
                     tracing::debug!(%peer, "dropping a client connection that did not close");
                     return;
@@ -457,22 +459,6 @@ async fn watch_connection<C>(
     };
     if let Err(e) = r {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
-    }
-}
-
-/// A server connection that can be asked to finish and close.
-trait GracefulConnection {
-    fn shut_down(self: Pin<&mut Self>);
-}
-
-impl<I, S> GracefulConnection for hyper::server::conn::http1::UpgradeableConnection<I, S>
-where
-    S: hyper::service::HttpService<Incoming, ResBody = ClientBody>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    fn shut_down(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
     }
 }
 
@@ -518,18 +504,6 @@ impl Body for ClientBody {
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
     }
-}
-
-/// Sends `req` on `conn`; an upgrade's connection gets a task of its own.
-async fn send(
-    conn: &mut UpstreamConn,
-    req: Request<ReqBody>,
-    upgrade: bool,
-) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<ReqBody>>> {
-    if upgrade {
-        conn.spawn_driver();
-    }
-    conn.send(req).await
 }
 
 fn millis(d: Duration) -> u64 {

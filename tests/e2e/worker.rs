@@ -814,47 +814,14 @@ async fn worker_checks_twilio_signatures_on_webhooks_and_upgrade(mode: Mode) {
         assert_eq!(v["stream_status_status"], 403);
     }
     // Unsigned, or signed over the wrong URL: 403, still signed by us.
-    let r = http(
-        w.addr,
-        "POST",
-        "/webhook/stream_ended",
-        &[("Content-Type", "application/x-www-form-urlencoded")],
-        b"CallSid=CA1",
-    )
-    .await;
+    let r = post_stream_ended(w.addr, None).await;
     assert_eq!(r.status, 403);
     assert_eq!(r.headers.get("x-app-signature"), Some(&want));
-    let sig = baton::twilio::signature::compute(
-        "secret",
-        &format!("{base}/webhook/stream_ended"),
-        &[("CallSid".into(), "CA1".into())],
-    );
-    let r = http(
-        w.addr,
-        "POST",
-        "/webhook/stream_ended",
-        &[
-            ("Content-Type", "application/x-www-form-urlencoded"),
-            ("X-Twilio-Signature", &sig),
-        ],
-        b"CallSid=CA1",
-    )
-    .await;
+    let r = post_stream_ended(w.addr, Some(&format!("{base}/webhook/stream_ended"))).await;
     assert_eq!(r.status, 403);
-    let sig = baton::twilio::signature::compute(
-        "secret",
-        "https://voice.example.com/webhook/stream_ended",
-        &[("CallSid".into(), "CA1".into())],
-    );
-    let r = http(
+    let r = post_stream_ended(
         w.addr,
-        "POST",
-        "/webhook/stream_ended",
-        &[
-            ("Content-Type", "application/x-www-form-urlencoded"),
-            ("X-Twilio-Signature", &sig),
-        ],
-        b"CallSid=CA1",
+        Some("https://voice.example.com/webhook/stream_ended"),
     )
     .await;
     assert_eq!(r.status, 204);
@@ -910,6 +877,26 @@ async fn worker_checks_twilio_signatures_on_webhooks_and_upgrade(mode: Mode) {
     // The server is still fine.
     w.wait_event("WS_STOP", |_| true).await;
     assert_eq!(http(w.addr, "GET", "/healthz", &[], b"").await.status, 200);
+}
+
+/// `POST /webhook/stream_ended` with `CallSid=CA1`, signed with the token
+/// `secret` over `signed_url` when there is one.
+async fn post_stream_ended(addr: SocketAddr, signed_url: Option<&str>) -> HttpResponse {
+    let sig = signed_url.map(|url| {
+        baton::twilio::signature::compute("secret", url, &[("CallSid".into(), "CA1".into())])
+    });
+    let mut headers = vec![("Content-Type", "application/x-www-form-urlencoded")];
+    if let Some(sig) = &sig {
+        headers.push(("X-Twilio-Signature", sig));
+    }
+    http(
+        addr,
+        "POST",
+        "/webhook/stream_ended",
+        &headers,
+        b"CallSid=CA1",
+    )
+    .await
 }
 
 both!(worker_full_call_greeting_echo_marks_clear_stop_and_record);
