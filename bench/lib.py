@@ -94,6 +94,7 @@ def wrk(path):
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", t)
     if m:
         r["sock_errors"] = sum(int(g) for g in m.groups())
+        r["connect_errors"], r["read_errors"], r["write_errors"], r["timeouts"] = (int(g) for g in m.groups())
     print(json.dumps(r))
 
 
@@ -300,6 +301,19 @@ def table(d):
         else:
             rows.append(("6. Concurrent calls through batond", (calls or {}).get("note", "not measured"),
                          "1000 calls, p99 < 2 ms", "n/a"))
+
+    sup = load(d, "supervisord.json")
+    if sup:
+        w = sup.get("wrk") or {}
+        sws = load(d, "sup-ws.json") or {}
+        sfailed = w.get("non2xx", 0) + w.get("sock_errors", 0)
+        rows.append((f"7. For contrast: the same load straight to a worker while supervisord restarts it {sup.get('n')} times",
+                     f"{fmt(sfailed)} failed (wrk: {fmt(w.get('non2xx'))} non-2xx, socket errors connect {fmt(w.get('connect_errors'))}, "
+                     f"read {fmt(w.get('read_errors'))}, write {fmt(w.get('write_errors'))}, timeout {fmt(w.get('timeouts'))}) "
+                     f"beside {fmt(w.get('requests'))} answered ({sup.get('ok')}/{sup.get('n')} restarts); "
+                     f"{fmt(sws.get('dropped'))} of {fmt(sws.get('opened'))} WebSockets dropped, {fmt(sws.get('lost'))} messages lost; "
+                     f"supervisord RSS {fmt(sup.get('rss_kb', 0) / 1024, 1)} MB",
+                     "(contrast)", "what row 2 avoids"))
 
     mach = load(d, "machine.json") or {}
     print(f"Machine: {mach.get('nproc')} CPUs, {mach.get('cpu')}, {mach.get('ram')} RAM, Linux {mach.get('kernel')}; "
