@@ -94,6 +94,7 @@ struct RawDaemon {
     history: Option<usize>,
     shutdown_timeout_s: Option<u64>,
     threads: Option<usize>,
+    realtime_priority: Option<u8>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -190,6 +191,9 @@ pub struct DaemonConfig {
     pub shutdown_timeout: Duration,
     /// Runtime threads: 1 runs everything on one thread (the default).
     pub threads: usize,
+    /// `SCHED_FIFO` priority of batond's threads; 0 (the default) is
+    /// normal scheduling. See [`crate::sched`].
+    pub realtime_priority: u8,
 }
 
 /// `[watch]`: what changes trigger a rebuild.
@@ -503,6 +507,14 @@ impl Validator<'_> {
         if threads == 0 || threads > 64 {
             self.issue("daemon", "threads", "must be between 1 and 64");
         }
+        let realtime_priority = raw.daemon.realtime_priority.unwrap_or(0);
+        if realtime_priority > crate::sched::MAX_PRIORITY {
+            self.issue(
+                "daemon",
+                "realtime_priority",
+                "must be between 0 (normal scheduling) and 99",
+            );
+        }
         let daemon = DaemonConfig {
             root: root.clone(),
             listen,
@@ -513,6 +525,7 @@ impl Validator<'_> {
             history: raw.daemon.history.unwrap_or(20),
             shutdown_timeout: Duration::from_secs(shutdown),
             threads: threads.clamp(1, 64),
+            realtime_priority: realtime_priority.min(crate::sched::MAX_PRIORITY),
         };
 
         let ignore_patterns: Vec<String> = raw

@@ -86,6 +86,10 @@ pub async fn run(
         control_path.display()
     );
 
+    if cfg.daemon.realtime_priority > 0 {
+        crate::sched::apply_to_process(cfg.daemon.realtime_priority);
+    }
+
     let router = Arc::new(Router::default());
     let proxy = Proxy::new(
         router.clone(),

@@ -21,6 +21,7 @@
 //! | [`watch`] | `notify` watches with ignore globs |
 //! | [`events`] | the event bus behind the log and `/v1/events` |
 //! | [`control`] | the control socket API, server and client |
+//! | [`sched`] | real-time scheduling (`SCHED_FIFO`, reset on fork) for the threads that move frames |
 //! | [`systemd`] | `sd_notify` and socket activation |
 //! | [`twilio`] | Media Streams messages, `X-Twilio-Signature`, G.711 mu-law and 8 kHz framing (shared by the worker and callsim) |
 //! | [`worker`] | the `media-worker` server (webhooks, Media Streams, pipeline) |
@@ -41,6 +42,7 @@ pub mod probe;
 pub mod process;
 pub mod proxy;
 pub mod router;
+pub mod sched;
 pub mod supervisor;
 pub mod systemd;
 pub mod tunnel;

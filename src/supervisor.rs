@@ -988,6 +988,9 @@ impl Supervisor {
                         self.watcher = Some(w);
                         self.proxy
                             .set_timeouts(new.daemon.hold_timeout, new.daemon.header_timeout);
+                        if new.daemon.realtime_priority != self.cfg.daemon.realtime_priority {
+                            crate::sched::apply_to_process(new.daemon.realtime_priority);
+                        }
                         self.cfg = Arc::new(new);
                         self.config_error = None;
                         self.events

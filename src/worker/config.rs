@@ -114,6 +114,10 @@ pub struct FileConfig {
     pub pacing_lead_ms: u64,
     /// Energy VAD.
     pub vad: VadConfig,
+    /// `SCHED_FIFO` priority of the threads that move frames (the runtime
+    /// and the pacer); 0 (the default) is normal scheduling. The speech
+    /// engines keep normal scheduling. See `baton::sched`.
+    pub realtime_priority: u8,
 }
 
 impl Default for FileConfig {
@@ -135,6 +139,7 @@ impl Default for FileConfig {
             max_message_bytes: 64 * 1024,
             pacing_lead_ms: 100,
             vad: VadConfig::default(),
+            realtime_priority: 0,
         }
     }
 }
@@ -183,6 +188,8 @@ pub struct Config {
     pub pacing_lead: Duration,
     /// Energy VAD knobs.
     pub vad: VadConfig,
+    /// `SCHED_FIFO` priority of the runtime and pacer threads (0: normal).
+    pub realtime_priority: u8,
 }
 
 /// A configuration that cannot be used, with enough location to fix it.
@@ -307,6 +314,12 @@ impl Config {
         if file.max_message_bytes < 1024 {
             return Err(invalid("max_message_bytes", "must be >= 1024".into()));
         }
+        if file.realtime_priority > crate::sched::MAX_PRIORITY {
+            return Err(invalid(
+                "realtime_priority",
+                "must be between 0 (normal scheduling) and 99".into(),
+            ));
+        }
         if file.vad.end_silence_ms == 0 || file.vad.max_utterance_ms == 0 {
             return Err(invalid("vad", "durations must be > 0".into()));
         }
@@ -344,6 +357,7 @@ impl Config {
             max_message_bytes: file.max_message_bytes,
             pacing_lead: Duration::from_millis(file.pacing_lead_ms),
             vad: file.vad,
+            realtime_priority: file.realtime_priority,
         })
     }
 }

@@ -107,6 +107,12 @@ pub async fn run(
         about: "starting the pacing timer",
         source,
     })?;
+    // Now that the runtime's threads and the pacer thread are up: threads
+    // started from here on (the speech engines' blocking work) keep normal
+    // scheduling, see `crate::sched`.
+    if cfg.realtime_priority > 0 {
+        crate::sched::apply_to_process(cfg.realtime_priority);
+    }
     let state = Arc::new(AppState {
         cfg,
         engines,

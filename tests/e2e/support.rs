@@ -349,3 +349,36 @@ pub async fn whoami(addr: SocketAddr) -> (u64, u32, serde_json::Value) {
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
+
+/// Whether processes here may use real-time scheduling (root,
+/// `CAP_SYS_NICE` or an `RLIMIT_RTPRIO` of at least 10).
+pub fn realtime_allowed() -> bool {
+    std::process::Command::new("chrt")
+        .args(["--fifo", "10", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Each thread of `pid`: its name, whether it is `SCHED_FIFO`, and its
+/// real-time priority (`/proc/PID/task/TID/stat`, fields 2, 41 and 40).
+pub fn thread_policies(pid: u32) -> Vec<(String, bool, u32)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let stat = read(&entry.path().join("stat"));
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u32>().ok());
+        if let (Some(prio), Some(policy)) = (field(40), field(41)) {
+            out.push((name, policy == 1, prio));
+        }
+    }
+    out
+}

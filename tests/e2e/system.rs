@@ -171,3 +171,77 @@ async fn command_line_overrides_win_over_the_file() {
         "the file's state_dir was not used"
     );
 }
+
+/// `daemon.realtime_priority`: batond's threads run at `SCHED_FIFO`, the
+/// worker it starts does not inherit it, and a reload turns it off again.
+/// Where real-time scheduling is not allowed, batond says why and serves
+/// all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn realtime_priority_is_batonds_own_and_not_its_workers() {
+    let p = Project::python("", "");
+    p.edit(
+        "etc/baton.toml",
+        "[daemon]\n",
+        "[daemon]\nrealtime_priority = 10\n",
+    );
+    let d = Daemon::start(&p).await;
+    let s = d.wait_active(1).await;
+    let batond = d.child.id().expect("batond pid");
+    let worker = s.active.and_then(|a| a.pid).expect("worker pid");
+    let main_thread = |pid: u32| {
+        thread_policies(pid)
+            .into_iter()
+            .find(|(name, _, _)| name == "batond")
+            .map(|(_, fifo, prio)| (fifo, prio))
+    };
+    // The worker (python3) and every thread it has: normal scheduling.
+    let workers = thread_policies(worker);
+    assert!(!workers.is_empty(), "no threads for worker {worker}");
+    assert!(
+        workers.iter().all(|(_, fifo, prio)| !fifo && *prio == 0),
+        "the worker inherited real-time scheduling: {workers:?}"
+    );
+    if realtime_allowed() {
+        assert_eq!(main_thread(batond), Some((true, 10)), "{}", d.log());
+        assert!(d.log().contains("SCHED_FIFO priority 10 on"), "{}", d.log());
+        // A reload to 0 puts batond back to normal scheduling.
+        p.edit(
+            "etc/baton.toml",
+            "realtime_priority = 10\n",
+            "realtime_priority = 0\n",
+        );
+        d.wait_for("the reload's deploy", |s| {
+            s.active.as_ref().is_some_and(|a| a.id >= 2)
+        })
+        .await;
+        assert_eq!(main_thread(batond), Some((false, 0)), "{}", d.log());
+    } else {
+        let log = d.log();
+        assert!(log.contains("realtime_priority not applied"), "{log}");
+        assert!(log.contains("SCHED_FIFO priority 10"), "{log}");
+        assert_eq!(main_thread(batond), Some((false, 0)));
+    }
+    let (code, _, _) = d.get("/healthz").await;
+    assert_eq!(code, StatusCode::OK);
+}
+
+/// A priority Linux does not have is a config error with its position.
+#[test]
+fn realtime_priority_above_99_is_refused_with_its_position() {
+    let p = Project::python("", "");
+    p.edit(
+        "etc/baton.toml",
+        "[daemon]\n",
+        "[daemon]\nrealtime_priority = 100\n",
+    );
+    let out = std::process::Command::new(BATOND)
+        .args(["--check", "--config"])
+        .arg(p.path("etc/baton.toml"))
+        .output()
+        .expect("run batond --check");
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("daemon.realtime_priority"), "{err}");
+    assert!(err.contains("baton.toml:2:1"), "{err}");
+    assert!(err.contains("between 0"), "{err}");
+}

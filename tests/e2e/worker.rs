@@ -1214,6 +1214,62 @@ async fn worker_config_errors_name_file_line_column_and_key() {
     );
 }
 
+/// `realtime_priority`: the worker's runtime threads and its pacer run at
+/// `SCHED_FIFO`, threads it starts later do not (its speech engines' work);
+/// where real-time scheduling is not allowed it says why and serves.
+#[tokio::test]
+async fn worker_realtime_priority_covers_the_threads_that_move_frames() {
+    let w = Worker::start("realtime_priority = 12", &[]).await;
+    let pid = w.child.id().expect("pid");
+    let said = |what: &str| {
+        w.lines
+            .lock()
+            .expect("log lock")
+            .iter()
+            .any(|l| l.contains(what))
+    };
+    let threads = crate::support::thread_policies(pid);
+    let pacer = threads.iter().find(|(name, _, _)| name == "pacer");
+    if crate::support::realtime_allowed() {
+        assert!(said("SCHED_FIFO priority 12 on"), "{threads:?}");
+        assert_eq!(
+            pacer.map(|(_, fifo, prio)| (*fifo, *prio)),
+            Some((true, 12)),
+            "{threads:?}"
+        );
+        let runtime: Vec<_> = threads
+            .iter()
+            .filter(|(name, _, _)| name.starts_with("tokio"))
+            .collect();
+        assert!(!runtime.is_empty(), "{threads:?}");
+        assert!(
+            runtime.iter().all(|(_, fifo, prio)| *fifo && *prio == 12),
+            "{threads:?}"
+        );
+    } else {
+        assert!(said("realtime_priority not applied"), "{threads:?}");
+        assert!(said("SCHED_FIFO priority 12"), "{threads:?}");
+        assert_eq!(pacer.map(|(_, fifo, _)| *fifo), Some(false));
+    }
+    let r = http(w.addr, "GET", "/healthz", &[], b"").await;
+    assert_eq!(r.status, 200);
+    // Out of range: a config error naming the key.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("rt.toml");
+    std::fs::write(&cfg, "realtime_priority = 100\n").expect("write");
+    let out = tokio::process::Command::new(MEDIA_WORKER)
+        .arg("--check")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .await
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("realtime_priority"), "{err}");
+    assert!(err.contains("between 0"), "{err}");
+}
+
 /// Only where the Debian recogniser and synthesiser are installed: a spoken
 /// word goes through mu-law, the VAD and PocketSphinx into STT_FINAL and the
 /// call record.

@@ -1,0 +1,250 @@
+//! Real-time scheduling for the media path (`realtime_priority`).
+//!
+//! On a busy host the kernel's fair scheduler lets a process that has work
+//! wait for another's time slice: a few milliseconds, which is what a 20 ms
+//! audio frame cannot spare. Telephony servers run their media threads at a
+//! real-time priority for that reason (Asterisk's `-p`, FreeSWITCH's `-rp`).
+//! `batond` and `media-worker` can do the same: `SCHED_FIFO` at the
+//! configured priority for the threads that move frames, so a frame goes
+//! out as soon as it is due and everything else (builds, speech engines)
+//! runs in the time they leave.
+//!
+//! Every thread is set with `SCHED_RESET_ON_FORK`: whatever it starts (a
+//! build, a worker, an `espeak-ng`, a thread the runtime adds later) begins
+//! with normal scheduling, so nothing CPU-bound inherits a priority meant for
+//! threads that block after each message. Priority 0 means normal
+//! scheduling (`SCHED_OTHER`).
+//!
+//! Needs `CAP_SYS_NICE` or an `RLIMIT_RTPRIO` of at least the priority
+//! (systemd: `LimitRTPRIO=`, and no `RestrictRealtime=yes`).
+
+use std::io;
+use std::process::Command;
+
+/// The highest `SCHED_FIFO` priority Linux takes.
+pub const MAX_PRIORITY: u8 = 99;
+
+/// The scheduling of one thread, as the kernel reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// `SCHED_FIFO` (true) or another policy.
+    pub fifo: bool,
+    /// The real-time priority (0 for normal scheduling).
+    pub priority: u8,
+}
+
+/// Sets the scheduling of thread `tid` of this process: `SCHED_FIFO` at
+/// `priority` with `SCHED_RESET_ON_FORK`, or normal scheduling for 0.
+///
+/// The change is made with util-linux's `chrt` (part of every Debian
+/// system): neither nix nor rustix binds `sched_setscheduler`, and this
+/// crate has no unsafe code. It runs at start-up and on a reload only.
+///
+/// # Errors
+/// `chrt` is missing or the kernel refused (without `CAP_SYS_NICE` or a
+/// high enough `RLIMIT_RTPRIO`); the error names the priority and says why.
+pub fn set_thread(tid: u32, priority: u8) -> io::Result<()> {
+    if priority > MAX_PRIORITY {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("realtime priority {priority} is above {MAX_PRIORITY}"),
+        ));
+    }
+    let mut chrt = Command::new("chrt");
+    if priority == 0 {
+        chrt.args(["--other", "--pid", "0"]);
+    } else {
+        chrt.args(["--fifo", "--reset-on-fork", "--pid"])
+            .arg(priority.to_string());
+    }
+    let what = if priority == 0 {
+        "normal scheduling".to_string()
+    } else {
+        format!("SCHED_FIFO priority {priority}")
+    };
+    let out = chrt.arg(tid.to_string()).output().map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("{what}: cannot run chrt (util-linux): {e}"),
+        )
+    })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let said = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let hint = if said.contains("not permitted") {
+        " (needs CAP_SYS_NICE or an RLIMIT_RTPRIO of at least the priority: systemd LimitRTPRIO=, without RestrictRealtime=yes)"
+    } else {
+        ""
+    };
+    Err(io::Error::other(format!("{what}: {said}{hint}")))
+}
+
+/// The threads of this process now.
+fn threads() -> io::Result<Vec<u32>> {
+    let mut tids = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/task")? {
+        if let Some(tid) = entry?.file_name().to_str().and_then(|s| s.parse().ok()) {
+            tids.push(tid);
+        }
+    }
+    Ok(tids)
+}
+
+/// Sets every thread the process has now, as [`set_thread`] does. Threads
+/// started afterwards get normal scheduling (`SCHED_RESET_ON_FORK`).
+///
+/// # Errors
+/// The first refusal; threads already set stay set. Threads that ended
+/// while the list was walked are skipped.
+pub fn set_process(priority: u8) -> io::Result<usize> {
+    let mut set = 0;
+    for tid in threads()? {
+        match set_thread(tid, priority) {
+            Ok(()) => set += 1,
+            // Gone since the list was read (a blocking-pool thread ending).
+            Err(_) if get_thread(tid).is_err() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(set)
+}
+
+/// [`set_process`], logged: what was set, or why it was not (the process
+/// carries on with the scheduling it had).
+pub fn apply_to_process(priority: u8) {
+    match set_process(priority) {
+        Ok(threads) if priority > 0 => tracing::info!(
+            priority,
+            threads,
+            "real-time scheduling: SCHED_FIFO priority {priority} on {threads} threads"
+        ),
+        Ok(threads) => tracing::debug!(threads, "normal scheduling"),
+        Err(e) => tracing::warn!(
+            priority,
+            error = %e,
+            "realtime_priority not applied; running with normal scheduling: {e}"
+        ),
+    }
+}
+
+/// The scheduling of thread `tid` of this process, from
+/// `/proc/self/task/TID/stat` (`rt_priority` and `policy`, fields 40 and 41).
+///
+/// # Errors
+/// The thread does not exist (any more).
+pub fn get_thread(tid: u32) -> io::Result<Policy> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))?;
+    // The command name may hold spaces and parentheses: fields are counted
+    // from the last ')', which ends it; field 3 comes right after.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| io::Error::other(format!("unexpected stat line for thread {tid}")))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| -> io::Result<u32> {
+        fields
+            .get(n - 3)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("no field {n} in thread {tid}'s stat")))
+    };
+    let rt_priority = field(40)?;
+    let policy = field(41)?;
+    Ok(Policy {
+        // SCHED_FIFO is 1.
+        fifo: policy == 1,
+        priority: u8::try_from(rt_priority).unwrap_or(0),
+    })
+}
+
+/// The calling thread's id.
+///
+/// # Errors
+/// `/proc/thread-self` cannot be read.
+pub fn current_tid() -> io::Result<u32> {
+    let link = std::fs::read_link("/proc/thread-self")?;
+    link.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| {
+            io::Error::other(format!("unexpected /proc/thread-self: {}", link.display()))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A thread set to real time keeps it, and what it starts does not
+    /// inherit it; or, where the process may not use real-time scheduling,
+    /// the refusal says why and changes nothing.
+    #[test]
+    fn realtime_is_set_and_not_inherited() {
+        let outcome = std::thread::spawn(|| {
+            let me = current_tid().expect("own tid");
+            let before = get_thread(me).expect("own policy");
+            match set_thread(me, 7) {
+                Ok(()) => {
+                    let now = get_thread(me).expect("own policy");
+                    let child = std::thread::spawn(|| {
+                        get_thread(current_tid().expect("child tid")).expect("child policy")
+                    })
+                    .join()
+                    .expect("child thread");
+                    set_thread(me, 0).expect("back to normal");
+                    let after = get_thread(me).expect("own policy");
+                    Ok((now, child, after))
+                }
+                Err(e) => Err((e, before, get_thread(me).expect("own policy"))),
+            }
+        })
+        .join()
+        .expect("test thread");
+        match outcome {
+            Ok((now, child, after)) => {
+                assert_eq!(
+                    now,
+                    Policy {
+                        fifo: true,
+                        priority: 7
+                    }
+                );
+                assert_eq!(
+                    child,
+                    Policy {
+                        fifo: false,
+                        priority: 0
+                    },
+                    "a thread started by a real-time one inherited its policy"
+                );
+                assert_eq!(
+                    after,
+                    Policy {
+                        fifo: false,
+                        priority: 0
+                    }
+                );
+            }
+            Err((e, before, after)) => {
+                let msg = e.to_string();
+                assert!(msg.contains("SCHED_FIFO priority 7"), "{msg}");
+                assert_eq!(before, after, "a refused change changed the policy");
+            }
+        }
+    }
+
+    #[test]
+    fn priorities_above_99_are_refused() {
+        let me = current_tid().expect("own tid");
+        let e = set_thread(me, 100).expect_err("100 taken");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("100"), "{e}");
+    }
+
+    #[test]
+    fn a_thread_that_does_not_exist_is_an_error() {
+        assert!(get_thread(u32::MAX).is_err());
+        let e = set_thread(u32::MAX, 5).expect_err("no such thread");
+        assert!(e.to_string().contains("SCHED_FIFO priority 5"), "{e}");
+    }
+}
