@@ -78,7 +78,22 @@ fn run() -> anyhow::Result<ExitCode> {
         println!("config ok; signature {}", cfg.app_signature);
         return Ok(ExitCode::SUCCESS);
     }
+    // Workers and blocking-pool threads told apart by name (`top -H`, and
+    // `realtime_priority` covers the workers only): the runtime starts its
+    // workers first, when it is built.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let started = std::sync::atomic::AtomicUsize::new(0);
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name_fn(move || {
+            let n = started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n < workers {
+                "rt-worker"
+            } else {
+                "rt-blocking"
+            }
+            .to_string()
+        })
         .enable_all()
         .build()
         .context("building tokio runtime")?;

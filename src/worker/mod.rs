@@ -92,6 +92,17 @@ pub async fn run(
         about: "reading listener address",
         source,
     })?;
+    let (pacer, _pacer_task) = pacer::Pacer::start().map_err(|source| WorkerError::Io {
+        about: "starting the pacing timer",
+        source,
+    })?;
+    // The runtime's workers, this thread and the pacer are all the threads
+    // there are yet: they move the frames. Threads started from here on
+    // (the blocking pool, where the speech engines' work runs) keep normal
+    // scheduling, see `crate::sched`.
+    if cfg.realtime_priority > 0 {
+        crate::sched::apply_to_process(cfg.realtime_priority);
+    }
     tokio::fs::create_dir_all(cfg.data_dir.join("calls"))
         .await
         .map_err(|source| WorkerError::Io {
@@ -103,16 +114,6 @@ pub async fn run(
         tokio::task::spawn_blocking(move || pipeline::Engines::build(&cfg_for_engines)).await??;
     let signature_header = hyper::header::HeaderValue::from_str(&cfg.app_signature)
         .unwrap_or_else(|_| hyper::header::HeaderValue::from_static("invalid"));
-    let (pacer, _pacer_task) = pacer::Pacer::start().map_err(|source| WorkerError::Io {
-        about: "starting the pacing timer",
-        source,
-    })?;
-    // Now that the runtime's threads and the pacer thread are up: threads
-    // started from here on (the speech engines' blocking work) keep normal
-    // scheduling, see `crate::sched`.
-    if cfg.realtime_priority > 0 {
-        crate::sched::apply_to_process(cfg.realtime_priority);
-    }
     let state = Arc::new(AppState {
         cfg,
         engines,

@@ -1215,7 +1215,7 @@ async fn worker_config_errors_name_file_line_column_and_key() {
 }
 
 /// `realtime_priority`: the worker's runtime threads and its pacer run at
-/// `SCHED_FIFO`, threads it starts later do not (its speech engines' work);
+/// `SCHED_FIFO`, its blocking pool (the speech engines' work) does not;
 /// where real-time scheduling is not allowed it says why and serves.
 #[tokio::test]
 async fn worker_realtime_priority_covers_the_threads_that_move_frames() {
@@ -1237,13 +1237,21 @@ async fn worker_realtime_priority_covers_the_threads_that_move_frames() {
             Some((true, 12)),
             "{threads:?}"
         );
-        let runtime: Vec<_> = threads
-            .iter()
-            .filter(|(name, _, _)| name.starts_with("tokio"))
-            .collect();
-        assert!(!runtime.is_empty(), "{threads:?}");
+        let named = |want: &str| -> Vec<(bool, u32)> {
+            threads
+                .iter()
+                .filter(|(name, _, _)| name == want)
+                .map(|(_, fifo, prio)| (*fifo, *prio))
+                .collect()
+        };
+        let workers = named("rt-worker");
+        assert!(!workers.is_empty(), "{threads:?}");
+        assert!(workers.iter().all(|p| *p == (true, 12)), "{threads:?}");
+        assert_eq!(named("media-worker"), vec![(true, 12)], "{threads:?}");
+        // The blocking pool (file work at start-up, the speech engines'
+        // work later) keeps normal scheduling.
         assert!(
-            runtime.iter().all(|(_, fifo, prio)| *fifo && *prio == 12),
+            named("rt-blocking").iter().all(|p| *p == (false, 0)),
             "{threads:?}"
         );
     } else {
