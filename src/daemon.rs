@@ -86,6 +86,9 @@ pub async fn run(
         control_path.display()
     );
 
+    // The runtime's threads, before the watcher and the blocking pool start
+    // theirs: the ones `realtime_priority` is for, now and on reload.
+    crate::sched::note_threads();
     if cfg.daemon.realtime_priority > 0 {
         crate::sched::apply_to_process(cfg.daemon.realtime_priority);
     }

@@ -20,6 +20,7 @@
 
 use std::io;
 use std::process::Command;
+use std::sync::OnceLock;
 
 /// The highest `SCHED_FIFO` priority Linux takes.
 pub const MAX_PRIORITY: u8 = 99;
@@ -91,15 +92,34 @@ fn threads() -> io::Result<Vec<u32>> {
     Ok(tids)
 }
 
-/// Sets every thread the process has now, as [`set_thread`] does. Threads
-/// started afterwards get normal scheduling (`SCHED_RESET_ON_FORK`).
+/// The threads [`set_process`] sets, once [`note_threads`] has named them.
+static FRAME_THREADS: OnceLock<Vec<u32>> = OnceLock::new();
+
+/// Names the threads that exist now as the ones [`set_process`] sets, now
+/// and on every later call (a reload), so that threads started since (a
+/// file watcher, the blocking pool) keep normal scheduling. Call it once the
+/// runtime is up and before anything else starts threads; later calls
+/// change nothing.
+pub fn note_threads() {
+    if let Ok(tids) = threads() {
+        let _ = FRAME_THREADS.set(tids);
+    }
+}
+
+/// Sets the threads named by [`note_threads`] (every thread the process
+/// has now, if none were named), as [`set_thread`] does. Threads started
+/// afterwards get normal scheduling (`SCHED_RESET_ON_FORK`).
 ///
 /// # Errors
-/// The first refusal; threads already set stay set. Threads that ended
-/// while the list was walked are skipped.
+/// The first refusal; threads already set stay set. Threads that have
+/// ended are skipped.
 pub fn set_process(priority: u8) -> io::Result<usize> {
+    let tids = match FRAME_THREADS.get() {
+        Some(tids) => tids.clone(),
+        None => threads()?,
+    };
     let mut set = 0;
-    for tid in threads()? {
+    for tid in tids {
         match set_thread(tid, priority) {
             Ok(()) => set += 1,
             // Gone since the list was read (a blocking-pool thread ending).

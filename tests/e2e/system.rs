@@ -215,6 +215,27 @@ async fn realtime_priority_is_batonds_own_and_not_its_workers() {
         })
         .await;
         assert_eq!(main_thread(batond), Some((false, 0)), "{}", d.log());
+        // And back to 10: the runtime's thread again, not the threads
+        // started since (the file watcher's, the blocking pool's).
+        p.edit(
+            "etc/baton.toml",
+            "realtime_priority = 0\n",
+            "realtime_priority = 10\n",
+        );
+        d.wait_for("the second reload's deploy", |s| {
+            s.active.as_ref().is_some_and(|a| a.id >= 3)
+        })
+        .await;
+        assert_eq!(main_thread(batond), Some((true, 10)), "{}", d.log());
+        let others: Vec<_> = thread_policies(batond)
+            .into_iter()
+            .filter(|(name, _, _)| name != "batond")
+            .collect();
+        assert!(!others.is_empty(), "batond has no other threads");
+        assert!(
+            others.iter().all(|(_, fifo, prio)| !fifo && *prio == 0),
+            "{others:?}"
+        );
     } else {
         let log = d.log();
         assert!(log.contains("realtime_priority not applied"), "{log}");
