@@ -1161,6 +1161,17 @@ async fn worker_sigterm_closes_calls_after_grace() {
     assert_eq!(rec[0]["end_reason"], "server shutting down");
 }
 
+/// `media-worker --check --config CFG`.
+async fn worker_check(cfg: impl AsRef<std::ffi::OsStr>) -> std::process::Output {
+    tokio::process::Command::new(MEDIA_WORKER)
+        .arg("--check")
+        .arg("--config")
+        .arg(cfg)
+        .output()
+        .await
+        .expect("run media-worker --check")
+}
+
 #[tokio::test]
 async fn worker_config_errors_name_file_line_column_and_key() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1170,13 +1181,7 @@ async fn worker_config_errors_name_file_line_column_and_key() {
         "greeting_text = \"hi\"\n\n[vad]\nthreshold = \"loud\"\n",
     )
     .expect("write");
-    let out = tokio::process::Command::new(MEDIA_WORKER)
-        .arg("--check")
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .await
-        .expect("run");
+    let out = worker_check(&cfg).await;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -1184,29 +1189,18 @@ async fn worker_config_errors_name_file_line_column_and_key() {
         "{err}"
     );
     std::fs::write(&cfg, "greting_text = \"hi\"\n").expect("write");
-    let out = tokio::process::Command::new(MEDIA_WORKER)
-        .arg("--check")
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .await
-        .expect("run");
+    let out = worker_check(&cfg).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains(&format!("{}:1:1: key `greting_text`", cfg.display())),
         "{err}"
     );
     // The shipped example config works as is.
-    let out = tokio::process::Command::new(MEDIA_WORKER)
-        .arg("--check")
-        .arg("--config")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/etc/media-worker.toml"
-        ))
-        .output()
-        .await
-        .expect("run");
+    let out = worker_check(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/etc/media-worker.toml"
+    ))
+    .await;
     assert!(
         out.status.success(),
         "{}",
@@ -1265,13 +1259,7 @@ async fn worker_realtime_priority_covers_the_threads_that_move_frames() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("rt.toml");
     std::fs::write(&cfg, "realtime_priority = 100\n").expect("write");
-    let out = tokio::process::Command::new(MEDIA_WORKER)
-        .arg("--check")
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .await
-        .expect("run");
+    let out = worker_check(&cfg).await;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("realtime_priority"), "{err}");
