@@ -228,26 +228,38 @@ impl Proxy {
         let upgrade = headers::upgrade_protocol(req.headers());
         let inbound_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
-            parts
+        // `Host` as sent, else the authority of an absolute-form target
+        // (then also sent on as `Host`).
+        let sent_host = parts.headers.get(header::HOST).cloned();
+        let uri_host = match sent_host {
+            Some(_) => None,
+            None => parts
                 .uri
                 .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
         headers::strip_hop_by_hop(&mut parts.headers);
-        headers::set_forwarded(&mut parts.headers, client, "http", host.as_ref());
-        if let Some(h) = &host {
-            parts.headers.insert(header::HOST, h.clone());
+        headers::set_forwarded(
+            &mut parts.headers,
+            client,
+            "http",
+            sent_host.as_ref().or(uri_host.as_ref()),
+        );
+        if let Some(h) = uri_host {
+            parts.headers.insert(header::HOST, h);
         }
         if let Some(proto) = &upgrade {
             headers::restore_upgrade(&mut parts.headers, proto.clone());
         }
-        // Origin form: the worker gets the path, the host is in `Host`.
-        parts.uri = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .map_or_else(|| http::Uri::from_static("/"), http::Uri::from);
+        // Origin form: the worker gets the path, the host is in `Host`
+        // (most requests are in origin form already).
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            parts.uri = parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .map_or_else(|| http::Uri::from_static("/"), http::Uri::from);
+        }
         parts.version = http::Version::HTTP_11;
         let idempotent = upgrade.is_none()
             && matches!(

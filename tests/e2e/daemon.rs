@@ -22,6 +22,20 @@ async fn cutover_on_source_change_in_env_mode() {
     assert_eq!(h["x-forwarded-for"], "127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-host"], d.addr.to_string());
+    assert_eq!(h["host"], d.addr.to_string());
+    assert_eq!(who["target"], "/whoami");
+    // An absolute-form target reaches the worker in origin form, its
+    // authority as `Host` and `X-Forwarded-Host`.
+    let raw = raw_request(
+        d.addr,
+        "GET http://voice.example.test/whoami?x=1 HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let body = raw.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let abs: serde_json::Value = serde_json::from_str(body).expect("whoami JSON");
+    assert_eq!(abs["target"], "/whoami?x=1", "{raw}");
+    assert_eq!(abs["headers"]["host"], "voice.example.test", "{raw}");
+    assert_eq!(abs["headers"]["x-forwarded-host"], "voice.example.test");
     // Every response carries the signature the supervisor fixed.
     let (code, headers, _) = d.get("/healthz").await;
     assert_eq!(code, StatusCode::OK);

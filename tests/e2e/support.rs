@@ -382,3 +382,18 @@ pub fn thread_policies(pid: u32) -> Vec<(String, bool, u32)> {
     }
     out
 }
+
+/// Sends `request` as written on a new connection and reads until the
+/// server closes it (bounded).
+pub async fn raw_request(addr: SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tokio::time::timeout(PATIENCE, async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(request.as_bytes()).await.expect("write");
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.expect("read");
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .expect("raw request timed out")
+}
