@@ -159,18 +159,9 @@ impl Router {
     /// A ticket on the upstream active now, waiting up to `hold` for one to
     /// become active. None when none did.
     pub async fn acquire(&self, hold: Duration) -> Option<(Arc<Upstream>, Ticket)> {
-        // The common case, without a clock read or a change subscription:
-        // an upstream is active and stays so while the ticket is taken.
-        if let Some(up) = self.current.load_full() {
-            let ticket = up.request();
-            if self
-                .current
-                .load()
-                .as_ref()
-                .is_some_and(|now| Arc::ptr_eq(now, &up))
-            {
-                return Some((up, ticket));
-            }
+        // The common case, without a clock read or a change subscription.
+        if let Take::Taken(up, ticket) = self.take(None) {
+            return Some((up, ticket));
         }
         self.acquire_other(None, hold).await
     }
@@ -189,21 +180,10 @@ impl Router {
         // needs a swap to end before the deadline.
         for _ in 0..64 {
             rx.mark_unchanged();
-            let current = self
-                .current
-                .load_full()
-                .filter(|up| !dead.is_some_and(|d| Arc::ptr_eq(d, up)));
-            if let Some(up) = current {
-                let ticket = up.request();
-                let still = self
-                    .current
-                    .load()
-                    .as_ref()
-                    .is_some_and(|now| Arc::ptr_eq(now, &up));
-                if still {
-                    return Some((up, ticket));
-                }
-                continue;
+            match self.take(dead) {
+                Take::Taken(up, ticket) => return Some((up, ticket)),
+                Take::Swapped => continue,
+                Take::NoneActive => {}
             }
             if tokio::time::timeout_at(deadline, rx.changed())
                 .await
@@ -214,4 +194,38 @@ impl Router {
         }
         None
     }
+
+    /// Takes a ticket on the active upstream (unless it is `dead`), then
+    /// checks that it is still the active one: the order that keeps a drain
+    /// from missing a request (see the module docs).
+    fn take(&self, dead: Option<&Arc<Upstream>>) -> Take {
+        let Some(up) = self
+            .current
+            .load_full()
+            .filter(|up| !dead.is_some_and(|d| Arc::ptr_eq(d, up)))
+        else {
+            return Take::NoneActive;
+        };
+        let ticket = up.request();
+        if self
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|now| Arc::ptr_eq(now, &up))
+        {
+            Take::Taken(up, ticket)
+        } else {
+            Take::Swapped
+        }
+    }
+}
+
+/// What [`Router::take`] found.
+enum Take {
+    /// A ticket on the upstream that is still active.
+    Taken(Arc<Upstream>, Ticket),
+    /// The upstream was swapped while the ticket was taken (given back).
+    Swapped,
+    /// No upstream (other than the dead one) is active.
+    NoneActive,
 }

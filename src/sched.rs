@@ -148,13 +148,21 @@ pub fn apply_to_process(priority: u8) {
     }
 }
 
-/// The scheduling of thread `tid` of this process, from
-/// `/proc/self/task/TID/stat` (`rt_priority` and `policy`, fields 40 and 41).
+/// The scheduling of thread `tid` of this process.
 ///
 /// # Errors
 /// The thread does not exist (any more).
 pub fn get_thread(tid: u32) -> io::Result<Policy> {
-    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))?;
+    policy_of(std::process::id(), tid)
+}
+
+/// The scheduling of thread `tid` of process `pid`, from
+/// `/proc/PID/task/TID/stat` (`rt_priority` and `policy`, fields 40 and 41).
+///
+/// # Errors
+/// The thread does not exist (any more).
+pub fn policy_of(pid: u32, tid: u32) -> io::Result<Policy> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))?;
     // The command name may hold spaces and parentheses: fields are counted
     // from the last ')', which ends it; field 3 comes right after.
     let rest = stat
@@ -177,23 +185,18 @@ pub fn get_thread(tid: u32) -> io::Result<Policy> {
     })
 }
 
-/// The calling thread's id.
-///
-/// # Errors
-/// `/proc/thread-self` cannot be read.
-pub fn current_tid() -> io::Result<u32> {
-    let link = std::fs::read_link("/proc/thread-self")?;
-    link.file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| {
-            io::Error::other(format!("unexpected /proc/thread-self: {}", link.display()))
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The calling thread's id.
+    fn current_tid() -> io::Result<u32> {
+        let link = std::fs::read_link("/proc/thread-self")?;
+        link.file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("unexpected {}", link.display())))
+    }
 
     /// A thread set to real time keeps it, and what it starts does not
     /// inherit it; or, where the process may not use real-time scheduling,

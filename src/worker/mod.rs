@@ -100,7 +100,6 @@ pub async fn run(
     // there are yet: they move the frames. Threads started from here on
     // (the blocking pool, where the speech engines' work runs) keep normal
     // scheduling, see `crate::sched`.
-    crate::sched::note_threads();
     if cfg.realtime_priority > 0 {
         crate::sched::apply_to_process(cfg.realtime_priority);
     }

@@ -362,22 +362,19 @@ pub fn realtime_allowed() -> bool {
 }
 
 /// Each thread of `pid`: its name, whether it is `SCHED_FIFO`, and its
-/// real-time priority (`/proc/PID/task/TID/stat`, fields 2, 41 and 40).
+/// real-time priority.
 pub fn thread_policies(pid: u32) -> Vec<(String, bool, u32)> {
     let mut out = Vec::new();
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return out;
     };
     for entry in dir.flatten() {
-        let stat = read(&entry.path().join("stat"));
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+        let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse().ok()) else {
             continue;
         };
-        let name = stat[open + 1..close].to_string();
-        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u32>().ok());
-        if let (Some(prio), Some(policy)) = (field(40), field(41)) {
-            out.push((name, policy == 1, prio));
+        let name = read(&entry.path().join("comm")).trim_end().to_string();
+        if let Ok(p) = baton::sched::policy_of(pid, tid) {
+            out.push((name, p.fifo, u32::from(p.priority)));
         }
     }
     out
