@@ -299,11 +299,14 @@ def table(d):
                  "> 1 GB/s", verdict(None if rt is None else rt > 1e9)))
 
     rtp = os.environ.get("RT_PRIORITY", "10")
-    for prefix, how in (("calls", "normal scheduling"),
-                        ("calls-rt", f"batond, worker and callsim at `realtime_priority = {rtp}`")):
-        files = sorted((f for f in os.listdir(d) if re.fullmatch(prefix + r"-\d+\.json", f)),
+    rt = f"batond, worker and callsim at `realtime_priority = {rtp}`"
+    for prefix, how in (("calls", "defaults: worker on loopback TCP, normal scheduling"),
+                        ("calls-unix", "`worker.socket = \"unix\"`, normal scheduling"),
+                        ("calls-unix-rt", f"`worker.socket = \"unix\"`, {rt}"),
+                        ("calls-rt", f"worker on loopback TCP, {rt}")):
+        files = sorted((f for f in os.listdir(d) if re.fullmatch(re.escape(prefix) + r"-\d+\.json", f)),
                        key=lambda f: int(f[len(prefix) + 1:-5]))
-        if prefix == "calls-rt" and not files:
+        if prefix != "calls" and not files:
             continue
         for f in files or [f"{prefix}-0.json"]:
             calls = load(d, f)

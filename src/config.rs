@@ -122,6 +122,7 @@ struct RawWorker {
     health_path: Option<String>,
     signature_header: Option<String>,
     signature: Option<SignatureMode>,
+    socket: Option<WorkerSocket>,
     start_timeout_s: Option<u64>,
     health_interval_ms: Option<u64>,
     health_failures: Option<u32>,
@@ -150,6 +151,19 @@ pub enum SignatureMode {
     /// The supervisor passes the expected digest in `BATON_SIGNATURE` and the
     /// worker echoes it (for interpreted workers).
     Env,
+}
+
+/// The kind of listening socket `batond` binds for a worker and hands over
+/// as fd 3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerSocket {
+    /// A loopback TCP port; `PORT` is set too, for workers that bind by
+    /// themselves.
+    Tcp,
+    /// A Unix stream socket in the generation's folder, its path in
+    /// `BATON_SOCKET`: cheaper per message than loopback TCP.
+    Unix,
 }
 
 /// The whole validated configuration.
@@ -234,6 +248,8 @@ pub struct WorkerConfig {
     pub signature_header: http::HeaderName,
     /// How the signature is proven.
     pub signature: SignatureMode,
+    /// The kind of socket the worker gets.
+    pub socket: WorkerSocket,
     /// How long a candidate has to prove itself.
     pub start_timeout: Duration,
     /// Probe period for the active worker.
@@ -612,12 +628,21 @@ impl Validator<'_> {
         }
         let drain = w.drain_timeout_s.unwrap_or(300);
         let stop = self.positive("worker", "stop_timeout_s", w.stop_timeout_s, 10);
+        let socket = w.socket.unwrap_or(WorkerSocket::Tcp);
+        if socket == WorkerSocket::Unix && w.command.iter().any(|a| a.contains("{port}")) {
+            self.issue(
+                "worker",
+                "command",
+                "uses {port}, but worker.socket = \"unix\" gives the worker no port",
+            );
+        }
         let worker = WorkerConfig {
             command: w.command,
             env: w.env,
             health_path,
             signature_header,
             signature: w.signature.unwrap_or(SignatureMode::Artifact),
+            socket,
             start_timeout: Duration::from_secs(start),
             health_interval: Duration::from_millis(interval),
             health_failures: failures,
@@ -744,5 +769,31 @@ mod tests {
         let text = MINIMAL.replace("[worker]\n", "[worker]\nsignature = \"magic\"\n");
         let i = single_issue(&text);
         assert_eq!(i.key.as_deref(), Some("worker.signature"));
+    }
+
+    #[test]
+    fn worker_socket_is_tcp_unless_unix_is_asked_for() {
+        assert_eq!(
+            parse(MINIMAL).expect("valid").worker.socket,
+            WorkerSocket::Tcp
+        );
+        let text = MINIMAL.replace("[worker]\n", "[worker]\nsocket = \"unix\"\n");
+        assert_eq!(
+            parse(&text).expect("valid").worker.socket,
+            WorkerSocket::Unix
+        );
+        let text = MINIMAL.replace("[worker]\n", "[worker]\nsocket = \"udp\"\n");
+        let i = single_issue(&text);
+        assert_eq!(i.key.as_deref(), Some("worker.socket"));
+        assert_eq!(i.line, Some(5));
+        let text = MINIMAL
+            .replace("[worker]\n", "[worker]\nsocket = \"unix\"\n")
+            .replace(
+                "[\"{artifact}\"]",
+                "[\"{artifact}\", \"--port\", \"{port}\"]",
+            );
+        let i = single_issue(&text);
+        assert_eq!(i.key.as_deref(), Some("worker.command"));
+        assert!(i.message.contains("{port}"), "{}", i.message);
     }
 }

@@ -5,7 +5,6 @@
 //! are plain HTTP/1.1 (`hyper::client::conn::http1`), which keeps the proxy
 //! lean: no HTTP/2 machinery is linked into `batond`.
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -18,7 +17,8 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::TrySendError;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+
+use crate::endpoint::{Endpoint, Stream};
 
 /// The error type of proxied bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -56,7 +56,7 @@ pub struct UpstreamConn {
 enum Driver {
     /// Polled by the task holding the connection (boxed: it is large, and
     /// moves in and out of the pool with every request).
-    Inline(Box<http1::Connection<TokioIo<TcpStream>, ReqBody>>),
+    Inline(Box<http1::Connection<TokioIo<Stream>, ReqBody>>),
     /// Polled by a task of its own (an upgrade was asked for).
     Spawned,
     /// The connection has ended.
@@ -141,7 +141,7 @@ impl UpstreamConn {
 /// A worker's idle keep-alive connections.
 #[derive(Debug)]
 pub struct Pool {
-    addr: SocketAddr,
+    endpoint: Endpoint,
     idle: Mutex<Idle>,
 }
 
@@ -154,10 +154,10 @@ struct Idle {
 }
 
 impl Pool {
-    /// An empty pool for the worker at `addr`.
-    pub fn new(addr: SocketAddr) -> Arc<Pool> {
+    /// An empty pool for the worker at `endpoint`.
+    pub fn new(endpoint: Endpoint) -> Arc<Pool> {
         Arc::new(Pool {
-            addr,
+            endpoint,
             idle: Mutex::new(Idle::default()),
         })
     }
@@ -174,17 +174,15 @@ impl Pool {
                 return Ok(conn);
             }
         }
-        let stream =
-            tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(self.addr))
-                .await
-                .map_err(|_| {
-                    SendError::Connect(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "connect timed out",
-                    ))
-                })?
-                .map_err(SendError::Connect)?;
-        let _ = stream.set_nodelay(true);
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, self.endpoint.connect())
+            .await
+            .map_err(|_| {
+                SendError::Connect(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect timed out",
+                ))
+            })?
+            .map_err(SendError::Connect)?;
         let (sender, conn) = http1::Builder::new()
             .writev(false)
             .handshake(TokioIo::new(stream))

@@ -1,13 +1,14 @@
-//! Health probes: `GET health_path` on a worker's loopback port, and the
+//! Health probes: `GET health_path` on a worker's socket, and the
 //! verdict on whether the answer proves the expected build.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, Request, StatusCode};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
+
+use crate::endpoint::Endpoint;
 
 /// What one probe saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,19 +35,26 @@ pub enum Verdict {
     Wrong(String),
 }
 
-/// Probes `addr` once, bounded by `timeout`.
-pub async fn probe(addr: SocketAddr, path: &str, header: &HeaderName, timeout: Duration) -> Probe {
-    match tokio::time::timeout(timeout, probe_inner(addr, path, header)).await {
+/// Probes the worker at `endpoint` once, bounded by `timeout`.
+pub async fn probe(
+    endpoint: &Endpoint,
+    path: &str,
+    header: &HeaderName,
+    timeout: Duration,
+) -> Probe {
+    match tokio::time::timeout(timeout, probe_inner(endpoint, path, header)).await {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => Probe::NoAnswer(e),
         Err(_) => Probe::NoAnswer(format!("no answer within {} ms", timeout.as_millis())),
     }
 }
 
-async fn probe_inner(addr: SocketAddr, path: &str, header: &HeaderName) -> Result<Probe, String> {
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
+async fn probe_inner(
+    endpoint: &Endpoint,
+    path: &str,
+    header: &HeaderName,
+) -> Result<Probe, String> {
+    let stream = endpoint.connect().await.map_err(|e| e.to_string())?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
@@ -54,7 +62,7 @@ async fn probe_inner(addr: SocketAddr, path: &str, header: &HeaderName) -> Resul
         let _ = conn.await;
     });
     let req = Request::get(path)
-        .header(http::header::HOST, addr.to_string())
+        .header(http::header::HOST, endpoint.authority())
         .header(http::header::USER_AGENT, "batond-probe")
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;

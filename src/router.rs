@@ -7,7 +7,6 @@
 //! never race with a request that is about to start on the old worker: such a
 //! request gives its ticket back and takes one on the new worker instead.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -17,13 +16,15 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::endpoint::Endpoint;
+
 /// One running worker that can take traffic.
 #[derive(Debug)]
 pub struct Upstream {
     /// The generation the worker belongs to.
     pub generation: u64,
-    /// The worker's loopback address.
-    pub addr: SocketAddr,
+    /// Where the worker listens.
+    pub endpoint: Endpoint,
     requests: AtomicU64,
     tunnels: AtomicU64,
     retired: std::sync::atomic::AtomicBool,
@@ -60,17 +61,17 @@ impl Drop for Ticket {
 
 impl Upstream {
     /// A new upstream with no traffic.
-    pub fn new(generation: u64, addr: SocketAddr) -> Arc<Upstream> {
+    pub fn new(generation: u64, endpoint: Endpoint) -> Arc<Upstream> {
         Arc::new(Upstream {
             generation,
-            addr,
+            pool: crate::pool::Pool::new(endpoint.clone()),
+            endpoint,
             requests: AtomicU64::new(0),
             tunnels: AtomicU64::new(0),
             retired: std::sync::atomic::AtomicBool::new(false),
             idle: Notify::new(),
             tunnel_cancel: CancellationToken::new(),
             tunnel_tracker: TaskTracker::new(),
-            pool: crate::pool::Pool::new(addr),
         })
     }
 

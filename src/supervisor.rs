@@ -397,6 +397,7 @@ impl Supervisor {
                 signature: None,
                 pid: None,
                 port: None,
+                socket: None,
                 dir: dir.display().to_string(),
                 created_at: timestamp(SystemTime::now()),
                 build_ms: None,
@@ -631,7 +632,8 @@ impl Supervisor {
             g.state = GenState::Active;
             g.cutover_at = Some(now);
             g.pid = Some(inst.pid);
-            g.port = Some(inst.addr.port());
+            g.port = inst.endpoint.port();
+            g.socket = unix_path(&inst.endpoint);
             g.reason = None;
         }
         let old = self.active.replace(inst);
@@ -644,7 +646,7 @@ impl Supervisor {
                 self.active.as_ref().map_or(0, |a| a.pid),
                 self.active
                     .as_ref()
-                    .map_or_else(String::new, |a| a.addr.to_string())
+                    .map_or_else(String::new, |a| a.endpoint.to_string())
             ),
         );
         self.spawn_monitor();
@@ -666,7 +668,7 @@ impl Supervisor {
             self.cfg.clone(),
             a.generation,
             a.instance,
-            a.addr,
+            a.endpoint.clone(),
             rt.signature.clone(),
             a.monitor.clone(),
             self.wtx.clone(),
@@ -1036,6 +1038,7 @@ impl Supervisor {
             g.ended_at = Some(timestamp(SystemTime::now()));
             g.pid = None;
             g.port = None;
+            g.socket = None;
         }
     }
 
@@ -1078,7 +1081,8 @@ impl Supervisor {
         let mut g = self.gens.get(&generation)?.clone();
         if let Some(i) = inst {
             g.pid = Some(i.pid);
-            g.port = Some(i.addr.port());
+            g.port = i.endpoint.port();
+            g.socket = unix_path(&i.endpoint);
             g.requests_in_flight = i.upstream.requests();
             g.connections = i.upstream.tunnels();
         }
@@ -1240,4 +1244,12 @@ async fn pipeline(
         .await
         .map_err(|r| (GenState::Rejected, r));
     (result, Some(snapshot))
+}
+
+/// A Unix endpoint's path, as the status shows it.
+fn unix_path(endpoint: &crate::endpoint::Endpoint) -> Option<String> {
+    match endpoint {
+        crate::endpoint::Endpoint::Unix(u) => Some(u.path.display().to_string()),
+        crate::endpoint::Endpoint::Tcp(_) => None,
+    }
 }

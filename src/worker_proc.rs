@@ -4,7 +4,6 @@
 //! returns a result the supervisor's actor turns into state. Nothing here
 //! touches the router: traffic only moves in the actor.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -15,7 +14,8 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, SignatureMode};
+use crate::config::{Config, SignatureMode, WorkerSocket};
+use crate::endpoint::Endpoint;
 use crate::probe::{self, Verdict};
 use crate::process::{self, Child, GroupRecord, Spec};
 use crate::router::Upstream;
@@ -205,8 +205,8 @@ pub struct Instance {
     pub instance: u64,
     /// The process id.
     pub pid: u32,
-    /// Where it listens (loopback).
-    pub addr: SocketAddr,
+    /// Where it listens.
+    pub endpoint: Endpoint,
     /// Its traffic counters and tunnels.
     pub upstream: Arc<Upstream>,
     /// Cancel to stop the process (SIGTERM, then SIGKILL).
@@ -247,18 +247,28 @@ pub async fn start(
     events: mpsc::UnboundedSender<WorkerEvent>,
     token: &CancellationToken,
 ) -> Result<(Instance, Duration), String> {
-    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .map_err(|e| format!("cannot bind a loopback port: {e}"))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("cannot bind a loopback port: {e}"))?;
+    let (endpoint, listener) = match cfg.worker.socket {
+        WorkerSocket::Tcp => {
+            Endpoint::bind_tcp().map_err(|e| format!("cannot bind a loopback port: {e}"))?
+        }
+        WorkerSocket::Unix => {
+            let path = launch.dir.join(format!("worker-{}.sock", launch.instance));
+            Endpoint::bind_unix(&path).map_err(|e| format!("cannot bind the worker socket: {e}"))?
+        }
+    };
     let snapshot = launch.snapshot.to_string_lossy();
-    let port = addr.port().to_string();
+    let port = endpoint.port().map(|p| p.to_string());
     let argv: Vec<String> = cfg
         .worker
         .command
         .iter()
-        .map(|a| a.replace("{artifact}", &snapshot).replace("{port}", &port))
+        .map(|a| {
+            let a = a.replace("{artifact}", &snapshot);
+            match &port {
+                Some(p) => a.replace("{port}", p),
+                None => a,
+            }
+        })
         .collect();
     let mut env: Vec<(String, String)> = cfg
         .worker
@@ -266,7 +276,13 @@ pub async fn start(
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    env.push(("PORT".into(), port.clone()));
+    match (&endpoint, &port) {
+        (_, Some(p)) => env.push(("PORT".into(), p.clone())),
+        (Endpoint::Unix(u), None) => {
+            env.push(("BATON_SOCKET".into(), u.path.display().to_string()));
+        }
+        (Endpoint::Tcp(_), None) => {}
+    }
     env.push(("BATON_GENERATION".into(), launch.generation.to_string()));
     if cfg.worker.signature == SignatureMode::Env {
         env.push(("BATON_SIGNATURE".into(), launch.signature.clone()));
@@ -278,12 +294,15 @@ pub async fn start(
             argv,
             env,
             cwd: cfg.daemon.root.clone(),
-            listener: Some(listener.into()),
+            listener: Some(listener),
             stdout: Stdio::piped(),
             stderr: Stdio::piped(),
         },
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| {
+        endpoint.remove_file();
+        e.to_string()
+    })?;
     let started = Instant::now();
     let pid = u32::try_from(child.pid()).unwrap_or_default();
     let log = tokio::fs::OpenOptions::new()
@@ -306,6 +325,7 @@ pub async fn start(
         let stop = stop.clone();
         let grace = cfg.worker.stop_timeout;
         let (generation, instance) = (launch.generation, launch.instance);
+        let endpoint = endpoint.clone();
         tokio::spawn(async move {
             let exit = tokio::select! {
                 r = child.wait() => Exit {
@@ -319,6 +339,7 @@ pub async fn start(
                     requested: true,
                 },
             };
+            endpoint.remove_file();
             let _ = exit_tx.send(Some(exit.clone()));
             let _ = events.send(WorkerEvent::Exited {
                 generation,
@@ -331,8 +352,8 @@ pub async fn start(
         generation: launch.generation,
         instance: launch.instance,
         pid,
-        addr,
-        upstream: Upstream::new(launch.generation, addr),
+        upstream: Upstream::new(launch.generation, endpoint.clone()),
+        endpoint,
         stop,
         monitor: CancellationToken::new(),
         exited,
@@ -369,7 +390,7 @@ async fn prove(cfg: &Config, inst: &Instance, want: &str, log: &Path) -> Result<
             });
         }
         let p = probe::probe(
-            inst.addr,
+            &inst.endpoint,
             &cfg.worker.health_path,
             &cfg.worker.signature_header,
             Duration::from_secs(2),
@@ -402,7 +423,7 @@ pub async fn monitor(
     cfg: Arc<Config>,
     generation: u64,
     instance: u64,
-    addr: SocketAddr,
+    endpoint: Endpoint,
     want: String,
     token: CancellationToken,
     events: mpsc::UnboundedSender<WorkerEvent>,
@@ -417,7 +438,7 @@ pub async fn monitor(
             () = token.cancelled() => return,
         }
         let p = probe::probe(
-            addr,
+            &endpoint,
             &cfg.worker.health_path,
             &cfg.worker.signature_header,
             cfg.worker.health_interval.max(Duration::from_secs(1)),

@@ -238,6 +238,9 @@ fn gen_line(g: &GenerationInfo) -> String {
     if let Some(port) = g.port {
         s.push_str(&format!(" port {port}"));
     }
+    if let Some(socket) = &g.socket {
+        s.push_str(&format!(" socket {socket}"));
+    }
     if let Some(sig) = &g.signature {
         s.push_str(&format!(" sig {}", baton::probe::short(sig)));
     }

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use baton::worker::Listener;
 use baton::worker::config::{Config, EnvOverrides};
 use clap::{Parser, ValueEnum};
 use tokio_util::sync::CancellationToken;
@@ -106,18 +107,34 @@ fn run() -> anyhow::Result<ExitCode> {
     })
 }
 
-/// The inherited socket (`LISTEN_FDS`), else `bind_address:$PORT`.
-async fn take_listener(cfg: &Config) -> anyhow::Result<tokio::net::TcpListener> {
+/// The inherited socket (`LISTEN_FDS`: TCP, or a Unix socket from
+/// `batond`), else `bind_address:$PORT`.
+async fn take_listener(cfg: &Config) -> anyhow::Result<Listener> {
     let mut fds = listenfd::ListenFd::from_env();
-    if let Some(std_listener) = fds
-        .take_tcp_listener(0)
-        .context("taking inherited socket from LISTEN_FDS")?
-    {
-        std_listener
-            .set_nonblocking(true)
-            .context("setting inherited socket non-blocking")?;
-        return tokio::net::TcpListener::from_std(std_listener)
-            .context("registering inherited socket");
+    match fds.take_tcp_listener(0) {
+        Ok(Some(l)) => {
+            l.set_nonblocking(true)
+                .context("setting inherited socket non-blocking")?;
+            return Ok(Listener::Tcp(
+                tokio::net::TcpListener::from_std(l).context("registering inherited socket")?,
+            ));
+        }
+        Ok(None) => {}
+        // Not TCP: a Unix socket is the other kind batond hands over (the
+        // fd stays in place when it is not TCP).
+        Err(tcp_err) => {
+            let l = fds
+                .take_unix_listener(0)
+                .with_context(|| {
+                    format!("inherited socket (LISTEN_FDS) is neither TCP ({tcp_err}) nor a Unix stream socket")
+                })?
+                .context("inherited socket (LISTEN_FDS) vanished")?;
+            l.set_nonblocking(true)
+                .context("setting inherited socket non-blocking")?;
+            return Ok(Listener::Unix(
+                tokio::net::UnixListener::from_std(l).context("registering inherited socket")?,
+            ));
+        }
     }
     let port = match std::env::var("PORT") {
         Ok(p) => p
@@ -127,9 +144,11 @@ async fn take_listener(cfg: &Config) -> anyhow::Result<tokio::net::TcpListener> 
         Err(_) => DEFAULT_PORT,
     };
     let addr = SocketAddr::new(cfg.bind_address, port);
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))
+    Ok(Listener::Tcp(
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?,
+    ))
 }
 
 async fn cancel_on_signal(token: CancellationToken) {

@@ -55,8 +55,11 @@ pub struct GenerationInfo {
     pub signature: Option<String>,
     /// The worker's pid while it runs.
     pub pid: Option<u32>,
-    /// The worker's loopback port while it runs.
+    /// The worker's loopback port while it runs (`worker.socket = "tcp"`).
     pub port: Option<u16>,
+    /// The worker's Unix socket while it runs (`worker.socket = "unix"`).
+    #[serde(default)]
+    pub socket: Option<String>,
     /// The generation's folder under the state dir.
     pub dir: String,
     /// When the generation was created (RFC 3339).

@@ -13,7 +13,6 @@
 //! call record and logs `WS_STOP`.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -121,7 +120,7 @@ pub async fn run_call<S>(
     mut ws: WebSocketStream<S>,
     state: Arc<AppState>,
     conn_id: u64,
-    peer: SocketAddr,
+    peer: super::Peer,
     subprotocol: bool,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,

@@ -8,7 +8,6 @@
 //! `wss://`/`ws://` for the upgrade.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -38,7 +37,7 @@ type Resp = Response<Full<Bytes>>;
 /// Never; the `Result` is what hyper's service wants.
 pub async fn handle(
     state: Arc<AppState>,
-    peer: SocketAddr,
+    peer: super::Peer,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Resp, Infallible> {
     let mut resp = route(&state, peer, req).await;
@@ -49,7 +48,7 @@ pub async fn handle(
 
 async fn route(
     state: &Arc<AppState>,
-    peer: SocketAddr,
+    peer: super::Peer,
     req: Request<hyper::body::Incoming>,
 ) -> Resp {
     let path = req.uri().path().to_string();
@@ -387,7 +386,7 @@ pub fn offers_twilio_protocol(headers: &HeaderMap) -> bool {
 
 fn upgrade(
     state: &Arc<AppState>,
-    peer: SocketAddr,
+    peer: super::Peer,
     mut req: Request<hyper::body::Incoming>,
 ) -> Resp {
     let headers = req.headers();

@@ -9,8 +9,9 @@
 //! - [`pipeline`]: the engine traits and today's engines;
 //! - [`record`]: the JSON record each finished call leaves in the data dir.
 //!
-//! [`run`] takes a bound listener and a cancellation token; it never binds
-//! or reads the environment.
+//! [`run`] takes a bound listener (TCP, or a Unix socket that `batond`
+//! handed over) and a cancellation token; it never binds or reads the
+//! environment.
 
 pub mod call;
 pub mod config;
@@ -19,6 +20,8 @@ pub mod pacer;
 pub mod pipeline;
 pub mod record;
 
+use std::fmt;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Instant, SystemTime};
@@ -27,7 +30,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -52,6 +55,58 @@ pub enum WorkerError {
     /// A start-up task panicked or was cancelled.
     #[error("start-up task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+}
+
+/// The socket the worker serves on.
+#[derive(Debug)]
+pub enum Listener {
+    /// A TCP socket (inherited, or bound on `bind_address:$PORT`).
+    Tcp(TcpListener),
+    /// A Unix stream socket `batond` handed over (`worker.socket = "unix"`).
+    Unix(UnixListener),
+}
+
+/// Who is at the other end of a connection, for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// A TCP peer.
+    Tcp(SocketAddr),
+    /// A peer on a Unix socket (`batond`).
+    Unix,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Tcp(a) => write!(f, "{a}"),
+            Peer::Unix => f.write_str("unix socket"),
+        }
+    }
+}
+
+impl Listener {
+    /// Where it listens, for the log.
+    fn describe(&self) -> std::io::Result<String> {
+        Ok(match self {
+            Listener::Tcp(l) => l.local_addr()?.to_string(),
+            Listener::Unix(l) => match l.local_addr()?.as_pathname() {
+                Some(p) => format!("unix:{}", p.display()),
+                None => "an unnamed unix socket".to_string(),
+            },
+        })
+    }
+
+    async fn accept(&self) -> std::io::Result<(crate::endpoint::Stream, Peer)> {
+        use tokio_util::either::Either;
+        match self {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok((Either::Left(s), Peer::Tcp(peer)))
+            }
+            Listener::Unix(l) => Ok((Either::Right(l.accept().await?.0), Peer::Unix)),
+        }
+    }
 }
 
 /// State shared by every connection and call.
@@ -84,11 +139,11 @@ pub struct AppState {
 /// [`WorkerError`] when the greeting cannot be rendered or the data dir
 /// cannot be created.
 pub async fn run(
-    listener: TcpListener,
+    listener: Listener,
     cfg: Config,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    let addr = listener.local_addr().map_err(|source| WorkerError::Io {
+    let addr = listener.describe().map_err(|source| WorkerError::Io {
         about: "reading listener address",
         source,
     })?;
@@ -147,7 +202,6 @@ pub async fn run(
                         continue;
                     }
                 };
-                let _ = stream.set_nodelay(true);
                 let st = Arc::clone(&state);
                 let svc = service_fn(move |req| http::handle(Arc::clone(&st), peer, req));
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);

@@ -170,6 +170,84 @@ async fn a_call_stays_on_its_worker_across_a_cutover_then_the_old_one_stops() {
     assert!(d.log().contains("stopped after draining"));
 }
 
+/// The environment a process started with.
+fn environ(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .expect("environ")
+        .split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_on_a_unix_socket_serves_calls_across_a_cutover() {
+    use std::os::unix::fs::FileTypeExt;
+    let p = media_project(60);
+    p.edit(
+        "etc/baton.toml",
+        "signature = \"artifact\"\n",
+        "signature = \"artifact\"\nsocket = \"unix\"\n",
+    );
+    let d = Daemon::start(&p).await;
+    let s = d.wait_active(1).await;
+    let g1 = s.active.expect("active");
+    assert_eq!(g1.port, None, "no TCP port: {g1:?}");
+    let sock1 = std::path::PathBuf::from(g1.socket.clone().expect("socket path"));
+    assert!(sock1.starts_with(&g1.dir), "{sock1:?} in {}", g1.dir);
+    assert!(
+        std::fs::metadata(&sock1)
+            .expect("socket")
+            .file_type()
+            .is_socket()
+    );
+    let env = environ(g1.pid.expect("pid"));
+    assert!(
+        env.contains(&format!("BATON_SOCKET={}", sock1.display())),
+        "{env:?}"
+    );
+    assert!(!env.iter().any(|v| v.starts_with("PORT=")), "{env:?}");
+    assert!(
+        d.log().contains(&format!("on unix:{}", sock1.display())),
+        "the cutover names the socket"
+    );
+    let out = d.ctl(&["status"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("socket {}", sock1.display())),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // HTTP and a call go through batond to the worker on its Unix socket.
+    let (code, headers, body) = d.get("/healthz").await;
+    assert_eq!((code, body.as_str()), (StatusCode::OK, "ok"));
+    assert_eq!(
+        headers["x-app-signature"].to_str().ok(),
+        g1.signature.as_deref()
+    );
+    let (mut ws, headers) = open_call(d.addr, "1").await;
+    assert_eq!(headers["sec-websocket-protocol"], "audio.twilio.com");
+    let m = recv_event(&mut ws, "media").await;
+    assert_eq!(m["streamSid"], "MZ1");
+
+    // A new build gets a socket of its own; the call stays on the old one.
+    p.append("src/main.rs", "// v2\n");
+    let s = d.wait_active(2).await;
+    let g2 = s.active.expect("active");
+    let sock2 = g2.socket.clone().expect("socket path");
+    assert_ne!(sock1.display().to_string(), sock2);
+    assert_eq!(s.draining.first().map(|g| g.connections), Some(1));
+    assert_eq!(Some(version_pid(d.addr).await as u32), g2.pid);
+    ping_pong(&mut ws).await;
+    ws.close(None).await.expect("close");
+    drop(ws);
+    d.wait_history(1, "stopped").await;
+    assert!(wait_gone(g1.pid.expect("pid")).await);
+    assert!(
+        !sock1.exists(),
+        "the stopped worker's socket file is removed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_timeout_ends_calls_left_on_the_old_worker() {
     let p = media_project(1);

@@ -1,0 +1,233 @@
+//! Where a worker listens, as `batond` sees it: a loopback TCP port, or a
+//! Unix stream socket in the generation's folder (`worker.socket`).
+//!
+//! Either way `batond` binds the socket and hands it over as fd 3
+//! (`LISTEN_FDS=1`). A Unix socket skips the TCP stack on the hop between
+//! `batond` and its worker: no segments, no acknowledgements and no
+//! softirq work per message, which is most of the cost of that hop.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::{TcpStream, UnixStream};
+use tokio_util::either::Either;
+
+/// The longest path a Unix socket address holds (`sun_path`, less its NUL).
+pub const UNIX_PATH_MAX: usize = 107;
+
+/// A connection to a worker.
+pub type Stream = Either<TcpStream, UnixStream>;
+
+/// A worker's listening address.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// A loopback TCP port.
+    Tcp(SocketAddr),
+    /// A Unix stream socket.
+    Unix(UnixPath),
+}
+
+/// Where a Unix socket is, and how to reach it.
+#[derive(Debug, Clone)]
+pub struct UnixPath {
+    /// The socket file.
+    pub path: PathBuf,
+    /// What `bind` and `connect` use: `path` itself, or, when `path` is
+    /// longer than a socket address holds, the same file reached through
+    /// an open handle on its folder (`/proc/self/fd/N/NAME`).
+    addr: PathBuf,
+    /// That handle, kept open as long as the endpoint is in use.
+    _dir: Option<Arc<OwnedFd>>,
+}
+
+impl UnixPath {
+    fn new(path: &Path) -> io::Result<UnixPath> {
+        if path.as_os_str().len() <= UNIX_PATH_MAX {
+            return Ok(UnixPath {
+                path: path.to_path_buf(),
+                addr: path.to_path_buf(),
+                _dir: None,
+            });
+        }
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} names no file in a folder", path.display()),
+            ));
+        };
+        let dir = OwnedFd::from(std::fs::File::open(dir)?);
+        let addr = Path::new("/proc/self/fd")
+            .join(dir.as_raw_fd().to_string())
+            .join(name);
+        if addr.as_os_str().len() > UNIX_PATH_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: the file name is too long for a Unix socket address",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(UnixPath {
+            path: path.to_path_buf(),
+            addr,
+            _dir: Some(Arc::new(dir)),
+        })
+    }
+}
+
+impl Endpoint {
+    /// Binds a fresh loopback port.
+    ///
+    /// # Errors
+    /// The bind error.
+    pub fn bind_tcp() -> io::Result<(Endpoint, OwnedFd)> {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+        let addr = listener.local_addr()?;
+        Ok((Endpoint::Tcp(addr), listener.into()))
+    }
+
+    /// Binds a Unix stream socket at `path`, replacing a stale socket file
+    /// left there by an earlier run. A path of any length works.
+    ///
+    /// # Errors
+    /// The bind error; a file there that is not a socket is left alone.
+    pub fn bind_unix(path: &Path) -> io::Result<(Endpoint, OwnedFd)> {
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+            _ => {}
+        }
+        let unix = UnixPath::new(path)?;
+        let listener = std::os::unix::net::UnixListener::bind(&unix.addr)?;
+        Ok((Endpoint::Unix(unix), listener.into()))
+    }
+
+    /// Connects to the worker.
+    ///
+    /// # Errors
+    /// The connect error.
+    pub async fn connect(&self) -> io::Result<Stream> {
+        match self {
+            Endpoint::Tcp(addr) => {
+                let s = TcpStream::connect(addr).await?;
+                let _ = s.set_nodelay(true);
+                Ok(Either::Left(s))
+            }
+            Endpoint::Unix(u) => Ok(Either::Right(UnixStream::connect(&u.addr).await?)),
+        }
+    }
+
+    /// The TCP port, for a TCP endpoint.
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            Endpoint::Tcp(a) => Some(a.port()),
+            Endpoint::Unix(_) => None,
+        }
+    }
+
+    /// A `Host` header value for requests `batond` makes itself.
+    pub fn authority(&self) -> String {
+        match self {
+            Endpoint::Tcp(a) => a.to_string(),
+            Endpoint::Unix(_) => "localhost".to_string(),
+        }
+    }
+
+    /// Removes a Unix socket's file (nothing to do for TCP).
+    pub fn remove_file(&self) {
+        if let Endpoint::Unix(u) = self {
+            let _ = std::fs::remove_file(&u.path);
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp(a) => write!(f, "{a}"),
+            Endpoint::Unix(u) => write!(f, "unix:{}", u.path.display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn echo_once(fd: OwnedFd, unix: bool) {
+        let mut conn: Stream = if unix {
+            let l = tokio::net::UnixListener::from_std({
+                let l = std::os::unix::net::UnixListener::from(fd);
+                l.set_nonblocking(true).expect("nonblocking");
+                l
+            })
+            .expect("register");
+            Either::Right(l.accept().await.expect("accept").0)
+        } else {
+            let l = tokio::net::TcpListener::from_std({
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true).expect("nonblocking");
+                l
+            })
+            .expect("register");
+            Either::Left(l.accept().await.expect("accept").0)
+        };
+        let mut buf = [0u8; 5];
+        conn.read_exact(&mut buf).await.expect("read");
+        conn.write_all(&buf).await.expect("write");
+    }
+
+    #[tokio::test]
+    async fn both_kinds_bind_hand_over_and_connect() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w.sock");
+        // A stale socket file from an earlier run is replaced.
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("stale"));
+        // A folder deeper than a socket address holds works too.
+        let deep = dir.path().join("d".repeat(60)).join("e".repeat(60));
+        std::fs::create_dir_all(&deep).expect("deep");
+        let long = deep.join("w.sock");
+        assert!(long.as_os_str().len() > UNIX_PATH_MAX);
+        for (ep, fd) in [
+            Endpoint::bind_tcp().expect("tcp"),
+            Endpoint::bind_unix(&path).expect("unix"),
+            Endpoint::bind_unix(&long).expect("unix, long path"),
+        ] {
+            let unix = matches!(ep, Endpoint::Unix(_));
+            let server = tokio::spawn(echo_once(fd, unix));
+            let mut c = ep.connect().await.expect("connect");
+            c.write_all(b"hello").await.expect("write");
+            let mut back = [0u8; 5];
+            c.read_exact(&mut back).await.expect("read");
+            assert_eq!(&back, b"hello", "{ep}");
+            server.await.expect("server");
+            if let Endpoint::Unix(u) = &ep {
+                assert!(
+                    std::fs::metadata(&u.path)
+                        .expect("socket file")
+                        .file_type()
+                        .is_socket(),
+                    "{ep}"
+                );
+                assert_eq!(ep.to_string(), format!("unix:{}", u.path.display()));
+                ep.remove_file();
+                assert!(!u.path.exists());
+            }
+        }
+    }
+
+    #[test]
+    fn a_regular_file_in_the_way_is_not_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w.sock");
+        std::fs::write(&path, b"data").expect("write");
+        assert!(Endpoint::bind_unix(&path).is_err());
+        assert_eq!(std::fs::read(&path).expect("kept"), b"data");
+    }
+}
