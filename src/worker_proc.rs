@@ -276,13 +276,10 @@ pub async fn start(
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    match (&endpoint, &port) {
-        (_, Some(p)) => env.push(("PORT".into(), p.clone())),
-        (Endpoint::Unix(u), None) => {
-            env.push(("BATON_SOCKET".into(), u.path.display().to_string()));
-        }
-        (Endpoint::Tcp(_), None) => {}
-    }
+    env.push(match &endpoint {
+        Endpoint::Tcp(a) => ("PORT".into(), a.port().to_string()),
+        Endpoint::Unix(u) => ("BATON_SOCKET".into(), u.path.display().to_string()),
+    });
     env.push(("BATON_GENERATION".into(), launch.generation.to_string()));
     if cfg.worker.signature == SignatureMode::Env {
         env.push(("BATON_SIGNATURE".into(), launch.signature.clone()));

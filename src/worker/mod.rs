@@ -90,6 +90,11 @@ impl Listener {
         Ok(match self {
             Listener::Tcp(l) => l.local_addr()?.to_string(),
             Listener::Unix(l) => match l.local_addr()?.as_pathname() {
+                // A long path that batond bound through its own handle on
+                // the folder: the name means nothing in this process.
+                Some(p) if p.starts_with("/proc/self/fd") => {
+                    format!("a unix socket from batond (bound as {})", p.display())
+                }
                 Some(p) => format!("unix:{}", p.display()),
                 None => "an unnamed unix socket".to_string(),
             },

@@ -249,6 +249,39 @@ async fn a_worker_on_a_unix_socket_serves_calls_across_a_cutover() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_worker_socket_works_in_a_state_dir_deeper_than_a_socket_path_holds() {
+    let p = media_project(60);
+    let deep = format!("state/{}/{}", "d".repeat(60), "e".repeat(60));
+    p.edit(
+        "etc/baton.toml",
+        "state_dir = \"state\"\n",
+        &format!("state_dir = \"{deep}\"\ncontrol_socket = \"state/control.sock\"\n"),
+    );
+    p.edit(
+        "etc/baton.toml",
+        "signature = \"artifact\"\n",
+        "signature = \"artifact\"\nsocket = \"unix\"\n",
+    );
+    let d = Daemon::start(&p).await;
+    let g1 = d.wait_active(1).await.active.expect("active");
+    let sock = g1.socket.clone().expect("socket path");
+    assert!(sock.len() > 107, "{sock}");
+    assert!(
+        sock.starts_with(&p.path(&deep).display().to_string()),
+        "{sock}"
+    );
+    let (code, headers, _) = d.get("/healthz").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(
+        headers["x-app-signature"].to_str().ok(),
+        g1.signature.as_deref()
+    );
+    let (mut ws, _) = open_call(d.addr, "1").await;
+    recv_event(&mut ws, "media").await;
+    ws.close(None).await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_timeout_ends_calls_left_on_the_old_worker() {
     let p = media_project(1);
     let d = Daemon::start(&p).await;
