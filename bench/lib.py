@@ -5,6 +5,7 @@
   lib.py wait-http URL SECONDS          until URL answers 200 (exit 1 on timeout)
   lib.py wait-active SOCKET SECONDS     until batond has an active generation; prints its listen address
   lib.py active-pid SOCKET              the active generation's worker pid
+  lib.py active-port SOCKET             the active generation's worker port (tcp)
   lib.py wrk FILE                       wrk --latency output -> JSON (rps, p99_ms, non2xx, socket errors)
   lib.py rss PID OUT SECONDS            samples VmRSS every 0.2 s; writes max kB to OUT (stops when OUT.stop exists)
   lib.py savelat SOCKET FILE N OUT      N saves of FILE, save -> cutover minus build time, JSON to OUT
@@ -71,13 +72,13 @@ def wait_active(sock, seconds):
     return 1
 
 
-def active_pid(sock):
-    """The pid of the active generation's worker."""
+def active_field(sock, field):
+    """A field of the active generation (pid, port, socket)."""
     active = (status(sock) or {}).get("active") or {}
-    if not active.get("pid"):
-        print("no active worker", file=sys.stderr)
+    if not active.get(field):
+        print(f"no active worker with a {field}", file=sys.stderr)
         return 1
-    print(active["pid"])
+    print(active[field])
     return 0
 
 
@@ -353,7 +354,9 @@ def main():
     elif cmd == "wait-active":
         sys.exit(wait_active(*args))
     elif cmd == "active-pid":
-        sys.exit(active_pid(*args))
+        sys.exit(active_field(args[0], "pid"))
+    elif cmd == "active-port":
+        sys.exit(active_field(args[0], "port"))
     elif cmd == "wrk":
         wrk(*args)
     elif cmd == "rss":
