@@ -155,7 +155,7 @@ pub enum SignatureMode {
 
 /// The kind of listening socket `batond` binds for a worker and hands over
 /// as fd 3.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkerSocket {
     /// A loopback TCP port; `PORT` is set too, for workers that bind by

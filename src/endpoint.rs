@@ -10,7 +10,7 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -104,6 +104,8 @@ impl Endpoint {
         }
         let unix = UnixPath::new(path)?;
         let listener = std::os::unix::net::UnixListener::bind(&unix.addr)?;
+        // Only batond connects to it (the worker accepts on the fd).
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         Ok((Endpoint::Unix(unix), listener.into()))
     }
 

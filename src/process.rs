@@ -34,6 +34,16 @@ pub const PRIVATE_ENV: &[&str] = &[
     "WATCHDOG_PID",
 ];
 
+/// Environment `batond` sets for each worker it hands a socket to, as that
+/// worker needs it; never inherited from `batond`'s own environment (a
+/// `PORT` of batond's would send a Unix-socket worker to the wrong port).
+pub const WORKER_ENV: &[&str] = &[
+    "PORT",
+    "BATON_SOCKET",
+    "BATON_SIGNATURE",
+    "BATON_GENERATION",
+];
+
 /// Why a child could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -97,6 +107,11 @@ impl Child {
             .kill_on_drop(false);
         for k in PRIVATE_ENV {
             cmd.env_remove(k);
+        }
+        if spec.listener.is_some() {
+            for k in WORKER_ENV {
+                cmd.env_remove(k);
+            }
         }
         cmd.envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         match spec.listener {

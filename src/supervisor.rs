@@ -132,6 +132,8 @@ enum Internal {
         generation: u64,
         result: Result<(Instance, Duration), (GenState, String)>,
         snapshot: Option<PathBuf>,
+        /// The config the generation was built, started and proven with.
+        cfg: Arc<Config>,
     },
     RestartDue(u64),
     RestartDone {
@@ -157,6 +159,10 @@ struct TaskCtx {
 /// What a generation needs to be started again.
 #[derive(Debug, Clone)]
 struct GenRuntime {
+    /// The config the generation was proven with: its restarts start the
+    /// snapshot the same way (command, env, socket kind), even after a
+    /// reload whose own deploy failed.
+    cfg: Arc<Config>,
     snapshot: PathBuf,
     signature: String,
     dir: PathBuf,
@@ -430,6 +436,7 @@ impl Supervisor {
                 generation,
                 result,
                 snapshot,
+                cfg,
             });
         });
     }
@@ -480,7 +487,8 @@ impl Supervisor {
                 generation,
                 result,
                 snapshot,
-            } => self.pipeline_done(generation, result, snapshot),
+                cfg,
+            } => self.pipeline_done(generation, result, snapshot, cfg),
             Internal::Worker(WorkerEvent::Exited {
                 generation,
                 instance,
@@ -551,6 +559,7 @@ impl Supervisor {
         generation: u64,
         result: Result<(Instance, Duration), (GenState, String)>,
         snapshot: Option<PathBuf>,
+        cfg: Arc<Config>,
     ) {
         self.pipeline_busy = false;
         self.candidate = None;
@@ -567,6 +576,7 @@ impl Supervisor {
                     self.runtime.insert(
                         generation,
                         GenRuntime {
+                            cfg,
                             snapshot,
                             signature,
                             dir: PathBuf::from(&g.dir),
@@ -844,12 +854,13 @@ impl Supervisor {
         if let Some(g) = self.gens.get_mut(&generation) {
             g.restarts += 1;
         }
+        let cfg = rt.cfg.clone();
         let TaskCtx {
-            cfg,
             shim,
             itx,
             wtx,
             token,
+            ..
         } = self.task_ctx();
         tokio::spawn(async move {
             let result = worker_proc::start(&cfg, &shim, &launch, wtx, &token).await;

@@ -230,7 +230,7 @@ pub struct Launch {
     pub snapshot: PathBuf,
     /// The digest it must present.
     pub signature: String,
-    /// The generation's folder (for `worker.log`).
+    /// The generation's folder (for `worker.log` and a Unix socket).
     pub dir: PathBuf,
 }
 
@@ -285,6 +285,20 @@ pub async fn start(
         env.push(("BATON_SIGNATURE".into(), launch.signature.clone()));
     }
     let log_path = launch.dir.join("worker.log");
+    // Opened before the process starts, so that a failure here leaves
+    // nothing running.
+    let log = match tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .await
+    {
+        Ok(f) => f,
+        Err(e) => {
+            endpoint.remove_file();
+            return Err(format!("worker.log: {e}"));
+        }
+    };
     let mut child = Child::spawn(
         shim,
         Spec {
@@ -302,12 +316,6 @@ pub async fn start(
     })?;
     let started = Instant::now();
     let pid = u32::try_from(child.pid()).unwrap_or_default();
-    let log = tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .await
-        .map_err(|e| format!("worker.log: {e}"))?;
     let (line_tx, line_rx) = mpsc::channel::<String>(1024);
     tokio::spawn(write_log(log, line_rx));
     if let Some(out) = child.take_stdout() {

@@ -119,6 +119,16 @@ async fn take_listener(cfg: &Config) -> anyhow::Result<Listener> {
                 tokio::net::TcpListener::from_std(l).context("registering inherited socket")?,
             ));
         }
+        // batond handed over a Unix socket, but it did not reach this
+        // process (a wrapper that forked instead of exec'ing, say): binding
+        // a port of our own would only end in batond's start timeout.
+        Ok(None) if std::env::var_os("BATON_SOCKET").is_some() => {
+            anyhow::bail!(
+                "BATON_SOCKET is set, so batond handed this worker a Unix socket, but none was \
+                 inherited (LISTEN_FDS/LISTEN_PID missing or naming another process: does a \
+                 wrapper start the worker without exec?)"
+            );
+        }
         Ok(None) => {}
         // Not TCP: a Unix socket is the other kind batond hands over (the
         // fd stays in place when it is not TCP).

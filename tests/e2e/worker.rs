@@ -1173,6 +1173,31 @@ async fn worker_check(cfg: impl AsRef<std::ffi::OsStr>) -> std::process::Output 
 }
 
 #[tokio::test]
+async fn a_worker_told_of_a_unix_socket_it_did_not_inherit_says_so_and_exits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("media-worker.toml");
+    std::fs::write(&cfg, "data_dir = \"data\"\ntts = \"tone\"\n").expect("write");
+    let out = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(MEDIA_WORKER)
+            .arg("--config")
+            .arg(&cfg)
+            .env("BATON_SOCKET", dir.path().join("worker-1.sock"))
+            .env("PORT", "0")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("media-worker did not exit")
+    .expect("run media-worker");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("BATON_SOCKET is set"), "{err}");
+}
+
+#[tokio::test]
 async fn worker_config_errors_name_file_line_column_and_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("bad.toml");
