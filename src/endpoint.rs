@@ -46,7 +46,13 @@ pub struct UnixPath {
 }
 
 impl UnixPath {
-    fn new(path: &Path) -> io::Result<UnixPath> {
+    /// The socket at `path`, reachable from this process whatever the
+    /// length of `path`.
+    ///
+    /// # Errors
+    /// The folder of a long path cannot be opened, or the file name alone
+    /// is too long.
+    pub fn new(path: &Path) -> io::Result<UnixPath> {
         if path.as_os_str().len() <= UNIX_PATH_MAX {
             return Ok(UnixPath {
                 path: path.to_path_buf(),
@@ -78,6 +84,14 @@ impl UnixPath {
             addr,
             _dir: Some(Arc::new(dir)),
         })
+    }
+}
+
+impl UnixPath {
+    /// What to pass to `bind` or `connect` in this process (valid as long as
+    /// this value lives).
+    pub fn addr(&self) -> &Path {
+        &self.addr
     }
 }
 

@@ -38,12 +38,16 @@ pub async fn call(
     method: Method,
     path_and_query: &str,
 ) -> Result<(StatusCode, Incoming), ClientError> {
-    let stream = tokio::net::UnixStream::connect(socket)
+    let connect_err = |source| ClientError::Connect {
+        path: socket.to_path_buf(),
+        source,
+    };
+    // A path longer than a socket address holds is reached through the
+    // folder (see `crate::endpoint`).
+    let unix = crate::endpoint::UnixPath::new(socket).map_err(connect_err)?;
+    let stream = tokio::net::UnixStream::connect(unix.addr())
         .await
-        .map_err(|source| ClientError::Connect {
-            path: socket.to_path_buf(),
-            source,
-        })?;
+        .map_err(connect_err)?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
         let _ = conn.await;

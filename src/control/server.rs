@@ -57,8 +57,11 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
+    // A path longer than a socket address holds is reached through the
+    // folder (see `crate::endpoint`).
+    let unix = crate::endpoint::UnixPath::new(path).map_err(err)?;
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        if std::os::unix::net::UnixStream::connect(unix.addr()).is_ok() {
             return Err(err(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
                 "another batond is answering on it",
@@ -66,7 +69,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
         }
         std::fs::remove_file(path).map_err(err)?;
     }
-    let listener = UnixListener::bind(path).map_err(err)?;
+    let listener = UnixListener::bind(unix.addr()).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
     Ok(listener)
 }

@@ -250,21 +250,31 @@ async fn a_worker_on_a_unix_socket_serves_calls_across_a_cutover() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_unix_worker_socket_works_in_a_state_dir_deeper_than_a_socket_path_holds() {
+async fn unix_sockets_work_in_a_state_dir_deeper_than_a_socket_path_holds() {
     let p = media_project(60);
     let deep = format!("state/{}/{}", "d".repeat(60), "e".repeat(60));
     p.edit(
         "etc/baton.toml",
         "state_dir = \"state\"\n",
-        &format!("state_dir = \"{deep}\"\ncontrol_socket = \"state/control.sock\"\n"),
+        &format!("state_dir = \"{deep}\"\n"),
     );
     p.edit(
         "etc/baton.toml",
         "signature = \"artifact\"\n",
         "signature = \"artifact\"\nsocket = \"unix\"\n",
     );
-    let d = Daemon::start(&p).await;
+    let mut d = Daemon::start(&p).await;
+    // The control socket is there too (state_dir/control.sock), for the
+    // status calls and batonctl alike.
+    d.socket = p.path(&format!("{deep}/control.sock"));
+    assert!(d.socket.as_os_str().len() > 107);
     let g1 = d.wait_active(1).await.active.expect("active");
+    let out = d.ctl(&["status"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let sock = g1.socket.clone().expect("socket path");
     assert!(sock.len() > 107, "{sock}");
     assert!(sock.starts_with(&g1.dir), "{sock} in {}", g1.dir);
