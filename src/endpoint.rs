@@ -5,6 +5,9 @@
 //! (`LISTEN_FDS=1`). A Unix socket skips the TCP stack on the hop between
 //! `batond` and its worker: no segments, no acknowledgements and no
 //! softirq work per message, which is most of the cost of that hop.
+//!
+//! [`UnixPath`] reaches a Unix socket at a path of any length; the control
+//! socket uses it too.
 
 use std::fmt;
 use std::io;

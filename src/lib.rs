@@ -7,7 +7,7 @@
 //! | module | role |
 //! | --- | --- |
 //! | [`config`] | the daemon's TOML config, parsed in two stages, errors with file:line:column |
-//! | [`endpoint`] | where a worker listens: a loopback port or a Unix socket, bound by `batond` and handed over |
+//! | [`endpoint`] | where a worker listens: a loopback port or a Unix socket, bound by `batond` and handed over; Unix socket paths of any length |
 //! | [`digest`] | SHA-256 of files: the build signature |
 //! | [`daemon`] | `batond`'s top level: proxy + supervisor + control socket + signals |
 //! | [`supervisor`] | the actor that owns generations and moves traffic |
