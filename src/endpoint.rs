@@ -88,9 +88,7 @@ impl UnixPath {
             _dir: Some(Arc::new(dir)),
         })
     }
-}
 
-impl UnixPath {
     /// What to pass to `bind` or `connect` in this process (valid as long as
     /// this value lives).
     pub fn addr(&self) -> &Path {
