@@ -147,6 +147,14 @@ impl Endpoint {
         }
     }
 
+    /// The socket file, for a Unix endpoint.
+    pub fn unix_path(&self) -> Option<&Path> {
+        match self {
+            Endpoint::Tcp(_) => None,
+            Endpoint::Unix(u) => Some(&u.path),
+        }
+    }
+
     /// A `Host` header value for requests `batond` makes itself.
     pub fn authority(&self) -> String {
         match self {
@@ -157,8 +165,8 @@ impl Endpoint {
 
     /// Removes a Unix socket's file (nothing to do for TCP).
     pub fn remove_file(&self) {
-        if let Endpoint::Unix(u) = self {
-            let _ = std::fs::remove_file(&u.path);
+        if let Some(path) = self.unix_path() {
+            let _ = std::fs::remove_file(path);
         }
     }
 }

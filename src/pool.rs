@@ -126,15 +126,21 @@ impl UpstreamConn {
         !matches!(self.driver, Driver::Done) && !self.sender.is_closed()
     }
 
+    /// Drives the connection, then: ready for a request (true), ended
+    /// (false), or still busy with its last exchange (pending).
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        self.drive(cx);
+        if !self.is_open() {
+            return Poll::Ready(false);
+        }
+        self.sender.poll_ready(cx).map(|r| r.is_ok())
+    }
+
     /// One poll with the caller's waker: takes in an EOF the worker sent
     /// while the connection sat idle, then asks whether it can take a
     /// request now.
     async fn ready_now(&mut self) -> bool {
-        std::future::poll_fn(|cx| {
-            self.drive(cx);
-            Poll::Ready(self.is_open() && matches!(self.sender.poll_ready(cx), Poll::Ready(Ok(()))))
-        })
-        .await
+        std::future::poll_fn(|cx| Poll::Ready(self.poll_idle(cx) == Poll::Ready(true))).await
     }
 }
 
@@ -221,15 +227,7 @@ impl Pool {
         };
         let pool = self.clone();
         rt.spawn(async move {
-            let idle = std::future::poll_fn(|cx| {
-                conn.drive(cx);
-                if !conn.is_open() {
-                    return Poll::Ready(false);
-                }
-                conn.sender.poll_ready(cx).map(|r| r.is_ok())
-            })
-            .await;
-            if idle {
+            if std::future::poll_fn(|cx| conn.poll_idle(cx)).await {
                 pool.keep(conn);
             }
         });

@@ -52,15 +52,12 @@ pub fn set_thread(tid: u32, priority: u8) -> io::Result<()> {
         ));
     }
     let mut chrt = Command::new("chrt");
-    if priority == 0 {
+    let what = if priority == 0 {
         chrt.args(["--other", "--pid", "0"]);
+        "normal scheduling".to_string()
     } else {
         chrt.args(["--fifo", "--reset-on-fork", "--pid"])
             .arg(priority.to_string());
-    }
-    let what = if priority == 0 {
-        "normal scheduling".to_string()
-    } else {
         format!("SCHED_FIFO priority {priority}")
     };
     let out = chrt.arg(tid.to_string()).output().map_err(|e| {

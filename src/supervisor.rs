@@ -643,7 +643,7 @@ impl Supervisor {
             g.cutover_at = Some(now);
             g.pid = Some(inst.pid);
             g.port = inst.endpoint.port();
-            g.socket = unix_path(&inst.endpoint);
+            g.socket = inst.endpoint.unix_path().map(|p| p.display().to_string());
             g.reason = None;
         }
         let old = self.active.replace(inst);
@@ -1093,7 +1093,7 @@ impl Supervisor {
         if let Some(i) = inst {
             g.pid = Some(i.pid);
             g.port = i.endpoint.port();
-            g.socket = unix_path(&i.endpoint);
+            g.socket = i.endpoint.unix_path().map(|p| p.display().to_string());
             g.requests_in_flight = i.upstream.requests();
             g.connections = i.upstream.tunnels();
         }
@@ -1255,12 +1255,4 @@ async fn pipeline(
         .await
         .map_err(|r| (GenState::Rejected, r));
     (result, Some(snapshot))
-}
-
-/// A Unix endpoint's path, as the status shows it.
-fn unix_path(endpoint: &crate::endpoint::Endpoint) -> Option<String> {
-    match endpoint {
-        crate::endpoint::Endpoint::Unix(u) => Some(u.path.display().to_string()),
-        crate::endpoint::Endpoint::Tcp(_) => None,
-    }
 }

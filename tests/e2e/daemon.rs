@@ -263,11 +263,7 @@ async fn bad_config_on_reload_keeps_the_running_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_mode_reports_errors_with_position_and_exit_78() {
     let p = Project::python("", "");
-    let out = std::process::Command::new(BATOND)
-        .args(["--check", "--config"])
-        .arg(p.path("etc/baton.toml"))
-        .output()
-        .expect("run");
+    let out = batond_check(&p);
     assert!(
         out.status.success(),
         "{}",
@@ -278,11 +274,7 @@ async fn check_mode_reports_errors_with_position_and_exit_78() {
         "stop_timeout_s = 2",
         "stop_timeout_s = \"two\"",
     );
-    let out = std::process::Command::new(BATOND)
-        .args(["--check", "--config"])
-        .arg(p.path("etc/baton.toml"))
-        .output()
-        .expect("run");
+    let out = batond_check(&p);
     assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("baton.toml:"), "{err}");

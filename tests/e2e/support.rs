@@ -346,6 +346,15 @@ pub async fn whoami(addr: SocketAddr) -> (u64, u32, serde_json::Value) {
     (g, pid, v)
 }
 
+/// `batond --check` on the project's `etc/baton.toml`.
+pub fn batond_check(project: &Project) -> std::process::Output {
+    std::process::Command::new(BATOND)
+        .args(["--check", "--config"])
+        .arg(project.path("etc/baton.toml"))
+        .output()
+        .expect("run batond --check")
+}
+
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }

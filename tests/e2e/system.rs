@@ -204,28 +204,24 @@ async fn realtime_priority_is_batonds_own_and_not_its_workers() {
     if realtime_allowed() {
         assert_eq!(main_thread(batond), Some((true, 10)), "{}", d.log());
         assert!(d.log().contains("SCHED_FIFO priority 10 on"), "{}", d.log());
+        // Edits realtime_priority and waits for the reload's deploy.
+        async fn reload(p: &Project, d: &Daemon, from: u8, to: u8, generation: u64) {
+            p.edit(
+                "etc/baton.toml",
+                &format!("realtime_priority = {from}\n"),
+                &format!("realtime_priority = {to}\n"),
+            );
+            d.wait_for(&format!("the reload to {to}: its deploy"), |s| {
+                s.active.as_ref().is_some_and(|a| a.id >= generation)
+            })
+            .await;
+        }
         // A reload to 0 puts batond back to normal scheduling.
-        p.edit(
-            "etc/baton.toml",
-            "realtime_priority = 10\n",
-            "realtime_priority = 0\n",
-        );
-        d.wait_for("the reload's deploy", |s| {
-            s.active.as_ref().is_some_and(|a| a.id >= 2)
-        })
-        .await;
+        reload(&p, &d, 10, 0, 2).await;
         assert_eq!(main_thread(batond), Some((false, 0)), "{}", d.log());
         // And back to 10: the runtime's thread again, not the threads
         // started since (the file watcher's, the blocking pool's).
-        p.edit(
-            "etc/baton.toml",
-            "realtime_priority = 0\n",
-            "realtime_priority = 10\n",
-        );
-        d.wait_for("the second reload's deploy", |s| {
-            s.active.as_ref().is_some_and(|a| a.id >= 3)
-        })
-        .await;
+        reload(&p, &d, 0, 10, 3).await;
         assert_eq!(main_thread(batond), Some((true, 10)), "{}", d.log());
         let others: Vec<_> = thread_policies(batond)
             .into_iter()
@@ -255,11 +251,7 @@ fn realtime_priority_above_99_is_refused_with_its_position() {
         "[daemon]\n",
         "[daemon]\nrealtime_priority = 100\n",
     );
-    let out = std::process::Command::new(BATOND)
-        .args(["--check", "--config"])
-        .arg(p.path("etc/baton.toml"))
-        .output()
-        .expect("run batond --check");
+    let out = batond_check(&p);
     assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("daemon.realtime_priority"), "{err}");
