@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -121,6 +122,10 @@ pub async fn run(
         control_token.clone(),
     ));
     tracker.spawn(systemd::watchdog(control_token.clone()));
+    tracker.spawn(crate::logging::report_dropped(
+        Duration::from_secs(5),
+        control_token.clone(),
+    ));
 
     let mut signals =
         signal_hook_tokio::Signals::new([SIGHUP, SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;

@@ -19,6 +19,7 @@
 //! | [`proxy`] | the public HTTP/WebSocket reverse proxy |
 //! | [`tunnel`] | upgraded connections copied both ways with no buffer per connection |
 //! | [`headers`] | hop-by-hop and forwarding headers (RFC 9110) |
+//! | [`logging`] | stderr logging through a writer thread: a stalled log reader never stalls traffic |
 //! | [`watch`] | `notify` watches with ignore globs |
 //! | [`events`] | the event bus behind the log and `/v1/events` |
 //! | [`control`] | the control socket API, server and client |
@@ -39,6 +40,7 @@ pub mod digest;
 pub mod endpoint;
 pub mod events;
 pub mod headers;
+pub mod logging;
 pub mod pool;
 pub mod probe;
 pub mod process;

@@ -78,11 +78,17 @@ pub fn set_thread(tid: u32, priority: u8) -> io::Result<()> {
     Err(io::Error::other(format!("{what}: {said}{hint}")))
 }
 
-/// The threads of this process now.
+/// The threads of this process now, but the log writer's: it blocks on
+/// stderr and moves no frames (see [`crate::logging`]).
 fn threads() -> io::Result<Vec<u32>> {
     let mut tids = Vec::new();
     for entry in std::fs::read_dir("/proc/self/task")? {
-        if let Some(tid) = entry?.file_name().to_str().and_then(|s| s.parse().ok()) {
+        let entry = entry?;
+        let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if name.trim_end() != crate::logging::WRITER_THREAD {
             tids.push(tid);
         }
     }

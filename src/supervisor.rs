@@ -319,20 +319,25 @@ impl Supervisor {
         let Ok(rd) = std::fs::read_dir(&self.cfg.daemon.state_dir) else {
             return;
         };
-        let mut old: Vec<u64> = rd
-            .filter_map(Result::ok)
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_prefix("gen-"))
-                    .and_then(|n| n.parse::<u64>().ok())
-            })
-            .collect();
+        let mut old = Vec::new();
+        for e in rd.filter_map(Result::ok) {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with(TRASH_PREFIX) {
+                // Left by a daemon that stopped while removing it.
+                let _ = std::fs::remove_dir_all(e.path());
+            } else if let Some(n) = name
+                .strip_prefix("gen-")
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                old.push(n);
+            }
+        }
         old.sort_unstable();
         self.next_gen = old.last().copied().unwrap_or(0) + 1;
         let keep = self.cfg.daemon.history.max(1);
         for id in &old[..old.len().saturating_sub(keep)] {
-            let _ = std::fs::remove_dir_all(worker_proc::gen_dir(&self.cfg.daemon.state_dir, *id));
+            remove_gen_dir(&self.cfg.daemon.state_dir, *id);
         }
     }
 
@@ -1072,10 +1077,7 @@ impl Supervisor {
             for id in &finished[..finished.len() - keep] {
                 self.gens.remove(id);
                 self.runtime.remove(id);
-                let dir = worker_proc::gen_dir(&self.cfg.daemon.state_dir, *id);
-                if let Err(e) = std::fs::remove_dir_all(&dir) {
-                    tracing::warn!(dir = %dir.display(), error = %e, "cannot remove an old generation");
-                }
+                remove_gen_dir(&self.cfg.daemon.state_dir, *id);
             }
         }
     }
@@ -1255,4 +1257,33 @@ async fn pipeline(
         .await
         .map_err(|r| (GenState::Rejected, r));
     (result, Some(snapshot))
+}
+
+/// Folders of generations being removed are renamed to this prefix first.
+const TRASH_PREFIX: &str = ".trash-gen-";
+
+/// Removes generation `id`'s folder without holding up the runtime thread,
+/// which also moves every request and call: the folder is renamed out of
+/// the way at once (so it is gone from the state dir's listing), then
+/// deleted on the blocking pool (a snapshot is tens of MB: freeing it takes
+/// milliseconds, more on a busy disk). A daemon that stops before the
+/// deletion ends removes the rest at its next start.
+fn remove_gen_dir(state_dir: &std::path::Path, id: u64) {
+    let dir = worker_proc::gen_dir(state_dir, id);
+    let trash = state_dir.join(format!("{TRASH_PREFIX}{id:04}"));
+    if let Err(e) = std::fs::rename(&dir, &trash) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove an old generation");
+        }
+        return;
+    }
+    let remove = move || {
+        if let Err(e) = std::fs::remove_dir_all(&trash) {
+            tracing::warn!(dir = %trash.display(), error = %e, "cannot remove an old generation");
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(remove)),
+        Err(_) => remove(),
+    }
 }

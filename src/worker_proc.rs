@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -467,12 +467,74 @@ pub async fn monitor(
     }
 }
 
+/// The longest worker log line kept whole; a longer one is cut into pieces
+/// of this size, so a worker that writes without newlines cannot make
+/// `batond` buffer without end.
+const MAX_LINE: usize = 16 << 10;
+
+/// Reads a worker's stdout or stderr to its end, line by line, into
+/// `batond`'s log and (through `tx`) the generation's `worker.log`.
+///
+/// It never waits on either, so the worker never blocks on a full pipe:
+/// `batond`'s log drops what stderr does not take (see [`crate::logging`]),
+/// and `worker.log` gets what its queue has room for (see [`LogQueue`]).
+/// Bytes that are not UTF-8 are kept, replaced with U+FFFD.
 async fn pump(out: impl AsyncRead + Unpin, tx: mpsc::Sender<String>, generation: u64) {
-    let mut lines = BufReader::new(out).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    let mut reader = BufReader::new(out);
+    let mut buf = Vec::new();
+    let mut queue = LogQueue {
+        tx: Some(tx),
+        dropped: 0,
+    };
+    loop {
+        buf.clear();
+        match (&mut reader)
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut buf)
+            .await
+        {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let end = buf
+            .iter()
+            .rposition(|b| !matches!(b, b'\n' | b'\r'))
+            .map_or(0, |i| i + 1);
+        let line = String::from_utf8_lossy(&buf[..end]).into_owned();
         tracing::info!(target: "worker", generation, "[gen {generation}] {line}");
-        if tx.send(line).await.is_err() {
-            break;
+        queue.offer(line);
+    }
+}
+
+/// The way from [`pump`] to [`write_log`]: a bounded queue that is never
+/// waited on. A line that finds it full (the disk is slow) is counted, and
+/// the count goes into `worker.log` in its place once there is room.
+struct LogQueue {
+    /// None once the log file has failed.
+    tx: Option<mpsc::Sender<String>>,
+    dropped: u64,
+}
+
+impl LogQueue {
+    fn offer(&mut self, line: String) {
+        let Some(tx) = &self.tx else { return };
+        if self.dropped > 0 {
+            let note = format!(
+                "[batond: {} lines dropped here: worker.log was not written fast enough]",
+                self.dropped
+            );
+            if tx.try_send(note).is_err() {
+                self.dropped += 1;
+                return;
+            }
+            self.dropped = 0;
+        }
+        match tx.try_send(line) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => self.dropped += 1,
+            // The log file failed (`write_log` ended); batond's own log
+            // still gets the lines.
+            Err(mpsc::error::TrySendError::Closed(_)) => self.tx = None,
         }
     }
 }
@@ -491,4 +553,54 @@ async fn write_log(mut file: tokio::fs::File, mut rx: mpsc::Receiver<String>) {
         }
     }
     let _ = file.flush().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn worker_output_that_is_not_utf8_or_has_no_newline_is_kept_in_bounded_lines() {
+        let mut input = b"one\r\n\xff\xfebin\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', MAX_LINE + 10));
+        input.extend_from_slice(b"\nlast, no newline");
+        let (tx, mut rx) = mpsc::channel(16);
+        pump(&input[..], tx, 1).await;
+        let mut lines = Vec::new();
+        while let Ok(l) = rx.try_recv() {
+            lines.push(l);
+        }
+        assert_eq!(lines.len(), 5, "{lines:?}");
+        assert_eq!(lines[0], "one");
+        assert_eq!(lines[1], "\u{fffd}\u{fffd}bin");
+        assert_eq!(lines[2].len(), MAX_LINE);
+        assert_eq!(lines[3], "x".repeat(10));
+        assert_eq!(lines[4], "last, no newline");
+    }
+
+    #[tokio::test]
+    async fn a_full_worker_log_queue_drops_lines_and_says_how_many() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let mut q = LogQueue {
+            tx: Some(tx),
+            dropped: 0,
+        };
+        for l in ["a", "b", "c", "d", "e"] {
+            q.offer(l.to_string());
+        }
+        assert_eq!(rx.recv().await.as_deref(), Some("a"));
+        assert_eq!(rx.recv().await.as_deref(), Some("b"));
+        assert!(rx.try_recv().is_err(), "c, d and e did not fit");
+        q.offer("f".to_string());
+        assert_eq!(
+            rx.recv().await.as_deref(),
+            Some("[batond: 3 lines dropped here: worker.log was not written fast enough]")
+        );
+        assert_eq!(rx.recv().await.as_deref(), Some("f"));
+        // The file failed: lines are no longer queued, and nothing blocks.
+        drop(rx);
+        q.offer("g".to_string());
+        assert!(q.tx.is_none());
+        q.offer("h".to_string());
+    }
 }

@@ -46,7 +46,8 @@ fn main() -> ExitCode {
         return ExitCode::from(127);
     }
     let cli = Cli::parse();
-    init_tracing(cli.log_json);
+    // Flushes the queued log lines when main returns.
+    let _log = init_tracing(cli.log_json);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -56,7 +57,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(json: bool) {
+fn init_tracing(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::prelude::*;
     // `Targets` rather than `EnvFilter`: the same `target=level` syntax
     // without a regex engine in the daemon's memory.
@@ -67,7 +68,12 @@ fn init_tracing(json: bool) {
             tracing_subscriber::filter::Targets::new()
                 .with_default(tracing_subscriber::filter::LevelFilter::INFO)
         });
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Through a writer thread: a stalled stderr reader must not stop the
+    // proxy (see `baton::logging`).
+    let (writer, guard) = baton::logging::stderr();
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(baton::logging::ansi());
     if json {
         tracing_subscriber::registry()
             .with(fmt.json().with_filter(filter))
@@ -77,6 +83,7 @@ fn init_tracing(json: bool) {
             .with(fmt.with_filter(filter))
             .init();
     }
+    guard
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {

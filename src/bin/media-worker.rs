@@ -52,21 +52,26 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Through a writer thread: a call's thread never waits on stderr (see
+    // `baton::logging`).
+    let (writer, guard) = baton::logging::stderr();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.with_ansi(false).init(),
         LogFormat::Json => builder.json().flatten_event(false).init(),
     }
+    guard
 }
 
 fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    // Flushes the queued log lines when `run` returns.
+    let _log = init_tracing(cli.log_format);
     let env = EnvOverrides {
         twilio_auth_token: std::env::var("TWILIO_AUTH_TOKEN").ok(),
         baton_signature: std::env::var("BATON_SIGNATURE").ok(),

@@ -267,7 +267,7 @@ fn metrics(s: &Status, job: &Job) -> Response<ProxyBody> {
     let m = &job.proxy.metrics;
     let live = || s.active.iter().chain(&s.draining);
     let count = |state| s.history.iter().filter(|g| g.state == state).count() as u64;
-    let rows: [(&str, &str, &str, u64); 13] = [
+    let rows: [(&str, &str, &str, u64); 14] = [
         (
             "baton_requests_total",
             "counter",
@@ -342,6 +342,12 @@ fn metrics(s: &Status, job: &Job) -> Response<ProxyBody> {
             "gauge",
             "Failed generations in the kept history.",
             count(GenState::Failed),
+        ),
+        (
+            "baton_log_lines_dropped_total",
+            "counter",
+            "Log lines dropped because stderr did not take them in time.",
+            crate::logging::dropped_lines(),
         ),
         (
             "baton_unit_failed",

@@ -193,6 +193,10 @@ pub async fn run(
         "listening on {addr}"
     );
 
+    tokio::spawn(crate::logging::report_dropped(
+        std::time::Duration::from_secs(5),
+        shutdown.clone(),
+    ));
     let graceful = GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {

@@ -182,14 +182,60 @@ impl Daemon {
         }
     }
 
+    /// Starts `batond` with `stderr` as given (not read by the test) and
+    /// waits until its control socket answers; the address comes from the
+    /// status. [`Daemon::log`] is empty.
+    pub async fn start_stderr(project: &Project, stderr: Stdio) -> Daemon {
+        let child = tokio::process::Command::new(BATOND)
+            .arg("--config")
+            .arg(project.path("etc/baton.toml"))
+            .env("BATON_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn batond");
+        let socket = project.path("state/control.sock");
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let listen = loop {
+            if let Ok(Ok((StatusCode::OK, body))) = tokio::time::timeout(
+                Duration::from_secs(5),
+                client::call_text(&socket, Method::GET, "/v1/status"),
+            )
+            .await
+            {
+                let s: Status = serde_json::from_str(&body).expect("status json");
+                break s.listen;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "batond's control socket did not answer"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        Daemon {
+            child,
+            addr: listen.parse().expect("listen address"),
+            socket,
+            state_dir: project.path("state"),
+            log: Arc::default(),
+        }
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().expect("log lock").clone()
     }
 
     pub async fn status(&self) -> Status {
-        let (code, body) = client::call_text(&self.socket, Method::GET, "/v1/status")
-            .await
-            .expect("status call");
+        let (code, body) = tokio::time::timeout(
+            PATIENCE,
+            client::call_text(&self.socket, Method::GET, "/v1/status"),
+        )
+        .await
+        .expect("batond did not answer a status call")
+        .expect("status call");
         assert_eq!(code, StatusCode::OK, "{body}");
         serde_json::from_str(&body).expect("status json")
     }

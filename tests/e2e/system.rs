@@ -258,3 +258,83 @@ fn realtime_priority_above_99_is_refused_with_its_position() {
     assert!(err.contains("baton.toml:2:1"), "{err}");
     assert!(err.contains("between 0"), "{err}");
 }
+
+/// stderr that nobody reads (a stalled journal) does not stop `batond`:
+/// log lines past a bounded queue are dropped and counted, the worker's
+/// output is still drained, deploys and traffic go on, and the count is
+/// logged once stderr takes lines again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_reader_that_stalls_does_not_stop_the_daemon() {
+    use std::io::Read;
+    const NOISE: usize = 5000;
+    let p = Project::python("", "");
+    // Some 700 KB of worker output at start-up, forwarded to batond's
+    // stderr: ten times what a pipe holds.
+    p.append("src/pyworker.py", &format!("# NOISE_LINES={NOISE}\n"));
+    let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
+    let d = Daemon::start_stderr(&p, Stdio::from(write_end)).await;
+    d.wait_active(1).await;
+    let (code, _, body) = d.get("/whoami").await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    // A deploy goes through too (its events are log lines as well).
+    let out = d.ctl(&["deploy", "--wait"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, body) = baton::control::client::call_text(&d.socket, http::Method::GET, "/metrics")
+        .await
+        .expect("metrics");
+    assert_eq!(code, StatusCode::OK);
+    let dropped: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("baton_log_lines_dropped_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("baton_log_lines_dropped_total in /metrics");
+    assert!(dropped > 0, "{body}");
+    // worker.log kept the noise, or says how many lines it could not.
+    let log = p.path("state/gen-0001/worker.log");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let kept = text.lines().filter(|l| l.contains(" noise ")).count();
+        let noted: usize = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("[batond: "))
+            .filter_map(|l| l.split(' ').next()?.parse::<usize>().ok())
+            .sum();
+        if kept > 0 && kept + noted >= NOISE {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "worker.log has {kept} noise lines and {noted} noted as dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Once stderr is read again, batond says what it dropped.
+    let reader = std::thread::spawn(move || {
+        let mut f = std::fs::File::from(read_end);
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1 << 16];
+        while let Ok(n) = f.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&seen).contains("log lines in time") {
+                return true;
+            }
+        }
+        false
+    });
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !reader.is_finished() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let said = reader.is_finished() && reader.join().expect("reader");
+    let status = d.stop().await;
+    assert!(said, "batond did not report the dropped lines");
+    assert!(status.success(), "{status:?}");
+}
