@@ -1519,3 +1519,75 @@ async fn callsim_flags_protocol_violations() {
         .expect("server")
         .expect("server task");
 }
+
+/// media-worker's stderr that nobody reads (a stalled journal, a supervisor
+/// that stopped reading) does not stop it serving: log lines past a bounded
+/// queue are dropped, and the count is logged once stderr takes lines again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_keeps_serving_when_nobody_reads_its_stderr() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("media-worker.toml");
+    std::fs::write(&cfg, "data_dir = \"data\"\ntts = \"tone\"\n").expect("config");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
+    // batond's exec shim hands the socket over as fd 3 (LISTEN_FDS), so the
+    // address is known without reading the log.
+    let mut child = tokio::process::Command::new(crate::support::BATOND)
+        .arg(baton::process::SHIM_ARG)
+        .arg(std::process::id().to_string())
+        .arg("fd")
+        .arg("--")
+        .arg(MEDIA_WORKER)
+        .arg("--config")
+        .arg(&cfg)
+        // At trace level every connection logs lines of its own (mio's).
+        .env("RUST_LOG", "trace")
+        .env_remove("BATON_SOCKET")
+        .env_remove("BATON_SIGNATURE")
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(write_end))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn media-worker");
+    // 4,000 connections log some 8,000 lines: more than the pipe (about
+    // 600 of them) and the queue (2,048) hold together.
+    for i in 0..4000 {
+        let r = http(addr, "GET", "/healthz", &[], b"").await;
+        assert_eq!(r.status, 200, "request {i}");
+    }
+    let reader = std::thread::spawn(move || {
+        let mut f = std::fs::File::from(read_end);
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1 << 16];
+        while let Ok(n) = f.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&seen).contains("log lines in time") {
+                return true;
+            }
+        }
+        false
+    });
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !reader.is_finished() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let said = reader.is_finished() && reader.join().expect("reader");
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let status = tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .expect("media-worker did not stop")
+        .expect("wait");
+    assert!(said, "media-worker did not report the dropped lines");
+    assert!(status.success(), "{status:?}");
+}
