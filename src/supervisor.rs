@@ -122,6 +122,8 @@ async fn outcome(wait: bool, rx: oneshot::Receiver<DeployOutcome>) -> DeployOutc
 enum Internal {
     Worker(WorkerEvent),
     DebounceDue(u64),
+    /// The config file has been quiet for `debounce_ms` since change N.
+    ConfigDue(u64),
     Progress {
         generation: u64,
         state: GenState,
@@ -197,6 +199,8 @@ struct Supervisor {
     replacing: bool,
     pending: Option<String>,
     debounce_epoch: u64,
+    /// Bumped by every config file event; the reload waits for quiet.
+    config_epoch: u64,
     waiters_next: Vec<oneshot::Sender<DeployOutcome>>,
     waiters_now: Vec<oneshot::Sender<DeployOutcome>>,
     restart_waiters: Vec<oneshot::Sender<DeployOutcome>>,
@@ -280,6 +284,7 @@ pub fn spawn(
         replacing: false,
         pending: None,
         debounce_epoch: 0,
+        config_epoch: 0,
         waiters_next: Vec::new(),
         waiters_now: Vec::new(),
         restart_waiters: Vec::new(),
@@ -344,8 +349,17 @@ impl Supervisor {
     fn control(&mut self, c: Control) {
         match c {
             Control::Changed(Change::Config) => {
-                self.events.emit("change", None, "config file changed");
-                self.reload(None);
+                // One save is several events (truncate, write, rename):
+                // reload once the file is quiet, so a half-written file is
+                // never read and one save is one reload and one deploy.
+                self.config_epoch += 1;
+                let epoch = self.config_epoch;
+                let itx = self.itx.clone();
+                let d = self.cfg.watch.debounce;
+                tokio::spawn(async move {
+                    tokio::time::sleep(d).await;
+                    let _ = itx.send(Internal::ConfigDue(epoch));
+                });
             }
             Control::Changed(Change::Source(p)) => {
                 tracing::debug!(path = %p.display(), "source changed");
@@ -460,6 +474,12 @@ impl Supervisor {
 
     fn internal(&mut self, i: Internal) {
         match i {
+            Internal::ConfigDue(epoch) => {
+                if epoch == self.config_epoch {
+                    self.events.emit("change", None, "config file changed");
+                    self.reload(None);
+                }
+            }
             Internal::DebounceDue(epoch) => {
                 if epoch == self.debounce_epoch && !self.pipeline_busy {
                     self.start_pipeline();

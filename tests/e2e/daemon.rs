@@ -260,6 +260,46 @@ async fn bad_config_on_reload_keeps_the_running_one() {
     assert!(s.active.is_some());
 }
 
+/// A save is several file events (`cp` and most editors truncate, then
+/// write): the daemon reloads once, when the file is quiet, so a
+/// half-written file is never read and one save is one deploy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_config_save_is_one_reload_and_one_deploy() {
+    use std::io::Write;
+    let p = Project::python("", "");
+    // Quiet time enough that the two writes below always fall within it.
+    p.edit("etc/baton.toml", "debounce_ms = 100", "debounce_ms = 500");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    let new = read(&p.path("etc/baton.toml"))
+        .replace("health_interval_ms = 300", "health_interval_ms = 400");
+    let (head, tail) = new.split_at(new.find("[worker]").expect("[worker]"));
+    // Truncate and write half, close; then append the rest, close.
+    std::fs::write(p.path("etc/baton.toml"), head).expect("write");
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(p.path("etc/baton.toml"))
+        .and_then(|mut f| f.write_all(tail.as_bytes()))
+        .expect("append");
+    // Generation 2 becomes active with no further candidate behind it.
+    d.wait_active(2).await;
+    let out = d.ctl(&["deploy", "--wait"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = d.wait_active(3).await;
+    assert!(s.config_error.is_none(), "{:?}", s.config_error);
+    let log = d.log();
+    assert_eq!(
+        log.matches("config reloaded; redeploying").count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("config refused"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_mode_reports_errors_with_position_and_exit_78() {
     let p = Project::python("", "");
