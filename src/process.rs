@@ -10,9 +10,9 @@
 //! socket it received as stdin to fd 3, and `execvpe`s the real command with
 //! `LISTEN_FDS=1` and `LISTEN_PID` set to its own pid (which `exec` keeps).
 
-use std::ffi::{CString, OsString};
+use std::ffi::OsString;
 use std::os::fd::OwnedFd;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -265,9 +265,9 @@ pub enum ShimError {
         #[source]
         source: nix::Error,
     },
-    /// An argument contained a NUL byte.
-    #[error("argument with a NUL byte")]
-    Nul,
+    /// The program could not be executed.
+    #[error("{0}")]
+    Exec(std::io::Error),
 }
 
 fn sys(what: &'static str) -> impl FnOnce(nix::Error) -> ShimError {
@@ -294,15 +294,17 @@ pub fn shim_exec(args: &[OsString]) -> Result<std::convert::Infallible, ShimErro
     if nix::unistd::getppid().as_raw() != parent {
         return Err(ShimError::Orphan(parent));
     }
-    let mut env: Vec<CString> = Vec::new();
+    // std's exec, not execvpe: it also gives the program the signal state
+    // a fresh process expects, as systemd does for a service. This shim is
+    // a Rust program, whose runtime ignores SIGPIPE; without the reset the
+    // worker would inherit that (a shell pipeline in it would no longer
+    // end when its reader does), and any blocked signals.
+    let mut cmd = std::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..]).env_clear();
     for (k, v) in std::env::vars_os() {
-        if PRIVATE_ENV.iter().any(|p| k == *p) {
-            continue;
+        if !PRIVATE_ENV.iter().any(|p| k == *p) {
+            cmd.env(k, v);
         }
-        let mut kv = k.as_bytes().to_vec();
-        kv.push(b'=');
-        kv.extend_from_slice(v.as_bytes());
-        env.push(CString::new(kv).map_err(|_| ShimError::Nul)?);
     }
     if fd_mode == "fd" {
         let stdin = std::io::stdin();
@@ -314,24 +316,10 @@ pub fn shim_exec(args: &[OsString]) -> Result<std::convert::Infallible, ShimErro
                 source: nix::Error::EBADF,
             });
         }
-        let devnull = std::fs::File::open("/dev/null").map_err(|e| ShimError::Sys {
-            what: "open /dev/null",
-            source: nix::Error::from_raw(e.raw_os_error().unwrap_or(0)),
-        })?;
-        nix::unistd::dup2_stdin(&devnull).map_err(sys("dup2(stdin)"))?;
-        drop(devnull);
-        let pid = std::process::id();
-        for kv in [
-            "LISTEN_FDS=1".to_string(),
-            format!("LISTEN_PID={pid}"),
-            "LISTEN_FDNAMES=http".to_string(),
-        ] {
-            env.push(CString::new(kv).map_err(|_| ShimError::Nul)?);
-        }
+        cmd.stdin(std::process::Stdio::null())
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_PID", std::process::id().to_string())
+            .env("LISTEN_FDNAMES", "http");
     }
-    let argv: Vec<CString> = argv
-        .iter()
-        .map(|a| CString::new(a.as_bytes()).map_err(|_| ShimError::Nul))
-        .collect::<Result<_, _>>()?;
-    nix::unistd::execvpe(&argv[0], &argv, &env).map_err(sys("execvpe"))
+    Err(ShimError::Exec(cmd.exec()))
 }

@@ -338,3 +338,29 @@ async fn a_log_reader_that_stalls_does_not_stop_the_daemon() {
     assert!(said, "batond did not report the dropped lines");
     assert!(status.success(), "{status:?}");
 }
+
+/// A worker starts with the signal state of a fresh process, as systemd
+/// gives a service: SIGPIPE not ignored (batond, a Rust program, ignores it
+/// itself) and no signal blocked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_starts_with_default_signal_handling() {
+    let p = Project::python("", "");
+    p.edit(
+        "etc/baton.toml",
+        r#"command = ["python3", "{artifact}"]"#,
+        r#"command = ["sh", "-c", "grep -E '^Sig(Ign|Blk)' /proc/$$/status > sigs.txt; exec python3 {artifact}"]"#,
+    );
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    let sigs = read(&p.path("sigs.txt"));
+    let mask = |name: &str| {
+        sigs.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or_else(|| panic!("no {name} in {sigs:?}"))
+    };
+    let sigpipe = 1u64 << (nix::sys::signal::Signal::SIGPIPE as i32 - 1);
+    assert_eq!(mask("SigIgn:") & sigpipe, 0, "SIGPIPE ignored: {sigs}");
+    assert_eq!(mask("SigBlk:"), 0, "signals blocked: {sigs}");
+    assert!(d.stop().await.success());
+}
