@@ -7,8 +7,10 @@
 //! both in an exec shim instead: the daemon runs its own executable with
 //! [`SHIM_ARG`]; the shim (already the child process) sets
 //! `PR_SET_PDEATHSIG`, checks that its parent is still the daemon, moves the
-//! socket it received as stdin to fd 3, and `execvpe`s the real command with
+//! socket it received as stdin to fd 3, and `exec`s the real command with
 //! `LISTEN_FDS=1` and `LISTEN_PID` set to its own pid (which `exec` keeps).
+//! std's `exec` also resets the signal state (no signal blocked, SIGPIPE
+//! not ignored), as systemd does for a service.
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
