@@ -102,6 +102,9 @@ pub struct FileConfig {
     pub stt: SttChoice,
     /// Transcriptions running at once, over all calls.
     pub stt_concurrency: usize,
+    /// A speech engine run (espeak-ng, pocketsphinx) that takes longer is
+    /// killed and counts as failed.
+    pub engine_timeout_ms: u64,
     /// WebSocket ping period.
     pub ping_interval_ms: u64,
     /// A call whose pings go unanswered this long is closed (dead peer).
@@ -133,6 +136,7 @@ impl Default for FileConfig {
             tts: TtsChoice::Auto,
             stt: SttChoice::None,
             stt_concurrency: 2,
+            engine_timeout_ms: 15_000,
             ping_interval_ms: 5_000,
             pong_timeout_ms: 15_000,
             shutdown_grace_ms: 10_000,
@@ -176,6 +180,8 @@ pub struct Config {
     pub stt: SttChoice,
     /// Transcriptions running at once.
     pub stt_concurrency: usize,
+    /// Longest speech engine run before it is killed.
+    pub engine_timeout: Duration,
     /// WebSocket ping period.
     pub ping_interval: Duration,
     /// Unanswered-ping limit.
@@ -305,6 +311,9 @@ impl Config {
         if file.ping_interval_ms == 0 {
             return Err(invalid("ping_interval_ms", "must be > 0".into()));
         }
+        if file.engine_timeout_ms == 0 {
+            return Err(invalid("engine_timeout_ms", "must be > 0".into()));
+        }
         if file.pong_timeout_ms <= file.ping_interval_ms {
             return Err(invalid(
                 "pong_timeout_ms",
@@ -351,6 +360,7 @@ impl Config {
             tts: file.tts,
             stt: file.stt,
             stt_concurrency: file.stt_concurrency,
+            engine_timeout: Duration::from_millis(file.engine_timeout_ms),
             ping_interval: Duration::from_millis(file.ping_interval_ms),
             pong_timeout: Duration::from_millis(file.pong_timeout_ms),
             shutdown_grace: Duration::from_millis(file.shutdown_grace_ms),

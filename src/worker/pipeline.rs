@@ -9,8 +9,10 @@
 //! - [`EchoDialog`]: replies with the caller's own utterance;
 //! - [`EspeakTts`] (espeak-ng when installed) or [`ToneTts`].
 
-use std::process::{Command, Stdio};
+use std::io::Read;
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::config::{Config, SttChoice, TtsChoice, VadConfig};
 use crate::twilio::audio::{self, SAMPLE_RATE_HZ};
@@ -213,29 +215,35 @@ pub struct PocketsphinxStt {
     scratch_dir: std::path::PathBuf,
     /// Names scratch files uniquely within the process.
     counter: std::sync::atomic::AtomicU64,
+    /// A run that takes longer is killed.
+    timeout: Duration,
 }
 
 /// The recogniser program.
 pub const POCKETSPHINX_PROGRAM: &str = "pocketsphinx_continuous";
 
 impl PocketsphinxStt {
-    /// An engine writing scratch files under `scratch_dir`.
-    pub fn new(scratch_dir: std::path::PathBuf) -> Self {
+    /// An engine writing scratch files under `scratch_dir`, killing a run
+    /// after `timeout`.
+    pub fn new(scratch_dir: std::path::PathBuf, timeout: Duration) -> Self {
         Self {
             scratch_dir,
             counter: std::sync::atomic::AtomicU64::new(0),
+            timeout,
         }
     }
 
-    /// Checks that the program runs (used by `stt = "auto"` and at start-up).
-    pub fn probe() -> bool {
-        Command::new(POCKETSPHINX_PROGRAM)
-            .arg("-h")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok()
+    /// Checks that the program runs (used by `stt = "auto"` and at start-up),
+    /// within `timeout`.
+    pub fn probe(timeout: Duration) -> bool {
+        run_bounded(
+            Command::new(POCKETSPHINX_PROGRAM)
+                .arg("-h")
+                .stdin(Stdio::null())
+                .stderr(Stdio::null()),
+            timeout,
+        )
+        .is_ok_and(|r| r.is_some())
     }
 }
 
@@ -279,15 +287,22 @@ impl Stt for PocketsphinxStt {
             let _ = std::fs::remove_file(&path);
             return Err(SttError::Failed(format!("writing {}: {e}", path.display())));
         }
-        let out = Command::new(POCKETSPHINX_PROGRAM)
-            .arg("-infile")
-            .arg(&path)
-            .args(["-logfn", "/dev/null"])
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output();
+        let out = run_bounded(
+            Command::new(POCKETSPHINX_PROGRAM)
+                .arg("-infile")
+                .arg(&path)
+                .args(["-logfn", "/dev/null"])
+                .stdin(Stdio::null())
+                .stderr(Stdio::null()),
+            self.timeout,
+        );
         let _ = std::fs::remove_file(&path);
-        let out = out.map_err(io)?;
+        let Some(out) = out.map_err(io)? else {
+            return Err(SttError::Failed(format!(
+                "{POCKETSPHINX_PROGRAM} did not finish within {:?}; killed",
+                self.timeout
+            )));
+        };
         if !out.status.success() {
             return Err(SttError::Failed(format!(
                 "{POCKETSPHINX_PROGRAM} exited {}",
@@ -300,6 +315,44 @@ impl Stt for PocketsphinxStt {
             .join(" ");
         Ok((!text.is_empty()).then_some(text))
     }
+}
+
+/// Runs `cmd` to its end with stdout captured, or kills (and reaps) it
+/// once `limit` has passed: `Ok(None)`. A hung engine must not hold a
+/// call, a transcription slot or start-up for ever. Runs on the blocking
+/// pool, like every engine call: it waits.
+///
+/// # Errors
+/// The program could not be started.
+fn run_bounded(cmd: &mut Command, limit: Duration) -> std::io::Result<Option<Output>> {
+    let mut child = cmd.stdout(Stdio::piped()).spawn()?;
+    // Read on a thread of its own: output larger than a pipe holds (a WAV)
+    // would otherwise stop the program before it exits.
+    let reader = child.stdout.take().map(|mut out| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = out.read_to_end(&mut buf);
+            buf
+        })
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let stdout = reader.and_then(|r| r.join().ok()).unwrap_or_default();
+    Ok(status.map(|status| Output {
+        status,
+        stdout,
+        stderr: Vec::new(),
+    }))
 }
 
 // === impl EchoDialog ===
@@ -324,23 +377,34 @@ impl Dialog for EchoDialog {
 // === impl EspeakTts ===
 
 /// espeak-ng as a subprocess (`--stdout` WAV), resampled to 8 kHz.
-#[derive(Debug, Default)]
-pub struct EspeakTts;
+#[derive(Debug)]
+pub struct EspeakTts {
+    /// A run that takes longer is killed.
+    pub timeout: Duration,
+}
 
 impl Tts for EspeakTts {
     fn name(&self) -> &'static str {
         "espeak-ng"
     }
     fn synthesize(&self, text: &str) -> Result<Vec<i16>, TtsError> {
-        let out = Command::new("espeak-ng")
-            .args(["--stdout", "-s", "165", "--", text])
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output()
-            .map_err(|source| TtsError::Spawn {
-                program: "espeak-ng",
-                source,
-            })?;
+        let out = run_bounded(
+            Command::new("espeak-ng")
+                .args(["--stdout", "-s", "165", "--", text])
+                .stdin(Stdio::null())
+                .stderr(Stdio::null()),
+            self.timeout,
+        )
+        .map_err(|source| TtsError::Spawn {
+            program: "espeak-ng",
+            source,
+        })?
+        .ok_or_else(|| {
+            TtsError::Output(format!(
+                "espeak-ng did not finish within {:?}; killed",
+                self.timeout
+            ))
+        })?;
         if !out.status.success() {
             return Err(TtsError::Output(format!("espeak-ng exited {}", out.status)));
         }
@@ -442,14 +506,17 @@ impl Engines {
     /// # Errors
     /// [`EngineError`] when an engine that was asked for by name fails.
     pub fn build(cfg: &Config) -> Result<Self, EngineError> {
+        let espeak = EspeakTts {
+            timeout: cfg.engine_timeout,
+        };
         let (tts, pcm): (Arc<dyn Tts>, Vec<i16>) = match cfg.tts {
             TtsChoice::Tone => (Arc::new(ToneTts), ToneTts.synthesize(&cfg.greeting_text)?),
-            TtsChoice::EspeakNg => (
-                Arc::new(EspeakTts),
-                EspeakTts.synthesize(&cfg.greeting_text)?,
-            ),
-            TtsChoice::Auto => match EspeakTts.synthesize(&cfg.greeting_text) {
-                Ok(pcm) => (Arc::new(EspeakTts), pcm),
+            TtsChoice::EspeakNg => {
+                let pcm = espeak.synthesize(&cfg.greeting_text)?;
+                (Arc::new(espeak), pcm)
+            }
+            TtsChoice::Auto => match espeak.synthesize(&cfg.greeting_text) {
+                Ok(pcm) => (Arc::new(espeak), pcm),
                 Err(e) => {
                     tracing::info!(error = %e, "espeak-ng unavailable; greeting is a tone");
                     (Arc::new(ToneTts), ToneTts.synthesize(&cfg.greeting_text)?)
@@ -460,14 +527,14 @@ impl Engines {
         let stt: Arc<dyn Stt> = match cfg.stt {
             SttChoice::None => Arc::new(NoStt),
             SttChoice::Pocketsphinx => {
-                if !PocketsphinxStt::probe() {
+                if !PocketsphinxStt::probe(cfg.engine_timeout) {
                     return Err(EngineError::Missing(POCKETSPHINX_PROGRAM));
                 }
-                Arc::new(PocketsphinxStt::new(scratch))
+                Arc::new(PocketsphinxStt::new(scratch, cfg.engine_timeout))
             }
             SttChoice::Auto => {
-                if PocketsphinxStt::probe() {
-                    Arc::new(PocketsphinxStt::new(scratch))
+                if PocketsphinxStt::probe(cfg.engine_timeout) {
+                    Arc::new(PocketsphinxStt::new(scratch, cfg.engine_timeout))
                 } else {
                     tracing::info!("no speech recogniser installed; transcripts are off");
                     Arc::new(NoStt)
@@ -518,6 +585,27 @@ pub enum EngineError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_engine_run_past_its_limit_is_killed() {
+        let r = run_bounded(
+            Command::new("sh").args(["-c", "sleep 30"]),
+            Duration::from_millis(100),
+        );
+        assert!(matches!(r, Ok(None)), "{r:?}");
+    }
+
+    #[test]
+    fn an_engine_run_keeps_output_larger_than_a_pipe() {
+        let out = run_bounded(
+            Command::new("head").args(["-c", "1000000", "/dev/zero"]),
+            Duration::from_secs(60),
+        )
+        .expect("runs")
+        .expect("within the limit");
+        assert!(out.status.success());
+        assert_eq!(out.stdout.len(), 1_000_000);
+    }
 
     #[test]
     fn vad_finds_start_and_end() {

@@ -1591,3 +1591,73 @@ async fn worker_keeps_serving_when_nobody_reads_its_stderr() {
     assert!(said, "media-worker did not report the dropped lines");
     assert!(status.success(), "{status:?}");
 }
+
+/// Speech engines that hang (here at start-up: the greeting and the
+/// recogniser probe) are killed after `engine_timeout_ms`; with `auto` the
+/// worker falls back to the tone greeting and no transcripts, and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_kills_hung_speech_engines_and_falls_back() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).expect("bin dir");
+    for program in ["espeak-ng", "pocketsphinx_continuous"] {
+        let script = bin.join(program);
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho $$ >> {}\nexec sleep 600\n",
+                dir.path().join("hung.pids").display()
+            ),
+        )
+        .expect("fake engine");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let cfg = dir.path().join("media-worker.toml");
+    std::fs::write(
+        &cfg,
+        "data_dir = \"data\"\ntts = \"auto\"\nstt = \"auto\"\nengine_timeout_ms = 300\n",
+    )
+    .expect("config");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut child = tokio::process::Command::new(crate::support::BATOND)
+        .arg(baton::process::SHIM_ARG)
+        .arg(std::process::id().to_string())
+        .arg("fd")
+        .arg("--")
+        .arg(MEDIA_WORKER)
+        .arg("--config")
+        .arg(&cfg)
+        .env("PATH", path)
+        .env_remove("BATON_SOCKET")
+        .env_remove("BATON_SIGNATURE")
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn media-worker");
+    let r = http(addr, "GET", "/version", &[], b"").await;
+    assert_eq!(r.status, 200);
+    let v: Value = serde_json::from_slice(&r.body).expect("version JSON");
+    assert_eq!(v["engines"]["tts"], "tone", "{v}");
+    assert_eq!(v["engines"]["stt"], "none", "{v}");
+    // Both fakes ran, and neither is left running.
+    let pids = std::fs::read_to_string(dir.path().join("hung.pids")).expect("pids");
+    let pids: Vec<u32> = pids.lines().filter_map(|l| l.parse().ok()).collect();
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    for pid in pids {
+        assert!(
+            crate::support::wait_gone(pid).await,
+            "hung engine {pid} still runs"
+        );
+    }
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
