@@ -158,6 +158,8 @@ pub async fn run(
     tracker.close();
     let _ = tokio::time::timeout(shutdown_grace, tracker.wait()).await;
     let _ = std::fs::remove_file(&control_path);
+    // The blocking pool is idle by now: `STOPPING=1` goes out before exit.
+    let _ = tokio::task::spawn_blocking(|| systemd::flush(Duration::from_secs(1))).await;
     tracing::info!("batond stopped");
     Ok(())
 }

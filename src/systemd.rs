@@ -2,17 +2,87 @@
 //! `RELOADING=1`, `STOPPING=1`, `WATCHDOG=1`) and the socket-activated
 //! listener. All of it is a no-op when the daemon is not run by systemd.
 
+use std::sync::OnceLock;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::time::Duration;
+
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
+/// The name of the thread that sends to systemd's notify socket. It blocks
+/// when systemd does not read and moves no traffic: [`crate::sched`] leaves
+/// it at normal scheduling.
+pub const NOTIFY_THREAD: &str = "sd-notify";
+
+/// Messages queued for the notify thread; more are dropped (systemd is not
+/// reading them anyway).
+const QUEUE: usize = 64;
+
+/// One notify datagram, owned so that it can cross to the notify thread.
+enum Message {
+    Ready(String),
+    Status(String),
+    Reloading(i128),
+    Stopping,
+    Watchdog,
+    /// Answered once everything queued before it has been sent.
+    Flush(SyncSender<()>),
+}
+
+/// The queue to the notify thread; `None` when not run by systemd.
+///
+/// `sd_notify` sends on a blocking datagram socket, and a datagram socket
+/// whose reader is slow blocks the sender once a few messages wait (ten,
+/// by default): were that the runtime thread, a busy PID 1 would stop every
+/// request and call. So the sends happen on a thread of their own.
+fn queue() -> Option<&'static SyncSender<Message>> {
+    static TX: OnceLock<Option<SyncSender<Message>>> = OnceLock::new();
+    TX.get_or_init(|| {
+        std::env::var_os("NOTIFY_SOCKET")?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        std::thread::Builder::new()
+            .name(NOTIFY_THREAD.into())
+            .spawn(move || send_all(&rx))
+            .ok()?;
+        Some(tx)
+    })
+    .as_ref()
+}
+
+fn send_all(rx: &Receiver<Message>) {
+    while let Ok(m) = rx.recv() {
+        let _ = match &m {
+            Message::Ready(s) => sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(s)]),
+            Message::Status(s) => sd_notify::notify(&[NotifyState::Status(s)]),
+            Message::Reloading(t) => {
+                sd_notify::notify(&[NotifyState::Reloading, NotifyState::MonotonicUsec(*t)])
+            }
+            Message::Stopping => sd_notify::notify(&[NotifyState::Stopping]),
+            Message::Watchdog => sd_notify::notify(&[NotifyState::Watchdog]),
+            Message::Flush(done) => {
+                let _ = done.send(());
+                Ok(())
+            }
+        };
+    }
+}
+
+fn send(m: Message) {
+    if let Some(tx) = queue()
+        && let Err(TrySendError::Full(_)) = tx.try_send(m)
+    {
+        tracing::debug!("systemd is not reading notify messages; one dropped");
+    }
+}
+
 /// Tells systemd the daemon is ready (the first worker is active).
 pub fn ready(status: &str) {
-    let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(status)]);
+    send(Message::Ready(status.to_string()));
 }
 
 /// Updates the one-line status `systemctl status` shows.
 pub fn status(status: &str) {
-    let _ = sd_notify::notify(&[NotifyState::Status(status)]);
+    send(Message::Status(status.to_string()));
 }
 
 /// Tells systemd a reload started (it then waits for the next `READY=1`).
@@ -20,12 +90,22 @@ pub fn reloading() {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| i128::from(t.tv_sec()) * 1_000_000 + i128::from(t.tv_nsec()) / 1000)
         .unwrap_or_default();
-    let _ = sd_notify::notify(&[NotifyState::Reloading, NotifyState::MonotonicUsec(now)]);
+    send(Message::Reloading(now));
 }
 
 /// Tells systemd the daemon is stopping.
 pub fn stopping() {
-    let _ = sd_notify::notify(&[NotifyState::Stopping]);
+    send(Message::Stopping);
+}
+
+/// Waits (up to `limit`) until the messages queued so far have been sent:
+/// called before the daemon exits, so that `STOPPING=1` is not lost.
+pub fn flush(limit: Duration) {
+    let Some(tx) = queue() else { return };
+    let (done, wait) = std::sync::mpsc::sync_channel(1);
+    if tx.try_send(Message::Flush(done)).is_ok() {
+        let _ = wait.recv_timeout(limit);
+    }
 }
 
 /// Pings the watchdog at half its period until `token` is cancelled, when
@@ -37,7 +117,7 @@ pub async fn watchdog(token: CancellationToken) {
     let mut tick = tokio::time::interval(period / 2);
     loop {
         tokio::select! {
-            _ = tick.tick() => { let _ = sd_notify::notify(&[NotifyState::Watchdog]); }
+            _ = tick.tick() => send(Message::Watchdog),
             () = token.cancelled() => return,
         }
     }

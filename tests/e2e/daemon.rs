@@ -528,6 +528,39 @@ async fn bodies_stream_both_ways_and_upstream_failures_are_502() {
     );
 }
 
+/// systemd not reading its notify socket (PID 1 busy) does not stop the
+/// daemon: a datagram socket whose reader is slow blocks its senders after
+/// ten messages, and batond sends status and watchdog pings all the time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notify_socket_nobody_reads_does_not_stop_the_daemon() {
+    let p = Project::python("", "");
+    let sock_path = p.path("notify.sock");
+    // Bound, never read.
+    let _sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    let d = Daemon::start_env(
+        &p,
+        &[],
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().expect("utf8")),
+            // A watchdog ping every 10 ms: the socket is full at once.
+            ("WATCHDOG_USEC", "20000"),
+        ],
+    )
+    .await;
+    d.wait_active(1).await;
+    for g in 2..=4 {
+        let out = d.ctl(&["deploy", "--wait"]).await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        d.wait_active(g).await;
+        assert_eq!(whoami(d.addr).await.0, g);
+    }
+    assert!(d.stop().await.success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_hears_ready_status_reloading_and_stopping() {
     let p = Project::python("", "");
