@@ -486,7 +486,12 @@ async fn pump(out: impl AsyncRead + Unpin, tx: mpsc::Sender<String>, generation:
         tx: Some(tx),
         dropped: 0,
     };
+    let mut shown = LineBudget::new(COPIED_LINES_PER_S);
     loop {
+        // A worker that floods its output must not hold the runtime thread,
+        // which also moves every request and call: one line is one unit of
+        // the task's budget, and a spent budget yields.
+        tokio::task::consume_budget().await;
         buf.clear();
         match (&mut reader)
             .take(MAX_LINE as u64)
@@ -501,8 +506,62 @@ async fn pump(out: impl AsyncRead + Unpin, tx: mpsc::Sender<String>, generation:
             .rposition(|b| !matches!(b, b'\n' | b'\r'))
             .map_or(0, |i| i + 1);
         let line = String::from_utf8_lossy(&buf[..end]).into_owned();
-        tracing::info!(target: "worker", generation, "[gen {generation}] {line}");
+        match shown.take(Instant::now()) {
+            Some(0) => tracing::info!(target: "worker", generation, "[gen {generation}] {line}"),
+            Some(skipped) => {
+                tracing::info!(target: "worker", generation, "[gen {generation}] ({skipped} lines not copied here; worker.log has them)");
+                tracing::info!(target: "worker", generation, "[gen {generation}] {line}");
+            }
+            None => {}
+        }
         queue.offer(line);
+    }
+    if shown.skipped > 0 {
+        tracing::info!(target: "worker", generation, "[gen {generation}] ({} lines not copied here; worker.log has them)", shown.skipped);
+    }
+}
+
+/// Worker output lines per second (per stream) copied into `batond`'s own
+/// log; past that, lines go to `worker.log` only and the log says how many
+/// it skipped. Formatting a log line costs far more than queueing it for
+/// `worker.log`: a worker that floods its output would otherwise take the
+/// runtime thread's time from traffic.
+const COPIED_LINES_PER_S: u32 = 1000;
+
+/// A token bucket over lines: `per_s` a second, bursts of as many.
+struct LineBudget {
+    per_s: f64,
+    tokens: f64,
+    last: Option<Instant>,
+    /// Lines refused since the last one taken.
+    skipped: u64,
+}
+
+impl LineBudget {
+    fn new(per_s: u32) -> Self {
+        Self {
+            per_s: f64::from(per_s),
+            tokens: f64::from(per_s),
+            last: None,
+            skipped: 0,
+        }
+    }
+
+    /// A line at `now`: `Some(lines skipped before it)` when it may be
+    /// copied, `None` when it is over the budget.
+    fn take(&mut self, now: Instant) -> Option<u64> {
+        if let Some(last) = self.last {
+            let refill = now.saturating_duration_since(last).as_secs_f64() * self.per_s;
+            self.tokens = (self.tokens + refill).min(self.per_s);
+        }
+        self.last = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Some(std::mem::take(&mut self.skipped))
+        } else {
+            self.skipped += 1;
+            None
+        }
     }
 }
 
@@ -576,6 +635,22 @@ mod tests {
         assert_eq!(lines[2].len(), MAX_LINE);
         assert_eq!(lines[3], "x".repeat(10));
         assert_eq!(lines[4], "last, no newline");
+    }
+
+    #[test]
+    fn worker_lines_copied_to_the_daemon_log_are_limited_per_second() {
+        let t0 = Instant::now();
+        let mut b = LineBudget::new(3);
+        let taken: Vec<_> = (0..5).map(|_| b.take(t0)).collect();
+        assert_eq!(taken, [Some(0), Some(0), Some(0), None, None]);
+        // A third of a second later one more fits, and says what it skipped.
+        let t1 = t0 + Duration::from_millis(340);
+        assert_eq!(b.take(t1), Some(2));
+        assert_eq!(b.take(t1), None);
+        // Quiet for long: a full burst again, no more.
+        let t2 = t1 + Duration::from_secs(60);
+        let taken: Vec<_> = (0..4).map(|_| b.take(t2)).collect();
+        assert_eq!(taken, [Some(1), Some(0), Some(0), None]);
     }
 
     #[tokio::test]

@@ -268,21 +268,28 @@ async fn a_log_reader_that_stalls_does_not_stop_the_daemon() {
     use std::io::Read;
     const NOISE: usize = 5000;
     let p = Project::python("", "");
-    // Some 700 KB of worker output at start-up, forwarded to batond's
-    // stderr: ten times what a pipe holds.
+    // Some 500 KB of output at the start of each worker, for its
+    // worker.log and (in part) batond's stderr.
     p.append("src/pyworker.py", &format!("# NOISE_LINES={NOISE}\n"));
     let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
+    // The smallest pipe the kernel makes (a page).
+    nix::fcntl::fcntl(&write_end, nix::fcntl::FcntlArg::F_SETPIPE_SZ(4096)).expect("pipe size");
     let d = Daemon::start_stderr(&p, Stdio::from(write_end)).await;
     d.wait_active(1).await;
     let (code, _, body) = d.get("/whoami").await;
     assert_eq!(code, StatusCode::OK, "{body}");
-    // A deploy goes through too (its events are log lines as well).
-    let out = d.ctl(&["deploy", "--wait"]).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Deploys go through too. batond copies up to 1,000 lines a second of
+    // each worker's output into its own log: three generations' noise is
+    // more than the pipe and the log queue (2,048 lines) hold.
+    for g in 2..=3 {
+        let out = d.ctl(&["deploy", "--wait"]).await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(whoami(d.addr).await.0, g);
+    }
     let (code, body) = baton::control::client::call_text(&d.socket, http::Method::GET, "/metrics")
         .await
         .expect("metrics");
