@@ -317,7 +317,12 @@ pub async fn start(
     let started = Instant::now();
     let pid = u32::try_from(child.pid()).unwrap_or_default();
     let (line_tx, line_rx) = mpsc::channel::<String>(1024);
-    tokio::spawn(write_log(log, line_rx));
+    tokio::spawn(write_log(
+        log,
+        log_path.clone(),
+        WORKER_LOG_MAX_BYTES,
+        line_rx,
+    ));
     if let Some(out) = child.take_stdout() {
         tokio::spawn(pump(out, line_tx.clone(), launch.generation));
     }
@@ -598,20 +603,97 @@ impl LogQueue {
     }
 }
 
-async fn write_log(mut file: tokio::fs::File, mut rx: mpsc::Receiver<String>) {
+/// Size at which `worker.log` is rotated: it becomes `worker.log.1`
+/// (replacing the one before) and a new `worker.log` starts. So a worker
+/// that floods its output takes at most twice this much disk per
+/// generation.
+pub const WORKER_LOG_MAX_BYTES: u64 = 64 << 20;
+
+/// Writes the lines from `rx` to `file` (open for append at `path`),
+/// rotating it before a line would take it past `max_bytes`.
+async fn write_log(
+    file: tokio::fs::File,
+    path: PathBuf,
+    max_bytes: u64,
+    mut rx: mpsc::Receiver<String>,
+) {
+    let mut log = RotatingLog {
+        written: file.metadata().await.map_or(0, |m| m.len()),
+        file,
+        path,
+        max_bytes,
+        buf: Vec::new(),
+    };
     while let Some(line) = rx.recv().await {
-        let mut buf = line.into_bytes();
-        buf.push(b'\n');
+        let mut next = Some(line);
         // Batch whatever else is already queued into one write.
-        while let Ok(more) = rx.try_recv() {
-            buf.extend_from_slice(more.as_bytes());
-            buf.push(b'\n');
+        while let Some(line) = next.take() {
+            if log.push(&line).await.is_err() {
+                return;
+            }
+            if log.buf.len() < 1 << 20 {
+                next = rx.try_recv().ok();
+            }
         }
-        if file.write_all(&buf).await.is_err() {
+        if log.write().await.is_err() {
             return;
         }
     }
-    let _ = file.flush().await;
+    let _ = log.file.flush().await;
+}
+
+/// `worker.log` with its write buffer and size.
+struct RotatingLog {
+    file: tokio::fs::File,
+    path: PathBuf,
+    max_bytes: u64,
+    /// Bytes in the file.
+    written: u64,
+    /// Bytes not yet written.
+    buf: Vec<u8>,
+}
+
+impl RotatingLog {
+    /// Adds a line, rotating first when it would not fit.
+    async fn push(&mut self, line: &str) -> std::io::Result<()> {
+        let held = self.written + self.buf.len() as u64;
+        if held > 0 && held + line.len() as u64 + 1 > self.max_bytes {
+            self.write().await?;
+            self.rotate().await?;
+        }
+        self.buf.extend_from_slice(line.as_bytes());
+        self.buf.push(b'\n');
+        Ok(())
+    }
+
+    async fn write(&mut self) -> std::io::Result<()> {
+        self.file.write_all(&self.buf).await?;
+        self.written += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// `worker.log` becomes `worker.log.1` (replacing the one before).
+    async fn rotate(&mut self) -> std::io::Result<()> {
+        self.file.flush().await?;
+        let mut older = self.path.clone().into_os_string();
+        older.push(".1");
+        let rotated = match tokio::fs::rename(&self.path, &older).await {
+            Ok(()) => tokio::fs::File::create(&self.path).await,
+            Err(e) => Err(e),
+        };
+        match rotated {
+            Ok(f) => {
+                self.file = f;
+                self.written = 0;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot rotate worker.log; no longer writing it");
+                Err(e)
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -635,6 +717,36 @@ mod tests {
         assert_eq!(lines[2].len(), MAX_LINE);
         assert_eq!(lines[3], "x".repeat(10));
         assert_eq!(lines[4], "last, no newline");
+    }
+
+    #[tokio::test]
+    async fn worker_log_is_rotated_at_its_size_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("worker.log");
+        let file = tokio::fs::File::create(&path).await.expect("create");
+        let (tx, rx) = mpsc::channel(16);
+        let writer = tokio::spawn(write_log(file, path.clone(), 1000, rx));
+        for i in 0..30 {
+            tx.send(format!("line {i:03} {}", "x".repeat(90)))
+                .await
+                .expect("send");
+        }
+        drop(tx);
+        writer.await.expect("writer");
+        let now = std::fs::read_to_string(&path).expect("worker.log");
+        let older = std::fs::read_to_string(dir.path().join("worker.log.1")).expect("worker.log.1");
+        assert!(
+            now.len() <= 1000 && older.len() <= 1000,
+            "{} {}",
+            now.len(),
+            older.len()
+        );
+        // The newest lines are in worker.log, the ones before in .1, none
+        // torn.
+        assert!(now.ends_with(&format!("line 029 {}\n", "x".repeat(90))));
+        for text in [&now, &older] {
+            assert!(text.lines().all(|l| l.len() == 99), "{text}");
+        }
     }
 
     #[test]

@@ -212,16 +212,23 @@ async fn logs(req: &Request<Incoming>, job: &Job, state_dir: &Path) -> Response<
         }
     };
     let path = gen_dir(state_dir, generation).join(format!("{kind}.log"));
-    // At most the last 8 MiB: enough for any sensible line count.
-    let read = tokio::task::spawn_blocking(move || crate::worker_proc::read_tail(&path, 8 << 20))
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-    match read {
-        Ok(bytes) => {
+    // At most the last 8 MiB: enough for any sensible line count. Read and
+    // cut on the blocking pool: megabytes of text are not the runtime
+    // thread's work.
+    let read = tokio::task::spawn_blocking(move || {
+        crate::worker_proc::read_tail(&path, 8 << 20).map(|bytes| {
             let text = String::from_utf8_lossy(&bytes);
             let all: Vec<&str> = text.lines().collect();
-            let tail = all[all.len().saturating_sub(lines)..].join("\n");
-            let mut resp = Response::new(full(format!("{tail}\n")));
+            let mut tail = all[all.len().saturating_sub(lines)..].join("\n");
+            tail.push('\n');
+            tail
+        })
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    match read {
+        Ok(tail) => {
+            let mut resp = Response::new(full(tail));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("text/plain; charset=utf-8"),

@@ -325,16 +325,19 @@ impl Stt for PocketsphinxStt {
 /// # Errors
 /// The program could not be started.
 fn run_bounded(cmd: &mut Command, limit: Duration) -> std::io::Result<Option<Output>> {
+    // The engine stays in the worker's process group, so that stopping the
+    // worker (batond signals the whole group) stops it too.
     let mut child = cmd.stdout(Stdio::piped()).spawn()?;
     // Read on a thread of its own: output larger than a pipe holds (a WAV)
     // would otherwise stop the program before it exits.
-    let reader = child.stdout.take().map(|mut out| {
+    let (out_tx, out_rx) = std::sync::mpsc::sync_channel(1);
+    if let Some(mut out) = child.stdout.take() {
         std::thread::spawn(move || {
             let mut buf = Vec::new();
             let _ = out.read_to_end(&mut buf);
-            buf
-        })
-    });
+            let _ = out_tx.send(buf);
+        });
+    }
     let deadline = Instant::now() + limit;
     let status = loop {
         if let Some(status) = child.try_wait()? {
@@ -347,7 +350,11 @@ fn run_bounded(cmd: &mut Command, limit: Duration) -> std::io::Result<Option<Out
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    let stdout = reader.and_then(|r| r.join().ok()).unwrap_or_default();
+    // A process the engine started may still hold its output open: wait
+    // for the end of it briefly, not for ever.
+    let stdout = out_rx
+        .recv_timeout(Duration::from_secs(1))
+        .unwrap_or_default();
     Ok(status.map(|status| Output {
         status,
         stdout,
@@ -588,8 +595,10 @@ mod tests {
 
     #[test]
     fn an_engine_run_past_its_limit_is_killed() {
+        // The sleep is the shell's child and outlives it, holding the
+        // output open for a while: the run still ends.
         let r = run_bounded(
-            Command::new("sh").args(["-c", "sleep 30"]),
+            Command::new("sh").args(["-c", "sleep 3; true"]),
             Duration::from_millis(100),
         );
         assert!(matches!(r, Ok(None)), "{r:?}");
