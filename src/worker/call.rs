@@ -47,6 +47,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const STT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long we wait for the peer's close reply.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Protocol warnings logged per call; later ones are only counted.
+const LOGGED_WARNINGS: u64 = 20;
 
 /// Something queued for the caller.
 enum Out {
@@ -165,7 +167,12 @@ pub async fn run_call<S>(
             close(&mut ws, CloseCode::Normal, "stream stopped").await;
             "stop"
         }
-        End::PeerClosed(why) => why,
+        End::PeerClosed(why) => {
+            if why == "client_close" {
+                reply_close(&mut ws).await;
+            }
+            why
+        }
         End::Close(code, why) => {
             close(&mut ws, code, why).await;
             why
@@ -191,6 +198,21 @@ where
     .await;
 }
 
+/// Completes a close the caller started: tungstenite has queued the reply
+/// frame on reading the caller's; it goes out on the next flush, which must
+/// happen before the socket is dropped (RFC 6455 §5.5.1), within
+/// `CLOSE_TIMEOUT`.
+async fn reply_close<S>(ws: &mut WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        let _ = ws.flush().await;
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
 impl Call {
     fn t_ms(&self) -> u64 {
         self.opened.elapsed().as_millis() as u64
@@ -199,14 +221,22 @@ impl Call {
     fn warn_skip(&mut self, what: &'static str, detail: String) {
         self.rec.protocol_warnings += 1;
         let t = self.t_ms();
-        warn!(
-            event = "WS_PROTOCOL_WARNING",
-            callSid = %self.call_sid,
-            streamSid = %self.stream_sid,
-            what,
-            detail = %detail,
-            "call warning: {what}"
-        );
+        let detail = super::record::bounded(detail);
+        // A caller that sends nothing but bad messages gets a few lines in
+        // the log, not one per message; the record counts them all.
+        if self.rec.protocol_warnings <= LOGGED_WARNINGS {
+            warn!(
+                event = "WS_PROTOCOL_WARNING",
+                callSid = %self.call_sid,
+                streamSid = %self.stream_sid,
+                what,
+                detail = %detail,
+                "call warning: {what}"
+            );
+            if self.rec.protocol_warnings == LOGGED_WARNINGS {
+                warn!(callSid = %self.call_sid, streamSid = %self.stream_sid, "further warnings of this call are counted in its record, not logged");
+            }
+        }
         self.rec
             .push_event(t, "warning", format!("{what}: {detail}"));
     }
@@ -439,7 +469,7 @@ impl Call {
             TwilioMessage::Mark { mark, .. } => {
                 debug!(callSid = %self.call_sid, mark = %mark.name, "mark echoed");
                 self.rec.push_event(t, "mark_echoed", mark.name.clone());
-                self.rec.marks_echoed.push(mark.name);
+                self.rec.push_mark_echoed(mark.name);
             }
             TwilioMessage::Stop { .. } => {
                 if !self.started {
@@ -810,6 +840,8 @@ impl Call {
 
     /// Logs `WS_STOP` and writes the record.
     async fn finish(mut self, reason: &'static str) {
+        // The call's length, not counting the wait for its transcriptions.
+        let duration_ms = self.t_ms();
         // Let transcriptions in flight land in the record (bounded).
         let deadline = tokio::time::Instant::now() + STT_DRAIN_TIMEOUT;
         while !self.stt_jobs.is_empty() {
@@ -823,7 +855,6 @@ impl Call {
                 }
             }
         }
-        let duration_ms = self.t_ms();
         self.rec.duration_ms = duration_ms;
         self.rec.ended_at = rfc3339(SystemTime::now());
         self.rec.end_reason = reason.to_string();
@@ -841,7 +872,8 @@ impl Call {
             warnings = self.rec.protocol_warnings,
             "WS_STOP"
         );
-        match self.rec.write(&self.state.cfg.data_dir).await {
+        let rec = std::mem::take(&mut self.rec);
+        match rec.write(&self.state.cfg.data_dir).await {
             Ok(path) => debug!(path = %path.display(), "call record written"),
             Err(e) => warn!(callSid = %self.call_sid, error = %e, "writing call record failed"),
         }

@@ -12,6 +12,25 @@ use serde::Serialize;
 /// Most events kept per record; a long call must not grow without bound.
 pub const MAX_EVENTS: usize = 2_000;
 
+/// Longest text kept from the caller per field (an event's detail, an
+/// echoed mark name): what a caller sends must not grow the record (or the
+/// worker's memory) without bound. Longer text is cut, marked with `…`.
+pub const MAX_TEXT: usize = 256;
+
+/// `text` cut to [`MAX_TEXT`] bytes at a character boundary.
+pub fn bounded(text: impl Into<String>) -> String {
+    let mut text = text.into();
+    if text.len() > MAX_TEXT {
+        let mut end = MAX_TEXT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
 /// One thing that happened during the call.
 #[derive(Debug, Clone, Serialize)]
 pub struct RecordEvent {
@@ -90,33 +109,55 @@ pub struct CallRecord {
 }
 
 impl CallRecord {
-    /// Appends an event unless the cap is reached.
+    /// Appends an event unless the cap is reached; the detail is cut to
+    /// [`MAX_TEXT`].
     pub fn push_event(&mut self, t_ms: u64, kind: &'static str, detail: impl Into<String>) {
         if self.events.len() < MAX_EVENTS {
             self.events.push(RecordEvent {
                 t_ms,
                 kind,
-                detail: detail.into(),
+                detail: bounded(detail),
             });
         }
     }
 
-    /// Writes the record atomically; returns its path.
+    /// Notes a mark the caller echoed (the first [`MAX_EVENTS`], names cut
+    /// to [`MAX_TEXT`]).
+    pub fn push_mark_echoed(&mut self, name: String) {
+        if self.marks_echoed.len() < MAX_EVENTS {
+            self.marks_echoed.push(bounded(name));
+        }
+    }
+
+    /// Writes the record atomically; returns its path. Serialised and
+    /// written on the blocking pool: a runtime thread also paces other
+    /// calls' audio.
     ///
     /// # Errors
     /// I/O or serialisation errors.
-    pub async fn write(&self, data_dir: &Path) -> std::io::Result<PathBuf> {
+    pub async fn write(self, data_dir: &Path) -> std::io::Result<PathBuf> {
         let dir = data_dir.join("calls");
-        tokio::fs::create_dir_all(&dir).await?;
+        tokio::task::spawn_blocking(move || self.write_sync(&dir))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    fn write_sync(&self, dir: &Path) -> std::io::Result<PathBuf> {
+        std::fs::create_dir_all(dir)?;
         let stem = match (&self.call_sid, &self.stream_sid) {
             (Some(c), Some(s)) => format!("{}_{}", sanitize(c), sanitize(s)),
             _ => format!("conn-{}-{}", std::process::id(), self.conn_id),
         };
         let path = dir.join(format!("{stem}.json"));
-        let tmp = dir.join(format!(".{stem}.json.tmp"));
+        // Two calls that claim the same sids never share a temporary file.
+        let tmp = dir.join(format!(
+            ".{stem}.{}-{}.json.tmp",
+            std::process::id(),
+            self.conn_id
+        ));
         let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        tokio::fs::write(&tmp, json).await?;
-        tokio::fs::rename(&tmp, &path).await?;
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(&tmp, &path)?;
         Ok(path)
     }
 }
@@ -162,6 +203,21 @@ pub fn rfc3339(t: SystemTime) -> String {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn caller_text_is_bounded_in_the_record() {
+        let mut rec = CallRecord::default();
+        rec.push_event(1, "warning", "é".repeat(1000));
+        let d = &rec.events[0].detail;
+        assert!(d.len() <= MAX_TEXT + '…'.len_utf8(), "{}", d.len());
+        assert!(d.ends_with('…'));
+        assert_eq!(bounded("short"), "short");
+        for _ in 0..MAX_EVENTS + 10 {
+            rec.push_mark_echoed("m".repeat(10_000));
+        }
+        assert_eq!(rec.marks_echoed.len(), MAX_EVENTS);
+        assert!(rec.marks_echoed.iter().all(|m| m.len() <= MAX_TEXT + 3));
+    }
 
     #[test]
     fn rfc3339_known_dates() {

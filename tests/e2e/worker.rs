@@ -1661,3 +1661,74 @@ async fn worker_kills_hung_speech_engines_and_falls_back() {
     let _ = child.start_kill();
     let _ = child.wait().await;
 }
+
+/// A caller that closes gets a close frame back (RFC 6455 §5.5.1), not a
+/// bare end of the connection, and the call record says so; a caller that
+/// floods bad messages with huge texts is bounded in the record.
+#[tokio::test]
+async fn worker_answers_a_callers_close_and_bounds_what_the_caller_sends() {
+    let mut w = Worker::start("", &[]).await;
+    let mut ws = ws_connect(&w.ws_url()).await;
+    ws.send(start_msg("MZclose", "CAclose"))
+        .await
+        .expect("start");
+    let huge = "x".repeat(60_000);
+    for _ in 0..50 {
+        let mark = serde_json::json!({"event": "mark", "sequenceNumber": "2",
+            "streamSid": "MZclose", "mark": {"name": huge}});
+        ws.send(Message::Text(mark.to_string().into()))
+            .await
+            .expect("mark");
+        let odd = serde_json::json!({"event": huge, "streamSid": "MZclose"});
+        ws.send(Message::Text(odd.to_string().into()))
+            .await
+            .expect("unknown event");
+    }
+    ws.send(Message::Close(Some(
+        tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        },
+    )))
+    .await
+    .expect("close");
+    let reply = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match ws.next().await {
+                // Frames the worker sent before it read the close.
+                Some(Ok(Message::Close(frame))) => return Ok(frame),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("ended without a close frame".into()),
+            }
+        }
+    })
+    .await
+    .expect("no answer to the close");
+    assert!(reply.is_ok(), "{reply:?}");
+    let rec = w.wait_records(1).await.pop().expect("call record");
+    assert_eq!(rec["end_reason"], "client_close", "{rec}");
+    assert_eq!(rec["protocol_warnings"], 50, "{rec}");
+    let marks = rec["marks_echoed"].as_array().expect("marks");
+    assert_eq!(marks.len(), 50);
+    assert!(
+        marks
+            .iter()
+            .all(|m| m.as_str().is_some_and(|m| m.len() < 300))
+    );
+    assert!(
+        rec.to_string().len() < 100_000,
+        "record of {} bytes",
+        rec.to_string().len()
+    );
+    // The log names the first warnings only.
+    w.wait_event("WS_STOP", |_| true).await;
+    let logged = w
+        .lines
+        .lock()
+        .expect("log")
+        .iter()
+        .filter(|l| l.contains("WS_PROTOCOL_WARNING"))
+        .count();
+    assert_eq!(logged, 20);
+}
