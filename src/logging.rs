@@ -36,7 +36,27 @@ pub fn stderr() -> (NonBlocking, WorkerGuard) {
         .thread_name(WRITER_THREAD)
         .finish(std::io::stderr());
     let _ = DROPPED.set(writer.error_counter());
+    wait_for_name();
     (writer, guard)
+}
+
+/// Waits (briefly, bounded) until the writer thread carries its name: a new
+/// thread names itself once it runs, and until then it looks like the one
+/// that started it, which [`crate::sched`] would take for a thread that
+/// moves traffic.
+fn wait_for_name() {
+    for _ in 0..1000 {
+        let named = std::fs::read_dir("/proc/self/task").is_ok_and(|tasks| {
+            tasks.filter_map(Result::ok).any(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|n| n.trim_end() == WRITER_THREAD)
+            })
+        });
+        if named {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 /// Log lines dropped so far because stderr did not take them in time.

@@ -6,6 +6,7 @@
 //! lean: no HTTP/2 machinery is linked into `batond`.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -247,10 +248,67 @@ impl Pool {
 /// sent again after its first attempt was reset).
 #[derive(Debug)]
 pub enum ReqBody {
-    /// The client's body, streamed.
-    Client(Incoming),
+    /// The client's body, streamed, and what watches it come in.
+    Client(Incoming, BodyWatch),
     /// No body.
     Empty,
+}
+
+/// How the request bodies of one client connection come in: how many the
+/// proxy is waiting on the client for, and how many frames have arrived.
+/// With these the proxy tells a client that stalls in the middle of a body
+/// (a slowloris on the body) from one that waits for a slow answer, or
+/// whose upload waits for a slow worker to read it.
+#[derive(Debug, Default)]
+pub struct BodyProgress {
+    /// Bodies whose last read found no data from the client.
+    pub waiting: AtomicU64,
+    /// Frames read, over all bodies.
+    pub frames: AtomicU64,
+}
+
+/// Keeps one body's part of [`BodyProgress`] up to date, until its end (or
+/// until it is dropped unfinished).
+#[derive(Debug)]
+pub struct BodyWatch {
+    progress: Option<Arc<BodyProgress>>,
+    waiting: bool,
+}
+
+impl BodyWatch {
+    /// Watches a body that is `done` already (no body) or not.
+    pub fn new(progress: &Arc<BodyProgress>, done: bool) -> BodyWatch {
+        BodyWatch {
+            progress: (!done).then(|| progress.clone()),
+            waiting: false,
+        }
+    }
+
+    fn read(&mut self, frame: bool, waiting: bool) {
+        let Some(p) = &self.progress else { return };
+        if frame {
+            p.frames.fetch_add(1, Ordering::Relaxed);
+        }
+        if waiting != self.waiting {
+            self.waiting = waiting;
+            if waiting {
+                p.waiting.fetch_add(1, Ordering::Relaxed);
+            } else {
+                p.waiting.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn end(&mut self) {
+        self.read(false, false);
+        self.progress = None;
+    }
+}
+
+impl Drop for BodyWatch {
+    fn drop(&mut self) {
+        self.end();
+    }
 }
 
 impl Body for ReqBody {
@@ -262,23 +320,29 @@ impl Body for ReqBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            ReqBody::Client(b) => Pin::new(b)
-                .poll_frame(cx)
-                .map(|o| o.map(|r| r.map_err(Into::into))),
+            ReqBody::Client(b, watch) => {
+                let r = Pin::new(&mut *b).poll_frame(cx);
+                match &r {
+                    Poll::Ready(Some(Ok(_))) if !b.is_end_stream() => watch.read(true, false),
+                    Poll::Ready(_) => watch.end(),
+                    Poll::Pending => watch.read(false, true),
+                }
+                r.map(|o| o.map(|r| r.map_err(Into::into)))
+            }
             ReqBody::Empty => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ReqBody::Client(b) => b.is_end_stream(),
+            ReqBody::Client(b, _) => b.is_end_stream(),
             ReqBody::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ReqBody::Client(b) => b.size_hint(),
+            ReqBody::Client(b, _) => b.size_hint(),
             ReqBody::Empty => SizeHint::with_exact(0),
         }
     }

@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::headers;
 pub use crate::pool::BoxError;
-use crate::pool::{Pool, ReqBody, SendError, UpstreamConn};
+use crate::pool::{BodyProgress, BodyWatch, Pool, ReqBody, SendError, UpstreamConn};
 use crate::router::{Router, Ticket, Upstream};
 /// The body of every response the proxy sends: a worker's, streamed, or a
 /// short one the proxy made itself. An enum rather than a boxed trait
@@ -166,7 +166,7 @@ impl Proxy {
                 let activity = activity.clone();
                 activity.started.fetch_add(1, Ordering::Relaxed);
                 async move {
-                    let resp = proxy.handle(req, &client).await;
+                    let resp = proxy.handle(req, &client, &activity.bodies).await;
                     Ok::<_, Infallible>(resp.map(|body| ClientBody {
                         body,
                         _done: Finished(activity),
@@ -220,6 +220,7 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         client: &HeaderValue,
+        bodies: &Arc<BodyProgress>,
     ) -> Response<ProxyBody> {
         self.metrics.requests.fetch_add(1, Ordering::Relaxed);
         let Some((upstream, ticket)) = self.router.acquire(self.hold()).await else {
@@ -279,7 +280,8 @@ impl Proxy {
                 parts.headers.clone(),
             )
         });
-        let mut req = Request::from_parts(parts, ReqBody::Client(body));
+        let watch = BodyWatch::new(bodies, body.is_end_stream());
+        let mut req = Request::from_parts(parts, ReqBody::Client(body, watch));
         let (mut upstream, mut ticket) = (upstream, ticket);
         let (mut refused, mut resets) = (0, 0);
         let (resp, conn) = loop {
@@ -417,11 +419,12 @@ impl Proxy {
 /// Drives one client connection until it ends, the daemon stops (the
 /// request in flight finishes first), or it stalls: a connection on which
 /// no request started or finished during a whole `timeout`, and none is in
-/// progress, is asked to close (hyper closes it once what it has written is
-/// flushed); if it is still open a `timeout` later (a head still half
-/// sent: a slowloris) it is dropped. So a slow or idle client holds a
-/// connection for one to three `timeout`s. One timer per connection, not
-/// per request.
+/// progress (or the one in progress waits for the rest of its body from
+/// the client, and none came), is asked to close (hyper closes it once
+/// what it has written is flushed); if it is still open a `timeout` later
+/// (a head or a body still half sent: a slowloris) it is dropped. So a
+/// slow or idle client holds a connection for one to three `timeout`s. One
+/// timer per connection, not per request.
 async fn watch_connection<C>(
     conn: C,
     shut_down: impl Fn(Pin<&mut C>),
@@ -437,7 +440,7 @@ async fn watch_connection<C>(
     let mut stall = std::pin::pin!(stall);
     let cancelled = token.cancelled();
     let mut cancelled = std::pin::pin!(cancelled);
-    let (mut seen, mut stopping, mut closing) = ((0, 0), false, false);
+    let (mut seen, mut stopping, mut closing) = ((0, 0, 0), false, false);
     let r = loop {
         tokio::select! {
             // The connection first: when it is ready the others are not
@@ -453,8 +456,13 @@ async fn watch_connection<C>(
                 let now = (
                     activity.started.load(Ordering::Relaxed),
                     activity.finished.load(Ordering::Relaxed),
+                    activity.bodies.frames.load(Ordering::Relaxed),
                 );
-                if now.0 != now.1 || now != seen {
+                // A request in progress is waited for, unless the client
+                // stopped sending its body: no frame for a whole period.
+                let waiting_on_client =
+                    activity.bodies.waiting.load(Ordering::Relaxed) > 0 && now == seen;
+                if (now.0 != now.1 && !waiting_on_client) || now != seen {
                     // In progress, or moved during the last period.
                     seen = now;
                 } else if !closing {
@@ -474,12 +482,13 @@ async fn watch_connection<C>(
     }
 }
 
-/// Requests started and finished on one client connection (see
-/// `watch_connection`).
+/// Requests started and finished on one client connection, and how their
+/// bodies come in (see `watch_connection`).
 #[derive(Debug, Default)]
 struct Activity {
     started: AtomicU64,
     finished: AtomicU64,
+    bodies: Arc<BodyProgress>,
 }
 
 /// Counts a response as finished when its body is dropped: sent, or the

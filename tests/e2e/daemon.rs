@@ -760,26 +760,59 @@ async fn slow_and_idle_clients_are_closed_but_requests_in_progress_are_not() {
     slow.write_all(b"GET /slow?ms=3000 HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .expect("write");
+    // A client that stops in the middle of its body is closed.
+    let mut stalled = tokio::net::TcpStream::connect(d.addr)
+        .await
+        .expect("connect");
+    stalled
+        .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nnine byte")
+        .await
+        .expect("write");
+    // An upload that goes on slowly but steadily is answered.
+    let mut trickle = tokio::net::TcpStream::connect(d.addr)
+        .await
+        .expect("connect");
+    trickle
+        .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n")
+        .await
+        .expect("write");
     // A keep-alive client that keeps asking keeps its connection.
     let mut busy = tokio::net::TcpStream::connect(d.addr)
         .await
         .expect("connect");
-    for _ in 0..8 {
+    for i in 0..8 {
         busy.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .expect("write on the busy connection");
         let resp = read_response(&mut busy).await;
         assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        trickle
+            .write_all(&[b'a' + i])
+            .await
+            .expect("write on the trickling upload");
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
-    // 3.2 s have passed: the slow client was cut, the slow request not.
+    // 3.2 s have passed: the slow clients were cut, the slow request and
+    // the slow upload not.
     assert!(
         closed_within(&mut slowloris, Duration::from_secs(5)).await,
         "a client with a half-sent head kept its connection"
     );
+    assert!(
+        closed_within(&mut stalled, Duration::from_secs(5)).await,
+        "a client with a half-sent body kept its connection"
+    );
+    let resp = read_response(&mut trickle).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.ends_with("abcdefgh"), "{resp}");
     let resp = read_response(&mut slow).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.ends_with("slow 1"), "{resp}");
+    // No request is left in flight on the worker.
+    d.wait_for("no request in flight", |s| {
+        s.active.as_ref().is_some_and(|a| a.requests_in_flight == 0)
+    })
+    .await;
     // Once idle, both keep-alive connections are closed too.
     for (name, conn) in [("slow", &mut slow), ("busy", &mut busy)] {
         assert!(
