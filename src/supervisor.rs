@@ -124,6 +124,8 @@ enum Internal {
     DebounceDue(u64),
     /// The config file has been quiet for `debounce_ms` since change N.
     ConfigDue(u64),
+    /// A reload's blocking part is done (boxed: a whole config).
+    Reloaded(Box<Result<(Config, watch::Watcher), String>>),
     Progress {
         generation: u64,
         state: GenState,
@@ -201,6 +203,14 @@ struct Supervisor {
     debounce_epoch: u64,
     /// Bumped by every config file event; the reload waits for quiet.
     config_epoch: u64,
+    /// A reload is being prepared on the blocking pool.
+    reload_running: bool,
+    /// Another reload was asked for meanwhile.
+    reload_again: bool,
+    /// Answered when the running reload is applied.
+    reload_now: Vec<oneshot::Sender<Result<(), String>>>,
+    /// Answered by the reload after it.
+    reload_next: Vec<oneshot::Sender<Result<(), String>>>,
     waiters_next: Vec<oneshot::Sender<DeployOutcome>>,
     waiters_now: Vec<oneshot::Sender<DeployOutcome>>,
     restart_waiters: Vec<oneshot::Sender<DeployOutcome>>,
@@ -285,6 +295,10 @@ pub fn spawn(
         pending: None,
         debounce_epoch: 0,
         config_epoch: 0,
+        reload_running: false,
+        reload_again: false,
+        reload_now: Vec::new(),
+        reload_next: Vec::new(),
         waiters_next: Vec::new(),
         waiters_now: Vec::new(),
         restart_waiters: Vec::new(),
@@ -474,6 +488,7 @@ impl Supervisor {
 
     fn internal(&mut self, i: Internal) {
         match i {
+            Internal::Reloaded(prepared) => self.reloaded(*prepared),
             Internal::ConfigDue(epoch) => {
                 if epoch == self.config_epoch {
                     self.events.emit("change", None, "config file changed");
@@ -991,58 +1006,54 @@ impl Supervisor {
 
     // --- config ---
 
+    /// Reads, checks and watches the config file on the blocking pool (a
+    /// large watched tree takes a while to watch, and `chrt` runs for a
+    /// priority change), then applies it here ([`Self::reloaded`]). A
+    /// reload asked for while one runs runs after it.
     fn reload(&mut self, reply: Option<oneshot::Sender<Result<(), String>>>) {
+        if self.reload_running {
+            self.reload_next.extend(reply);
+            self.reload_again = true;
+            return;
+        }
+        self.reload_running = true;
+        self.reload_now.extend(reply);
         systemd::reloading();
-        let result = match Config::load(&self.cfg.file, &self.overrides) {
-            Err(e) => Err(self.refuse_config(e.to_string())),
-            Ok(mut new) => {
-                if new.daemon.listen.port() != 0 && new.daemon.listen != self.cfg.daemon.listen {
-                    tracing::warn!(
-                        old = %self.cfg.daemon.listen,
-                        new = %new.daemon.listen,
-                        "daemon.listen changed; the listener moves at the next daemon restart"
-                    );
-                }
-                new.daemon.listen = self.cfg.daemon.listen;
-                // The control socket and the state dir are in use; they move
-                // at the next daemon start, not in the middle of a run.
-                if new.daemon.control_socket != self.cfg.daemon.control_socket
-                    || new.daemon.state_dir != self.cfg.daemon.state_dir
-                {
-                    tracing::warn!(
-                        "daemon.control_socket or daemon.state_dir changed; they move at the next daemon restart"
-                    );
-                }
-                new.daemon.control_socket = self.cfg.daemon.control_socket.clone();
-                new.daemon.state_dir = self.cfg.daemon.state_dir.clone();
-                match watch::watch(
-                    &new.daemon.root,
-                    &new.watch.paths,
-                    &new.file,
-                    new.watch.ignore.clone(),
-                    self.change_tx.clone(),
-                ) {
-                    Ok(w) => {
-                        self.watcher = Some(w);
-                        self.proxy
-                            .set_timeouts(new.daemon.hold_timeout, new.daemon.header_timeout);
-                        if new.daemon.realtime_priority != self.cfg.daemon.realtime_priority {
-                            crate::sched::apply_to_process(new.daemon.realtime_priority);
-                        }
-                        self.cfg = Arc::new(new);
-                        self.config_error = None;
-                        self.events
-                            .emit("config_reloaded", None, "config reloaded; redeploying");
-                        self.request_deploy("config reload".into(), true);
-                        Ok(())
-                    }
-                    Err(e) => Err(self.refuse_config(e.to_string())),
-                }
+        let old = self.cfg.clone();
+        let overrides = self.overrides.clone();
+        let change_tx = self.change_tx.clone();
+        let itx = self.itx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = prepare_reload(&old, &overrides, change_tx);
+            let _ = itx.send(Internal::Reloaded(Box::new(result)));
+        });
+    }
+
+    /// Applies a config [`Self::reload`] prepared, or records why not.
+    fn reloaded(&mut self, prepared: Result<(Config, watch::Watcher), String>) {
+        self.reload_running = false;
+        let result = match prepared {
+            Ok((new, w)) => {
+                self.watcher = Some(w);
+                self.proxy
+                    .set_timeouts(new.daemon.hold_timeout, new.daemon.header_timeout);
+                self.cfg = Arc::new(new);
+                self.config_error = None;
+                self.events
+                    .emit("config_reloaded", None, "config reloaded; redeploying");
+                self.request_deploy("config reload".into(), true);
+                Ok(())
             }
+            Err(msg) => Err(self.refuse_config(msg)),
         };
         systemd::ready(&self.status_line());
-        if let Some(r) = reply {
-            let _ = r.send(result);
+        for r in self.reload_now.drain(..) {
+            let _ = r.send(result.clone());
+        }
+        if std::mem::take(&mut self.reload_again) {
+            let next = std::mem::take(&mut self.reload_next);
+            self.reload_now = next;
+            self.reload(None);
         }
     }
 
@@ -1306,4 +1317,46 @@ fn remove_gen_dir(state_dir: &std::path::Path, id: u64) {
         Ok(rt) => drop(rt.spawn_blocking(remove)),
         Err(_) => remove(),
     }
+}
+
+/// The blocking part of a reload: reads and checks the file, keeps what
+/// only moves at the next daemon start, watches the new paths, and sets a
+/// changed `realtime_priority`.
+fn prepare_reload(
+    old: &Config,
+    overrides: &Overrides,
+    change_tx: mpsc::UnboundedSender<Change>,
+) -> Result<(Config, watch::Watcher), String> {
+    let mut new = Config::load(&old.file, overrides).map_err(|e| e.to_string())?;
+    if new.daemon.listen.port() != 0 && new.daemon.listen != old.daemon.listen {
+        tracing::warn!(
+            old = %old.daemon.listen,
+            new = %new.daemon.listen,
+            "daemon.listen changed; the listener moves at the next daemon restart"
+        );
+    }
+    new.daemon.listen = old.daemon.listen;
+    // The control socket and the state dir are in use; they move at the
+    // next daemon start, not in the middle of a run.
+    if new.daemon.control_socket != old.daemon.control_socket
+        || new.daemon.state_dir != old.daemon.state_dir
+    {
+        tracing::warn!(
+            "daemon.control_socket or daemon.state_dir changed; they move at the next daemon restart"
+        );
+    }
+    new.daemon.control_socket = old.daemon.control_socket.clone();
+    new.daemon.state_dir = old.daemon.state_dir.clone();
+    let w = watch::watch(
+        &new.daemon.root,
+        &new.watch.paths,
+        &new.file,
+        new.watch.ignore.clone(),
+        change_tx,
+    )
+    .map_err(|e| e.to_string())?;
+    if new.daemon.realtime_priority != old.daemon.realtime_priority {
+        crate::sched::apply_to_process(new.daemon.realtime_priority);
+    }
+    Ok((new, w))
 }

@@ -120,7 +120,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .build(),
     }
     .context("tokio runtime")?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let listener =
             match baton::systemd::inherited_listener().context("inherited socket (LISTEN_FDS)")? {
                 Some(l) => l,
@@ -130,5 +130,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
         baton::daemon::run(listener, cfg, overrides, shim, CancellationToken::new()).await?;
         Ok(ExitCode::SUCCESS)
-    })
+    });
+    // Blocking work still running (a reload stuck reading a config file on
+    // a hung file system, say) must not keep the daemon from exiting.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
 }

@@ -300,6 +300,59 @@ async fn one_config_save_is_one_reload_and_one_deploy() {
     assert!(!log.contains("config refused"), "{log}");
 }
 
+/// A reload is read and prepared off the thread that serves traffic: here
+/// the config file is a named pipe, so reading it waits until the test
+/// writes it, and meanwhile requests and the control socket are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reload_does_not_hold_up_traffic() {
+    use std::io::Write;
+    let p = Project::python("", "");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    let cfg = p.path("etc/baton.toml");
+    let text = read(&cfg).replace("health_interval_ms = 300", "health_interval_ms = 400");
+    let fifo = p.path("etc/baton.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    std::fs::rename(&fifo, &cfg).expect("fifo in place");
+    let pid = d.child.id().expect("pid");
+    // The reload (after the debounce) waits in open() for a writer.
+    let blocked = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .any(|t| {
+                std::fs::read_to_string(t.path().join("wchan"))
+                    .is_ok_and(|w| w.contains("wait_for_partner"))
+            })
+    };
+    let mut waited = 0;
+    while !blocked() {
+        waited += 1;
+        assert!(waited < 600, "the reload never opened the config file");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..3 {
+        assert_eq!(whoami(d.addr).await.0, 1);
+        assert_eq!(d.status().await.active.map(|a| a.id), Some(1));
+    }
+    // Open the pipe (the reload's open returns), put a plain file in its
+    // place for later reads, then write the config and close.
+    let mut writer = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cfg)
+        .expect("open the pipe");
+    std::fs::write(p.path("etc/baton.plain"), &text).expect("plain config");
+    std::fs::rename(p.path("etc/baton.plain"), &cfg).expect("plain config in place");
+    writer.write_all(text.as_bytes()).expect("write the pipe");
+    drop(writer);
+    d.wait_for("the reload's deploy", |s| {
+        s.active.as_ref().is_some_and(|a| a.id >= 2) && s.config_error.is_none()
+    })
+    .await;
+    assert!(d.stop().await.success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_mode_reports_errors_with_position_and_exit_78() {
     let p = Project::python("", "");
