@@ -367,13 +367,7 @@ impl Supervisor {
                 // reload once the file is quiet, so a half-written file is
                 // never read and one save is one reload and one deploy.
                 self.config_epoch += 1;
-                let epoch = self.config_epoch;
-                let itx = self.itx.clone();
-                let d = self.cfg.watch.debounce;
-                tokio::spawn(async move {
-                    tokio::time::sleep(d).await;
-                    let _ = itx.send(Internal::ConfigDue(epoch));
-                });
+                self.after_debounce(Internal::ConfigDue(self.config_epoch));
             }
             Control::Changed(Change::Source(p)) => {
                 tracing::debug!(path = %p.display(), "source changed");
@@ -407,14 +401,18 @@ impl Supervisor {
         if now {
             self.start_pipeline();
         } else {
-            let epoch = self.debounce_epoch;
-            let itx = self.itx.clone();
-            let d = self.cfg.watch.debounce;
-            tokio::spawn(async move {
-                tokio::time::sleep(d).await;
-                let _ = itx.send(Internal::DebounceDue(epoch));
-            });
+            self.after_debounce(Internal::DebounceDue(self.debounce_epoch));
         }
+    }
+
+    /// Sends `msg` to this actor once `debounce_ms` has passed.
+    fn after_debounce(&self, msg: Internal) {
+        let itx = self.itx.clone();
+        let d = self.cfg.watch.debounce;
+        tokio::spawn(async move {
+            tokio::time::sleep(d).await;
+            let _ = itx.send(msg);
+        });
     }
 
     fn start_pipeline(&mut self) {

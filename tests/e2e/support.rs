@@ -449,3 +449,59 @@ pub async fn raw_request(addr: SocketAddr, request: &str) -> String {
     .await
     .expect("raw request timed out")
 }
+
+/// Reads the pipe `read_end` until `needle` shows up in what came through
+/// (true), or the pipe ends or `PATIENCE` passes (false). On a thread of
+/// its own: the read blocks.
+pub async fn pipe_shows(read_end: std::os::fd::OwnedFd, needle: &'static str) -> bool {
+    use std::io::Read;
+    let reader = std::thread::spawn(move || {
+        let mut f = std::fs::File::from(read_end);
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1 << 16];
+        while let Ok(n) = f.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&seen).contains(needle) {
+                return true;
+            }
+        }
+        false
+    });
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !reader.is_finished() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    reader.is_finished() && reader.join().unwrap_or(false)
+}
+
+/// Starts `media-worker --config cfg` on `listener` (handed over as fd 3
+/// by batond's exec shim, as batond does: the address is known without
+/// reading the log), with `envs`, stderr to `stderr`.
+pub fn spawn_worker_on(
+    worker: &str,
+    cfg: &Path,
+    listener: std::net::TcpListener,
+    envs: &[(&str, &str)],
+    stderr: Stdio,
+) -> tokio::process::Child {
+    tokio::process::Command::new(BATOND)
+        .arg(baton::process::SHIM_ARG)
+        .arg(std::process::id().to_string())
+        .arg("fd")
+        .arg("--")
+        .arg(worker)
+        .arg("--config")
+        .arg(cfg)
+        .envs(envs.iter().copied())
+        .env_remove("BATON_SOCKET")
+        .env_remove("BATON_SIGNATURE")
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener)))
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn media-worker")
+}

@@ -265,7 +265,6 @@ fn realtime_priority_above_99_is_refused_with_its_position() {
 /// logged once stderr takes lines again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_reader_that_stalls_does_not_stop_the_daemon() {
-    use std::io::Read;
     const NOISE: usize = 5000;
     let p = Project::python("", "");
     // Some 500 KB of output at the start of each worker, for its
@@ -321,26 +320,7 @@ async fn a_log_reader_that_stalls_does_not_stop_the_daemon() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Once stderr is read again, batond says what it dropped.
-    let reader = std::thread::spawn(move || {
-        let mut f = std::fs::File::from(read_end);
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 1 << 16];
-        while let Ok(n) = f.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            seen.extend_from_slice(&buf[..n]);
-            if String::from_utf8_lossy(&seen).contains("log lines in time") {
-                return true;
-            }
-        }
-        false
-    });
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !reader.is_finished() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let said = reader.is_finished() && reader.join().expect("reader");
+    let said = pipe_shows(read_end, "log lines in time").await;
     let status = d.stop().await;
     assert!(said, "batond did not report the dropped lines");
     assert!(status.success(), "{status:?}");

@@ -1525,59 +1525,27 @@ async fn callsim_flags_protocol_violations() {
 /// queue are dropped, and the count is logged once stderr takes lines again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_keeps_serving_when_nobody_reads_its_stderr() {
-    use std::io::Read;
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("media-worker.toml");
     std::fs::write(&cfg, "data_dir = \"data\"\ntts = \"tone\"\n").expect("config");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
-    // batond's exec shim hands the socket over as fd 3 (LISTEN_FDS), so the
-    // address is known without reading the log.
-    let mut child = tokio::process::Command::new(crate::support::BATOND)
-        .arg(baton::process::SHIM_ARG)
-        .arg(std::process::id().to_string())
-        .arg("fd")
-        .arg("--")
-        .arg(MEDIA_WORKER)
-        .arg("--config")
-        .arg(&cfg)
-        // At trace level every connection logs lines of its own (mio's).
-        .env("RUST_LOG", "trace")
-        .env_remove("BATON_SOCKET")
-        .env_remove("BATON_SIGNATURE")
-        .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener)))
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(write_end))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn media-worker");
+    // At trace level every connection logs lines of its own (mio's).
+    let mut child = crate::support::spawn_worker_on(
+        MEDIA_WORKER,
+        &cfg,
+        listener,
+        &[("RUST_LOG", "trace")],
+        Stdio::from(write_end),
+    );
     // 4,000 connections log some 8,000 lines: more than the pipe (about
     // 600 of them) and the queue (2,048) hold together.
     for i in 0..4000 {
         let r = http(addr, "GET", "/healthz", &[], b"").await;
         assert_eq!(r.status, 200, "request {i}");
     }
-    let reader = std::thread::spawn(move || {
-        let mut f = std::fs::File::from(read_end);
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 1 << 16];
-        while let Ok(n) = f.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            seen.extend_from_slice(&buf[..n]);
-            if String::from_utf8_lossy(&seen).contains("log lines in time") {
-                return true;
-            }
-        }
-        false
-    });
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !reader.is_finished() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let said = reader.is_finished() && reader.join().expect("reader");
+    let said = crate::support::pipe_shows(read_end, "log lines in time").await;
     if let Some(pid) = child.id() {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
@@ -1626,23 +1594,13 @@ async fn worker_kills_hung_speech_engines_and_falls_back() {
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let mut child = tokio::process::Command::new(crate::support::BATOND)
-        .arg(baton::process::SHIM_ARG)
-        .arg(std::process::id().to_string())
-        .arg("fd")
-        .arg("--")
-        .arg(MEDIA_WORKER)
-        .arg("--config")
-        .arg(&cfg)
-        .env("PATH", path)
-        .env_remove("BATON_SOCKET")
-        .env_remove("BATON_SIGNATURE")
-        .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener)))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn media-worker");
+    let mut child = crate::support::spawn_worker_on(
+        MEDIA_WORKER,
+        &cfg,
+        listener,
+        &[("PATH", &path)],
+        Stdio::null(),
+    );
     let r = http(addr, "GET", "/version", &[], b"").await;
     assert_eq!(r.status, 200);
     let v: Value = serde_json::from_slice(&r.body).expect("version JSON");
