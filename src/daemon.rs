@@ -87,6 +87,9 @@ pub async fn run(
         control_path.display()
     );
 
+    if let Some((from, to)) = crate::process::raise_fd_limit() {
+        tracing::info!(from, to, "open files limit raised from {from} to {to}");
+    }
     // The runtime's threads, before the watcher and the blocking pool start
     // theirs: the ones `realtime_priority` is for, now and on reload.
     crate::sched::note_threads();

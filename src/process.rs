@@ -325,3 +325,20 @@ pub fn shim_exec(args: &[OsString]) -> Result<std::convert::Infallible, ShimErro
     }
     Err(ShimError::Exec(cmd.exec()))
 }
+
+/// Raises this process's soft limit on open files to its hard limit, as
+/// nginx's `worker_rlimit_nofile` or Go's runtime do: every call through
+/// the proxy holds two descriptors (the caller's and the worker's), and the
+/// usual soft limit (1,024 under systemd) would refuse connections long
+/// before 1,000 calls. Children inherit the raised limit. Returns the soft
+/// limit before and after, or `None` when it was already the hard limit or
+/// could not be read or set.
+pub fn raise_fd_limit() -> Option<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft >= hard {
+        return None;
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).ok()?;
+    Some((soft, hard))
+}

@@ -193,6 +193,9 @@ pub async fn run(
         "listening on {addr}"
     );
 
+    if let Some((from, to)) = crate::process::raise_fd_limit() {
+        info!(from, to, "open files limit raised from {from} to {to}");
+    }
     tokio::spawn(crate::logging::report_dropped(
         std::time::Duration::from_secs(5),
         shutdown.clone(),

@@ -186,7 +186,18 @@ impl Daemon {
     /// waits until its control socket answers; the address comes from the
     /// status. [`Daemon::log`] is empty.
     pub async fn start_stderr(project: &Project, stderr: Stdio) -> Daemon {
-        let child = tokio::process::Command::new(BATOND)
+        Self::start_wrapped(project, &[], stderr).await
+    }
+
+    /// As [`Daemon::start_stderr`], with batond run by `wrapper` (a program
+    /// and its arguments that exec it, such as `prlimit`).
+    pub async fn start_wrapped(project: &Project, wrapper: &[&str], stderr: Stdio) -> Daemon {
+        let (program, before) = match wrapper.split_first() {
+            Some((p, rest)) => (*p, rest.iter().copied().chain([BATOND]).collect()),
+            None => (BATOND, Vec::new()),
+        };
+        let child = tokio::process::Command::new(program)
+            .args(before)
             .arg("--config")
             .arg(project.path("etc/baton.toml"))
             .env("BATON_LOG", "info")

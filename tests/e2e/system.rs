@@ -360,3 +360,33 @@ async fn a_worker_starts_with_default_signal_handling() {
     assert_eq!(mask(&status, "SigBlk:"), 0, "signals blocked: {status}");
     assert!(d.stop().await.success());
 }
+
+/// batond raises its soft limit on open files to the hard one (each call
+/// holds two descriptors; systemd's default soft limit is 1,024), and its
+/// worker inherits it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batond_raises_its_open_files_limit_for_many_calls() {
+    let p = Project::python("", "");
+    let d = Daemon::start_wrapped(&p, &["prlimit", "--nofile=256:4096", "--"], Stdio::null()).await;
+    let s = d.wait_active(1).await;
+    let soft_hard = |pid: u32| {
+        let limits = read(std::path::Path::new(&format!("/proc/{pid}/limits")));
+        limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .map(|l| {
+                l.split_whitespace()
+                    .skip(3)
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_else(|| panic!("no open files line in {limits}"))
+    };
+    assert_eq!(soft_hard(d.child.id().expect("pid")), "4096 4096");
+    assert_eq!(
+        soft_hard(s.active.and_then(|a| a.pid).expect("worker pid")),
+        "4096 4096"
+    );
+    assert!(d.stop().await.success());
+}
