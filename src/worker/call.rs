@@ -49,6 +49,11 @@ const STT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Protocol warnings logged per call; later ones are only counted.
 const LOGGED_WARNINGS: u64 = 20;
+/// Transcriptions one call may have running or waiting for a slot. Past
+/// that (a caller whose audio comes faster than it can be transcribed) an
+/// utterance is not transcribed: each waiting job holds a copy of its
+/// audio, and the slots are shared with every other call.
+const MAX_STT_JOBS: usize = 4;
 
 /// Something queued for the caller.
 enum Out {
@@ -560,7 +565,14 @@ impl Call {
         self.rec.utterances += 1;
         let n = self.rec.utterances;
         let stt = Arc::clone(&self.state.engines.stt);
-        if stt.available() {
+        if stt.available() && self.stt_jobs.len() >= MAX_STT_JOBS {
+            self.rec.stt_skipped += 1;
+            if self.rec.stt_skipped == 1 {
+                warn!(callSid = %self.call_sid, streamSid = %self.stream_sid, waiting = self.stt_jobs.len(), "transcriptions fall behind this call's speech; utterances are not transcribed until they catch up");
+            }
+            let t = self.t_ms();
+            self.rec.push_event(t, "stt_skipped", String::new());
+        } else if stt.available() {
             // Transcribe off the call loop, a few at a time process-wide, so
             // pacing and pings go on meanwhile; STT_FINAL lands later.
             let slots = Arc::clone(&self.state.engines.stt_slots);

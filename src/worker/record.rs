@@ -96,6 +96,9 @@ pub struct CallRecord {
     pub clears: u64,
     /// Utterances detected.
     pub utterances: u64,
+    /// Utterances not transcribed because this call's transcriptions had
+    /// fallen behind (see `MAX_STT_JOBS` in the call loop).
+    pub stt_skipped: u64,
     /// STT engine (`none` = no recogniser installed; no transcripts).
     pub stt_engine: String,
     /// One entry per utterance.

@@ -1690,3 +1690,92 @@ async fn worker_answers_a_callers_close_and_bounds_what_the_caller_sends() {
         .count();
     assert_eq!(logged, 20);
 }
+
+/// A call whose speech comes faster than it can be transcribed (here the
+/// recogniser hangs until its timeout) has at most a few transcriptions
+/// waiting; later utterances are counted as not transcribed, and every
+/// utterance is either transcribed (or failed) or counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_caps_the_transcriptions_a_call_has_waiting() {
+    use base64::Engine;
+    use std::os::unix::fs::PermissionsExt;
+    const UTTERANCES: u64 = 10;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).expect("bin dir");
+    let fake = bin.join("pocketsphinx_continuous");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\n[ \"$1\" = \"-h\" ] && exit 0\nexec sleep 600\n",
+    )
+    .expect("fake recogniser");
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let cfg = dir.path().join("media-worker.toml");
+    std::fs::write(
+        &cfg,
+        "data_dir = \"data\"\ntts = \"tone\"\nstt = \"pocketsphinx\"\nstt_concurrency = 1\nengine_timeout_ms = 500\n",
+    )
+    .expect("config");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut child = crate::support::spawn_worker_on(
+        MEDIA_WORKER,
+        &cfg,
+        listener,
+        &[("PATH", &path)],
+        Stdio::null(),
+    );
+    let frame = |pcm: &[i16]| {
+        let mut ulaw = Vec::new();
+        baton::twilio::mulaw::encode_into(pcm, &mut ulaw);
+        base64::engine::general_purpose::STANDARD.encode(ulaw)
+    };
+    let speech = frame(&baton::twilio::audio::tone(440.0, 20, 8000));
+    let silence = frame(&[0i16; 160]);
+    let mut ws = ws_connect(&format!("ws://{addr}/ws/twilio-media")).await;
+    ws.send(start_msg("MZstt", "CAstt")).await.expect("start");
+    let mut seq = 1u64;
+    for _ in 0..UTTERANCES {
+        // 200 ms of tone, then 600 ms of silence: one utterance each.
+        for payload in std::iter::repeat_n(&speech, 10).chain(std::iter::repeat_n(&silence, 30)) {
+            seq += 1;
+            let msg = serde_json::json!({"event": "media", "sequenceNumber": seq.to_string(),
+                "streamSid": "MZstt", "media": {"track": "inbound", "chunk": seq.to_string(),
+                "timestamp": (seq * 20).to_string(), "payload": payload}});
+            ws.send(Message::Text(msg.to_string().into()))
+                .await
+                .expect("media");
+        }
+    }
+    ws.send(stop_msg("MZstt", "CAstt")).await.expect("stop");
+    let calls = dir.path().join("data/calls");
+    let mut rec = None;
+    for _ in 0..600 {
+        let found = std::fs::read_dir(&calls)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .find(|e| e.file_name().to_string_lossy().ends_with(".json"));
+        if let Some(e) = found {
+            rec = Some(e.path());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rec: Value =
+        serde_json::from_str(&std::fs::read_to_string(rec.expect("call record")).expect("read"))
+            .expect("record JSON");
+    assert_eq!(rec["utterances"], UTTERANCES, "{rec}");
+    let skipped = rec["stt_skipped"].as_u64().expect("stt_skipped");
+    let transcribed = rec["transcript"].as_array().expect("transcript").len() as u64;
+    assert!(skipped >= 1, "{rec}");
+    assert!(transcribed <= 4, "{rec}");
+    assert_eq!(skipped + transcribed, UTTERANCES, "{rec}");
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
