@@ -1565,41 +1565,15 @@ async fn worker_keeps_serving_when_nobody_reads_its_stderr() {
 /// worker falls back to the tone greeting and no transcripts, and serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_kills_hung_speech_engines_and_falls_back() {
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("tempdir");
-    let bin = dir.path().join("bin");
-    std::fs::create_dir(&bin).expect("bin dir");
-    for program in ["espeak-ng", "pocketsphinx_continuous"] {
-        let script = bin.join(program);
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\necho $$ >> {}\nexec sleep 600\n",
-                dir.path().join("hung.pids").display()
-            ),
-        )
-        .expect("fake engine");
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    }
-    let cfg = dir.path().join("media-worker.toml");
-    std::fs::write(
-        &cfg,
-        "data_dir = \"data\"\ntts = \"auto\"\nstt = \"auto\"\nengine_timeout_ms = 300\n",
-    )
-    .expect("config");
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
+    let hang = format!(
+        "#!/bin/sh\necho $$ >> {}\nexec sleep 600\n",
+        dir.path().join("hung.pids").display()
     );
-    let mut child = crate::support::spawn_worker_on(
-        MEDIA_WORKER,
-        &cfg,
-        listener,
-        &[("PATH", &path)],
-        Stdio::null(),
+    let (addr, mut child) = worker_with_fake_engines(
+        dir.path(),
+        &[("espeak-ng", &hang), ("pocketsphinx_continuous", &hang)],
+        "data_dir = \"data\"\ntts = \"auto\"\nstt = \"auto\"\nengine_timeout_ms = 300\n",
     );
     let r = http(addr, "GET", "/version", &[], b"").await;
     assert_eq!(r.status, 200);
@@ -1698,37 +1672,15 @@ async fn worker_answers_a_callers_close_and_bounds_what_the_caller_sends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_caps_the_transcriptions_a_call_has_waiting() {
     use base64::Engine;
-    use std::os::unix::fs::PermissionsExt;
     const UTTERANCES: u64 = 10;
     let dir = tempfile::tempdir().expect("tempdir");
-    let bin = dir.path().join("bin");
-    std::fs::create_dir(&bin).expect("bin dir");
-    let fake = bin.join("pocketsphinx_continuous");
-    std::fs::write(
-        &fake,
-        "#!/bin/sh\n[ \"$1\" = \"-h\" ] && exit 0\nexec sleep 600\n",
-    )
-    .expect("fake recogniser");
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let cfg = dir.path().join("media-worker.toml");
-    std::fs::write(
-        &cfg,
+    let (addr, mut child) = worker_with_fake_engines(
+        dir.path(),
+        &[(
+            "pocketsphinx_continuous",
+            "#!/bin/sh\n[ \"$1\" = \"-h\" ] && exit 0\nexec sleep 600\n",
+        )],
         "data_dir = \"data\"\ntts = \"tone\"\nstt = \"pocketsphinx\"\nstt_concurrency = 1\nengine_timeout_ms = 500\n",
-    )
-    .expect("config");
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let mut child = crate::support::spawn_worker_on(
-        MEDIA_WORKER,
-        &cfg,
-        listener,
-        &[("PATH", &path)],
-        Stdio::null(),
     );
     let frame = |pcm: &[i16]| {
         let mut ulaw = Vec::new();
@@ -1778,4 +1730,39 @@ async fn worker_caps_the_transcriptions_a_call_has_waiting() {
     assert_eq!(skipped + transcribed, UTTERANCES, "{rec}");
     let _ = child.start_kill();
     let _ = child.wait().await;
+}
+
+/// media-worker in `dir` with `config`, on a socket handed over (its
+/// address returned), with `engines` (program name, shell script) first on
+/// its `PATH` in place of the real speech engines.
+fn worker_with_fake_engines(
+    dir: &Path,
+    engines: &[(&str, &str)],
+    config: &str,
+) -> (SocketAddr, tokio::process::Child) {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("bin");
+    std::fs::create_dir(&bin).expect("bin dir");
+    for (program, script) in engines {
+        let path = bin.join(program);
+        std::fs::write(&path, script).expect("fake engine");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let cfg = dir.join("media-worker.toml");
+    std::fs::write(&cfg, config).expect("config");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let child = crate::support::spawn_worker_on(
+        MEDIA_WORKER,
+        &cfg,
+        listener,
+        &[("PATH", &path)],
+        Stdio::null(),
+    );
+    (addr, child)
 }
