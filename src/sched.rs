@@ -78,9 +78,9 @@ pub fn set_thread(tid: u32, priority: u8) -> io::Result<()> {
     Err(io::Error::other(format!("{what}: {said}{hint}")))
 }
 
-/// The threads of this process now, but the log writer's and the systemd
-/// notifier's: they block on other processes and move no frames (see
-/// [`crate::logging`], [`crate::systemd`]).
+/// The threads of this process now, but the log writer's: it blocks on
+/// stderr and moves no frames (see [`crate::logging`]). (Threads started
+/// after [`note_threads`], such as the systemd notifier's, are never set.)
 fn threads() -> io::Result<Vec<u32>> {
     let mut tids = Vec::new();
     for entry in std::fs::read_dir("/proc/self/task")? {
@@ -89,8 +89,7 @@ fn threads() -> io::Result<Vec<u32>> {
             continue;
         };
         let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-        let name = name.trim_end();
-        if name != crate::logging::WRITER_THREAD && name != crate::systemd::NOTIFY_THREAD {
+        if name.trim_end() != crate::logging::WRITER_THREAD {
             tids.push(tid);
         }
     }

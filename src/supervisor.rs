@@ -1306,15 +1306,11 @@ fn remove_gen_dir(state_dir: &std::path::Path, id: u64) {
         }
         return;
     }
-    let remove = move || {
+    drop(tokio::task::spawn_blocking(move || {
         if let Err(e) = std::fs::remove_dir_all(&trash) {
             tracing::warn!(dir = %trash.display(), error = %e, "cannot remove an old generation");
         }
-    };
-    match tokio::runtime::Handle::try_current() {
-        Ok(rt) => drop(rt.spawn_blocking(remove)),
-        Err(_) => remove(),
-    }
+    }));
 }
 
 /// The blocking part of a reload: reads and checks the file, keeps what

@@ -10,8 +10,8 @@ use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
 /// The name of the thread that sends to systemd's notify socket. It blocks
-/// when systemd does not read and moves no traffic: [`crate::sched`] leaves
-/// it at normal scheduling.
+/// when systemd does not read and moves no traffic; it starts after
+/// [`crate::sched::note_threads`], so it keeps normal scheduling.
 pub const NOTIFY_THREAD: &str = "sd-notify";
 
 /// Messages queued for the notify thread; more are dropped (systemd is not

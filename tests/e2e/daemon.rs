@@ -283,12 +283,7 @@ async fn one_config_save_is_one_reload_and_one_deploy() {
         .expect("append");
     // Generation 2 becomes active with no further candidate behind it.
     d.wait_active(2).await;
-    let out = d.ctl(&["deploy", "--wait"]).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    d.deploy().await;
     let s = d.wait_active(3).await;
     assert!(s.config_error.is_none(), "{:?}", s.config_error);
     let log = d.log();
@@ -454,12 +449,7 @@ async fn control_socket_metrics_logs_and_restart() {
     assert_eq!(a.id, 1);
     assert_ne!(a.pid, Some(pid1));
     assert!(wait_gone(pid1).await);
-    let out = d.ctl(&["deploy", "--wait"]).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    d.deploy().await;
     assert_eq!(d.status().await.active.map(|a| a.id), Some(2));
     // Unknown routes get a JSON 404; malformed HTTP on the public port, a 400.
     let (code, _) = baton::control::client::call_text(&d.socket, http::Method::GET, "/nope")
@@ -602,12 +592,7 @@ async fn a_notify_socket_nobody_reads_does_not_stop_the_daemon() {
     .await;
     d.wait_active(1).await;
     for g in 2..=4 {
-        let out = d.ctl(&["deploy", "--wait"]).await;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        d.deploy().await;
         d.wait_active(g).await;
         assert_eq!(whoami(d.addr).await.0, g);
     }
@@ -713,12 +698,7 @@ async fn history_and_generation_folders_stay_bounded() {
     let d = Daemon::start(&p).await;
     d.wait_active(1).await;
     for _ in 0..5 {
-        let out = d.ctl(&["deploy", "--wait"]).await;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        d.deploy().await;
     }
     let s = d
         .wait_for("old generations stopped", |s| {

@@ -324,6 +324,16 @@ impl Daemon {
         .expect("batonctl runs")
     }
 
+    /// `batonctl deploy --wait`, which must succeed.
+    pub async fn deploy(&self) {
+        let out = self.ctl(&["deploy", "--wait"]).await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub async fn stop(mut self) -> std::process::ExitStatus {
         if let Some(pid) = self.child.id() {

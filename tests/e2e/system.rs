@@ -281,12 +281,7 @@ async fn a_log_reader_that_stalls_does_not_stop_the_daemon() {
     // each worker's output into its own log: three generations' noise is
     // more than the pipe and the log queue (2,048 lines) hold.
     for g in 2..=3 {
-        let out = d.ctl(&["deploy", "--wait"]).await;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        d.deploy().await;
         assert_eq!(whoami(d.addr).await.0, g);
     }
     let (code, body) = baton::control::client::call_text(&d.socket, http::Method::GET, "/metrics")
