@@ -7,7 +7,7 @@
   lib.py active-pid SOCKET              the active generation's worker pid
   lib.py active-port SOCKET             the active generation's worker port (tcp)
   lib.py wrk FILE                       wrk --latency output -> JSON (rps, p99_ms, non2xx, socket errors)
-  lib.py rss PID OUT SECONDS            samples VmRSS every 0.2 s; writes max kB to OUT (stops when OUT.stop exists)
+  lib.py rss PID OUT SECONDS            samples VmRSS every 0.2 s (OUT.ready once it runs); writes max kB to OUT (stops when OUT.stop exists)
   lib.py savelat SOCKET FILE N OUT      N saves of FILE, save -> cutover minus build time, JSON to OUT
   lib.py table RESULTS_DIR              the markdown table
 """
@@ -122,6 +122,9 @@ def rss(pid, out, seconds):
                     anon = max(anon, int(line.split()[1]))
         except OSError:
             break
+        if not os.path.exists(out + ".ready"):
+            # The interpreter has started: the load may begin.
+            open(out + ".ready", "w").close()
         time.sleep(0.2)
     with open(out, "w") as f:
         f.write(f"{best} {anon}\n")
@@ -289,8 +292,8 @@ def table(d):
         extra = ""
         if rss.get(k + "_anon"):
             extra = f" (anonymous {rss[k + '_anon'] / 1024:.1f} MB; the rest is the mapped executable and libc)"
-        if k == "idle" and rss.get("nginx_worker"):
-            extra += f"; nginx worker {rss['nginx_worker'] / 1024:.1f} MB, HAProxy {rss.get('haproxy', 0) / 1024:.1f} MB, after load"
+        if k == "load" and rss.get("nginx_worker"):
+            extra += f"; nginx worker {rss['nginx_worker'] / 1024:.1f} MB, HAProxy {rss.get('haproxy', 0) / 1024:.1f} MB, under the same load"
         rows.append((f"4. batond RSS {label}", f"{fmt(mb, 1)} MB{extra}", "< 8 MB", verdict(None if mb is None else mb < 8)))
 
     mu = load(d, "mulaw.json") or {}
