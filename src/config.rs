@@ -279,18 +279,55 @@ pub struct RestartConfig {
 #[derive(Debug, Clone, Default)]
 pub struct IgnoreSet {
     globs: Vec<glob::Pattern>,
+    /// For each glob of the form `P/**` (everything under P), the glob P:
+    /// a folder it matches is not watched at all.
+    dirs: Vec<glob::Pattern>,
 }
 
+const MATCH: glob::MatchOptions = glob::MatchOptions {
+    case_sensitive: true,
+    require_literal_separator: true,
+    require_literal_leading_dot: false,
+};
+
 impl IgnoreSet {
+    /// Compiles `patterns`.
+    ///
+    /// # Errors
+    /// Each pattern that is not a valid glob, with the reason.
+    pub fn new<S: AsRef<str>>(
+        patterns: &[S],
+    ) -> Result<IgnoreSet, Vec<(String, glob::PatternError)>> {
+        let mut set = IgnoreSet::default();
+        let mut bad = Vec::new();
+        for pat in patterns {
+            let pat = pat.as_ref();
+            match glob::Pattern::new(pat) {
+                Ok(g) => set.globs.push(g),
+                Err(e) => bad.push((pat.to_string(), e)),
+            }
+            if let Some(dir) = pat.strip_suffix("/**")
+                && !dir.is_empty()
+                && dir != "**"
+                && let Ok(g) = glob::Pattern::new(dir)
+            {
+                set.dirs.push(g);
+            }
+        }
+        if bad.is_empty() { Ok(set) } else { Err(bad) }
+    }
+
     /// Whether `path` matches any glob (`*` stays within one path segment,
     /// `**` spans any number of them).
     pub fn is_match(&self, path: &Path) -> bool {
-        let opts = glob::MatchOptions {
-            case_sensitive: true,
-            require_literal_separator: true,
-            require_literal_leading_dot: false,
-        };
-        self.globs.iter().any(|g| g.matches_path_with(path, opts))
+        self.globs.iter().any(|g| g.matches_path_with(path, MATCH))
+    }
+
+    /// Whether everything under the folder `dir` is ignored: a glob matches
+    /// the folder itself, or is `P/**` with P matching it. Such a folder is
+    /// not watched, nor is anything in it.
+    pub fn prunes(&self, dir: &Path) -> bool {
+        self.is_match(dir) || self.dirs.iter().any(|g| g.matches_path_with(dir, MATCH))
     }
 }
 
@@ -548,14 +585,15 @@ impl Validator<'_> {
             .watch
             .ignore
             .unwrap_or_else(|| DEFAULT_IGNORE.iter().map(|s| s.to_string()).collect());
-        let mut globs = Vec::new();
-        for pat in &ignore_patterns {
-            match glob::Pattern::new(pat) {
-                Ok(g) => globs.push(g),
-                Err(e) => self.issue("watch", "ignore", format!("bad glob `{pat}`: {e}")),
+        let ignore = match IgnoreSet::new(&ignore_patterns) {
+            Ok(set) => set,
+            Err(bad) => {
+                for (pat, e) in bad {
+                    self.issue("watch", "ignore", format!("bad glob `{pat}`: {e}"));
+                }
+                IgnoreSet::default()
             }
-        }
-        let ignore = IgnoreSet { globs };
+        };
         let paths = raw
             .watch
             .paths

@@ -243,8 +243,10 @@ pub fn spawn(
         &cfg.watch.paths,
         &cfg.file,
         cfg.watch.ignore.clone(),
+        &unwatched(&cfg),
         change_tx.clone(),
     )?;
+    tracing::info!(folders = watcher.folders(), "watching the sources");
     {
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -1032,6 +1034,7 @@ impl Supervisor {
         self.reload_running = false;
         let result = match prepared {
             Ok((new, w)) => {
+                tracing::info!(folders = w.folders(), "watching the sources");
                 self.watcher = Some(w);
                 self.proxy
                     .set_timeouts(new.daemon.hold_timeout, new.daemon.header_timeout);
@@ -1316,6 +1319,15 @@ fn remove_gen_dir(state_dir: &std::path::Path, id: u64) {
 /// The blocking part of a reload: reads and checks the file, keeps what
 /// only moves at the next daemon start, watches the new paths, and sets a
 /// changed `realtime_priority`.
+/// What is never watched: the state folder, where every deploy writes its
+/// logs (under a watched folder it would start a build after each deploy),
+/// unless the config watches a path inside it by name.
+fn unwatched(cfg: &Config) -> Vec<PathBuf> {
+    let mut skip = vec![cfg.daemon.state_dir.clone()];
+    skip.retain(|s| !cfg.watch.paths.iter().any(|p| p.starts_with(s)));
+    skip
+}
+
 fn prepare_reload(
     old: &Config,
     overrides: &Overrides,
@@ -1346,6 +1358,7 @@ fn prepare_reload(
         &new.watch.paths,
         &new.file,
         new.watch.ignore.clone(),
+        &unwatched(&new),
         change_tx,
     )
     .map_err(|e| e.to_string())?;

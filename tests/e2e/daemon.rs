@@ -77,7 +77,7 @@ async fn failed_build_keeps_the_old_worker() {
     assert!(reason.contains("build failed: code 2"), "{reason}");
     assert!(reason.contains("error: the source is broken"), "{reason}");
     let s = d.status().await;
-    assert_eq!(s.active.map(|a| a.id), Some(1));
+    assert_eq!(s.active.as_ref().map(|a| a.id), Some(1));
     assert_eq!(whoami(d.addr).await.0, 1);
     assert!(read(&p.path("state/gen-0002/build.log")).contains("the source is broken"));
     // `batonctl deploy --wait` reports the failure with a non-zero exit.
@@ -241,7 +241,7 @@ async fn bad_config_on_reload_keeps_the_running_one() {
         .expect("line")
         + 1;
     assert!(err.contains(&format!(":{line}:1")), "{err}");
-    assert_eq!(s.active.map(|a| a.id), Some(1));
+    assert_eq!(s.active.as_ref().map(|a| a.id), Some(1));
     assert_eq!(whoami(d.addr).await.0, 1);
     // batonctl reload says why, with a non-zero exit.
     let out = d.ctl(&["reload"]).await;
@@ -403,6 +403,80 @@ async fn edit_storm_builds_at_most_twice() {
     let active = s.active.expect("active");
     let snap = read(&p.path(&format!("state/gen-{:04}/pyworker.py", active.id)));
     assert!(snap.contains("# save 49"), "latest wins");
+}
+
+/// The inotify watches `pid` holds.
+fn inotify_watches(pid: u32) -> usize {
+    let mut n = 0;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .flatten()
+    {
+        let is_inotify =
+            std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy().contains("inotify"));
+        if is_inotify {
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            n += info
+                .lines()
+                .filter(|l| l.starts_with("inotify wd:"))
+                .count();
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignored_folders_are_not_watched_and_new_folders_are() {
+    let p = Project::python("", "");
+    p.edit(
+        "etc/baton.toml",
+        r#"paths = ["src"]"#,
+        r#"paths = ["."]
+ignore = ["**/target/**", "**/node_modules/**", "**/*.swp"]"#,
+    );
+    // A build tree and a package tree: 400 folders no watch should cover.
+    for i in 0..200 {
+        std::fs::create_dir_all(p.path(&format!("target/debug/deps/d{i}/x"))).expect("mkdir");
+    }
+    for i in 0..200 {
+        p.write(&format!("node_modules/pkg{i}/index.js"), "//\n");
+    }
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    let pid = d.child.id().expect("pid");
+    // The project folder, etc/ and src/; not the state folder either.
+    let watches = inotify_watches(pid);
+    assert!(watches <= 4, "{watches} inotify watches for 3 folders");
+
+    // Writes in ignored folders, and in the state folder, start no build.
+    p.write("target/debug/deps/d7/x/app.o", "obj");
+    p.write("node_modules/pkg3/index.js", "// changed\n");
+    std::fs::create_dir_all(p.path("target/release/new")).expect("mkdir");
+    p.write("state/notes.txt", "x");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let s = d.status().await;
+    assert_eq!(s.active.as_ref().map(|a| a.id), Some(1));
+    assert!(s.candidate.is_none() && !s.deploy_pending, "{s:?}");
+    assert_eq!(
+        inotify_watches(pid),
+        watches,
+        "no watch for ignored folders"
+    );
+
+    // A folder made after start is watched, down to its new subfolders.
+    p.write("src/a/b/c/extra.py", "# 1\n");
+    d.wait_active(2).await;
+    assert_eq!(
+        inotify_watches(pid),
+        watches + 3,
+        "src/a, src/a/b, src/a/b/c"
+    );
+    p.append("src/a/b/c/extra.py", "# 2\n");
+    d.wait_active(3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
