@@ -477,6 +477,19 @@ ignore = ["**/target/**", "**/node_modules/**", "**/*.swp"]"#,
     );
     p.append("src/a/b/c/extra.py", "# 2\n");
     d.wait_active(3).await;
+    // Removed and made again (a branch switch): watched again.
+    std::fs::remove_dir_all(p.path("src/a")).expect("rm -r");
+    d.wait_active(4).await;
+    assert_eq!(
+        inotify_watches(pid),
+        watches,
+        "watches of removed folders gone"
+    );
+    p.write("src/a/b/again.py", "# 1\n");
+    d.wait_active(5).await;
+    p.append("src/a/b/again.py", "# 2\n");
+    d.wait_active(6).await;
+    assert_eq!(inotify_watches(pid), watches + 2, "src/a, src/a/b");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
