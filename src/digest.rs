@@ -12,7 +12,8 @@ use sha2::{Digest, Sha256};
 /// The I/O error of a read.
 pub fn sha256_reader(mut r: impl Read) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
+    // On the stack, not the heap (see `worker_proc::snapshot`).
+    let mut buf = [0u8; 16 * 1024];
     loop {
         let n = r.read(&mut buf)?;
         if n == 0 {

@@ -300,6 +300,8 @@ fn spawn_follower(
                 let Ok(mut w) = inner.lock() else { return };
                 match watch_tree(&mut w, &path, &filter) {
                     Ok(_) => {}
+                    // Made and removed at once (a tool's temporary folder).
+                    Err(_) if !path.exists() => {}
                     Err(e) => tracing::warn!(error = %e, "a new folder is not watched"),
                 }
             }

@@ -114,6 +114,9 @@ pub fn last_line(path: &Path) -> Option<String> {
     Some(pick.chars().take(240).collect())
 }
 
+/// The chunk a snapshot is copied and hashed in.
+const COPY_BUF: usize = 16 * 1024;
+
 /// Copies the artifact into the generation's folder, hashing it on the way.
 /// Returns the snapshot path and its SHA-256 (hex).
 ///
@@ -140,7 +143,12 @@ pub async fn snapshot(artifact: &Path, dir: &Path) -> Result<(PathBuf, String), 
         let mut out =
             std::fs::File::create(&tmp).map_err(|e| format!("snapshot {}: {e}", tmp.display()))?;
         let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
+        // Small and on the stack: the 256 KiB heap buffer this was would
+        // be mapped and unmapped, which makes glibc's malloc raise its
+        // thresholds and keep such buffers in each blocking thread's arena
+        // for good (0.26 MB per arena; `batond` at 8.3 MB instead of 7.6
+        // after 30 deploys under load).
+        let mut buf = [0u8; COPY_BUF];
         loop {
             let n = src
                 .read(&mut buf)
