@@ -1316,9 +1316,6 @@ fn remove_gen_dir(state_dir: &std::path::Path, id: u64) {
     }));
 }
 
-/// The blocking part of a reload: reads and checks the file, keeps what
-/// only moves at the next daemon start, watches the new paths, and sets a
-/// changed `realtime_priority`.
 /// What is never watched: the state folder, where every deploy writes its
 /// logs (under a watched folder it would start a build after each deploy),
 /// unless the config watches a path inside it by name.
@@ -1328,6 +1325,9 @@ fn unwatched(cfg: &Config) -> Vec<PathBuf> {
     skip
 }
 
+/// The blocking part of a reload: reads and checks the file, keeps what
+/// only moves at the next daemon start, watches the new paths, and sets a
+/// changed `realtime_priority`.
 fn prepare_reload(
     old: &Config,
     overrides: &Overrides,

@@ -96,6 +96,45 @@ pub fn read_tail(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
     Ok(tail)
 }
 
+/// Where the last `lines` lines of `f` start, looking back at most
+/// `max_bytes` from its end (then there), and where it ends (its length
+/// now). Reads backwards 16 KiB at a time: the tail is found without
+/// holding it in memory. The file's final newline ends its last line.
+///
+/// # Errors
+/// The I/O error of a read.
+pub fn tail_start(
+    f: &mut std::fs::File,
+    lines: usize,
+    max_bytes: u64,
+) -> std::io::Result<(u64, u64)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = f.metadata()?.len();
+    if lines == 0 {
+        return Ok((len, len));
+    }
+    let floor = len.saturating_sub(max_bytes);
+    let mut buf = [0u8; 16 * 1024];
+    let (mut end, mut found) = (len, 0);
+    while end > floor {
+        let start = end.saturating_sub(buf.len() as u64).max(floor);
+        let chunk = &mut buf[..usize::try_from(end - start).unwrap_or(0)];
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(chunk)?;
+        for (i, b) in chunk.iter().enumerate().rev() {
+            let at = start + i as u64;
+            if *b == b'\n' && at + 1 != len {
+                found += 1;
+                if found == lines {
+                    return Ok((at + 1, len));
+                }
+            }
+        }
+        end = start;
+    }
+    Ok((floor, len))
+}
+
 /// The last line of a log worth quoting in a reason: the last one that
 /// mentions an error, else the last non-empty one.
 pub fn last_line(path: &Path) -> Option<String> {
@@ -707,6 +746,41 @@ impl RotatingLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `tail_start` cuts from a file holding `text`.
+    fn tail(text: &[u8], lines: usize, max_bytes: u64) -> Vec<u8> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log");
+        std::fs::write(&path, text).expect("write");
+        let mut f = std::fs::File::open(&path).expect("open");
+        let (start, end) = tail_start(&mut f, lines, max_bytes).expect("tail");
+        assert_eq!(end, text.len() as u64);
+        text[usize::try_from(start).expect("start")..].to_vec()
+    }
+
+    #[test]
+    fn the_tail_of_a_log_is_found_from_its_end() {
+        assert_eq!(tail(b"a\nb\nc\n", 2, 1 << 20), b"b\nc\n");
+        assert_eq!(tail(b"a\nb\nc", 2, 1 << 20), b"b\nc", "no final newline");
+        assert_eq!(
+            tail(b"a\nb\n", 5, 1 << 20),
+            b"a\nb\n",
+            "fewer lines than asked"
+        );
+        assert_eq!(tail(b"a\nb\n", 0, 1 << 20), b"");
+        assert_eq!(tail(b"", 3, 1 << 20), b"");
+        assert_eq!(tail(b"\n\n\n", 2, 1 << 20), b"\n\n", "empty lines count");
+        // Lines longer than the 16 KiB it reads at a time.
+        let long = |c: u8| {
+            let mut l = vec![c; 40_000];
+            l.push(b'\n');
+            l
+        };
+        let text = [long(b'x'), long(b'y'), long(b'z')].concat();
+        assert_eq!(tail(&text, 2, 1 << 20), [long(b'y'), long(b'z')].concat());
+        // Never more than `max_bytes` back.
+        assert_eq!(tail(&text, 3, 1000).len(), 1000);
+    }
 
     #[tokio::test]
     async fn worker_output_that_is_not_utf8_or_has_no_newline_is_kept_in_bounded_lines() {

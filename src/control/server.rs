@@ -212,23 +212,22 @@ async fn logs(req: &Request<Incoming>, job: &Job, state_dir: &Path) -> Response<
         }
     };
     let path = gen_dir(state_dir, generation).join(format!("{kind}.log"));
-    // At most the last 8 MiB: enough for any sensible line count. Read and
-    // cut on the blocking pool: megabytes of text are not the runtime
-    // thread's work.
-    let read = tokio::task::spawn_blocking(move || {
-        crate::worker_proc::read_tail(&path, 8 << 20).map(|bytes| {
-            let text = String::from_utf8_lossy(&bytes);
-            let all: Vec<&str> = text.lines().collect();
-            let mut tail = all[all.len().saturating_sub(lines)..].join("\n");
-            tail.push('\n');
-            tail
-        })
+    // Where the last `lines` lines start (looking back at most 8 MiB),
+    // found on the blocking pool; from there the file is streamed as it
+    // is read. Never the whole tail in memory: a buffer of megabytes,
+    // once freed, would stay in batond's heap for good.
+    let opened = tokio::task::spawn_blocking(move || {
+        use std::io::{Seek, SeekFrom};
+        let mut f = std::fs::File::open(&path)?;
+        let (start, end) = crate::worker_proc::tail_start(&mut f, lines, 8 << 20)?;
+        f.seek(SeekFrom::Start(start))?;
+        Ok::<_, std::io::Error>((f, end - start))
     })
     .await
     .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-    match read {
-        Ok(tail) => {
-            let mut resp = Response::new(full(tail));
+    match opened {
+        Ok((file, len)) => {
+            let mut resp = Response::new(stream_file(file, len));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -240,6 +239,23 @@ async fn logs(req: &Request<Incoming>, job: &Job, state_dir: &Path) -> Response<
             &format!("generation {generation} has no {kind} log: {e}"),
         ),
     }
+}
+
+/// A body of the next `len` bytes of `file`, read 16 KiB at a time as the
+/// client takes them.
+fn stream_file(file: std::fs::File, len: u64) -> ProxyBody {
+    use tokio::io::AsyncReadExt;
+    let reader = tokio::fs::File::from_std(file).take(len);
+    let stream = futures_util::stream::unfold(Some(reader), |reader| async move {
+        let mut reader = reader?;
+        let mut buf = bytes::BytesMut::with_capacity(16 * 1024);
+        match reader.read_buf(&mut buf).await {
+            Ok(0) => None,
+            Ok(_) => Some((Ok(Frame::data(buf.freeze())), Some(reader))),
+            Err(e) => Some((Err(BoxError::from(e)), None)),
+        }
+    });
+    StreamBody::new(stream).boxed_unsync()
 }
 
 fn events(job: &Job, token: CancellationToken) -> Response<ProxyBody> {

@@ -522,6 +522,12 @@ async fn control_socket_metrics_logs_and_restart() {
     assert!(text.contains("baton_requests_total "), "{text}");
     let out = d.ctl(&["logs", "-n", "50"]).await;
     assert!(String::from_utf8_lossy(&out.stdout).contains("listening on"));
+    // Exactly the file's last lines, streamed from where they start.
+    let file = read(&p.path("state/gen-0001/worker.log"));
+    let last2: Vec<&str> = file.lines().rev().take(2).collect();
+    let out = d.ctl(&["logs", "-n", "2"]).await;
+    let got = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(got, format!("{}\n{}\n", last2[1], last2[0]));
     let out = d.ctl(&["status", "--json"]).await;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["active"]["id"], 1);
