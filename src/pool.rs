@@ -26,6 +26,12 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Idle connections kept per worker.
 const MAX_IDLE: usize = 256;
+/// The most a connection buffers, each way, on either side of the proxy
+/// (hyper's default is about 400 KiB): a request head larger than this
+/// gets 431, as nginx and HAProxy refuse heads of 8-16 KiB. Below glibc's
+/// 128 KiB mmap threshold, so a buffer that grew for a large head or body
+/// never leaves malloc keeping buffers that size for good.
+pub const MAX_BUF: usize = 64 * 1024;
 /// How long a connect to a loopback worker may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -192,6 +198,7 @@ impl Pool {
             .map_err(SendError::Connect)?;
         let (sender, conn) = http1::Builder::new()
             .writev(false)
+            .max_buf_size(MAX_BUF)
             .handshake(TokioIo::new(stream))
             .await?;
         Ok(UpstreamConn {

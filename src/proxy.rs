@@ -137,7 +137,8 @@ impl Proxy {
         builder
             .keep_alive(true)
             .writev(false)
-            .header_read_timeout(None);
+            .header_read_timeout(None)
+            .max_buf_size(crate::pool::MAX_BUF);
         let conns = TaskTracker::new();
         loop {
             let (stream, peer) = tokio::select! {

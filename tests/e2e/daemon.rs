@@ -563,6 +563,29 @@ async fn control_socket_metrics_logs_and_restart() {
         "{}",
         String::from_utf8_lossy(&buf)
     );
+    // A head of 30 KB goes through; one of 300 KB (ten 30 KB headers,
+    // each one the worker would take) gets 431 from the proxy.
+    let head = |n: usize| {
+        let mut h = String::from("GET /whoami HTTP/1.1\r\nHost: t\r\nConnection: close\r\n");
+        for i in 0..n {
+            h.push_str(&format!("X-Big-{i}: {}\r\n", "v".repeat(30_000)));
+        }
+        h + "\r\n"
+    };
+    for (n, status) in [(1, "HTTP/1.1 200"), (10, "HTTP/1.1 431")] {
+        let mut raw = tokio::net::TcpStream::connect(d.addr)
+            .await
+            .expect("connect");
+        raw.write_all(head(n).as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(PATIENCE, raw.read_to_end(&mut buf)).await;
+        let text = String::from_utf8_lossy(&buf);
+        assert!(
+            text.starts_with(status),
+            "{n} headers: {}",
+            &text[..text.len().min(200)]
+        );
+    }
     assert_eq!(
         d.get("/healthz").await.0,
         StatusCode::OK,
