@@ -300,11 +300,20 @@ impl IgnoreSet {
     ) -> Result<IgnoreSet, Vec<(String, glob::PatternError)>> {
         let mut set = IgnoreSet::default();
         let mut bad = Vec::new();
-        for pat in patterns {
-            let pat = pat.as_ref();
+        for written in patterns {
+            let written = written.as_ref();
+            // `P/` (as in .gitignore): the folder P and all in it.
+            let folder;
+            let pat = match written.strip_suffix('/') {
+                Some(p) if !p.is_empty() => {
+                    folder = format!("{p}/**");
+                    folder.as_str()
+                }
+                _ => written,
+            };
             match glob::Pattern::new(pat) {
                 Ok(g) => set.globs.push(g),
-                Err(e) => bad.push((pat.to_string(), e)),
+                Err(e) => bad.push((written.to_string(), e)),
             }
             if let Some(dir) = pat.strip_suffix("/**")
                 && !dir.is_empty()

@@ -334,7 +334,10 @@ mod tests {
     #[test]
     fn classifies_what_is_watched_and_not_ignored() {
         let root = Path::new("/srv/app");
-        let f = filter(root, &["**/target/**", "**/node_modules", "**/*.swp"]);
+        let f = filter(
+            root,
+            &["**/target/**", "**/node_modules", "**/*.swp", "**/dist/"],
+        );
         let src = |p: &str| Some(Change::Source(PathBuf::from(p)));
         assert_eq!(f.classify(&root.join("src/main.rs")), src("src/main.rs"));
         assert_eq!(
@@ -349,6 +352,13 @@ mod tests {
         assert_eq!(f.classify(&root.join("web/node_modules")), None);
         assert_eq!(f.classify(&root.join("web/node_modules/a/b.js")), None);
         assert_eq!(f.classify(&root.join("src/.main.rs.swp")), None);
+        // `P/`, as in .gitignore: the folder and all in it.
+        assert_eq!(f.classify(&root.join("web/dist")), None);
+        assert_eq!(f.classify(&root.join("web/dist/app.js")), None);
+        assert_eq!(
+            f.classify(&root.join("web/distant.js")),
+            src("web/distant.js")
+        );
         // The state folder, whatever the globs.
         assert_eq!(f.classify(&root.join("state/gen-0001/worker.log")), None);
         assert_eq!(f.classify(&root.join("stateful.rs")), src("stateful.rs"));
