@@ -238,15 +238,7 @@ pub fn spawn(
     let (wtx, mut wrx) = mpsc::unbounded_channel();
     let (change_tx, mut change_rx) = mpsc::unbounded_channel();
     let events = Events::default();
-    let watcher = watch::watch(
-        &cfg.daemon.root,
-        &cfg.watch.paths,
-        &cfg.file,
-        cfg.watch.ignore.clone(),
-        &unwatched(&cfg),
-        change_tx.clone(),
-    )?;
-    tracing::info!(folders = watcher.folders(), "watching the sources");
+    let watcher = watch_sources(&cfg, change_tx.clone())?;
     {
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -1034,7 +1026,6 @@ impl Supervisor {
         self.reload_running = false;
         let result = match prepared {
             Ok((new, w)) => {
-                tracing::info!(folders = w.folders(), "watching the sources");
                 self.watcher = Some(w);
                 self.proxy
                     .set_timeouts(new.daemon.hold_timeout, new.daemon.header_timeout);
@@ -1316,13 +1307,30 @@ fn remove_gen_dir(state_dir: &std::path::Path, id: u64) {
     }));
 }
 
-/// What is never watched: the state folder, where every deploy writes its
-/// logs (under a watched folder it would start a build after each deploy),
-/// unless the config watches a path inside it by name.
-fn unwatched(cfg: &Config) -> Vec<PathBuf> {
-    let mut skip = vec![cfg.daemon.state_dir.clone()];
-    skip.retain(|s| !cfg.watch.paths.iter().any(|p| p.starts_with(s)));
-    skip
+/// Watches what `cfg` names, and the config file. Never the state folder,
+/// where every deploy writes its logs (under a watched folder it would
+/// start a build after each deploy), unless the config watches a path
+/// inside it by name.
+fn watch_sources(
+    cfg: &Config,
+    change_tx: mpsc::UnboundedSender<Change>,
+) -> Result<watch::Watcher, watch::WatchError> {
+    let state = &cfg.daemon.state_dir;
+    let skip = if cfg.watch.paths.iter().any(|p| p.starts_with(state)) {
+        Vec::new()
+    } else {
+        vec![state.clone()]
+    };
+    let w = watch::watch(
+        &cfg.daemon.root,
+        &cfg.watch.paths,
+        &cfg.file,
+        cfg.watch.ignore.clone(),
+        &skip,
+        change_tx,
+    )?;
+    tracing::info!(folders = w.folders(), "watching the sources");
+    Ok(w)
 }
 
 /// The blocking part of a reload: reads and checks the file, keeps what
@@ -1353,15 +1361,7 @@ fn prepare_reload(
     }
     new.daemon.control_socket = old.daemon.control_socket.clone();
     new.daemon.state_dir = old.daemon.state_dir.clone();
-    let w = watch::watch(
-        &new.daemon.root,
-        &new.watch.paths,
-        &new.file,
-        new.watch.ignore.clone(),
-        &unwatched(&new),
-        change_tx,
-    )
-    .map_err(|e| e.to_string())?;
+    let w = watch_sources(&new, change_tx).map_err(|e| e.to_string())?;
     if new.daemon.realtime_priority != old.daemon.realtime_priority {
         crate::sched::apply_to_process(new.daemon.realtime_priority);
     }

@@ -216,8 +216,8 @@ pub fn watch(
     let filter = Arc::new(Filter {
         root: root.to_path_buf(),
         config: config.to_path_buf(),
-        files: files.clone(),
-        dirs: dirs.clone(),
+        files,
+        dirs,
         ignore,
         skip: skip.to_vec(),
     });
@@ -237,7 +237,8 @@ pub fn watch(
             );
             for path in &event.paths {
                 if let Some(change) = filter.classify(path) {
-                    if appeared && filter.tree_of(path).is_some() {
+                    // The thread checks whether it is a folder.
+                    if appeared && matches!(change, Change::Source(_)) {
                         let _ = appeared_tx.send(path.clone());
                     }
                     let _ = tx.send(change);
@@ -249,7 +250,8 @@ pub fn watch(
         path: root.to_path_buf(),
         source,
     })?;
-    let mut parents: Vec<PathBuf> = files
+    let mut parents: Vec<PathBuf> = filter
+        .files
         .iter()
         .chain(std::iter::once(&config.to_path_buf()))
         .filter_map(|f| f.parent().map(Path::to_path_buf))
@@ -257,11 +259,11 @@ pub fn watch(
     parents.sort();
     parents.dedup();
     let mut folders = 0;
-    for d in &dirs {
+    for d in &filter.dirs {
         folders += watch_tree(&mut inner, d, &filter)?;
     }
     for p in &parents {
-        if dirs.iter().any(|d| p.starts_with(d)) {
+        if filter.tree_of(p).is_some() {
             continue;
         }
         inner

@@ -549,20 +549,8 @@ async fn control_socket_metrics_logs_and_restart() {
         .await
         .expect("call");
     assert_eq!(code, StatusCode::NOT_FOUND);
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut raw = tokio::net::TcpStream::connect(d.addr)
-        .await
-        .expect("connect");
-    raw.write_all(b"GARBAGE\x01 / HTTP/9\r\n\r\n")
-        .await
-        .expect("write");
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(PATIENCE, raw.read_to_end(&mut buf)).await;
-    assert!(
-        String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 400"),
-        "{}",
-        String::from_utf8_lossy(&buf)
-    );
+    let text = raw_request(d.addr, "GARBAGE\x01 / HTTP/9\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     // A head of 30 KB goes through; one of 300 KB (ten 30 KB headers,
     // each one the worker would take) gets 431 from the proxy.
     let head = |n: usize| {
@@ -573,13 +561,7 @@ async fn control_socket_metrics_logs_and_restart() {
         h + "\r\n"
     };
     for (n, status) in [(1, "HTTP/1.1 200"), (10, "HTTP/1.1 431")] {
-        let mut raw = tokio::net::TcpStream::connect(d.addr)
-            .await
-            .expect("connect");
-        raw.write_all(head(n).as_bytes()).await.expect("write");
-        let mut buf = Vec::new();
-        let _ = tokio::time::timeout(PATIENCE, raw.read_to_end(&mut buf)).await;
-        let text = String::from_utf8_lossy(&buf);
+        let text = raw_request(d.addr, &head(n)).await;
         assert!(
             text.starts_with(status),
             "{n} headers: {}",

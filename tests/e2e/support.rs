@@ -464,7 +464,10 @@ pub async fn raw_request(addr: SocketAddr, request: &str) -> String {
         let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
         s.write_all(request.as_bytes()).await.expect("write");
         let mut out = Vec::new();
-        s.read_to_end(&mut out).await.expect("read");
+        // What the server sent before it closed: a server that refuses a
+        // request it has not read in full may reset the connection after
+        // its answer.
+        let _ = s.read_to_end(&mut out).await;
         String::from_utf8_lossy(&out).into_owned()
     })
     .await
@@ -498,11 +501,12 @@ pub async fn pipe_shows(read_end: std::os::fd::OwnedFd, needle: &'static str) ->
     reader.is_finished() && reader.join().unwrap_or(false)
 }
 
-/// Starts `media-worker --config cfg` on `listener` (handed over as fd 3
-/// by batond's exec shim, as batond does: the address is known without
-/// reading the log), with `envs`, stderr to `stderr`.
-pub fn spawn_worker_on(
-    worker: &str,
+/// Starts `program --config cfg` on `listener`, handed over as fd 3 with
+/// `LISTEN_FDS=1` and `LISTEN_PID` by batond's exec shim (what batond does
+/// for a worker, and systemd's socket activation for batond): the address
+/// is known without reading the log. With `envs`, stderr to `stderr`.
+pub fn spawn_on_listener(
+    program: &str,
     cfg: &Path,
     listener: std::net::TcpListener,
     envs: &[(&str, &str)],
@@ -513,7 +517,7 @@ pub fn spawn_worker_on(
         .arg(std::process::id().to_string())
         .arg("fd")
         .arg("--")
-        .arg(worker)
+        .arg(program)
         .arg("--config")
         .arg(cfg)
         .envs(envs.iter().copied())
@@ -524,5 +528,5 @@ pub fn spawn_worker_on(
         .stderr(stderr)
         .kill_on_drop(true)
         .spawn()
-        .expect("spawn media-worker")
+        .unwrap_or_else(|e| panic!("spawn {program}: {e}"))
 }

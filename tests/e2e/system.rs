@@ -15,21 +15,13 @@ async fn socket_activation_serves_on_the_inherited_listener() {
     let addr = listener.local_addr().expect("addr");
     // batond's own exec shim does what systemd does: the socket at fd 3,
     // LISTEN_FDS=1 and LISTEN_PID set to the daemon's pid.
-    let mut child = tokio::process::Command::new(BATOND)
-        .arg(baton::process::SHIM_ARG)
-        .arg(std::process::id().to_string())
-        .arg("fd")
-        .arg("--")
-        .arg(BATOND)
-        .arg("--config")
-        .arg(p.path("etc/baton.toml"))
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener)))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn");
+    let mut child = spawn_on_listener(
+        BATOND,
+        &p.path("etc/baton.toml"),
+        listener,
+        &[("NO_COLOR", "1")],
+        Stdio::null(),
+    );
     let mut served = false;
     for _ in 0..600 {
         if let Ok(Ok(stream)) =

@@ -1532,7 +1532,7 @@ async fn worker_keeps_serving_when_nobody_reads_its_stderr() {
     let addr = listener.local_addr().expect("addr");
     let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
     // At trace level every connection logs lines of its own (mio's).
-    let mut child = crate::support::spawn_worker_on(
+    let mut child = crate::support::spawn_on_listener(
         MEDIA_WORKER,
         &cfg,
         listener,
@@ -1757,7 +1757,7 @@ fn worker_with_fake_engines(
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let child = crate::support::spawn_worker_on(
+    let child = crate::support::spawn_on_listener(
         MEDIA_WORKER,
         &cfg,
         listener,
