@@ -405,6 +405,14 @@ async fn edit_storm_builds_at_most_twice() {
     assert!(snap.contains("# save 49"), "latest wins");
 }
 
+/// A connection to `addr` on which `bytes` have been sent, left open.
+async fn sent(addr: std::net::SocketAddr, bytes: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    s
+}
+
 /// The inotify watches `pid` holds.
 fn inotify_watches(pid: u32) -> usize {
     let mut n = 0;
@@ -877,40 +885,23 @@ async fn slow_and_idle_clients_are_closed_but_requests_in_progress_are_not() {
     let d = Daemon::start(&p).await;
     d.wait_active(1).await;
     // A client that never finishes its request head is closed.
-    let mut slowloris = tokio::net::TcpStream::connect(d.addr)
-        .await
-        .expect("connect");
-    slowloris
-        .write_all(b"GET /whoami HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .expect("write");
+    let mut slowloris = sent(d.addr, b"GET /whoami HTTP/1.1\r\nHost: x\r\n").await;
     // A request that takes longer than twice the timeout is answered.
-    let mut slow = tokio::net::TcpStream::connect(d.addr)
-        .await
-        .expect("connect");
-    slow.write_all(b"GET /slow?ms=3000 HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .expect("write");
+    let mut slow = sent(d.addr, b"GET /slow?ms=3000 HTTP/1.1\r\nHost: x\r\n\r\n").await;
     // A client that stops in the middle of its body is closed.
-    let mut stalled = tokio::net::TcpStream::connect(d.addr)
-        .await
-        .expect("connect");
-    stalled
-        .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nnine byte")
-        .await
-        .expect("write");
+    let mut stalled = sent(
+        d.addr,
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nnine byte",
+    )
+    .await;
     // An upload that goes on slowly but steadily is answered.
-    let mut trickle = tokio::net::TcpStream::connect(d.addr)
-        .await
-        .expect("connect");
-    trickle
-        .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n")
-        .await
-        .expect("write");
+    let mut trickle = sent(
+        d.addr,
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n",
+    )
+    .await;
     // A keep-alive client that keeps asking keeps its connection.
-    let mut busy = tokio::net::TcpStream::connect(d.addr)
-        .await
-        .expect("connect");
+    let mut busy = sent(d.addr, b"").await;
     for i in 0..8 {
         busy.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
