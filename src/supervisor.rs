@@ -367,6 +367,13 @@ impl Supervisor {
                 tracing::debug!(path = %p.display(), "source changed");
                 self.request_deploy(format!("watch: {}", p.display()), false);
             }
+            Control::Changed(Change::Lost) => {
+                // Anything may have changed: the config is read again and
+                // the worker rebuilt.
+                self.config_epoch += 1;
+                self.after_debounce(Internal::ConfigDue(self.config_epoch));
+                self.request_deploy("watch: file events were lost".into(), false);
+            }
             Control::Reload(reply) => self.reload(reply),
             Control::Deploy { trigger, reply } => {
                 if let Some(r) = reply {
@@ -1315,8 +1322,17 @@ fn watch_sources(
     cfg: &Config,
     change_tx: mpsc::UnboundedSender<Change>,
 ) -> Result<watch::Watcher, watch::WatchError> {
+    // Compared with every link resolved: the state folder spelled through
+    // a link is still the state folder.
+    let real = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     let state = &cfg.daemon.state_dir;
-    let skip = if cfg.watch.paths.iter().any(|p| p.starts_with(state)) {
+    let real_state = real(state);
+    let skip = if cfg
+        .watch
+        .paths
+        .iter()
+        .any(|p| real(p).starts_with(&real_state))
+    {
         Vec::new()
     } else {
         vec![state.clone()]

@@ -17,13 +17,13 @@
 //! thread of this module: notify's own thread cannot add watches from
 //! inside its event handler.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 
 use crate::config::IgnoreSet;
-use notify::event::ModifyKind;
+use notify::event::{CreateKind, ModifyKind, RemoveKind, RenameMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
@@ -34,6 +34,9 @@ pub enum Change {
     Source(PathBuf),
     /// The config file.
     Config,
+    /// The kernel's event queue overflowed: changes were lost, so anything
+    /// may have changed. Every tree has been walked again.
+    Lost,
 }
 
 /// Why watching could not start.
@@ -47,7 +50,7 @@ pub struct WatchError {
 
 /// A live set of watches; dropping it stops them.
 pub struct Watcher {
-    _inner: Arc<Mutex<RecommendedWatcher>>,
+    _inner: Arc<Mutex<State>>,
     folders: usize,
 }
 
@@ -67,21 +70,107 @@ impl Watcher {
     }
 }
 
+/// A folder's identity: device and inode.
+type Key = (u64, u64);
+
+fn key_of(meta: &std::fs::Metadata) -> Key {
+    (meta.dev(), meta.ino())
+}
+
+/// The notify watcher and the folders it watches, each once, by path and
+/// by identity. notify keeps one path per inotify watch: watching a folder
+/// again through a symbolic link would rename its watch (its events would
+/// then name the link), and removing the link would end it.
+struct State {
+    w: RecommendedWatcher,
+    by_key: HashMap<Key, PathBuf>,
+    by_path: BTreeMap<PathBuf, Key>,
+}
+
+impl State {
+    fn insert(&mut self, path: PathBuf, key: Key) {
+        if let Some(old) = self.by_key.insert(key, path.clone()) {
+            self.by_path.remove(&old);
+        }
+        if let Some(old) = self.by_path.insert(path, key) {
+            self.by_key.remove(&old);
+        }
+    }
+
+    /// Forgets `path` and every folder under it (gone or moved away:
+    /// notify has dropped their watches).
+    fn forget(&mut self, path: &Path) {
+        let gone: Vec<PathBuf> = self
+            .by_path
+            .range(path.to_path_buf()..)
+            .take_while(|(p, _)| p.starts_with(path))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in gone {
+            if let Some(k) = self.by_path.remove(&p) {
+                self.by_key.remove(&k);
+            }
+        }
+    }
+
+    /// Watches the folder `d` (identity `key`) unless it is watched
+    /// already, under this path or under another that still leads to it
+    /// (a link, a bind mount).
+    fn watch(&mut self, d: &Path, key: Key) -> Result<Watched, notify::Error> {
+        match self.by_key.get(&key) {
+            Some(p) if p == d => return Ok(Watched::Already),
+            Some(p) if std::fs::metadata(p).is_ok_and(|m| key_of(&m) == key) => {
+                return Ok(Watched::Elsewhere);
+            }
+            // Not watched, or an identity left from a folder that is gone
+            // (its inode reused).
+            _ => {}
+        }
+        self.w.watch(d, RecursiveMode::NonRecursive)?;
+        self.insert(d.to_path_buf(), key);
+        Ok(Watched::New)
+    }
+}
+
+/// What [`State::watch`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watched {
+    /// Watched from now on.
+    New,
+    /// Watched before, under this path.
+    Already,
+    /// Watched under another path that leads to the same folder.
+    Elsewhere,
+}
+
 struct Filter {
     root: PathBuf,
     config: PathBuf,
     files: Vec<PathBuf>,
     dirs: Vec<PathBuf>,
+    /// `dirs` with every link resolved, to tell a link that leads inside
+    /// a watched tree.
+    real_dirs: Vec<PathBuf>,
     ignore: IgnoreSet,
     /// Never watched, whatever the globs say: the daemon's own state folder
-    /// (see [`watch`]).
+    /// (see [`watch`]), by path and by identity (a path spelled through a
+    /// link).
     skip: Vec<PathBuf>,
+    skip_keys: HashSet<Key>,
 }
 
 impl Filter {
-    /// `path` relative to the root when under it, else as it is.
-    fn rel<'a>(&self, path: &'a Path) -> &'a Path {
-        path.strip_prefix(&self.root).unwrap_or(path)
+    /// `path` as the globs see it: relative to the root when under it,
+    /// else to its watched tree `top`, else (a file watched by name) its
+    /// name.
+    fn rel<'a>(&self, path: &'a Path, top: Option<&Path>) -> &'a Path {
+        if let Ok(r) = path.strip_prefix(&self.root) {
+            return r;
+        }
+        if let Some(r) = top.and_then(|t| path.strip_prefix(t).ok()) {
+            return r;
+        }
+        path.file_name().map_or(path, Path::new)
     }
 
     /// The watched folder `path` is under (the innermost one).
@@ -93,27 +182,37 @@ impl Filter {
             .map(PathBuf::as_path)
     }
 
+    /// Whether the folder `dir`, under the watched folder `top`, is left
+    /// out whole.
+    fn prunes(&self, dir: &Path, top: Option<&Path>) -> bool {
+        self.skip.iter().any(|s| dir.starts_with(s)) || self.ignore.prunes(self.rel(dir, top))
+    }
+
     /// Whether `path`, under the watched folder `top`, is ignored: a glob
-    /// matches it, or it is in a folder below `top` that is left out whole.
-    fn ignored(&self, path: &Path, top: Option<&Path>) -> bool {
-        if self.skip.iter().any(|s| path.starts_with(s)) || self.ignore.is_match(self.rel(path)) {
+    /// matches it, or it is in a folder below `top` that is left out whole,
+    /// or it is such a folder itself (`is_dir`: a glob like `P/` names
+    /// folders only, so a file called P is not left out).
+    fn ignored(&self, path: &Path, top: Option<&Path>, is_dir: bool) -> bool {
+        if self.skip.iter().any(|s| path.starts_with(s))
+            || self.ignore.is_match(self.rel(path, top))
+        {
             return true;
         }
         let Some(top) = top else { return false };
-        let mut p = path;
-        while p != top && p.starts_with(top) {
-            if self.ignore.prunes(self.rel(p)) {
+        let mut p = if is_dir { Some(path) } else { path.parent() };
+        while let Some(d) = p {
+            if d == top || !d.starts_with(top) {
+                break;
+            }
+            if self.ignore.prunes(self.rel(d, Some(top))) {
                 return true;
             }
-            match p.parent() {
-                Some(parent) => p = parent,
-                None => break,
-            }
+            p = d.parent();
         }
         false
     }
 
-    fn classify(&self, path: &Path) -> Option<Change> {
+    fn classify(&self, path: &Path, is_dir: bool) -> Option<Change> {
         if path == self.config {
             return Some(Change::Config);
         }
@@ -121,21 +220,35 @@ impl Filter {
         if tree.is_none() && !self.files.iter().any(|f| f == path) {
             return None;
         }
-        if self.ignored(path, tree) {
+        if self.ignored(path, tree, is_dir) {
             return None;
         }
-        Some(Change::Source(self.rel(path).to_path_buf()))
+        Some(Change::Source(self.shown(path)))
+    }
+
+    /// How a change is reported: relative to the root when under it.
+    fn shown(&self, path: &Path) -> PathBuf {
+        path.strip_prefix(&self.root).unwrap_or(path).to_path_buf()
+    }
+
+    /// Whether the symbolic link `link` leads to a folder in a watched
+    /// tree: that folder is watched under its own path, not the link's.
+    fn leads_inside(&self, link: &Path) -> bool {
+        std::fs::canonicalize(link).is_ok_and(|real| real_inside(&real, &self.real_dirs))
     }
 }
 
+fn real_inside(real: &Path, dirs: &[PathBuf]) -> bool {
+    dirs.iter().any(|d| real.starts_with(d))
+}
+
 /// Watches `dir` and every folder under it that is not left out, each
-/// non-recursively; returns how many. A folder reached twice (through a
-/// symbolic link) is watched once, so a link loop ends.
-fn watch_tree(
-    w: &mut RecommendedWatcher,
-    dir: &Path,
-    filter: &Filter,
-) -> Result<usize, WatchError> {
+/// non-recursively; returns how many were not watched before. A folder
+/// that is watched already under another path (reached through a link) is
+/// left to that path, so a link loop ends; a link that leads inside a
+/// watched tree is not followed.
+fn watch_tree(st: &mut State, dir: &Path, filter: &Filter) -> Result<usize, WatchError> {
+    let top = filter.tree_of(dir);
     let mut seen = HashSet::new();
     let mut stack = vec![dir.to_path_buf()];
     let mut count = 0;
@@ -150,11 +263,15 @@ fn watch_tree(
             }
             continue;
         };
-        if !seen.insert((meta.dev(), meta.ino())) {
+        let key = key_of(&meta);
+        if !seen.insert(key) || filter.skip_keys.contains(&key) {
             continue;
         }
-        match w.watch(&d, RecursiveMode::NonRecursive) {
-            Ok(()) => count += 1,
+        match st.watch(&d, key) {
+            Ok(Watched::New) => count += 1,
+            // Still walked: folders may have appeared under it.
+            Ok(Watched::Already) => {}
+            Ok(Watched::Elsewhere) => continue,
             // Gone between the listing and the watch.
             Err(e) if d != dir && matches!(e.kind, notify::ErrorKind::PathNotFound) => continue,
             Err(e)
@@ -172,21 +289,31 @@ fn watch_tree(
         };
         for entry in entries.flatten() {
             let path = entry.path();
-            // Following symbolic links, as a recursive watch does.
+            // Following symbolic links that lead out of the watched trees,
+            // as a recursive watch does.
             let is_dir = match entry.file_type() {
                 Ok(t) if t.is_dir() => true,
-                Ok(t) if t.is_symlink() => path.is_dir(),
+                Ok(t) if t.is_symlink() => path.is_dir() && !filter.leads_inside(&path),
                 _ => false,
             };
-            if is_dir
-                && !filter.ignore.prunes(filter.rel(&path))
-                && !filter.skip.iter().any(|s| path.starts_with(s))
-            {
+            if is_dir && !filter.prunes(&path, top) {
                 stack.push(path);
             }
         }
     }
     Ok(count)
+}
+
+/// What the handler asks of the thread that keeps the watches up to date.
+enum Job {
+    /// A folder may have appeared (made, or moved in): watch it and what
+    /// is under it.
+    Walk(PathBuf),
+    /// Something was removed or moved away: if it was a watched folder,
+    /// notify has dropped its watches and those under it.
+    Gone(PathBuf),
+    /// Events were lost: walk every tree again.
+    Rescan,
 }
 
 /// Starts watching `paths` (files or folders, absolute) and `config`,
@@ -213,98 +340,169 @@ pub fn watch(
             files.push(p.clone());
         }
     }
+    let real_dirs = dirs
+        .iter()
+        .filter_map(|d| std::fs::canonicalize(d).ok())
+        .collect();
+    let mut skip_all = skip.to_vec();
+    skip_all.extend(skip.iter().filter_map(|s| std::fs::canonicalize(s).ok()));
+    skip_all.dedup();
+    let skip_keys = skip
+        .iter()
+        .filter_map(|s| std::fs::metadata(s).ok())
+        .map(|m| key_of(&m))
+        .collect();
     let filter = Arc::new(Filter {
         root: root.to_path_buf(),
         config: config.to_path_buf(),
         files,
         dirs,
+        real_dirs,
         ignore,
-        skip: skip.to_vec(),
+        skip: skip_all,
+        skip_keys,
     });
-    // Folders that appeared in a watched tree, for the thread that watches
-    // them.
-    let (appeared_tx, appeared_rx) = std::sync::mpsc::channel::<PathBuf>();
-    let handler = {
-        let filter = filter.clone();
-        move |res: notify::Result<notify::Event>| {
-            let Ok(event) = res else { return };
-            if matches!(event.kind, EventKind::Access(_) | EventKind::Other) {
-                return;
-            }
-            let appeared = matches!(
-                event.kind,
-                EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_))
-            );
-            for path in &event.paths {
-                if let Some(change) = filter.classify(path) {
-                    // The thread checks whether it is a folder.
-                    if appeared && matches!(change, Change::Source(_)) {
-                        let _ = appeared_tx.send(path.clone());
+    let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<Job>();
+    let handler =
+        {
+            let filter = filter.clone();
+            let tx = tx.clone();
+            move |res: notify::Result<notify::Event>| {
+                let Ok(event) = res else { return };
+                if event.need_rescan() {
+                    let _ = jobs_tx.send(Job::Rescan);
+                    return;
+                }
+                let job: Option<fn(PathBuf) -> Job> = match event.kind {
+                    EventKind::Access(_) | EventKind::Other => return,
+                    EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                        Some(Job::Walk)
                     }
-                    let _ = tx.send(change);
+                    EventKind::Remove(_)
+                    | EventKind::Modify(ModifyKind::Name(RenameMode::From)) => Some(Job::Gone),
+                    _ => None,
+                };
+                for path in &event.paths {
+                    let is_dir = match event.kind {
+                        EventKind::Create(CreateKind::Folder)
+                        | EventKind::Remove(RemoveKind::Folder) => true,
+                        EventKind::Create(CreateKind::File)
+                        | EventKind::Remove(RemoveKind::File) => false,
+                        // Gone, so not known: taken for a folder (what a folder
+                        // glob names usually is).
+                        _ => !path.exists() || path.is_dir(),
+                    };
+                    if let Some(change) = filter.classify(path, is_dir) {
+                        if let Some(job) = job
+                            && matches!(change, Change::Source(_))
+                        {
+                            let _ = jobs_tx.send(job(path.clone()));
+                        }
+                        let _ = tx.send(change);
+                    }
                 }
             }
-        }
-    };
-    let mut inner = notify::recommended_watcher(handler).map_err(|source| WatchError {
+        };
+    let inner = notify::recommended_watcher(handler).map_err(|source| WatchError {
         path: root.to_path_buf(),
         source,
     })?;
+    let mut st = State {
+        w: inner,
+        by_key: HashMap::new(),
+        by_path: BTreeMap::new(),
+    };
+    for d in &filter.dirs {
+        watch_tree(&mut st, d, &filter)?;
+    }
+    // Files are watched through their folder, and so is each watched
+    // folder but the root: a folder replaced whole (moved away and another
+    // moved in, or removed and made again) is then seen and walked again.
     let mut parents: Vec<PathBuf> = filter
         .files
         .iter()
         .chain(std::iter::once(&config.to_path_buf()))
         .filter_map(|f| f.parent().map(Path::to_path_buf))
         .collect();
+    let tops: Vec<PathBuf> = filter
+        .dirs
+        .iter()
+        .filter(|d| *d != root)
+        .filter_map(|d| d.parent().map(Path::to_path_buf))
+        .collect();
     parents.sort();
     parents.dedup();
-    let mut folders = 0;
-    for d in &filter.dirs {
-        folders += watch_tree(&mut inner, d, &filter)?;
-    }
     for p in &parents {
-        if filter.tree_of(p).is_some() {
-            continue;
-        }
-        inner
-            .watch(p, RecursiveMode::NonRecursive)
-            .map_err(|source| WatchError {
-                path: p.clone(),
-                source,
-            })?;
-        folders += 1;
+        let meta = std::fs::metadata(p).map_err(|e| WatchError {
+            path: p.clone(),
+            source: notify::Error::io(e),
+        })?;
+        st.watch(p, key_of(&meta)).map_err(|source| WatchError {
+            path: p.clone(),
+            source,
+        })?;
     }
-    let inner = Arc::new(Mutex::new(inner));
-    spawn_follower(Arc::downgrade(&inner), filter, appeared_rx)?;
+    for p in &tops {
+        let watched = std::fs::metadata(p)
+            .map_err(notify::Error::io)
+            .and_then(|m| st.watch(p, key_of(&m)));
+        if let Err(e) = watched {
+            tracing::warn!(folder = %p.display(), error = %e, "not watched: a watched folder replaced whole is not seen");
+        }
+    }
+    let folders = st.by_key.len();
+    let inner = Arc::new(Mutex::new(st));
+    spawn_follower(Arc::downgrade(&inner), filter, jobs_rx, tx)?;
     Ok(Watcher {
         _inner: inner,
         folders,
     })
 }
 
-/// The thread that watches folders appearing in a watched tree. It ends
-/// when the watcher is dropped: the handler, and with it the sending side
-/// of `appeared`, goes with it.
+/// The thread that keeps the watches up to date as folders come and go in
+/// the watched trees: notify's own thread cannot add watches from inside
+/// its event handler. It ends when the watcher is dropped: the handler, and
+/// with it the sending side of `jobs`, goes with it.
 fn spawn_follower(
-    inner: Weak<Mutex<RecommendedWatcher>>,
+    inner: Weak<Mutex<State>>,
     filter: Arc<Filter>,
-    appeared: std::sync::mpsc::Receiver<PathBuf>,
+    jobs: std::sync::mpsc::Receiver<Job>,
+    tx: mpsc::UnboundedSender<Change>,
 ) -> Result<(), WatchError> {
     let root = filter.root.clone();
     std::thread::Builder::new()
         .name("watch-folders".into())
         .spawn(move || {
-            while let Ok(path) = appeared.recv() {
-                if !path.is_dir() {
-                    continue;
-                }
+            while let Ok(job) = jobs.recv() {
                 let Some(inner) = inner.upgrade() else { return };
-                let Ok(mut w) = inner.lock() else { return };
-                match watch_tree(&mut w, &path, &filter) {
-                    Ok(_) => {}
-                    // Made and removed at once (a tool's temporary folder).
-                    Err(_) if !path.exists() => {}
-                    Err(e) => tracing::warn!(error = %e, "a new folder is not watched"),
+                let Ok(mut st) = inner.lock() else { return };
+                match job {
+                    Job::Gone(path) => st.forget(&path),
+                    Job::Walk(path) => {
+                        // A link into a watched tree is not followed.
+                        if !path.is_dir() || (path.is_symlink() && filter.leads_inside(&path)) {
+                            continue;
+                        }
+                        match watch_tree(&mut st, &path, &filter) {
+                            // Files written in it before its watch began
+                            // sent no event: one change for all of them.
+                            Ok(_) => {
+                                let _ = tx.send(Change::Source(filter.shown(&path)));
+                            }
+                            // Made and removed at once (a tool's temporary folder).
+                            Err(_) if !path.exists() => {}
+                            Err(e) => tracing::warn!(error = %e, "a new folder is not watched"),
+                        }
+                    }
+                    Job::Rescan => {
+                        tracing::warn!("file events were lost (the kernel's queue overflowed); watching every folder again");
+                        for d in &filter.dirs {
+                            if let Err(e) = watch_tree(&mut st, d, &filter) {
+                                tracing::warn!(error = %e, "a watched folder is not watched");
+                            }
+                        }
+                        let _ = tx.send(Change::Lost);
+                    }
                 }
             }
         })
@@ -328,8 +526,10 @@ mod tests {
                 root.to_path_buf(),
                 Path::new("/elsewhere/lib").to_path_buf(),
             ],
+            real_dirs: Vec::new(),
             ignore: IgnoreSet::new(ignore).expect("globs"),
             skip: vec![root.join("state")],
+            skip_keys: HashSet::new(),
         }
     }
 
@@ -341,37 +541,35 @@ mod tests {
             &["**/target/**", "**/node_modules", "**/*.swp", "**/dist/"],
         );
         let src = |p: &str| Some(Change::Source(PathBuf::from(p)));
-        assert_eq!(f.classify(&root.join("src/main.rs")), src("src/main.rs"));
-        assert_eq!(
-            f.classify(&root.join("etc/baton.toml")),
-            Some(Change::Config)
-        );
+        let file = |p: &Path| f.classify(p, false);
+        let folder = |p: &Path| f.classify(p, true);
+        assert_eq!(file(&root.join("src/main.rs")), src("src/main.rs"));
+        assert_eq!(file(&root.join("etc/baton.toml")), Some(Change::Config));
         // The folder a `P/**` glob covers, itself and what is in it.
-        assert_eq!(f.classify(&root.join("target")), None);
-        assert_eq!(f.classify(&root.join("target/debug/app")), None);
-        assert_eq!(f.classify(&root.join("web/target/x")), None);
+        assert_eq!(folder(&root.join("target")), None);
+        assert_eq!(file(&root.join("target/debug/app")), None);
+        assert_eq!(file(&root.join("web/target/x")), None);
         // A glob naming a folder leaves out what is in it too.
-        assert_eq!(f.classify(&root.join("web/node_modules")), None);
-        assert_eq!(f.classify(&root.join("web/node_modules/a/b.js")), None);
-        assert_eq!(f.classify(&root.join("src/.main.rs.swp")), None);
-        // `P/`, as in .gitignore: the folder and all in it.
-        assert_eq!(f.classify(&root.join("web/dist")), None);
-        assert_eq!(f.classify(&root.join("web/dist/app.js")), None);
-        assert_eq!(
-            f.classify(&root.join("web/distant.js")),
-            src("web/distant.js")
-        );
+        assert_eq!(folder(&root.join("web/node_modules")), None);
+        assert_eq!(file(&root.join("web/node_modules/a/b.js")), None);
+        assert_eq!(file(&root.join("src/.main.rs.swp")), None);
+        // `P/`, as in .gitignore: the folder and all in it, and only a
+        // folder: a file called dist is a source like any other.
+        assert_eq!(folder(&root.join("web/dist")), None);
+        assert_eq!(file(&root.join("web/dist/app.js")), None);
+        assert_eq!(file(&root.join("tools/dist")), src("tools/dist"));
+        assert_eq!(file(&root.join("web/distant.js")), src("web/distant.js"));
         // The state folder, whatever the globs.
-        assert_eq!(f.classify(&root.join("state/gen-0001/worker.log")), None);
-        assert_eq!(f.classify(&root.join("stateful.rs")), src("stateful.rs"));
+        assert_eq!(file(&root.join("state/gen-0001/worker.log")), None);
+        assert_eq!(file(&root.join("stateful.rs")), src("stateful.rs"));
         // A tree outside the root: globs apply below it, not to its own
         // path.
         assert_eq!(
-            f.classify(Path::new("/elsewhere/lib/x.rs")),
-            Some(Change::Source(PathBuf::from("/elsewhere/lib/x.rs")))
+            file(Path::new("/elsewhere/lib/x.rs")),
+            src("/elsewhere/lib/x.rs")
         );
-        assert_eq!(f.classify(Path::new("/elsewhere/lib/target/x")), None);
-        assert_eq!(f.classify(Path::new("/nowhere/x.rs")), None);
+        assert_eq!(file(Path::new("/elsewhere/lib/target/x")), None);
+        assert_eq!(file(Path::new("/nowhere/x.rs")), None);
     }
 
     #[test]
@@ -381,9 +579,78 @@ mod tests {
         let root = Path::new("/home/u/target/app");
         let f = filter(root, &["**/target/**"]);
         assert_eq!(
-            f.classify(&root.join("src/main.rs")),
+            f.classify(&root.join("src/main.rs"), false),
             Some(Change::Source(PathBuf::from("src/main.rs")))
         );
-        assert_eq!(f.classify(&root.join("target/x")), None);
+        assert_eq!(f.classify(&root.join("target/x"), false), None);
+        // The same for a tree outside the root, and a file watched by name.
+        let mut f = filter(root, &["**/target/**", "**/build/"]);
+        f.dirs.push(PathBuf::from("/opt/target/shared"));
+        f.files.push(PathBuf::from("/opt/build/shared.toml"));
+        assert_eq!(
+            f.classify(Path::new("/opt/target/shared/sub/m.py"), false),
+            Some(Change::Source(PathBuf::from("/opt/target/shared/sub/m.py")))
+        );
+        assert_eq!(
+            f.classify(Path::new("/opt/target/shared/target/m.o"), false),
+            None
+        );
+        assert_eq!(
+            f.classify(Path::new("/opt/build/shared.toml"), false),
+            Some(Change::Source(PathBuf::from("/opt/build/shared.toml")))
+        );
+    }
+
+    /// Receives changes until `want` of them equal `change`, or 5 s pass.
+    fn count(rx: &mut mpsc::UnboundedReceiver<Change>, change: &Change, want: usize) -> usize {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut n = 0;
+        while n < want && std::time::Instant::now() < deadline {
+            match rx.try_recv() {
+                Ok(c) if c == *change => n += 1,
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
+        n
+    }
+
+    #[test]
+    fn a_new_folder_is_reported_again_once_it_is_watched() {
+        // Files written in a folder before its watch began send no event:
+        // the change sent after the walk stands for them.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = std::fs::canonicalize(dir.path()).expect("canonical");
+        std::fs::create_dir(root.join("src")).expect("mkdir");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let ignore = IgnoreSet::new(&["**/target/**"]).expect("globs");
+        let w = watch(
+            &root,
+            &[root.join("src")],
+            &root.join("baton.toml"),
+            ignore,
+            &[],
+            tx,
+        )
+        .expect("watch");
+        std::fs::create_dir(root.join("src/new")).expect("mkdir");
+        let new = Change::Source(PathBuf::from("src/new"));
+        assert_eq!(count(&mut rx, &new, 2), 2, "the event, then the walk");
+        // A link back into the tree is not followed: nothing is watched
+        // twice, under two paths.
+        let folders = w._inner.lock().expect("state").by_key.len();
+        std::os::unix::fs::symlink("..", root.join("src/new/up")).expect("ln -s");
+        let up = Change::Source(PathBuf::from("src/new/up"));
+        assert_eq!(count(&mut rx, &up, 1), 1);
+        std::fs::create_dir(root.join("src/new/more")).expect("mkdir");
+        let more = Change::Source(PathBuf::from("src/new/more"));
+        assert_eq!(count(&mut rx, &more, 2), 2);
+        let st = w._inner.lock().expect("state");
+        assert_eq!(st.by_key.len(), folders + 1, "{:?}", st.by_path.keys());
+        assert!(
+            st.by_path
+                .keys()
+                .all(|p| !p.starts_with(root.join("src/new/up")))
+        );
     }
 }

@@ -500,6 +500,148 @@ ignore = ["**/target/**", "**/node_modules/**", "**/*.swp"]"#,
     assert_eq!(inotify_watches(pid), watches + 2, "src/a, src/a/b");
 }
 
+/// Waits until no deploy is running or due, twice 400 ms apart (four
+/// debounce periods) with the same active generation; returns its id.
+async fn settled(d: &Daemon) -> u64 {
+    let idle = |s: &baton::control::api::Status| s.candidate.is_none() && !s.deploy_pending;
+    let mut last = None;
+    for _ in 0..50 {
+        let s = d.wait_for("no deploy under way", idle).await;
+        let id = s.active.map(|a| a.id);
+        if id.is_some() && id == last {
+            return id.unwrap_or_default();
+        }
+        last = id;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    panic!("deploys never settled; log:\n{}", d.log());
+}
+
+/// The trigger of the active generation, once it is `g`.
+async fn trigger_of(d: &Daemon, g: u64) -> String {
+    d.wait_active(g)
+        .await
+        .active
+        .map(|a| a.trigger)
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_and_folders_replaced_whole_keep_the_watches_right() {
+    let p = Project::python("", "");
+    p.write("src/sub/x.py", "# 1\n");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    let pid = d.child.id().expect("pid");
+    // The project folder (src's), etc/ (the config's), src, src/sub.
+    assert_eq!(inotify_watches(pid), 4);
+
+    // A link to a folder of the tree, made and removed: the folder stays
+    // watched under its own path (it used to be renamed to the link's,
+    // and removing the link ended it).
+    std::os::unix::fs::symlink("sub", p.path("src/link")).expect("ln -s");
+    let g = settled(&d).await;
+    std::fs::remove_file(p.path("src/link")).expect("rm link");
+    let g = settled(&d).await.max(g);
+    p.append("src/sub/x.py", "# 2\n");
+    assert_eq!(trigger_of(&d, g + 1).await, "watch: src/sub/x.py");
+    // A link loop (a link to the tree's own parent) is not followed, and
+    // folders made after it are still watched.
+    std::os::unix::fs::symlink("..", p.path("src/sub/up")).expect("ln -s");
+    let g = settled(&d).await;
+    p.write("src/later/f.py", "# 1\n");
+    let g = settled(&d).await.max(g);
+    p.append("src/later/f.py", "# 2\n");
+    assert_eq!(trigger_of(&d, g + 1).await, "watch: src/later/f.py");
+    assert_eq!(inotify_watches(pid), 5, "src/later too, nothing twice");
+
+    // The watched folder itself replaced by another (moved away, a copy
+    // moved in): the new one is watched, the old one no longer is.
+    let copy = std::process::Command::new("cp")
+        .args(["-r", "src", "src.new"])
+        .current_dir(p.path(""))
+        .status()
+        .expect("cp");
+    assert!(copy.success());
+    std::fs::rename(p.path("src"), p.path("src.old")).expect("mv src src.old");
+    std::fs::rename(p.path("src.new"), p.path("src")).expect("mv src.new src");
+    let g = settled(&d).await;
+    p.append("src.old/sub/x.py", "# old\n");
+    assert_eq!(settled(&d).await, g, "an edit in the folder moved away");
+    p.append("src/sub/x.py", "# 3\n");
+    assert_eq!(trigger_of(&d, g + 1).await, "watch: src/sub/x.py");
+    // Removed and made again.
+    std::fs::remove_dir_all(p.path("src")).expect("rm -r src");
+    p.write("src/pyworker.py", pyworker_source());
+    let g = settled(&d).await;
+    p.write("src/y.py", "# 1\n");
+    assert_eq!(trigger_of(&d, g + 1).await, "watch: src/y.py");
+    assert_eq!(inotify_watches(pid), 3, "the project folder, etc/, src");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_events_rescan_and_state_and_config_folders_are_found_through_links() {
+    let p = Project::python("", "");
+    // The state folder spelled through a link to the project, the whole
+    // project watched, and the config's folder ignored.
+    std::os::unix::fs::symlink(".", p.path("here")).expect("ln -s");
+    p.edit(
+        "etc/baton.toml",
+        r#"state_dir = "state""#,
+        r#"state_dir = "here/state""#,
+    );
+    p.edit(
+        "etc/baton.toml",
+        r#"paths = ["src"]"#,
+        r#"paths = ["."]
+ignore = ["etc/"]"#,
+    );
+    p.write("src/sub/x.py", "# 1\n");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    // Deploys write logs into the state folder: no build from them (with
+    // the link, every deploy used to start another).
+    assert_eq!(settled(&d).await, 1);
+    d.deploy().await;
+    assert_eq!(settled(&d).await, 2);
+    // The config is watched although its folder is ignored.
+    p.edit("etc/baton.toml", "debounce_ms = 100", "debounce_ms = 101");
+    assert_eq!(trigger_of(&d, 3).await, "config reload");
+    let g = settled(&d).await;
+
+    // Overflow the kernel's event queue while batond is stopped, and make
+    // a folder meanwhile: the overflow is noticed, every tree walked
+    // again, and the worker rebuilt.
+    let max: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(16_384);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(d.child.id().expect("pid")).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    // Each touch of a folder is two events, on the folder and on its
+    // parent, so consecutive ones are never merged.
+    let sub = std::fs::File::open(p.path("src/sub")).expect("open src/sub");
+    let t0 = std::time::SystemTime::UNIX_EPOCH;
+    for i in 0..max.min(4_000_000) + 1000 {
+        let t = t0 + Duration::from_secs(1_000_000 + (i as u64 % 2));
+        sub.set_modified(t).expect("touch src/sub");
+    }
+    std::fs::create_dir(p.path("src/made")).expect("mkdir");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    let s = d
+        .wait_for("a deploy for the lost events", |s| {
+            s.history
+                .iter()
+                .chain(s.active.iter())
+                .any(|h| h.id > g && h.trigger.contains("file events were lost"))
+        })
+        .await;
+    assert!(d.log().contains("file events were lost"), "{s:?}");
+    let g = settled(&d).await;
+    p.write("src/made/f.py", "# 1\n");
+    assert_eq!(trigger_of(&d, g + 1).await, "watch: src/made/f.py");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_daemon_leaves_no_worker() {
     let p = Project::python("", "");
