@@ -203,6 +203,9 @@ struct Supervisor {
     debounce_epoch: u64,
     /// Bumped by every config file event; the reload waits for quiet.
     config_epoch: u64,
+    /// File events were lost: the coming reload rebuilds whatever it
+    /// finds.
+    events_lost: bool,
     /// A reload is being prepared on the blocking pool.
     reload_running: bool,
     /// Another reload was asked for meanwhile.
@@ -289,6 +292,7 @@ pub fn spawn(
         pending: None,
         debounce_epoch: 0,
         config_epoch: 0,
+        events_lost: false,
         reload_running: false,
         reload_again: false,
         reload_now: Vec::new(),
@@ -368,11 +372,12 @@ impl Supervisor {
                 self.request_deploy(format!("watch: {}", p.display()), false);
             }
             Control::Changed(Change::Lost) => {
-                // Anything may have changed: the config is read again and
-                // the worker rebuilt.
+                // Anything may have changed: the config is read again, and
+                // the worker rebuilt by that reload, or, if the file is
+                // refused, anyway.
+                self.events_lost = true;
                 self.config_epoch += 1;
                 self.after_debounce(Internal::ConfigDue(self.config_epoch));
-                self.request_deploy("watch: file events were lost".into(), false);
             }
             Control::Reload(reply) => self.reload(reply),
             Control::Deploy { trigger, reply } => {
@@ -1040,10 +1045,20 @@ impl Supervisor {
                 self.config_error = None;
                 self.events
                     .emit("config_reloaded", None, "config reloaded; redeploying");
-                self.request_deploy("config reload".into(), true);
+                let trigger = if std::mem::take(&mut self.events_lost) {
+                    "config reload (file events were lost)"
+                } else {
+                    "config reload"
+                };
+                self.request_deploy(trigger.into(), true);
                 Ok(())
             }
-            Err(msg) => Err(self.refuse_config(msg)),
+            Err(msg) => {
+                if std::mem::take(&mut self.events_lost) {
+                    self.request_deploy("watch: file events were lost".into(), true);
+                }
+                Err(self.refuse_config(msg))
+            }
         };
         systemd::ready(&self.status_line());
         for r in self.reload_now.drain(..) {

@@ -84,50 +84,64 @@ fn key_of(meta: &std::fs::Metadata) -> Key {
 struct State {
     w: RecommendedWatcher,
     by_key: HashMap<Key, PathBuf>,
-    by_path: BTreeMap<PathBuf, Key>,
+    /// Each watched folder's identity, and whether it was reached through
+    /// a link.
+    by_path: BTreeMap<PathBuf, (Key, bool)>,
 }
 
 impl State {
-    fn insert(&mut self, path: PathBuf, key: Key) {
+    fn insert(&mut self, path: PathBuf, key: Key, linked: bool) {
         if let Some(old) = self.by_key.insert(key, path.clone()) {
             self.by_path.remove(&old);
         }
-        if let Some(old) = self.by_path.insert(path, key) {
+        if let Some((old, _)) = self.by_path.insert(path, (key, linked)) {
             self.by_key.remove(&old);
         }
     }
 
     /// Forgets `path` and every folder under it (gone or moved away:
-    /// notify has dropped their watches).
-    fn forget(&mut self, path: &Path) {
+    /// notify has dropped their watches); true when one of them had been
+    /// reached through a link (the folder may still be reached through
+    /// another).
+    fn forget(&mut self, path: &Path) -> bool {
         let gone: Vec<PathBuf> = self
             .by_path
             .range(path.to_path_buf()..)
             .take_while(|(p, _)| p.starts_with(path))
             .map(|(p, _)| p.clone())
             .collect();
+        let mut linked = false;
         for p in gone {
-            if let Some(k) = self.by_path.remove(&p) {
+            if let Some((k, l)) = self.by_path.remove(&p) {
                 self.by_key.remove(&k);
+                linked |= l;
             }
         }
+        linked
     }
 
     /// Watches the folder `d` (identity `key`) unless it is watched
     /// already, under this path or under another that still leads to it
     /// (a link, a bind mount).
-    fn watch(&mut self, d: &Path, key: Key) -> Result<Watched, notify::Error> {
+    fn watch(&mut self, d: &Path, key: Key, linked: bool) -> Result<Watched, notify::Error> {
         match self.by_key.get(&key) {
             Some(p) if p == d => return Ok(Watched::Already),
             Some(p) if std::fs::metadata(p).is_ok_and(|m| key_of(&m) == key) => {
                 return Ok(Watched::Elsewhere);
             }
-            // Not watched, or an identity left from a folder that is gone
-            // (its inode reused).
-            _ => {}
+            // Moved here, and its move not handled yet: notify keeps one
+            // watch for both paths, and would drop it with the old one.
+            Some(p) => {
+                let old = p.clone();
+                let _ = self.w.unwatch(&old);
+                if let Some((k, _)) = self.by_path.remove(&old) {
+                    self.by_key.remove(&k);
+                }
+            }
+            None => {}
         }
         self.w.watch(d, RecursiveMode::NonRecursive)?;
-        self.insert(d.to_path_buf(), key);
+        self.insert(d.to_path_buf(), key, linked);
         Ok(Watched::New)
     }
 }
@@ -145,7 +159,10 @@ enum Watched {
 
 struct Filter {
     root: PathBuf,
-    config: PathBuf,
+    /// The config file, as named and with every link resolved (events
+    /// name it by the path its folder is watched under).
+    config: Vec<PathBuf>,
+    /// Files watched by name, as named and with links resolved.
     files: Vec<PathBuf>,
     dirs: Vec<PathBuf>,
     /// `dirs` with every link resolved, to tell a link that leads inside
@@ -213,7 +230,7 @@ impl Filter {
     }
 
     fn classify(&self, path: &Path, is_dir: bool) -> Option<Change> {
-        if path == self.config {
+        if self.config.iter().any(|c| c == path) {
             return Some(Change::Config);
         }
         let tree = self.tree_of(path);
@@ -236,6 +253,19 @@ impl Filter {
     fn leads_inside(&self, link: &Path) -> bool {
         std::fs::canonicalize(link).is_ok_and(|real| real_inside(&real, &self.real_dirs))
     }
+
+    /// Whether `dir` is reached through a link below its watched tree.
+    fn through_link(&self, dir: &Path) -> bool {
+        let Some(top) = self.tree_of(dir) else {
+            return false;
+        };
+        dir.ancestors()
+            .take_while(|p| *p != top && p.starts_with(top))
+            .any(|p| {
+                p.symlink_metadata()
+                    .is_ok_and(|m| m.file_type().is_symlink())
+            })
+    }
 }
 
 fn real_inside(real: &Path, dirs: &[PathBuf]) -> bool {
@@ -249,10 +279,14 @@ fn real_inside(real: &Path, dirs: &[PathBuf]) -> bool {
 /// watched tree is not followed.
 fn watch_tree(st: &mut State, dir: &Path, filter: &Filter) -> Result<usize, WatchError> {
     let top = filter.tree_of(dir);
+    let linked = filter.through_link(dir);
+    if linked && filter.leads_inside(dir) {
+        return Ok(0);
+    }
     let mut seen = HashSet::new();
-    let mut stack = vec![dir.to_path_buf()];
+    let mut stack = vec![(dir.to_path_buf(), linked)];
     let mut count = 0;
-    while let Some(d) = stack.pop() {
+    while let Some((d, linked)) = stack.pop() {
         let Ok(meta) = std::fs::metadata(&d) else {
             // Gone meanwhile (the top folder's absence is caught below).
             if d == dir {
@@ -267,7 +301,7 @@ fn watch_tree(st: &mut State, dir: &Path, filter: &Filter) -> Result<usize, Watc
         if !seen.insert(key) || filter.skip_keys.contains(&key) {
             continue;
         }
-        match st.watch(&d, key) {
+        match st.watch(&d, key, linked) {
             Ok(Watched::New) => count += 1,
             // Still walked: folders may have appeared under it.
             Ok(Watched::Already) => {}
@@ -290,14 +324,18 @@ fn watch_tree(st: &mut State, dir: &Path, filter: &Filter) -> Result<usize, Watc
         for entry in entries.flatten() {
             let path = entry.path();
             // Following symbolic links that lead out of the watched trees,
-            // as a recursive watch does.
-            let is_dir = match entry.file_type() {
-                Ok(t) if t.is_dir() => true,
-                Ok(t) if t.is_symlink() => path.is_dir() && !filter.leads_inside(&path),
-                _ => false,
+            // as a recursive watch does; below such a link, not into a
+            // watched tree either (it is watched under its own path).
+            let via = match entry.file_type() {
+                Ok(t) if t.is_dir() => Some(linked),
+                Ok(t) if t.is_symlink() && path.is_dir() => Some(true),
+                _ => None,
             };
-            if is_dir && !filter.prunes(&path, top) {
-                stack.push(path);
+            if let Some(via) = via
+                && !filter.prunes(&path, top)
+                && !(via && filter.leads_inside(&path))
+            {
+                stack.push((path, via));
             }
         }
     }
@@ -331,13 +369,20 @@ pub fn watch(
     skip: &[PathBuf],
     tx: mpsc::UnboundedSender<Change>,
 ) -> Result<Watcher, WatchError> {
+    // A file as named, and with every link resolved: its events name it
+    // by the path its folder is watched under, which may be either.
+    let spellings = |f: &Path| {
+        let mut v = vec![f.to_path_buf()];
+        v.extend(std::fs::canonicalize(f).ok().filter(|r| r != f));
+        v
+    };
     let mut files = Vec::new();
     let mut dirs = Vec::new();
     for p in paths {
         if p.is_dir() {
             dirs.push(p.clone());
         } else {
-            files.push(p.clone());
+            files.extend(spellings(p));
         }
     }
     let real_dirs = dirs
@@ -354,7 +399,7 @@ pub fn watch(
         .collect();
     let filter = Arc::new(Filter {
         root: root.to_path_buf(),
-        config: config.to_path_buf(),
+        config: spellings(config),
         files,
         dirs,
         real_dirs,
@@ -421,7 +466,7 @@ pub fn watch(
     let mut parents: Vec<PathBuf> = filter
         .files
         .iter()
-        .chain(std::iter::once(&config.to_path_buf()))
+        .chain(&filter.config)
         .filter_map(|f| f.parent().map(Path::to_path_buf))
         .collect();
     let tops: Vec<PathBuf> = filter
@@ -437,15 +482,16 @@ pub fn watch(
             path: p.clone(),
             source: notify::Error::io(e),
         })?;
-        st.watch(p, key_of(&meta)).map_err(|source| WatchError {
-            path: p.clone(),
-            source,
-        })?;
+        st.watch(p, key_of(&meta), false)
+            .map_err(|source| WatchError {
+                path: p.clone(),
+                source,
+            })?;
     }
     for p in &tops {
         let watched = std::fs::metadata(p)
             .map_err(notify::Error::io)
-            .and_then(|m| st.watch(p, key_of(&m)));
+            .and_then(|m| st.watch(p, key_of(&m), false));
         if let Err(e) = watched {
             tracing::warn!(folder = %p.display(), error = %e, "not watched: a watched folder replaced whole is not seen");
         }
@@ -477,10 +523,17 @@ fn spawn_follower(
                 let Some(inner) = inner.upgrade() else { return };
                 let Ok(mut st) = inner.lock() else { return };
                 match job {
-                    Job::Gone(path) => st.forget(&path),
+                    Job::Gone(path) => {
+                        // A link gone: what it led to may still be reached
+                        // through another one.
+                        if st.forget(&path) {
+                            for d in &filter.dirs {
+                                let _ = watch_tree(&mut st, d, &filter);
+                            }
+                        }
+                    }
                     Job::Walk(path) => {
-                        // A link into a watched tree is not followed.
-                        if !path.is_dir() || (path.is_symlink() && filter.leads_inside(&path)) {
+                        if !path.is_dir() {
                             continue;
                         }
                         match watch_tree(&mut st, &path, &filter) {
@@ -520,7 +573,7 @@ mod tests {
     fn filter(root: &Path, ignore: &[&str]) -> Filter {
         Filter {
             root: root.to_path_buf(),
-            config: root.join("etc/baton.toml"),
+            config: vec![root.join("etc/baton.toml")],
             files: vec![root.join("Cargo.toml")],
             dirs: vec![
                 root.to_path_buf(),

@@ -583,7 +583,8 @@ async fn links_and_folders_replaced_whole_keep_the_watches_right() {
 async fn lost_events_rescan_and_state_and_config_folders_are_found_through_links() {
     let p = Project::python("", "");
     // The state folder spelled through a link to the project, the whole
-    // project watched, and the config's folder ignored.
+    // project watched, and the config in an ignored folder that batond is
+    // given through a link (etc -> conf).
     std::os::unix::fs::symlink(".", p.path("here")).expect("ln -s");
     p.edit(
         "etc/baton.toml",
@@ -594,8 +595,10 @@ async fn lost_events_rescan_and_state_and_config_folders_are_found_through_links
         "etc/baton.toml",
         r#"paths = ["src"]"#,
         r#"paths = ["."]
-ignore = ["etc/"]"#,
+ignore = ["conf/"]"#,
     );
+    std::fs::rename(p.path("etc"), p.path("conf")).expect("mv etc conf");
+    std::os::unix::fs::symlink("conf", p.path("etc")).expect("ln -s");
     p.write("src/sub/x.py", "# 1\n");
     let d = Daemon::start(&p).await;
     d.wait_active(1).await;
@@ -604,8 +607,9 @@ ignore = ["etc/"]"#,
     assert_eq!(settled(&d).await, 1);
     d.deploy().await;
     assert_eq!(settled(&d).await, 2);
-    // The config is watched although its folder is ignored.
-    p.edit("etc/baton.toml", "debounce_ms = 100", "debounce_ms = 101");
+    // The config is watched although its folder is ignored, and its
+    // events name it by its real path.
+    p.edit("conf/baton.toml", "debounce_ms = 100", "debounce_ms = 101");
     assert_eq!(trigger_of(&d, 3).await, "config reload");
     let g = settled(&d).await;
 
