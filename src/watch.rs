@@ -100,24 +100,24 @@ impl State {
     }
 
     /// Forgets `path` and every folder under it (gone or moved away:
-    /// notify has dropped their watches); true when one of them had been
-    /// reached through a link (the folder may still be reached through
-    /// another).
+    /// notify has dropped their watches); true when `path` was a link
+    /// that was followed (what it led to may still be reached through
+    /// another link).
     fn forget(&mut self, path: &Path) -> bool {
+        let linked = |p: &Path| self.by_path.get(p).is_some_and(|&(_, l)| l);
+        let link = linked(path) && !path.parent().is_some_and(linked);
         let gone: Vec<PathBuf> = self
             .by_path
             .range(path.to_path_buf()..)
             .take_while(|(p, _)| p.starts_with(path))
             .map(|(p, _)| p.clone())
             .collect();
-        let mut linked = false;
         for p in gone {
-            if let Some((k, l)) = self.by_path.remove(&p) {
+            if let Some((k, _)) = self.by_path.remove(&p) {
                 self.by_key.remove(&k);
-                linked |= l;
             }
         }
-        linked
+        link
     }
 
     /// Watches the folder `d` (identity `key`) unless it is watched
