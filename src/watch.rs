@@ -15,7 +15,14 @@
 //! and hear every file a build writes, only to drop them. A folder that
 //! appears later (made, or moved in) is watched when its event arrives, by a
 //! thread of this module: notify's own thread cannot add watches from
-//! inside its event handler.
+//! inside its event handler. That thread also re-walks a watched folder
+//! replaced whole (seen through its parent's watch), and every tree when
+//! the kernel's event queue overflowed.
+//!
+//! Each folder is watched once, under its own path (notify keeps one path
+//! per inotify watch): links are followed only out of the watched trees,
+//! and a folder reached again through a link is left to the path it is
+//! watched under.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::MetadataExt as _;
@@ -248,10 +255,12 @@ impl Filter {
         path.strip_prefix(&self.root).unwrap_or(path).to_path_buf()
     }
 
-    /// Whether the symbolic link `link` leads to a folder in a watched
-    /// tree: that folder is watched under its own path, not the link's.
-    fn leads_inside(&self, link: &Path) -> bool {
-        std::fs::canonicalize(link).is_ok_and(|real| real_inside(&real, &self.real_dirs))
+    /// Whether `path` (a link, or a folder below one) leads to a folder in
+    /// a watched tree: that folder is watched under its own path, not the
+    /// link's.
+    fn leads_inside(&self, path: &Path) -> bool {
+        std::fs::canonicalize(path)
+            .is_ok_and(|real| self.real_dirs.iter().any(|d| real.starts_with(d)))
     }
 
     /// Whether `dir` is reached through a link below its watched tree.
@@ -266,10 +275,6 @@ impl Filter {
                     .is_ok_and(|m| m.file_type().is_symlink())
             })
     }
-}
-
-fn real_inside(real: &Path, dirs: &[PathBuf]) -> bool {
-    dirs.iter().any(|d| real.starts_with(d))
 }
 
 /// Watches `dir` and every folder under it that is not left out, each
