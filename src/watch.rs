@@ -137,13 +137,10 @@ impl State {
                 return Ok(Watched::Elsewhere);
             }
             // Moved here, and its move not handled yet: notify keeps one
-            // watch for both paths, and would drop it with the old one.
+            // watch for both paths, and would drop it with the old one
+            // (`insert` then drops the old path from the maps).
             Some(p) => {
-                let old = p.clone();
-                let _ = self.w.unwatch(&old);
-                if let Some((k, _)) = self.by_path.remove(&old) {
-                    self.by_key.remove(&k);
-                }
+                let _ = self.w.unwatch(p);
             }
             None => {}
         }
@@ -440,7 +437,7 @@ pub fn watch(
                         | EventKind::Remove(RemoveKind::File) => false,
                         // Gone, so not known: taken for a folder (what a folder
                         // glob names usually is).
-                        _ => !path.exists() || path.is_dir(),
+                        _ => std::fs::metadata(path).map_or(true, |m| m.is_dir()),
                     };
                     if let Some(change) = filter.classify(path, is_dir) {
                         if let Some(job) = job
@@ -532,9 +529,7 @@ fn spawn_follower(
                         // A link gone: what it led to may still be reached
                         // through another one.
                         if st.forget(&path) {
-                            for d in &filter.dirs {
-                                let _ = watch_tree(&mut st, d, &filter);
-                            }
+                            rewalk(&mut st, &filter);
                         }
                     }
                     Job::Walk(path) => {
@@ -554,11 +549,7 @@ fn spawn_follower(
                     }
                     Job::Rescan => {
                         tracing::warn!("file events were lost (the kernel's queue overflowed); watching every folder again");
-                        for d in &filter.dirs {
-                            if let Err(e) = watch_tree(&mut st, d, &filter) {
-                                tracing::warn!(error = %e, "a watched folder is not watched");
-                            }
-                        }
+                        rewalk(&mut st, &filter);
                         let _ = tx.send(Change::Lost);
                     }
                 }
@@ -569,6 +560,15 @@ fn spawn_follower(
             path: root,
             source: notify::Error::io(e),
         })
+}
+
+/// Walks every watched tree again, watching what is not watched.
+fn rewalk(st: &mut State, filter: &Filter) {
+    for d in &filter.dirs {
+        if let Err(e) = watch_tree(st, d, filter) {
+            tracing::warn!(error = %e, "a watched folder is not watched");
+        }
+    }
 }
 
 #[cfg(test)]
