@@ -206,6 +206,11 @@ struct Supervisor {
     /// File events were lost: the coming reload rebuilds whatever it
     /// finds.
     events_lost: bool,
+    /// The config file changed and its reload waits for quiet. A source
+    /// deploy due meanwhile waits for that reload, which deploys anyway: one
+    /// save that touches both (`sed -i` leaves a temporary file beside the
+    /// config) is one build, with the new config.
+    config_due: bool,
     /// A reload is being prepared on the blocking pool.
     reload_running: bool,
     /// Another reload was asked for meanwhile.
@@ -293,6 +298,7 @@ pub fn spawn(
         debounce_epoch: 0,
         config_epoch: 0,
         events_lost: false,
+        config_due: false,
         reload_running: false,
         reload_again: false,
         reload_now: Vec::new(),
@@ -365,6 +371,7 @@ impl Supervisor {
                 // reload once the file is quiet, so a half-written file is
                 // never read and one save is one reload and one deploy.
                 self.config_epoch += 1;
+                self.config_due = true;
                 self.after_debounce(Internal::ConfigDue(self.config_epoch));
             }
             Control::Changed(Change::Source(p)) => {
@@ -377,6 +384,7 @@ impl Supervisor {
                 // refused, anyway.
                 self.events_lost = true;
                 self.config_epoch += 1;
+                self.config_due = true;
                 self.after_debounce(Internal::ConfigDue(self.config_epoch));
             }
             Control::Reload(reply) => self.reload(reply),
@@ -495,12 +503,19 @@ impl Supervisor {
             Internal::Reloaded(prepared) => self.reloaded(*prepared),
             Internal::ConfigDue(epoch) => {
                 if epoch == self.config_epoch {
+                    self.config_due = false;
                     self.events.emit("change", None, "config file changed");
                     self.reload(None);
                 }
             }
             Internal::DebounceDue(epoch) => {
-                if epoch == self.debounce_epoch && !self.pipeline_busy {
+                // A reload due or under way deploys when it is applied, or
+                // starts this one if the file is refused.
+                if epoch == self.debounce_epoch
+                    && !self.pipeline_busy
+                    && !self.config_due
+                    && !self.reload_running
+                {
                     self.start_pipeline();
                 }
             }
@@ -1056,6 +1071,9 @@ impl Supervisor {
             Err(msg) => {
                 if std::mem::take(&mut self.events_lost) {
                     self.request_deploy("watch: file events were lost".into(), true);
+                } else if self.pending.is_some() && !self.pipeline_busy {
+                    // Source changes that waited for this reload.
+                    self.start_pipeline();
                 }
                 Err(self.refuse_config(msg))
             }

@@ -295,6 +295,47 @@ async fn one_config_save_is_one_reload_and_one_deploy() {
     assert!(!log.contains("config refused"), "{log}");
 }
 
+/// `sed -i` on the config, with the whole project watched, also leaves a
+/// temporary file beside it (a source change): the two are one deploy,
+/// built with the new config. A refused config does not swallow a source
+/// change saved with it: that one deploys with the running config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_change_saved_with_the_config_waits_for_its_reload() {
+    let p = Project::python("", "");
+    p.edit("etc/baton.toml", "paths = [\"src\"]", "paths = [\".\"]");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    assert_eq!(settled(&d).await, 1);
+    let sed = std::process::Command::new("sed")
+        .args(["-i", "s/health_interval_ms = 300/health_interval_ms = 400/"])
+        .arg(p.path("etc/baton.toml"))
+        .status()
+        .expect("sed");
+    assert!(sed.success());
+    assert_eq!(settled(&d).await, 2, "one deploy; log:\n{}", d.log());
+    assert_eq!(trigger_of(&d, 2).await, "config reload");
+    // A source edit and a refused config, saved together.
+    p.append("src/pyworker.py", "\n# edited\n");
+    p.edit(
+        "etc/baton.toml",
+        "debounce_ms = 100",
+        "debounce_ms = \"soon\"",
+    );
+    let s = d
+        .wait_for("config refused", |s| s.config_error.is_some())
+        .await;
+    assert!(
+        s.config_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("debounce_ms"),
+        "{:?}",
+        s.config_error
+    );
+    assert_eq!(settled(&d).await, 3, "log:\n{}", d.log());
+    assert_eq!(trigger_of(&d, 3).await, "watch: src/pyworker.py");
+}
+
 /// A reload is read and prepared off the thread that serves traffic: here
 /// the config file is a named pipe, so reading it waits until the test
 /// writes it, and meanwhile requests and the control socket are answered.
