@@ -122,6 +122,9 @@ async fn outcome(wait: bool, rx: oneshot::Receiver<DeployOutcome>) -> DeployOutc
 enum Internal {
     Worker(WorkerEvent),
     DebounceDue(u64),
+    /// Whether the artifact on disk is the newest generation's snapshot,
+    /// checked for the deploy due since change N.
+    ArtifactChecked(u64, bool),
     /// The config file has been quiet for `debounce_ms` since change N.
     ConfigDue(u64),
     /// A reload's blocking part is done (boxed: a whole config).
@@ -211,6 +214,9 @@ struct Supervisor {
     /// save that touches both (`sed -i` leaves a temporary file beside the
     /// config) is one build, with the new config.
     config_due: bool,
+    /// The pending deploy was asked for by changes to the artifact alone,
+    /// which a build command writes: see [`Self::check_artifact`].
+    artifact_only: bool,
     /// A reload is being prepared on the blocking pool.
     reload_running: bool,
     /// Another reload was asked for meanwhile.
@@ -299,6 +305,7 @@ pub fn spawn(
         config_epoch: 0,
         events_lost: false,
         config_due: false,
+        artifact_only: false,
         reload_running: false,
         reload_again: false,
         reload_now: Vec::new(),
@@ -376,7 +383,11 @@ impl Supervisor {
             }
             Control::Changed(Change::Source(p)) => {
                 tracing::debug!(path = %p.display(), "source changed");
+                let artifact = !self.cfg.build.command.is_empty()
+                    && self.cfg.daemon.root.join(&p) == self.cfg.build.artifact;
+                let only = artifact && (self.pending.is_none() || self.artifact_only);
                 self.request_deploy(format!("watch: {}", p.display()), false);
+                self.artifact_only = only;
             }
             Control::Changed(Change::Lost) => {
                 // Anything may have changed: the config is read again, and
@@ -408,6 +419,7 @@ impl Supervisor {
     /// explicit requests); file changes wait for quiet.
     fn request_deploy(&mut self, trigger: String, now: bool) {
         self.pending = Some(trigger);
+        self.artifact_only = false;
         self.debounce_epoch += 1;
         if self.pipeline_busy {
             return;
@@ -417,6 +429,32 @@ impl Supervisor {
         } else {
             self.after_debounce(Internal::DebounceDue(self.debounce_epoch));
         }
+    }
+
+    /// Starts the pending deploy, asked for by changes to the artifact
+    /// alone, unless the artifact on disk is the newest generation's
+    /// snapshot: then the build wrote it (a build that writes its artifact
+    /// in a watched folder would otherwise start the next build, for
+    /// ever). An artifact that is also a source (a build command that only
+    /// checks it) still deploys each edit, and so does any artifact after
+    /// a build that failed.
+    fn check_artifact(&mut self) {
+        let newest = self
+            .gens
+            .values()
+            .next_back()
+            .and_then(|g| g.signature.clone());
+        let Some(want) = newest else {
+            self.start_pipeline();
+            return;
+        };
+        let path = self.cfg.build.artifact.clone();
+        let epoch = self.debounce_epoch;
+        let itx = self.itx.clone();
+        tokio::task::spawn_blocking(move || {
+            let same = crate::digest::sha256_file(&path).is_ok_and(|d| d == want);
+            let _ = itx.send(Internal::ArtifactChecked(epoch, same));
+        });
     }
 
     /// Sends `msg` to this actor once `debounce_ms` has passed.
@@ -516,6 +554,28 @@ impl Supervisor {
                     && !self.config_due
                     && !self.reload_running
                 {
+                    if self.artifact_only {
+                        self.check_artifact();
+                    } else {
+                        self.start_pipeline();
+                    }
+                }
+            }
+            Internal::ArtifactChecked(epoch, same) => {
+                // Anything since (a change, a deploy asked for, a reload)
+                // decides anew.
+                if epoch != self.debounce_epoch || !self.artifact_only || self.pipeline_busy {
+                    return;
+                }
+                if same {
+                    tracing::info!(
+                        artifact = %self.cfg.build.artifact.display(),
+                        "the artifact changed on disk as the last build wrote it; no build"
+                    );
+                    self.pending = None;
+                    self.artifact_only = false;
+                    self.notify_status();
+                } else {
                     self.start_pipeline();
                 }
             }
@@ -688,7 +748,9 @@ impl Supervisor {
             // Changes came in during the run: exactly one more, after quiet.
             let trigger = self.pending.take().unwrap_or_default();
             let now = !self.waiters_next.is_empty();
+            let only = self.artifact_only && !now;
             self.request_deploy(trigger, now);
+            self.artifact_only = only;
         }
     }
 

@@ -275,19 +275,24 @@ impl Filter {
 }
 
 /// Watches `dir` and every folder under it that is not left out, each
-/// non-recursively; returns how many were not watched before. A folder
-/// that is watched already under another path (reached through a link) is
+/// non-recursively. With `files`, also tells which files it holds that are
+/// not ignored (the walk of a new folder: what it changes).
+/// A folder that is watched already under another path (reached through a link) is
 /// left to that path, so a link loop ends; a link that leads inside a
 /// watched tree is not followed.
-fn watch_tree(st: &mut State, dir: &Path, filter: &Filter) -> Result<usize, WatchError> {
+fn watch_tree(
+    st: &mut State,
+    dir: &Path,
+    filter: &Filter,
+    mut files: Option<&mut Found>,
+) -> Result<(), WatchError> {
     let top = filter.tree_of(dir);
     let linked = filter.through_link(dir);
     if linked && filter.leads_inside(dir) {
-        return Ok(0);
+        return Ok(());
     }
     let mut seen = HashSet::new();
     let mut stack = vec![(dir.to_path_buf(), linked)];
-    let mut count = 0;
     while let Some((d, linked)) = stack.pop() {
         let Ok(meta) = std::fs::metadata(&d) else {
             // Gone meanwhile (the top folder's absence is caught below).
@@ -304,9 +309,8 @@ fn watch_tree(st: &mut State, dir: &Path, filter: &Filter) -> Result<usize, Watc
             continue;
         }
         match st.watch(&d, key, linked) {
-            Ok(Watched::New) => count += 1,
-            // Still walked: folders may have appeared under it.
-            Ok(Watched::Already) => {}
+            // Already: still walked, folders may have appeared under it.
+            Ok(Watched::New | Watched::Already) => {}
             Ok(Watched::Elsewhere) => continue,
             // Gone between the listing and the watch.
             Err(e) if d != dir && matches!(e.kind, notify::ErrorKind::PathNotFound) => continue,
@@ -338,10 +342,26 @@ fn watch_tree(st: &mut State, dir: &Path, filter: &Filter) -> Result<usize, Watc
                 && !(via && filter.leads_inside(&path))
             {
                 stack.push((path, via));
+            } else if via.is_none()
+                && let Some(found) = files.as_deref_mut()
+                && !matches!(found, Found::Many)
+                && filter.classify(&path, false).is_some()
+            {
+                *found = match found {
+                    Found::None => Found::One(path),
+                    _ => Found::Many,
+                };
             }
         }
     }
-    Ok(count)
+    Ok(())
+}
+
+/// The files not ignored that a walk found.
+enum Found {
+    None,
+    One(PathBuf),
+    Many,
 }
 
 /// What the handler asks of the thread that keeps the watches up to date.
@@ -429,6 +449,10 @@ pub fn watch(
                     | EventKind::Modify(ModifyKind::Name(RenameMode::From)) => Some(Job::Gone),
                     _ => None,
                 };
+                let appeared = matches!(
+                    event.kind,
+                    EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(RenameMode::To))
+                );
                 for path in &event.paths {
                     let is_dir = match event.kind {
                         EventKind::Create(CreateKind::Folder)
@@ -444,6 +468,11 @@ pub fn watch(
                             && matches!(change, Change::Source(_))
                         {
                             let _ = jobs_tx.send(job(path.clone()));
+                            // A new folder is a change once walked, if
+                            // it brings files (see `spawn_follower`).
+                            if is_dir && appeared {
+                                continue;
+                            }
                         }
                         let _ = tx.send(change);
                     }
@@ -460,7 +489,7 @@ pub fn watch(
         by_path: BTreeMap::new(),
     };
     for d in &filter.dirs {
-        watch_tree(&mut st, d, &filter)?;
+        watch_tree(&mut st, d, &filter, None)?;
     }
     // Files are watched through their folder, and so is each watched
     // folder but the root: a folder replaced whole (moved away and another
@@ -536,12 +565,23 @@ fn spawn_follower(
                         if !path.is_dir() {
                             continue;
                         }
-                        match watch_tree(&mut st, &path, &filter) {
-                            // Files written in it before its watch began
-                            // sent no event: one change for all of them.
-                            Ok(_) => {
-                                let _ = tx.send(Change::Source(filter.shown(&path)));
-                            }
+                        let mut files = Found::None;
+                        match watch_tree(&mut st, &path, &filter, Some(&mut files)) {
+                            // The folder's change: its files, written before
+                            // its watch began, sent no event. A folder that
+                            // brings none (made empty, or holding only what
+                            // is ignored) changes nothing; one that brings
+                            // one file is that file's change (the folder a
+                            // build makes for its artifact).
+                            Ok(()) => match files {
+                                Found::None => {}
+                                Found::One(f) => {
+                                    let _ = tx.send(Change::Source(filter.shown(&f)));
+                                }
+                                Found::Many => {
+                                    let _ = tx.send(Change::Source(filter.shown(&path)));
+                                }
+                            },
                             // Made and removed at once (a tool's temporary folder).
                             Err(_) if !path.exists() => {}
                             Err(e) => tracing::warn!(error = %e, "a new folder is not watched"),
@@ -565,7 +605,7 @@ fn spawn_follower(
 /// Walks every watched tree again, watching what is not watched.
 fn rewalk(st: &mut State, filter: &Filter) {
     for d in &filter.dirs {
-        if let Err(e) = watch_tree(st, d, filter) {
+        if let Err(e) = watch_tree(st, d, filter, None) {
             tracing::warn!(error = %e, "a watched folder is not watched");
         }
     }
@@ -574,6 +614,7 @@ fn rewalk(st: &mut State, filter: &Filter) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn filter(root: &Path, ignore: &[&str]) -> Filter {
         Filter {
@@ -661,27 +702,38 @@ mod tests {
 
     /// Receives changes until `want` of them equal `change`, or 5 s pass.
     fn count(rx: &mut mpsc::UnboundedReceiver<Change>, change: &Change, want: usize) -> usize {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let mut n = 0;
         while n < want && std::time::Instant::now() < deadline {
             match rx.try_recv() {
                 Ok(c) if c == *change => n += 1,
                 Ok(_) => {}
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
         }
         n
     }
 
+    /// Receives changes for `within`, all of them.
+    fn drain(rx: &mut mpsc::UnboundedReceiver<Change>, within: Duration) -> Vec<Change> {
+        let deadline = std::time::Instant::now() + within;
+        let mut got = Vec::new();
+        while std::time::Instant::now() < deadline {
+            match rx.try_recv() {
+                Ok(c) => got.push(c),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        got
+    }
+
     #[test]
-    fn a_new_folder_is_reported_again_once_it_is_watched() {
-        // Files written in a folder before its watch began send no event:
-        // the change sent after the walk stands for them.
+    fn a_new_folder_is_a_change_once_watched_if_it_brings_files() {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = std::fs::canonicalize(dir.path()).expect("canonical");
         std::fs::create_dir(root.join("src")).expect("mkdir");
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let ignore = IgnoreSet::new(&["**/target/**"]).expect("globs");
+        let ignore = IgnoreSet::new(&["**/target/**", "**/*.o"]).expect("globs");
         let w = watch(
             &root,
             &[root.join("src")],
@@ -691,9 +743,36 @@ mod tests {
             tx,
         )
         .expect("watch");
-        std::fs::create_dir(root.join("src/new")).expect("mkdir");
+        let settle = Duration::from_millis(300);
+        // Files written in a folder before its watch began send no event:
+        // the change sent after the walk stands for them (the folder is
+        // made outside and moved in whole, so they all are).
+        std::fs::create_dir_all(root.join("away/new/deep")).expect("mkdir");
+        std::fs::write(root.join("away/new/deep/f.rs"), "x").expect("write");
+        std::fs::write(root.join("away/new/e.rs"), "x").expect("write");
+        std::fs::rename(root.join("away/new"), root.join("src/new")).expect("mv");
         let new = Change::Source(PathBuf::from("src/new"));
-        assert_eq!(count(&mut rx, &new, 2), 2, "the event, then the walk");
+        assert_eq!(count(&mut rx, &new, 1), 1, "the walk");
+        assert_eq!(drain(&mut rx, settle), vec![], "one change only");
+        // One file: that file's change (a build's output folder made for
+        // its artifact is the artifact's change).
+        std::fs::create_dir_all(root.join("away/out")).expect("mkdir");
+        std::fs::write(root.join("away/out/app"), "x").expect("write");
+        std::fs::rename(root.join("away/out"), root.join("src/out")).expect("mv");
+        assert_eq!(
+            drain(&mut rx, settle),
+            vec![Change::Source(PathBuf::from("src/out/app"))]
+        );
+        // A folder that brings nothing, or only ignored files, is no
+        // change, but it is watched.
+        std::fs::create_dir_all(root.join("away/objs")).expect("mkdir");
+        std::fs::write(root.join("away/objs/a.o"), "x").expect("write");
+        std::fs::rename(root.join("away/objs"), root.join("src/objs")).expect("mv");
+        std::fs::create_dir(root.join("src/empty")).expect("mkdir");
+        assert_eq!(drain(&mut rx, settle), vec![]);
+        std::fs::write(root.join("src/empty/g.rs"), "x").expect("write");
+        let g = Change::Source(PathBuf::from("src/empty/g.rs"));
+        assert_eq!(count(&mut rx, &g, 1), 1);
         // A link back into the tree is not followed: nothing is watched
         // twice, under two paths.
         let folders = w._inner.lock().expect("state").by_key.len();
@@ -701,8 +780,14 @@ mod tests {
         let up = Change::Source(PathBuf::from("src/new/up"));
         assert_eq!(count(&mut rx, &up, 1), 1);
         std::fs::create_dir(root.join("src/new/more")).expect("mkdir");
-        let more = Change::Source(PathBuf::from("src/new/more"));
-        assert_eq!(count(&mut rx, &more, 2), 2);
+        std::fs::write(root.join("src/new/more/h.rs"), "x").expect("write");
+        let more = Change::Source(PathBuf::from("src/new/more/h.rs"));
+        let walked = Change::Source(PathBuf::from("src/new/more"));
+        let got = drain(&mut rx, settle);
+        assert!(
+            got.contains(&more) || got.contains(&walked),
+            "the file's event or the walk: {got:?}"
+        );
         let st = w._inner.lock().expect("state");
         assert_eq!(st.by_key.len(), folders + 1, "{:?}", st.by_path.keys());
         assert!(

@@ -336,6 +336,34 @@ async fn a_source_change_saved_with_the_config_waits_for_its_reload() {
     assert_eq!(trigger_of(&d, 3).await, "watch: src/pyworker.py");
 }
 
+/// A build that writes its artifact inside the watched tree does not start
+/// the next build: a change to the artifact alone, leaving it as the newest
+/// generation's snapshot, is the build's own. Sources beside it still
+/// deploy, and so does the artifact changed otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_artifact_a_build_writes_in_a_watched_folder_is_no_change() {
+    let p = Project::python("", "");
+    p.edit("etc/baton.toml", "paths = [\"src\"]", "paths = [\".\"]");
+    p.edit(
+        "etc/baton.toml",
+        "command = []\nartifact = \"src/pyworker.py\"",
+        "command = [\"sh\", \"-c\", \"mkdir -p out && cp src/pyworker.py out/worker.py\"]\n\
+         artifact = \"out/worker.py\"",
+    );
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    assert_eq!(settled(&d).await, 1, "log:\n{}", d.log());
+    p.append("src/pyworker.py", "\n# edited\n");
+    assert_eq!(settled(&d).await, 2, "log:\n{}", d.log());
+    assert_eq!(trigger_of(&d, 2).await, "watch: src/pyworker.py");
+    // The artifact changed by something else than the build is a change
+    // (and so is each edit of an artifact that is a source, with a build
+    // that only checks it: see `failed_build_keeps_the_old_worker`).
+    p.append("out/worker.py", "\n# by hand\n");
+    assert_eq!(settled(&d).await, 3, "log:\n{}", d.log());
+    assert_eq!(trigger_of(&d, 3).await, "watch: out/worker.py");
+}
+
 /// A reload is read and prepared off the thread that serves traffic: here
 /// the config file is a named pipe, so reading it waits until the test
 /// writes it, and meanwhile requests and the control socket are answered.
