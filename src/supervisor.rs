@@ -122,9 +122,11 @@ async fn outcome(wait: bool, rx: oneshot::Receiver<DeployOutcome>) -> DeployOutc
 enum Internal {
     Worker(WorkerEvent),
     DebounceDue(u64),
-    /// Whether the artifact on disk is the newest generation's snapshot,
-    /// checked for the deploy due since change N.
+    /// Whether the artifact on disk is as the last build left it, checked
+    /// for the deploy due since change N.
     ArtifactChecked(u64, bool),
+    /// A build failed; the artifact's digest as it left it, if any.
+    FailedBuildLeft(Option<String>),
     /// The config file has been quiet for `debounce_ms` since change N.
     ConfigDue(u64),
     /// A reload's blocking part is done (boxed: a whole config).
@@ -217,6 +219,9 @@ struct Supervisor {
     /// The pending deploy was asked for by changes to the artifact alone,
     /// which a build command writes: see [`Self::check_artifact`].
     artifact_only: bool,
+    /// The artifact's digest as the last build left it: the snapshot's
+    /// signature, or, after a failed build, the file as it was then.
+    built: Option<String>,
     /// A reload is being prepared on the blocking pool.
     reload_running: bool,
     /// Another reload was asked for meanwhile.
@@ -306,6 +311,7 @@ pub fn spawn(
         events_lost: false,
         config_due: false,
         artifact_only: false,
+        built: None,
         reload_running: false,
         reload_again: false,
         reload_now: Vec::new(),
@@ -432,19 +438,13 @@ impl Supervisor {
     }
 
     /// Starts the pending deploy, asked for by changes to the artifact
-    /// alone, unless the artifact on disk is the newest generation's
-    /// snapshot: then the build wrote it (a build that writes its artifact
-    /// in a watched folder would otherwise start the next build, for
-    /// ever). An artifact that is also a source (a build command that only
-    /// checks it) still deploys each edit, and so does any artifact after
-    /// a build that failed.
+    /// alone, unless the artifact on disk is as the last build left it:
+    /// then that build wrote it (a build that writes its artifact in a
+    /// watched folder would otherwise start the next build, for ever, even
+    /// one that fails). An artifact that is also a source (a build command
+    /// that only checks it) still deploys each edit.
     fn check_artifact(&mut self) {
-        let newest = self
-            .gens
-            .values()
-            .next_back()
-            .and_then(|g| g.signature.clone());
-        let Some(want) = newest else {
+        let Some(want) = self.built.clone() else {
             self.start_pipeline();
             return;
         };
@@ -561,6 +561,7 @@ impl Supervisor {
                     }
                 }
             }
+            Internal::FailedBuildLeft(digest) => self.built = digest,
             Internal::ArtifactChecked(epoch, same) => {
                 // Anything since (a change, a deploy asked for, a reload)
                 // decides anew.
@@ -585,6 +586,9 @@ impl Supervisor {
                 build_ms,
                 signature,
             } => {
+                if signature.is_some() {
+                    self.built.clone_from(&signature);
+                }
                 if let Some(g) = self.gens.get_mut(&generation) {
                     g.state = state;
                     g.build_ms = build_ms.or(g.build_ms);
@@ -1358,6 +1362,14 @@ async fn pipeline(
     }
     let t0 = Instant::now();
     if let Err(reason) = worker_proc::build(cfg, shim, dir, token).await {
+        // What the failed build left, so that its own write of the
+        // artifact in a watched folder does not start it again.
+        let artifact = cfg.build.artifact.clone();
+        let left = tokio::task::spawn_blocking(move || crate::digest::sha256_file(&artifact).ok())
+            .await
+            .ok()
+            .flatten();
+        let _ = itx.send(Internal::FailedBuildLeft(left));
         return (Err((GenState::Failed, reason)), None);
     }
     let build_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);

@@ -344,24 +344,38 @@ async fn a_source_change_saved_with_the_config_waits_for_its_reload() {
 async fn the_artifact_a_build_writes_in_a_watched_folder_is_no_change() {
     let p = Project::python("", "");
     p.edit("etc/baton.toml", "paths = [\"src\"]", "paths = [\".\"]");
+    // Each build is counted in target/ (ignored); it fails, after writing
+    // the artifact, when the source says BROKEN.
+    std::fs::create_dir(p.path("target")).expect("mkdir target");
     p.edit(
         "etc/baton.toml",
         "command = []\nartifact = \"src/pyworker.py\"",
-        "command = [\"sh\", \"-c\", \"mkdir -p out && cp src/pyworker.py out/worker.py\"]\n\
+        "command = [\"sh\", \"-c\", \"echo b >> target/builds.txt && mkdir -p out && \
+         cp src/pyworker.py out/worker.py && ! grep -q BROKEN out/worker.py\"]\n\
          artifact = \"out/worker.py\"",
     );
+    let builds = || read(&p.path("target/builds.txt")).lines().count();
     let d = Daemon::start(&p).await;
     d.wait_active(1).await;
     assert_eq!(settled(&d).await, 1, "log:\n{}", d.log());
+    assert_eq!(builds(), 1);
     p.append("src/pyworker.py", "\n# edited\n");
     assert_eq!(settled(&d).await, 2, "log:\n{}", d.log());
     assert_eq!(trigger_of(&d, 2).await, "watch: src/pyworker.py");
+    assert_eq!(builds(), 2);
     // The artifact changed by something else than the build is a change
     // (and so is each edit of an artifact that is a source, with a build
     // that only checks it: see `failed_build_keeps_the_old_worker`).
     p.append("out/worker.py", "\n# by hand\n");
     assert_eq!(settled(&d).await, 3, "log:\n{}", d.log());
     assert_eq!(trigger_of(&d, 3).await, "watch: out/worker.py");
+    assert_eq!(builds(), 3);
+    // A build that fails after writing the artifact does not start again.
+    p.append("src/pyworker.py", "\n# BROKEN\n");
+    d.wait_history(4, "failed").await;
+    assert_eq!(settled(&d).await, 3, "log:\n{}", d.log());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(builds(), 4, "log:\n{}", d.log());
 }
 
 /// A reload is read and prepared off the thread that serves traffic: here
