@@ -216,9 +216,11 @@ struct Supervisor {
     /// save that touches both (`sed -i` leaves a temporary file beside the
     /// config) is one build, with the new config.
     config_due: bool,
-    /// The pending deploy was asked for by changes to the artifact alone,
-    /// which a build command writes: see [`Self::check_artifact`].
-    artifact_only: bool,
+    /// The pending deploy was asked for by file changes alone, namely
+    /// these paths, each with whether it did not exist before (see
+    /// [`Self::deploy_due`]).
+    watch_only: bool,
+    changed: BTreeMap<PathBuf, bool>,
     /// The artifact's digest as the last build left it: the snapshot's
     /// signature, or, after a failed build, the file as it was then.
     built: Option<String>,
@@ -310,7 +312,8 @@ pub fn spawn(
         config_epoch: 0,
         events_lost: false,
         config_due: false,
-        artifact_only: false,
+        watch_only: false,
+        changed: BTreeMap::new(),
         built: None,
         reload_running: false,
         reload_again: false,
@@ -387,14 +390,8 @@ impl Supervisor {
                 self.config_due = true;
                 self.after_debounce(Internal::ConfigDue(self.config_epoch));
             }
-            Control::Changed(Change::Source(p)) => {
-                tracing::debug!(path = %p.display(), "source changed");
-                let artifact = !self.cfg.build.command.is_empty()
-                    && self.cfg.daemon.root.join(&p) == self.cfg.build.artifact;
-                let only = artifact && (self.pending.is_none() || self.artifact_only);
-                self.request_deploy(format!("watch: {}", p.display()), false);
-                self.artifact_only = only;
-            }
+            Control::Changed(Change::Source(p)) => self.file_changed(p, false),
+            Control::Changed(Change::Appeared(p)) => self.file_changed(p, true),
             Control::Changed(Change::Lost) => {
                 // Anything may have changed: the config is read again, and
                 // the worker rebuilt by that reload, or, if the file is
@@ -421,11 +418,23 @@ impl Supervisor {
 
     // --- deploy scheduling ---
 
+    /// A watched file changed (`appeared`: it did not exist before).
+    fn file_changed(&mut self, p: PathBuf, appeared: bool) {
+        tracing::debug!(path = %p.display(), appeared, "source changed");
+        let only = self.pending.is_none() || self.watch_only;
+        self.request_deploy(format!("watch: {}", p.display()), false);
+        // A change this large is a change, whatever it holds.
+        if only && self.changed.len() < MAX_CHANGED {
+            self.watch_only = true;
+            self.changed.entry(p).or_insert(appeared);
+        }
+    }
+
     /// Notes that a deploy is wanted. `now` skips the debounce (startup,
     /// explicit requests); file changes wait for quiet.
     fn request_deploy(&mut self, trigger: String, now: bool) {
         self.pending = Some(trigger);
-        self.artifact_only = false;
+        self.watch_only = false;
         self.debounce_epoch += 1;
         if self.pipeline_busy {
             return;
@@ -437,12 +446,56 @@ impl Supervisor {
         }
     }
 
-    /// Starts the pending deploy, asked for by changes to the artifact
-    /// alone, unless the artifact on disk is as the last build left it:
-    /// then that build wrote it (a build that writes its artifact in a
-    /// watched folder would otherwise start the next build, for ever, even
-    /// one that fails). An artifact that is also a source (a build command
-    /// that only checks it) still deploys each edit.
+    /// Starts the deploy that is due, unless the file changes that asked
+    /// for it changed nothing:
+    /// - paths that appeared and are gone again (a tool's temporary files,
+    ///   or a build's: written beside the artifact, then moved over it);
+    /// - the artifact alone, if it is as the last build left it: that
+    ///   build wrote it (a build that writes its artifact in a watched
+    ///   folder would otherwise start the next build, for ever, even one
+    ///   that fails). An artifact that is also a source (a build command
+    ///   that only checks it) still deploys each edit.
+    fn deploy_due(&mut self) {
+        if !self.watch_only {
+            self.start_pipeline();
+            return;
+        }
+        let root = &self.cfg.daemon.root;
+        self.changed
+            .retain(|p, appeared| !*appeared || std::fs::symlink_metadata(root.join(p)).is_ok());
+        let Some(last) = self.changed.keys().next_back() else {
+            tracing::info!("files came and went; no build");
+            self.drop_pending();
+            return;
+        };
+        // The trigger names a change that stays.
+        let named = self
+            .pending
+            .as_deref()
+            .and_then(|t| t.strip_prefix("watch: "))
+            .map(PathBuf::from);
+        if !named.is_some_and(|n| self.changed.contains_key(&n)) {
+            self.pending = Some(format!("watch: {}", last.display()));
+        }
+        let artifact = &self.cfg.build.artifact;
+        let artifact_only = !self.cfg.build.command.is_empty()
+            && self.changed.keys().all(|p| root.join(p) == *artifact);
+        if artifact_only {
+            self.check_artifact();
+        } else {
+            self.start_pipeline();
+        }
+    }
+
+    /// Forgets the pending deploy: its changes changed nothing.
+    fn drop_pending(&mut self) {
+        self.pending = None;
+        self.watch_only = false;
+        self.changed.clear();
+        self.notify_status();
+    }
+
+    /// See [`Self::deploy_due`].
     fn check_artifact(&mut self) {
         let Some(want) = self.built.clone() else {
             self.start_pipeline();
@@ -471,6 +524,8 @@ impl Supervisor {
         let Some(trigger) = self.pending.take() else {
             return;
         };
+        self.watch_only = false;
+        self.changed.clear();
         self.pipeline_busy = true;
         self.waiters_now.append(&mut self.waiters_next);
         let generation = self.next_gen;
@@ -554,18 +609,14 @@ impl Supervisor {
                     && !self.config_due
                     && !self.reload_running
                 {
-                    if self.artifact_only {
-                        self.check_artifact();
-                    } else {
-                        self.start_pipeline();
-                    }
+                    self.deploy_due();
                 }
             }
             Internal::FailedBuildLeft(digest) => self.built = digest,
             Internal::ArtifactChecked(epoch, same) => {
                 // Anything since (a change, a deploy asked for, a reload)
                 // decides anew.
-                if epoch != self.debounce_epoch || !self.artifact_only || self.pipeline_busy {
+                if epoch != self.debounce_epoch || !self.watch_only || self.pipeline_busy {
                     return;
                 }
                 if same {
@@ -573,10 +624,9 @@ impl Supervisor {
                         artifact = %self.cfg.build.artifact.display(),
                         "the artifact changed on disk as the last build wrote it; no build"
                     );
-                    self.pending = None;
-                    self.artifact_only = false;
-                    self.notify_status();
-                } else {
+                    self.drop_pending();
+                } else if !self.config_due && !self.reload_running {
+                    // Else the reload deploys, or, refused, decides anew.
                     self.start_pipeline();
                 }
             }
@@ -752,9 +802,9 @@ impl Supervisor {
             // Changes came in during the run: exactly one more, after quiet.
             let trigger = self.pending.take().unwrap_or_default();
             let now = !self.waiters_next.is_empty();
-            let only = self.artifact_only && !now;
+            let only = self.watch_only && !now;
             self.request_deploy(trigger, now);
-            self.artifact_only = only;
+            self.watch_only = only;
         }
     }
 
@@ -1139,7 +1189,7 @@ impl Supervisor {
                     self.request_deploy("watch: file events were lost".into(), true);
                 } else if self.pending.is_some() && !self.pipeline_busy {
                     // Source changes that waited for this reload.
-                    self.start_pipeline();
+                    self.deploy_due();
                 }
                 Err(self.refuse_config(msg))
             }
@@ -1398,6 +1448,10 @@ async fn pipeline(
 
 /// Folders of generations being removed are renamed to this prefix first.
 const TRASH_PREFIX: &str = ".trash-gen-";
+
+/// The most file changes kept for one pending deploy (see
+/// [`Supervisor::deploy_due`]); beyond, the deploy runs whatever they are.
+const MAX_CHANGED: usize = 1000;
 
 /// Removes generation `id`'s folder without holding up the runtime thread,
 /// which also moves every request and call: the folder is renamed out of

@@ -37,8 +37,14 @@ use tokio::sync::mpsc;
 /// What changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// A watched source file (path relative to root when under it).
+    /// A watched source file changed or went away (path relative to root
+    /// when under it), or a folder was moved away.
     Source(PathBuf),
+    /// A watched path that did not exist before: made or moved in, or a
+    /// new folder, once watched, with the files it brings (one file is
+    /// named itself). Gone again when the deploy is due (a tool's temporary
+    /// file), it changed nothing.
+    Appeared(PathBuf),
     /// The config file.
     Config,
     /// The kernel's event queue overflowed: changes were lost, so anything
@@ -430,55 +436,73 @@ pub fn watch(
         skip_keys,
     });
     let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<Job>();
-    let handler =
-        {
-            let filter = filter.clone();
-            let tx = tx.clone();
-            move |res: notify::Result<notify::Event>| {
-                let Ok(event) = res else { return };
-                if event.need_rescan() {
-                    let _ = jobs_tx.send(Job::Rescan);
-                    return;
-                }
-                let job: Option<fn(PathBuf) -> Job> = match event.kind {
-                    EventKind::Access(_) | EventKind::Other => return,
-                    EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
-                        Some(Job::Walk)
-                    }
-                    EventKind::Remove(_)
-                    | EventKind::Modify(ModifyKind::Name(RenameMode::From)) => Some(Job::Gone),
-                    _ => None,
-                };
-                let appeared = matches!(
-                    event.kind,
-                    EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(RenameMode::To))
-                );
-                for path in &event.paths {
-                    let is_dir = match event.kind {
-                        EventKind::Create(CreateKind::Folder)
-                        | EventKind::Remove(RemoveKind::Folder) => true,
-                        EventKind::Create(CreateKind::File)
-                        | EventKind::Remove(RemoveKind::File) => false,
-                        // Gone, so not known: taken for a folder (what a folder
-                        // glob names usually is).
-                        _ => std::fs::metadata(path).map_or(true, |m| m.is_dir()),
-                    };
-                    if let Some(change) = filter.classify(path, is_dir) {
-                        if let Some(job) = job
-                            && matches!(change, Change::Source(_))
-                        {
-                            let _ = jobs_tx.send(job(path.clone()));
-                            // A new folder is a change once walked, if
-                            // it brings files (see `spawn_follower`).
-                            if is_dir && appeared {
-                                continue;
-                            }
-                        }
-                        let _ = tx.send(change);
-                    }
-                }
+    let handler = {
+        let filter = filter.clone();
+        let tx = tx.clone();
+        move |res: notify::Result<notify::Event>| {
+            let Ok(event) = res else { return };
+            if event.need_rescan() {
+                let _ = jobs_tx.send(Job::Rescan);
+                return;
             }
-        };
+            let job: Option<fn(PathBuf) -> Job> = match event.kind {
+                // A rename is also its From and To events.
+                EventKind::Access(_)
+                | EventKind::Other
+                | EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => return,
+                EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                    Some(Job::Walk)
+                }
+                EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(RenameMode::From)) => {
+                    Some(Job::Gone)
+                }
+                _ => None,
+            };
+            let appeared = matches!(
+                event.kind,
+                EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(RenameMode::To))
+            );
+            let removed = matches!(event.kind, EventKind::Remove(_));
+            for path in &event.paths {
+                let is_dir = match event.kind {
+                    EventKind::Create(CreateKind::Folder)
+                    | EventKind::Remove(RemoveKind::Folder) => true,
+                    EventKind::Create(CreateKind::File) | EventKind::Remove(RemoveKind::File) => {
+                        false
+                    }
+                    // Gone, so not known: taken for a folder (what a folder
+                    // glob names usually is).
+                    _ => std::fs::metadata(path).map_or(true, |m| m.is_dir()),
+                };
+                let Some(change) = filter.classify(path, is_dir) else {
+                    continue;
+                };
+                let Change::Source(shown) = change else {
+                    let _ = tx.send(change);
+                    continue;
+                };
+                if let Some(job) = job {
+                    let _ = jobs_tx.send(job(path.clone()));
+                }
+                // A folder made or moved in is a change once walked, if
+                // it brings files (see `spawn_follower`); a link is a
+                // change itself (it may now lead elsewhere). A folder
+                // removed is empty: its files' removals were changes
+                // of their own, and an empty folder's coming and going
+                // changes nothing.
+                if (appeared && is_dir && std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()))
+                    || (removed && is_dir)
+                {
+                    continue;
+                }
+                let _ = tx.send(if appeared {
+                    Change::Appeared(shown)
+                } else {
+                    Change::Source(shown)
+                });
+            }
+        }
+    };
     let inner = notify::recommended_watcher(handler).map_err(|source| WatchError {
         path: root.to_path_buf(),
         source,
@@ -576,15 +600,19 @@ fn spawn_follower(
                             Ok(()) => match files {
                                 Found::None => {}
                                 Found::One(f) => {
-                                    let _ = tx.send(Change::Source(filter.shown(&f)));
+                                    let _ = tx.send(Change::Appeared(filter.shown(&f)));
                                 }
                                 Found::Many => {
-                                    let _ = tx.send(Change::Source(filter.shown(&path)));
+                                    let _ = tx.send(Change::Appeared(filter.shown(&path)));
                                 }
                             },
                             // Made and removed at once (a tool's temporary folder).
                             Err(_) if !path.exists() => {}
-                            Err(e) => tracing::warn!(error = %e, "a new folder is not watched"),
+                            // What it holds is not known: a change.
+                            Err(e) => {
+                                tracing::warn!(error = %e, "a new folder is not watched");
+                                let _ = tx.send(Change::Appeared(filter.shown(&path)));
+                            }
                         }
                     }
                     Job::Rescan => {
@@ -751,7 +779,7 @@ mod tests {
         std::fs::write(root.join("away/new/deep/f.rs"), "x").expect("write");
         std::fs::write(root.join("away/new/e.rs"), "x").expect("write");
         std::fs::rename(root.join("away/new"), root.join("src/new")).expect("mv");
-        let new = Change::Source(PathBuf::from("src/new"));
+        let new = Change::Appeared(PathBuf::from("src/new"));
         assert_eq!(count(&mut rx, &new, 1), 1, "the walk");
         assert_eq!(drain(&mut rx, settle), vec![], "one change only");
         // One file: that file's change (a build's output folder made for
@@ -761,7 +789,7 @@ mod tests {
         std::fs::rename(root.join("away/out"), root.join("src/out")).expect("mv");
         assert_eq!(
             drain(&mut rx, settle),
-            vec![Change::Source(PathBuf::from("src/out/app"))]
+            vec![Change::Appeared(PathBuf::from("src/out/app"))]
         );
         // A folder that brings nothing, or only ignored files, is no
         // change, but it is watched.
@@ -771,18 +799,18 @@ mod tests {
         std::fs::create_dir(root.join("src/empty")).expect("mkdir");
         assert_eq!(drain(&mut rx, settle), vec![]);
         std::fs::write(root.join("src/empty/g.rs"), "x").expect("write");
-        let g = Change::Source(PathBuf::from("src/empty/g.rs"));
+        let g = Change::Appeared(PathBuf::from("src/empty/g.rs"));
         assert_eq!(count(&mut rx, &g, 1), 1);
         // A link back into the tree is not followed: nothing is watched
         // twice, under two paths.
         let folders = w._inner.lock().expect("state").by_key.len();
         std::os::unix::fs::symlink("..", root.join("src/new/up")).expect("ln -s");
-        let up = Change::Source(PathBuf::from("src/new/up"));
+        let up = Change::Appeared(PathBuf::from("src/new/up"));
         assert_eq!(count(&mut rx, &up, 1), 1);
         std::fs::create_dir(root.join("src/new/more")).expect("mkdir");
         std::fs::write(root.join("src/new/more/h.rs"), "x").expect("write");
-        let more = Change::Source(PathBuf::from("src/new/more/h.rs"));
-        let walked = Change::Source(PathBuf::from("src/new/more"));
+        let more = Change::Appeared(PathBuf::from("src/new/more/h.rs"));
+        let walked = Change::Appeared(PathBuf::from("src/new/more"));
         let got = drain(&mut rx, settle);
         assert!(
             got.contains(&more) || got.contains(&walked),
@@ -795,5 +823,18 @@ mod tests {
                 .keys()
                 .all(|p| !p.starts_with(root.join("src/new/up")))
         );
+        drop(st);
+        // A folder removed is no change of its own: its files' removals are.
+        std::fs::remove_file(root.join("src/empty/g.rs")).expect("rm");
+        std::fs::remove_dir(root.join("src/empty")).expect("rmdir");
+        assert_eq!(
+            drain(&mut rx, settle),
+            vec![Change::Source(PathBuf::from("src/empty/g.rs"))]
+        );
+        // A link to a folder moved in is a change: it may lead elsewhere.
+        std::os::unix::fs::symlink(root.join("src/new"), root.join("away/cur")).expect("ln -s");
+        std::fs::rename(root.join("away/cur"), root.join("src/cur")).expect("mv -T");
+        let cur = Change::Appeared(PathBuf::from("src/cur"));
+        assert_eq!(count(&mut rx, &cur, 1), 1);
     }
 }

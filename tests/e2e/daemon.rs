@@ -376,6 +376,25 @@ async fn the_artifact_a_build_writes_in_a_watched_folder_is_no_change() {
     assert_eq!(settled(&d).await, 3, "log:\n{}", d.log());
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(builds(), 4, "log:\n{}", d.log());
+    // A build that removes the artifact's folder, writes the artifact
+    // beside it and moves it over, and makes and removes a scratch folder:
+    // files that came and went, and an artifact as the build left it.
+    let cfg = read(&p.path("etc/baton.toml"));
+    let from = cfg.find("mkdir -p out").expect("build command");
+    let to = cfg[from..].find('"').expect("end of command") + from;
+    let mut new = cfg.clone();
+    new.replace_range(
+        from..to,
+        "rm -rf out && mkdir out && t=$(mktemp -p out) && cp src/pyworker.py $t && \
+         mv -f $t out/worker.py && d=$(mktemp -d -p .) && rmdir $d",
+    );
+    p.write("etc/baton.toml", &new);
+    assert_eq!(trigger_of(&d, 5).await, "config reload");
+    assert_eq!(settled(&d).await, 5, "log:\n{}", d.log());
+    p.append("src/pyworker.py", "\n# fixed\n");
+    assert_eq!(settled(&d).await, 6, "log:\n{}", d.log());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(builds(), 6, "log:\n{}", d.log());
 }
 
 /// A reload is read and prepared off the thread that serves traffic: here
