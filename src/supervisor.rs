@@ -217,10 +217,12 @@ struct Supervisor {
     /// config) is one build, with the new config.
     config_due: bool,
     /// The pending deploy was asked for by file changes alone, namely
-    /// these paths, each with whether it did not exist before (see
+    /// these paths, each with how it was first seen and when (see
     /// [`Self::deploy_due`]).
     watch_only: bool,
-    changed: BTreeMap<PathBuf, bool>,
+    changed: BTreeMap<PathBuf, (Seen, u64)>,
+    /// Numbers the file changes, to tell which came first.
+    change_seq: u64,
     /// The artifact's digest as the last build left it: the snapshot's
     /// signature, or, after a failed build, the file as it was then.
     built: Option<String>,
@@ -314,6 +316,7 @@ pub fn spawn(
         config_due: false,
         watch_only: false,
         changed: BTreeMap::new(),
+        change_seq: 0,
         built: None,
         reload_running: false,
         reload_again: false,
@@ -390,8 +393,14 @@ impl Supervisor {
                 self.config_due = true;
                 self.after_debounce(Internal::ConfigDue(self.config_epoch));
             }
-            Control::Changed(Change::Source(p)) => self.file_changed(p, false),
-            Control::Changed(Change::Appeared(p)) => self.file_changed(p, true),
+            Control::Changed(Change::Source(p)) => self.file_changed(p, Seen::Changed),
+            Control::Changed(Change::Appeared(p)) => self.file_changed(p, Seen::Appeared),
+            Control::Changed(Change::NewFolder(p)) => {
+                // No change by itself: only noted, for what goes below it.
+                if self.pending.is_none() || self.watch_only {
+                    self.note_change(p, Seen::NewFolder);
+                }
+            }
             Control::Changed(Change::Lost) => {
                 // Anything may have changed: the config is read again, and
                 // the worker rebuilt by that reload, or, if the file is
@@ -418,16 +427,35 @@ impl Supervisor {
 
     // --- deploy scheduling ---
 
-    /// A watched file changed (`appeared`: it did not exist before).
-    fn file_changed(&mut self, p: PathBuf, appeared: bool) {
-        tracing::debug!(path = %p.display(), appeared, "source changed");
+    /// A watched file changed.
+    fn file_changed(&mut self, p: PathBuf, seen: Seen) {
+        tracing::debug!(path = %p.display(), ?seen, "source changed");
         let only = self.pending.is_none() || self.watch_only;
         self.request_deploy(format!("watch: {}", p.display()), false);
-        // A change this large is a change, whatever it holds.
-        if only && self.changed.len() < MAX_CHANGED {
-            self.watch_only = true;
-            self.changed.entry(p).or_insert(appeared);
+        if only {
+            self.watch_only = self.note_change(p, seen);
         }
+    }
+
+    /// Notes how `p` was first seen since the last deploy began; false when
+    /// there are too many to keep (a change this large is a change,
+    /// whatever it holds).
+    fn note_change(&mut self, p: PathBuf, seen: Seen) -> bool {
+        if self.changed.len() >= MAX_CHANGED && !self.changed.contains_key(&p) {
+            return false;
+        }
+        self.change_seq += 1;
+        let seq = self.change_seq;
+        self.changed
+            .entry(p)
+            // A new folder's walk found files: they are its change.
+            .and_modify(|(s, _)| {
+                if *s == Seen::NewFolder && seen == Seen::Appeared {
+                    *s = Seen::Appeared;
+                }
+            })
+            .or_insert((seen, seq));
+        true
     }
 
     /// Notes that a deploy is wanted. `now` skips the debounce (startup,
@@ -448,8 +476,10 @@ impl Supervisor {
 
     /// Starts the deploy that is due, unless the file changes that asked
     /// for it changed nothing:
-    /// - paths that appeared and are gone again (a tool's temporary files,
-    ///   or a build's: written beside the artifact, then moved over it);
+    /// - paths that are gone again and were made (or lay below a folder
+    ///   made or moved in) before they changed: a tool's temporary files,
+    ///   or a build's (written beside the artifact then moved over it, a
+    ///   scratch folder); a folder made is no change by itself either;
     /// - the artifact alone, if it is as the last build left it: that
     ///   build wrote it (a build that writes its artifact in a watched
     ///   folder would otherwise start the next build, for ever, even one
@@ -461,8 +491,25 @@ impl Supervisor {
             return;
         }
         let root = &self.cfg.daemon.root;
-        self.changed
-            .retain(|p, appeared| !*appeared || std::fs::symlink_metadata(root.join(p)).is_ok());
+        let came = |p: &std::path::Path, seq: u64| {
+            p.ancestors().any(|a| {
+                self.changed
+                    .get(a)
+                    .is_some_and(|(s, at)| *s != Seen::Changed && *at <= seq)
+            })
+        };
+        let gone: Vec<PathBuf> = self
+            .changed
+            .iter()
+            .filter(|(p, (s, seq))| {
+                *s == Seen::NewFolder
+                    || (came(p, *seq) && std::fs::symlink_metadata(root.join(p)).is_err())
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in gone {
+            self.changed.remove(&p);
+        }
         let Some(last) = self.changed.keys().next_back() else {
             tracing::info!("files came and went; no build");
             self.drop_pending();
@@ -1448,6 +1495,17 @@ async fn pipeline(
 
 /// Folders of generations being removed are renamed to this prefix first.
 const TRASH_PREFIX: &str = ".trash-gen-";
+
+/// How a changed path was first seen (see [`Supervisor::deploy_due`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// Changed, removed, moved away or moved in.
+    Changed,
+    /// Made, or brought by a new folder.
+    Appeared,
+    /// A folder made or moved in.
+    NewFolder,
+}
 
 /// The most file changes kept for one pending deploy (see
 /// [`Supervisor::deploy_due`]); beyond, the deploy runs whatever they are.

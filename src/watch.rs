@@ -37,14 +37,17 @@ use tokio::sync::mpsc;
 /// What changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// A watched source file changed or went away (path relative to root
-    /// when under it), or a folder was moved away.
+    /// A watched source file changed, went away or was moved in (path
+    /// relative to root when under it), or a folder was moved away.
     Source(PathBuf),
-    /// A watched path that did not exist before: made or moved in, or a
-    /// new folder, once watched, with the files it brings (one file is
-    /// named itself). Gone again when the deploy is due (a tool's temporary
-    /// file), it changed nothing.
+    /// A file made (it did not exist before), or what a new folder, once
+    /// watched, brings: one file is named itself, more the folder. Gone
+    /// again when the deploy is due (a tool's temporary file), it changed
+    /// nothing.
     Appeared(PathBuf),
+    /// A folder made or moved in: no change by itself (its files are), but
+    /// what is removed or moved away below it afterwards came and went.
+    NewFolder(PathBuf),
     /// The config file.
     Config,
     /// The kernel's event queue overflowed: changes were lost, so anything
@@ -436,73 +439,78 @@ pub fn watch(
         skip_keys,
     });
     let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<Job>();
-    let handler = {
-        let filter = filter.clone();
-        let tx = tx.clone();
-        move |res: notify::Result<notify::Event>| {
-            let Ok(event) = res else { return };
-            if event.need_rescan() {
-                let _ = jobs_tx.send(Job::Rescan);
-                return;
-            }
-            let job: Option<fn(PathBuf) -> Job> = match event.kind {
-                // A rename is also its From and To events.
-                EventKind::Access(_)
-                | EventKind::Other
-                | EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => return,
-                EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
-                    Some(Job::Walk)
+    let handler =
+        {
+            let filter = filter.clone();
+            let tx = tx.clone();
+            move |res: notify::Result<notify::Event>| {
+                let Ok(event) = res else { return };
+                if event.need_rescan() {
+                    let _ = jobs_tx.send(Job::Rescan);
+                    return;
                 }
-                EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(RenameMode::From)) => {
-                    Some(Job::Gone)
-                }
-                _ => None,
-            };
-            let appeared = matches!(
-                event.kind,
-                EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(RenameMode::To))
-            );
-            let removed = matches!(event.kind, EventKind::Remove(_));
-            for path in &event.paths {
-                let is_dir = match event.kind {
-                    EventKind::Create(CreateKind::Folder)
-                    | EventKind::Remove(RemoveKind::Folder) => true,
-                    EventKind::Create(CreateKind::File) | EventKind::Remove(RemoveKind::File) => {
-                        false
+                let job: Option<fn(PathBuf) -> Job> = match event.kind {
+                    // A rename is also its From and To events.
+                    EventKind::Access(_)
+                    | EventKind::Other
+                    | EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => return,
+                    EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                        Some(Job::Walk)
                     }
-                    // Gone, so not known: taken for a folder (what a folder
-                    // glob names usually is).
-                    _ => std::fs::metadata(path).map_or(true, |m| m.is_dir()),
+                    EventKind::Remove(_)
+                    | EventKind::Modify(ModifyKind::Name(RenameMode::From)) => Some(Job::Gone),
+                    _ => None,
                 };
-                let Some(change) = filter.classify(path, is_dir) else {
-                    continue;
-                };
-                let Change::Source(shown) = change else {
+                // Made: did not exist before (a file moved in may have
+                // replaced one that did).
+                let made = matches!(event.kind, EventKind::Create(_));
+                let moved_in = matches!(
+                    event.kind,
+                    EventKind::Modify(ModifyKind::Name(RenameMode::To))
+                );
+                let removed = matches!(event.kind, EventKind::Remove(_));
+                for path in &event.paths {
+                    let is_dir = match event.kind {
+                        EventKind::Create(CreateKind::Folder)
+                        | EventKind::Remove(RemoveKind::Folder) => true,
+                        EventKind::Create(CreateKind::File)
+                        | EventKind::Remove(RemoveKind::File) => false,
+                        // Gone, so not known: taken for a folder (what a folder
+                        // glob names usually is).
+                        _ => std::fs::metadata(path).map_or(true, |m| m.is_dir()),
+                    };
+                    let Some(change) = filter.classify(path, is_dir) else {
+                        continue;
+                    };
+                    let Change::Source(shown) = change else {
+                        let _ = tx.send(change);
+                        continue;
+                    };
+                    if let Some(job) = job {
+                        let _ = jobs_tx.send(job(path.clone()));
+                    }
+                    // A folder made or moved in is a change once walked, if
+                    // it brings files (see `spawn_follower`); a link is a
+                    // change itself (it may now lead elsewhere). A folder
+                    // removed is empty: its files' removals were changes
+                    // of their own, and an empty folder's coming and going
+                    // changes nothing.
+                    let change = if (made || moved_in)
+                        && is_dir
+                        && std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
+                    {
+                        Change::NewFolder(shown)
+                    } else if removed && is_dir {
+                        continue;
+                    } else if made {
+                        Change::Appeared(shown)
+                    } else {
+                        Change::Source(shown)
+                    };
                     let _ = tx.send(change);
-                    continue;
-                };
-                if let Some(job) = job {
-                    let _ = jobs_tx.send(job(path.clone()));
                 }
-                // A folder made or moved in is a change once walked, if
-                // it brings files (see `spawn_follower`); a link is a
-                // change itself (it may now lead elsewhere). A folder
-                // removed is empty: its files' removals were changes
-                // of their own, and an empty folder's coming and going
-                // changes nothing.
-                if (appeared && is_dir && std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()))
-                    || (removed && is_dir)
-                {
-                    continue;
-                }
-                let _ = tx.send(if appeared {
-                    Change::Appeared(shown)
-                } else {
-                    Change::Source(shown)
-                });
             }
-        }
-    };
+        };
     let inner = notify::recommended_watcher(handler).map_err(|source| WatchError {
         path: root.to_path_buf(),
         source,
@@ -789,7 +797,10 @@ mod tests {
         std::fs::rename(root.join("away/out"), root.join("src/out")).expect("mv");
         assert_eq!(
             drain(&mut rx, settle),
-            vec![Change::Appeared(PathBuf::from("src/out/app"))]
+            vec![
+                Change::NewFolder(PathBuf::from("src/out")),
+                Change::Appeared(PathBuf::from("src/out/app"))
+            ]
         );
         // A folder that brings nothing, or only ignored files, is no
         // change, but it is watched.
@@ -797,7 +808,13 @@ mod tests {
         std::fs::write(root.join("away/objs/a.o"), "x").expect("write");
         std::fs::rename(root.join("away/objs"), root.join("src/objs")).expect("mv");
         std::fs::create_dir(root.join("src/empty")).expect("mkdir");
-        assert_eq!(drain(&mut rx, settle), vec![]);
+        assert_eq!(
+            drain(&mut rx, settle),
+            vec![
+                Change::NewFolder(PathBuf::from("src/objs")),
+                Change::NewFolder(PathBuf::from("src/empty"))
+            ]
+        );
         std::fs::write(root.join("src/empty/g.rs"), "x").expect("write");
         let g = Change::Appeared(PathBuf::from("src/empty/g.rs"));
         assert_eq!(count(&mut rx, &g, 1), 1);
@@ -834,7 +851,7 @@ mod tests {
         // A link to a folder moved in is a change: it may lead elsewhere.
         std::os::unix::fs::symlink(root.join("src/new"), root.join("away/cur")).expect("ln -s");
         std::fs::rename(root.join("away/cur"), root.join("src/cur")).expect("mv -T");
-        let cur = Change::Appeared(PathBuf::from("src/cur"));
+        let cur = Change::Source(PathBuf::from("src/cur"));
         assert_eq!(count(&mut rx, &cur, 1), 1);
     }
 }

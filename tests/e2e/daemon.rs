@@ -397,6 +397,52 @@ async fn the_artifact_a_build_writes_in_a_watched_folder_is_no_change() {
     assert_eq!(builds(), 6, "log:\n{}", d.log());
 }
 
+/// Files that came and went between two deploys changed nothing; files
+/// that stay, or that existed before and are gone, did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_that_came_and_went_change_nothing() {
+    let p = Project::python("", "");
+    // Quiet time enough that each step below falls within one.
+    p.edit("etc/baton.toml", "debounce_ms = 100", "debounce_ms = 400");
+    p.write("src/keep.py", "# kept\n");
+    std::fs::create_dir(p.path("away")).expect("mkdir away");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    assert_eq!(settled(&d).await, 1);
+    let sh = |script: &str| {
+        let ok = std::process::Command::new("sh")
+            .args(["-c", script])
+            .current_dir(p.path(""))
+            .status()
+            .expect("sh")
+            .success();
+        assert!(ok, "{script}");
+    };
+    // A temporary file; a folder of files moved in and removed; a copied
+    // tree removed; a folder made with a file and moved out of the tree.
+    sh("echo x > src/tmp.1 && rm src/tmp.1");
+    sh(
+        "mkdir away/pkg && touch away/pkg/a.py away/pkg/b.py && mv away/pkg src/pkg && rm -rf src/pkg",
+    );
+    sh("mkdir -p away/tree/sub && touch away/tree/x.py away/tree/sub/y.py");
+    sh("cp -r away/tree src/copy && rm -rf src/copy");
+    sh("mkdir src/d && echo x > src/d/f.py && mv src/d away/d");
+    assert_eq!(settled(&d).await, 1, "log:\n{}", d.log());
+    // A file that existed, saved through a file moved over it, then
+    // removed: a change.
+    sh("echo y > src/keep.new && mv src/keep.new src/keep.py && rm src/keep.py");
+    assert_eq!(settled(&d).await, 2, "log:\n{}", d.log());
+    assert_eq!(trigger_of(&d, 2).await, "watch: src/keep.py");
+    // A folder moved in that stays: a change.
+    sh("mv away/d src/d");
+    assert_eq!(settled(&d).await, 3, "log:\n{}", d.log());
+    assert_eq!(trigger_of(&d, 3).await, "watch: src/d/f.py");
+    // Removed and made again, empty: its files' removal is the change.
+    sh("rm -rf src/d && mkdir src/d");
+    assert_eq!(settled(&d).await, 4, "log:\n{}", d.log());
+    assert_eq!(trigger_of(&d, 4).await, "watch: src/d/f.py");
+}
+
 /// A reload is read and prepared off the thread that serves traffic: here
 /// the config file is a named pipe, so reading it waits until the test
 /// writes it, and meanwhile requests and the control socket are answered.
