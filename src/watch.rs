@@ -23,6 +23,14 @@
 //! per inotify watch): links are followed only out of the watched trees,
 //! and a folder reached again through a link is left to the path it is
 //! watched under.
+//!
+//! Each change says how the path was seen ([`Change`]): made
+//! ([`Change::Appeared`]), a folder made or moved in
+//! ([`Change::NewFolder`], no change by itself: it counts by the files it
+//! brings), or changed otherwise. With that the supervisor tells files that
+//! came and went (a tool's temporary files) from real changes. A folder
+//! removed is no change of its own: it is empty by then, and its files'
+//! removals were changes of their own.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::MetadataExt as _;
