@@ -293,10 +293,10 @@ impl Filter {
 
 /// Watches `dir` and every folder under it that is not left out, each
 /// non-recursively. With `files`, also tells which files it holds that are
-/// not ignored (the walk of a new folder: what it changes).
-/// A folder that is watched already under another path (reached through a link) is
-/// left to that path, so a link loop ends; a link that leads inside a
-/// watched tree is not followed.
+/// not ignored (the walk of a new folder: what it changes). A folder that
+/// is watched already under another path (reached through a link) is left
+/// to that path, so a link loop ends; a link that leads inside a watched
+/// tree is not followed.
 fn watch_tree(
     st: &mut State,
     dir: &Path,
