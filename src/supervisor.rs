@@ -123,8 +123,9 @@ enum Internal {
     Worker(WorkerEvent),
     DebounceDue(u64),
     /// Whether the artifact on disk is as the last build left it, checked
-    /// for the deploy due since change N.
-    ArtifactChecked(u64, bool),
+    /// for the deploy due since change N; `None`: it was being written
+    /// meanwhile.
+    ArtifactChecked(u64, Option<bool>),
     /// A build failed; the artifact's digest as it left it, if any.
     FailedBuildLeft(Option<String>),
     /// The config file has been quiet for `debounce_ms` since change N.
@@ -552,8 +553,18 @@ impl Supervisor {
         let epoch = self.debounce_epoch;
         let itx = self.itx.clone();
         tokio::task::spawn_blocking(move || {
+            // A file written while it is read is neither: look again once
+            // that write has been quiet (its events may come after this).
+            let stamp = || {
+                std::fs::metadata(&path).ok().map(|m| {
+                    use std::os::unix::fs::MetadataExt as _;
+                    (m.len(), m.modified().ok(), m.ctime(), m.ctime_nsec())
+                })
+            };
+            let before = stamp();
             let same = crate::digest::sha256_file(&path).is_ok_and(|d| d == want);
-            let _ = itx.send(Internal::ArtifactChecked(epoch, same));
+            let verdict = (stamp() == before).then_some(same);
+            let _ = itx.send(Internal::ArtifactChecked(epoch, verdict));
         });
     }
 
@@ -666,7 +677,9 @@ impl Supervisor {
                 if epoch != self.debounce_epoch || !self.watch_only || self.pipeline_busy {
                     return;
                 }
-                if same {
+                if same.is_none() {
+                    self.after_debounce(Internal::DebounceDue(epoch));
+                } else if same == Some(true) {
                     tracing::info!(
                         artifact = %self.cfg.build.artifact.display(),
                         "the artifact changed on disk as the last build wrote it; no build"

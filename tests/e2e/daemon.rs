@@ -397,6 +397,36 @@ async fn the_artifact_a_build_writes_in_a_watched_folder_is_no_change() {
     assert_eq!(builds(), 6, "log:\n{}", d.log());
 }
 
+/// The artifact check reads a large file while it is written again (the
+/// same bytes, twice): the check does not take the half-written file for a
+/// change, it looks again once the writes are quiet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_written_while_it_is_checked_is_looked_at_again() {
+    let p = Project::python("", "");
+    p.edit("etc/baton.toml", "paths = [\"src\"]", "paths = [\".\"]");
+    p.edit(
+        "etc/baton.toml",
+        "command = []\nartifact = \"src/pyworker.py\"",
+        "command = [\"sh\", \"-c\", \"mkdir -p out && cp src/pyworker.py out/worker.py\"]\n\
+         artifact = \"out/worker.py\"",
+    );
+    // About 30 MB, so that hashing it takes a while.
+    p.append(
+        "src/pyworker.py",
+        &format!("#{}\n", "x".repeat(99)).repeat(300_000),
+    );
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    assert_eq!(settled(&d).await, 1, "log:\n{}", d.log());
+    let bytes = std::fs::read(p.path("out/worker.py")).expect("artifact");
+    for gap in [100, 150, 200, 300] {
+        std::fs::write(p.path("out/worker.py"), &bytes).expect("rewrite");
+        tokio::time::sleep(Duration::from_millis(gap)).await;
+        std::fs::write(p.path("out/worker.py"), &bytes).expect("rewrite");
+        assert_eq!(settled(&d).await, 1, "gap {gap} ms; log:\n{}", d.log());
+    }
+}
+
 /// Files that came and went between two deploys changed nothing; files
 /// that stay, or that existed before and are gone, did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
