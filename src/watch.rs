@@ -478,17 +478,27 @@ pub fn watch(
                 );
                 let removed = matches!(event.kind, EventKind::Remove(_));
                 for path in &event.paths {
-                    let is_dir = match event.kind {
+                    // (whether a folder, whether that is known)
+                    let (is_dir, known) = match event.kind {
                         EventKind::Create(CreateKind::Folder)
-                        | EventKind::Remove(RemoveKind::Folder) => true,
+                        | EventKind::Remove(RemoveKind::Folder) => (true, true),
                         EventKind::Create(CreateKind::File)
-                        | EventKind::Remove(RemoveKind::File) => false,
-                        // Gone, so not known: taken for a folder (what a folder
-                        // glob names usually is).
-                        _ => std::fs::metadata(path).map_or(true, |m| m.is_dir()),
+                        | EventKind::Remove(RemoveKind::File) => (false, true),
+                        _ => std::fs::metadata(path).map_or((true, false), |m| (m.is_dir(), true)),
                     };
-                    let Some(change) = filter.classify(path, is_dir) else {
-                        continue;
+                    // Gone (moved away), so not known: a folder if that is
+                    // a change, else a file if that is one. A file named
+                    // like a folder-only glob (`dist/`) moved out of the
+                    // tree is then a change; a folder that glob leaves out,
+                    // moved out, is one too (a build too many, not one
+                    // missed).
+                    let (change, is_dir) = match filter.classify(path, is_dir) {
+                        Some(c) => (c, is_dir),
+                        None if !known => match filter.classify(path, false) {
+                            Some(c) => (c, false),
+                            None => continue,
+                        },
+                        None => continue,
                     };
                     let Change::Source(shown) = change else {
                         let _ = tx.send(change);
@@ -861,5 +871,19 @@ mod tests {
         std::fs::rename(root.join("away/cur"), root.join("src/cur")).expect("mv -T");
         let cur = Change::Source(PathBuf::from("src/cur"));
         assert_eq!(count(&mut rx, &cur, 1), 1);
+        // A file named like a folder-only glob (`**/target/**`) is a source,
+        // and moved out of the tree (gone: not known to be a file) it is a
+        // change too.
+        std::fs::write(root.join("src/target"), "x").expect("write");
+        let got = drain(&mut rx, settle);
+        assert!(
+            got.contains(&Change::Appeared(PathBuf::from("src/target"))),
+            "{got:?}"
+        );
+        std::fs::rename(root.join("src/target"), root.join("away/target")).expect("mv");
+        assert_eq!(
+            drain(&mut rx, settle),
+            vec![Change::Source(PathBuf::from("src/target"))]
+        );
     }
 }
