@@ -381,6 +381,18 @@ enum Found {
     Many,
 }
 
+/// What an event did to its paths.
+#[derive(Clone, Copy)]
+enum How {
+    /// Made: did not exist before.
+    Made,
+    /// Moved in: it may replace one that did.
+    MovedIn,
+    Removed,
+    MovedAway,
+    Modified,
+}
+
 /// What the handler asks of the thread that keeps the watches up to date.
 enum Job {
     /// A folder may have appeared (made, or moved in): watch it and what
@@ -447,88 +459,85 @@ pub fn watch(
         skip_keys,
     });
     let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<Job>();
-    let handler =
-        {
-            let filter = filter.clone();
-            let tx = tx.clone();
-            move |res: notify::Result<notify::Event>| {
-                let Ok(event) = res else { return };
-                if event.need_rescan() {
-                    let _ = jobs_tx.send(Job::Rescan);
-                    return;
-                }
-                let job: Option<fn(PathBuf) -> Job> = match event.kind {
-                    // A rename is also its From and To events.
-                    EventKind::Access(_)
-                    | EventKind::Other
-                    | EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => return,
-                    EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
-                        Some(Job::Walk)
+    let handler = {
+        let filter = filter.clone();
+        let tx = tx.clone();
+        move |res: notify::Result<notify::Event>| {
+            let Ok(event) = res else { return };
+            if event.need_rescan() {
+                let _ = jobs_tx.send(Job::Rescan);
+                return;
+            }
+            let how = match event.kind {
+                // A rename is also its From and To events.
+                EventKind::Access(_)
+                | EventKind::Other
+                | EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => return,
+                EventKind::Create(_) => How::Made,
+                EventKind::Modify(ModifyKind::Name(RenameMode::To)) => How::MovedIn,
+                EventKind::Remove(_) => How::Removed,
+                EventKind::Modify(ModifyKind::Name(RenameMode::From)) => How::MovedAway,
+                _ => How::Modified,
+            };
+            for path in &event.paths {
+                // (whether a folder, whether that is known)
+                let (is_dir, known) = match event.kind {
+                    EventKind::Create(CreateKind::Folder)
+                    | EventKind::Remove(RemoveKind::Folder) => (true, true),
+                    EventKind::Create(CreateKind::File) | EventKind::Remove(RemoveKind::File) => {
+                        (false, true)
                     }
-                    EventKind::Remove(_)
-                    | EventKind::Modify(ModifyKind::Name(RenameMode::From)) => Some(Job::Gone),
-                    _ => None,
+                    _ => std::fs::metadata(path).map_or((true, false), |m| (m.is_dir(), true)),
                 };
-                // Made: did not exist before (a file moved in may have
-                // replaced one that did).
-                let made = matches!(event.kind, EventKind::Create(_));
-                let moved_in = matches!(
-                    event.kind,
-                    EventKind::Modify(ModifyKind::Name(RenameMode::To))
-                );
-                let removed = matches!(event.kind, EventKind::Remove(_));
-                for path in &event.paths {
-                    // (whether a folder, whether that is known)
-                    let (is_dir, known) = match event.kind {
-                        EventKind::Create(CreateKind::Folder)
-                        | EventKind::Remove(RemoveKind::Folder) => (true, true),
-                        EventKind::Create(CreateKind::File)
-                        | EventKind::Remove(RemoveKind::File) => (false, true),
-                        _ => std::fs::metadata(path).map_or((true, false), |m| (m.is_dir(), true)),
-                    };
-                    // Gone (moved away), so not known: a folder if that is
-                    // a change, else a file if that is one. A file named
-                    // like a folder-only glob (`dist/`) moved out of the
-                    // tree is then a change; a folder that glob leaves out,
-                    // moved out, is one too (a build too many, not one
-                    // missed).
-                    let (change, is_dir) = match filter.classify(path, is_dir) {
-                        Some(c) => (c, is_dir),
-                        None if !known => match filter.classify(path, false) {
-                            Some(c) => (c, false),
-                            None => continue,
-                        },
+                // Gone (moved away), so not known: a folder if that is
+                // a change, else a file if that is one. A file named
+                // like a folder-only glob (`dist/`) moved out of the
+                // tree is then a change; a folder that glob leaves out,
+                // moved out, is one too (a build too many, not one
+                // missed).
+                let (change, is_dir) = match filter.classify(path, is_dir) {
+                    Some(c) => (c, is_dir),
+                    None if !known => match filter.classify(path, false) {
+                        Some(c) => (c, false),
                         None => continue,
-                    };
-                    let Change::Source(shown) = change else {
-                        let _ = tx.send(change);
-                        continue;
-                    };
-                    if let Some(job) = job {
-                        let _ = jobs_tx.send(job(path.clone()));
+                    },
+                    None => continue,
+                };
+                let Change::Source(shown) = change else {
+                    let _ = tx.send(change);
+                    continue;
+                };
+                match how {
+                    How::Made | How::MovedIn => {
+                        let _ = jobs_tx.send(Job::Walk(path.clone()));
                     }
-                    // A folder made or moved in is a change once walked, if
-                    // it brings files (see `spawn_follower`); a link is a
-                    // change itself (it may now lead elsewhere). A folder
-                    // removed is empty: its files' removals were changes
-                    // of their own, and an empty folder's coming and going
-                    // changes nothing.
-                    let change = if (made || moved_in)
-                        && is_dir
-                        && std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
+                    How::Removed | How::MovedAway => {
+                        let _ = jobs_tx.send(Job::Gone(path.clone()));
+                    }
+                    How::Modified => {}
+                }
+                // A folder made or moved in is a change once walked, if
+                // it brings files (see `spawn_follower`); a link moved
+                // in is a change itself (it may now lead elsewhere; one
+                // made is a file to inotify). A folder removed is
+                // empty: its files' removals were changes of their own,
+                // and an empty folder's coming and going changes
+                // nothing.
+                let change = match how {
+                    How::Made if is_dir => Change::NewFolder(shown),
+                    How::MovedIn
+                        if is_dir && std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) =>
                     {
                         Change::NewFolder(shown)
-                    } else if removed && is_dir {
-                        continue;
-                    } else if made {
-                        Change::Appeared(shown)
-                    } else {
-                        Change::Source(shown)
-                    };
-                    let _ = tx.send(change);
-                }
+                    }
+                    How::Removed if is_dir => continue,
+                    How::Made => Change::Appeared(shown),
+                    _ => Change::Source(shown),
+                };
+                let _ = tx.send(change);
             }
-        };
+        }
+    };
     let inner = notify::recommended_watcher(handler).map_err(|source| WatchError {
         path: root.to_path_buf(),
         source,
