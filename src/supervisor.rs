@@ -122,10 +122,9 @@ async fn outcome(wait: bool, rx: oneshot::Receiver<DeployOutcome>) -> DeployOutc
 enum Internal {
     Worker(WorkerEvent),
     DebounceDue(u64),
-    /// Whether the artifact on disk is as the last build left it, checked
-    /// for the deploy due since change N; `None`: it was being written
-    /// meanwhile.
-    ArtifactChecked(u64, Option<bool>),
+    /// The artifact's digest (`None`: unreadable), read for the deploy due
+    /// since change N; `None` outside: it was being written meanwhile.
+    ArtifactChecked(u64, Option<Option<String>>),
     /// A build failed; the artifact's digest as it left it, if any.
     FailedBuildLeft(Option<String>),
     /// The config file has been quiet for `debounce_ms` since change N.
@@ -227,6 +226,9 @@ struct Supervisor {
     /// The artifact's digest as the last build left it: the snapshot's
     /// signature, or, after a failed build, the file as it was then.
     built: Option<String>,
+    /// A digest of the artifact, not as the last build left it, read once
+    /// for the pending deploy: a second read must agree before it builds.
+    differs: Option<Option<String>>,
     /// A reload is being prepared on the blocking pool.
     reload_running: bool,
     /// Another reload was asked for meanwhile.
@@ -319,6 +321,7 @@ pub fn spawn(
         changed: BTreeMap::new(),
         change_seq: 0,
         built: None,
+        differs: None,
         reload_running: false,
         reload_again: false,
         reload_now: Vec::new(),
@@ -538,6 +541,7 @@ impl Supervisor {
     /// Forgets the pending deploy: its changes changed nothing.
     fn drop_pending(&mut self) {
         self.pending = None;
+        self.differs = None;
         self.watch_only = false;
         self.changed.clear();
         self.notify_status();
@@ -545,10 +549,10 @@ impl Supervisor {
 
     /// See [`Self::deploy_due`].
     fn check_artifact(&mut self) {
-        let Some(want) = self.built.clone() else {
+        if self.built.is_none() {
             self.start_pipeline();
             return;
-        };
+        }
         let path = self.cfg.build.artifact.clone();
         let epoch = self.debounce_epoch;
         let itx = self.itx.clone();
@@ -562,9 +566,9 @@ impl Supervisor {
                 })
             };
             let before = stamp();
-            let same = crate::digest::sha256_file(&path).is_ok_and(|d| d == want);
-            let verdict = (stamp() == before).then_some(same);
-            let _ = itx.send(Internal::ArtifactChecked(epoch, verdict));
+            let digest = crate::digest::sha256_file(&path).ok();
+            let read = (stamp() == before).then_some(digest);
+            let _ = itx.send(Internal::ArtifactChecked(epoch, read));
         });
     }
 
@@ -584,6 +588,7 @@ impl Supervisor {
         };
         self.watch_only = false;
         self.changed.clear();
+        self.differs = None;
         self.pipeline_busy = true;
         self.waiters_now.append(&mut self.waiters_next);
         let generation = self.next_gen;
@@ -671,23 +676,36 @@ impl Supervisor {
                 }
             }
             Internal::FailedBuildLeft(digest) => self.built = digest,
-            Internal::ArtifactChecked(epoch, same) => {
+            Internal::ArtifactChecked(epoch, read) => {
                 // Anything since (a change, a deploy asked for, a reload)
                 // decides anew.
                 if epoch != self.debounce_epoch || !self.watch_only || self.pipeline_busy {
                     return;
                 }
-                if same.is_none() {
-                    self.after_debounce(Internal::DebounceDue(epoch));
-                } else if same == Some(true) {
-                    tracing::info!(
-                        artifact = %self.cfg.build.artifact.display(),
-                        "the artifact changed on disk as the last build wrote it; no build"
-                    );
-                    self.drop_pending();
-                } else if !self.config_due && !self.reload_running {
-                    // Else the reload deploys, or, refused, decides anew.
-                    self.start_pipeline();
+                match read {
+                    Some(d) if d.is_some() && d == self.built => {
+                        tracing::info!(
+                            artifact = %self.cfg.build.artifact.display(),
+                            "the artifact changed on disk as the last build wrote it; no build"
+                        );
+                        self.drop_pending();
+                    }
+                    // Different twice, a debounce apart: not a write under
+                    // way whose writer stalled while it was read.
+                    Some(d) if self.differs.as_ref() == Some(&d) => {
+                        // Else the reload deploys, or, refused, decides anew.
+                        if !self.config_due && !self.reload_running {
+                            self.start_pipeline();
+                        }
+                    }
+                    // Written while read, or different once: look again
+                    // once quiet.
+                    read => {
+                        if let Some(d) = read {
+                            self.differs = Some(d);
+                        }
+                        self.after_debounce(Internal::DebounceDue(epoch));
+                    }
                 }
             }
             Internal::Progress {
