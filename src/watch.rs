@@ -489,6 +489,13 @@ pub fn watch(
                     }
                     _ => std::fs::metadata(path).map_or((true, false), |m| (m.is_dir(), true)),
                 };
+                // Moved in and already gone again: what went says what it
+                // was (a file's removal is a change, a folder's is not, and
+                // a folder's files were never watched).
+                if matches!(how, How::MovedIn) && !known && std::fs::symlink_metadata(path).is_err()
+                {
+                    continue;
+                }
                 // Gone (moved away), so not known: a folder if that is
                 // a change, else a file if that is one. A file named
                 // like a folder-only glob (`dist/`) moved out of the
