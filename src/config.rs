@@ -462,27 +462,39 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
     }
 }
 
-/// Finds the position of `key` inside `[table]` for validation errors.
+/// Finds the position of `key` inside `table` (a dotted path, `""` for the
+/// top level) for validation errors, however the file spells it: a
+/// `[table]` header, a dotted key (`restart.limit_burst = 0`) or an inline
+/// table. A key the file does not set is placed at its table's name; a
+/// table the file does not have has no position.
 fn locate(text: &str, table: &str, key: &str) -> (Option<usize>, Option<usize>) {
-    let mut in_table = table.is_empty();
-    for (i, line) in text.lines().enumerate() {
-        let t = line.trim();
-        if t.starts_with('[') {
-            in_table = t.trim_matches(|c| c == '[' || c == ']').trim() == table;
-            if key.is_empty() && in_table {
-                return (Some(i + 1), Some(1));
-            }
-            continue;
-        }
-        if in_table
-            && let Some((k, _)) = t.split_once('=')
-            && k.trim().trim_matches('"') == key
-        {
-            let col = line.len() - line.trim_start().len() + 1;
-            return (Some(i + 1), Some(col));
+    let Ok(doc) = toml::de::DeTable::parse(text) else {
+        return (None, None);
+    };
+    let mut at: Option<usize> = None;
+    let mut current = doc.get_ref();
+    for name in table.split('.').filter(|n| !n.is_empty()) {
+        let Some((k, v)) = current.iter().find(|(k, _)| k.get_ref().as_ref() == name) else {
+            return (None, None);
+        };
+        at = Some(k.span().start);
+        match v.get_ref() {
+            toml::de::DeValue::Table(t) => current = t,
+            _ => return (None, None),
         }
     }
-    (None, None)
+    if !key.is_empty()
+        && let Some((k, _)) = current.iter().find(|(k, _)| k.get_ref().as_ref() == key)
+    {
+        at = Some(k.span().start);
+    }
+    match at {
+        Some(offset) => {
+            let (line, column) = line_col(text, offset);
+            (Some(line), Some(column))
+        }
+        None => (None, None),
+    }
 }
 
 struct Validator<'a> {
@@ -701,11 +713,18 @@ impl Validator<'_> {
         let initial = self.positive("restart", "backoff_initial_ms", r.backoff_initial_ms, 100);
         let max = r.backoff_max_ms.unwrap_or(10_000);
         if max < initial {
-            self.issue(
-                "restart",
-                "backoff_max_ms",
-                "must be at least backoff_initial_ms",
-            );
+            match r.backoff_max_ms {
+                Some(_) => self.issue(
+                    "restart",
+                    "backoff_max_ms",
+                    "must be at least backoff_initial_ms",
+                ),
+                None => self.issue(
+                    "restart",
+                    "backoff_initial_ms",
+                    format!("must be at most backoff_max_ms ({max}, the default)"),
+                ),
+            }
         }
         let burst = r.limit_burst.unwrap_or(5);
         if burst == 0 {
@@ -784,6 +803,20 @@ mod tests {
         let i = single_issue(&text);
         assert_eq!(i.line, Some(7));
         assert_eq!(i.key.as_deref(), Some("daemon.listen"));
+        // A dotted key and an inline table are found where they are.
+        let text = format!("restart.limit_burst = 0\n{MINIMAL}");
+        let i = single_issue(&text);
+        assert_eq!((i.line, i.column), (Some(1), Some(9)), "{i}");
+        assert_eq!(i.key.as_deref(), Some("restart.limit_burst"));
+        let text =
+            format!("restart = {{ backoff_initial_ms = 50, backoff_max_ms = 20 }}\n{MINIMAL}");
+        let i = single_issue(&text);
+        assert_eq!((i.line, i.column), (Some(1), Some(38)), "{i}");
+        // A bound the file does not set is not blamed: the key it does is.
+        let text = format!("{MINIMAL}[restart]\nbackoff_initial_ms = 20000\n");
+        let i = single_issue(&text);
+        assert_eq!(i.key.as_deref(), Some("restart.backoff_initial_ms"), "{i}");
+        assert!(i.message.contains("10000, the default"), "{i}");
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! [`run`] takes the already-bound public listener and a root cancellation
 //! token, so tests and socket activation use the same path.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +24,6 @@ use crate::proxy::Proxy;
 use crate::router::Router;
 use crate::supervisor::{self, Control};
 use crate::systemd;
-use crate::worker_proc::BUILD_PGID_FILE;
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +37,14 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// Another daemon runs with the same state dir.
+    #[error("state dir {} is in use by another batond{}", path.display(), pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    InUse {
+        /// The folder.
+        path: PathBuf,
+        /// The other daemon's pid, as it wrote it.
+        pid: Option<u32>,
+    },
     /// The control socket could not be opened.
     #[error(transparent)]
     Control(#[from] control::server::ControlError),
@@ -44,6 +54,40 @@ pub enum DaemonError {
     /// Signal handlers could not be installed.
     #[error("signal handlers: {0}")]
     Signals(std::io::Error),
+}
+
+/// The lock a daemon holds on its state dir (`batond.lock`, with its pid
+/// in it) for as long as it runs: the records of process groups, the
+/// generation folders and the control socket in it are that daemon's.
+fn lock_state_dir(dir: &Path) -> Result<Flock<std::fs::File>, DaemonError> {
+    use std::io::{Seek, Write};
+    let path = dir.join("batond.lock");
+    let io = |source| DaemonError::StateDir {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            lock.set_len(0).map_err(io)?;
+            lock.rewind().map_err(io)?;
+            writeln!(lock, "{}", std::process::id()).map_err(io)?;
+            Ok(lock)
+        }
+        Err((_, Errno::EWOULDBLOCK)) => Err(DaemonError::InUse {
+            path: dir.to_path_buf(),
+            pid: std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| t.trim().parse().ok()),
+        }),
+        Err((_, e)) => Err(io(std::io::Error::from(e))),
+    }
 }
 
 /// Runs the daemon on `listener` until a stop signal or `token` is cancelled.
@@ -68,10 +112,13 @@ pub async fn run(
         path: state_dir.clone(),
         source,
     })?;
-    if let Some(pgid) = GroupRecord::reap_stale(&state_dir.join(BUILD_PGID_FILE)) {
+    // Before anything in the state dir is touched: a second daemon must not
+    // take the first one's records for leftovers.
+    let _lock = lock_state_dir(&state_dir)?;
+    for (pgid, what) in GroupRecord::reap_stale(&state_dir) {
         tracing::warn!(
             pgid,
-            "killed what was left of a build from a previous daemon"
+            "killed what was left of a {what} from a previous daemon (process group {pgid})"
         );
     }
     let control_listener = control::server::bind(&cfg.daemon.control_socket)?;

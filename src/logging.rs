@@ -100,3 +100,40 @@ pub async fn report_dropped(
         }
     }
 }
+
+/// An error and its causes on one line, `a: b: c`, each cause said once:
+/// the messages of this crate already carry their source (`cannot reach
+/// batond at X: no such file`), which `{:#}` would print a second time.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+
+    #[test]
+    fn error_text_says_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = anyhow::Error::new(crate::control::client::ClientError::Connect {
+            path: "/run/baton/control.sock".into(),
+            source: io,
+        })
+        .context("status");
+        assert_eq!(
+            error_text(&e),
+            "status: cannot reach batond at /run/baton/control.sock: no such file"
+        );
+    }
+}

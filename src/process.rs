@@ -197,24 +197,31 @@ pub fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// A record of a process group left behind by a previous daemon, kept as a
-/// file so that the next daemon can kill it after a `kill -9`.
+/// The folder under the state dir that holds one [`GroupRecord`] per
+/// process group the daemon has running (builds and workers).
+pub const GROUPS_DIR: &str = "groups";
+/// Where daemons before the `groups` folder recorded a running build.
+const LEGACY_BUILD_RECORD: &str = "build.pgid";
+
+/// A record of a running child's process group, kept as a file in the state
+/// dir so that the next daemon can kill what is left of it after a `kill -9`
+/// of this one: the child itself dies with the daemon (parent-death
+/// signal), what it started in its group does not.
 #[derive(Debug, Clone)]
 pub struct GroupRecord {
     path: PathBuf,
 }
 
 impl GroupRecord {
-    /// Writes `pgid` plus its start time (to tell a reused pid apart) to `path`.
-    pub fn write(path: &Path, pgid: i32) -> GroupRecord {
-        let content = format!("{pgid} {}\n", start_time(pgid).unwrap_or_default());
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        let _ = std::fs::write(path, content);
-        GroupRecord {
-            path: path.to_path_buf(),
-        }
+    /// Records `pgid` (what it is, e.g. `build of generation 3`) with its
+    /// leader's start time, which tells a reused pid apart.
+    pub fn write(state_dir: &Path, pgid: i32, what: &str) -> GroupRecord {
+        let dir = state_dir.join(GROUPS_DIR);
+        let path = dir.join(pgid.to_string());
+        let content = format!("{pgid} {} {what}\n", start_time(pgid).unwrap_or_default());
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::write(&path, content);
+        GroupRecord { path }
     }
 
     /// Removes the record: the group is gone.
@@ -222,20 +229,44 @@ impl GroupRecord {
         let _ = std::fs::remove_file(&self.path);
     }
 
-    /// Kills the group recorded at `path` if it is still the same group, then
-    /// removes the record. Returns the pgid killed.
-    pub fn reap_stale(path: &Path) -> Option<i32> {
-        let text = std::fs::read_to_string(path).ok()?;
-        let _ = std::fs::remove_file(path);
-        let mut it = text.split_whitespace();
-        let pgid: i32 = it.next()?.parse().ok()?;
-        let started: u64 = it.next()?.parse().ok()?;
-        if pgid > 1 && start_time(pgid) == Some(started) {
-            signal_group(pgid, Signal::SIGKILL);
-            Some(pgid)
-        } else {
-            None
+    /// Kills every process group recorded in `state_dir` by a daemon that
+    /// did not clean up after itself, and removes the records. Returns what
+    /// was killed: the pgid and what it was.
+    ///
+    /// A group is killed when its leader is still the process recorded
+    /// (same start time), or when the leader is gone: a pid is not handed
+    /// out again while a process group of that number still has members, so
+    /// a group found by that number is what the leader left. A pid now
+    /// used by another process is left alone.
+    pub fn reap_stale(state_dir: &Path) -> Vec<(i32, String)> {
+        let mut files = vec![state_dir.join(LEGACY_BUILD_RECORD)];
+        if let Ok(dir) = std::fs::read_dir(state_dir.join(GROUPS_DIR)) {
+            files.extend(dir.flatten().map(|e| e.path()));
         }
+        let mut killed = Vec::new();
+        for path in files {
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let _ = std::fs::remove_file(&path);
+            let mut it = text.trim_end().splitn(3, ' ');
+            let Some(pgid) = it.next().and_then(|p| p.parse::<i32>().ok()) else {
+                continue;
+            };
+            let started = it.next().and_then(|t| t.parse::<u64>().ok());
+            let what = it.next().unwrap_or("build").to_string();
+            if pgid <= 1 {
+                continue;
+            }
+            let ours = match start_time(pgid) {
+                Some(now) => started == Some(now),
+                None => !std::path::Path::new(&format!("/proc/{pgid}")).exists(),
+            };
+            if ours && killpg(Pid::from_raw(pgid), Signal::SIGKILL).is_ok() {
+                killed.push((pgid, what));
+            }
+        }
+        killed
     }
 }
 

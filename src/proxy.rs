@@ -284,7 +284,7 @@ impl Proxy {
         let watch = BodyWatch::new(bodies, body.is_end_stream());
         let mut req = Request::from_parts(parts, ReqBody::Client(body, watch));
         let (mut upstream, mut ticket) = (upstream, ticket);
-        let (mut refused, mut resets) = (0, 0);
+        let (mut refused, mut replayed) = (0, false);
         let (resp, conn) = loop {
             // (error, whether the worker refused connections: then wait for
             // a different one; else the same one may take it again).
@@ -303,11 +303,13 @@ impl Proxy {
                             // A reset before any answer from a worker that was
                             // not stopped on purpose (it just crashed): an
                             // idempotent request without a body may be sent
-                            // again (RFC 9110 §9.2.2). Not so for a draining
+                            // again (RFC 9110 §9.2.2), once: a request that
+                            // itself crashes the worker must not crash
+                            // restart after restart. Not so for a draining
                             // worker cut at its drain timeout.
                             match &replay {
-                                Some((m, u, h)) if resets < 2 && !upstream.is_retired() => {
-                                    resets += 1;
+                                Some((m, u, h)) if !replayed && !upstream.is_retired() => {
+                                    replayed = true;
                                     let mut again = Request::new(ReqBody::Empty);
                                     *again.method_mut() = m.clone();
                                     *again.uri_mut() = u.clone();

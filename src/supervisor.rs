@@ -28,13 +28,21 @@ use crate::systemd;
 use crate::watch::{self, Change};
 use crate::worker_proc::{self, Instance, Launch, WorkerEvent};
 
+/// The verdict on a reload: the settings kept until the daemon restarts
+/// (the new value of each in its note), or why the new config was refused.
+pub type ReloadResult = Result<Vec<String>, String>;
+
+/// A reload read and checked off the actor: the new config, its watches and
+/// the settings kept until the daemon restarts; or why it was refused.
+type Prepared = Result<(Config, watch::Watcher, Vec<String>), String>;
+
 /// A request to the supervisor.
 #[derive(Debug)]
 pub enum Control {
     /// A watched file changed.
     Changed(Change),
     /// Re-read the config file (SIGHUP, `batonctl reload`, file change).
-    Reload(Option<oneshot::Sender<Result<(), String>>>),
+    Reload(Option<oneshot::Sender<ReloadResult>>),
     /// Build and deploy now; the reply (if any) comes when it is decided.
     Deploy {
         /// What asked for it.
@@ -93,8 +101,10 @@ impl Job {
         outcome(wait, rx).await
     }
 
-    /// Asks for a config reload and waits for its verdict.
-    pub async fn reload(&self) -> Result<(), String> {
+    /// Asks for a config reload and waits for its verdict: the settings
+    /// that stay as they are until the daemon restarts, or why the new
+    /// config was refused.
+    pub async fn reload(&self) -> ReloadResult {
         let (tx, rx) = oneshot::channel();
         self.send(Control::Reload(Some(tx)));
         rx.await
@@ -130,7 +140,7 @@ enum Internal {
     /// The config file has been quiet for `debounce_ms` since change N.
     ConfigDue(u64),
     /// A reload's blocking part is done (boxed: a whole config).
-    Reloaded(Box<Result<(Config, watch::Watcher), String>>),
+    Reloaded(Box<Prepared>),
     Progress {
         generation: u64,
         state: GenState,
@@ -234,9 +244,9 @@ struct Supervisor {
     /// Another reload was asked for meanwhile.
     reload_again: bool,
     /// Answered when the running reload is applied.
-    reload_now: Vec<oneshot::Sender<Result<(), String>>>,
+    reload_now: Vec<oneshot::Sender<ReloadResult>>,
     /// Answered by the reload after it.
-    reload_next: Vec<oneshot::Sender<Result<(), String>>>,
+    reload_next: Vec<oneshot::Sender<ReloadResult>>,
     waiters_next: Vec<oneshot::Sender<DeployOutcome>>,
     waiters_now: Vec<oneshot::Sender<DeployOutcome>>,
     restart_waiters: Vec<oneshot::Sender<DeployOutcome>>,
@@ -1032,6 +1042,13 @@ impl Supervisor {
                 dead.pid, exit.status
             ),
         );
+        // A worker that ran for a whole start-limit window was not
+        // crash-looping: its restart starts over from the first delay.
+        if dead.started.elapsed() >= self.cfg.restart.limit_interval
+            && let Some(rt) = self.runtime.get_mut(&generation)
+        {
+            rt.backoff = self.cfg.restart.backoff_initial;
+        }
         self.schedule_restart(generation);
     }
 
@@ -1141,10 +1158,11 @@ impl Supervisor {
                 // the same generation (or from nothing).
                 let current = self.active.as_ref().map(|a| a.generation);
                 if current.is_none() || current == Some(generation) {
+                    // The backoff stays where it is: a worker that proves
+                    // itself and crashes again soon is still crash-looping
+                    // (it starts over only after a run as long as the
+                    // start-limit window, see the exit).
                     self.cut_over(inst);
-                    if let Some(rt) = self.runtime.get_mut(&generation) {
-                        rt.backoff = self.cfg.restart.backoff_initial;
-                    }
                     DeployOutcome {
                         generation: Some(generation),
                         outcome: "active".into(),
@@ -1223,7 +1241,7 @@ impl Supervisor {
     /// large watched tree takes a while to watch, and `chrt` runs for a
     /// priority change), then applies it here ([`Self::reloaded`]). A
     /// reload asked for while one runs runs after it.
-    fn reload(&mut self, reply: Option<oneshot::Sender<Result<(), String>>>) {
+    fn reload(&mut self, reply: Option<oneshot::Sender<ReloadResult>>) {
         if self.reload_running {
             self.reload_next.extend(reply);
             self.reload_again = true;
@@ -1243,24 +1261,28 @@ impl Supervisor {
     }
 
     /// Applies a config [`Self::reload`] prepared, or records why not.
-    fn reloaded(&mut self, prepared: Result<(Config, watch::Watcher), String>) {
+    fn reloaded(&mut self, prepared: Prepared) {
         self.reload_running = false;
         let result = match prepared {
-            Ok((new, w)) => {
+            Ok((new, w, kept)) => {
                 self.watcher = Some(w);
                 self.proxy
                     .set_timeouts(new.daemon.hold_timeout, new.daemon.header_timeout);
                 self.cfg = Arc::new(new);
                 self.config_error = None;
-                self.events
-                    .emit("config_reloaded", None, "config reloaded; redeploying");
+                let mut message = "config reloaded; redeploying".to_string();
+                for k in &kept {
+                    message.push_str("; ");
+                    message.push_str(k);
+                }
+                self.events.emit("config_reloaded", None, message);
                 let trigger = if std::mem::take(&mut self.events_lost) {
                     "config reload (file events were lost)"
                 } else {
                     "config reload"
                 };
                 self.request_deploy(trigger.into(), true);
-                Ok(())
+                Ok(kept)
             }
             Err(msg) => {
                 if std::mem::take(&mut self.events_lost) {
@@ -1372,24 +1394,33 @@ impl Supervisor {
             }
         }
         let candidate = self.candidate.and_then(|c| self.info(c, None));
-        let history = self
-            .gens
-            .values()
-            .rev()
-            .filter(|g| !self.is_live(g.id))
-            .cloned()
-            .collect();
-        // A failed unit shows the generation that hit the limit.
+        // With no worker up, a unit restarting or failed shows the
+        // generation it restarts, or the one that hit the limit: no pid or
+        // port (nothing runs), `starting` while a restart is due.
         let active = active.or_else(|| {
             if self.unit_state == "failed" || self.unit_state == "restarting" {
-                self.runtime
+                let mut g = self
+                    .runtime
                     .keys()
                     .next_back()
-                    .and_then(|g| self.info(*g, None))
+                    .and_then(|g| self.info(*g, None))?;
+                (g.pid, g.port, g.socket) = (None, None, None);
+                if g.state == GenState::Active {
+                    g.state = GenState::Starting;
+                }
+                Some(g)
             } else {
                 None
             }
         });
+        let shown = active.as_ref().map(|g| g.id);
+        let history = self
+            .gens
+            .values()
+            .rev()
+            .filter(|g| !self.is_live(g.id) && Some(g.id) != shown)
+            .cloned()
+            .collect();
         Status {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -1430,17 +1461,26 @@ impl Supervisor {
     async fn shutdown(&mut self) {
         systemd::stopping();
         self.events.emit("stopping", None, "daemon stopping");
-        self.token.cancel();
         let grace = self.cfg.daemon.shutdown_timeout;
         let mut all: Vec<Instance> = self.draining.drain(..).collect();
         if let Some(a) = self.active.take() {
             all.push(a);
         }
-        self.router.set(None);
+        // The workers keep running until the requests and calls they have
+        // are done (up to the shutdown timeout): the front has stopped
+        // taking connections and closes each one after its request in
+        // flight, which the active worker still answers.
         let deadline = tokio::time::Instant::now() + grace;
         for inst in &all {
             inst.monitor.cancel();
+        }
+        for inst in &all {
             let _ = tokio::time::timeout_at(deadline, inst.upstream.idle()).await;
+        }
+        self.router.set(None);
+        // Now builds, candidates and restarts end, and every worker stops.
+        self.token.cancel();
+        for inst in &all {
             inst.upstream.retire();
             inst.upstream.tunnel_cancel.cancel();
             inst.stop.cancel();
@@ -1600,36 +1640,57 @@ fn watch_sources(
 }
 
 /// The blocking part of a reload: reads and checks the file, keeps what
-/// only moves at the next daemon start, watches the new paths, and sets a
-/// changed `realtime_priority`.
+/// only moves at the next daemon start (and says so), watches the new
+/// paths, and sets a changed `realtime_priority`.
 fn prepare_reload(
     old: &Config,
     overrides: &Overrides,
     change_tx: mpsc::UnboundedSender<Change>,
-) -> Result<(Config, watch::Watcher), String> {
+) -> Prepared {
     let mut new = Config::load(&old.file, overrides).map_err(|e| e.to_string())?;
-    if new.daemon.listen.port() != 0 && new.daemon.listen != old.daemon.listen {
-        tracing::warn!(
-            old = %old.daemon.listen,
-            new = %new.daemon.listen,
-            "daemon.listen changed; the listener moves at the next daemon restart"
+    // The listener, the control socket, the state dir and the runtime's
+    // threads are in use: they change at the next daemon start, not in the
+    // middle of a run.
+    let mut kept = Vec::new();
+    let mut keep = |key: &str, now: String, asked: String| {
+        if now != asked {
+            kept.push(format!(
+                "daemon.{key} stays {now} until batond restarts (the file says {asked})"
+            ));
+        }
+    };
+    if new.daemon.listen.port() != 0 {
+        keep(
+            "listen",
+            old.daemon.listen.to_string(),
+            new.daemon.listen.to_string(),
         );
+    }
+    keep(
+        "control_socket",
+        old.daemon.control_socket.display().to_string(),
+        new.daemon.control_socket.display().to_string(),
+    );
+    keep(
+        "state_dir",
+        old.daemon.state_dir.display().to_string(),
+        new.daemon.state_dir.display().to_string(),
+    );
+    keep(
+        "threads",
+        old.daemon.threads.to_string(),
+        new.daemon.threads.to_string(),
+    );
+    for k in &kept {
+        tracing::warn!("{k}");
     }
     new.daemon.listen = old.daemon.listen;
-    // The control socket and the state dir are in use; they move at the
-    // next daemon start, not in the middle of a run.
-    if new.daemon.control_socket != old.daemon.control_socket
-        || new.daemon.state_dir != old.daemon.state_dir
-    {
-        tracing::warn!(
-            "daemon.control_socket or daemon.state_dir changed; they move at the next daemon restart"
-        );
-    }
     new.daemon.control_socket = old.daemon.control_socket.clone();
     new.daemon.state_dir = old.daemon.state_dir.clone();
+    new.daemon.threads = old.daemon.threads;
     let w = watch_sources(&new, change_tx).map_err(|e| e.to_string())?;
     if new.daemon.realtime_priority != old.daemon.realtime_priority {
         crate::sched::apply_to_process(new.daemon.realtime_priority);
     }
-    Ok((new, w))
+    Ok((new, w, kept))
 }

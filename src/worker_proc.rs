@@ -20,9 +20,6 @@ use crate::probe::{self, Verdict};
 use crate::process::{self, Child, GroupRecord, Spec};
 use crate::router::Upstream;
 
-/// Name of the record of a running build's process group in the state dir.
-pub const BUILD_PGID_FILE: &str = "build.pgid";
-
 /// A generation's folder: `state_dir/gen-000N`.
 pub fn gen_dir(state_dir: &Path, generation: u64) -> PathBuf {
     state_dir.join(format!("gen-{generation:04}"))
@@ -59,7 +56,11 @@ pub async fn build(
         },
     )
     .map_err(|e| e.to_string())?;
-    let record = GroupRecord::write(&cfg.daemon.state_dir.join(BUILD_PGID_FILE), child.pid());
+    let what = format!(
+        "build in {}",
+        dir.file_name().unwrap_or_default().to_string_lossy()
+    );
+    let record = GroupRecord::write(&cfg.daemon.state_dir, child.pid(), &what);
     let outcome = tokio::select! {
         r = tokio::time::timeout(cfg.build.timeout, child.wait()) => match r {
             Ok(Ok(status)) if status.success() => Ok(()),
@@ -363,6 +364,11 @@ pub async fn start(
     })?;
     let started = Instant::now();
     let pid = u32::try_from(child.pid()).unwrap_or_default();
+    let record = GroupRecord::write(
+        &cfg.daemon.state_dir,
+        child.pid(),
+        &format!("worker of generation {}", launch.generation),
+    );
     let (line_tx, line_rx) = mpsc::channel::<String>(1024);
     tokio::spawn(write_log(
         log,
@@ -396,6 +402,8 @@ pub async fn start(
                     requested: true,
                 },
             };
+            // The group is gone: `wait` killed what the worker left in it.
+            record.clear();
             endpoint.remove_file();
             let _ = exit_tx.send(Some(exit.clone()));
             let _ = events.send(WorkerEvent::Exited {

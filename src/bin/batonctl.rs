@@ -88,7 +88,7 @@ fn main() -> ExitCode {
             }) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("batonctl: {e:#}");
+            eprintln!("batonctl: {}", baton::logging::error_text(&e));
             ExitCode::FAILURE
         }
     }
@@ -127,6 +127,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (code, body) = client::call_text(&socket, Method::POST, "/v1/reload").await?;
             if code.is_success() {
                 println!("config reloaded; redeploying");
+                // Settings that only change when batond restarts.
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                for k in v["kept"].as_array().into_iter().flatten() {
+                    if let Some(k) = k.as_str() {
+                        println!("note: {k}");
+                    }
+                }
                 Ok(ExitCode::SUCCESS)
             } else {
                 eprintln!("reload refused: {}", error_text(&body));

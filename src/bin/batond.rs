@@ -51,7 +51,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("batond: {e:#}");
+            eprintln!("batond: {}", baton::logging::error_text(&e));
             ExitCode::FAILURE
         }
     }

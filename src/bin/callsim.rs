@@ -99,7 +99,7 @@ fn main() -> ExitCode {
     match run() {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("callsim: {e:#}");
+            eprintln!("callsim: {}", baton::logging::error_text(&e));
             ExitCode::FAILURE
         }
     }

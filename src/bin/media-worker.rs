@@ -46,7 +46,7 @@ fn main() -> ExitCode {
     match run() {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("media-worker: {e:#}");
+            eprintln!("media-worker: {}", baton::logging::error_text(&e));
             ExitCode::FAILURE
         }
     }

@@ -14,7 +14,7 @@
 //! checked on the connection with `SO_PEERCRED`.
 
 use std::convert::Infallible;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
@@ -60,14 +60,25 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     // A path longer than a socket address holds is reached through the
     // folder (see `crate::endpoint`).
     let unix = crate::endpoint::UnixPath::new(path).map_err(err)?;
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(unix.addr()).is_ok() {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(unix.addr()).is_ok() {
+                return Err(err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another batond is answering on it",
+                )));
+            }
+            // A socket nobody answers on: a daemon's that did not clean up.
+            std::fs::remove_file(path).map_err(err)?;
+        }
+        // Never removed: it is not a socket a daemon left.
+        Ok(_) => {
             return Err(err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another batond is answering on it",
+                std::io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket; not replacing it",
             )));
         }
-        std::fs::remove_file(path).map_err(err)?;
+        Err(_) => {}
     }
     let listener = UnixListener::bind(unix.addr()).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
@@ -167,7 +178,10 @@ async fn route(
             json(code, &o)
         }
         (&Method::POST, "/v1/reload") => match job.reload().await {
-            Ok(()) => json(StatusCode::OK, &serde_json::json!({"reloaded": true})),
+            Ok(kept) => json(
+                StatusCode::OK,
+                &serde_json::json!({"reloaded": true, "kept": kept}),
+            ),
             Err(e) => json_error(StatusCode::UNPROCESSABLE_ENTITY, &e),
         },
         (&Method::GET, "/v1/logs") => logs(&req, job, state_dir).await,

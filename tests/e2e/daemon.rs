@@ -178,6 +178,20 @@ async fn start_limit_marks_the_unit_failed_until_the_next_deploy() {
             .is_some_and(|r| r.contains("start limit")),
         "{g:?}"
     );
+    // Nothing runs: no pid or port, and the generation is not also history.
+    assert_eq!((g.pid, g.port), (None, None), "{g:?}");
+    assert!(s.history.iter().all(|h| h.id != g.id), "{:?}", s.history);
+    // Each instance proved itself before it crashed, and still the delay
+    // grew: a worker that crashes soon after its restart is crash-looping.
+    let log = d.log();
+    assert!(
+        log.contains("restarting the same snapshot in 50 ms"),
+        "{log}"
+    );
+    assert!(
+        log.contains("restarting the same snapshot in 100 ms"),
+        "{log}"
+    );
     let (code, headers, _) = d.get("/whoami").await;
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(headers["retry-after"], "1");
@@ -185,6 +199,47 @@ async fn start_limit_marks_the_unit_failed_until_the_next_deploy() {
     p.write("src/pyworker.py", pyworker_source());
     d.wait_for("running again", |s| s.state == "running").await;
     assert_eq!(d.get("/healthz").await.0, StatusCode::OK);
+}
+
+/// SIGTERM: no new connections, the request in flight is answered by a
+/// worker that would die at once on SIGTERM (the Python fixture does), and
+/// only then do the workers stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_requests_in_flight_finish_before_the_workers_stop() {
+    let p = Project::python("", "");
+    let mut d = Daemon::start(&p).await;
+    let s = d.wait_active(1).await;
+    let pid = s.active.and_then(|a| a.pid).expect("pid");
+    let addr = d.addr;
+    let slow = tokio::spawn(async move { http_get(addr, "/slow?ms=1500").await });
+    d.wait_for("the request in flight", |s| {
+        s.active.as_ref().is_some_and(|a| a.requests_in_flight == 1)
+    })
+    .await;
+    let batond = nix::unistd::Pid::from_raw(d.child.id().expect("pid") as i32);
+    nix::sys::signal::kill(batond, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    // The listener closes at once.
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "batond still accepts connections after SIGTERM");
+    assert!(
+        alive(pid),
+        "the worker was stopped with a request in flight"
+    );
+    let (code, _, body) = slow.await.expect("slow");
+    assert_eq!((code, body.as_str()), (StatusCode::OK, "slow 1"));
+    let status = tokio::time::timeout(Duration::from_secs(20), d.child.wait())
+        .await
+        .expect("batond did not stop")
+        .expect("wait");
+    assert!(status.success(), "{status:?}");
+    assert!(wait_gone(pid).await, "worker {pid} outlived batond");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

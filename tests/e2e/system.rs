@@ -99,7 +99,13 @@ async fn a_restarted_daemon_kills_what_a_killed_build_left() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let grandchild = grandchild.expect("the build started its grandchild");
-    assert!(p.path("state/build.pgid").exists(), "build group recorded");
+    let records = std::fs::read_dir(p.path("state/groups"))
+        .expect("state/groups")
+        .count();
+    assert_eq!(
+        records, 2,
+        "the build's and the worker's groups are recorded"
+    );
     d.child.start_kill().expect("kill -9");
     let _ = d.child.wait().await;
     // The shell died with the daemon (parent-death signal); the grandchild
@@ -112,6 +118,144 @@ async fn a_restarted_daemon_kills_what_a_killed_build_left() {
     assert!(d.log().contains("killed what was left of a build"));
     let s = d.wait_for("a worker", |s| s.active.is_some()).await;
     assert!(s.active.expect("active").id >= 3, "numbering continues");
+}
+
+/// An init that reaps at once (systemd, tini), for the test below: it
+/// runs batond as its child with a parent-death signal and, as a child
+/// subreaper, also reaps every process orphaned below it, for at most
+/// 120 s.
+const REAPER: &str = r#"
+import ctypes, os, signal, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+pid = os.fork()
+if pid == 0:
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    os.execv(sys.argv[1], sys.argv[1:])
+end = time.monotonic() + 120
+while time.monotonic() < end:
+    try:
+        if os.waitpid(-1, os.WNOHANG) == (0, 0):
+            time.sleep(0.02)
+    except ChildProcessError:
+        time.sleep(0.02)
+"#;
+
+/// What a worker started in its process group outlives a `kill -9` of
+/// batond (the worker itself dies with it), and the next batond kills it,
+/// found by the group's number although the worker is long reaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_daemon_kills_what_a_killed_worker_left() {
+    let p = Project::python("", "");
+    p.edit(
+        "etc/baton.toml",
+        r#"command = ["python3", "{artifact}"]"#,
+        r#"command = ["sh", "-c", "sleep 60 & echo $! > worker-child.pid; exec python3 \"$0\"", "{artifact}"]"#,
+    );
+    p.write("reaper.py", REAPER);
+    let log = std::fs::File::create(p.path("batond-1.log")).expect("log");
+    let reaper = p.path("reaper.py");
+    let first = Daemon::start_wrapped(
+        &p,
+        &["python3", reaper.to_str().expect("utf8")],
+        Stdio::from(log),
+    )
+    .await;
+    let s = first.wait_active(1).await;
+    let worker = s.active.and_then(|a| a.pid).expect("worker pid");
+    let child: u32 = read(&p.path("worker-child.pid"))
+        .trim()
+        .parse()
+        .expect("the worker's child pid");
+    assert!(alive(child));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(s.pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9 batond");
+    // The worker died with batond and was reaped: its pid is no more.
+    let mut reaped = false;
+    for _ in 0..200 {
+        if !std::path::Path::new(&format!("/proc/{worker}")).exists() {
+            reaped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reaped, "the worker {worker} was not reaped");
+    assert!(alive(child), "the worker's child should outlive kill -9");
+    let second = Daemon::start(&p).await;
+    assert!(
+        wait_gone(child).await,
+        "what the worker left was not killed"
+    );
+    assert!(
+        second
+            .log()
+            .contains("killed what was left of a worker of generation 1"),
+        "{}",
+        second.log()
+    );
+    second.wait_active(2).await;
+    // A stop leaves nothing of the worker's group either.
+    assert!(second.stop().await.success());
+    let child: u32 = read(&p.path("worker-child.pid"))
+        .trim()
+        .parse()
+        .expect("the second worker's child pid");
+    assert!(
+        wait_gone(child).await,
+        "the stopped worker's child lives on"
+    );
+    drop(first);
+}
+
+/// A second batond on the same state dir refuses to start, with the first
+/// one's pid, before it touches anything: the first one's build goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_state_dir_refuses_and_touches_nothing() {
+    let p = Project::python("", "");
+    p.edit(
+        "etc/baton.toml",
+        "command = []",
+        r#"command = ["sh", "-c", "if [ -e slow-build ]; then sleep 3; fi"]"#,
+    );
+    let first = Daemon::start(&p).await;
+    first.wait_active(1).await;
+    p.write("slow-build", "");
+    p.append("src/pyworker.py", "# v2\n");
+    first
+        .wait_for("the build of generation 2", |s| {
+            s.candidate
+                .as_ref()
+                .is_some_and(|c| c.state == baton::control::api::GenState::Building)
+        })
+        .await;
+    let other = p.path("other.sock");
+    let out = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(BATOND)
+            .arg("--config")
+            .arg(p.path("etc/baton.toml"))
+            .args(["--listen", "127.0.0.1:0", "--control-socket"])
+            .arg(&other)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the second batond did not exit")
+    .expect("run batond");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let pid = first.child.id().expect("pid");
+    assert!(
+        err.contains(&format!("is in use by another batond (pid {pid})")),
+        "{err}"
+    );
+    assert!(!other.exists(), "the second batond made its control socket");
+    // The build was not killed: generation 2 serves.
+    first.wait_active(2).await;
+    first.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
