@@ -56,6 +56,56 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     }
 }
 
+/// Whether `chosen` (a 101's `Upgrade`) is one of the protocols `offered`
+/// (the request's `Upgrade`, a comma-separated list; RFC 9110 §7.8).
+pub fn upgrade_offered(offered: &HeaderValue, chosen: &HeaderValue) -> bool {
+    let (Ok(offered), Ok(chosen)) = (offered.to_str(), chosen.to_str()) else {
+        return false;
+    };
+    let chosen = chosen.trim();
+    !chosen.is_empty()
+        && offered
+            .split(',')
+            .any(|p| p.trim().eq_ignore_ascii_case(chosen))
+}
+
+/// Whether a `Host` value is `host[:port]` (RFC 3986 §3.2.2): a
+/// registered name or IPv4 address, or an IPv6 literal in brackets, and
+/// digits after a colon. No allocation: it runs for every request.
+pub fn valid_host(value: &[u8]) -> bool {
+    let (host, port) = if value.first() == Some(&b'[') {
+        let Some(end) = value.iter().position(|&c| c == b']') else {
+            return false;
+        };
+        let inner = &value[1..end];
+        if inner.is_empty()
+            || !inner
+                .iter()
+                .all(|c| c.is_ascii_hexdigit() || b":.".contains(c))
+        {
+            return false;
+        }
+        (&value[..=end], &value[end + 1..])
+    } else {
+        let split = value.iter().position(|&c| c == b':').unwrap_or(value.len());
+        let (host, port) = value.split_at(split);
+        let name_ok = !host.is_empty()
+            && host
+                .iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(c));
+        if !name_ok {
+            return false;
+        }
+        (host, port)
+    };
+    !host.is_empty()
+        && match port.split_first() {
+            None => true,
+            Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+            Some(_) => false,
+        }
+}
+
 /// Puts back the two headers an upgrade needs after stripping.
 pub fn restore_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -78,15 +128,22 @@ pub fn set_forwarded(
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) {
-    let appended = match headers.get(X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
-        Some(prev) if !prev.trim_ascii().is_empty() => {
-            let mut v = prev.to_vec();
+    // Every line an outer proxy (or the client) sent, in order: the last
+    // one is the nearest hop.
+    let mut v = Vec::new();
+    for prev in headers.get_all(X_FORWARDED_FOR) {
+        let prev = prev.as_bytes().trim_ascii();
+        if !prev.is_empty() {
+            v.extend_from_slice(prev);
             v.extend_from_slice(b", ");
+        }
+    }
+    let appended = (!v.is_empty())
+        .then(|| {
             v.extend_from_slice(client.as_bytes());
             HeaderValue::from_bytes(&v).ok()
-        }
-        _ => None,
-    };
+        })
+        .flatten();
     headers.insert(X_FORWARDED_FOR, appended.unwrap_or_else(|| client.clone()));
     if !headers.contains_key(X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
@@ -148,5 +205,51 @@ mod tests {
         assert_eq!(h[X_FORWARDED_FOR], "203.0.113.9, 127.0.0.1");
         assert_eq!(h[X_FORWARDED_PROTO], "https");
         assert_eq!(h[X_FORWARDED_HOST], "inner:8080");
+        // Two lines: both kept, in order, one value.
+        let mut h = HeaderMap::new();
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.1"));
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.9"));
+        set_forwarded(&mut h, &HeaderValue::from_static("::1"), "http", None);
+        assert_eq!(h.get_all(X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(h[X_FORWARDED_FOR], "198.51.100.1, 203.0.113.9, ::1");
+    }
+
+    #[test]
+    fn host_values_are_host_and_port() {
+        for ok in [
+            "example.com",
+            "example.com:8080",
+            "127.0.0.1:80",
+            "[::1]:8080",
+            "[::1]",
+            "a-b.c_d~",
+            "x:",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "user@example.com",
+            "a b",
+            "example.com:80x",
+            "[::1",
+            "[zz]",
+            ":80",
+            "a/b",
+            "[::1]x",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_switch_must_be_to_an_offered_protocol() {
+        let offered = HeaderValue::from_static("websocket, h2c");
+        assert!(upgrade_offered(
+            &offered,
+            &HeaderValue::from_static("WebSocket")
+        ));
+        assert!(upgrade_offered(&offered, &HeaderValue::from_static("h2c")));
+        assert!(!upgrade_offered(&offered, &HeaderValue::from_static("h2")));
+        assert!(!upgrade_offered(&offered, &HeaderValue::from_static("")));
     }
 }

@@ -27,8 +27,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Idle connections kept per worker.
 const MAX_IDLE: usize = 256;
 /// The most a connection buffers, each way, on either side of the proxy
-/// (hyper's default is about 400 KiB): a request head larger than this
-/// gets 431, as nginx and HAProxy refuse heads of 8-16 KiB. Below glibc's
+/// (hyper's default is about 400 KiB): a request head that is still
+/// incomplete once this much has arrived gets 431 (one that arrives whole
+/// in a read may be up to about twice this), as nginx and HAProxy refuse
+/// heads of 8-16 KiB. Below glibc's
 /// 128 KiB mmap threshold, so a buffer that grew for a large head or body
 /// never leaves malloc keeping buffers that size for good.
 pub const MAX_BUF: usize = 64 * 1024;
@@ -272,6 +274,9 @@ pub struct BodyProgress {
     pub waiting: AtomicU64,
     /// Frames read, over all bodies.
     pub frames: AtomicU64,
+    /// Bodies that failed on the client's side (bad framing, the client
+    /// gone): a request that fails after one did is the client's fault.
+    pub errors: AtomicU64,
 }
 
 /// Keeps one body's part of [`BodyProgress`] up to date, until its end (or
@@ -306,6 +311,12 @@ impl BodyWatch {
         }
     }
 
+    fn failed(&self) {
+        if let Some(p) = &self.progress {
+            p.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn end(&mut self) {
         self.read(false, false);
         self.progress = None;
@@ -331,6 +342,10 @@ impl Body for ReqBody {
                 let r = Pin::new(&mut *b).poll_frame(cx);
                 match &r {
                     Poll::Ready(Some(Ok(_))) if !b.is_end_stream() => watch.read(true, false),
+                    Poll::Ready(Some(Err(_))) => {
+                        watch.failed();
+                        watch.end();
+                    }
                     Poll::Ready(_) => watch.end(),
                     Poll::Pending => watch.read(false, true),
                 }

@@ -224,30 +224,30 @@ impl Proxy {
         bodies: &Arc<BodyProgress>,
     ) -> Response<ProxyBody> {
         self.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        // The host the request is for (RFC 9112 §3.2): the authority of an
+        // absolute-form target, which then replaces `Host`, else the one
+        // `Host` line an HTTP/1.1 request must carry.
+        let host = match request_host(&req) {
+            Ok(h) => h,
+            Err(why) => return refuse(StatusCode::BAD_REQUEST, &format!("bad request: {why}\n")),
+        };
+        if req.method() == http::Method::CONNECT {
+            return refuse(
+                StatusCode::NOT_IMPLEMENTED,
+                "not implemented: CONNECT (batond is a reverse proxy)\n",
+            );
+        }
         let Some((upstream, ticket)) = self.router.acquire(self.hold()).await else {
             return self.unavailable();
         };
         let upgrade = headers::upgrade_protocol(req.headers());
         let inbound_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        // `Host` as sent, else the authority of an absolute-form target
-        // (then also sent on as `Host`).
-        let sent_host = parts.headers.get(header::HOST).cloned();
-        let uri_host = match sent_host {
-            Some(_) => None,
-            None => parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-        };
         headers::strip_hop_by_hop(&mut parts.headers);
-        headers::set_forwarded(
-            &mut parts.headers,
-            client,
-            "http",
-            sent_host.as_ref().or(uri_host.as_ref()),
-        );
-        if let Some(h) = uri_host {
+        headers::set_forwarded(&mut parts.headers, client, "http", host.as_ref());
+        if let Some(h) = host
+            && parts.uri.authority().is_some()
+        {
             parts.headers.insert(header::HOST, h);
         }
         if let Some(proto) = &upgrade {
@@ -282,6 +282,7 @@ impl Proxy {
             )
         });
         let watch = BodyWatch::new(bodies, body.is_end_stream());
+        let body_errors = bodies.errors.load(Ordering::Relaxed);
         let mut req = Request::from_parts(parts, ReqBody::Client(body, watch));
         let (mut upstream, mut ticket) = (upstream, ticket);
         let (mut refused, mut replayed) = (0, false);
@@ -300,6 +301,19 @@ impl Proxy {
                         }
                         None => {
                             let err = SendError::Http(e.into_error());
+                            // The client's body broke (bad chunked framing,
+                            // the client hung up mid-upload): the client's
+                            // fault, not the worker's.
+                            if bodies.errors.load(Ordering::Relaxed) != body_errors {
+                                tracing::debug!(generation = upstream.generation, error = %err, "request body from the client failed");
+                                return refuse(
+                                    StatusCode::BAD_REQUEST,
+                                    &format!(
+                                        "bad request: the request body could not be read: {}\n",
+                                        reason(&err)
+                                    ),
+                                );
+                            }
                             // A reset before any answer from a worker that was
                             // not stopped on purpose (it just crashed): an
                             // idempotent request without a body may be sent
@@ -358,6 +372,7 @@ impl Proxy {
                     _ticket: ticket,
                     conn: Some((conn, upstream.pool.clone())),
                     done: false,
+                    failed: None,
                 };
                 Response::from_parts(parts, ProxyBody::Upstream(body))
             }
@@ -374,19 +389,18 @@ impl Proxy {
         inbound: hyper::upgrade::OnUpgrade,
         upstream: &Arc<Upstream>,
     ) -> Response<ProxyBody> {
-        let same = resp
+        let chosen = resp
             .headers()
             .get(header::UPGRADE)
-            .and_then(|v| v.to_str().ok())
-            .zip(proto.to_str().ok())
-            .is_some_and(|(a, b)| a.eq_ignore_ascii_case(b));
-        if !same {
+            .filter(|c| headers::upgrade_offered(&proto, c))
+            .cloned();
+        let Some(chosen) = chosen else {
             self.metrics.bad_gateway.fetch_add(1, Ordering::Relaxed);
-            return text(
+            return refuse(
                 StatusCode::BAD_GATEWAY,
-                "bad gateway: worker switched to another protocol\n",
+                "bad gateway: worker switched to a protocol the client did not offer\n",
             );
-        }
+        };
         self.metrics.upgrades.fetch_add(1, Ordering::Relaxed);
         let outbound = hyper::upgrade::on(&mut resp);
         let ticket = upstream.tunnel();
@@ -414,7 +428,7 @@ impl Proxy {
         });
         let (mut parts, _) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
-        headers::restore_upgrade(&mut parts.headers, proto);
+        headers::restore_upgrade(&mut parts.headers, chosen);
         Response::from_parts(parts, empty())
     }
 }
@@ -530,6 +544,32 @@ impl Body for ClientBody {
     }
 }
 
+/// The host a request is for, checked as RFC 9112 §3.2 asks: the
+/// authority of an absolute-form target wins over `Host`; otherwise an
+/// HTTP/1.1 request carries exactly one `Host` line with a valid authority
+/// (or an empty one). An HTTP/1.0 request may have none.
+fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, &'static str> {
+    let mut lines = req.headers().get_all(header::HOST).iter();
+    let (first, second) = (lines.next(), lines.next());
+    if second.is_some() {
+        return Err("more than one Host header");
+    }
+    if let Some(h) = first
+        && !h.is_empty()
+        && !headers::valid_host(h.as_bytes())
+    {
+        return Err("Host is not a valid host[:port]");
+    }
+    if let Some(a) = req.uri().authority() {
+        return Ok(HeaderValue::from_str(a.as_str()).ok());
+    }
+    match first {
+        Some(h) => Ok(Some(h.clone())),
+        None if req.version() == http::Version::HTTP_11 => Err("HTTP/1.1 request without Host"),
+        None => Ok(None),
+    }
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -555,6 +595,16 @@ pub fn text(status: StatusCode, body: &str) -> Response<ProxyBody> {
     resp
 }
 
+/// A refusal of a request the proxy will not pass on, or of an upgrade
+/// the worker botched; the connection closes after it (what the client
+/// sends next cannot be trusted to be framed right, or to be HTTP).
+fn refuse(status: StatusCode, body: &str) -> Response<ProxyBody> {
+    let mut resp = text(status, body);
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
 fn empty() -> ProxyBody {
     ProxyBody::Local(Full::new(Bytes::new()))
 }
@@ -568,6 +618,8 @@ pub struct Guarded {
     /// The worker connection, driven from here while the body streams.
     conn: Option<(UpstreamConn, Arc<Pool>)>,
     done: bool,
+    /// The worker's body failed: given to hyper on the next poll.
+    failed: Option<BoxError>,
 }
 
 impl Body for Guarded {
@@ -579,6 +631,9 @@ impl Body for Guarded {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(e) = this.failed.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
         let mut r = Pin::new(&mut this.inner).poll_frame(cx);
         if r.is_pending()
             && let Some((conn, _)) = &mut this.conn
@@ -587,10 +642,23 @@ impl Body for Guarded {
             conn.drive(cx);
             r = Pin::new(&mut this.inner).poll_frame(cx);
         }
-        if matches!(r, Poll::Ready(None)) {
-            self.done = true;
+        match r {
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            // The worker broke off its response. hyper drops what it has
+            // not written yet when a body fails, so the error waits one
+            // poll: the head and the bytes before it go out first, and the
+            // client sees a cut response (as from nginx or HAProxy), not a
+            // connection closed without a word.
+            Poll::Ready(Some(Err(e))) => {
+                this.failed = Some(e.into());
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            r => r.map(|o| o.map(|r| r.map_err(Into::into))),
         }
-        r.map(|o| o.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -988,6 +988,92 @@ async fn an_unhealthy_active_worker_is_replaced_without_failed_requests() {
     assert!(wait_gone(pid1).await);
 }
 
+/// RFC 9112's rules for a request's host and framing, and who gets the
+/// blame: a body the client botched is a 400, not a 502 that counts
+/// against the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_400_and_the_worker_is_not_blamed() {
+    let p = Project::python("", "");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    let addr = d.addr;
+    let status = |r: &str| r.lines().next().unwrap_or("").to_string();
+    for (what, req) in [
+        (
+            "bad chunk size",
+            "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        ),
+        ("no Host", "GET /whoami HTTP/1.1\r\n\r\n"),
+        (
+            "two Host lines",
+            "GET /whoami HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+        ),
+        (
+            "a Host that is no host",
+            "GET /whoami HTTP/1.1\r\nHost: user@a.example\r\n\r\n",
+        ),
+    ] {
+        let r = raw_request(addr, req).await;
+        assert!(status(&r).starts_with("HTTP/1.1 400"), "{what}: {r}");
+    }
+    let r = raw_request(
+        addr,
+        "CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n",
+    )
+    .await;
+    assert!(status(&r).starts_with("HTTP/1.1 501"), "{r}");
+    let (_, text) = baton::control::client::call_text(&d.socket, http::Method::GET, "/metrics")
+        .await
+        .expect("metrics");
+    assert!(text.contains("baton_bad_gateway_total 0"), "{text}");
+    // An absolute-form target's authority wins over Host; every
+    // X-Forwarded-For line is kept, the nearest hop last.
+    let r = raw_request(
+        addr,
+        "GET http://a.example/whoami HTTP/1.1\r\nHost: b.example\r\nX-Forwarded-For: 198.51.100.1\r\nX-Forwarded-For: 203.0.113.9\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let body = r.split("\r\n\r\n").nth(1).unwrap_or("");
+    let who: serde_json::Value = serde_json::from_str(body).expect("whoami json");
+    let h = &who["headers"];
+    assert_eq!(h["host"], "a.example", "{who}");
+    assert_eq!(h["x-forwarded-host"], "a.example", "{who}");
+    assert_eq!(
+        h["x-forwarded-for"], "198.51.100.1, 203.0.113.9, 127.0.0.1",
+        "{who}"
+    );
+    // HTTP/1.0 needs no Host.
+    let r = raw_request(addr, "GET /healthz HTTP/1.0\r\n\r\n").await;
+    assert!(status(&r).contains(" 200"), "{r}");
+    // A worker that breaks off its answer: the client gets the head and
+    // what came before the break, then the close (a cut response it can
+    // tell from a whole one), not a close without a word.
+    let r = raw_request(addr, "GET /truncated HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(status(&r).starts_with("HTTP/1.1 200"), "{r:?}");
+    assert!(
+        r.to_ascii_lowercase().contains("content-length: 100"),
+        "{r}"
+    );
+    assert!(r.ends_with("0123456789"), "{r:?}");
+    // A 101 to one of the protocols offered passes, with that protocol.
+    let r = raw_request(
+        addr,
+        "GET /switch?to=h2c HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket, h2c\r\n\r\n",
+    )
+    .await;
+    assert!(status(&r).starts_with("HTTP/1.1 101"), "{r}");
+    assert!(r.to_ascii_lowercase().contains("upgrade: h2c\r\n"), "{r}");
+    assert!(r.ends_with("switched\n"), "{r:?}");
+    let r = raw_request(
+        addr,
+        "GET /switch?to=h2 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket, h2c\r\n\r\n",
+    )
+    .await;
+    assert!(status(&r).starts_with("HTTP/1.1 502"), "{r}");
+    // The listener lives on.
+    assert_eq!(d.get("/healthz").await.0, StatusCode::OK);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_stream_both_ways_and_upstream_failures_are_502() {
     use http_body_util::BodyExt;
