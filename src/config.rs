@@ -128,6 +128,7 @@ struct RawWorker {
     health_failures: Option<u32>,
     drain_timeout_s: Option<u64>,
     stop_timeout_s: Option<u64>,
+    keepalive_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -188,8 +189,12 @@ pub struct Config {
 pub struct DaemonConfig {
     /// Working folder of builds and workers; base of every relative path.
     pub root: PathBuf,
-    /// The public listener, unless a socket is inherited from systemd.
+    /// The public listener, unless a socket is inherited from systemd;
+    /// once bound, the address bound.
     pub listen: SocketAddr,
+    /// `listen` as the file (or `--listen`) gives it, which a reload
+    /// compares with the one the daemon started with.
+    pub listen_asked: SocketAddr,
     /// The control socket path.
     pub control_socket: PathBuf,
     /// Where generations keep their snapshot and logs.
@@ -260,6 +265,9 @@ pub struct WorkerConfig {
     pub drain_timeout: Duration,
     /// Grace between SIGTERM and SIGKILL.
     pub stop_timeout: Duration,
+    /// How long a keep-alive connection to the worker may sit idle and
+    /// still be used again.
+    pub keepalive_timeout: Duration,
 }
 
 /// `[restart]`: crash restart policy, like systemd's `Restart=on-failure`.
@@ -592,6 +600,7 @@ impl Validator<'_> {
         let daemon = DaemonConfig {
             root: root.clone(),
             listen,
+            listen_asked: listen,
             control_socket,
             state_dir,
             hold_timeout: Duration::from_millis(hold),
@@ -687,6 +696,12 @@ impl Validator<'_> {
         }
         let drain = w.drain_timeout_s.unwrap_or(300);
         let stop = self.positive("worker", "stop_timeout_s", w.stop_timeout_s, 10);
+        let keepalive = self.positive(
+            "worker",
+            "keepalive_timeout_ms",
+            w.keepalive_timeout_ms,
+            1000,
+        );
         let socket = w.socket.unwrap_or(WorkerSocket::Tcp);
         if socket == WorkerSocket::Unix && w.command.iter().any(|a| a.contains("{port}")) {
             self.issue(
@@ -707,6 +722,7 @@ impl Validator<'_> {
             health_failures: failures,
             drain_timeout: Duration::from_secs(drain),
             stop_timeout: Duration::from_secs(stop),
+            keepalive_timeout: Duration::from_millis(keepalive),
         };
 
         let r = raw.restart;

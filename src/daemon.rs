@@ -5,13 +5,12 @@
 //! token, so tests and socket activation use the same path.
 
 use std::path::{Path, PathBuf};
-
-use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;

@@ -158,33 +158,44 @@ impl UpstreamConn {
 pub struct Pool {
     endpoint: Endpoint,
     idle: Mutex<Idle>,
+    /// How long a connection may sit idle and still be used again.
+    keepalive: Duration,
 }
 
 #[derive(Debug, Default)]
 struct Idle {
-    conns: Vec<UpstreamConn>,
+    /// Oldest first, each with when it went idle.
+    conns: Vec<(UpstreamConn, Duration)>,
     /// Set once the worker no longer takes new requests: connections are
     /// closed when their last exchange ends, not kept.
     closed: bool,
 }
 
 impl Pool {
-    /// An empty pool for the worker at `endpoint`.
-    pub fn new(endpoint: Endpoint) -> Arc<Pool> {
+    /// An empty pool for the worker at `endpoint`, whose connections are
+    /// used again for up to `keepalive` of idleness.
+    pub fn new(endpoint: Endpoint, keepalive: Duration) -> Arc<Pool> {
         Arc::new(Pool {
             endpoint,
             idle: Mutex::new(Idle::default()),
+            keepalive,
         })
     }
 
     /// An idle connection ready for a request, or a new one.
+    ///
+    /// A connection idle for longer than the keep-alive timeout is not
+    /// used: a worker that closes idle connections itself (Node's 5 s,
+    /// gunicorn's 2 s) may be closing it at this very moment, and a request
+    /// that meets that close cannot be sent again unless it is idempotent.
+    /// A new loopback connection costs far less than such a 502.
     ///
     /// # Errors
     /// [`SendError`] when no connection can be made.
     pub async fn checkout(&self) -> Result<UpstreamConn, SendError> {
         // Newest first: the most recently used connection is the likeliest
         // to be alive. One that is closed or not ready is dropped.
-        while let Some(mut conn) = self.idle.lock().ok().and_then(|mut v| v.conns.pop()) {
+        while let Some(mut conn) = self.take_fresh() {
             if conn.ready_now().await {
                 return Ok(conn);
             }
@@ -248,9 +259,28 @@ impl Pool {
             && !idle.closed
             && idle.conns.len() < MAX_IDLE
         {
-            idle.conns.push(conn);
+            idle.conns.push((conn, coarse_now()));
         }
     }
+
+    /// The newest idle connection, unless it has been idle too long (then
+    /// all are, and all are dropped).
+    fn take_fresh(&self) -> Option<UpstreamConn> {
+        let mut idle = self.idle.lock().ok()?;
+        let (conn, since) = idle.conns.pop()?;
+        if coarse_now().saturating_sub(since) > self.keepalive {
+            idle.conns.clear();
+            return None;
+        }
+        Some(conn)
+    }
+}
+
+/// The monotonic clock as the kernel last ticked it: a few ms coarse, and
+/// cheaper to read than the exact one, on every request.
+fn coarse_now() -> Duration {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE).map_or(Duration::ZERO, Duration::from)
 }
 
 /// The body of a request to a worker: the client's, or none (a request

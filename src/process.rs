@@ -213,7 +213,7 @@ pub struct GroupRecord {
 }
 
 impl GroupRecord {
-    /// Records `pgid` (what it is, e.g. `build of generation 3`) with its
+    /// Records `pgid` (what it is, e.g. `worker of generation 3`) with its
     /// leader's start time, which tells a reused pid apart.
     pub fn write(state_dir: &Path, pgid: i32, what: &str) -> GroupRecord {
         let dir = state_dir.join(GROUPS_DIR);

@@ -561,7 +561,13 @@ fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, &'static
         return Err("Host is not a valid host[:port]");
     }
     if let Some(a) = req.uri().authority() {
-        return Ok(HeaderValue::from_str(a.as_str()).ok());
+        // Without any `user@` part: `Host` never carries one.
+        let host = match (a.as_str().contains('@'), a.port()) {
+            (false, _) => HeaderValue::from_str(a.as_str()),
+            (true, Some(port)) => HeaderValue::from_str(&format!("{}:{port}", a.host())),
+            (true, None) => HeaderValue::from_str(a.host()),
+        };
+        return Ok(host.ok());
     }
     match first {
         Some(h) => Ok(Some(h.clone())),

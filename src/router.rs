@@ -60,11 +60,12 @@ impl Drop for Ticket {
 // === impl Upstream ===
 
 impl Upstream {
-    /// A new upstream with no traffic.
-    pub fn new(generation: u64, endpoint: Endpoint) -> Arc<Upstream> {
+    /// A new upstream with no traffic, whose idle connections are used
+    /// again for up to `keepalive`.
+    pub fn new(generation: u64, endpoint: Endpoint, keepalive: Duration) -> Arc<Upstream> {
         Arc::new(Upstream {
             generation,
-            pool: crate::pool::Pool::new(endpoint.clone()),
+            pool: crate::pool::Pool::new(endpoint.clone(), keepalive),
             endpoint,
             requests: AtomicU64::new(0),
             tunnels: AtomicU64::new(0),

@@ -1659,11 +1659,11 @@ fn prepare_reload(
             ));
         }
     };
-    if new.daemon.listen.port() != 0 {
+    if new.daemon.listen_asked != old.daemon.listen_asked {
         keep(
             "listen",
             old.daemon.listen.to_string(),
-            new.daemon.listen.to_string(),
+            new.daemon.listen_asked.to_string(),
         );
     }
     keep(
@@ -1685,6 +1685,7 @@ fn prepare_reload(
         tracing::warn!("{k}");
     }
     new.daemon.listen = old.daemon.listen;
+    new.daemon.listen_asked = old.daemon.listen_asked;
     new.daemon.control_socket = old.daemon.control_socket.clone();
     new.daemon.state_dir = old.daemon.state_dir.clone();
     new.daemon.threads = old.daemon.threads;

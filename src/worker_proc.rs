@@ -417,7 +417,11 @@ pub async fn start(
         generation: launch.generation,
         instance: launch.instance,
         pid,
-        upstream: Upstream::new(launch.generation, endpoint.clone()),
+        upstream: Upstream::new(
+            launch.generation,
+            endpoint.clone(),
+            cfg.worker.keepalive_timeout,
+        ),
         endpoint,
         stop,
         monitor: CancellationToken::new(),

@@ -1074,6 +1074,25 @@ async fn bad_requests_get_400_and_the_worker_is_not_blamed() {
     assert_eq!(d.get("/healthz").await.0, StatusCode::OK);
 }
 
+/// A keep-alive connection to the worker is used again while it is fresh,
+/// and not once it has been idle for `worker.keepalive_timeout_ms`: a
+/// worker that closes idle connections itself may be closing it just then,
+/// and a POST that meets that close is a 502 (it cannot be sent again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_worker_connections_are_not_used_past_the_keepalive_timeout() {
+    let p = Project::python("keepalive_timeout_ms = 300", "");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    // The port of batond's end of the connection each request came on.
+    let port = |who: serde_json::Value| who["peer_port"].as_u64().expect("peer_port");
+    let first = port(whoami(d.addr).await.2);
+    let again = port(whoami(d.addr).await.2);
+    assert_eq!(first, again, "a fresh idle connection is used again");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let later = port(whoami(d.addr).await.2);
+    assert_ne!(later, again, "a connection idle past the timeout was used");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_stream_both_ways_and_upstream_failures_are_502() {
     use http_body_util::BodyExt;
