@@ -285,7 +285,9 @@ impl Proxy {
         let body_errors = bodies.errors.load(Ordering::Relaxed);
         let mut req = Request::from_parts(parts, ReqBody::Client(body, watch));
         let (mut upstream, mut ticket) = (upstream, ticket);
-        let (mut refused, mut replayed) = (0, false);
+        let (mut refused, mut resets) = (0, 0);
+        // The worker whose resets the request has been sent again after.
+        let mut reset_by: Option<Arc<Upstream>> = None;
         let (resp, conn) = loop {
             // (error, whether the worker refused connections: then wait for
             // a different one; else the same one may take it again).
@@ -317,13 +319,21 @@ impl Proxy {
                             // A reset before any answer from a worker that was
                             // not stopped on purpose (it just crashed): an
                             // idempotent request without a body may be sent
-                            // again (RFC 9110 §9.2.2), once: a request that
-                            // itself crashes the worker must not crash
-                            // restart after restart. Not so for a draining
-                            // worker cut at its drain timeout.
+                            // again (RFC 9110 §9.2.2): to the same worker
+                            // while the supervisor has not yet seen it die,
+                            // and to the one that replaces it, but not after
+                            // that one reset it too: a request that itself
+                            // crashes the worker costs two crashes, not a
+                            // crash loop. Not so for a draining worker cut
+                            // at its drain timeout.
+                            let same_worker =
+                                reset_by.as_ref().is_none_or(|r| Arc::ptr_eq(r, &upstream));
                             match &replay {
-                                Some((m, u, h)) if !replayed && !upstream.is_retired() => {
-                                    replayed = true;
+                                Some((m, u, h))
+                                    if resets < 3 && same_worker && !upstream.is_retired() =>
+                                {
+                                    resets += 1;
+                                    reset_by = Some(upstream.clone());
                                     let mut again = Request::new(ReqBody::Empty);
                                     *again.method_mut() = m.clone();
                                     *again.uri_mut() = u.clone();
