@@ -214,11 +214,15 @@ pub struct GroupRecord {
 
 impl GroupRecord {
     /// Records `pgid` (what it is, e.g. `worker of generation 3`) with its
-    /// leader's start time, which tells a reused pid apart.
+    /// leader's start time and session, which tell a reused pid apart.
     pub fn write(state_dir: &Path, pgid: i32, what: &str) -> GroupRecord {
         let dir = state_dir.join(GROUPS_DIR);
         let path = dir.join(pgid.to_string());
-        let content = format!("{pgid} {} {what}\n", start_time(pgid).unwrap_or_default());
+        let session = nix::unistd::getsid(None).map_or(0, Pid::as_raw);
+        let content = format!(
+            "{pgid} {} {session} {what}\n",
+            start_time(pgid).unwrap_or_default()
+        );
         let _ = std::fs::create_dir_all(&dir);
         let _ = std::fs::write(&path, content);
         GroupRecord { path }
@@ -234,10 +238,13 @@ impl GroupRecord {
     /// was killed: the pgid and what it was.
     ///
     /// A group is killed when its leader is still the process recorded
-    /// (same start time), or when the leader is gone: a pid is not handed
-    /// out again while a process group of that number still has members, so
-    /// a group found by that number is what the leader left. A pid now
-    /// used by another process is left alone.
+    /// (same start time), or when the leader is gone and every member is
+    /// one it could have left: in the daemon's session (the children's,
+    /// unless they left it) and started after the leader. A pid is not
+    /// handed out again while a process group of that number has members,
+    /// so such a group is a reused one only if the recorded one died out
+    /// and its number came round again, which the session and start times
+    /// tell. A pid now used by another process is left alone.
     pub fn reap_stale(state_dir: &Path) -> Vec<(i32, String)> {
         let mut files = vec![state_dir.join(LEGACY_BUILD_RECORD)];
         if let Ok(dir) = std::fs::read_dir(state_dir.join(GROUPS_DIR)) {
@@ -249,18 +256,27 @@ impl GroupRecord {
                 continue;
             };
             let _ = std::fs::remove_file(&path);
-            let mut it = text.trim_end().splitn(3, ' ');
+            let mut it = text.trim_end().splitn(4, ' ');
             let Some(pgid) = it.next().and_then(|p| p.parse::<i32>().ok()) else {
                 continue;
             };
             let started = it.next().and_then(|t| t.parse::<u64>().ok());
+            let session = it.next().and_then(|t| t.parse::<i32>().ok());
             let what = it.next().unwrap_or("build").to_string();
             if pgid <= 1 {
                 continue;
             }
             let ours = match start_time(pgid) {
                 Some(now) => started == Some(now),
-                None => !std::path::Path::new(&format!("/proc/{pgid}")).exists(),
+                None => match (started, session) {
+                    (Some(started), Some(session)) => {
+                        !Path::new(&format!("/proc/{pgid}")).exists()
+                            && group_members(pgid)
+                                .iter()
+                                .all(|m| m.session == session && m.started >= started)
+                    }
+                    _ => false,
+                },
             };
             if ours && killpg(Pid::from_raw(pgid), Signal::SIGKILL).is_ok() {
                 killed.push((pgid, what));
@@ -273,9 +289,38 @@ impl GroupRecord {
 /// The start time of `pid` in clock ticks since boot (field 22 of
 /// `/proc/PID/stat`).
 fn start_time(pid: i32) -> Option<u64> {
+    stat_of(pid).map(|s| s.started)
+}
+
+/// What `/proc/PID/stat` says of a process that matters here.
+#[derive(Debug, Clone, Copy)]
+struct Stat {
+    pgrp: i32,
+    session: i32,
+    started: u64,
+}
+
+fn stat_of(pid: i32) -> Option<Stat> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 2..];
-    after.split_whitespace().nth(19)?.parse().ok()
+    // After the command in parentheses: state, ppid, pgrp, session, ...
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+    Some(Stat {
+        pgrp: fields.get(2)?.parse().ok()?,
+        session: fields.get(3)?.parse().ok()?,
+        started: fields.get(19)?.parse().ok()?,
+    })
+}
+
+/// The processes in process group `pgid` now.
+fn group_members(pgid: i32) -> Vec<Stat> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(stat_of)
+        .filter(|s| s.pgrp == pgid)
+        .collect()
 }
 
 // === the shim ===
@@ -372,4 +417,69 @@ pub fn raise_fd_limit() -> Option<(u64, u64)> {
     }
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).ok()?;
     Some((soft, hard))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+
+    use super::*;
+
+    /// Whether `pid` runs (a zombie does not).
+    fn running(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| Some(s[s.rfind(')')? + 2..].starts_with(|c| c != 'Z')))
+            .unwrap_or(false)
+    }
+
+    /// A group whose leader is gone is killed only when its members can be
+    /// the recorded group's: in the recorded session, started after the
+    /// recorded leader.
+    #[test]
+    fn a_group_without_its_leader_is_killed_only_when_it_is_the_recorded_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The leader starts a member, records the group, then exits.
+        let mut leader = Command::new("sh")
+            .args(["-c", "sleep 30 & echo $!; read x"])
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("sh");
+        let pgid = i32::try_from(leader.id()).expect("pid");
+        let mut line = String::new();
+        BufReader::new(leader.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("member pid");
+        let member: i32 = line.trim().parse().expect("member pid");
+        GroupRecord::write(dir.path(), pgid, "worker of generation 1");
+        let record = dir.path().join(GROUPS_DIR).join(pgid.to_string());
+        let written = std::fs::read_to_string(&record).expect("record");
+        drop(leader.stdin.take());
+        leader.wait().expect("leader exits");
+        assert!(running(member) && !Path::new(&format!("/proc/{pgid}")).exists());
+        // Another session: not the recorded group.
+        let mut fields: Vec<&str> = written.splitn(4, ' ').collect();
+        fields[2] = "1";
+        std::fs::write(&record, fields.join(" ")).expect("write");
+        assert!(GroupRecord::reap_stale(dir.path()).is_empty());
+        assert!(running(member), "a group of another session was killed");
+        // As recorded: killed.
+        std::fs::write(&record, &written).expect("write");
+        let killed = GroupRecord::reap_stale(dir.path());
+        assert_eq!(killed, vec![(pgid, "worker of generation 1".to_string())]);
+        let mut gone = false;
+        for _ in 0..200 {
+            if !running(member) {
+                gone = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(gone, "the recorded group's member {member} lives on");
+        assert!(!record.exists(), "the record is removed");
+    }
 }

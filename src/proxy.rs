@@ -580,6 +580,8 @@ fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, &'static
         return Ok(host.ok());
     }
     match first {
+        // An empty `Host` (a target with no authority) names no host.
+        Some(h) if h.is_empty() => Ok(None),
         Some(h) => Ok(Some(h.clone())),
         None if req.version() == http::Version::HTTP_11 => Err("HTTP/1.1 request without Host"),
         None => Ok(None),

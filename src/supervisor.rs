@@ -1652,35 +1652,35 @@ fn prepare_reload(
     // threads are in use: they change at the next daemon start, not in the
     // middle of a run.
     let mut kept = Vec::new();
-    let mut keep = |key: &str, now: String, asked: String| {
-        if now != asked {
-            kept.push(format!(
-                "daemon.{key} stays {now} until batond restarts (the file says {asked})"
-            ));
-        }
-    };
-    if new.daemon.listen_asked != old.daemon.listen_asked {
-        keep(
-            "listen",
-            old.daemon.listen.to_string(),
-            new.daemon.listen_asked.to_string(),
-        );
-    }
+    let mut keep =
+        |key: &str, differs: bool, now: &dyn std::fmt::Display, asked: &dyn std::fmt::Display| {
+            if differs {
+                kept.push(format!(
+                    "daemon.{key} stays {now} until batond restarts (the file says {asked})"
+                ));
+            }
+        };
+    let (o, n) = (&old.daemon, &new.daemon);
+    // Paths compare by their components: `state` and `./state/` are one.
+    keep(
+        "listen",
+        n.listen_asked != o.listen_asked,
+        &o.listen,
+        &n.listen_asked,
+    );
     keep(
         "control_socket",
-        old.daemon.control_socket.display().to_string(),
-        new.daemon.control_socket.display().to_string(),
+        n.control_socket != o.control_socket,
+        &o.control_socket.display(),
+        &n.control_socket.display(),
     );
     keep(
         "state_dir",
-        old.daemon.state_dir.display().to_string(),
-        new.daemon.state_dir.display().to_string(),
+        n.state_dir != o.state_dir,
+        &o.state_dir.display(),
+        &n.state_dir.display(),
     );
-    keep(
-        "threads",
-        old.daemon.threads.to_string(),
-        new.daemon.threads.to_string(),
-    );
+    keep("threads", n.threads != o.threads, &o.threads, &n.threads);
     for k in &kept {
         tracing::warn!("{k}");
     }
