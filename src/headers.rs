@@ -78,11 +78,20 @@ pub fn valid_host(value: &[u8]) -> bool {
             return false;
         };
         let inner = &value[1..end];
-        if inner.is_empty()
-            || !inner
+        // An IPv6 address, with a zone (`%25eth0`, RFC 6874) if any.
+        let split = inner.iter().position(|&c| c == b'%').unwrap_or(inner.len());
+        let (addr, zone) = inner.split_at(split);
+        let addr_ok = !addr.is_empty()
+            && addr
                 .iter()
-                .all(|c| c.is_ascii_hexdigit() || b":.".contains(c))
-        {
+                .all(|c| c.is_ascii_hexdigit() || b":.".contains(c));
+        let zone_ok = zone.is_empty()
+            || (zone.len() > 3
+                && zone.starts_with(b"%25")
+                && zone[3..]
+                    .iter()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-._~%".contains(c)));
+        if !(addr_ok && zone_ok) {
             return false;
         }
         (&value[..=end], &value[end + 1..])
@@ -222,6 +231,7 @@ mod tests {
             "127.0.0.1:80",
             "[::1]:8080",
             "[::1]",
+            "[fe80::1%25eth0]:80",
             "a-b.c_d~",
             "x:",
         ] {
@@ -236,6 +246,8 @@ mod tests {
             ":80",
             "a/b",
             "[::1]x",
+            "[fe80::1%eth0]",
+            "[fe80::1%25]",
         ] {
             assert!(!valid_host(bad.as_bytes()), "{bad}");
         }
