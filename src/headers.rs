@@ -73,46 +73,40 @@ pub fn upgrade_offered(offered: &HeaderValue, chosen: &HeaderValue) -> bool {
 /// registered name or IPv4 address, or an IPv6 literal in brackets, and
 /// digits after a colon. No allocation: it runs for every request.
 pub fn valid_host(value: &[u8]) -> bool {
-    let (host, port) = if value.first() == Some(&b'[') {
-        let Some(end) = value.iter().position(|&c| c == b']') else {
+    /// One byte or more, each one `ok` admits.
+    fn made_of(s: &[u8], ok: impl Fn(&u8) -> bool) -> bool {
+        !s.is_empty() && s.iter().all(ok)
+    }
+    let port = if let Some(rest) = value.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|&c| c == b']') else {
             return false;
         };
-        let inner = &value[1..end];
         // An IPv6 address, with a zone (`%25eth0`, RFC 6874) if any.
-        let split = inner.iter().position(|&c| c == b'%').unwrap_or(inner.len());
-        let (addr, zone) = inner.split_at(split);
-        let addr_ok = !addr.is_empty()
-            && addr
-                .iter()
-                .all(|c| c.is_ascii_hexdigit() || b":.".contains(c));
+        let inner = &rest[..end];
+        let (addr, zone) = inner.split_at(inner.iter().position(|&c| c == b'%').unwrap_or(end));
         let zone_ok = zone.is_empty()
-            || (zone.len() > 3
-                && zone.starts_with(b"%25")
-                && zone[3..]
-                    .iter()
-                    .all(|c| c.is_ascii_alphanumeric() || b"-._~%".contains(c)));
-        if !(addr_ok && zone_ok) {
+            || zone
+                .strip_prefix(b"%25")
+                .is_some_and(|z| made_of(z, |c| c.is_ascii_alphanumeric() || b"-._~%".contains(c)));
+        if !(zone_ok && made_of(addr, |c| c.is_ascii_hexdigit() || b":.".contains(c))) {
             return false;
         }
-        (&value[..=end], &value[end + 1..])
+        &rest[end + 1..]
     } else {
-        let split = value.iter().position(|&c| c == b':').unwrap_or(value.len());
-        let (host, port) = value.split_at(split);
-        let name_ok = !host.is_empty()
-            && host
-                .iter()
-                .all(|c| c.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(c));
-        if !name_ok {
+        let (name, port) =
+            value.split_at(value.iter().position(|&c| c == b':').unwrap_or(value.len()));
+        if !made_of(name, |c| {
+            c.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(c)
+        }) {
             return false;
         }
-        (host, port)
+        port
     };
-    !host.is_empty()
-        && match port.split_first() {
-            None => true,
-            Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
-            Some(_) => false,
-        }
+    match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    }
 }
 
 /// Puts back the two headers an upgrade needs after stripping.

@@ -551,10 +551,16 @@ impl Supervisor {
     /// Forgets the pending deploy: its changes changed nothing.
     fn drop_pending(&mut self) {
         self.pending = None;
-        self.differs = None;
+        self.forget_changes();
+        self.notify_status();
+    }
+
+    /// Forgets the file changes noted for the pending deploy: it is
+    /// starting, or dropped.
+    fn forget_changes(&mut self) {
         self.watch_only = false;
         self.changed.clear();
-        self.notify_status();
+        self.differs = None;
     }
 
     /// See [`Self::deploy_due`].
@@ -596,9 +602,7 @@ impl Supervisor {
         let Some(trigger) = self.pending.take() else {
             return;
         };
-        self.watch_only = false;
-        self.changed.clear();
-        self.differs = None;
+        self.forget_changes();
         self.pipeline_busy = true;
         self.waiters_now.append(&mut self.waiters_next);
         let generation = self.next_gen;

@@ -489,11 +489,14 @@ pub fn watch(
                     }
                     _ => std::fs::metadata(path).map_or((true, false), |m| (m.is_dir(), true)),
                 };
+                // A path moved in, as it is now itself (a link not
+                // followed): gone again, or whether a real folder.
+                let moved_in = matches!(how, How::MovedIn)
+                    .then(|| std::fs::symlink_metadata(path).ok().map(|m| m.is_dir()));
                 // Moved in and already gone again: what went says what it
                 // was (a file's removal is a change, a folder's is not, and
                 // a folder's files were never watched).
-                if matches!(how, How::MovedIn) && !known && std::fs::symlink_metadata(path).is_err()
-                {
+                if moved_in == Some(None) {
                     continue;
                 }
                 // Gone (moved away), so not known: a folder if that is
@@ -532,9 +535,7 @@ pub fn watch(
                 // nothing.
                 let change = match how {
                     How::Made if is_dir => Change::NewFolder(shown),
-                    How::MovedIn
-                        if is_dir && std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) =>
-                    {
+                    How::MovedIn if is_dir && moved_in == Some(Some(true)) => {
                         Change::NewFolder(shown)
                     }
                     How::Removed if is_dir => continue,

@@ -1055,20 +1055,18 @@ async fn bad_requests_get_400_and_the_worker_is_not_blamed() {
         "{r}"
     );
     assert!(r.ends_with("0123456789"), "{r:?}");
-    // A 101 to one of the protocols offered passes, with that protocol.
-    let r = raw_request(
-        addr,
-        "GET /switch?to=h2c HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket, h2c\r\n\r\n",
-    )
-    .await;
+    // A 101 to one of the protocols offered passes, with that protocol;
+    // one to a protocol not offered is a 502.
+    let switch = |to: &str| {
+        format!(
+            "GET /switch?to={to} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket, h2c\r\n\r\n"
+        )
+    };
+    let r = raw_request(addr, &switch("h2c")).await;
     assert!(status(&r).starts_with("HTTP/1.1 101"), "{r}");
     assert!(r.to_ascii_lowercase().contains("upgrade: h2c\r\n"), "{r}");
     assert!(r.ends_with("switched\n"), "{r:?}");
-    let r = raw_request(
-        addr,
-        "GET /switch?to=h2 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket, h2c\r\n\r\n",
-    )
-    .await;
+    let r = raw_request(addr, &switch("h2")).await;
     assert!(status(&r).starts_with("HTTP/1.1 502"), "{r}");
     // The listener lives on.
     assert_eq!(d.get("/healthz").await.0, StatusCode::OK);
