@@ -406,7 +406,13 @@ impl Config {
         let cfg = v.validate(raw, overrides);
         match cfg {
             Some(cfg) if v.issues.is_empty() => Ok(cfg),
-            _ => Err(ConfigError::Invalid { issues: v.issues }),
+            _ => {
+                // In file order (the checks run table by table), then the
+                // problems with no place in the file (a missing table).
+                let mut issues = v.issues;
+                issues.sort_by_key(|i| (i.line.is_none(), i.line, i.column));
+                Err(ConfigError::Invalid { issues })
+            }
         }
     }
 }
@@ -437,9 +443,40 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-/// The dotted key whose line holds `offset`: the nearest `[table]` header
-/// above, plus the bare key before `=` on that line (if any).
+/// The dotted key at `offset` as the file's own structure has it: the key
+/// whose name or value holds it, with every table above it, however the
+/// file spells them (`[table]` headers, dotted keys, inline tables). `None`
+/// when the text does not parse as TOML or nothing there holds `offset`.
+pub(crate) fn key_path_at(text: &str, offset: usize) -> Option<String> {
+    fn walk(table: &toml::de::DeTable<'_>, offset: usize, path: &mut Vec<String>) -> bool {
+        for (k, v) in table {
+            path.push(k.get_ref().to_string());
+            if k.span().contains(&offset) {
+                return true;
+            }
+            let found = match v.get_ref() {
+                toml::de::DeValue::Table(t) => walk(t, offset, path) || v.span().contains(&offset),
+                _ => v.span().contains(&offset),
+            };
+            if found {
+                return true;
+            }
+            path.pop();
+        }
+        false
+    }
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut path = Vec::new();
+    walk(doc.get_ref(), offset, &mut path).then(|| path.join("."))
+}
+
+/// The dotted key whose line holds `offset`: [`key_path_at`], or for text
+/// that is not TOML, the nearest `[table]` header above plus the bare key
+/// before `=` on that line (if any).
 fn key_at(text: &str, offset: usize) -> Option<String> {
+    if let Some(path) = key_path_at(text, offset) {
+        return Some(path);
+    }
     let start = text[..offset.min(text.len())]
         .rfind('\n')
         .map_or(0, |i| i + 1);
@@ -801,6 +838,27 @@ mod tests {
         assert_eq!(i.column, Some(1));
         assert_eq!(i.key.as_deref(), Some("daemon.listen_port"));
         assert!(i.message.contains("unknown field"), "{}", i.message);
+    }
+
+    #[test]
+    fn every_problem_is_listed_in_file_order() {
+        let text =
+            format!("{MINIMAL}[daemon]\nheader_timeout_s = 0\nhold_timeout_ms = 0\nthreads = 0\n");
+        let Err(ConfigError::Invalid { issues }) = parse(&text) else {
+            panic!("expected invalid");
+        };
+        let found: Vec<_> = issues
+            .iter()
+            .map(|i| (i.line, i.key.as_deref().unwrap_or("")))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (Some(7), "daemon.header_timeout_s"),
+                (Some(8), "daemon.hold_timeout_ms"),
+                (Some(9), "daemon.threads"),
+            ]
+        );
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! socket it received as stdin to fd 3, and `exec`s the real command with
 //! `LISTEN_FDS=1` and `LISTEN_PID` set to its own pid (which `exec` keeps).
 //! std's `exec` also resets the signal state (no signal blocked, SIGPIPE
-//! not ignored), as systemd does for a service.
+//! not ignored), and the shim gives any other signal batond was started
+//! with ignored its default action back, as systemd does for a service.
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
@@ -377,6 +378,7 @@ pub fn shim_exec(args: &[OsString]) -> Result<std::convert::Infallible, ShimErro
     // a Rust program, whose runtime ignores SIGPIPE; without the reset the
     // worker would inherit that (a shell pipeline in it would no longer
     // end when its reader does), and any blocked signals.
+    default_ignored_signals();
     let mut cmd = std::process::Command::new(&argv[0]);
     cmd.args(&argv[1..]).env_clear();
     for (k, v) in std::env::vars_os() {
@@ -400,6 +402,32 @@ pub fn shim_exec(args: &[OsString]) -> Result<std::convert::Infallible, ShimErro
             .env("LISTEN_FDNAMES", "http");
     }
     Err(ShimError::Exec(cmd.exec()))
+}
+
+/// Gives every signal this process ignores its default action back in the
+/// program it `exec`s: batond started from a shell with `&` ignores SIGINT
+/// and SIGQUIT, under `nohup` SIGHUP, and `exec` keeps an ignored signal
+/// ignored. It resets a caught one to its default, though, so each ignored
+/// signal gets a handler (signal-hook's, no unsafe code here) until the
+/// `exec`. Best effort: a signal that cannot be caught stays as it is.
+fn default_ignored_signals() {
+    static CAUGHT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return;
+    };
+    let Some(ignored) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    else {
+        return;
+    };
+    for bit in 0..64 {
+        let sig = bit + 1;
+        if ignored & (1 << bit) != 0 && !signal_hook::consts::FORBIDDEN.contains(&sig) {
+            let _ = signal_hook::flag::register(sig, &CAUGHT);
+        }
+    }
 }
 
 /// Raises this process's soft limit on open files to its hard limit, as

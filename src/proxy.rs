@@ -240,7 +240,14 @@ impl Proxy {
         let Some((upstream, ticket)) = self.router.acquire(self.hold()).await else {
             return self.unavailable();
         };
-        let upgrade = headers::upgrade_protocol(req.headers());
+        // RFC 9110 §7.8: `Upgrade` in an HTTP/1.0 request is ignored (it
+        // is stripped as hop-by-hop below); such a connection cannot be
+        // upgraded.
+        let upgrade = if req.version() == http::Version::HTTP_11 {
+            headers::upgrade_protocol(req.headers())
+        } else {
+            None
+        };
         let inbound_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);

@@ -1253,7 +1253,12 @@ impl Supervisor {
         }
         self.reload_running = true;
         self.reload_now.extend(reply);
-        systemd::reloading();
+        // Before the first READY=1 systemd is still waiting for the start
+        // to finish: a reload then is no reload to systemd, and its end
+        // must not say READY=1 while no worker serves.
+        if self.ready_sent {
+            systemd::reloading();
+        }
         let old = self.cfg.clone();
         let overrides = self.overrides.clone();
         let change_tx = self.change_tx.clone();
@@ -1298,7 +1303,11 @@ impl Supervisor {
                 Err(self.refuse_config(msg))
             }
         };
-        systemd::ready(&self.status_line());
+        if self.ready_sent {
+            systemd::ready(&self.status_line());
+        } else {
+            systemd::status(&self.status_line());
+        }
         for r in self.reload_now.drain(..) {
             let _ = r.send(result.clone());
         }

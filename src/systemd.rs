@@ -132,9 +132,29 @@ pub fn inherited_listener() -> std::io::Result<Option<tokio::net::TcpListener>> 
     let mut fds = listenfd::ListenFd::from_env();
     match fds.take_tcp_listener(0)? {
         Some(std) => {
+            ensure_listening(&std)?;
             std.set_nonblocking(true)?;
             Ok(Some(tokio::net::TcpListener::from_std(std)?))
         }
         None => Ok(None),
+    }
+}
+
+/// Checks that an inherited socket is listening (`SO_ACCEPTCONN`): one
+/// that was bound but never `listen`ed on would fail every `accept` with
+/// EINVAL, and the process would look up while it serves nothing.
+///
+/// # Errors
+/// An `InvalidInput` error that says so, or the `getsockopt` error.
+pub fn ensure_listening(fd: &impl std::os::fd::AsFd) -> std::io::Result<()> {
+    let listening = nix::sys::socket::getsockopt(fd, nix::sys::socket::sockopt::AcceptConn)
+        .map_err(std::io::Error::from)?;
+    if listening {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the inherited socket (LISTEN_FDS) is not listening: it was bound, but listen() was never called on it",
+        ))
     }
 }

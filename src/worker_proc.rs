@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -369,18 +370,22 @@ pub async fn start(
         child.pid(),
         &format!("worker of generation {}", launch.generation),
     );
-    let (line_tx, line_rx) = mpsc::channel::<String>(1024);
+    let (line_tx, line_rx) = mpsc::unbounded_channel::<String>();
+    let queued = Arc::new(AtomicUsize::new(0));
     tokio::spawn(write_log(
         log,
         log_path.clone(),
         WORKER_LOG_MAX_BYTES,
         line_rx,
+        queued.clone(),
     ));
     if let Some(out) = child.take_stdout() {
-        tokio::spawn(pump(out, line_tx.clone(), launch.generation));
+        let queue = LogQueue::new(line_tx.clone(), queued.clone(), LOG_QUEUE_BYTES);
+        tokio::spawn(pump(out, queue, launch.generation));
     }
     if let Some(err) = child.take_stderr() {
-        tokio::spawn(pump(err, line_tx, launch.generation));
+        let queue = LogQueue::new(line_tx, queued, LOG_QUEUE_BYTES);
+        tokio::spawn(pump(err, queue, launch.generation));
     }
     let stop = token.child_token();
     let (exit_tx, exited) = watch::channel(None);
@@ -543,13 +548,9 @@ const MAX_LINE: usize = 16 << 10;
 /// `batond`'s log drops what stderr does not take (see [`crate::logging`]),
 /// and `worker.log` gets what its queue has room for (see [`LogQueue`]).
 /// Bytes that are not UTF-8 are kept, replaced with U+FFFD.
-async fn pump(out: impl AsyncRead + Unpin, tx: mpsc::Sender<String>, generation: u64) {
+async fn pump(out: impl AsyncRead + Unpin, mut queue: LogQueue, generation: u64) {
     let mut reader = BufReader::new(out);
     let mut buf = Vec::new();
-    let mut queue = LogQueue {
-        tx: Some(tx),
-        dropped: 0,
-    };
     let mut shown = LineBudget::new(COPIED_LINES_PER_S);
     loop {
         // A worker that floods its output must not hold the runtime thread,
@@ -629,36 +630,75 @@ impl LineBudget {
     }
 }
 
-/// The way from [`pump`] to [`write_log`]: a bounded queue that is never
-/// waited on. A line that finds it full (the disk is slow) is counted, and
-/// the count goes into `worker.log` in its place once there is room.
+/// Bytes of worker output (with [`LINE_COST`] per line) that may wait for
+/// `worker.log` before lines are dropped: a burst of many megabytes, far
+/// more than a worker's pipe (64 KiB) holds, so only a disk that falls
+/// seconds behind loses lines. The memory is taken only while lines wait.
+pub const LOG_QUEUE_BYTES: usize = 8 << 20;
+
+/// What a queued line costs beyond its text: the `String` and the
+/// channel's slot.
+const LINE_COST: usize = 64;
+
+/// The way from [`pump`] to [`write_log`]: a queue bounded in bytes (both
+/// of a generation's streams share the count) that is never waited on. A
+/// line that finds it full (the disk is slow) is counted, and the count
+/// goes into `worker.log` in its place once there is room.
 struct LogQueue {
     /// None once the log file has failed.
-    tx: Option<mpsc::Sender<String>>,
+    tx: Option<mpsc::UnboundedSender<String>>,
+    /// Bytes queued and not yet taken by [`write_log`].
+    queued: Arc<AtomicUsize>,
+    limit: usize,
     dropped: u64,
 }
 
 impl LogQueue {
+    fn new(tx: mpsc::UnboundedSender<String>, queued: Arc<AtomicUsize>, limit: usize) -> Self {
+        LogQueue {
+            tx: Some(tx),
+            queued,
+            limit,
+            dropped: 0,
+        }
+    }
+
     fn offer(&mut self, line: String) {
-        let Some(tx) = &self.tx else { return };
         if self.dropped > 0 {
             let note = format!(
                 "[batond: {} lines dropped here: worker.log was not written fast enough]",
                 self.dropped
             );
-            if tx.try_send(note).is_err() {
+            if !self.send(note) {
                 self.dropped += 1;
                 return;
             }
             self.dropped = 0;
         }
-        match tx.try_send(line) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => self.dropped += 1,
-            // The log file failed (`write_log` ended); batond's own log
-            // still gets the lines.
-            Err(mpsc::error::TrySendError::Closed(_)) => self.tx = None,
+        if !self.send(line) {
+            self.dropped += 1;
         }
+    }
+
+    /// Queues `line` if there is room: false when it does not fit, or the
+    /// log file failed (`write_log` ended; batond's own log still gets the
+    /// lines, and nothing is counted).
+    fn send(&mut self, line: String) -> bool {
+        let Some(tx) = &self.tx else { return true };
+        if tx.is_closed() {
+            self.tx = None;
+            return true;
+        }
+        let cost = line.len() + LINE_COST;
+        if self.queued.fetch_add(cost, Ordering::Relaxed) + cost > self.limit {
+            self.queued.fetch_sub(cost, Ordering::Relaxed);
+            return false;
+        }
+        if tx.send(line).is_err() {
+            self.queued.fetch_sub(cost, Ordering::Relaxed);
+            self.tx = None;
+        }
+        true
     }
 }
 
@@ -674,7 +714,8 @@ async fn write_log(
     file: tokio::fs::File,
     path: PathBuf,
     max_bytes: u64,
-    mut rx: mpsc::Receiver<String>,
+    mut rx: mpsc::UnboundedReceiver<String>,
+    queued: Arc<AtomicUsize>,
 ) {
     let mut log = RotatingLog {
         written: file.metadata().await.map_or(0, |m| m.len()),
@@ -687,7 +728,9 @@ async fn write_log(
         let mut next = Some(line);
         // Batch whatever else is already queued into one write.
         while let Some(line) = next.take() {
-            if log.push(&line).await.is_err() {
+            let pushed = log.push(&line).await;
+            queued.fetch_sub(line.len() + LINE_COST, Ordering::Relaxed);
+            if pushed.is_err() {
                 return;
             }
             if log.buf.len() < 1 << 20 {
@@ -799,8 +842,9 @@ mod tests {
         let mut input = b"one\r\n\xff\xfebin\n".to_vec();
         input.extend(std::iter::repeat_n(b'x', MAX_LINE + 10));
         input.extend_from_slice(b"\nlast, no newline");
-        let (tx, mut rx) = mpsc::channel(16);
-        pump(&input[..], tx, 1).await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        pump(&input[..], LogQueue::new(tx, queued, LOG_QUEUE_BYTES), 1).await;
         let mut lines = Vec::new();
         while let Ok(l) = rx.try_recv() {
             lines.push(l);
@@ -818,14 +862,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("worker.log");
         let file = tokio::fs::File::create(&path).await.expect("create");
-        let (tx, rx) = mpsc::channel(16);
-        let writer = tokio::spawn(write_log(file, path.clone(), 1000, rx));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let writer = tokio::spawn(write_log(file, path.clone(), 1000, rx, queued.clone()));
+        let mut q = LogQueue::new(tx, queued.clone(), LOG_QUEUE_BYTES);
         for i in 0..30 {
-            tx.send(format!("line {i:03} {}", "x".repeat(90)))
-                .await
-                .expect("send");
+            q.offer(format!("line {i:03} {}", "x".repeat(90)));
         }
-        drop(tx);
+        assert_eq!(q.dropped, 0);
+        drop(q);
         writer.await.expect("writer");
         let now = std::fs::read_to_string(&path).expect("worker.log");
         let older = std::fs::read_to_string(dir.path().join("worker.log.1")).expect("worker.log.1");
@@ -861,21 +906,24 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_worker_log_queue_drops_lines_and_says_how_many() {
-        let (tx, mut rx) = mpsc::channel(2);
-        let mut q = LogQueue {
-            tx: Some(tx),
-            dropped: 0,
-        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        // Room for three one-byte lines, or a note and one line.
+        let line = 1 + LINE_COST;
+        let mut q = LogQueue::new(tx, queued.clone(), 3 * line + 10);
         for l in ["a", "b", "c", "d", "e"] {
             q.offer(l.to_string());
         }
-        assert_eq!(rx.recv().await.as_deref(), Some("a"));
-        assert_eq!(rx.recv().await.as_deref(), Some("b"));
-        assert!(rx.try_recv().is_err(), "c, d and e did not fit");
+        for l in ["a", "b", "c"] {
+            assert_eq!(rx.recv().await.as_deref(), Some(l));
+        }
+        assert!(rx.try_recv().is_err(), "d and e did not fit");
+        // What the writer does once it has taken the three lines.
+        assert_eq!(queued.fetch_sub(3 * line, Ordering::Relaxed), 3 * line);
         q.offer("f".to_string());
         assert_eq!(
             rx.recv().await.as_deref(),
-            Some("[batond: 3 lines dropped here: worker.log was not written fast enough]")
+            Some("[batond: 2 lines dropped here: worker.log was not written fast enough]")
         );
         assert_eq!(rx.recv().await.as_deref(), Some("f"));
         // The file failed: lines are no longer queued, and nothing blocks.

@@ -118,6 +118,7 @@ async fn take_listener(cfg: &Config) -> anyhow::Result<Listener> {
     let mut fds = listenfd::ListenFd::from_env();
     match fds.take_tcp_listener(0) {
         Ok(Some(l)) => {
+            baton::systemd::ensure_listening(&l)?;
             l.set_nonblocking(true)
                 .context("setting inherited socket non-blocking")?;
             return Ok(Listener::Tcp(
@@ -144,6 +145,7 @@ async fn take_listener(cfg: &Config) -> anyhow::Result<Listener> {
                     format!("inherited socket (LISTEN_FDS) is neither TCP ({tcp_err}) nor a Unix stream socket")
                 })?
                 .context("inherited socket (LISTEN_FDS) vanished")?;
+            baton::systemd::ensure_listening(&l)?;
             l.set_nonblocking(true)
                 .context("setting inherited socket non-blocking")?;
             return Ok(Listener::Unix(

@@ -132,10 +132,11 @@ impl DeployOutcome {
 pub struct Event {
     /// When (RFC 3339, milliseconds).
     pub ts: String,
-    /// What: `build_started`, `build_failed`, `build_finished`,
-    /// `candidate_started`, `rejected`, `cutover`, `draining`, `stopped`,
-    /// `worker_exited`, `restart_scheduled`, `start_limit_hit`,
-    /// `health_failed`, `config_reloaded`, `config_rejected`, `change`.
+    /// What: `change`, `build_started`, `build_failed`,
+    /// `candidate_started`, `rejected`, `cutover`, `draining`,
+    /// `drain_timeout`, `stopped`, `worker_exited`, `restart_scheduled`,
+    /// `restart`, `start_limit_hit`, `health_failed`, `config_reloaded`,
+    /// `config_rejected`, `stopping`.
     pub kind: String,
     /// The generation concerned.
     pub generation: Option<u64>,

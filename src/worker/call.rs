@@ -3,9 +3,9 @@
 //!
 //! Pacing: a per-call clock `next_play_at` is the instant at which the next
 //! outbound frame would start playing at the caller. A frame is sent when it
-//! is due within `pacing_lead` (so at most that much audio is ever buffered
-//! at Twilio, and a `clear` cuts quickly); an idle gap resets the clock to
-//! now. Every outbound frame is exactly 160 bytes of raw mu-law.
+//! would finish playing within `pacing_lead` (so at most that much audio is
+//! ever buffered at Twilio, and a `clear` cuts quickly); an idle gap resets
+//! the clock to now. Every outbound frame is exactly 160 bytes of raw mu-law.
 //!
 //! Robustness: malformed or unknown messages, binary frames, media before
 //! `start` and a wrong streamSid are logged and skipped; an oversized frame
@@ -743,11 +743,15 @@ impl Call {
         let now = Instant::now();
         match self.queue.front()? {
             Out::Mark(_) => Some(now),
-            Out::Audio { .. } => Some(
-                self.next_play_at
-                    .checked_sub(self.state.cfg.pacing_lead)
-                    .map_or(now, |d| d.max(now)),
-            ),
+            Out::Audio { data, pos } => {
+                // When the end of the next frame is within the lead.
+                let plays = frame_duration((data.len() - pos).min(FRAME_BYTES));
+                Some(
+                    (self.next_play_at.max(now) + plays)
+                        .checked_sub(self.state.cfg.pacing_lead)
+                        .map_or(now, |d| d.max(now)),
+                )
+            }
         }
     }
 
@@ -808,19 +812,21 @@ impl Call {
                     if self.next_play_at < now {
                         self.next_play_at = now;
                     }
-                    if self.next_play_at > horizon {
+                    let end = (*pos + FRAME_BYTES).min(data.len());
+                    let n = end - *pos;
+                    let plays = frame_duration(n);
+                    // The whole frame plays out within the lead.
+                    if self.next_play_at + plays > horizon {
                         break;
                     }
-                    let end = (*pos + FRAME_BYTES).min(data.len());
                     self.b64_out.clear();
                     base64::engine::general_purpose::STANDARD
                         .encode_string(&data[*pos..end], &mut self.b64_out);
-                    let n = end - *pos;
                     *pos = end;
                     if end >= data.len() {
                         self.queue.pop_front();
                     }
-                    self.next_play_at += Duration::from_micros(n as u64 * 125);
+                    self.next_play_at += plays;
                     self.rec.frames_out += 1;
                     self.rec.bytes_out += n as u64;
                     if self.rec.frames_out.is_multiple_of(MEDIA_TX_EVERY_FRAMES) {
@@ -896,4 +902,9 @@ fn server_text(msg: &ServerMessage<'_>) -> Message {
     // Serialising these plain structs cannot fail; an empty text would be
     // logged by the peer as malformed rather than crash us.
     Message::Text(serde_json::to_string(msg).unwrap_or_default().into())
+}
+
+/// How long `bytes` of 8 kHz mu-law play: 125 µs a byte.
+fn frame_duration(bytes: usize) -> Duration {
+    Duration::from_micros(bytes as u64 * 125)
 }

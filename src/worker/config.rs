@@ -113,7 +113,8 @@ pub struct FileConfig {
     pub shutdown_grace_ms: u64,
     /// Largest inbound WebSocket message; larger closes with 1009.
     pub max_message_bytes: usize,
-    /// How far outbound audio may run ahead of real time.
+    /// How far outbound audio may run ahead of real time (at least one
+    /// frame, 20 ms).
     pub pacing_lead_ms: u64,
     /// Energy VAD.
     pub vad: VadConfig,
@@ -320,6 +321,12 @@ impl Config {
                 "must be longer than ping_interval_ms".into(),
             ));
         }
+        if file.pacing_lead_ms < 20 {
+            return Err(invalid(
+                "pacing_lead_ms",
+                "must be at least 20 (one frame of audio)".into(),
+            ));
+        }
         if file.max_message_bytes < 1024 {
             return Err(invalid("max_message_bytes", "must be >= 1024".into()));
         }
@@ -401,7 +408,8 @@ pub fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
             path: path.to_path_buf(),
             line,
             column,
-            key: key_at(text, offset, span_text),
+            key: crate::config::key_path_at(text, offset)
+                .unwrap_or_else(|| key_at(text, offset, span_text)),
             message: e.message().trim().to_string(),
         }
     })
@@ -415,8 +423,9 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, before[line_start..].chars().count() + 1)
 }
 
-/// The dotted key at `offset`: the current `[table]` plus the key on that
-/// line (or the span text, which is the key for unknown-field errors).
+/// For text that is not TOML: the dotted key at `offset`, the current
+/// `[table]` plus the key on that line (or the span text, which is the key
+/// for unknown-field errors).
 fn key_at(text: &str, offset: usize, span_text: &str) -> String {
     let before = &text[..offset];
     let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
@@ -480,6 +489,30 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn the_key_is_named_however_the_file_spells_its_tables() {
+        let key = |text: &str| match parse_err(text) {
+            ConfigError::Parse {
+                line, column, key, ..
+            } => (line, column, key),
+            other => panic!("{other:?}"),
+        };
+        // An unknown table after a known one is itself the key.
+        assert_eq!(
+            key("[vad]\nthreshold = 500\n\n[vadd]\nx = 1\n"),
+            (4, 2, "vadd".to_string())
+        );
+        // A wrong type inside an inline table, and under a dotted key.
+        assert_eq!(
+            key("vad = { threshold = \"x\" }\n"),
+            (1, 21, "vad.threshold".to_string())
+        );
+        assert_eq!(
+            key("greeting_text = \"hi\"\nvad.start_ms = \"soon\"\n"),
+            (2, 16, "vad.start_ms".to_string())
+        );
     }
 
     #[test]

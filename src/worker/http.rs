@@ -11,6 +11,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{self, HeaderMap, HeaderValue};
@@ -390,10 +391,17 @@ fn upgrade(
     mut req: Request<hyper::body::Incoming>,
 ) -> Resp {
     let headers = req.headers();
-    let is_ws = header_has_token(headers, header::CONNECTION, "upgrade")
+    // RFC 9110 §7.8: `Upgrade` in an HTTP/1.0 request is ignored (such a
+    // connection cannot be upgraded; RFC 6455 §4.1 asks for HTTP/1.1).
+    let is_ws = req.version() == hyper::Version::HTTP_11
+        && header_has_token(headers, header::CONNECTION, "upgrade")
         && header_has_token(headers, header::UPGRADE, "websocket");
     if !is_ws {
-        return text(StatusCode::UPGRADE_REQUIRED, "websocket upgrade required");
+        // RFC 9110 §15.5.22: a 426 names the protocol to upgrade to.
+        let mut r = text(StatusCode::UPGRADE_REQUIRED, "websocket upgrade required");
+        r.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        return r;
     }
     if headers
         .get(header::SEC_WEBSOCKET_VERSION)
@@ -406,9 +414,23 @@ fn upgrade(
         );
         return r;
     }
-    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
-        return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let (Some(key), None) = (keys.next(), keys.next()) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "exactly one Sec-WebSocket-Key is needed",
+        );
     };
+    // RFC 6455 §4.2.1: base64 of 16 bytes.
+    if base64::engine::general_purpose::STANDARD
+        .decode(key.as_bytes())
+        .map_or(true, |k| k.len() != 16)
+    {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "Sec-WebSocket-Key is not the base64 of 16 bytes",
+        );
+    }
     let url = format!(
         "{}{}",
         ws_base(&public_base(state.cfg.public_url.as_deref(), headers)),

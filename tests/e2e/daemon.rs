@@ -1190,6 +1190,13 @@ async fn a_notify_socket_nobody_reads_does_not_stop_the_daemon() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_hears_ready_status_reloading_and_stopping() {
     let p = Project::python("", "");
+    // The first build waits for a gate, so that a reload falls inside the
+    // start: READY=1 must still wait for the first active worker.
+    p.edit(
+        "etc/baton.toml",
+        "command = []",
+        r#"command = ["timeout", "30", "sh", "-c", "until [ -e gate ]; do sleep 0.05; done"]"#,
+    );
     let sock_path = p.path("notify.sock");
     let sock = tokio::net::UnixDatagram::bind(&sock_path).expect("bind notify socket");
     let d = Daemon::start_env(
@@ -1215,8 +1222,26 @@ async fn systemd_hears_ready_status_reloading_and_stopping() {
         }
         assert!(seen.contains(needle), "never got {needle}; got:\n{seen}");
     };
+    recv_until("STATUS=no active worker; generation 1 building", &mut seen).await;
+    assert!(!seen.contains("READY=1"), "{seen}");
+    // The reload has ended when batonctl returns: what systemd heard of it
+    // is waiting in the socket, and it is a status only.
+    let mut during = String::new();
+    let out = d.ctl(&["reload"]).await;
+    assert!(out.status.success(), "{out:?}");
+    recv_until("STATUS=", &mut during).await;
+    assert!(
+        !during.contains("READY=1"),
+        "READY=1 before any worker:\n{during}"
+    );
+    assert!(!during.contains("RELOADING=1"), "{during}");
+    seen.push_str(&during);
+    p.write("gate", "");
     recv_until("READY=1", &mut seen).await;
-    assert!(seen.contains("STATUS=generation 1 active"), "{seen}");
+    assert!(
+        seen.contains("READY=1\nSTATUS=generation 1 active"),
+        "{seen}"
+    );
     let pid = d.child.id().expect("pid") as i32;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),

@@ -410,11 +410,25 @@ fn parse_http(buf: &[u8]) -> HttpResponse {
 
 /// Raw upgrade request; returns the response head only.
 async fn raw_upgrade(addr: SocketAddr, extra: &[(&str, &str)]) -> HttpResponse {
+    raw_handshake(addr, "HTTP/1.1", &["dGhlIHNhbXBsZSBub25jZQ=="], extra).await
+}
+
+/// A raw upgrade request in `version` with these `Sec-WebSocket-Key`
+/// lines; returns the response head only.
+async fn raw_handshake(
+    addr: SocketAddr,
+    version: &str,
+    keys: &[&str],
+    extra: &[(&str, &str)],
+) -> HttpResponse {
     tokio::time::timeout(PATIENCE, async {
         let mut s = TcpStream::connect(addr).await.expect("connect");
         let mut req = format!(
-            "GET /ws/twilio-media HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "GET /ws/twilio-media {version}\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
         );
+        for k in keys {
+            req.push_str(&format!("Sec-WebSocket-Key: {k}\r\n"));
+        }
         for (k, v) in extra {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -613,6 +627,11 @@ async fn worker_healthz_version_and_app_signature() {
     let r = http(w.addr, "GET", "/ws/twilio-media", &[], b"").await;
     assert_eq!(r.status, 426);
     assert_eq!(r.headers.get("x-app-signature"), Some(&want));
+    // RFC 9110 §15.5.22: a 426 says what to upgrade to.
+    assert_eq!(
+        r.headers.get("upgrade").map(String::as_str),
+        Some("websocket")
+    );
 }
 
 #[tokio::test]
@@ -668,6 +687,23 @@ async fn worker_handshake_echoes_subprotocol_only_when_offered(mode: Mode) {
     assert_eq!(r.status, 101);
     assert!(!r.headers.contains_key("sec-websocket-protocol"));
 
+    // No 101 for a handshake that cannot be one: HTTP/1.0 (its Upgrade is
+    // ignored, RFC 9110 §7.8), a key that is not the base64 of 16 bytes,
+    // two keys (RFC 6455 §4.2.1).
+    let twilio = [("Sec-WebSocket-Protocol", "audio.twilio.com")];
+    let key = "dGhlIHNhbXBsZSBub25jZQ==";
+    let r = raw_handshake(w.addr, "HTTP/1.0", &[key], &twilio).await;
+    assert_eq!(r.status, 426, "HTTP/1.0: {:?}", r.headers);
+    for keys in [
+        &["abc"][..],
+        &["!!!!!!!!!!!!!!!!!!!!!!=="],
+        &[key, key],
+        &[],
+    ] {
+        let r = raw_handshake(w.addr, "HTTP/1.1", keys, &twilio).await;
+        assert_eq!(r.status, 400, "keys {keys:?}: {:?}", r.headers);
+    }
+
     // And through a real client, both ways, in callsim.
     let dir = tempfile::tempdir().expect("tempdir");
     let wav = write_caller_wav(dir.path());
@@ -692,6 +728,36 @@ async fn worker_handshake_echoes_subprotocol_only_when_offered(mode: Mode) {
         assert_eq!(rep["subprotocol_echoed"], extra.is_empty(), "{rep}");
         assert_eq!(rep["app_signature"], want.as_str());
     }
+}
+
+/// Outbound audio runs at most `pacing_lead_ms` ahead of real time, as
+/// the caller's playout buffer sees it: the first burst fills the lead
+/// and no frame goes past it.
+#[tokio::test]
+async fn worker_audio_runs_no_further_ahead_than_the_pacing_lead() {
+    let w = Worker::start("pacing_lead_ms = 200", &[]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wav = write_caller_wav(dir.path());
+    let url = w.ws_url();
+    let args = [
+        "--url",
+        &url,
+        "--audio",
+        wav.to_str().expect("path"),
+        "--fast",
+        "--linger-ms",
+        "200",
+        "--json",
+    ];
+    let (ok, out) = callsim(&args).await;
+    assert!(ok, "{out}");
+    let v: Value = serde_json::from_str(&out).expect("summary");
+    let lead = v["reports"][0]["max_lead_ms"]
+        .as_f64()
+        .expect("max_lead_ms");
+    // A frame (20 ms) past the lead would show as 220 ms; the slack below
+    // that is for the clock readings alone.
+    assert!((100.0..=205.0).contains(&lead), "max lead {lead} ms");
 }
 
 both!(worker_webhooks_answer_twiml_that_parses_as_xml);
@@ -1195,6 +1261,37 @@ async fn a_worker_told_of_a_unix_socket_it_did_not_inherit_says_so_and_exits() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("BATON_SOCKET is set"), "{err}");
+}
+
+/// A TCP socket handed over that was never listened on: the worker says
+/// so and exits, instead of looking up while every accept fails.
+#[tokio::test]
+async fn a_worker_handed_a_socket_that_is_not_listening_says_so_and_exits() {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("media-worker.toml");
+    std::fs::write(&cfg, "data_dir = \"data\"\ntts = \"tone\"\n").expect("write");
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .expect("socket");
+    let child = crate::support::spawn_on_listener(
+        MEDIA_WORKER,
+        &cfg,
+        std::net::TcpListener::from(fd),
+        &[],
+        Stdio::piped(),
+    );
+    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
+        .await
+        .expect("media-worker did not exit")
+        .expect("wait");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not listening"), "{err}");
 }
 
 #[tokio::test]
