@@ -363,7 +363,10 @@ pub struct Overrides {
 pub const DEFAULT_IGNORE: &[&str] = &[
     "**/target/**",
     "**/.git/**",
-    "**/*.swp",
+    // Vim's swap files: .swp, then .swo and .swn when one is taken (and
+    // on down the alphabet, to .swf, a Flash file's name); .swx is its
+    // write test.
+    "**/*.sw[nop]",
     "**/*.swx",
     "**/*~",
     "**/.#*",
@@ -388,6 +391,51 @@ impl Config {
             source,
         })?;
         Self::parse(&abs, &text, overrides)
+    }
+
+    /// The control socket a config file names, read without checking the
+    /// rest of the file: `batonctl --config` must reach the daemon most of
+    /// all while the file has a mistake elsewhere (the daemon keeps the
+    /// config it runs, and its status shows the mistake).
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] when the file cannot be read,
+    /// [`ConfigError::Invalid`] when it is not TOML or `[daemon]`'s
+    /// `root`, `state_dir` or `control_socket` is not a string.
+    pub fn control_socket_of(path: &Path) -> Result<PathBuf, ConfigError> {
+        #[derive(Deserialize, Default)]
+        struct Loose {
+            #[serde(default)]
+            daemon: LooseDaemon,
+        }
+        #[derive(Deserialize, Default)]
+        struct LooseDaemon {
+            root: Option<String>,
+            control_socket: Option<String>,
+            state_dir: Option<String>,
+        }
+        let read = |source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let text = std::fs::read_to_string(path).map_err(read)?;
+        let file = std::path::absolute(path).map_err(read)?;
+        let loose: Loose = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+            issues: vec![serde_issue(&file, &text, &e)],
+        })?;
+        let d = loose.daemon;
+        // As `Validator::validate` resolves them.
+        let root = file
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .join(d.root.as_deref().unwrap_or("."));
+        let root = std::fs::canonicalize(&root).unwrap_or(root);
+        Ok(match d.control_socket {
+            Some(p) => root.join(p),
+            None => root
+                .join(d.state_dir.as_deref().unwrap_or("target/baton"))
+                .join("control.sock"),
+        })
     }
 
     /// Parses and validates config text that came from `file`.
@@ -570,6 +618,23 @@ impl Validator<'_> {
         if v == 0 {
             self.issue(table, key, "must be greater than 0");
         }
+        self.at_most_a_year(table, key, v)
+    }
+
+    /// A duration in the unit its key ends in (`_ms` or `_s`), at most a
+    /// year: past that it means "never", and a far larger one would not
+    /// fit in the clock's arithmetic.
+    fn at_most_a_year(&mut self, table: &str, key: &str, v: u64) -> u64 {
+        const YEAR_S: u64 = 365 * 24 * 3600;
+        let max = if key.ends_with("_ms") {
+            YEAR_S * 1000
+        } else {
+            YEAR_S
+        };
+        if v > max {
+            self.issue(table, key, format!("must be at most {max} (a year)"));
+            return max;
+        }
         v
     }
 
@@ -622,6 +687,7 @@ impl Validator<'_> {
             30,
         );
         let shutdown = raw.daemon.shutdown_timeout_s.unwrap_or(30);
+        let shutdown = self.at_most_a_year("daemon", "shutdown_timeout_s", shutdown);
         let threads = raw.daemon.threads.unwrap_or(1);
         if threads == 0 || threads > 64 {
             self.issue("daemon", "threads", "must be between 1 and 64");
@@ -674,6 +740,7 @@ impl Validator<'_> {
             }
         }
         let debounce = raw.watch.debounce_ms.unwrap_or(200);
+        let debounce = self.at_most_a_year("watch", "debounce_ms", debounce);
         let watch = WatchConfig {
             paths,
             ignore_patterns,
@@ -732,6 +799,7 @@ impl Validator<'_> {
             self.issue("worker", "health_failures", "must be greater than 0");
         }
         let drain = w.drain_timeout_s.unwrap_or(300);
+        let drain = self.at_most_a_year("worker", "drain_timeout_s", drain);
         let stop = self.positive("worker", "stop_timeout_s", w.stop_timeout_s, 10);
         let keepalive = self.positive(
             "worker",
@@ -746,6 +814,20 @@ impl Validator<'_> {
                 "command",
                 "uses {port}, but worker.socket = \"unix\" gives the worker no port",
             );
+        }
+        for k in w.env.keys() {
+            if k.is_empty() || k.contains(['=', '\0']) {
+                self.issue(
+                    "worker",
+                    "env",
+                    format!("{k:?} is not a variable name (empty, or with `=` or NUL in it)"),
+                );
+            }
+        }
+        for (k, v) in &w.env {
+            if v.contains('\0') {
+                self.issue("worker", "env", format!("the value of {k} has a NUL in it"));
+            }
         }
         let worker = WorkerConfig {
             command: w.command,
@@ -765,6 +847,7 @@ impl Validator<'_> {
         let r = raw.restart;
         let initial = self.positive("restart", "backoff_initial_ms", r.backoff_initial_ms, 100);
         let max = r.backoff_max_ms.unwrap_or(10_000);
+        let max = self.at_most_a_year("restart", "backoff_max_ms", max);
         if max < initial {
             match r.backoff_max_ms {
                 Some(_) => self.issue(
@@ -872,6 +955,61 @@ mod tests {
     }
 
     #[test]
+    fn the_control_socket_is_found_in_a_file_with_mistakes_elsewhere() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("etc")).expect("etc");
+        let file = dir.path().join("etc/baton.toml");
+        for daemon in [
+            "",
+            "[daemon]\nroot = \"..\"\nstate_dir = \"st\"\n",
+            "[daemon]\nroot = \"..\"\ncontrol_socket = \"run/c.sock\"\n",
+        ] {
+            std::fs::write(&file, format!("{daemon}{MINIMAL}")).expect("write");
+            let full = Config::load(&file, &Overrides::default()).expect("valid");
+            let found = Config::control_socket_of(&file).expect("socket");
+            assert_eq!(found, full.daemon.control_socket, "{daemon}");
+            // A mistake in another key, or an unknown one: still found.
+            let broken = format!("{daemon}{MINIMAL}stop_timeout_s = \"2\"\nbogus = 1\n");
+            std::fs::write(&file, broken).expect("write");
+            assert!(Config::load(&file, &Overrides::default()).is_err());
+            assert_eq!(Config::control_socket_of(&file).expect("socket"), found);
+        }
+    }
+
+    #[test]
+    fn worker_env_names_must_be_names() {
+        for bad in [r#""" = "x""#, r#""A=B" = "x""#] {
+            let text = MINIMAL.replace("[worker]\n", &format!("[worker]\nenv = {{ {bad} }}\n"));
+            let i = single_issue(&text);
+            assert_eq!(i.key.as_deref(), Some("worker.env"), "{i}");
+            assert!(i.message.contains("not a variable name"), "{i}");
+        }
+        let ok = MINIMAL.replace("[worker]\n", "[worker]\nenv = { RUST_LOG = \"a=b\" }\n");
+        assert!(parse(&ok).is_ok());
+    }
+
+    #[test]
+    fn durations_past_a_year_are_refused() {
+        // u64::MAX seconds would overflow the clock where it is added.
+        for (table, key) in [
+            ("worker", "start_timeout_s"),
+            ("daemon", "shutdown_timeout_s"),
+            ("worker", "keepalive_timeout_ms"),
+        ] {
+            let text = if table == "worker" {
+                MINIMAL.replace("[worker]\n", &format!("[worker]\n{key} = {}\n", u64::MAX))
+            } else {
+                format!("{MINIMAL}[{table}]\n{key} = {}\n", u64::MAX)
+            };
+            let i = single_issue(&text);
+            assert_eq!(i.key, Some(format!("{table}.{key}")), "{i}");
+            assert!(i.message.contains("at most"), "{i}");
+        }
+        let year = format!("{MINIMAL}[daemon]\nshutdown_timeout_s = 31536000\n");
+        assert!(parse(&year).is_ok());
+    }
+
+    #[test]
     fn validation_errors_are_located() {
         let text = format!("{MINIMAL}[daemon]\nlisten = \"nowhere\"\n");
         let i = single_issue(&text);
@@ -901,6 +1039,8 @@ mod tests {
             "target/debug/x",
             "src/.git/HEAD",
             "src/main.rs.swp",
+            "src/.main.rs.swo",
+            "src/.main.rs.swn",
             "src/main.rs~",
             "src/.#main.rs",
             "src/4913",
@@ -913,6 +1053,7 @@ mod tests {
             "Cargo.toml",
             "src/targets.rs",
             "etc/media-worker.toml",
+            "static/movie.swf",
         ] {
             assert!(!ig.is_match(Path::new(p)), "{p} should be watched");
         }

@@ -645,8 +645,21 @@ impl Supervisor {
             token,
         } = self.task_ctx();
         tokio::spawn(async move {
-            let (result, snapshot) =
-                pipeline(&cfg, &shim, generation, &dir, &itx, wtx, &token).await;
+            // In a task of its own, so that a panic in it (a bug) still
+            // ends the deploy, as failed: the pipeline is not left busy.
+            let run = {
+                let (cfg, itx) = (cfg.clone(), itx.clone());
+                tokio::spawn(async move {
+                    pipeline(&cfg, &shim, generation, &dir, &itx, wtx, &token).await
+                })
+            };
+            let (result, snapshot) = run.await.unwrap_or_else(|e| {
+                tracing::error!(generation, error = %e, "the deploy's task failed");
+                (
+                    Err((GenState::Failed, format!("internal error: {e}"))),
+                    None,
+                )
+            });
             let _ = itx.send(Internal::PipelineDone {
                 generation,
                 result,

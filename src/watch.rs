@@ -181,7 +181,8 @@ enum Watched {
 struct Filter {
     root: PathBuf,
     /// The config file, as named and with every link resolved (events
-    /// name it by the path its folder is watched under).
+    /// name it by the path its folder is watched under), and the links on
+    /// the way to it and to the watched paths (see [`watch`]).
     config: Vec<PathBuf>,
     /// Files watched by name, as named and with links resolved.
     files: Vec<PathBuf>,
@@ -405,6 +406,39 @@ enum Job {
     Rescan,
 }
 
+/// Every link met on the way to `path` (absolute), and on the way to each
+/// link's target in turn (`app -> current`, `current -> releases/r5`), up
+/// to 40 links, as the kernel resolves them.
+fn links_on_the_way(path: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = Vec::new();
+    let mut todo = vec![path.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let parts: Vec<_> = p.components().collect();
+        let mut prefix = PathBuf::new();
+        for (i, part) in parts.iter().enumerate() {
+            prefix.push(part);
+            if matches!(part, std::path::Component::ParentDir) {
+                // What `..` means depends on the links before it.
+                prefix = std::fs::canonicalize(&prefix).unwrap_or(prefix);
+                continue;
+            }
+            let Ok(target) = std::fs::read_link(&prefix) else {
+                continue;
+            };
+            if found.len() >= 40 || found.contains(&prefix) {
+                break;
+            }
+            found.push(prefix.clone());
+            // The rest of the path, from the link's target on.
+            let mut next = prefix.parent().unwrap_or(Path::new("/")).join(target);
+            next.extend(&parts[i + 1..]);
+            todo.push(next);
+            break;
+        }
+    }
+    found
+}
+
 /// Starts watching `paths` (files or folders, absolute) and `config`,
 /// sending each relevant change to `tx`. Nothing under `skip` is watched
 /// (the state folder, where every deploy writes its logs: with
@@ -448,9 +482,22 @@ pub fn watch(
         .filter_map(|s| std::fs::metadata(s).ok())
         .map(|m| key_of(&m))
         .collect();
+    // Links on the way to the config file or to a watched path (a
+    // release's `current`, `/srv/app -> releases/r5`): switching one
+    // changes what every path under it means. It is seen in the link's own
+    // folder and taken as a config change, whose reload watches every path
+    // again, resolved anew, and redeploys.
+    let mut links: Vec<PathBuf> = std::iter::once(config)
+        .chain(paths.iter().map(PathBuf::as_path))
+        .flat_map(links_on_the_way)
+        .collect();
+    links.sort();
+    links.dedup();
+    let mut config_spellings = spellings(config);
+    config_spellings.extend(links.iter().cloned());
     let filter = Arc::new(Filter {
         root: root.to_path_buf(),
-        config: spellings(config),
+        config: config_spellings,
         files,
         dirs,
         real_dirs,

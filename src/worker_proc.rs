@@ -43,8 +43,9 @@ pub async fn build(
         let _ = std::fs::write(&log_path, "no build command; artifact used as is\n");
         return Ok(());
     }
-    let log = std::fs::File::create(&log_path).map_err(|e| format!("build.log: {e}"))?;
-    let err = log.try_clone().map_err(|e| format!("build.log: {e}"))?;
+    let log = tokio::fs::File::create(&log_path)
+        .await
+        .map_err(|e| format!("build.log: {e}"))?;
     let mut child = Child::spawn(
         shim,
         Spec {
@@ -52,11 +53,32 @@ pub async fn build(
             env: vec![],
             cwd: cfg.daemon.root.clone(),
             listener: None,
-            stdout: Stdio::from(log),
-            stderr: Stdio::from(err),
+            stdout: Stdio::piped(),
+            stderr: Stdio::piped(),
         },
     )
     .map_err(|e| e.to_string())?;
+    // Through a pipe, not the file itself: `build.log` is rotated at
+    // BUILD_LOG_MAX_BYTES like `worker.log`, so a build that prints without
+    // end does not fill the disk.
+    let (tx, rx) = mpsc::unbounded_channel::<String>();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let writer = tokio::spawn(write_log(
+        log,
+        log_path.clone(),
+        BUILD_LOG_MAX_BYTES,
+        rx,
+        queued.clone(),
+    ));
+    let mut pumps = Vec::new();
+    if let Some(out) = child.take_stdout() {
+        let queue = LogQueue::new(tx.clone(), queued.clone(), LOG_QUEUE_BYTES, "build.log");
+        pumps.push(tokio::spawn(pump(out, queue, None)));
+    }
+    if let Some(err) = child.take_stderr() {
+        let queue = LogQueue::new(tx, queued, LOG_QUEUE_BYTES, "build.log");
+        pumps.push(tokio::spawn(pump(err, queue, None)));
+    }
     let what = format!(
         "build in {}",
         dir.file_name().unwrap_or_default().to_string_lossy()
@@ -78,6 +100,16 @@ pub async fn build(
         }
     };
     record.clear();
+    // The build's last words into the file before they are quoted; not
+    // longer than that, though: something the build left running may keep
+    // its output open.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        for p in pumps {
+            let _ = p.await;
+        }
+        let _ = writer.await;
+    })
+    .await;
     outcome.map_err(|r| match last_line(&log_path) {
         Some(l) => format!("{r}: {l}"),
         None => r,
@@ -380,12 +412,17 @@ pub async fn start(
         queued.clone(),
     ));
     if let Some(out) = child.take_stdout() {
-        let queue = LogQueue::new(line_tx.clone(), queued.clone(), LOG_QUEUE_BYTES);
-        tokio::spawn(pump(out, queue, launch.generation));
+        let queue = LogQueue::new(
+            line_tx.clone(),
+            queued.clone(),
+            LOG_QUEUE_BYTES,
+            "worker.log",
+        );
+        tokio::spawn(pump(out, queue, Some(launch.generation)));
     }
     if let Some(err) = child.take_stderr() {
-        let queue = LogQueue::new(line_tx, queued, LOG_QUEUE_BYTES);
-        tokio::spawn(pump(err, queue, launch.generation));
+        let queue = LogQueue::new(line_tx, queued, LOG_QUEUE_BYTES, "worker.log");
+        tokio::spawn(pump(err, queue, Some(launch.generation)));
     }
     let stop = token.child_token();
     let (exit_tx, exited) = watch::channel(None);
@@ -541,14 +578,15 @@ pub async fn monitor(
 /// `batond` buffer without end.
 const MAX_LINE: usize = 16 << 10;
 
-/// Reads a worker's stdout or stderr to its end, line by line, into
-/// `batond`'s log and (through `tx`) the generation's `worker.log`.
+/// Reads a worker's (or a build's) stdout or stderr to its end, line by
+/// line, into `queue` (the generation's `worker.log` or `build.log`) and,
+/// for a worker (`generation` given), `batond`'s log.
 ///
 /// It never waits on either, so the worker never blocks on a full pipe:
 /// `batond`'s log drops what stderr does not take (see [`crate::logging`]),
-/// and `worker.log` gets what its queue has room for (see [`LogQueue`]).
+/// and the file gets what its queue has room for (see [`LogQueue`]).
 /// Bytes that are not UTF-8 are kept, replaced with U+FFFD.
-async fn pump(out: impl AsyncRead + Unpin, mut queue: LogQueue, generation: u64) {
+async fn pump(out: impl AsyncRead + Unpin, mut queue: LogQueue, generation: Option<u64>) {
     let mut reader = BufReader::new(out);
     let mut buf = Vec::new();
     let mut shown = LineBudget::new(COPIED_LINES_PER_S);
@@ -571,6 +609,10 @@ async fn pump(out: impl AsyncRead + Unpin, mut queue: LogQueue, generation: u64)
             .rposition(|b| !matches!(b, b'\n' | b'\r'))
             .map_or(0, |i| i + 1);
         let line = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let Some(generation) = generation else {
+            queue.offer(line);
+            continue;
+        };
         match shown.take(Instant::now()) {
             Some(0) => tracing::info!(target: "worker", generation, "[gen {generation}] {line}"),
             Some(skipped) => {
@@ -581,7 +623,9 @@ async fn pump(out: impl AsyncRead + Unpin, mut queue: LogQueue, generation: u64)
         }
         queue.offer(line);
     }
-    if shown.skipped > 0 {
+    if let Some(generation) = generation
+        && shown.skipped > 0
+    {
         tracing::info!(target: "worker", generation, "[gen {generation}] ({} lines not copied here; worker.log has them)", shown.skipped);
     }
 }
@@ -651,23 +695,31 @@ struct LogQueue {
     queued: Arc<AtomicUsize>,
     limit: usize,
     dropped: u64,
+    /// The file's name, for the note on dropped lines.
+    file: &'static str,
 }
 
 impl LogQueue {
-    fn new(tx: mpsc::UnboundedSender<String>, queued: Arc<AtomicUsize>, limit: usize) -> Self {
+    fn new(
+        tx: mpsc::UnboundedSender<String>,
+        queued: Arc<AtomicUsize>,
+        limit: usize,
+        file: &'static str,
+    ) -> Self {
         LogQueue {
             tx: Some(tx),
             queued,
             limit,
             dropped: 0,
+            file,
         }
     }
 
     fn offer(&mut self, line: String) {
         if self.dropped > 0 {
             let note = format!(
-                "[batond: {} lines dropped here: worker.log was not written fast enough]",
-                self.dropped
+                "[batond: {} lines dropped here: {} was not written fast enough]",
+                self.dropped, self.file
             );
             if !self.send(note) {
                 self.dropped += 1;
@@ -701,6 +753,10 @@ impl LogQueue {
         true
     }
 }
+
+/// Size at which `build.log` is rotated (to `build.log.1`): a build's
+/// errors are at its end.
+pub const BUILD_LOG_MAX_BYTES: u64 = 16 << 20;
 
 /// Size at which `worker.log` is rotated: it becomes `worker.log.1`
 /// (replacing the one before) and a new `worker.log` starts. So a worker
@@ -791,7 +847,7 @@ impl RotatingLog {
                 Ok(())
             }
             Err(e) => {
-                tracing::warn!(path = %self.path.display(), error = %e, "cannot rotate worker.log; no longer writing it");
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot rotate the log; no longer writing it");
                 Err(e)
             }
         }
@@ -844,7 +900,12 @@ mod tests {
         input.extend_from_slice(b"\nlast, no newline");
         let (tx, mut rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
-        pump(&input[..], LogQueue::new(tx, queued, LOG_QUEUE_BYTES), 1).await;
+        pump(
+            &input[..],
+            LogQueue::new(tx, queued, LOG_QUEUE_BYTES, "worker.log"),
+            Some(1),
+        )
+        .await;
         let mut lines = Vec::new();
         while let Ok(l) = rx.try_recv() {
             lines.push(l);
@@ -865,7 +926,7 @@ mod tests {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let writer = tokio::spawn(write_log(file, path.clone(), 1000, rx, queued.clone()));
-        let mut q = LogQueue::new(tx, queued.clone(), LOG_QUEUE_BYTES);
+        let mut q = LogQueue::new(tx, queued.clone(), LOG_QUEUE_BYTES, "worker.log");
         for i in 0..30 {
             q.offer(format!("line {i:03} {}", "x".repeat(90)));
         }
@@ -910,7 +971,7 @@ mod tests {
         let queued = Arc::new(AtomicUsize::new(0));
         // Room for three one-byte lines, or a note and one line.
         let line = 1 + LINE_COST;
-        let mut q = LogQueue::new(tx, queued.clone(), 3 * line + 10);
+        let mut q = LogQueue::new(tx, queued.clone(), 3 * line + 10, "worker.log");
         for l in ["a", "b", "c", "d", "e"] {
             q.offer(l.to_string());
         }

@@ -20,6 +20,10 @@ struct Cli {
     /// The daemon's config file, to find the control socket.
     #[arg(long, short, default_value = "etc/baton.toml", global = true)]
     config: PathBuf,
+    /// Seconds batond has to answer (with --wait and for `events`: to
+    /// take the connection; the answer then takes as long as the deploy).
+    #[arg(long, default_value_t = 30.0, global = true, value_parser = parse_timeout)]
+    timeout: f64,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -94,24 +98,37 @@ fn main() -> ExitCode {
     }
 }
 
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!(
+            "`{s}` is not a number of seconds between 0 and 86400"
+        )),
+    }
+}
+
 fn socket_path(cli: &Cli) -> anyhow::Result<PathBuf> {
     if let Some(s) = &cli.socket {
         return Ok(s.clone());
     }
-    let cfg = baton::config::Config::load(&cli.config, &Default::default()).with_context(|| {
+    baton::config::Config::control_socket_of(&cli.config).with_context(|| {
         format!(
             "reading {} to find the control socket (or pass --socket)",
             cli.config.display()
         )
-    })?;
-    Ok(cfg.daemon.control_socket)
+    })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let socket = socket_path(&cli)?;
+    let limit = std::time::Duration::from_secs_f64(cli.timeout);
+    let call_text = |method, q: &str| {
+        let (socket, q) = (socket.clone(), q.to_string());
+        async move { client::call_text_within(&socket, method, &q, limit).await }
+    };
     match cli.cmd {
         Cmd::Status { json } => {
-            let (code, body) = client::call_text(&socket, Method::GET, "/v1/status").await?;
+            let (code, body) = call_text(Method::GET, "/v1/status").await?;
             check(code, &body)?;
             if json {
                 print!("{body}");
@@ -121,10 +138,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Deploy { wait } => outcome(&socket, "/v1/deploy", wait).await,
-        Cmd::Restart { wait } => outcome(&socket, "/v1/restart", wait).await,
+        Cmd::Deploy { wait } => outcome(&socket, "/v1/deploy", wait, limit).await,
+        Cmd::Restart { wait } => outcome(&socket, "/v1/restart", wait, limit).await,
         Cmd::Reload => {
-            let (code, body) = client::call_text(&socket, Method::POST, "/v1/reload").await?;
+            let (code, body) = call_text(Method::POST, "/v1/reload").await?;
             if code.is_success() {
                 println!("config reloaded; redeploying");
                 // Settings that only change when batond restarts.
@@ -152,14 +169,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(g) = generation {
                 q.push_str(&format!("&generation={g}"));
             }
-            let (code, body) = client::call_text(&socket, Method::GET, &q).await?;
+            let (code, body) = call_text(Method::GET, &q).await?;
             check(code, &body)?;
             print!("{body}");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Events { json } => {
             use std::io::Write;
-            let (code, mut body) = client::call(&socket, Method::GET, "/v1/events").await?;
+            let (code, mut body) =
+                client::call_within(&socket, Method::GET, "/v1/events", limit).await?;
             if !code.is_success() {
                 bail!("events: {code}");
             }
@@ -190,13 +208,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn outcome(socket: &std::path::Path, path: &str, wait: bool) -> anyhow::Result<ExitCode> {
-    let q = if wait {
-        format!("{path}?wait=1")
+async fn outcome(
+    socket: &std::path::Path,
+    path: &str,
+    wait: bool,
+    limit: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
+    let (code, body) = if wait {
+        // The answer comes when the deploy is done: bounded by its build
+        // and start timeouts, not by `limit`.
+        let (code, body) =
+            client::call_within(socket, Method::POST, &format!("{path}?wait=1"), limit).await?;
+        let bytes = body.collect().await?.to_bytes();
+        (code, String::from_utf8_lossy(&bytes).into_owned())
     } else {
-        path.to_string()
+        client::call_text_within(socket, Method::POST, path, limit).await?
     };
-    let (code, body) = client::call_text(socket, Method::POST, &q).await?;
     if code == StatusCode::FORBIDDEN {
         bail!("{}", error_text(&body));
     }

@@ -1,6 +1,7 @@
 //! The control socket's client side, used by `batonctl` and the tests.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -27,16 +28,29 @@ pub enum ClientError {
     /// The request could not be built.
     #[error("bad control request: {0}")]
     Request(#[from] http::Error),
+    /// batond did not answer in time (it is stuck, or something else
+    /// holds the socket).
+    #[error("batond at {} did not answer within {} s", path.display(), limit.as_secs_f64())]
+    Timeout {
+        /// The socket path.
+        path: PathBuf,
+        /// The time given.
+        limit: Duration,
+    },
 }
 
-/// Sends one request and returns the status and the streaming body.
+/// Sends one request and returns the status and the streaming body. The
+/// connection is made within `connect_limit`; the answer may take as long
+/// as it takes (a deploy waited for, the event stream).
 ///
 /// # Errors
-/// [`ClientError`] when the socket cannot be reached or the exchange fails.
-pub async fn call(
+/// [`ClientError`] when the socket cannot be reached in time or the
+/// exchange fails.
+pub async fn call_within(
     socket: &Path,
     method: Method,
     path_and_query: &str,
+    connect_limit: Duration,
 ) -> Result<(StatusCode, Incoming), ClientError> {
     let connect_err = |source| ClientError::Connect {
         path: socket.to_path_buf(),
@@ -45,8 +59,12 @@ pub async fn call(
     // A path longer than a socket address holds is reached through the
     // folder (see `crate::endpoint`).
     let unix = crate::endpoint::UnixPath::new(socket).map_err(connect_err)?;
-    let stream = tokio::net::UnixStream::connect(unix.addr())
+    let stream = tokio::time::timeout(connect_limit, tokio::net::UnixStream::connect(unix.addr()))
         .await
+        .map_err(|_| ClientError::Timeout {
+            path: socket.to_path_buf(),
+            limit: connect_limit,
+        })?
         .map_err(connect_err)?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
@@ -62,16 +80,57 @@ pub async fn call(
     Ok((status, resp.into_body()))
 }
 
-/// Sends one request and reads the whole body as text.
+/// How long [`call`] and [`call_text`] give batond to answer.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// [`call_within`] with [`ANSWER_TIMEOUT`] to connect.
 ///
 /// # Errors
 /// [`ClientError`] when the socket cannot be reached or the exchange fails.
+pub async fn call(
+    socket: &Path,
+    method: Method,
+    path_and_query: &str,
+) -> Result<(StatusCode, Incoming), ClientError> {
+    call_within(socket, method, path_and_query, ANSWER_TIMEOUT).await
+}
+
+/// Sends one request and reads the whole body as text, all within
+/// `limit`.
+///
+/// # Errors
+/// [`ClientError`] when the socket cannot be reached, the exchange fails
+/// or takes longer than `limit`.
+pub async fn call_text_within(
+    socket: &Path,
+    method: Method,
+    path_and_query: &str,
+    limit: Duration,
+) -> Result<(StatusCode, String), ClientError> {
+    let exchange = async {
+        let (status, body) = call_within(socket, method, path_and_query, limit).await?;
+        let bytes = body.collect().await?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    tokio::time::timeout(limit, exchange)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ClientError::Timeout {
+                path: socket.to_path_buf(),
+                limit,
+            })
+        })
+}
+
+/// [`call_text_within`] [`ANSWER_TIMEOUT`].
+///
+/// # Errors
+/// [`ClientError`] when the socket cannot be reached, the exchange fails
+/// or takes too long.
 pub async fn call_text(
     socket: &Path,
     method: Method,
     path_and_query: &str,
 ) -> Result<(StatusCode, String), ClientError> {
-    let (status, body) = call(socket, method, path_and_query).await?;
-    let bytes = body.collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+    call_text_within(socket, method, path_and_query, ANSWER_TIMEOUT).await
 }

@@ -112,7 +112,11 @@ pub async fn serve(listener: UnixListener, job: Job, state_dir: PathBuf, token: 
                 let token = token.clone();
                 async move { Ok::<_, Infallible>(route(req, &job, &state_dir, trusted, token).await) }
             });
+            // A client that sends half a request (or nothing) is not kept:
+            // a request head has 10 s to arrive.
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

@@ -302,6 +302,24 @@ async fn bad_config_on_reload_keeps_the_running_one() {
     let out = d.ctl(&["reload"]).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("debounce_secs"));
+    // batonctl finds the socket in the file despite its mistake, and the
+    // status shows the mistake.
+    let out = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(BATONCTL)
+            .arg("--config")
+            .arg(p.path("etc/baton.toml"))
+            .arg("status")
+            .output(),
+    )
+    .await
+    .expect("batonctl timed out")
+    .expect("batonctl runs");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("debounce_secs"),
+        "{out:?}"
+    );
     // SIGHUP with a fixed config reloads and redeploys.
     p.write(
         "etc/baton.toml",
@@ -810,6 +828,43 @@ async fn links_and_folders_replaced_whole_keep_the_watches_right() {
     p.write("src/y.py", "# 1\n");
     assert_eq!(trigger_of(&d, g + 1).await, "watch: src/y.py");
     assert_eq!(inotify_watches(pid), 3, "the project folder, etc/, src");
+}
+
+/// The layout of a release switch: the config is reached through links
+/// (`etc -> current/etc`, `current -> r1`). Switching `current` to `r2` is
+/// seen, reloads, deploys r2's worker, and r2's source is watched from then
+/// on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_switch_under_the_config_link_reloads_and_deploys_it() {
+    let p = Project::python("", "");
+    let state = p.path("state");
+    let config = read(&p.path("etc/baton.toml")).replace(
+        r#"state_dir = "state""#,
+        &format!("state_dir = {:?}", state.to_str().expect("utf8")),
+    );
+    for r in ["r1", "r2"] {
+        p.write(&format!("{r}/etc/baton.toml"), &config);
+        p.write(
+            &format!("{r}/src/pyworker.py"),
+            &format!("{}# RELEASE={r}\n", pyworker_source()),
+        );
+    }
+    std::fs::remove_dir_all(p.path("etc")).expect("rm etc");
+    std::os::unix::fs::symlink("r1", p.path("current")).expect("ln -s");
+    std::os::unix::fs::symlink("current/etc", p.path("etc")).expect("ln -s");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    assert_eq!(whoami(d.addr).await.2["release"], "r1");
+    // The switch, as deploy tools make it: a new link renamed over the old.
+    std::os::unix::fs::symlink("r2", p.path("current.new")).expect("ln -s");
+    std::fs::rename(p.path("current.new"), p.path("current")).expect("mv -T");
+    assert_eq!(trigger_of(&d, 2).await, "config reload");
+    assert_eq!(whoami(d.addr).await.2["release"], "r2");
+    // r2's source is what is watched now.
+    let g = settled(&d).await;
+    p.append("r2/src/pyworker.py", "# edited\n");
+    assert_eq!(trigger_of(&d, g + 1).await, "watch: src/pyworker.py");
+    assert!(d.stop().await.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -458,6 +458,96 @@ async fn a_log_reader_that_stalls_does_not_stop_the_daemon() {
     assert!(status.success(), "{status:?}");
 }
 
+/// Neither side of the control socket waits without end: batonctl gives
+/// up on a socket that takes the connection and never answers, and the
+/// daemon closes a control connection that sends half a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_calls_that_never_complete_are_given_up() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let silent = dir.path().join("silent.sock");
+    let listener = tokio::net::UnixListener::bind(&silent).expect("bind");
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = listener.accept().await {
+            conns.push(c);
+        }
+    });
+    let out = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(BATONCTL)
+            .arg("--socket")
+            .arg(&silent)
+            .args(["--timeout", "1", "status"])
+            .output(),
+    )
+    .await
+    .expect("batonctl did not give up")
+    .expect("batonctl runs");
+    held.abort();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("did not answer within 1 s"), "{err}");
+
+    let p = Project::python("", "");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    let mut half = tokio::net::UnixStream::connect(&d.socket)
+        .await
+        .expect("connect");
+    half.write_all(b"GET /v1/status HTTP/1.1\r\nHost: batond\r\n")
+        .await
+        .expect("write");
+    // Closed (EOF, or a 408 first) within the 10 s a head has.
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, half.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the half request is still held");
+    // The daemon serves on.
+    assert!(d.ctl(&["status"]).await.status.success());
+    assert!(d.stop().await.success());
+}
+
+/// A build that prints without end does not fill the disk: `build.log`
+/// is rotated at 16 MiB, keeping the end of the output (where a build's
+/// errors are), and the deploy goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_that_prints_without_end_keeps_a_bounded_build_log() {
+    const LINES: u64 = 250_000;
+    let p = Project::python("", "");
+    // A line on stderr, some 25 MB on stdout, then its last line.
+    let script = format!(
+        "import sys\nsys.stderr.write('compiling, on stderr\\n')\nfor i in range({LINES}):\n    sys.stdout.write('build output line %07d %s\\n' % (i, 'x' * 70))\nsys.stdout.write('the last words\\n')\n"
+    );
+    p.write("build.py", &script);
+    p.edit(
+        "etc/baton.toml",
+        "command = []",
+        r#"command = ["python3", "build.py"]"#,
+    );
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    let log = std::fs::metadata(p.path("state/gen-0001/build.log")).expect("build.log");
+    let older = std::fs::metadata(p.path("state/gen-0001/build.log.1")).expect("build.log.1");
+    assert!(log.len() <= 16 << 20, "build.log is {} bytes", log.len());
+    assert!(
+        older.len() <= 16 << 20,
+        "build.log.1 is {} bytes",
+        older.len()
+    );
+    let text = read(&p.path("state/gen-0001/build.log"));
+    assert!(
+        text.ends_with("the last words\n"),
+        "{}",
+        &text[text.len() - 200..]
+    );
+    assert!(!text.contains("[batond: "), "lines were dropped");
+    let last = format!("build output line {:07}", LINES - 1);
+    assert!(text.contains(&last), "no {last}");
+    let both = text + &read(&p.path("state/gen-0001/build.log.1"));
+    assert!(both.contains("compiling, on stderr\n"), "stderr was lost");
+    assert!(d.stop().await.success());
+}
+
 /// A worker starts with the signal state of a fresh process, as systemd
 /// gives a service: SIGPIPE not ignored (batond, a Rust program, ignores it
 /// itself), no signal blocked, and none of the signals batond was started
