@@ -7,34 +7,85 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use baton::config::{Config, ConfigError, Overrides};
-use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 /// sysexits' EX_CONFIG: the configuration is wrong.
 const EXIT_CONFIG: u8 = 78;
 
-/// The Baton supervisor daemon.
-#[derive(Debug, Parser)]
-#[command(version, about)]
+/// What a wrong command line exits with (as clap, which batonctl uses).
+const EXIT_USAGE: u8 = 2;
+
+const HELP: &str = "The Baton supervisor daemon
+
+Usage: batond [OPTIONS]
+
+Options:
+  -c, --config <CONFIG>                  The config file [env: BATON_CONFIG] [default: etc/baton.toml]
+      --check                            Validate the config and exit: 0 when valid, 78 with the errors
+      --listen <LISTEN>                  Override `daemon.listen`
+      --control-socket <CONTROL_SOCKET>  Override `daemon.control_socket`
+      --state-dir <STATE_DIR>            Override `daemon.state_dir`
+      --log-json                         Log as JSON lines instead of text
+  -h, --help                             Print help
+  -V, --version                          Print version
+";
+
+/// The command line. Read with lexopt rather than clap: the daemon runs
+/// for months, and clap's code would stay in its resident set for a parse
+/// done once (batonctl, run once and gone, keeps clap).
+#[derive(Debug)]
 struct Cli {
-    /// The config file.
-    #[arg(long, short, default_value = "etc/baton.toml", env = "BATON_CONFIG")]
     config: PathBuf,
-    /// Validate the config and exit: 0 when valid, 78 with the errors.
-    #[arg(long)]
     check: bool,
-    /// Override `daemon.listen`.
-    #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Override `daemon.control_socket`.
-    #[arg(long)]
     control_socket: Option<PathBuf>,
-    /// Override `daemon.state_dir`.
-    #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// Log as JSON lines instead of text.
-    #[arg(long)]
     log_json: bool,
+}
+
+/// A command line to run, or what to print and exit with.
+enum Parsed {
+    Run(Cli),
+    Exit(String, u8),
+}
+
+fn parse_cli(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Parsed, lexopt::Error> {
+    use lexopt::prelude::*;
+    let mut cli = Cli {
+        config: std::env::var_os("BATON_CONFIG")
+            .filter(|c| !c.is_empty())
+            .map_or_else(|| PathBuf::from("etc/baton.toml"), PathBuf::from),
+        check: false,
+        listen: None,
+        control_socket: None,
+        state_dir: None,
+        log_json: false,
+    };
+    let mut parser = lexopt::Parser::from_args(args);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('c') | Long("config") => cli.config = parser.value()?.into(),
+            Long("check") => cli.check = true,
+            Long("listen") => {
+                let v = parser.value()?;
+                let v = v.to_string_lossy();
+                let addr = v.parse().map_err(|e| {
+                    lexopt::Error::from(format!("--listen `{v}` is not host:port: {e}"))
+                })?;
+                cli.listen = Some(addr);
+            }
+            Long("control-socket") => cli.control_socket = Some(parser.value()?.into()),
+            Long("state-dir") => cli.state_dir = Some(parser.value()?.into()),
+            Long("log-json") => cli.log_json = true,
+            Short('h') | Long("help") => return Ok(Parsed::Exit(HELP.into(), 0)),
+            Short('V') | Long("version") => {
+                let version = format!("batond {}\n", env!("CARGO_PKG_VERSION"));
+                return Ok(Parsed::Exit(version, 0));
+            }
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    Ok(Parsed::Run(cli))
 }
 
 fn main() -> ExitCode {
@@ -45,7 +96,17 @@ fn main() -> ExitCode {
         eprintln!("batond exec: {e}");
         return ExitCode::from(127);
     }
-    let cli = Cli::parse();
+    let cli = match parse_cli(args.into_iter().skip(1)) {
+        Ok(Parsed::Run(cli)) => cli,
+        Ok(Parsed::Exit(text, code)) => {
+            print!("{text}");
+            return ExitCode::from(code);
+        }
+        Err(e) => {
+            eprintln!("batond: {e}\n\nUsage: batond [OPTIONS]; see batond --help");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     // Flushes the queued log lines when main returns.
     let _log = init_tracing(cli.log_json);
     match run(cli) {

@@ -261,6 +261,29 @@ async fn a_second_daemon_on_the_same_state_dir_refuses_and_touches_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn command_line_overrides_win_over_the_file() {
     let p = Project::python("", "");
+    // A wrong command line is refused with what was wrong, exit 2.
+    for (args, says) in [
+        (&["--bogus"][..], "invalid option '--bogus'"),
+        (
+            &["--listen", "nowhere"],
+            "--listen `nowhere` is not host:port",
+        ),
+        (&["--config"], "missing argument"),
+    ] {
+        let out = std::process::Command::new(BATOND)
+            .args(args)
+            .output()
+            .expect("batond runs");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    let help = std::process::Command::new(BATOND)
+        .arg("--help")
+        .output()
+        .expect("batond runs");
+    assert!(help.status.success());
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--control-socket"));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     drop(listener);
