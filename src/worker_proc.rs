@@ -674,10 +674,11 @@ impl LineBudget {
     }
 }
 
-/// Bytes of worker output (with [`LINE_COST`] per line) that may wait for
-/// `worker.log` before lines are dropped: a burst of many megabytes, far
-/// more than a worker's pipe (64 KiB) holds, so only a disk that falls
-/// seconds behind loses lines. The memory is taken only while lines wait.
+/// Bytes of output (with [`LINE_COST`] per line) that may wait for
+/// `worker.log` or `build.log` before lines are dropped: a burst of many
+/// megabytes, far more than a pipe (64 KiB) holds, so only a disk that
+/// falls seconds behind loses lines. The memory is taken only while lines
+/// wait.
 pub const LOG_QUEUE_BYTES: usize = 8 << 20;
 
 /// What a queued line costs beyond its text: the `String` and the
@@ -687,7 +688,7 @@ const LINE_COST: usize = 64;
 /// The way from [`pump`] to [`write_log`]: a queue bounded in bytes (both
 /// of a generation's streams share the count) that is never waited on. A
 /// line that finds it full (the disk is slow) is counted, and the count
-/// goes into `worker.log` in its place once there is room.
+/// goes into the file in its place once there is room.
 struct LogQueue {
     /// None once the log file has failed.
     tx: Option<mpsc::UnboundedSender<String>>,
@@ -732,9 +733,9 @@ impl LogQueue {
         }
     }
 
-    /// Queues `line` if there is room: false when it does not fit, or the
-    /// log file failed (`write_log` ended; batond's own log still gets the
-    /// lines, and nothing is counted).
+    /// Queues `line` if there is room; false when it does not fit. Once
+    /// the log file has failed (`write_log` ended) lines are let go and
+    /// not counted: batond's own log still gets a worker's lines.
     fn send(&mut self, line: String) -> bool {
         let Some(tx) = &self.tx else { return true };
         if tx.is_closed() {
