@@ -111,6 +111,9 @@ pub struct FileConfig {
     pub pong_timeout_ms: u64,
     /// How long open calls may go on after SIGTERM.
     pub shutdown_grace_ms: u64,
+    /// An HTTP connection that sends no complete request head for this
+    /// long (idle, or a head half sent) is closed.
+    pub header_timeout_ms: u64,
     /// Largest inbound WebSocket message; larger closes with 1009.
     pub max_message_bytes: usize,
     /// How far outbound audio may run ahead of real time (at least one
@@ -141,6 +144,7 @@ impl Default for FileConfig {
             ping_interval_ms: 5_000,
             pong_timeout_ms: 15_000,
             shutdown_grace_ms: 10_000,
+            header_timeout_ms: 30_000,
             max_message_bytes: 64 * 1024,
             pacing_lead_ms: 100,
             vad: VadConfig::default(),
@@ -189,6 +193,8 @@ pub struct Config {
     pub pong_timeout: Duration,
     /// Grace for open calls on shutdown.
     pub shutdown_grace: Duration,
+    /// Longest wait for a request head on an HTTP connection.
+    pub header_timeout: Duration,
     /// Max inbound WebSocket message size.
     pub max_message_bytes: usize,
     /// Outbound pacing lead.
@@ -312,6 +318,9 @@ impl Config {
         if file.ping_interval_ms == 0 {
             return Err(invalid("ping_interval_ms", "must be > 0".into()));
         }
+        if file.header_timeout_ms == 0 {
+            return Err(invalid("header_timeout_ms", "must be > 0".into()));
+        }
         if file.engine_timeout_ms == 0 {
             return Err(invalid("engine_timeout_ms", "must be > 0".into()));
         }
@@ -371,6 +380,7 @@ impl Config {
             ping_interval: Duration::from_millis(file.ping_interval_ms),
             pong_timeout: Duration::from_millis(file.pong_timeout_ms),
             shutdown_grace: Duration::from_millis(file.shutdown_grace_ms),
+            header_timeout: Duration::from_millis(file.header_timeout_ms),
             max_message_bytes: file.max_message_bytes,
             pacing_lead: Duration::from_millis(file.pacing_lead_ms),
             vad: file.vad,

@@ -114,6 +114,36 @@ impl Listener {
     }
 }
 
+/// Waits until `stream` has bytes to read, or is closed. Readiness alone
+/// can be spurious (a new socket is reported readable at once), so each
+/// time it is checked with a peek, which reads nothing.
+async fn first_bytes(stream: &crate::endpoint::Stream) -> std::io::Result<()> {
+    use std::os::fd::{AsFd, AsRawFd};
+    use tokio::io::Interest;
+    use tokio_util::either::Either;
+    fn peek(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<usize> {
+        let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+        nix::sys::socket::recv(fd.as_raw_fd(), &mut [0u8; 1], flags).map_err(std::io::Error::from)
+    }
+    loop {
+        let peeked = match stream {
+            Either::Left(s) => {
+                s.readable().await?;
+                s.try_io(Interest::READABLE, || peek(s.as_fd()))
+            }
+            Either::Right(s) => {
+                s.readable().await?;
+                s.try_io(Interest::READABLE, || peek(s.as_fd()))
+            }
+        };
+        match peeked {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+            Ok(_) => return Ok(()),
+        }
+    }
+}
+
 /// State shared by every connection and call.
 #[derive(Debug)]
 pub struct AppState {
@@ -201,7 +231,17 @@ pub async fn run(
         shutdown.clone(),
     ));
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A connection that sends no complete request head in time, idle or
+    // half sent, is closed: the worker may face clients with no proxy in
+    // front (batond closes such clients itself). hyper's timer runs once it
+    // knows the protocol, from the first bytes; until then, see below.
+    let header_timeout = state.cfg.header_timeout;
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let builder = Arc::new(builder);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -216,10 +256,20 @@ pub async fn run(
                 };
                 let st = Arc::clone(&state);
                 let svc = service_fn(move |req| http::handle(Arc::clone(&st), peer, req));
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                let conn = graceful.watch(conn.into_owned());
+                let (builder, watcher, stop) = (Arc::clone(&builder), graceful.watcher(), shutdown.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    // The first bytes, within the header timeout.
+                    tokio::select! {
+                        r = tokio::time::timeout(header_timeout, first_bytes(&stream)) => {
+                            if r.is_err() {
+                                debug!(peer = %peer, "closing a connection that sent nothing");
+                                return;
+                            }
+                        }
+                        () = stop.cancelled() => return,
+                    }
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
                         debug!(peer = %peer, error = %e, "connection ended with error");
                     }
                 });

@@ -1263,6 +1263,36 @@ async fn a_worker_told_of_a_unix_socket_it_did_not_inherit_says_so_and_exits() {
     assert!(err.contains("BATON_SOCKET is set"), "{err}");
 }
 
+/// HTTP connections that send no complete request head within
+/// `header_timeout_ms` are closed: one that sends nothing, one that stops
+/// halfway through a head, and a kept-alive one that goes quiet.
+#[tokio::test]
+async fn worker_closes_http_connections_that_send_no_request_in_time() {
+    let w = Worker::start("header_timeout_ms = 300", &[]).await;
+    let mut idle = TcpStream::connect(w.addr).await.expect("connect");
+    let mut half = TcpStream::connect(w.addr).await.expect("connect");
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let mut kept = TcpStream::connect(w.addr).await.expect("connect");
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    for (name, conn) in [
+        ("idle", &mut idle),
+        ("half", &mut half),
+        ("kept", &mut kept),
+    ] {
+        // Until the worker closes it: EOF (after a 408, or an answer).
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(PATIENCE, conn.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "{name}: still open");
+    }
+    // And it serves on.
+    let r = http(w.addr, "GET", "/healthz", &[], b"").await;
+    assert_eq!(r.status, 200);
+}
+
 /// A TCP socket handed over that was never listened on: the worker says
 /// so and exits, instead of looking up while every accept fails.
 #[tokio::test]
