@@ -495,6 +495,14 @@ pub fn watch(
     links.dedup();
     let mut config_spellings = spellings(config);
     config_spellings.extend(links.iter().cloned());
+    // Where each link is seen; not required (a folder on the way may be
+    // one batond can pass through but not read, mode 711).
+    let mut link_folders: Vec<PathBuf> = links
+        .iter()
+        .filter_map(|l| l.parent().map(Path::to_path_buf))
+        .collect();
+    link_folders.sort();
+    link_folders.dedup();
     let filter = Arc::new(Filter {
         root: root.to_path_buf(),
         config: config_spellings,
@@ -612,6 +620,7 @@ pub fn watch(
         .files
         .iter()
         .chain(&filter.config)
+        .filter(|f| f.as_path() == config || !links.contains(f) || filter.files.contains(f))
         .filter_map(|f| f.parent().map(Path::to_path_buf))
         .collect();
     let tops: Vec<PathBuf> = filter
@@ -632,6 +641,14 @@ pub fn watch(
                 path: p.clone(),
                 source,
             })?;
+    }
+    for p in link_folders.iter().filter(|p| !parents.contains(p)) {
+        let watched = std::fs::metadata(p)
+            .map_err(notify::Error::io)
+            .and_then(|m| st.watch(p, key_of(&m), false));
+        if let Err(e) = watched {
+            tracing::warn!(folder = %p.display(), error = %e, "not watched: a switch of the link in it is not seen (send SIGHUP after one)");
+        }
     }
     for p in &tops {
         let watched = std::fs::metadata(p)

@@ -46,6 +46,15 @@ pub async fn build(
     let log = tokio::fs::File::create(&log_path)
         .await
         .map_err(|e| format!("build.log: {e}"))?;
+    // Through a pipe, not the file itself: `build.log` is rotated at
+    // BUILD_LOG_MAX_BYTES like `worker.log`, so a build that prints without
+    // end does not fill the disk. One pipe for stdout and stderr, as one
+    // file was: the lines stay in the order the build wrote them.
+    let pipe_err = |e: std::io::Error| format!("build output pipe: {e}");
+    let (read, write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| pipe_err(e.into()))?;
+    let write_err = write.try_clone().map_err(pipe_err)?;
+    let output = tokio::net::unix::pipe::Receiver::from_owned_fd(read).map_err(pipe_err)?;
     let mut child = Child::spawn(
         shim,
         Spec {
@@ -53,14 +62,11 @@ pub async fn build(
             env: vec![],
             cwd: cfg.daemon.root.clone(),
             listener: None,
-            stdout: Stdio::piped(),
-            stderr: Stdio::piped(),
+            stdout: Stdio::from(write),
+            stderr: Stdio::from(write_err),
         },
     )
     .map_err(|e| e.to_string())?;
-    // Through a pipe, not the file itself: `build.log` is rotated at
-    // BUILD_LOG_MAX_BYTES like `worker.log`, so a build that prints without
-    // end does not fill the disk.
     let (tx, rx) = mpsc::unbounded_channel::<String>();
     let queued = Arc::new(AtomicUsize::new(0));
     let writer = tokio::spawn(write_log(
@@ -70,15 +76,8 @@ pub async fn build(
         rx,
         queued.clone(),
     ));
-    let mut pumps = Vec::new();
-    if let Some(out) = child.take_stdout() {
-        let queue = LogQueue::new(tx.clone(), queued.clone(), LOG_QUEUE_BYTES, "build.log");
-        pumps.push(tokio::spawn(pump(out, queue, None)));
-    }
-    if let Some(err) = child.take_stderr() {
-        let queue = LogQueue::new(tx, queued, LOG_QUEUE_BYTES, "build.log");
-        pumps.push(tokio::spawn(pump(err, queue, None)));
-    }
+    let queue = LogQueue::new(tx, queued, LOG_QUEUE_BYTES, "build.log");
+    let pumping = tokio::spawn(pump(output, queue, None));
     let what = format!(
         "build in {}",
         dir.file_name().unwrap_or_default().to_string_lossy()
@@ -104,9 +103,7 @@ pub async fn build(
     // longer than that, though: something the build left running may keep
     // its output open.
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        for p in pumps {
-            let _ = p.await;
-        }
+        let _ = pumping.await;
         let _ = writer.await;
     })
     .await;

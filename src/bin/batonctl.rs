@@ -20,8 +20,9 @@ struct Cli {
     /// The daemon's config file, to find the control socket.
     #[arg(long, short, default_value = "etc/baton.toml", global = true)]
     config: PathBuf,
-    /// Seconds batond has to answer (with --wait and for `events`: to
-    /// take the connection; the answer then takes as long as the deploy).
+    /// Seconds batond has to answer (with --wait: a status check first, and
+    /// the answer then comes when the deploy is done; for `events`: to start
+    /// the stream).
     #[arg(long, default_value_t = 30.0, global = true, value_parser = parse_timeout)]
     timeout: f64,
     #[command(subcommand)]
@@ -176,8 +177,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Events { json } => {
             use std::io::Write;
-            let (code, mut body) =
-                client::call_within(&socket, Method::GET, "/v1/events", limit).await?;
+            // The stream's head comes at once; its events as they happen.
+            let (code, mut body) = tokio::time::timeout(
+                limit,
+                client::call_within(&socket, Method::GET, "/v1/events", limit),
+            )
+            .await
+            .map_err(|_| client::ClientError::Timeout {
+                path: socket.clone(),
+                limit,
+            })??;
             if !code.is_success() {
                 bail!("events: {code}");
             }
@@ -216,7 +225,9 @@ async fn outcome(
 ) -> anyhow::Result<ExitCode> {
     let (code, body) = if wait {
         // The answer comes when the deploy is done: bounded by its build
-        // and start timeouts, not by `limit`.
+        // and start timeouts, not by `limit`. That batond answers at all
+        // is checked first, within `limit`.
+        client::call_text_within(socket, Method::GET, "/v1/status", limit).await?;
         let (code, body) =
             client::call_within(socket, Method::POST, &format!("{path}?wait=1"), limit).await?;
         let bytes = body.collect().await?.to_bytes();

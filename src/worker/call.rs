@@ -809,7 +809,13 @@ impl Call {
                     msg
                 }
                 Some(Out::Audio { data, pos }) => {
-                    if self.next_play_at < now {
+                    // A clock more than a frame behind (a gap in the
+                    // audio) starts again from now. Less than that is the
+                    // timer waking a little late: the frame goes out at
+                    // once, and the clock keeps its pace (a reset at every
+                    // frame would lose that lateness each time and play
+                    // slower than real time).
+                    if self.next_play_at + frame_duration(FRAME_BYTES) < now {
                         self.next_play_at = now;
                     }
                     let end = (*pos + FRAME_BYTES).min(data.len());

@@ -397,10 +397,14 @@ fn upgrade(
         && header_has_token(headers, header::CONNECTION, "upgrade")
         && header_has_token(headers, header::UPGRADE, "websocket");
     if !is_ws {
-        // RFC 9110 §15.5.22: a 426 names the protocol to upgrade to.
+        // RFC 9110 §15.5.22: a 426 names the protocol to upgrade to (and
+        // §7.8: `Upgrade` goes with `Connection: upgrade`; both are
+        // hop-by-hop, so a proxy in front answers for itself).
         let mut r = text(StatusCode::UPGRADE_REQUIRED, "websocket upgrade required");
         r.headers_mut()
             .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         return r;
     }
     if headers
