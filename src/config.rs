@@ -359,6 +359,13 @@ pub struct Overrides {
     pub state_dir: Option<PathBuf>,
 }
 
+/// `daemon.state_dir` when the file does not set it (under `root`).
+const DEFAULT_STATE_DIR: &str = "target/baton";
+
+/// The control socket's name in the state folder, when the file does not
+/// set `daemon.control_socket`.
+const CONTROL_SOCKET_NAME: &str = "control.sock";
+
 /// The default ignore globs: build output, VCS data and editor temp files.
 pub const DEFAULT_IGNORE: &[&str] = &[
     "**/target/**",
@@ -433,8 +440,8 @@ impl Config {
         Ok(match d.control_socket {
             Some(p) => root.join(p),
             None => root
-                .join(d.state_dir.as_deref().unwrap_or("target/baton"))
-                .join("control.sock"),
+                .join(d.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR))
+                .join(CONTROL_SOCKET_NAME),
         })
     }
 
@@ -483,8 +490,8 @@ fn serde_issue(file: &Path, text: &str, e: &toml::de::Error) -> ConfigIssue {
     }
 }
 
-/// 1-based line and column of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
+/// 1-based line and column (in characters) of a byte offset.
+pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
     let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
@@ -495,7 +502,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 /// whose name or value holds it, with every table above it, however the
 /// file spells them (`[table]` headers, dotted keys, inline tables). `None`
 /// when the text does not parse as TOML or nothing there holds `offset`.
-pub(crate) fn key_path_at(text: &str, offset: usize) -> Option<String> {
+fn key_path_at(text: &str, offset: usize) -> Option<String> {
     fn walk(table: &toml::de::DeTable<'_>, offset: usize, path: &mut Vec<String>) -> bool {
         for (k, v) in table {
             path.push(k.get_ref().to_string());
@@ -521,7 +528,7 @@ pub(crate) fn key_path_at(text: &str, offset: usize) -> Option<String> {
 /// The dotted key whose line holds `offset`: [`key_path_at`], or for text
 /// that is not TOML, the nearest `[table]` header above plus the bare key
 /// before `=` on that line (if any).
-fn key_at(text: &str, offset: usize) -> Option<String> {
+pub(crate) fn key_at(text: &str, offset: usize) -> Option<String> {
     if let Some(path) = key_path_at(text, offset) {
         return Some(path);
     }
@@ -664,13 +671,13 @@ impl Validator<'_> {
             }
         };
         let state_dir = ov.state_dir.clone().map_or_else(
-            || at_root(raw.daemon.state_dir.as_deref().unwrap_or("target/baton")),
+            || at_root(raw.daemon.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR)),
             |p| std::path::absolute(&p).unwrap_or(p),
         );
         let control_socket = ov.control_socket.clone().map_or_else(
             || match &raw.daemon.control_socket {
                 Some(p) => at_root(p),
-                None => state_dir.join("control.sock"),
+                None => state_dir.join(CONTROL_SOCKET_NAME),
             },
             |p| std::path::absolute(&p).unwrap_or(p),
         );

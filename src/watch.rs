@@ -493,7 +493,8 @@ pub fn watch(
         .collect();
     links.sort();
     links.dedup();
-    let mut config_spellings = spellings(config);
+    let config_named = spellings(config);
+    let mut config_spellings = config_named.clone();
     config_spellings.extend(links.iter().cloned());
     // Where each link is seen; not required (a folder on the way may be
     // one batond can pass through but not read, mode 711).
@@ -619,8 +620,7 @@ pub fn watch(
     let mut parents: Vec<PathBuf> = filter
         .files
         .iter()
-        .chain(&filter.config)
-        .filter(|f| f.as_path() == config || !links.contains(f) || filter.files.contains(f))
+        .chain(&config_named)
         .filter_map(|f| f.parent().map(Path::to_path_buf))
         .collect();
     let tops: Vec<PathBuf> = filter

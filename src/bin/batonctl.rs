@@ -178,15 +178,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Events { json } => {
             use std::io::Write;
             // The stream's head comes at once; its events as they happen.
-            let (code, mut body) = tokio::time::timeout(
-                limit,
-                client::call_within(&socket, Method::GET, "/v1/events", limit),
-            )
-            .await
-            .map_err(|_| client::ClientError::Timeout {
-                path: socket.clone(),
-                limit,
-            })??;
+            let (code, mut body) =
+                client::call(&socket, Method::GET, "/v1/events", Some(limit)).await?;
             if !code.is_success() {
                 bail!("events: {code}");
             }
@@ -229,9 +222,8 @@ async fn outcome(
         // is checked first, within `limit`.
         client::call_text_within(socket, Method::GET, "/v1/status", limit).await?;
         let (code, body) =
-            client::call_within(socket, Method::POST, &format!("{path}?wait=1"), limit).await?;
-        let bytes = body.collect().await?.to_bytes();
-        (code, String::from_utf8_lossy(&bytes).into_owned())
+            client::call(socket, Method::POST, &format!("{path}?wait=1"), None).await?;
+        (code, client::text(body).await?)
     } else {
         client::call_text_within(socket, Method::POST, path, limit).await?
     };

@@ -39,61 +39,59 @@ pub enum ClientError {
     },
 }
 
-/// Sends one request and returns the status and the streaming body. The
-/// connection is made within `connect_limit`; the answer may take as long
-/// as it takes (a deploy waited for, the event stream).
+/// Sends one request and returns the status and the streaming body, once
+/// the response head has come: within `head_limit`, or as long as it
+/// takes with `None` (a deploy waited for answers when it is done).
 ///
 /// # Errors
-/// [`ClientError`] when the socket cannot be reached in time or the
-/// exchange fails.
-pub async fn call_within(
-    socket: &Path,
-    method: Method,
-    path_and_query: &str,
-    connect_limit: Duration,
-) -> Result<(StatusCode, Incoming), ClientError> {
-    let connect_err = |source| ClientError::Connect {
-        path: socket.to_path_buf(),
-        source,
-    };
-    // A path longer than a socket address holds is reached through the
-    // folder (see `crate::endpoint`).
-    let unix = crate::endpoint::UnixPath::new(socket).map_err(connect_err)?;
-    let stream = tokio::time::timeout(connect_limit, tokio::net::UnixStream::connect(unix.addr()))
-        .await
-        .map_err(|_| ClientError::Timeout {
-            path: socket.to_path_buf(),
-            limit: connect_limit,
-        })?
-        .map_err(connect_err)?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let req = Request::builder()
-        .method(method)
-        .uri(path_and_query)
-        .header(http::header::HOST, "batond")
-        .body(Empty::<Bytes>::new())?;
-    let resp = send.send_request(req).await?;
-    let status = resp.status();
-    Ok((status, resp.into_body()))
-}
-
-/// How long [`call`] and [`call_text`] give batond to answer.
-pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// [`call_within`] with [`ANSWER_TIMEOUT`] to connect.
-///
-/// # Errors
-/// [`ClientError`] when the socket cannot be reached or the exchange fails.
+/// [`ClientError`] when the socket cannot be reached, the exchange fails
+/// or the head does not come in time.
 pub async fn call(
     socket: &Path,
     method: Method,
     path_and_query: &str,
+    head_limit: Option<Duration>,
 ) -> Result<(StatusCode, Incoming), ClientError> {
-    call_within(socket, method, path_and_query, ANSWER_TIMEOUT).await
+    let exchange = async {
+        let connect_err = |source| ClientError::Connect {
+            path: socket.to_path_buf(),
+            source,
+        };
+        // A path longer than a socket address holds is reached through the
+        // folder (see `crate::endpoint`).
+        let unix = crate::endpoint::UnixPath::new(socket).map_err(connect_err)?;
+        let stream = tokio::net::UnixStream::connect(unix.addr())
+            .await
+            .map_err(connect_err)?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = Request::builder()
+            .method(method)
+            .uri(path_and_query)
+            .header(http::header::HOST, "batond")
+            .body(Empty::<Bytes>::new())?;
+        let resp = send.send_request(req).await?;
+        Ok((resp.status(), resp.into_body()))
+    };
+    match head_limit {
+        Some(limit) => within(socket, limit, exchange).await,
+        None => exchange.await,
+    }
 }
+
+/// A whole body, as text.
+///
+/// # Errors
+/// [`ClientError::Http`] when the body breaks off.
+pub async fn text(body: Incoming) -> Result<String, ClientError> {
+    let bytes = body.collect().await?.to_bytes();
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// How long [`call_text`] gives batond to answer.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Sends one request and reads the whole body as text, all within
 /// `limit`.
@@ -107,19 +105,11 @@ pub async fn call_text_within(
     path_and_query: &str,
     limit: Duration,
 ) -> Result<(StatusCode, String), ClientError> {
-    let exchange = async {
-        let (status, body) = call_within(socket, method, path_and_query, limit).await?;
-        let bytes = body.collect().await?.to_bytes();
-        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
-    };
-    tokio::time::timeout(limit, exchange)
-        .await
-        .unwrap_or_else(|_| {
-            Err(ClientError::Timeout {
-                path: socket.to_path_buf(),
-                limit,
-            })
-        })
+    within(socket, limit, async {
+        let (status, body) = call(socket, method, path_and_query, None).await?;
+        Ok((status, text(body).await?))
+    })
+    .await
 }
 
 /// [`call_text_within`] [`ANSWER_TIMEOUT`].
@@ -133,4 +123,18 @@ pub async fn call_text(
     path_and_query: &str,
 ) -> Result<(StatusCode, String), ClientError> {
     call_text_within(socket, method, path_and_query, ANSWER_TIMEOUT).await
+}
+
+/// `work` within `limit`, else [`ClientError::Timeout`].
+async fn within<T>(
+    socket: &Path,
+    limit: Duration,
+    work: impl Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+        Err(ClientError::Timeout {
+            path: socket.to_path_buf(),
+            limit,
+        })
+    })
 }

@@ -408,62 +408,15 @@ pub fn self_digest() -> std::io::Result<String> {
 pub fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
     toml::from_str::<FileConfig>(text).map_err(|e| {
         let offset = e.span().map(|s| s.start).unwrap_or(0).min(text.len());
-        let (line, column) = line_col(text, offset);
-        let span_text = e
-            .span()
-            .and_then(|s| text.get(s))
-            .map(str::trim)
-            .unwrap_or_default();
+        let (line, column) = crate::config::line_col(text, offset);
         ConfigError::Parse {
             path: path.to_path_buf(),
             line,
             column,
-            key: crate::config::key_path_at(text, offset)
-                .unwrap_or_else(|| key_at(text, offset, span_text)),
+            key: crate::config::key_at(text, offset).unwrap_or_default(),
             message: e.message().trim().to_string(),
         }
     })
-}
-
-/// 1-based line and column (in characters) of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
-    (line, before[line_start..].chars().count() + 1)
-}
-
-/// For text that is not TOML: the dotted key at `offset`, the current
-/// `[table]` plus the key on that line (or the span text, which is the key
-/// for unknown-field errors).
-fn key_at(text: &str, offset: usize, span_text: &str) -> String {
-    let before = &text[..offset];
-    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
-    let line_end = text[offset..]
-        .find('\n')
-        .map(|i| offset + i)
-        .unwrap_or(text.len());
-    let line = &text[line_start..line_end];
-    let key = match line.split_once('=') {
-        Some((k, _)) if offset - line_start >= k.len() => k.trim().to_string(),
-        _ => span_text
-            .split('=')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
-    };
-    let table = before
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('[') && l.ends_with(']'))
-        .map(|l| l.trim_matches(['[', ']']).trim().to_string());
-    match table {
-        Some(t) if !key.is_empty() && key != t => format!("{t}.{key}"),
-        Some(t) if key.is_empty() => t,
-        _ => key,
-    }
 }
 
 #[cfg(test)]
