@@ -158,6 +158,20 @@ pub fn set_forwarded(
     }
 }
 
+/// Adds batond to `Via` (RFC 9110 §7.6.3: a gateway must, in every request
+/// it forwards): the protocol version the client spoke and the name,
+/// after any hops an outer proxy listed. The worker thus sees every hop
+/// the request took; responses are left as the worker sent them (a
+/// gateway may, but need not, add itself there).
+pub fn add_via(headers: &mut HeaderMap, received: http::Version) {
+    let hop = if received == http::Version::HTTP_10 {
+        "1.0 batond"
+    } else {
+        "1.1 batond"
+    };
+    headers.append(header::VIA, HeaderValue::from_static(hop));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +190,18 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn via_names_the_version_received_after_outer_hops() {
+        let mut h = HeaderMap::new();
+        add_via(&mut h, http::Version::HTTP_11);
+        assert_eq!(h[header::VIA], "1.1 batond");
+        let mut h = HeaderMap::new();
+        h.insert(header::VIA, HeaderValue::from_static("1.1 edge"));
+        add_via(&mut h, http::Version::HTTP_10);
+        let all: Vec<_> = h.get_all(header::VIA).iter().collect();
+        assert_eq!(all, ["1.1 edge", "1.0 batond"]);
     }
 
     #[test]

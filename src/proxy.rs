@@ -252,6 +252,7 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::set_forwarded(&mut parts.headers, client, "http", host.as_ref());
+        headers::add_via(&mut parts.headers, parts.version);
         if let Some(h) = host
             && parts.uri.authority().is_some()
         {

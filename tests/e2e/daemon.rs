@@ -23,6 +23,8 @@ async fn cutover_on_source_change_in_env_mode() {
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-host"], d.addr.to_string());
     assert_eq!(h["host"], d.addr.to_string());
+    // batond names itself in `Via` (RFC 9110 §7.6.3).
+    assert_eq!(h["via"], "1.1 batond");
     assert_eq!(who["target"], "/whoami");
     // An absolute-form target reaches the worker in origin form, its
     // authority as `Host` and `X-Forwarded-Host`.
@@ -1085,7 +1087,7 @@ async fn bad_requests_get_400_and_the_worker_is_not_blamed() {
     // X-Forwarded-For line is kept, the nearest hop last.
     let r = raw_request(
         addr,
-        "GET http://a.example/whoami HTTP/1.1\r\nHost: b.example\r\nX-Forwarded-For: 198.51.100.1\r\nX-Forwarded-For: 203.0.113.9\r\nConnection: close\r\n\r\n",
+        "GET http://a.example/whoami HTTP/1.1\r\nHost: b.example\r\nX-Forwarded-For: 198.51.100.1\r\nX-Forwarded-For: 203.0.113.9\r\nVia: 1.1 edge\r\nConnection: close\r\n\r\n",
     )
     .await;
     let body = r.split("\r\n\r\n").nth(1).unwrap_or("");
@@ -1097,9 +1099,13 @@ async fn bad_requests_get_400_and_the_worker_is_not_blamed() {
         h["x-forwarded-for"], "198.51.100.1, 203.0.113.9, 127.0.0.1",
         "{who}"
     );
-    // HTTP/1.0 needs no Host.
-    let r = raw_request(addr, "GET /healthz HTTP/1.0\r\n\r\n").await;
+    assert_eq!(h["via"], "1.1 edge, 1.1 batond", "{who}");
+    // HTTP/1.0 needs no Host; `Via` says the client spoke 1.0.
+    let r = raw_request(addr, "GET /whoami HTTP/1.0\r\n\r\n").await;
     assert!(status(&r).contains(" 200"), "{r}");
+    let body = r.split("\r\n\r\n").nth(1).unwrap_or("");
+    let who: serde_json::Value = serde_json::from_str(body).expect("whoami json");
+    assert_eq!(who["headers"]["via"], "1.0 batond", "{who}");
     // A worker that breaks off its answer: the client gets the head and
     // what came before the break, then the close (a cut response it can
     // tell from a whole one), not a close without a word.
