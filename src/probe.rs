@@ -15,6 +15,10 @@ use crate::endpoint::Endpoint;
 pub enum Probe {
     /// No HTTP answer (refused, reset, timed out).
     NoAnswer(String),
+    /// `batond` could not make the probe at all: it is out of file
+    /// descriptors or memory for a socket. That says nothing about the
+    /// worker, so it counts neither for nor against it.
+    Unable(String),
     /// An HTTP answer.
     Answer {
         /// The status code.
@@ -54,7 +58,11 @@ async fn probe_inner(
     path: &str,
     header: &HeaderName,
 ) -> Result<Probe, String> {
-    let stream = endpoint.connect().await.map_err(|e| e.to_string())?;
+    let stream = match endpoint.connect().await {
+        Ok(s) => s,
+        Err(e) if own_shortage(&e) => return Ok(Probe::Unable(e.to_string())),
+        Err(e) => return Err(e.to_string()),
+    };
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
@@ -78,10 +86,20 @@ async fn probe_inner(
     })
 }
 
+/// Whether a failed connect is `batond`'s own shortage (descriptors,
+/// memory, buffers), not the worker's doing.
+fn own_shortage(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error().is_some_and(|n| {
+        [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM].contains(&Errno::from_raw(n))
+    })
+}
+
 /// Judges a probe: a 200 must carry exactly `want`.
 pub fn judge(p: &Probe, want: &str) -> Verdict {
     match p {
         Probe::NoAnswer(e) => Verdict::NotYet(format!("no answer: {e}")),
+        Probe::Unable(e) => Verdict::NotYet(format!("batond could not probe: {e}")),
         Probe::Answer { status, signature } => {
             if *status != StatusCode::OK {
                 let reason = format!("healthz {}", status.as_u16());

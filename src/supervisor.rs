@@ -189,6 +189,10 @@ struct GenRuntime {
     starts: VecDeque<Instant>,
     backoff: Duration,
     restart_pending: bool,
+    /// After a replacement of an unhealthy active worker failed, the next
+    /// one waits until then (the restart backoff), however often the
+    /// probes fail meanwhile.
+    replace_not_before: Option<Instant>,
 }
 
 struct Supervisor {
@@ -781,7 +785,12 @@ impl Supervisor {
                     .active
                     .as_ref()
                     .is_some_and(|a| a.generation == generation && a.instance == instance);
-                if is_active && !self.replacing {
+                let waiting = self
+                    .runtime
+                    .get(&generation)
+                    .and_then(|rt| rt.replace_not_before)
+                    .is_some_and(|t| Instant::now() < t);
+                if is_active && !self.replacing && !waiting {
                     self.events.emit(
                         "health_failed",
                         Some(generation),
@@ -862,6 +871,7 @@ impl Supervisor {
                             starts: VecDeque::from([Instant::now()]),
                             backoff: self.cfg.restart.backoff_initial,
                             restart_pending: false,
+                            replace_not_before: None,
                         },
                     );
                 }
@@ -1202,6 +1212,27 @@ impl Supervisor {
                 );
                 if self.active.is_none() && !self.token.is_cancelled() {
                     self.schedule_restart(generation);
+                } else if replace
+                    && self
+                        .active
+                        .as_ref()
+                        .is_some_and(|a| a.generation == generation)
+                    && let Some(rt) = self.runtime.get_mut(&generation)
+                {
+                    // The active worker keeps serving and keeps being
+                    // probed; if it is still failing after the backoff, a
+                    // replacement is tried again.
+                    let delay = rt.backoff;
+                    rt.backoff = (rt.backoff * 2).min(self.cfg.restart.backoff_max);
+                    rt.replace_not_before = Some(Instant::now() + delay);
+                    self.events.emit(
+                        "health_retry",
+                        Some(generation),
+                        format!(
+                            "generation {generation}: the active worker stays; if its probes still fail, a fresh process is tried again in {} ms at the earliest",
+                            delay.as_millis()
+                        ),
+                    );
                 }
                 DeployOutcome {
                     generation: Some(generation),

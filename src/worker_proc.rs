@@ -524,9 +524,10 @@ async fn prove(cfg: &Config, inst: &Instance, want: &str, log: &Path) -> Result<
     }
 }
 
-/// Probes an active instance every `health_interval`; after
-/// `health_failures` failures in a row it reports the instance unhealthy
-/// and stops.
+/// Probes an active instance every `health_interval` until `token` is
+/// cancelled (it drains); after every `health_failures` failures in a row
+/// it reports the instance unhealthy. A probe `batond` could not make
+/// (out of descriptors) counts neither way.
 pub async fn monitor(
     cfg: Arc<Config>,
     generation: u64,
@@ -537,6 +538,8 @@ pub async fn monitor(
     events: mpsc::UnboundedSender<WorkerEvent>,
 ) {
     let mut failures = 0;
+    // Whether the last probe could not be made (warned once per spell).
+    let mut unable = false;
     let mut tick = tokio::time::interval(cfg.worker.health_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -552,18 +555,35 @@ pub async fn monitor(
             cfg.worker.health_interval.max(Duration::from_secs(1)),
         )
         .await;
+        if let probe::Probe::Unable(e) = &p {
+            // batond's own shortage: no verdict on the worker either way.
+            if !unable {
+                tracing::warn!(
+                    generation,
+                    instance,
+                    "cannot probe the active worker: {e}; its failures are not counted meanwhile"
+                );
+            }
+            unable = true;
+            continue;
+        }
+        unable = false;
         match probe::judge(&p, &want) {
             Verdict::Proven => failures = 0,
             Verdict::Wrong(r) | Verdict::NotYet(r) => {
                 failures += 1;
                 tracing::warn!(generation, instance, failures, "health probe failed: {r}");
                 if failures >= cfg.worker.health_failures {
+                    // The supervisor starts a replacement (or, while one
+                    // is under way or after one failed, waits); probing
+                    // goes on until this worker drains, so a replacement
+                    // that failed is tried again.
                     let _ = events.send(WorkerEvent::Unhealthy {
                         generation,
                         instance,
                         reason: r,
                     });
-                    return;
+                    failures = 0;
                 }
             }
         }

@@ -135,8 +135,8 @@ pub struct Event {
     /// What: `change`, `build_started`, `build_failed`,
     /// `candidate_started`, `rejected`, `cutover`, `draining`,
     /// `drain_timeout`, `stopped`, `worker_exited`, `restart_scheduled`,
-    /// `restart`, `start_limit_hit`, `health_failed`, `config_reloaded`,
-    /// `config_rejected`, `stopping`.
+    /// `restart`, `start_limit_hit`, `health_failed`, `health_retry`,
+    /// `config_reloaded`, `config_rejected`, `stopping`.
     pub kind: String,
     /// The generation concerned.
     pub generation: Option<u64>,

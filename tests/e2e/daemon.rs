@@ -1045,6 +1045,51 @@ async fn an_unhealthy_active_worker_is_replaced_without_failed_requests() {
     assert!(wait_gone(pid1).await);
 }
 
+/// A replacement for a sick active worker that fails does not end the
+/// health checks: the active keeps serving, is probed on, and a later
+/// replacement (after the backoff) takes over once one proves itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_replacement_of_a_sick_worker_is_tried_again() {
+    let p = Project::python("", "");
+    p.append("src/pyworker.py", "\n# HEALTH_FILE=health\n");
+    let d = Daemon::start(&p).await;
+    let s = d.wait_active(1).await;
+    let pid1 = s.active.and_then(|a| a.pid).expect("pid");
+    // Every worker is sick: the fresh process is rejected at once.
+    p.write("health", "404");
+    let mut seen = false;
+    for _ in 0..200 {
+        if d.log().contains("health_retry") {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen, "no retry after the failed replacement: {}", d.log());
+    let s = d.status().await;
+    assert_eq!(
+        s.active.and_then(|a| a.pid),
+        Some(pid1),
+        "the old one stays"
+    );
+    // Only the old one is sick now: the next try takes over.
+    p.write("health", &format!("404 {pid1}"));
+    let mut replaced = None;
+    for _ in 0..200 {
+        let s = d.status().await;
+        if let Some(a) = s.active.filter(|a| a.pid != Some(pid1)) {
+            replaced = Some(a);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let a = replaced.expect("the sick worker was never replaced after a failed try");
+    assert_eq!(a.id, 1, "same generation");
+    let (code, _, _) = d.get("/healthz").await;
+    assert_eq!(code, StatusCode::OK);
+    assert!(wait_gone(pid1).await);
+}
+
 /// RFC 9112's rules for a request's host and framing, and who gets the
 /// blame: a body the client botched is a 400, not a 502 that counts
 /// against the worker.
