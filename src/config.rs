@@ -91,6 +91,7 @@ struct RawDaemon {
     state_dir: Option<String>,
     hold_timeout_ms: Option<u64>,
     header_timeout_s: Option<u64>,
+    idle_timeout_s: Option<u64>,
     history: Option<usize>,
     shutdown_timeout_s: Option<u64>,
     threads: Option<usize>,
@@ -204,6 +205,12 @@ pub struct DaemonConfig {
     /// A client connection that has no request in progress and sends no
     /// complete request head for this long is closed (slow or idle clients).
     pub header_timeout: Duration,
+    /// A request in progress on which no byte moves either way for this
+    /// long is ended (a hung worker gets the client a 504; a client that
+    /// stopped reading loses its connection), and so is an upgraded
+    /// connection one side of which has ended while the other sends
+    /// nothing: neither holds a worker connection for ever.
+    pub idle_timeout: Duration,
     /// How many finished generations the status keeps.
     pub history: usize,
     /// How long SIGTERM waits for requests and calls before stopping workers.
@@ -693,6 +700,7 @@ impl Validator<'_> {
             raw.daemon.header_timeout_s,
             30,
         );
+        let idle = self.positive("daemon", "idle_timeout_s", raw.daemon.idle_timeout_s, 60);
         let shutdown = raw.daemon.shutdown_timeout_s.unwrap_or(30);
         let shutdown = self.at_most_a_year("daemon", "shutdown_timeout_s", shutdown);
         let threads = raw.daemon.threads.unwrap_or(1);
@@ -715,6 +723,7 @@ impl Validator<'_> {
             state_dir,
             hold_timeout: Duration::from_millis(hold),
             header_timeout: Duration::from_secs(header),
+            idle_timeout: Duration::from_secs(idle),
             history: raw.daemon.history.unwrap_or(20),
             shutdown_timeout: Duration::from_secs(shutdown),
             threads: threads.clamp(1, 64),
@@ -932,8 +941,9 @@ mod tests {
 
     #[test]
     fn every_problem_is_listed_in_file_order() {
-        let text =
-            format!("{MINIMAL}[daemon]\nheader_timeout_s = 0\nhold_timeout_ms = 0\nthreads = 0\n");
+        let text = format!(
+            "{MINIMAL}[daemon]\nheader_timeout_s = 0\nhold_timeout_ms = 0\nthreads = 0\nidle_timeout_s = 0\n"
+        );
         let Err(ConfigError::Invalid { issues }) = parse(&text) else {
             panic!("expected invalid");
         };
@@ -947,6 +957,7 @@ mod tests {
                 (Some(7), "daemon.header_timeout_s"),
                 (Some(8), "daemon.hold_timeout_ms"),
                 (Some(9), "daemon.threads"),
+                (Some(10), "daemon.idle_timeout_s"),
             ]
         );
     }

@@ -144,11 +144,7 @@ pub async fn run(
     }
 
     let router = Arc::new(Router::default());
-    let proxy = Proxy::new(
-        router.clone(),
-        cfg.daemon.hold_timeout,
-        cfg.daemon.header_timeout,
-    );
+    let proxy = Proxy::new(router.clone(), crate::proxy::Timeouts::of(&cfg.daemon));
     let shutdown_grace = cfg.daemon.shutdown_timeout;
     let worker_token = CancellationToken::new();
     let (job, actor) = supervisor::spawn(

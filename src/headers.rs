@@ -34,6 +34,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        // `Host` is for every hop (RFC 9112 §3.2: a request must carry
+        // it), never a connection option (RFC 9110 §7.6.1).
+        .filter(|name| name != header::HOST)
         .collect();
     for name in listed.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
@@ -190,6 +193,12 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+        // Named in `Connection`, `Host` stays all the same.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Host"));
+        h.insert(header::HOST, HeaderValue::from_static("a.example"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h[header::HOST], "a.example");
     }
 
     #[test]

@@ -78,10 +78,36 @@ pub struct ProxyMetrics {
     pub bad_gateway: AtomicU64,
     /// 503s the proxy made (no healthy worker within the hold time).
     pub unavailable: AtomicU64,
+    /// 504s the proxy made (the worker sent no answer within the idle
+    /// timeout).
+    pub gateway_timeout: AtomicU64,
     /// Upgraded connections established.
     pub upgrades: AtomicU64,
     /// Connections accepted.
     pub connections: AtomicU64,
+}
+
+/// The proxy's time limits (see [`crate::config::DaemonConfig`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// How long a request waits for a healthy worker before a 503.
+    pub hold: Duration,
+    /// How long a client connection may be idle or send a request head.
+    pub header: Duration,
+    /// How long a request in progress, or a half-closed upgraded
+    /// connection, may move no byte.
+    pub idle: Duration,
+}
+
+impl Timeouts {
+    /// The proxy's part of a daemon config.
+    pub fn of(d: &crate::config::DaemonConfig) -> Timeouts {
+        Timeouts {
+            hold: d.hold_timeout,
+            header: d.header_timeout,
+            idle: d.idle_timeout,
+        }
+    }
 }
 
 /// The proxy's shared state.
@@ -90,6 +116,7 @@ pub struct Proxy {
     router: Arc<Router>,
     hold_ms: AtomicU64,
     header_ms: AtomicU64,
+    idle_ms: AtomicU64,
     /// Counters for `/metrics`.
     pub metrics: ProxyMetrics,
 }
@@ -97,21 +124,27 @@ pub struct Proxy {
 // === impl Proxy ===
 
 impl Proxy {
-    /// A proxy routing through `router`, holding requests up to `hold`,
-    /// closing client connections that send no request head for `header`.
-    pub fn new(router: Arc<Router>, hold: Duration, header: Duration) -> Arc<Proxy> {
+    /// A proxy routing through `router` within the time limits `t`.
+    pub fn new(router: Arc<Router>, t: Timeouts) -> Arc<Proxy> {
         Arc::new(Proxy {
             router,
-            hold_ms: AtomicU64::new(millis(hold)),
-            header_ms: AtomicU64::new(millis(header)),
+            hold_ms: AtomicU64::new(millis(t.hold)),
+            header_ms: AtomicU64::new(millis(t.header)),
+            idle_ms: AtomicU64::new(millis(t.idle)),
             metrics: ProxyMetrics::default(),
         })
     }
 
-    /// Changes the hold and header timeouts (config reload).
-    pub fn set_timeouts(&self, hold: Duration, header: Duration) {
-        self.hold_ms.store(millis(hold), Ordering::Relaxed);
-        self.header_ms.store(millis(header), Ordering::Relaxed);
+    /// Changes the time limits (config reload); connections accepted
+    /// before keep the header and idle limits they started with.
+    pub fn set_timeouts(&self, t: Timeouts) {
+        self.hold_ms.store(millis(t.hold), Ordering::Relaxed);
+        self.header_ms.store(millis(t.header), Ordering::Relaxed);
+        self.idle_ms.store(millis(t.idle), Ordering::Relaxed);
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_ms.load(Ordering::Relaxed))
     }
 
     fn hold(&self) -> Duration {
@@ -167,10 +200,11 @@ impl Proxy {
                 let activity = activity.clone();
                 activity.started.fetch_add(1, Ordering::Relaxed);
                 async move {
-                    let resp = proxy.handle(req, &client, &activity.bodies).await;
+                    let resp = proxy.handle(req, &client, &activity).await;
+                    activity.heads.fetch_add(1, Ordering::Relaxed);
                     Ok::<_, Infallible>(resp.map(|body| ClientBody {
                         body,
-                        _done: Finished(activity),
+                        done: Finished(activity),
                     }))
                 }
             });
@@ -181,7 +215,7 @@ impl Proxy {
                 conn,
                 |c| c.graceful_shutdown(),
                 seen,
-                self.header_timeout(),
+                (self.header_timeout(), self.idle_timeout()),
                 token.clone(),
                 peer,
             ));
@@ -206,6 +240,24 @@ impl Proxy {
         )
     }
 
+    fn gateway_timeout(&self, upstream: &Upstream) -> Response<ProxyBody> {
+        self.metrics.gateway_timeout.fetch_add(1, Ordering::Relaxed);
+        let idle = self.idle_timeout();
+        tracing::warn!(
+            generation = upstream.generation,
+            ?idle,
+            "worker sent no answer in time"
+        );
+        refuse(
+            StatusCode::GATEWAY_TIMEOUT,
+            &format!(
+                "gateway timeout: worker of generation {} sent no answer within {} s\n",
+                upstream.generation,
+                idle.as_secs_f64()
+            ),
+        )
+    }
+
     fn unavailable(&self) -> Response<ProxyBody> {
         self.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
         let mut resp = text(
@@ -221,8 +273,9 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         client: &HeaderValue,
-        bodies: &Arc<BodyProgress>,
+        activity: &Activity,
     ) -> Response<ProxyBody> {
+        let bodies = &activity.bodies;
         self.metrics.requests.fetch_add(1, Ordering::Relaxed);
         // The host the request is for (RFC 9112 §3.2): the authority of an
         // absolute-form target, which then replaces `Host`, else the one
@@ -300,9 +353,12 @@ impl Proxy {
             // (error, whether the worker refused connections: then wait for
             // a different one; else the same one may take it again).
             let (failure, refused_conn) = match upstream.pool.checkout().await {
-                Ok(mut conn) => match conn.send(req).await {
-                    Ok(resp) => break (resp, conn),
-                    Err(mut e) => match e.take_message() {
+                Ok(mut conn) => match until_idle(conn.send(req), &activity.idle).await {
+                    // Nothing moved for the idle timeout (see
+                    // `watch_connection`): the worker hangs.
+                    None => return self.gateway_timeout(&upstream),
+                    Some(Ok(resp)) => break (resp, conn),
+                    Some(Err(mut e)) => match e.take_message() {
                         // Not sent (the connection closed first): the request
                         // comes back whole, body included.
                         Some(back) => {
@@ -382,8 +438,23 @@ impl Proxy {
             (Some(proto), Some(inbound)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 self.tunnel(resp, proto, inbound, &upstream)
             }
+            // RFC 9110 §7.8, §15.2: a 101 answers an upgrade request only
+            // (and never an HTTP/1.0 one, whose Upgrade is ignored).
+            _ if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                self.metrics.bad_gateway.fetch_add(1, Ordering::Relaxed);
+                refuse(
+                    StatusCode::BAD_GATEWAY,
+                    "bad gateway: worker switched protocols on a request that asked for no upgrade\n",
+                )
+            }
             _ => {
                 let (mut parts, body) = resp.into_parts();
+                // RFC 9112 §6.3: with Transfer-Encoding, a Content-Length
+                // is wrong, and must go before the message is passed on
+                // (it is framed again here).
+                if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                }
                 headers::strip_hop_by_hop(&mut parts.headers);
                 let body = Guarded {
                     inner: body,
@@ -424,6 +495,7 @@ impl Proxy {
         let ticket = upstream.tunnel();
         let cancel = upstream.tunnel_cancel.clone();
         let generation = upstream.generation;
+        let linger = self.idle_timeout();
         upstream.tunnel_tracker.spawn(async move {
             let _ticket = ticket;
             let copy = async {
@@ -432,7 +504,9 @@ impl Proxy {
                 let mut worker = TokioIo::new(worker);
                 // A reset from either side just ends the tunnel. No buffer
                 // per tunnel while both sides keep up (see `tunnel`).
-                let _ = crate::tunnel::relay(&mut client, &mut worker).await;
+                if let Err(e) = crate::tunnel::relay(&mut client, &mut worker, linger).await {
+                    tracing::debug!(generation, error = %e, "upgraded connection ended");
+                }
                 Ok::<(), hyper::Error>(())
             };
             tokio::select! {
@@ -458,13 +532,20 @@ impl Proxy {
 /// the client, and none came), is asked to close (hyper closes it once
 /// what it has written is flushed); if it is still open a `timeout` later
 /// (a head or a body still half sent: a slowloris) it is dropped. So a
-/// slow or idle client holds a connection for one to three `timeout`s. One
-/// timer per connection, not per request.
+/// slow or idle client holds a connection for one to three `timeout`s.
+///
+/// A request in progress on which nothing moved (no request or response
+/// body frame, no request started or ended) for `idle`, as seen at these
+/// same checks, is ended: while its handler waits for the worker's
+/// answer, the handler is told to give up (a 504); while the answer
+/// streams (the worker stopped sending it, or the client stopped reading
+/// it), the connection is dropped. One timer per connection, not per
+/// request.
 async fn watch_connection<C>(
     conn: C,
     shut_down: impl Fn(Pin<&mut C>),
     activity: Arc<Activity>,
-    timeout: Duration,
+    (timeout, idle): (Duration, Duration),
     token: CancellationToken,
     peer: std::net::SocketAddr,
 ) where
@@ -475,7 +556,9 @@ async fn watch_connection<C>(
     let mut stall = std::pin::pin!(stall);
     let cancelled = token.cancelled();
     let mut cancelled = std::pin::pin!(cancelled);
-    let (mut seen, mut stopping, mut closing) = ((0, 0, 0), false, false);
+    let (mut seen, mut stopping, mut closing) = ((0, 0, 0, 0), false, false);
+    // When `seen` last changed, and whether the idle handler was told.
+    let (mut moved_at, mut told) = (tokio::time::Instant::now(), false);
     let r = loop {
         tokio::select! {
             // The connection first: when it is ready the others are not
@@ -492,14 +575,27 @@ async fn watch_connection<C>(
                     activity.started.load(Ordering::Relaxed),
                     activity.finished.load(Ordering::Relaxed),
                     activity.bodies.frames.load(Ordering::Relaxed),
+                    activity.sent.load(Ordering::Relaxed),
                 );
                 // A request in progress is waited for, unless the client
                 // stopped sending its body: no frame for a whole period.
                 let waiting_on_client =
                     activity.bodies.waiting.load(Ordering::Relaxed) > 0 && now == seen;
-                if (now.0 != now.1 && !waiting_on_client) || now != seen {
-                    // In progress, or moved during the last period.
+                if now != seen {
+                    // Moved during the last period.
                     seen = now;
+                    (moved_at, told) = (tokio::time::Instant::now(), false);
+                } else if now.0 != now.1 && !waiting_on_client {
+                    // In progress, and nothing moved.
+                    if moved_at.elapsed() >= idle {
+                        if activity.heads.load(Ordering::Relaxed) != now.0 && !told {
+                            told = true;
+                            activity.idle.notify_waiters();
+                        } else {
+                            tracing::info!(%peer, ?idle, "dropping a client connection whose answer moved no byte for the idle timeout");
+                            return;
+                        }
+                    }
                 } else if !closing {
                     tracing::debug!(%peer, ?timeout, "closing a client connection that sent no request");
                     closing = true;
@@ -518,12 +614,28 @@ async fn watch_connection<C>(
 }
 
 /// Requests started and finished on one client connection, and how their
-/// bodies come in (see `watch_connection`).
+/// bodies move (see `watch_connection`).
 #[derive(Debug, Default)]
 struct Activity {
     started: AtomicU64,
+    /// Responses handed to hyper (their heads go out).
+    heads: AtomicU64,
     finished: AtomicU64,
+    /// Response body frames handed to hyper.
+    sent: AtomicU64,
     bodies: Arc<BodyProgress>,
+    /// Tells a handler waiting on the worker that nothing moved for the
+    /// idle timeout.
+    idle: tokio::sync::Notify,
+}
+
+/// `f`'s output, or `None` once `idle` is notified first.
+async fn until_idle<F: Future>(f: F, idle: &tokio::sync::Notify) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        r = f => Some(r),
+        () = idle.notified() => None,
+    }
 }
 
 /// Counts a response as finished when its body is dropped: sent, or the
@@ -539,7 +651,7 @@ impl Drop for Finished {
 /// A response body on its way to the client.
 pub struct ClientBody {
     body: ProxyBody,
-    _done: Finished,
+    done: Finished,
 }
 
 impl Body for ClientBody {
@@ -550,7 +662,11 @@ impl Body for ClientBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let r = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &r {
+            self.done.0.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        r
     }
 
     fn is_end_stream(&self) -> bool {

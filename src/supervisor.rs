@@ -1320,7 +1320,7 @@ impl Supervisor {
             Ok((new, w, kept)) => {
                 self.watcher = Some(w);
                 self.proxy
-                    .set_timeouts(new.daemon.hold_timeout, new.daemon.header_timeout);
+                    .set_timeouts(crate::proxy::Timeouts::of(&new.daemon));
                 self.cfg = Arc::new(new);
                 self.config_error = None;
                 let mut message = "config reloaded; redeploying".to_string();

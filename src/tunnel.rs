@@ -11,15 +11,21 @@
 //!
 //! Back-pressure is kept: while a direction holds unwritten bytes it does
 //! not read. At end of stream the other side's write half is shut down and
-//! the other direction carries on, as `copy_bidirectional` does.
+//! the other direction carries on, as `copy_bidirectional` does, but not
+//! for ever: once one direction has ended, the other must move a byte at
+//! least every `linger` (a WebSocket's close handshake is over by then; a
+//! peer that neither closes nor sends is gone), as HAProxy's
+//! `timeout client-fin`/`server-fin` do.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 /// Size of the per-thread scratch buffer: the most one read takes.
 const SCRATCH_BYTES: usize = 16 * 1024;
@@ -38,28 +44,46 @@ pub struct Moved {
 }
 
 /// Copies `a` to `b` and `b` to `a` until both have ended (or either
-/// fails).
+/// fails, or one has ended and the other moved nothing for `linger`).
 ///
 /// # Errors
-/// The first I/O error of either side; the connection is over then.
-pub async fn relay<A, B>(a: &mut A, b: &mut B) -> io::Result<Moved>
+/// The first I/O error of either side, or `TimedOut` after `linger`; the
+/// connection is over then.
+pub async fn relay<A, B>(a: &mut A, b: &mut B, linger: Duration) -> io::Result<Moved>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let mut ab = Direction::default();
     let mut ba = Direction::default();
+    // Armed once one direction has ended: the deadline, and the bytes
+    // moved when it was set.
+    let mut half_closed: Option<(Pin<Box<Sleep>>, u64)> = None;
     poll_fn(|cx| {
-        let ab_done = ab.poll(cx, &mut *a, &mut *b)?;
-        let ba_done = ba.poll(cx, &mut *b, &mut *a)?;
-        if ab_done.is_ready() && ba_done.is_ready() {
-            Poll::Ready(Ok(Moved {
+        let ab_done = ab.poll(cx, &mut *a, &mut *b)?.is_ready();
+        let ba_done = ba.poll(cx, &mut *b, &mut *a)?.is_ready();
+        if ab_done && ba_done {
+            return Poll::Ready(Ok(Moved {
                 a_to_b: ab.moved,
                 b_to_a: ba.moved,
-            }))
-        } else {
-            Poll::Pending
+            }));
         }
+        if ab_done || ba_done {
+            let moved = ab.moved + ba.moved;
+            let timer =
+                half_closed.get_or_insert_with(|| (Box::pin(tokio::time::sleep(linger)), moved));
+            if timer.1 != moved {
+                timer.1 = moved;
+                timer.0.as_mut().reset(Instant::now() + linger);
+            }
+            if timer.0.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("one side ended and the other moved nothing for {linger:?}"),
+                )));
+            }
+        }
+        Poll::Pending
     })
     .await
 }
@@ -162,6 +186,40 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    const LINGER: Duration = Duration::from_secs(30);
+
+    /// Once one side has ended, the other may go on sending (each byte
+    /// restarts the linger), but a side that neither sends nor closes for
+    /// `linger` ends the relay.
+    #[tokio::test]
+    async fn a_half_closed_relay_ends_when_the_other_side_goes_quiet() {
+        let linger = Duration::from_millis(300);
+        let (mut client, mut near) = tokio::io::duplex(1024);
+        let (mut far, mut server) = tokio::io::duplex(1024);
+        let relay = tokio::spawn(async move { relay(&mut near, &mut far, linger).await });
+        // The worker closes its side (a WebSocket close handshake done).
+        server.shutdown().await.expect("server shutdown");
+        let mut buf = [0u8; 16];
+        assert_eq!(client.read(&mut buf).await.expect("client read"), 0);
+        // The client keeps talking for longer than the linger, a byte at a
+        // time: the relay carries it.
+        for _ in 0..4 {
+            tokio::time::sleep(linger / 3).await;
+            client.write_all(b"x").await.expect("client write");
+            assert_eq!(server.read(&mut buf).await.expect("server read"), 1);
+        }
+        assert!(!relay.is_finished(), "ended while bytes still moved");
+        // Then it goes quiet without closing.
+        let started = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(10), relay)
+            .await
+            .expect("the relay did not end")
+            .expect("join");
+        assert!(started.elapsed() >= linger);
+        assert_eq!(r.expect_err("timed out").kind(), io::ErrorKind::TimedOut);
+        drop(client);
+    }
+
     /// A relay between two in-memory pipes: everything arrives in order
     /// both ways, also when one side reads slowly (the backlog path), and
     /// an end of stream on each side ends the relay.
@@ -170,7 +228,7 @@ mod tests {
         // Small pipes so that a big write backs up.
         let (mut client, mut near) = tokio::io::duplex(1024);
         let (mut far, mut server) = tokio::io::duplex(1024);
-        let relay = tokio::spawn(async move { relay(&mut near, &mut far).await });
+        let relay = tokio::spawn(async move { relay(&mut near, &mut far, LINGER).await });
         let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let expect = payload.clone();
         let writer = tokio::spawn(async move {
@@ -213,7 +271,7 @@ mod tests {
         let (mut far, server) = tokio::io::duplex(64);
         drop(server);
         let mut client = client;
-        let relay = tokio::spawn(async move { relay(&mut near, &mut far).await });
+        let relay = tokio::spawn(async move { relay(&mut near, &mut far, LINGER).await });
         client.write_all(b"hello").await.expect("write");
         let r = tokio::time::timeout(std::time::Duration::from_secs(5), relay)
             .await

@@ -308,7 +308,7 @@ fn metrics(s: &Status, job: &Job) -> Response<ProxyBody> {
     let m = &job.proxy.metrics;
     let live = || s.active.iter().chain(&s.draining);
     let count = |state| s.history.iter().filter(|g| g.state == state).count() as u64;
-    let rows: [(&str, &str, &str, u64); 14] = [
+    let rows: [(&str, &str, &str, u64); 15] = [
         (
             "baton_requests_total",
             "counter",
@@ -320,6 +320,12 @@ fn metrics(s: &Status, job: &Job) -> Response<ProxyBody> {
             "counter",
             "502 responses made by the proxy.",
             m.bad_gateway.load(Ordering::Relaxed),
+        ),
+        (
+            "baton_gateway_timeout_total",
+            "counter",
+            "504 responses made by the proxy (no answer from the worker within the idle timeout).",
+            m.gateway_timeout.load(Ordering::Relaxed),
         ),
         (
             "baton_unavailable_total",

@@ -1174,8 +1174,90 @@ async fn bad_requests_get_400_and_the_worker_is_not_blamed() {
     assert!(r.ends_with("switched\n"), "{r:?}");
     let r = raw_request(addr, &switch("h2")).await;
     assert!(status(&r).starts_with("HTTP/1.1 502"), "{r}");
+    // A 101 to a request that asked for no upgrade is a 502 too (RFC 9110
+    // §7.8), also for HTTP/1.0, whose Upgrade is ignored (§15.2).
+    for req in [
+        "GET /switch?to=h2c HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET /switch?to=h2c HTTP/1.0\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+    ] {
+        let r = raw_request(addr, req).await;
+        assert!(status(&r).ends_with(" 502 Bad Gateway"), "{req}: {r}");
+    }
+    // A worker's answer with both Transfer-Encoding and Content-Length is
+    // framed by the chunks, and its Content-Length goes (RFC 9112 §6.3).
+    let r = raw_request(
+        addr,
+        "GET /cl_te HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(status(&r).starts_with("HTTP/1.1 200"), "{r}");
+    assert!(!r.to_ascii_lowercase().contains("content-length: 5"), "{r}");
+    assert!(r.contains("0123456789abcdef"), "{r:?}");
+    // `Connection` cannot take `Host` away: the worker still gets it.
+    let r = raw_request(
+        addr,
+        "GET /whoami HTTP/1.1\r\nHost: h.example\r\nConnection: host, close\r\n\r\n",
+    )
+    .await;
+    let body = r.split("\r\n\r\n").nth(1).unwrap_or("");
+    let who: serde_json::Value = serde_json::from_str(body).expect("whoami json");
+    assert_eq!(who["headers"]["host"], "h.example", "{who}");
     // The listener lives on.
     assert_eq!(d.get("/healthz").await.0, StatusCode::OK);
+}
+
+/// Nothing in progress holds a worker connection for ever: a worker that
+/// sends no answer gets the client a 504, one that stops in the middle of
+/// its answer loses the client connection, and an upgraded connection
+/// whose worker side has ended is closed when the client sends nothing
+/// more, all after `idle_timeout_s` without a byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_and_tunnels_that_move_nothing_end_at_the_idle_timeout() {
+    let p = Project::python("", "");
+    p.edit(
+        "etc/baton.toml",
+        "hold_timeout_ms = 5000",
+        "hold_timeout_ms = 5000\nheader_timeout_s = 1\nidle_timeout_s = 2",
+    );
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    // The worker upgrades, says one line and closes its side; the client
+    // stays, silent.
+    let mut tunnel = sent(
+        d.addr,
+        b"GET /switch?to=h2c HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+    )
+    .await;
+    let mut hung = sent(d.addr, b"GET /slow?ms=60000 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let gate = p.path("never");
+    let mut cut = sent(
+        d.addr,
+        format!(
+            "GET /stream?gate={} HTTP/1.1\r\nHost: x\r\n\r\n",
+            gate.display()
+        )
+        .as_bytes(),
+    )
+    .await;
+    let r = until_closed(&mut hung).await;
+    assert!(r.starts_with("HTTP/1.1 504"), "{r}");
+    assert!(r.contains("sent no answer within 2 s"), "{r}");
+    let r = until_closed(&mut cut).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.contains("first"), "{r}");
+    assert!(!r.contains("second"), "{r}");
+    let r = until_closed(&mut tunnel).await;
+    assert!(r.starts_with("HTTP/1.1 101"), "{r}");
+    d.wait_for("the tunnel to be let go", |s| {
+        s.active
+            .as_ref()
+            .is_some_and(|a| a.connections == 0 && a.requests_in_flight == 0)
+    })
+    .await;
+    let (_, text) = baton::control::client::call_text(&d.socket, http::Method::GET, "/metrics")
+        .await
+        .expect("metrics");
+    assert!(text.contains("baton_gateway_timeout_total 1"), "{text}");
 }
 
 /// A keep-alive connection to the worker is used again while it is fresh,
@@ -1443,6 +1525,20 @@ async fn history_and_generation_folders_stay_bounded() {
 }
 
 /// Reads one `Content-Length` response off a raw connection.
+/// Everything `s` gets until its connection closes (or resets).
+async fn until_closed(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(PATIENCE, s.read(&mut chunk)).await {
+            Ok(Ok(0) | Err(_)) => break String::from_utf8_lossy(&got).to_string(),
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+            Err(_) => panic!("still open: {:?}", String::from_utf8_lossy(&got)),
+        }
+    }
+}
+
 async fn read_response(s: &mut tokio::net::TcpStream) -> String {
     use tokio::io::AsyncReadExt;
     let mut buf = Vec::new();
