@@ -346,9 +346,7 @@ impl Proxy {
         let body_errors = bodies.errors.load(Ordering::Relaxed);
         let mut req = Request::from_parts(parts, ReqBody::Client(body, watch));
         let (mut upstream, mut ticket) = (upstream, ticket);
-        let (mut refused, mut resets) = (0, 0);
-        // The worker whose resets the request has been sent again after.
-        let mut reset_by: Option<Arc<Upstream>> = None;
+        let (mut refused, mut sent_again) = (0, false);
         let (resp, conn) = loop {
             // (error, whether the worker refused connections: then wait for
             // a different one; else the same one may take it again).
@@ -380,24 +378,27 @@ impl Proxy {
                                     ),
                                 );
                             }
-                            // A reset before any answer from a worker that was
-                            // not stopped on purpose (it just crashed): an
-                            // idempotent request without a body may be sent
-                            // again (RFC 9110 §9.2.2): to the same worker
-                            // while the supervisor has not yet seen it die,
-                            // and to the one that replaces it, but not after
-                            // that one reset it too: a request that itself
-                            // crashes the worker costs two crashes, not a
-                            // crash loop. Not so for a draining worker cut
-                            // at its drain timeout.
-                            let same_worker =
-                                reset_by.as_ref().is_none_or(|r| Arc::ptr_eq(r, &upstream));
+                            // The connection closed or was reset before any
+                            // answer, by a worker that was not stopped on
+                            // purpose (it just crashed): an idempotent
+                            // request without a body may be sent again, once
+                            // (RFC 9110 §9.2.2: a failed automatic retry is
+                            // not retried). A crashed worker refuses the
+                            // retry's connection, which then waits for the
+                            // replacement; so a request that itself crashes
+                            // the worker costs two crashes, not a crash
+                            // loop, and one that a live worker drops (a
+                            // handler that panicked) is sent twice, not
+                            // more. An answer that is not HTTP is no reset:
+                            // never sent again. Not so either for a draining
+                            // worker cut at its drain timeout.
                             match &replay {
                                 Some((m, u, h))
-                                    if resets < 3 && same_worker && !upstream.is_retired() =>
+                                    if !sent_again
+                                        && connection_lost(&err)
+                                        && !upstream.is_retired() =>
                                 {
-                                    resets += 1;
-                                    reset_by = Some(upstream.clone());
+                                    sent_again = true;
                                     let mut again = Request::new(ReqBody::Empty);
                                     *again.method_mut() = m.clone();
                                     *again.uri_mut() = u.clone();
@@ -710,6 +711,32 @@ fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, &'static
         None if req.version() == http::Version::HTTP_11 => Err("HTTP/1.1 request without Host"),
         None => Ok(None),
     }
+}
+
+/// Whether an exchange failed because the connection closed or was reset
+/// before an answer came, rather than because of what came (an answer
+/// that is not HTTP, a body that broke).
+fn connection_lost(e: &SendError) -> bool {
+    let SendError::Http(e) = e else {
+        return false;
+    };
+    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+        return true;
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::{
+                BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof,
+            };
+            return matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            );
+        }
+        src = s.source();
+    }
+    false
 }
 
 fn millis(d: Duration) -> u64 {

@@ -1347,6 +1347,29 @@ async fn bodies_stream_both_ways_and_upstream_failures_are_502() {
     );
 }
 
+/// A request a live worker drops without an answer (a handler that
+/// failed) is sent again once, not more (RFC 9110 §9.2.2); one answered
+/// with something that is not HTTP is never sent again. Either is a 502,
+/// and the worker lives on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_is_sent_again_at_most_once_and_never_after_a_broken_answer() {
+    let p = Project::python("", "");
+    let d = Daemon::start(&p).await;
+    let pid = d.wait_active(1).await.active.and_then(|a| a.pid);
+    for (route, times) in [("drop", 2), ("garbage", 1)] {
+        let log = p.path(&format!("{route}.log"));
+        let (code, _, body) = d.get(&format!("/{route}?log={}", log.display())).await;
+        assert_eq!(code, StatusCode::BAD_GATEWAY, "{route}: {body}");
+        assert_eq!(
+            read(&log).lines().count(),
+            times,
+            "{route}: times the worker got it"
+        );
+    }
+    let s = d.status().await;
+    assert_eq!(s.active.and_then(|a| a.pid), pid, "the worker lives on");
+}
+
 /// systemd not reading its notify socket (PID 1 busy) does not stop the
 /// daemon: a datagram socket whose reader is slow blocks its senders after
 /// ten messages, and batond sends status and watchdog pings all the time.
