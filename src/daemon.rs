@@ -89,6 +89,58 @@ fn lock_state_dir(dir: &Path) -> Result<Flock<std::fs::File>, DaemonError> {
     }
 }
 
+/// How often the daemon checks that `batond.lock` is still the file it
+/// holds.
+const LOCK_CHECK: Duration = Duration::from_secs(2);
+
+/// Keeps the state dir locked until `token` is cancelled, then gives the
+/// lock back (the caller drops it last). Someone who removes the lock file
+/// (a `rm -rf` of the state dir) takes the lock away without a word: a
+/// second daemon could then start on the same folder. So the file is
+/// checked every [`LOCK_CHECK`] and, if it is gone or another file, made
+/// and locked again.
+async fn keep_lock(
+    mut lock: Flock<std::fs::File>,
+    dir: PathBuf,
+    token: CancellationToken,
+) -> Flock<std::fs::File> {
+    use std::os::unix::fs::MetadataExt;
+    let path = dir.join("batond.lock");
+    let mut tick = tokio::time::interval(LOCK_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut complained = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = token.cancelled() => return lock,
+        }
+        let held = lock.metadata().ok().map(|m| (m.dev(), m.ino()));
+        let there = tokio::fs::metadata(&path)
+            .await
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if held.is_some() && held == there {
+            continue;
+        }
+        let _ = tokio::fs::create_dir_all(&dir).await;
+        match lock_state_dir(&dir) {
+            Ok(new) => {
+                tracing::warn!("{} was removed or replaced; locked again", path.display());
+                lock = new;
+                complained = false;
+            }
+            Err(e) if !complained => {
+                tracing::error!(
+                    "{} was removed and cannot be locked again: {e}",
+                    path.display()
+                );
+                complained = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 /// Runs the daemon on `listener` until a stop signal or `token` is cancelled.
 /// `shim` is the executable that understands [`crate::process::SHIM_ARG`]
 /// (`batond` itself).
@@ -113,7 +165,7 @@ pub async fn run(
     })?;
     // Before anything in the state dir is touched: a second daemon must not
     // take the first one's records for leftovers.
-    let _lock = lock_state_dir(&state_dir)?;
+    let lock = lock_state_dir(&state_dir)?;
     for (pgid, what) in GroupRecord::reap_stale(&state_dir) {
         tracing::warn!(
             pgid,
@@ -160,8 +212,10 @@ pub async fn run(
     let front_token = token.child_token();
     tracker.spawn(proxy.serve(listener, front_token.clone(), shutdown_grace));
     let control_token = CancellationToken::new();
+    let lock = tokio::spawn(keep_lock(lock, state_dir.clone(), control_token.clone()));
     tracker.spawn(control::server::serve(
         control_listener,
+        control_path.clone(),
         job.clone(),
         state_dir,
         control_token.clone(),
@@ -202,7 +256,11 @@ pub async fn run(
     control_token.cancel();
     tracker.close();
     let _ = tokio::time::timeout(shutdown_grace, tracker.wait()).await;
+    // Held until the control socket is gone: a daemon that starts next
+    // binds its own, which this one must not remove.
+    let lock = lock.await;
     let _ = std::fs::remove_file(&control_path);
+    drop(lock);
     // The blocking pool is idle by now: `STOPPING=1` goes out before exit.
     let _ = tokio::task::spawn_blocking(|| systemd::flush(Duration::from_secs(1))).await;
     tracing::info!("batond stopped");

@@ -224,8 +224,16 @@ impl GroupRecord {
             "{pgid} {} {session} {what}\n",
             start_time(pgid).unwrap_or_default()
         );
-        let _ = std::fs::create_dir_all(&dir);
-        let _ = std::fs::write(&path, content);
+        let written = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, content));
+        if let Err(e) = written {
+            // A half-written record is worse than none: it is ignored.
+            let _ = std::fs::remove_file(&path);
+            tracing::warn!(
+                pgid,
+                "cannot record the process group of the {what} in {}: {e}; if batond is killed, what the group leaves is not cleaned up at its next start",
+                path.display()
+            );
+        }
         GroupRecord { path }
     }
 
@@ -259,6 +267,11 @@ impl GroupRecord {
             let _ = std::fs::remove_file(&path);
             let mut it = text.trim_end().splitn(4, ' ');
             let Some(pgid) = it.next().and_then(|p| p.parse::<i32>().ok()) else {
+                tracing::warn!(
+                    "ignored {}: not a process group record ({:?})",
+                    path.display(),
+                    text.chars().take(60).collect::<String>()
+                );
                 continue;
             };
             let started = it.next().and_then(|t| t.parse::<u64>().ok());
@@ -279,6 +292,17 @@ impl GroupRecord {
                     _ => false,
                 },
             };
+            // A leader that a running batond is the parent of belongs to
+            // that daemon, not to one that died (its state dir's lock
+            // was removed, and a second daemon started on the same dir).
+            if let Some(owner) = live_daemon_parent(pgid) {
+                tracing::warn!(
+                    pgid,
+                    "the {what} recorded in {} belongs to the running batond {owner}; left alone",
+                    path.display()
+                );
+                continue;
+            }
             if ours && killpg(Pid::from_raw(pgid), Signal::SIGKILL).is_ok() {
                 killed.push((pgid, what));
             }
@@ -310,6 +334,20 @@ fn stat_of(pid: i32) -> Option<Stat> {
         session: fields.get(3)?.parse().ok()?,
         started: fields.get(19)?.parse().ok()?,
     })
+}
+
+/// The pid of the running `batond` (not this one) that `pid` is a child of,
+/// if it is.
+fn live_daemon_parent(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let ppid: i32 = stat[stat.rfind(')')? + 2..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let own = i32::try_from(std::process::id()).ok()?;
+    let comm = std::fs::read_to_string(format!("/proc/{ppid}/comm")).ok()?;
+    (ppid > 1 && ppid != own && comm.trim_end() == "batond").then_some(ppid)
 }
 
 /// The processes in process group `pgid` now.

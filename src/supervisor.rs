@@ -1598,7 +1598,21 @@ async fn pipeline(
         return (Err((GenState::Failed, reason)), None);
     }
     let build_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let (snapshot, signature) = match worker_proc::snapshot(&cfg.build.artifact, dir).await {
+    // Within the build's own time limit: an artifact on a mount that hangs
+    // would otherwise hold this deploy, and every one after it, for good.
+    let copied = tokio::time::timeout(
+        cfg.build.timeout,
+        worker_proc::snapshot(&cfg.build.artifact, dir),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(format!(
+            "snapshot of {} took longer than build.timeout_s ({} s)",
+            cfg.build.artifact.display(),
+            cfg.build.timeout.as_secs()
+        ))
+    });
+    let (snapshot, signature) = match copied {
         Ok(x) => x,
         Err(reason) => return (Err((GenState::Failed, reason)), None),
     };

@@ -196,50 +196,87 @@ pub async fn snapshot(artifact: &Path, dir: &Path) -> Result<(PathBuf, String), 
     let artifact = artifact.to_path_buf();
     let dir = dir.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        use std::os::unix::fs::PermissionsExt;
-        let name = artifact.file_name().map_or_else(
-            || std::ffi::OsString::from("artifact"),
-            std::ffi::OsStr::to_os_string,
-        );
-        let dest = dir.join(name);
-        let mut src = std::fs::File::open(&artifact)
-            .map_err(|e| format!("artifact {}: {e}", artifact.display()))?;
-        let mode = src
-            .metadata()
-            .map(|m| m.permissions().mode())
-            .unwrap_or(0o755);
         let tmp = dir.join(".snapshot.tmp");
-        let mut out =
-            std::fs::File::create(&tmp).map_err(|e| format!("snapshot {}: {e}", tmp.display()))?;
-        let mut hasher = Sha256::new();
-        // Small and on the stack: the 256 KiB heap buffer this was would
-        // be mapped and unmapped, which makes glibc's malloc raise its
-        // thresholds and keep such buffers in each blocking thread's arena
-        // for good (0.26 MB per arena; `batond` at 8.3 MB instead of 7.6
-        // after 30 deploys under load).
-        let mut buf = [0u8; COPY_BUF];
-        loop {
-            let n = src
-                .read(&mut buf)
-                .map_err(|e| format!("reading artifact: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n])
-                .map_err(|e| format!("writing snapshot: {e}"))?;
+        let r = copy_and_hash(&artifact, &dir, &tmp);
+        if r.is_err() {
+            // Nothing half-written is left behind (it may fill the disk).
+            let _ = std::fs::remove_file(&tmp);
         }
-        out.sync_all()
-            .map_err(|e| format!("writing snapshot: {e}"))?;
-        drop(out);
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode | 0o500))
-            .map_err(|e| format!("snapshot mode: {e}"))?;
-        std::fs::rename(&tmp, &dest).map_err(|e| format!("snapshot rename: {e}"))?;
-        Ok((dest, hex::encode(hasher.finalize())))
+        r
     })
     .await
     .map_err(|e| format!("snapshot task: {e}"))?
+}
+
+/// What kind of file a non-regular file is, for a message.
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a folder"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    }
+}
+
+fn copy_and_hash(artifact: &Path, dir: &Path, tmp: &Path) -> Result<(PathBuf, String), String> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let name = artifact.file_name().map_or_else(
+        || std::ffi::OsString::from("artifact"),
+        std::ffi::OsStr::to_os_string,
+    );
+    let dest = dir.join(name);
+    let shown = artifact.display();
+    // Non-blocking, so that a FIFO in its place cannot hold the open (and
+    // with it every deploy after this one) until something writes to it.
+    let mut src = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(artifact)
+        .map_err(|e| format!("artifact {shown}: {e}"))?;
+    let meta = src
+        .metadata()
+        .map_err(|e| format!("artifact {shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!(
+            "artifact {shown} is {}, not the file a build makes",
+            file_kind(meta.file_type())
+        ));
+    }
+    let mode = meta.permissions().mode();
+    let mut out =
+        std::fs::File::create(tmp).map_err(|e| format!("snapshot {}: {e}", tmp.display()))?;
+    let mut hasher = Sha256::new();
+    // Small and on the stack: the 256 KiB heap buffer this was would
+    // be mapped and unmapped, which makes glibc's malloc raise its
+    // thresholds and keep such buffers in each blocking thread's arena
+    // for good (0.26 MB per arena; `batond` at 8.3 MB instead of 7.6
+    // after 30 deploys under load).
+    let mut buf = [0u8; COPY_BUF];
+    let written = |e: std::io::Error| format!("writing snapshot {}: {e}", tmp.display());
+    loop {
+        let n = src
+            .read(&mut buf)
+            .map_err(|e| format!("reading artifact {shown}: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(written)?;
+    }
+    out.sync_all().map_err(written)?;
+    drop(out);
+    std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode | 0o500))
+        .map_err(|e| format!("snapshot mode {}: {e}", tmp.display()))?;
+    std::fs::rename(tmp, &dest)
+        .map_err(|e| format!("snapshot {} to {}: {e}", tmp.display(), dest.display()))?;
+    Ok((dest, hex::encode(hasher.finalize())))
 }
 
 /// How a worker process ended.

@@ -85,11 +85,43 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
-/// Serves the control API until `token` is cancelled.
-pub async fn serve(listener: UnixListener, job: Job, state_dir: PathBuf, token: CancellationToken) {
+/// How often [`serve`] checks that its socket is still in the filesystem.
+const SOCKET_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Serves the control API on `listener` (bound at `path`) until `token` is
+/// cancelled. A socket file someone removed (a `rm -rf` of the state dir)
+/// is made again within [`SOCKET_CHECK`], so `batonctl` reaches the daemon
+/// again without a restart.
+pub async fn serve(
+    mut listener: UnixListener,
+    path: PathBuf,
+    job: Job,
+    state_dir: PathBuf,
+    token: CancellationToken,
+) {
     let me = nix::unistd::geteuid().as_raw();
+    let mut check = tokio::time::interval(SOCKET_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut complained = false;
     loop {
         let stream = tokio::select! {
+            _ = check.tick() => {
+                if tokio::fs::symlink_metadata(&path).await.is_err() {
+                    match bind(&path) {
+                        Ok(l) => {
+                            tracing::warn!("control socket {} was removed; made again", path.display());
+                            listener = l;
+                            complained = false;
+                        }
+                        Err(e) if !complained => {
+                            tracing::error!("control socket {} was removed and cannot be made again: {e}", path.display());
+                            complained = true;
+                        }
+                        Err(_) => {}
+                    }
+                }
+                continue;
+            }
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
                 Err(e) => {

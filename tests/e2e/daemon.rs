@@ -96,6 +96,36 @@ async fn failed_build_keeps_the_old_worker() {
     assert_eq!(whoami(d.addr).await.0, s.active.expect("active").id);
 }
 
+/// An artifact that is no file fails its deploy with a reason that says
+/// what it is, leaves nothing half-written, and holds up no later deploy
+/// (a FIFO once blocked the snapshot, and every deploy after it, for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_that_is_no_file_fails_its_deploy_only() {
+    let p = Project::python("", "");
+    p.write("src/kind", "file");
+    p.edit(
+        "etc/baton.toml",
+        "command = []\nartifact = \"src/pyworker.py\"",
+        r#"command = ["sh", "-c", "rm -rf build/odd; mkdir -p build; case $(cat src/kind) in fifo) mkfifo build/odd;; dir) mkdir build/odd;; *) cp src/pyworker.py build/odd;; esac"]
+artifact = "build/odd""#,
+    );
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    for (g, kind, what) in [(2, "fifo", "a FIFO"), (3, "dir", "a folder")] {
+        p.write("src/kind", kind);
+        let info = d.wait_history(g, "failed").await;
+        let reason = info.reason.expect("reason");
+        assert!(reason.contains(&format!("build/odd is {what}")), "{reason}");
+        assert!(
+            !p.path(&format!("state/gen-{g:04}/.snapshot.tmp")).exists(),
+            "a half-made snapshot was left"
+        );
+        assert_eq!(d.status().await.active.map(|a| a.id), Some(1));
+    }
+    p.write("src/kind", "file");
+    d.wait_active(4).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_404_is_rejected_and_traffic_stays() {
     let p = Project::python("", "");

@@ -258,6 +258,83 @@ async fn a_second_daemon_on_the_same_state_dir_refuses_and_touches_nothing() {
     first.stop().await;
 }
 
+/// A daemon whose state dir was removed under it locks the folder again,
+/// so a second daemon still cannot start there; and a daemon that finds a
+/// running daemon's worker recorded in its own state dir leaves it alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_state_dir_is_locked_again_and_live_workers_are_left_alone() {
+    let p = Project::python("", "");
+    let first = Daemon::start(&p).await;
+    let worker = first
+        .wait_active(1)
+        .await
+        .active
+        .and_then(|a| a.pid)
+        .expect("pid");
+    let pid = first.child.id().expect("pid");
+    // The worker's record, as a daemon that shares a state dir would see it.
+    let elsewhere = p.path("elsewhere");
+    std::fs::create_dir_all(elsewhere.join("groups")).expect("mkdir");
+    for e in std::fs::read_dir(p.path("state/groups"))
+        .expect("groups")
+        .flatten()
+    {
+        std::fs::copy(e.path(), elsewhere.join("groups").join(e.file_name())).expect("copy");
+    }
+    std::fs::remove_dir_all(p.path("state")).expect("rm state");
+    // The lock and the control socket are made again.
+    let lock = p.path("state/batond.lock");
+    let mut relocked = false;
+    for _ in 0..100 {
+        if std::fs::read_to_string(&lock).is_ok_and(|t| t.trim() == pid.to_string())
+            && first.socket.exists()
+        {
+            relocked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(relocked, "not locked again: {}", first.log());
+    assert_eq!(
+        first.status().await.active.and_then(|a| a.pid),
+        Some(worker)
+    );
+    let out = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(BATOND)
+            .arg("--config")
+            .arg(p.path("etc/baton.toml"))
+            .args(["--listen", "127.0.0.1:0", "--control-socket"])
+            .arg(p.path("other.sock"))
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the second batond did not exit")
+    .expect("run batond");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("is in use by another batond (pid {pid})")),
+        "{err}"
+    );
+    // A daemon on the folder with the copied record starts (its records
+    // are dealt with before it listens), and the first daemon's worker
+    // lives on.
+    let third = Daemon::start_with(&p, &["--state-dir", elsewhere.to_str().expect("utf8")]).await;
+    assert!(alive(worker), "the running daemon's worker was killed");
+    assert!(
+        third.log().contains("belongs to the running batond"),
+        "{}",
+        third.log()
+    );
+    assert_eq!(
+        first.status().await.active.and_then(|a| a.pid),
+        Some(worker)
+    );
+    third.stop().await;
+    first.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn command_line_overrides_win_over_the_file() {
     let p = Project::python("", "");
