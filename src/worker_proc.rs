@@ -102,14 +102,22 @@ pub async fn build(
     // The build's last words into the file before they are quoted; not
     // longer than that, though: something the build left running may keep
     // its output open.
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+    let unwritten = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = pumping.await;
-        let _ = writer.await;
+        writer.await.ok().flatten()
     })
-    .await;
-    outcome.map_err(|r| match last_line(&log_path) {
-        Some(l) => format!("{r}: {l}"),
-        None => r,
+    .await
+    .ok()
+    .flatten();
+    outcome.map_err(|r| {
+        let r = match last_line(&log_path) {
+            Some(l) => format!("{r}: {l}"),
+            None => r,
+        };
+        match unwritten {
+            Some(u) => format!("{r} ({u})"),
+            None => r,
+        }
     })
 }
 
@@ -821,13 +829,18 @@ pub const WORKER_LOG_MAX_BYTES: u64 = 64 << 20;
 
 /// Writes the lines from `rx` to `file` (open for append at `path`),
 /// rotating it before a line would take it past `max_bytes`.
+///
+/// A write that fails (a full disk) loses the lines it held, not the log:
+/// the next lines are written as soon as the file takes them again, after
+/// a line that says how many were lost and why. Returns, when lines were
+/// lost, what to add to a failure's reason.
 async fn write_log(
     file: tokio::fs::File,
     path: PathBuf,
     max_bytes: u64,
     mut rx: mpsc::UnboundedReceiver<String>,
     queued: Arc<AtomicUsize>,
-) {
+) -> Option<String> {
     let mut log = RotatingLog {
         written: file.metadata().await.map_or(0, |m| m.len()),
         file,
@@ -835,24 +848,49 @@ async fn write_log(
         max_bytes,
         buf: Vec::new(),
     };
+    // Lines lost in the current spell of failures, and in all; the last
+    // error.
+    let (mut lost, mut lost_total, mut error) = (0u64, 0u64, None::<std::io::Error>);
     while let Some(line) = rx.recv().await {
+        if lost > 0 {
+            // Tell the gap before what follows it.
+            let why = error.as_ref().map(ToString::to_string).unwrap_or_default();
+            let note = format!("[batond: {lost} line(s) could not be written here: {why}]\n");
+            let wrote = match log.file.write_all(note.as_bytes()).await {
+                Ok(()) => log.file.flush().await,
+                Err(e) => Err(e),
+            };
+            match wrote {
+                Ok(()) => {
+                    log.written += note.len() as u64;
+                    tracing::info!(path = %log.path.display(), lost, "the log is written again");
+                    lost = 0;
+                }
+                Err(e) => error = Some(e),
+            }
+        }
         let mut next = Some(line);
         // Batch whatever else is already queued into one write.
         while let Some(line) = next.take() {
             let pushed = log.push(&line).await;
             queued.fetch_sub(line.len() + LINE_COST, Ordering::Relaxed);
-            if pushed.is_err() {
-                return;
+            if let Err(e) = pushed {
+                log.fail(&mut lost, &mut lost_total, &mut error, e, 1);
             }
             if log.buf.len() < 1 << 20 {
                 next = rx.try_recv().ok();
             }
         }
-        if log.write().await.is_err() {
-            return;
+        if let Err(e) = log.write().await {
+            log.fail(&mut lost, &mut lost_total, &mut error, e, 0);
         }
     }
     let _ = log.file.flush().await;
+    (lost_total > 0).then(|| {
+        let name = log.path.file_name().unwrap_or_default().to_string_lossy();
+        let why = error.map(|e| e.to_string()).unwrap_or_default();
+        format!("{lost_total} line(s) not written to {name}: {why}")
+    })
 }
 
 /// `worker.log` with its write buffer and size.
@@ -867,6 +905,26 @@ struct RotatingLog {
 }
 
 impl RotatingLog {
+    /// Drops what the buffer holds (and `more` lines not in it) after a
+    /// failed write, counting them; warns once per spell of failures.
+    fn fail(
+        &mut self,
+        lost: &mut u64,
+        lost_total: &mut u64,
+        error: &mut Option<std::io::Error>,
+        e: std::io::Error,
+        more: u64,
+    ) {
+        let dropped = self.buf.iter().filter(|&&b| b == b'\n').count() as u64 + more;
+        self.buf.clear();
+        if *lost == 0 {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot write the log; its lines are lost until it can be written again");
+        }
+        *lost += dropped;
+        *lost_total += dropped;
+        *error = Some(e);
+    }
+
     /// Adds a line, rotating first when it would not fit.
     async fn push(&mut self, line: &str) -> std::io::Result<()> {
         let held = self.written + self.buf.len() as u64;
@@ -881,6 +939,9 @@ impl RotatingLog {
 
     async fn write(&mut self) -> std::io::Result<()> {
         self.file.write_all(&self.buf).await?;
+        // tokio's file writes in the background: an error (a full disk)
+        // shows only here, on the write it belongs to.
+        self.file.flush().await?;
         self.written += self.buf.len() as u64;
         self.buf.clear();
         Ok(())
@@ -901,10 +962,7 @@ impl RotatingLog {
                 self.written = 0;
                 Ok(())
             }
-            Err(e) => {
-                tracing::warn!(path = %self.path.display(), error = %e, "cannot rotate the log; no longer writing it");
-                Err(e)
-            }
+            Err(e) => Err(std::io::Error::new(e.kind(), format!("rotating it: {e}"))),
         }
     }
 }
@@ -1002,6 +1060,37 @@ mod tests {
         for text in [&now, &older] {
             assert!(text.lines().all(|l| l.len() == 99), "{text}");
         }
+    }
+
+    /// A log on a full disk (`/dev/full` refuses every write with ENOSPC)
+    /// loses its lines, counted, and says so; the queue keeps draining,
+    /// so the worker never blocks on it.
+    #[tokio::test]
+    async fn a_log_that_cannot_be_written_counts_what_it_lost() {
+        let Ok(full) = std::fs::OpenOptions::new().append(true).open("/dev/full") else {
+            return; // no /dev/full here
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let writer = tokio::spawn(write_log(
+            tokio::fs::File::from_std(full),
+            PathBuf::from("/dev/full"),
+            1 << 20,
+            rx,
+            queued.clone(),
+        ));
+        let mut q = LogQueue::new(tx, queued.clone(), LOG_QUEUE_BYTES, "build.log");
+        for i in 0..20 {
+            q.offer(format!("line {i}"));
+            tokio::task::yield_now().await;
+        }
+        drop(q);
+        let told = writer.await.expect("writer").expect("lines were lost");
+        assert!(
+            told.starts_with("20 line(s) not written to full: ") && told.contains("No space left"),
+            "{told}"
+        );
+        assert_eq!(queued.load(Ordering::Relaxed), 0, "the queue drained");
     }
 
     #[test]
