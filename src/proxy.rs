@@ -173,13 +173,20 @@ impl Proxy {
             .header_read_timeout(None)
             .max_buf_size(crate::pool::MAX_BUF);
         let conns = TaskTracker::new();
+        // Failed accepts since the last warning, and when that was.
+        let (mut failed, mut warned) = (0u64, None::<tokio::time::Instant>);
         loop {
             let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
+                        // EMFILE and friends: back off instead of spinning,
+                        // and say so once a second, not at every try.
+                        failed += 1;
+                        if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                            tracing::warn!(error = %e, failed, "accept failed; retrying every 50 ms");
+                            (failed, warned) = (0, Some(tokio::time::Instant::now()));
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }

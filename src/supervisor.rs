@@ -1076,12 +1076,13 @@ impl Supervisor {
         {
             rt.backoff = self.cfg.restart.backoff_initial;
         }
-        self.schedule_restart(generation);
+        self.schedule_restart(generation, &format!("exited with status {}", exit.status));
     }
 
     /// systemd's `Restart=on-failure`: restart after a growing backoff,
-    /// unless the start limit is hit.
-    fn schedule_restart(&mut self, generation: u64) {
+    /// unless the start limit is hit (then `why`, the last failure, is
+    /// part of the reason).
+    fn schedule_restart(&mut self, generation: u64, why: &str) {
         let limit = self.cfg.restart.clone();
         let Some(rt) = self.runtime.get_mut(&generation) else {
             return;
@@ -1097,7 +1098,7 @@ impl Supervisor {
         if rt.starts.len() >= limit.limit_burst as usize {
             self.unit_state = "failed";
             let reason = format!(
-                "start limit hit: {} starts within {} s",
+                "start limit hit: {} starts within {} s; the last {why}",
                 rt.starts.len(),
                 limit.limit_interval.as_secs()
             );
@@ -1211,7 +1212,7 @@ impl Supervisor {
                     format!("generation {generation}: fresh start failed ({reason})"),
                 );
                 if self.active.is_none() && !self.token.is_cancelled() {
-                    self.schedule_restart(generation);
+                    self.schedule_restart(generation, &format!("failed to start: {reason}"));
                 } else if replace
                     && self
                         .active

@@ -205,9 +205,9 @@ async fn start_limit_marks_the_unit_failed_until_the_next_deploy() {
     let g = s.active.expect("the failed generation is shown");
     assert_eq!(g.state, GenState::Failed);
     assert!(
-        g.reason
-            .as_deref()
-            .is_some_and(|r| r.contains("start limit")),
+        g.reason.as_deref().is_some_and(
+            |r| r.contains("start limit") && r.contains("the last exited with status code 3")
+        ),
         "{g:?}"
     );
     // Nothing runs: no pid or port, and the generation is not also history.
