@@ -383,8 +383,14 @@ pub enum ShimError {
         source: nix::Error,
     },
     /// The program could not be executed.
-    #[error("{0}")]
-    Exec(std::io::Error),
+    #[error("{}: {source}", program.display())]
+    Exec {
+        /// The program, as the command names it.
+        program: PathBuf,
+        /// Why not.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn sys(what: &'static str) -> impl FnOnce(nix::Error) -> ShimError {
@@ -439,7 +445,11 @@ pub fn shim_exec(args: &[OsString]) -> Result<std::convert::Infallible, ShimErro
             .env("LISTEN_PID", std::process::id().to_string())
             .env("LISTEN_FDNAMES", "http");
     }
-    Err(ShimError::Exec(cmd.exec()))
+    let source = cmd.exec();
+    Err(ShimError::Exec {
+        program: PathBuf::from(cmd.get_program()),
+        source,
+    })
 }
 
 /// Gives every signal this process ignores its default action back in the

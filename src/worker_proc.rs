@@ -110,12 +110,14 @@ pub async fn build(
     .ok()
     .flatten();
     outcome.map_err(|r| {
-        let r = match last_line(&log_path) {
+        // From the file, or else from what could not be written to it.
+        let quote = last_line(&log_path).or_else(|| unwritten.as_ref()?.quote.clone());
+        let r = match quote {
             Some(l) => format!("{r}: {l}"),
             None => r,
         };
         match unwritten {
-            Some(u) => format!("{r} ({u})"),
+            Some(u) => format!("{r} ({})", u.summary),
             None => r,
         }
     })
@@ -178,7 +180,12 @@ pub fn tail_start(
 /// mentions an error, else the last non-empty one.
 pub fn last_line(path: &Path) -> Option<String> {
     let tail = read_tail(path, 64 * 1024).ok()?;
-    let text = String::from_utf8_lossy(&tail);
+    quotable(&String::from_utf8_lossy(&tail))
+}
+
+/// The line of `text` worth quoting: the last that mentions an error, else
+/// the last non-empty one.
+fn quotable(text: &str) -> Option<String> {
     let lines: Vec<&str> = text
         .lines()
         .map(str::trim)
@@ -187,9 +194,13 @@ pub fn last_line(path: &Path) -> Option<String> {
     let pick = lines
         .iter()
         .rev()
-        .find(|l| l.starts_with("error") || l.contains("error:"))
+        .find(|l| is_error_line(l))
         .or(lines.last())?;
     Some(pick.chars().take(240).collect())
+}
+
+fn is_error_line(l: &str) -> bool {
+    l.starts_with("error") || l.contains("error:")
 }
 
 /// The chunk a snapshot is copied and hashed in.
@@ -593,13 +604,17 @@ pub async fn monitor(
             _ = tick.tick() => {}
             () = token.cancelled() => return,
         }
-        let p = probe::probe(
+        let probed = probe::probe(
             &endpoint,
             &cfg.worker.health_path,
             &cfg.worker.signature_header,
             cfg.worker.health_interval.max(Duration::from_secs(1)),
-        )
-        .await;
+        );
+        // A worker drained meanwhile is no longer this monitor's concern.
+        let p = tokio::select! {
+            p = probed => p,
+            () = token.cancelled() => return,
+        };
         if let probe::Probe::Unable(e) = &p {
             // batond's own shortage: no verdict on the worker either way.
             if !unable {
@@ -833,20 +848,21 @@ pub const WORKER_LOG_MAX_BYTES: u64 = 64 << 20;
 /// A write that fails (a full disk) loses the lines it held, not the log:
 /// the next lines are written as soon as the file takes them again, after
 /// a line that says how many were lost and why. Returns, when lines were
-/// lost, what to add to a failure's reason.
+/// lost, what to say of them in a failure's reason.
 async fn write_log(
     file: tokio::fs::File,
     path: PathBuf,
     max_bytes: u64,
     mut rx: mpsc::UnboundedReceiver<String>,
     queued: Arc<AtomicUsize>,
-) -> Option<String> {
+) -> Option<Unwritten> {
     let mut log = RotatingLog {
         written: file.metadata().await.map_or(0, |m| m.len()),
         file,
         path,
         max_bytes,
         buf: Vec::new(),
+        quote: None,
     };
     // Lines lost in the current spell of failures, and in all; the last
     // error.
@@ -875,7 +891,9 @@ async fn write_log(
             let pushed = log.push(&line).await;
             queued.fetch_sub(line.len() + LINE_COST, Ordering::Relaxed);
             if let Err(e) = pushed {
-                log.fail(&mut lost, &mut lost_total, &mut error, e, 1);
+                log.buf.extend_from_slice(line.as_bytes());
+                log.buf.push(b'\n');
+                log.fail(&mut lost, &mut lost_total, &mut error, e, 0);
             }
             if log.buf.len() < 1 << 20 {
                 next = rx.try_recv().ok();
@@ -889,8 +907,20 @@ async fn write_log(
     (lost_total > 0).then(|| {
         let name = log.path.file_name().unwrap_or_default().to_string_lossy();
         let why = error.map(|e| e.to_string()).unwrap_or_default();
-        format!("{lost_total} line(s) not written to {name}: {why}")
+        Unwritten {
+            summary: format!("{lost_total} line(s) not written to {name}: {why}"),
+            quote: log.quote.take(),
+        }
     })
+}
+
+/// What a log lost (see [`write_log`]).
+#[derive(Debug)]
+struct Unwritten {
+    /// How many lines, of which file, and why.
+    summary: String,
+    /// The line among them worth quoting (see [`quotable`]).
+    quote: Option<String>,
 }
 
 /// `worker.log` with its write buffer and size.
@@ -902,6 +932,8 @@ struct RotatingLog {
     written: u64,
     /// Bytes not yet written.
     buf: Vec<u8>,
+    /// The line worth quoting among those lost (see [`quotable`]).
+    quote: Option<String>,
 }
 
 impl RotatingLog {
@@ -916,6 +948,11 @@ impl RotatingLog {
         more: u64,
     ) {
         let dropped = self.buf.iter().filter(|&&b| b == b'\n').count() as u64 + more;
+        if let Some(q) = quotable(&String::from_utf8_lossy(&self.buf))
+            && (is_error_line(&q) || !self.quote.as_deref().is_some_and(is_error_line))
+        {
+            self.quote = Some(q);
+        }
         self.buf.clear();
         if *lost == 0 {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot write the log; its lines are lost until it can be written again");
@@ -1081,15 +1118,21 @@ mod tests {
         ));
         let mut q = LogQueue::new(tx, queued.clone(), LOG_QUEUE_BYTES, "build.log");
         for i in 0..20 {
-            q.offer(format!("line {i}"));
+            q.offer(if i == 7 {
+                "error: the one to quote".to_string()
+            } else {
+                format!("line {i}")
+            });
             tokio::task::yield_now().await;
         }
         drop(q);
         let told = writer.await.expect("writer").expect("lines were lost");
         assert!(
-            told.starts_with("20 line(s) not written to full: ") && told.contains("No space left"),
-            "{told}"
+            told.summary.starts_with("20 line(s) not written to full: ")
+                && told.summary.contains("No space left"),
+            "{told:?}"
         );
+        assert_eq!(told.quote.as_deref(), Some("error: the one to quote"));
         assert_eq!(queued.load(Ordering::Relaxed), 0, "the queue drained");
     }
 
