@@ -45,7 +45,7 @@ pub async fn build(
     }
     let log = tokio::fs::File::create(&log_path)
         .await
-        .map_err(|e| format!("build.log: {e}"))?;
+        .map_err(|e| format!("{}: {e}", log_path.display()))?;
     // Through a pipe, not the file itself: `build.log` is rotated at
     // BUILD_LOG_MAX_BYTES like `worker.log`, so a build that prints without
     // end does not fill the disk. One pipe for stdout and stderr, as one
@@ -430,7 +430,7 @@ pub async fn start(
         Ok(f) => f,
         Err(e) => {
             endpoint.remove_file();
-            return Err(format!("worker.log: {e}"));
+            return Err(format!("{}: {e}", log_path.display()));
         }
     };
     let mut child = Child::spawn(
