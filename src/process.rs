@@ -337,7 +337,8 @@ fn stat_of(pid: i32) -> Option<Stat> {
 }
 
 /// The pid of the running `batond` (not this one) that `pid` is a child of,
-/// if it is.
+/// if it is: a parent that holds a state dir's `batond.lock` open, under
+/// whatever name it runs.
 fn live_daemon_parent(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let ppid: i32 = stat[stat.rfind(')')? + 2..]
@@ -346,8 +347,19 @@ fn live_daemon_parent(pid: i32) -> Option<i32> {
         .parse()
         .ok()?;
     let own = i32::try_from(std::process::id()).ok()?;
-    let comm = std::fs::read_to_string(format!("/proc/{ppid}/comm")).ok()?;
-    (ppid > 1 && ppid != own && comm.trim_end() == "batond").then_some(ppid)
+    if ppid < 1 || ppid == own {
+        return None;
+    }
+    let holds_lock = std::fs::read_dir(format!("/proc/{ppid}/fd"))
+        .ok()?
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .any(|target| {
+            let t = target.to_string_lossy();
+            let t = t.strip_suffix(" (deleted)").unwrap_or(&t);
+            t.ends_with("/batond.lock")
+        });
+    holds_lock.then_some(ppid)
 }
 
 /// The processes in process group `pgid` now.

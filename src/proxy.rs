@@ -358,7 +358,7 @@ impl Proxy {
             // (error, whether the worker refused connections: then wait for
             // a different one; else the same one may take it again).
             let (failure, refused_conn) = match upstream.pool.checkout().await {
-                Ok(mut conn) => match until_idle(conn.send(req), &activity.idle).await {
+                Ok(mut conn) => match until_idle(conn.send(req), activity).await {
                     // Nothing moved for the idle timeout (see
                     // `watch_connection`): the worker hangs.
                     None => return self.gateway_timeout(&upstream),
@@ -387,17 +387,19 @@ impl Proxy {
                             }
                             // The connection closed or was reset before any
                             // answer, by a worker that was not stopped on
-                            // purpose (it just crashed): an idempotent
-                            // request without a body may be sent again, once
-                            // (RFC 9110 §9.2.2: a failed automatic retry is
-                            // not retried). A crashed worker refuses the
-                            // retry's connection, which then waits for the
-                            // replacement; so a request that itself crashes
-                            // the worker costs two crashes, not a crash
-                            // loop, and one that a live worker drops (a
-                            // handler that panicked) is sent twice, not
-                            // more. An answer that is not HTTP is no reset:
-                            // never sent again. Not so either for a draining
+                            // purpose: an idempotent request without a body
+                            // may be sent again, once (RFC 9110 §9.2.2: a
+                            // failed automatic retry is not retried). A
+                            // worker that crashed is out of the router
+                            // within moments (the supervisor hears of its
+                            // exit): then the request goes to its
+                            // replacement. One that lives on (a handler
+                            // that failed) gets it again itself. So a
+                            // request that itself crashes the worker costs
+                            // two crashes, not a crash loop, and one a live
+                            // worker drops is sent twice, not more. An
+                            // answer that is not HTTP is no reset: never
+                            // sent again. Not so either for a draining
                             // worker cut at its drain timeout.
                             match &replay {
                                 Some((m, u, h))
@@ -413,8 +415,15 @@ impl Proxy {
                                     req = again;
                                     tracing::info!(generation = upstream.generation, error = %err, "sending an idempotent request again");
                                     drop(ticket);
-                                    let Some((u, t)) = self.router.acquire(self.hold()).await
-                                    else {
+                                    let again = if self.router.leaves(&upstream, CRASH_GRACE).await
+                                    {
+                                        self.router
+                                            .acquire_other(Some(&upstream), self.hold())
+                                            .await
+                                    } else {
+                                        self.router.acquire(self.hold()).await
+                                    };
+                                    let Some((u, t)) = again else {
                                         return self.unavailable();
                                     };
                                     (upstream, ticket) = (u, t);
@@ -545,7 +554,8 @@ impl Proxy {
 /// A request in progress on which nothing moved (no request or response
 /// body frame, no request started or ended) for `idle`, as seen at these
 /// same checks, is ended: while its handler waits for the worker's
-/// answer, the handler is told to give up (a 504); while the answer
+/// answer, the handler is told to give up (a 504; one waiting for a worker
+/// to be swapped in is bounded by the hold time instead); while the answer
 /// streams (the worker stopped sending it, or the client stopped reading
 /// it), the connection is dropped. One timer per connection, not per
 /// request.
@@ -565,8 +575,8 @@ async fn watch_connection<C>(
     let cancelled = token.cancelled();
     let mut cancelled = std::pin::pin!(cancelled);
     let (mut seen, mut stopping, mut closing) = ((0, 0, 0, 0), false, false);
-    // When `seen` last changed, and whether the idle handler was told.
-    let (mut moved_at, mut told) = (tokio::time::Instant::now(), false);
+    // When `seen` last changed.
+    let mut moved_at = tokio::time::Instant::now();
     let r = loop {
         tokio::select! {
             // The connection first: when it is ready the others are not
@@ -592,13 +602,18 @@ async fn watch_connection<C>(
                 if now != seen {
                     // Moved during the last period.
                     seen = now;
-                    (moved_at, told) = (tokio::time::Instant::now(), false);
+                    moved_at = tokio::time::Instant::now();
                 } else if now.0 != now.1 && !waiting_on_client {
                     // In progress, and nothing moved.
                     if moved_at.elapsed() >= idle {
-                        if activity.heads.load(Ordering::Relaxed) != now.0 && !told {
-                            told = true;
-                            activity.idle.notify_waiters();
+                        if activity.heads.load(Ordering::Relaxed) != now.0 {
+                            // The handler has no answer yet: if it waits on
+                            // the worker, it gives up (a 504); if it waits
+                            // for a worker to be swapped in, the hold time
+                            // bounds that.
+                            if activity.at_worker.load(Ordering::Relaxed) > 0 {
+                                activity.idle.notify_waiters();
+                            }
                         } else {
                             tracing::info!(%peer, ?idle, "dropping a client connection whose answer moved no byte for the idle timeout");
                             return;
@@ -632,17 +647,30 @@ struct Activity {
     /// Response body frames handed to hyper.
     sent: AtomicU64,
     bodies: Arc<BodyProgress>,
+    /// Handlers waiting on a worker's answer (not on a worker to be
+    /// swapped in, which the hold time bounds).
+    at_worker: AtomicU64,
     /// Tells a handler waiting on the worker that nothing moved for the
     /// idle timeout.
     idle: tokio::sync::Notify,
 }
 
-/// `f`'s output, or `None` once `idle` is notified first.
-async fn until_idle<F: Future>(f: F, idle: &tokio::sync::Notify) -> Option<F::Output> {
+/// `f`'s output (the worker's answer), or `None` once the connection's
+/// watcher says nothing moved for the idle timeout.
+async fn until_idle<F: Future>(f: F, activity: &Activity) -> Option<F::Output> {
+    /// Counts the handler out again however the wait ends.
+    struct Waiting<'a>(&'a AtomicU64);
+    impl Drop for Waiting<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    activity.at_worker.fetch_add(1, Ordering::Relaxed);
+    let _waiting = Waiting(&activity.at_worker);
     tokio::select! {
         biased;
         r = f => Some(r),
-        () = idle.notified() => None,
+        () = activity.idle.notified() => None,
     }
 }
 
@@ -719,6 +747,12 @@ fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, &'static
         None => Ok(None),
     }
 }
+
+/// How long a request reset by its worker waits to see whether the worker
+/// died (the supervisor then takes it out of the router at once: its exit
+/// is a signal handled on this same runtime) before it is sent to the same
+/// worker again.
+const CRASH_GRACE: Duration = Duration::from_millis(100);
 
 /// Whether an exchange failed because the connection closed or was reset
 /// before an answer came, rather than because of what came (an answer

@@ -168,6 +168,32 @@ impl Router {
         self.acquire_other(None, hold).await
     }
 
+    /// Whether `up` stops being the active upstream within `grace` (it
+    /// died, and the supervisor took it out; or a deploy moved on).
+    pub async fn leaves(&self, up: &Arc<Upstream>, grace: Duration) -> bool {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + grace;
+        // Bounded: each round waits for a change before the deadline.
+        for _ in 0..64 {
+            rx.mark_unchanged();
+            if !self
+                .current
+                .load()
+                .as_ref()
+                .is_some_and(|c| Arc::ptr_eq(c, up))
+            {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        false
+    }
+
     /// Like [`Router::acquire`], but waits for an upstream other than
     /// `dead` (one that just refused a connection: it crashed, and the
     /// supervisor is about to notice).

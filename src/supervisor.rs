@@ -190,9 +190,12 @@ struct GenRuntime {
     backoff: Duration,
     restart_pending: bool,
     /// After a replacement of an unhealthy active worker failed, the next
-    /// one waits until then (the restart backoff), however often the
-    /// probes fail meanwhile.
+    /// one waits until then, however often the probes fail meanwhile.
     replace_not_before: Option<Instant>,
+    /// The wait after the next failed replacement: from
+    /// `backoff_initial_ms`, doubled by each failure up to
+    /// `backoff_max_ms`, and back to the start once one succeeds.
+    replace_backoff: Duration,
 }
 
 struct Supervisor {
@@ -218,6 +221,9 @@ struct Supervisor {
     candidate: Option<u64>,
     pipeline_busy: bool,
     replacing: bool,
+    /// The replacement under way was started because the active worker
+    /// failed its health checks (not by `batonctl restart`).
+    health_replacing: bool,
     pending: Option<String>,
     debounce_epoch: u64,
     /// Bumped by every config file event; the reload waits for quiet.
@@ -326,6 +332,7 @@ pub fn spawn(
         candidate: None,
         pipeline_busy: false,
         replacing: false,
+        health_replacing: false,
         pending: None,
         debounce_epoch: 0,
         config_epoch: 0,
@@ -791,6 +798,7 @@ impl Supervisor {
                     .and_then(|rt| rt.replace_not_before)
                     .is_some_and(|t| Instant::now() < t);
                 if is_active && !self.replacing && !waiting {
+                    self.health_replacing = true;
                     self.events.emit(
                         "health_failed",
                         Some(generation),
@@ -872,6 +880,7 @@ impl Supervisor {
                             backoff: self.cfg.restart.backoff_initial,
                             restart_pending: false,
                             replace_not_before: None,
+                            replace_backoff: self.cfg.restart.backoff_initial,
                         },
                     );
                 }
@@ -1148,7 +1157,11 @@ impl Supervisor {
             dir: rt.dir.clone(),
         };
         rt.next_instance += 1;
-        rt.starts.push_back(Instant::now());
+        // The start limit counts starts without a worker serving (a crash
+        // loop); a replacement beside a serving one has its own backoff.
+        if !replace {
+            rt.starts.push_back(Instant::now());
+        }
         if let Some(g) = self.gens.get_mut(&generation) {
             g.restarts += 1;
         }
@@ -1176,6 +1189,7 @@ impl Supervisor {
         replace: bool,
         result: Result<(Instance, Duration), String>,
     ) {
+        let for_health = replace && std::mem::take(&mut self.health_replacing);
         if replace {
             self.replacing = false;
         }
@@ -1189,7 +1203,12 @@ impl Supervisor {
                     // The backoff stays where it is: a worker that proves
                     // itself and crashes again soon is still crash-looping
                     // (it starts over only after a run as long as the
-                    // start-limit window, see the exit).
+                    // start-limit window, see the exit). A replacement's
+                    // own backoff starts over.
+                    if let Some(rt) = self.runtime.get_mut(&generation) {
+                        rt.replace_backoff = self.cfg.restart.backoff_initial;
+                        rt.replace_not_before = None;
+                    }
                     self.cut_over(inst);
                     DeployOutcome {
                         generation: Some(generation),
@@ -1213,7 +1232,7 @@ impl Supervisor {
                 );
                 if self.active.is_none() && !self.token.is_cancelled() {
                     self.schedule_restart(generation, &format!("failed to start: {reason}"));
-                } else if replace
+                } else if for_health
                     && self
                         .active
                         .as_ref()
@@ -1223,8 +1242,8 @@ impl Supervisor {
                     // The active worker keeps serving and keeps being
                     // probed; if it is still failing after the backoff, a
                     // replacement is tried again.
-                    let delay = rt.backoff;
-                    rt.backoff = (rt.backoff * 2).min(self.cfg.restart.backoff_max);
+                    let delay = rt.replace_backoff;
+                    rt.replace_backoff = (delay * 2).min(self.cfg.restart.backoff_max);
                     rt.replace_not_before = Some(Instant::now() + delay);
                     self.events.emit(
                         "health_retry",
@@ -1255,6 +1274,18 @@ impl Supervisor {
             .map(|a| a.generation)
             .or_else(|| self.runtime.keys().next_back().copied());
         match generation {
+            // A fresh process is starting already (health replacement or
+            // an earlier restart): this restart waits for that one.
+            Some(_) if self.replacing => {
+                if let Some(r) = reply {
+                    self.restart_waiters.push(r);
+                }
+                self.events.emit(
+                    "restart",
+                    generation,
+                    "restart requested; a fresh process is starting already",
+                );
+            }
             Some(g) if self.runtime.contains_key(&g) => {
                 if let Some(r) = reply {
                     self.restart_waiters.push(r);
@@ -1601,18 +1632,7 @@ async fn pipeline(
     let build_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
     // Within the build's own time limit: an artifact on a mount that hangs
     // would otherwise hold this deploy, and every one after it, for good.
-    let copied = tokio::time::timeout(
-        cfg.build.timeout,
-        worker_proc::snapshot(&cfg.build.artifact, dir),
-    )
-    .await
-    .unwrap_or_else(|_| {
-        Err(format!(
-            "snapshot of {} took longer than build.timeout_s ({} s)",
-            cfg.build.artifact.display(),
-            cfg.build.timeout.as_secs()
-        ))
-    });
+    let copied = worker_proc::snapshot(&cfg.build.artifact, dir, cfg.build.timeout).await;
     let (snapshot, signature) = match copied {
         Ok(x) => x,
         Err(reason) => return (Err((GenState::Failed, reason)), None),

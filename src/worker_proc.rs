@@ -110,8 +110,17 @@ pub async fn build(
     .ok()
     .flatten();
     outcome.map_err(|r| {
-        // From the file, or else from what could not be written to it.
-        let quote = last_line(&log_path).or_else(|| unwritten.as_ref()?.quote.clone());
+        // An error line from the file or from what could not be written
+        // to it (the file's first), else the last line of either.
+        let (kept, lost) = (
+            last_line(&log_path),
+            unwritten.as_ref().and_then(|u| u.quote.clone()),
+        );
+        let quote = match (kept, lost) {
+            (Some(k), _) if is_error_line(&k) => Some(k),
+            (_, Some(l)) if is_error_line(&l) => Some(l),
+            (k, l) => k.or(l),
+        };
         let r = match quote {
             Some(l) => format!("{r}: {l}"),
             None => r,
@@ -211,20 +220,39 @@ const COPY_BUF: usize = 16 * 1024;
 ///
 /// # Errors
 /// A one-line reason when the artifact is missing or cannot be copied.
-pub async fn snapshot(artifact: &Path, dir: &Path) -> Result<(PathBuf, String), String> {
+pub async fn snapshot(
+    artifact: &Path,
+    dir: &Path,
+    limit: Duration,
+) -> Result<(PathBuf, String), String> {
     let artifact = artifact.to_path_buf();
     let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let tmp = dir.join(".snapshot.tmp");
-        let r = copy_and_hash(&artifact, &dir, &tmp);
-        if r.is_err() {
-            // Nothing half-written is left behind (it may fill the disk).
-            let _ = std::fs::remove_file(&tmp);
+    // The copy checks this between chunks: a copy past its time limit
+    // stops and leaves nothing behind (a blocking task cannot be dropped).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let copying = {
+        let (artifact, stop) = (artifact.clone(), stop.clone());
+        tokio::task::spawn_blocking(move || {
+            let tmp = dir.join(".snapshot.tmp");
+            let r = copy_and_hash(&artifact, &dir, &tmp, &stop);
+            if r.is_err() {
+                // Nothing half-written is left behind (it may fill the disk).
+                let _ = std::fs::remove_file(&tmp);
+            }
+            r
+        })
+    };
+    match tokio::time::timeout(limit, copying).await {
+        Ok(r) => r.map_err(|e| format!("snapshot task: {e}"))?,
+        Err(_) => {
+            stop.store(true, Ordering::Relaxed);
+            Err(format!(
+                "snapshot of {} took longer than build.timeout_s ({} s)",
+                artifact.display(),
+                limit.as_secs()
+            ))
         }
-        r
-    })
-    .await
-    .map_err(|e| format!("snapshot task: {e}"))?
+    }
 }
 
 /// What kind of file a non-regular file is, for a message.
@@ -243,7 +271,12 @@ fn file_kind(t: std::fs::FileType) -> &'static str {
     }
 }
 
-fn copy_and_hash(artifact: &Path, dir: &Path, tmp: &Path) -> Result<(PathBuf, String), String> {
+fn copy_and_hash(
+    artifact: &Path,
+    dir: &Path,
+    tmp: &Path,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(PathBuf, String), String> {
     use std::io::{Read, Write};
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let name = artifact.file_name().map_or_else(
@@ -280,6 +313,9 @@ fn copy_and_hash(artifact: &Path, dir: &Path, tmp: &Path) -> Result<(PathBuf, St
     let mut buf = [0u8; COPY_BUF];
     let written = |e: std::io::Error| format!("writing snapshot {}: {e}", tmp.display());
     loop {
+        if stop.load(Ordering::Relaxed) {
+            return Err("snapshot stopped at its time limit".into());
+        }
         let n = src
             .read(&mut buf)
             .map_err(|e| format!("reading artifact {shown}: {e}"))?;
@@ -842,6 +878,10 @@ pub const BUILD_LOG_MAX_BYTES: u64 = 16 << 20;
 /// generation.
 pub const WORKER_LOG_MAX_BYTES: u64 = 64 << 20;
 
+/// After a log could not be rotated, the next try waits this long: every
+/// line meanwhile is lost (and counted), not written past the size limit.
+const ROTATE_RETRY: Duration = Duration::from_secs(10);
+
 /// Writes the lines from `rx` to `file` (open for append at `path`),
 /// rotating it before a line would take it past `max_bytes`.
 ///
@@ -862,53 +902,29 @@ async fn write_log(
         path,
         max_bytes,
         buf: Vec::new(),
+        lost: 0,
+        lost_total: 0,
+        error: None,
         quote: None,
+        rotate_failed: None,
     };
-    // Lines lost in the current spell of failures, and in all; the last
-    // error.
-    let (mut lost, mut lost_total, mut error) = (0u64, 0u64, None::<std::io::Error>);
     while let Some(line) = rx.recv().await {
-        if lost > 0 {
-            // Tell the gap before what follows it.
-            let why = error.as_ref().map(ToString::to_string).unwrap_or_default();
-            let note = format!("[batond: {lost} line(s) could not be written here: {why}]\n");
-            let wrote = match log.file.write_all(note.as_bytes()).await {
-                Ok(()) => log.file.flush().await,
-                Err(e) => Err(e),
-            };
-            match wrote {
-                Ok(()) => {
-                    log.written += note.len() as u64;
-                    tracing::info!(path = %log.path.display(), lost, "the log is written again");
-                    lost = 0;
-                }
-                Err(e) => error = Some(e),
-            }
-        }
         let mut next = Some(line);
         // Batch whatever else is already queued into one write.
         while let Some(line) = next.take() {
-            let pushed = log.push(&line).await;
+            log.push(&line).await;
             queued.fetch_sub(line.len() + LINE_COST, Ordering::Relaxed);
-            if let Err(e) = pushed {
-                log.buf.extend_from_slice(line.as_bytes());
-                log.buf.push(b'\n');
-                log.fail(&mut lost, &mut lost_total, &mut error, e, 0);
-            }
             if log.buf.len() < 1 << 20 {
                 next = rx.try_recv().ok();
             }
         }
-        if let Err(e) = log.write().await {
-            log.fail(&mut lost, &mut lost_total, &mut error, e, 0);
-        }
+        log.write().await;
     }
-    let _ = log.file.flush().await;
-    (lost_total > 0).then(|| {
+    (log.lost_total > 0).then(|| {
         let name = log.path.file_name().unwrap_or_default().to_string_lossy();
-        let why = error.map(|e| e.to_string()).unwrap_or_default();
+        let why = log.error.map(|e| e.to_string()).unwrap_or_default();
         Unwritten {
-            summary: format!("{lost_total} line(s) not written to {name}: {why}"),
+            summary: format!("{} line(s) not written to {name}: {why}", log.lost_total),
             quote: log.quote.take(),
         }
     })
@@ -923,7 +939,8 @@ struct Unwritten {
     quote: Option<String>,
 }
 
-/// `worker.log` with its write buffer and size.
+/// `worker.log` (or `build.log`) with its write buffer and size, and what
+/// it could not write.
 struct RotatingLog {
     file: tokio::fs::File,
     path: PathBuf,
@@ -932,61 +949,101 @@ struct RotatingLog {
     written: u64,
     /// Bytes not yet written.
     buf: Vec<u8>,
+    /// Lines lost since the file last took a write, and in all.
+    lost: u64,
+    lost_total: u64,
+    /// Why the last ones were lost.
+    error: Option<std::io::Error>,
     /// The line worth quoting among those lost (see [`quotable`]).
     quote: Option<String>,
+    /// When a rotation last failed, and why.
+    rotate_failed: Option<(Instant, String)>,
 }
 
 impl RotatingLog {
-    /// Drops what the buffer holds (and `more` lines not in it) after a
-    /// failed write, counting them; warns once per spell of failures.
-    fn fail(
-        &mut self,
-        lost: &mut u64,
-        lost_total: &mut u64,
-        error: &mut Option<std::io::Error>,
-        e: std::io::Error,
-        more: u64,
-    ) {
-        let dropped = self.buf.iter().filter(|&&b| b == b'\n').count() as u64 + more;
+    /// Adds a line, rotating first when it would not fit; a line that
+    /// cannot be kept (the log cannot be rotated) is counted as lost.
+    async fn push(&mut self, line: &str) {
+        let held = self.written + self.buf.len() as u64;
+        if held > 0 && held + line.len() as u64 + 1 > self.max_bytes {
+            self.write().await;
+            if let Err(e) = self.rotate().await {
+                self.buf.extend_from_slice(line.as_bytes());
+                self.buf.push(b'\n');
+                self.lose_buffer(e);
+                return;
+            }
+        }
+        self.buf.extend_from_slice(line.as_bytes());
+        self.buf.push(b'\n');
+    }
+
+    /// Writes the buffer, after a note of the lines lost before it if any;
+    /// if the file does not take it, its lines are lost.
+    async fn write(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let note = (self.lost > 0).then(|| {
+            let why = self
+                .error
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            format!(
+                "[batond: {} line(s) could not be written here: {why}]\n",
+                self.lost
+            )
+        });
+        let wrote = async {
+            if let Some(n) = &note {
+                self.file.write_all(n.as_bytes()).await?;
+            }
+            self.file.write_all(&self.buf).await?;
+            // tokio's file writes in the background: an error (a full
+            // disk) shows only here, on the write it belongs to.
+            self.file.flush().await
+        }
+        .await;
+        match wrote {
+            Ok(()) => {
+                self.written += (note.map_or(0, |n| n.len()) + self.buf.len()) as u64;
+                self.buf.clear();
+                if self.lost > 0 {
+                    tracing::info!(path = %self.path.display(), lost = self.lost, "the log is written again");
+                    self.lost = 0;
+                }
+            }
+            Err(e) => self.lose_buffer(e),
+        }
+    }
+
+    /// Drops what the buffer holds, counting its lines and keeping the
+    /// one worth quoting; warns once per spell of losses.
+    fn lose_buffer(&mut self, e: std::io::Error) {
+        let dropped = self.buf.iter().filter(|&&b| b == b'\n').count() as u64;
         if let Some(q) = quotable(&String::from_utf8_lossy(&self.buf))
             && (is_error_line(&q) || !self.quote.as_deref().is_some_and(is_error_line))
         {
             self.quote = Some(q);
         }
         self.buf.clear();
-        if *lost == 0 {
+        if self.lost == 0 {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot write the log; its lines are lost until it can be written again");
         }
-        *lost += dropped;
-        *lost_total += dropped;
-        *error = Some(e);
+        self.lost += dropped;
+        self.lost_total += dropped;
+        self.error = Some(e);
     }
 
-    /// Adds a line, rotating first when it would not fit.
-    async fn push(&mut self, line: &str) -> std::io::Result<()> {
-        let held = self.written + self.buf.len() as u64;
-        if held > 0 && held + line.len() as u64 + 1 > self.max_bytes {
-            self.write().await?;
-            self.rotate().await?;
-        }
-        self.buf.extend_from_slice(line.as_bytes());
-        self.buf.push(b'\n');
-        Ok(())
-    }
-
-    async fn write(&mut self) -> std::io::Result<()> {
-        self.file.write_all(&self.buf).await?;
-        // tokio's file writes in the background: an error (a full disk)
-        // shows only here, on the write it belongs to.
-        self.file.flush().await?;
-        self.written += self.buf.len() as u64;
-        self.buf.clear();
-        Ok(())
-    }
-
-    /// `worker.log` becomes `worker.log.1` (replacing the one before).
+    /// `worker.log` becomes `worker.log.1` (replacing the one before). After
+    /// a failure, not tried again for [`ROTATE_RETRY`].
     async fn rotate(&mut self) -> std::io::Result<()> {
-        self.file.flush().await?;
+        if let Some((at, why)) = &self.rotate_failed
+            && at.elapsed() < ROTATE_RETRY
+        {
+            return Err(std::io::Error::other(why.clone()));
+        }
         let mut older = self.path.clone().into_os_string();
         older.push(".1");
         let rotated = match tokio::fs::rename(&self.path, &older).await {
@@ -997,9 +1054,14 @@ impl RotatingLog {
             Ok(f) => {
                 self.file = f;
                 self.written = 0;
+                self.rotate_failed = None;
                 Ok(())
             }
-            Err(e) => Err(std::io::Error::new(e.kind(), format!("rotating it: {e}"))),
+            Err(e) => {
+                let why = format!("it cannot be rotated: {e}");
+                self.rotate_failed = Some((Instant::now(), why.clone()));
+                Err(std::io::Error::new(e.kind(), why))
+            }
         }
     }
 }
@@ -1134,6 +1196,45 @@ mod tests {
         );
         assert_eq!(told.quote.as_deref(), Some("error: the one to quote"));
         assert_eq!(queued.load(Ordering::Relaxed), 0, "the queue drained");
+    }
+
+    /// A log that cannot be rotated (its folder was removed) loses the
+    /// lines past its size limit, counted, instead of growing past it.
+    #[tokio::test]
+    async fn a_log_that_cannot_be_rotated_loses_what_does_not_fit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sub = dir.path().join("gen-0001");
+        std::fs::create_dir(&sub).expect("mkdir");
+        let path = sub.join("worker.log");
+        let file = tokio::fs::File::create(&path).await.expect("create");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let writer = tokio::spawn(write_log(file, path.clone(), 1000, rx, queued.clone()));
+        let mut q = LogQueue::new(tx, queued.clone(), LOG_QUEUE_BYTES, "worker.log");
+        let line = |i: usize| format!("line {i:03} {}", "x".repeat(90));
+        for i in 0..5 {
+            q.offer(line(i));
+        }
+        for _ in 0..500 {
+            if queued.load(Ordering::Relaxed) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        std::fs::remove_dir_all(&sub).expect("rm");
+        for i in 5..30 {
+            q.offer(line(i));
+        }
+        drop(q);
+        let told = writer.await.expect("writer").expect("lines were lost");
+        // 10 lines of 100 bytes fit; the 20 after them could not.
+        assert!(
+            told.summary
+                .starts_with("20 line(s) not written to worker.log: ")
+                && told.summary.contains("cannot be rotated"),
+            "{told:?}"
+        );
+        assert_eq!(told.quote.as_deref(), Some(line(29).as_str()));
     }
 
     #[test]
