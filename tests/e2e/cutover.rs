@@ -313,11 +313,7 @@ async fn a_restart_after_a_failed_redeploy_starts_the_worker_as_it_was_proven() 
     // Generation 1 crashes: its fresh process starts the way generation 1
     // was proven (a TCP port), not the way the failed deploy would have.
     let pid = g1.pid.expect("pid");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill");
+    sigkill(pid);
     let s = d
         .wait_for("restarted", |s| {
             s.active

@@ -1132,11 +1132,7 @@ async fn a_failed_replacement_of_a_sick_worker_is_tried_again() {
     // is restarted.
     std::fs::remove_file(p.path("health")).expect("rm health");
     let pid2 = a.pid.expect("pid");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid2 as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill");
+    sigkill(pid2);
     let s = d
         .wait_for("a restart after the crash", |s| {
             s.active
@@ -1167,11 +1163,7 @@ async fn a_request_held_for_a_restart_is_not_cut_by_the_idle_timeout() {
         .and_then(|a| a.pid)
         .expect("pid");
     p.write("delay", "4500");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill");
+    sigkill(pid);
     d.wait_for("no active worker", |s| {
         s.active.as_ref().is_none_or(|a| a.pid != Some(pid))
     })
@@ -1485,11 +1477,7 @@ async fn a_get_in_flight_when_its_worker_dies_is_answered_by_the_replacement() {
                 s.active.as_ref().is_some_and(|a| a.requests_in_flight > 0)
             })
             .await;
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            )
-            .expect("kill");
+            sigkill(pid);
             let (code, _, body) = slow.await.expect("join");
             assert_eq!(code, StatusCode::OK, "{socket} round {round}: {body}");
             assert_eq!(body, "slow 1", "{socket} round {round}");

@@ -390,6 +390,34 @@ pub fn alive(pid: u32) -> bool {
 }
 
 /// Waits until `pid` is gone (bounded).
+/// Kills `pid` with SIGKILL (a crash, as the kernel would deliver it).
+pub fn sigkill(pid: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+}
+
+/// Runs a second `batond` on `project`'s config (its own listener and
+/// control socket `socket`) that is expected to refuse to start; its
+/// output.
+pub async fn second_batond(project: &Project, socket: &Path) -> std::process::Output {
+    tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(BATOND)
+            .arg("--config")
+            .arg(project.path("etc/baton.toml"))
+            .args(["--listen", "127.0.0.1:0", "--control-socket"])
+            .arg(socket)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the second batond did not exit")
+    .expect("run batond")
+}
+
 pub async fn wait_gone(pid: u32) -> bool {
     for _ in 0..600 {
         if !alive(pid) {

@@ -168,11 +168,7 @@ async fn a_restarted_daemon_kills_what_a_killed_worker_left() {
         .parse()
         .expect("the worker's child pid");
     assert!(alive(child));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(s.pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill -9 batond");
+    sigkill(s.pid);
     // The worker died with batond and was reaped: its pid is no more.
     let mut reaped = false;
     for _ in 0..200 {
@@ -232,19 +228,7 @@ async fn a_second_daemon_on_the_same_state_dir_refuses_and_touches_nothing() {
         })
         .await;
     let other = p.path("other.sock");
-    let out = tokio::time::timeout(
-        PATIENCE,
-        tokio::process::Command::new(BATOND)
-            .arg("--config")
-            .arg(p.path("etc/baton.toml"))
-            .args(["--listen", "127.0.0.1:0", "--control-socket"])
-            .arg(&other)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the second batond did not exit")
-    .expect("run batond");
+    let out = second_batond(&p, &other).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     let pid = first.child.id().expect("pid");
@@ -299,19 +283,7 @@ async fn a_removed_state_dir_is_locked_again_and_live_workers_are_left_alone() {
         first.status().await.active.and_then(|a| a.pid),
         Some(worker)
     );
-    let out = tokio::time::timeout(
-        PATIENCE,
-        tokio::process::Command::new(BATOND)
-            .arg("--config")
-            .arg(p.path("etc/baton.toml"))
-            .args(["--listen", "127.0.0.1:0", "--control-socket"])
-            .arg(p.path("other.sock"))
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the second batond did not exit")
-    .expect("run batond");
+    let out = second_batond(&p, &p.path("other.sock")).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains(&format!("is in use by another batond (pid {pid})")),
