@@ -11,7 +11,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -205,10 +205,10 @@ impl Proxy {
                 let proxy = proxy.clone();
                 let client = client.clone();
                 let activity = activity.clone();
-                activity.started.fetch_add(1, Ordering::Relaxed);
+                bump(&activity.started);
                 async move {
                     let resp = proxy.handle(req, &client, &activity).await;
-                    activity.heads.fetch_add(1, Ordering::Relaxed);
+                    bump(&activity.heads);
                     Ok::<_, Infallible>(resp.map(|body| ClientBody {
                         body,
                         done: Finished(activity),
@@ -611,8 +611,8 @@ async fn watch_connection<C>(
                             // the worker, it gives up (a 504); if it waits
                             // for a worker to be swapped in, the hold time
                             // bounds that.
-                            if activity.at_worker.load(Ordering::Relaxed) > 0 {
-                                activity.idle.notify_waiters();
+                            if activity.at_worker.load(Ordering::Relaxed) {
+                                activity.give_up.store(true, Ordering::Relaxed);
                             }
                         } else {
                             tracing::info!(%peer, ?idle, "dropping a client connection whose answer moved no byte for the idle timeout");
@@ -647,31 +647,50 @@ struct Activity {
     /// Response body frames handed to hyper.
     sent: AtomicU64,
     bodies: Arc<BodyProgress>,
-    /// Handlers waiting on a worker's answer (not on a worker to be
-    /// swapped in, which the hold time bounds).
-    at_worker: AtomicU64,
-    /// Tells a handler waiting on the worker that nothing moved for the
-    /// idle timeout.
-    idle: tokio::sync::Notify,
+    /// Whether the handler waits on a worker's answer (not on a worker to
+    /// be swapped in, which the hold time bounds).
+    at_worker: AtomicBool,
+    /// Set by the watcher when nothing moved for the idle timeout while a
+    /// handler waits on the worker; that handler takes it back and gives
+    /// up. No waker is needed: the handler runs inside the connection
+    /// future the watcher polls right after setting it.
+    give_up: AtomicBool,
+}
+
+/// Adds one to a counter only this connection's task writes: a plain load
+/// and store, no locked instruction (the watcher, in the same task, only
+/// reads it).
+fn bump(counter: &AtomicU64) {
+    counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
 }
 
 /// `f`'s output (the worker's answer), or `None` once the connection's
-/// watcher says nothing moved for the idle timeout.
+/// watcher says nothing moved for the idle timeout. No allocation, lock or
+/// waker registration per request: flags of this connection's own task
+/// (one request at a time), checked at each poll.
 async fn until_idle<F: Future>(f: F, activity: &Activity) -> Option<F::Output> {
-    /// Counts the handler out again however the wait ends.
-    struct Waiting<'a>(&'a AtomicU64);
+    /// Marks the handler out again however the wait ends.
+    struct Waiting<'a>(&'a AtomicBool);
     impl Drop for Waiting<'_> {
         fn drop(&mut self) {
-            self.0.fetch_sub(1, Ordering::Relaxed);
+            self.0.store(false, Ordering::Relaxed);
         }
     }
-    activity.at_worker.fetch_add(1, Ordering::Relaxed);
+    activity.at_worker.store(true, Ordering::Relaxed);
     let _waiting = Waiting(&activity.at_worker);
-    tokio::select! {
-        biased;
-        r = f => Some(r),
-        () = activity.idle.notified() => None,
-    }
+    // Not meant for this request (set as the one before got its answer).
+    activity.give_up.store(false, Ordering::Relaxed);
+    let mut f = std::pin::pin!(f);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = f.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        if activity.give_up.load(Ordering::Relaxed) {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Counts a response as finished when its body is dropped: sent, or the
@@ -680,7 +699,7 @@ struct Finished(Arc<Activity>);
 
 impl Drop for Finished {
     fn drop(&mut self) {
-        self.0.finished.fetch_add(1, Ordering::Relaxed);
+        bump(&self.0.finished);
     }
 }
 
@@ -700,7 +719,7 @@ impl Body for ClientBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let r = Pin::new(&mut self.body).poll_frame(cx);
         if let Poll::Ready(Some(Ok(_))) = &r {
-            self.done.0.sent.fetch_add(1, Ordering::Relaxed);
+            bump(&self.done.0.sent);
         }
         r
     }
