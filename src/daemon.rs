@@ -89,6 +89,29 @@ fn lock_state_dir(dir: &Path) -> Result<Flock<std::fs::File>, DaemonError> {
     }
 }
 
+/// Another process that holds the `batond.lock` of `state_dir` (or a
+/// removed file of that path) open: a daemon of this state dir.
+fn other_lock_holder(state_dir: &Path) -> Option<u32> {
+    let lock = std::fs::canonicalize(state_dir).ok()?.join("batond.lock");
+    let own = std::process::id();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != own)
+        .find(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .any(|target| {
+                    let t = target.to_string_lossy();
+                    Path::new(t.strip_suffix(" (deleted)").unwrap_or(&t)) == lock
+                })
+        })
+}
+
 /// How often the daemon checks that `batond.lock` is still the file it
 /// holds.
 const LOCK_CHECK: Duration = Duration::from_secs(2);
@@ -165,6 +188,15 @@ pub async fn run(
     })?;
     // Before anything in the state dir is touched: a second daemon must not
     // take the first one's records for leftovers.
+    // A daemon whose lock file was removed (a `rm -rf` of the state dir)
+    // still holds it open, until it makes and locks a new one (within
+    // `LOCK_CHECK`): in that window the lock is free, but the folder is not.
+    if let Some(pid) = other_lock_holder(&state_dir) {
+        return Err(DaemonError::InUse {
+            path: state_dir.clone(),
+            pid: Some(pid),
+        });
+    }
     let lock = lock_state_dir(&state_dir)?;
     for (pgid, what) in GroupRecord::reap_stale(&state_dir) {
         tracing::warn!(

@@ -266,6 +266,14 @@ async fn a_removed_state_dir_is_locked_again_and_live_workers_are_left_alone() {
         std::fs::copy(e.path(), elsewhere.join("groups").join(e.file_name())).expect("copy");
     }
     std::fs::remove_dir_all(p.path("state")).expect("rm state");
+    // At once, before the first daemon locks the folder again: a second
+    // one is refused all the same (the first holds the removed lock file).
+    let out = second_batond(&p, &p.path("other.sock")).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("is in use by another batond (pid {pid})")),
+        "{err}"
+    );
     // The lock and the control socket are made again.
     let lock = p.path("state/batond.lock");
     let mut relocked = false;
