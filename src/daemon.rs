@@ -89,27 +89,46 @@ fn lock_state_dir(dir: &Path) -> Result<Flock<std::fs::File>, DaemonError> {
     }
 }
 
-/// Another process that holds the `batond.lock` of `state_dir` (or a
-/// removed file of that path) open: a daemon of this state dir.
+/// Another process that holds the lock on the `batond.lock` of
+/// `state_dir` (or on a removed file of that path): a daemon of this state
+/// dir. A process that merely has the file open (a pager) does not count:
+/// the kernel's list of locks (`/proc/locks`) must show its `flock` on
+/// that very file.
 fn other_lock_holder(state_dir: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
     let lock = std::fs::canonicalize(state_dir).ok()?.join("batond.lock");
     let own = std::process::id();
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != own)
-        .find(|pid| {
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    // (pid, inode) of every flock held.
+    let held: Vec<(u32, u64)> = locks
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.get(1) != Some(&"FLOCK") {
+                return None;
+            }
+            let pid = f.get(4)?.parse().ok()?;
+            let ino = f.get(5)?.rsplit(':').next()?.parse().ok()?;
+            Some((pid, ino))
+        })
+        .collect();
+    held.iter()
+        .filter(|(pid, _)| *pid != own)
+        .find(|(pid, ino)| {
             std::fs::read_dir(format!("/proc/{pid}/fd"))
                 .into_iter()
                 .flatten()
                 .flatten()
-                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-                .any(|target| {
-                    let t = target.to_string_lossy();
-                    Path::new(t.strip_suffix(" (deleted)").unwrap_or(&t)) == lock
+                .any(|fd| {
+                    let names_it = std::fs::read_link(fd.path()).is_ok_and(|target| {
+                        let t = target.to_string_lossy();
+                        Path::new(t.strip_suffix(" (deleted)").unwrap_or(&t)) == lock
+                    });
+                    // Through the link: the open file itself, removed or not.
+                    names_it && std::fs::metadata(fd.path()).is_ok_and(|m| m.ino() == *ino)
                 })
         })
+        .map(|(pid, _)| *pid)
 }
 
 /// How often the daemon checks that `batond.lock` is still the file it

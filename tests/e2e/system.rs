@@ -313,6 +313,12 @@ async fn a_removed_state_dir_is_locked_again_and_live_workers_are_left_alone() {
     );
     third.stop().await;
     first.stop().await;
+    // A process that has the lock file open but holds no lock on it (a
+    // pager) does not keep a daemon from starting.
+    let _open = std::fs::File::open(&lock).expect("open the lock file");
+    let again = Daemon::start(&p).await;
+    again.wait_active(1).await;
+    again.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
