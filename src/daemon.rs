@@ -92,43 +92,56 @@ fn lock_state_dir(dir: &Path) -> Result<Flock<std::fs::File>, DaemonError> {
 /// Another process that holds the lock on the `batond.lock` of
 /// `state_dir` (or on a removed file of that path): a daemon of this state
 /// dir. A process that merely has the file open (a pager) does not count:
-/// the kernel's list of locks (`/proc/locks`) must show its `flock` on
-/// that very file.
+/// the kernel's list of locks (`/proc/locks`) must show its `flock` on a
+/// file of the state dir's file system, and that open file must be the
+/// lock (its path, its device and inode: another mount namespace's folder
+/// of the same path is another folder). Each holder's descriptors are
+/// read once.
 fn other_lock_holder(state_dir: &Path) -> Option<u32> {
     use std::os::unix::fs::MetadataExt;
-    let lock = std::fs::canonicalize(state_dir).ok()?.join("batond.lock");
+    let dir = std::fs::canonicalize(state_dir).ok()?;
+    let dev = std::fs::metadata(&dir).ok()?.dev();
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    let lock = dir.join("batond.lock");
     let own = std::process::id();
     let locks = std::fs::read_to_string("/proc/locks").ok()?;
-    // (pid, inode) of every flock held.
-    let held: Vec<(u32, u64)> = locks
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            if f.get(1) != Some(&"FLOCK") {
-                return None;
-            }
-            let pid = f.get(4)?.parse().ok()?;
-            let ino = f.get(5)?.rsplit(':').next()?.parse().ok()?;
-            Some((pid, ino))
-        })
-        .collect();
-    held.iter()
-        .filter(|(pid, _)| *pid != own)
-        .find(|(pid, ino)| {
-            std::fs::read_dir(format!("/proc/{pid}/fd"))
-                .into_iter()
-                .flatten()
-                .flatten()
-                .any(|fd| {
-                    let names_it = std::fs::read_link(fd.path()).is_ok_and(|target| {
-                        let t = target.to_string_lossy();
-                        Path::new(t.strip_suffix(" (deleted)").unwrap_or(&t)) == lock
-                    });
-                    // Through the link: the open file itself, removed or not.
-                    names_it && std::fs::metadata(fd.path()).is_ok_and(|m| m.ino() == *ino)
-                })
-        })
-        .map(|(pid, _)| *pid)
+    // pid -> inodes it holds a flock on, on this file system.
+    let mut held: std::collections::BTreeMap<u32, Vec<u64>> = std::collections::BTreeMap::new();
+    for l in locks.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.get(1) != Some(&"FLOCK") {
+            continue;
+        }
+        let (Some(pid), Some(id)) = (f.get(4).and_then(|p| p.parse::<u32>().ok()), f.get(5)) else {
+            continue;
+        };
+        let mut parts = id.split(':');
+        let (Some(ma), Some(mi), Some(ino)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let same_fs =
+            u64::from_str_radix(ma, 16) == Ok(major) && u64::from_str_radix(mi, 16) == Ok(minor);
+        if let (true, Ok(ino)) = (same_fs && pid != own, ino.parse::<u64>()) {
+            held.entry(pid).or_default().push(ino);
+        }
+    }
+    held.into_iter().find_map(|(pid, inodes)| {
+        let is_lock = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| {
+                let names_it = std::fs::read_link(fd.path()).is_ok_and(|target| {
+                    let t = target.to_string_lossy();
+                    Path::new(t.strip_suffix(" (deleted)").unwrap_or(&t)) == lock
+                });
+                // Through the link: the open file itself, removed or not.
+                names_it
+                    && std::fs::metadata(fd.path())
+                        .is_ok_and(|m| m.dev() == dev && inodes.contains(&m.ino()))
+            });
+        is_lock.then_some(pid)
+    })
 }
 
 /// How often the daemon checks that `batond.lock` is still the file it

@@ -574,7 +574,7 @@ async fn watch_connection<C>(
     let mut stall = std::pin::pin!(stall);
     let cancelled = token.cancelled();
     let mut cancelled = std::pin::pin!(cancelled);
-    let (mut seen, mut stopping, mut closing) = ((0, 0, 0, 0), false, false);
+    let (mut seen, mut stopping, mut closing) = ((0, 0, 0, 0, 0, 0), false, false);
     // When `seen` last changed.
     let mut moved_at = tokio::time::Instant::now();
     let r = loop {
@@ -589,11 +589,16 @@ async fn watch_connection<C>(
                 shut_down(conn.as_mut());
             }
             () = &mut stall => {
+                // Everything that moves: requests begun and ended, body
+                // frames both ways, answer heads, and requests handed to a
+                // worker (the idle clock starts there, not in the hold).
                 let now = (
                     activity.started.load(Ordering::Relaxed),
                     activity.finished.load(Ordering::Relaxed),
                     activity.bodies.frames.load(Ordering::Relaxed),
                     activity.sent.load(Ordering::Relaxed),
+                    activity.heads.load(Ordering::Relaxed),
+                    activity.asked.load(Ordering::Relaxed),
                 );
                 // A request in progress is waited for, unless the client
                 // stopped sending its body: no frame for a whole period.
@@ -650,6 +655,8 @@ struct Activity {
     /// Whether the handler waits on a worker's answer (not on a worker to
     /// be swapped in, which the hold time bounds).
     at_worker: AtomicBool,
+    /// Requests handed to a worker (a resend counts again).
+    asked: AtomicU64,
     /// Set by the watcher when nothing moved for the idle timeout while a
     /// handler waits on the worker; that handler takes it back and gives
     /// up. No waker is needed: the handler runs inside the connection
@@ -677,6 +684,7 @@ async fn until_idle<F: Future>(f: F, activity: &Activity) -> Option<F::Output> {
         }
     }
     activity.at_worker.store(true, Ordering::Relaxed);
+    bump(&activity.asked);
     let _waiting = Waiting(&activity.at_worker);
     // Not meant for this request (set as the one before got its answer).
     activity.give_up.store(false, Ordering::Relaxed);

@@ -1168,8 +1168,11 @@ async fn a_request_held_for_a_restart_is_not_cut_by_the_idle_timeout() {
         s.active.as_ref().is_none_or(|a| a.pid != Some(pid))
     })
     .await;
-    let (code, _, body) = d.get("/whoami").await;
-    assert_eq!(code, StatusCode::OK, "{body}");
+    // The hold does not count toward the worker's idle time: an answer
+    // that takes less than the idle timeout once the worker has the
+    // request comes through.
+    let (code, _, body) = d.get("/slow?ms=1200").await;
+    assert_eq!((code, body.as_str()), (StatusCode::OK, "slow 1"));
 }
 
 /// RFC 9112's rules for a request's host and framing, and who gets the
@@ -1330,6 +1333,10 @@ async fn requests_and_tunnels_that_move_nothing_end_at_the_idle_timeout() {
     assert!(!r.contains("second"), "{r}");
     let r = until_closed(&mut tunnel).await;
     assert!(r.starts_with("HTTP/1.1 101"), "{r}");
+    // An answer whose head and body each come a little under the idle
+    // timeout apart (the head counts as movement) arrives whole.
+    let (code, _, body) = d.get("/late?head=1600&gap=1600").await;
+    assert_eq!((code, body.as_str()), (StatusCode::OK, "late\n"));
     d.wait_for("the tunnel to be let go", |s| {
         s.active
             .as_ref()
