@@ -126,20 +126,11 @@ fn other_lock_holder(state_dir: &Path) -> Option<u32> {
         }
     }
     held.into_iter().find_map(|(pid, inodes)| {
-        let is_lock = std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|fd| {
-                let names_it = std::fs::read_link(fd.path()).is_ok_and(|target| {
-                    let t = target.to_string_lossy();
-                    Path::new(t.strip_suffix(" (deleted)").unwrap_or(&t)) == lock
-                });
-                // Through the link: the open file itself, removed or not.
-                names_it
-                    && std::fs::metadata(fd.path())
-                        .is_ok_and(|m| m.dev() == dev && inodes.contains(&m.ino()))
-            });
+        // Through the link: the open file itself, removed or not.
+        let is_lock = crate::process::open_files(pid).iter().any(|(fd, file)| {
+            *file == lock
+                && std::fs::metadata(fd).is_ok_and(|m| m.dev() == dev && inodes.contains(&m.ino()))
+        });
         is_lock.then_some(pid)
     })
 }

@@ -320,6 +320,7 @@ fn start_time(pid: i32) -> Option<u64> {
 /// What `/proc/PID/stat` says of a process that matters here.
 #[derive(Debug, Clone, Copy)]
 struct Stat {
+    ppid: i32,
     pgrp: i32,
     session: i32,
     started: u64,
@@ -330,6 +331,7 @@ fn stat_of(pid: i32) -> Option<Stat> {
     // After the command in parentheses: state, ppid, pgrp, session, ...
     let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
     Some(Stat {
+        ppid: fields.get(1)?.parse().ok()?,
         pgrp: fields.get(2)?.parse().ok()?,
         session: fields.get(3)?.parse().ok()?,
         started: fields.get(19)?.parse().ok()?,
@@ -340,26 +342,33 @@ fn stat_of(pid: i32) -> Option<Stat> {
 /// if it is: a parent that holds a state dir's `batond.lock` open, under
 /// whatever name it runs.
 fn live_daemon_parent(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let ppid: i32 = stat[stat.rfind(')')? + 2..]
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
+    let ppid = stat_of(pid)?.ppid;
     let own = i32::try_from(std::process::id()).ok()?;
     if ppid < 1 || ppid == own {
         return None;
     }
-    let holds_lock = std::fs::read_dir(format!("/proc/{ppid}/fd"))
-        .ok()?
-        .flatten()
-        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-        .any(|target| {
-            let t = target.to_string_lossy();
-            let t = t.strip_suffix(" (deleted)").unwrap_or(&t);
-            t.ends_with("/batond.lock")
-        });
+    let holds_lock = open_files(u32::try_from(ppid).ok()?)
+        .iter()
+        .any(|(_, file)| file.ends_with("batond.lock"));
     holds_lock.then_some(ppid)
+}
+
+/// The files process `pid` has open: each descriptor's `/proc` link (which
+/// reaches the open file itself, removed or not) and the path it names
+/// (without the " (deleted)" of a removed one). Empty when `/proc` does
+/// not show them (another user's process).
+pub fn open_files(pid: u32) -> Vec<(PathBuf, PathBuf)> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    fds.flatten()
+        .filter_map(|fd| {
+            let target = std::fs::read_link(fd.path()).ok()?;
+            let t = target.to_string_lossy();
+            let named = PathBuf::from(t.strip_suffix(" (deleted)").unwrap_or(&t));
+            Some((fd.path(), named))
+        })
+        .collect()
 }
 
 /// The processes in process group `pgid` now.

@@ -198,6 +198,15 @@ struct GenRuntime {
     replace_backoff: Duration,
 }
 
+/// Why a fresh process is being proven beside the active one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replacing {
+    /// The active worker failed its health checks.
+    Health,
+    /// `batonctl restart`.
+    Asked,
+}
+
 struct Supervisor {
     cfg: Arc<Config>,
     overrides: Overrides,
@@ -220,10 +229,8 @@ struct Supervisor {
     draining: Vec<Instance>,
     candidate: Option<u64>,
     pipeline_busy: bool,
-    replacing: bool,
-    /// The replacement under way was started because the active worker
-    /// failed its health checks (not by `batonctl restart`).
-    health_replacing: bool,
+    /// A fresh process being proven beside the active one, and why.
+    replacing: Option<Replacing>,
     pending: Option<String>,
     debounce_epoch: u64,
     /// Bumped by every config file event; the reload waits for quiet.
@@ -331,8 +338,7 @@ pub fn spawn(
         draining: Vec::new(),
         candidate: None,
         pipeline_busy: false,
-        replacing: false,
-        health_replacing: false,
+        replacing: None,
         pending: None,
         debounce_epoch: 0,
         config_epoch: 0,
@@ -797,8 +803,7 @@ impl Supervisor {
                     .get(&generation)
                     .and_then(|rt| rt.replace_not_before)
                     .is_some_and(|t| Instant::now() < t);
-                if is_active && !self.replacing && !waiting {
-                    self.health_replacing = true;
+                if is_active && self.replacing.is_none() && !waiting {
                     self.events.emit(
                         "health_failed",
                         Some(generation),
@@ -807,7 +812,7 @@ impl Supervisor {
                             self.cfg.worker.health_failures
                         ),
                     );
-                    self.start_instance(generation, true);
+                    self.start_instance(generation, Some(Replacing::Health));
                 }
             }
             Internal::RestartDue(generation) => {
@@ -815,7 +820,7 @@ impl Supervisor {
                     rt.restart_pending = false;
                 }
                 if self.active.is_none() && self.unit_state != "failed" {
-                    self.start_instance(generation, false);
+                    self.start_instance(generation, None);
                 }
             }
             Internal::RestartDone {
@@ -1142,13 +1147,14 @@ impl Supervisor {
 
     /// Starts a fresh process of `generation`'s snapshot. With `replace`,
     /// the active keeps serving until the new one is proven.
-    fn start_instance(&mut self, generation: u64, replace: bool) {
+    fn start_instance(&mut self, generation: u64, replace: Option<Replacing>) {
         let Some(rt) = self.runtime.get_mut(&generation) else {
             return;
         };
-        if replace {
-            self.replacing = true;
+        if replace.is_some() {
+            self.replacing = replace;
         }
+        let replace = replace.is_some();
         let launch = Launch {
             generation,
             instance: rt.next_instance,
@@ -1189,10 +1195,8 @@ impl Supervisor {
         replace: bool,
         result: Result<(Instance, Duration), String>,
     ) {
-        let for_health = replace && std::mem::take(&mut self.health_replacing);
-        if replace {
-            self.replacing = false;
-        }
+        let why = if replace { self.replacing.take() } else { None };
+        let for_health = why == Some(Replacing::Health);
         let waiters = std::mem::take(&mut self.restart_waiters);
         let outcome = match result {
             Ok((inst, _)) => {
@@ -1276,7 +1280,7 @@ impl Supervisor {
         match generation {
             // A fresh process is starting already (health replacement or
             // an earlier restart): this restart waits for that one.
-            Some(_) if self.replacing => {
+            Some(_) if self.replacing.is_some() => {
                 if let Some(r) = reply {
                     self.restart_waiters.push(r);
                 }
@@ -1303,7 +1307,7 @@ impl Supervisor {
                     format!("generation {g}: restart requested"),
                 );
                 let replace = self.active.is_some();
-                self.start_instance(g, replace);
+                self.start_instance(g, replace.then_some(Replacing::Asked));
             }
             _ => {
                 // Nothing was ever built: a restart is a deploy.
@@ -1581,7 +1585,7 @@ impl Supervisor {
         }
         // Candidates and builds end through the cancelled token; give their
         // tasks the stop timeout to reap.
-        if self.pipeline_busy || self.replacing {
+        if self.pipeline_busy || self.replacing.is_some() {
             let _ = tokio::time::timeout(wait, async {
                 while let Some(i) = self.irx.recv().await {
                     if matches!(

@@ -1156,12 +1156,7 @@ async fn a_request_held_for_a_restart_is_not_cut_by_the_idle_timeout() {
         "hold_timeout_ms = 15000\nheader_timeout_s = 1\nidle_timeout_s = 2",
     );
     let d = Daemon::start(&p).await;
-    let pid = d
-        .wait_active(1)
-        .await
-        .active
-        .and_then(|a| a.pid)
-        .expect("pid");
+    let pid = d.active_pid(1).await;
     p.write("delay", "4500");
     sigkill(pid);
     d.wait_for("no active worker", |s| {

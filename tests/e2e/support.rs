@@ -292,6 +292,15 @@ impl Daemon {
     }
 
     /// Waits until generation `g` is in the history with `state`.
+    /// The pid of the active worker once generation `g` is active.
+    pub async fn active_pid(&self, g: u64) -> u32 {
+        self.wait_active(g)
+            .await
+            .active
+            .and_then(|a| a.pid)
+            .expect("the active worker's pid")
+    }
+
     pub async fn wait_history(&self, g: u64, state: &str) -> baton::control::api::GenerationInfo {
         let s = self
             .wait_for(&format!("generation {g} {state}"), |s| {

@@ -249,12 +249,7 @@ async fn a_second_daemon_on_the_same_state_dir_refuses_and_touches_nothing() {
 async fn a_removed_state_dir_is_locked_again_and_live_workers_are_left_alone() {
     let p = Project::python("", "");
     let first = Daemon::start(&p).await;
-    let worker = first
-        .wait_active(1)
-        .await
-        .active
-        .and_then(|a| a.pid)
-        .expect("pid");
+    let worker = first.active_pid(1).await;
     let pid = first.child.id().expect("pid");
     // The worker's record, as a daemon that shares a state dir would see it.
     let elsewhere = p.path("elsewhere");
