@@ -297,8 +297,17 @@ impl Call {
                         Err(_) => return self.write_stalled(),
                     }
                 }
-                _ = ping.tick() => {
+                due = ping.tick() => {
                     let now = Instant::now();
+                    // Time this process did not run (stopped, starved) is
+                    // not the peer's: its pong may sit unread in the socket
+                    // (and after SIGCONT the runtime's first look at the
+                    // sockets comes back empty, EINTR). A tick that fires
+                    // late pushes the wait for the pong back by as much.
+                    let late = tokio::time::Instant::now().saturating_duration_since(due);
+                    if let Some(t) = self.unanswered_since.as_mut() {
+                        *t += late;
+                    }
                     if self
                         .unanswered_since
                         .is_some_and(|t| now.duration_since(t) >= self.state.cfg.pong_timeout)

@@ -107,7 +107,8 @@ pub struct FileConfig {
     pub engine_timeout_ms: u64,
     /// WebSocket ping period.
     pub ping_interval_ms: u64,
-    /// A call whose pings go unanswered this long is closed (dead peer).
+    /// A call whose pings go unanswered this long is closed (dead peer);
+    /// time this process did not run does not count.
     pub pong_timeout_ms: u64,
     /// How long open calls may go on after SIGTERM.
     pub shutdown_grace_ms: u64,

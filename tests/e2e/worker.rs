@@ -1526,6 +1526,44 @@ async fn worker_closes_calls_whose_peer_stops_answering_pings() {
     assert_eq!(http(w.addr, "GET", "/healthz", &[], b"").await.status, 200);
 }
 
+#[tokio::test]
+async fn a_worker_that_stalled_reads_the_waiting_pong_before_judging_the_peer() {
+    use nix::sys::signal::Signal;
+    // Pings every 200 ms (the test config), 600 ms to answer.
+    let mut w = Worker::start("pong_timeout_ms = 600", &[]).await;
+    let mut ws = ws_connect(&w.ws_url()).await;
+    ws.send(start_msg("MZfrz", "CAfrz")).await.expect("send");
+    // Each round: a ping arrives, the worker is stopped before it can read
+    // the pong, the pong goes out, and the worker resumes well past its
+    // pong timeout with the pong waiting in its socket. The peer answered
+    // in time: the call must go on. (Which of the overdue ping timer and
+    // the readable pong the worker sees first is up to its scheduler, so
+    // several rounds.)
+    for round in 0..4 {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Ping(_))) => return,
+                    Some(Ok(_)) => {}
+                    other => panic!("call ended in round {round}: {other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("no ping");
+        w.signal(Signal::SIGSTOP);
+        // tungstenite queued the pong when it read the ping.
+        ws.flush().await.expect("pong");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        w.signal(Signal::SIGCONT);
+    }
+    ws.send(media_msg("MZfrz", 2)).await.expect("send");
+    ws.send(stop_msg("MZfrz", "CAfrz")).await.expect("send");
+    assert_eq!(expect_close(&mut ws).await, Some(CloseCode::Normal));
+    let rec = w.wait_records(1).await;
+    assert_eq!(rec[0]["end_reason"], "stop", "{}", rec[0]);
+}
+
 /// A deliberately broken "worker": callsim must flag what Twilio would
 /// reject and exit non-zero.
 #[tokio::test]
