@@ -109,15 +109,15 @@ struct RawWatch {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBuild {
-    command: Vec<String>,
-    artifact: String,
+    command: Option<Vec<String>>,
+    artifact: Option<String>,
     timeout_s: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawWorker {
-    command: Vec<String>,
+    command: Option<Vec<String>>,
     #[serde(default)]
     env: BTreeMap<String, String>,
     health_path: Option<String>,
@@ -457,26 +457,120 @@ impl Config {
     /// # Errors
     /// [`ConfigError::Invalid`] with every problem and its position.
     pub fn parse(file: &Path, text: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
-        let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::Invalid {
-            issues: vec![serde_issue(file, text, &e)],
-        })?;
+        // serde stops at the first unknown key or wrong type: each one found
+        // is noted and its `key = value` blanked out, and the text read
+        // again, so one run names them all.
+        let mut issues = Vec::new();
+        let mut blanked: Vec<String> = Vec::new();
+        let mut rest = text.to_string();
+        let raw = loop {
+            match toml::from_str::<RawFile>(&rest) {
+                Ok(raw) => break Some(raw),
+                Err(e) => {
+                    let issue = serde_issue(file, &rest, &e);
+                    let again = issue.key.as_ref().is_some_and(|k| blanked.contains(k));
+                    if !again {
+                        issues.push(issue.clone());
+                    }
+                    let entry = e.span().and_then(|s| entry_span(&rest, s.start));
+                    match entry {
+                        Some(range) if !again && issues.len() < MAX_FIRST_ISSUES => {
+                            blanked.extend(issue.key);
+                            rest = blank(&rest, range);
+                        }
+                        _ => break None,
+                    }
+                }
+            }
+        };
         let mut v = Validator {
             file,
             text,
             issues: Vec::new(),
         };
-        let cfg = v.validate(raw, overrides);
+        let cfg = raw.and_then(|raw| v.validate(raw, overrides));
+        // A key blanked out above is reported once, as what it was.
+        issues.extend(v.issues.into_iter().filter(|i| {
+            !i.key.as_ref().is_some_and(|k| {
+                blanked
+                    .iter()
+                    .any(|b| k == b || k.starts_with(&format!("{b}.")))
+            })
+        }));
         match cfg {
-            Some(cfg) if v.issues.is_empty() => Ok(cfg),
+            Some(cfg) if issues.is_empty() => Ok(cfg),
             _ => {
                 // In file order (the checks run table by table), then the
                 // problems with no place in the file (a missing table).
-                let mut issues = v.issues;
                 issues.sort_by_key(|i| (i.line.is_none(), i.line, i.column));
                 Err(ConfigError::Invalid { issues })
             }
         }
     }
+}
+
+/// Unknown keys and wrong types listed at most, per file.
+const MAX_FIRST_ISSUES: usize = 50;
+
+/// The bytes of the `key = value` line that holds `offset`, for an entry
+/// that is no `[table]` of its own (a dotted key from its first part), or
+/// None when there is none or blanking it out would not leave TOML.
+fn entry_span(text: &str, offset: usize) -> Option<std::ops::Range<usize>> {
+    fn walk(table: &toml::de::DeTable<'_>, offset: usize) -> Option<std::ops::Range<usize>> {
+        for (k, v) in table {
+            let (ks, vs) = (k.span(), v.span());
+            if let toml::de::DeValue::Table(t) = v.get_ref() {
+                if let Some(r) = walk(t, offset) {
+                    return Some(r);
+                }
+                // The key of a table as a whole (`[table]` and its keys, a
+                // dotted key, an inline table).
+                if ks.contains(&offset) {
+                    return Some(ks.start..end_of(v).max(ks.end));
+                }
+            } else if ks.contains(&offset) || vs.contains(&offset) {
+                return Some(ks.start..vs.end);
+            }
+        }
+        None
+    }
+    /// Where a value ends, a table's last key included.
+    fn end_of(v: &toml::Spanned<toml::de::DeValue<'_>>) -> usize {
+        let mut end = v.span().end;
+        if let toml::de::DeValue::Table(t) = v.get_ref() {
+            for (k, c) in t {
+                end = end.max(k.span().end).max(end_of(c));
+            }
+        }
+        end
+    }
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut range = walk(doc.get_ref(), offset)?;
+    // A dotted key (`restart.limit_burst = 0`) starts at its first part,
+    // and a table at its header's `[`, which begin their line.
+    let line_start = text[..range.start].rfind('\n').map_or(0, |i| i + 1);
+    let before = &text[line_start..range.start];
+    if before.chars().all(|c| {
+        c.is_alphanumeric() || matches!(c, ' ' | '\t' | '.' | '_' | '-' | '"' | '\'' | '[')
+    }) {
+        range.start = line_start;
+    }
+    let out = blank(text, range.clone());
+    toml::de::DeTable::parse(&out).ok().map(|_| range)
+}
+
+/// `text` with `range` turned into spaces (its line breaks kept, so every
+/// other position stays where it was).
+fn blank(text: &str, range: std::ops::Range<usize>) -> String {
+    let mut out = String::with_capacity(text.len());
+    out.push_str(&text[..range.start]);
+    out.extend(
+        text[range.clone()]
+            .chars()
+            .map(|c| if c == '\n' || c == '\r' { c } else { ' ' }),
+    );
+    out.push_str(&text[range.end..]);
+    out
 }
 
 /// Turns a toml/serde error into an issue with line, column and key.
@@ -627,6 +721,14 @@ impl Validator<'_> {
         });
     }
 
+    /// A key the file must set: missing is an issue placed at its table.
+    fn required<T>(&mut self, table: &str, key: &str, v: Option<T>, what: &str) -> Option<T> {
+        if v.is_none() {
+            self.issue(table, key, format!("missing: `{key}` is required ({what})"));
+        }
+        v
+    }
+
     fn positive(&mut self, table: &str, key: &str, v: Option<u64>, default: u64) -> u64 {
         let v = v.unwrap_or(default);
         if v == 0 {
@@ -767,9 +869,11 @@ impl Validator<'_> {
         let build = match raw.build {
             Some(b) => {
                 let timeout = self.positive("build", "timeout_s", b.timeout_s, 600);
+                let command = self.required("build", "command", b.command, "an argv list");
+                let artifact = self.required("build", "artifact", b.artifact, "a path");
                 BuildConfig {
-                    command: b.command,
-                    artifact: at_root(&b.artifact),
+                    command: command.unwrap_or_default(),
+                    artifact: at_root(artifact.as_deref().unwrap_or_default()),
                     timeout: Duration::from_secs(timeout),
                 }
             }
@@ -787,9 +891,11 @@ impl Validator<'_> {
             self.issue("worker", "", "the [worker] table is required (command)");
             return None;
         };
-        if w.command.is_empty() {
+        let command = self.required("worker", "command", w.command, "an argv list");
+        if command.as_ref().is_some_and(Vec::is_empty) {
             self.issue("worker", "command", "must name a program");
         }
+        let command = command.unwrap_or_default();
         let health_path = w.health_path.unwrap_or_else(|| "/healthz".into());
         if !health_path.starts_with('/') {
             self.issue("worker", "health_path", "must start with `/`");
@@ -824,7 +930,7 @@ impl Validator<'_> {
             1000,
         );
         let socket = w.socket.unwrap_or(WorkerSocket::Tcp);
-        if socket == WorkerSocket::Unix && w.command.iter().any(|a| a.contains("{port}")) {
+        if socket == WorkerSocket::Unix && command.iter().any(|a| a.contains("{port}")) {
             self.issue(
                 "worker",
                 "command",
@@ -846,7 +952,7 @@ impl Validator<'_> {
             }
         }
         let worker = WorkerConfig {
-            command: w.command,
+            command,
             env: w.env,
             health_path,
             signature_header,
@@ -960,6 +1066,50 @@ mod tests {
                 (Some(10), "daemon.idle_timeout_s"),
             ]
         );
+    }
+
+    #[test]
+    fn every_unknown_key_and_wrong_type_is_listed_with_the_range_errors() {
+        let found = |text: &str| -> Vec<(Option<usize>, String)> {
+            let Err(ConfigError::Invalid { issues }) = parse(text) else {
+                panic!("expected invalid: {text}");
+            };
+            issues
+                .iter()
+                .map(|i| (i.line, i.key.clone().unwrap_or_default()))
+                .collect()
+        };
+        let key = |l: usize, k: &str| (Some(l), k.to_string());
+        // Two unknown keys, a wrong type, a dotted key of the wrong type, a
+        // wrong type inside an inline table, and a range error.
+        let text = format!(
+            "{MINIMAL}[daemon]\nbogus1 = 1\nbogus2 = \"x\"\nhold_timeout_ms = \"soon\"\nthreads = 0\nrestart.limit_burst = \"many\"\n"
+        );
+        assert_eq!(
+            found(&text),
+            [
+                key(7, "daemon.bogus1"),
+                key(8, "daemon.bogus2"),
+                key(9, "daemon.hold_timeout_ms"),
+                key(10, "daemon.threads"),
+                key(11, "daemon.restart"),
+            ]
+        );
+        let text = "[build]\ncommand = [\"true\"]\nartifact = 3\n[worker]\ncommand = [\"{artifact}\"]\nenv = { A = \"1\", B = 2 }\n[bogus]\nx = 1\n[restart]\nlimit_burst = -1\n";
+        assert_eq!(
+            found(text),
+            [
+                key(3, "build.artifact"),
+                key(6, "worker.env.B"),
+                key(7, "bogus"),
+                key(10, "restart.limit_burst"),
+            ]
+        );
+        // A key of the wrong type that must be there is named once, as
+        // what it was, not again as missing.
+        let text =
+            "[build]\ncommand = \"make\"\nartifact = \"a\"\n[worker]\ncommand = [\"{artifact}\"]\n";
+        assert_eq!(found(text), [key(2, "build.command")]);
     }
 
     #[test]
