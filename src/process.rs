@@ -158,6 +158,14 @@ impl Child {
         Ok(status)
     }
 
+    /// The child's exit status if it has already exited (then reaped, and
+    /// what is left of its group killed), without waiting.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        let status = self.inner.try_wait().ok().flatten()?;
+        signal_group(self.pid, Signal::SIGKILL);
+        Some(status)
+    }
+
     /// Sends `sig` to the child's whole process group.
     pub fn signal(&self, sig: Signal) {
         signal_group(self.pid, sig);
@@ -172,14 +180,28 @@ pub fn signal_group(pgid: i32, sig: Signal) {
 }
 
 /// Stops a child: SIGTERM to its group, SIGKILL after `grace`, then reaps.
-pub async fn stop(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
+/// Returns its exit status and whether SIGKILL was sent.
+pub async fn stop(child: &mut Child, grace: Duration) -> Option<(ExitStatus, bool)> {
     child.signal(Signal::SIGTERM);
     match tokio::time::timeout(grace, child.wait()).await {
-        Ok(r) => r.ok(),
+        Ok(r) => r.ok().map(|s| (s, false)),
         Err(_) => {
             child.signal(Signal::SIGKILL);
-            child.wait().await.ok()
+            child.wait().await.ok().map(|s| (s, true))
         }
+    }
+}
+
+/// Whether a child that [`stop`] ended (`killed`: it sent SIGKILL) ended
+/// because of it: it exited, or died of SIGTERM or of the SIGKILL sent. A
+/// child that died of another signal meanwhile (a crash, a `kill -9` from
+/// elsewhere, one that came just before the stop) was not stopped.
+pub fn stopped_by_us(status: ExitStatus, killed: bool) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    match status.signal() {
+        None => true,
+        Some(s) if s == Signal::SIGTERM as i32 => true,
+        Some(s) => killed && s == Signal::SIGKILL as i32,
     }
 }
 

@@ -23,7 +23,7 @@ use crate::config::{Config, Overrides};
 use crate::control::api::{DeployOutcome, GenState, GenerationInfo, Status, timestamp};
 use crate::events::Events;
 use crate::proxy::Proxy;
-use crate::router::Router;
+use crate::router::{Router, Upstream};
 use crate::systemd;
 use crate::watch::{self, Change};
 use crate::worker_proc::{self, Instance, Launch, WorkerEvent};
@@ -225,8 +225,14 @@ struct Supervisor {
     gens: BTreeMap<u64, GenerationInfo>,
     runtime: BTreeMap<u64, GenRuntime>,
     next_gen: u64,
+    /// The generation folders a previous daemon left and this one kept
+    /// (not in the status), oldest first.
+    earlier: VecDeque<u64>,
     active: Option<Instance>,
     draining: Vec<Instance>,
+    /// Why a draining generation was stopped before its connections
+    /// ended (the drain timeout), for its history entry.
+    cut: BTreeMap<u64, String>,
     candidate: Option<u64>,
     pipeline_busy: bool,
     /// A fresh process being proven beside the active one, and why.
@@ -334,8 +340,10 @@ pub fn spawn(
         gens: BTreeMap::new(),
         runtime: BTreeMap::new(),
         next_gen: 1,
+        earlier: VecDeque::new(),
         active: None,
         draining: Vec::new(),
+        cut: BTreeMap::new(),
         candidate: None,
         pipeline_busy: false,
         replacing: None,
@@ -409,9 +417,11 @@ impl Supervisor {
         old.sort_unstable();
         self.next_gen = old.last().copied().unwrap_or(0) + 1;
         let keep = self.cfg.daemon.history.max(1);
-        for id in &old[..old.len().saturating_sub(keep)] {
+        let cut = old.len().saturating_sub(keep);
+        for id in &old[..cut] {
             remove_gen_dir(&self.cfg.daemon.state_dir, *id);
         }
+        self.earlier = old[cut..].iter().copied().collect();
     }
 
     fn control(&mut self, c: Control) {
@@ -837,18 +847,27 @@ impl Supervisor {
                     .iter()
                     .find(|d| d.generation == generation && d.instance == instance)
                 {
+                    let (tunnels, requests) = (d.upstream.tunnels(), d.upstream.requests());
                     self.events.emit(
                         "drain_timeout",
                         Some(generation),
                         format!(
-                            "generation {generation}: drain timeout; closing {} connection(s) and {} request(s)",
-                            d.upstream.tunnels(),
-                            d.upstream.requests()
+                            "generation {generation}: drain timeout; stopping its worker with {tunnels} connection(s) and {requests} request(s) open"
                         ),
                     );
+                    // The worker gets SIGTERM; its connections stay until it
+                    // exits, so one that closes its calls on SIGTERM (a
+                    // WebSocket close 1001) gets that close through to the
+                    // caller. They are cut when it exits (`exited`), at the
+                    // latest after `stop_timeout_s`.
                     d.upstream.retire();
-                    d.upstream.tunnel_cancel.cancel();
                     d.stop.cancel();
+                    self.cut.insert(
+                        generation,
+                        format!(
+                            "drain timeout with {tunnels} connection(s) and {requests} request(s) open"
+                        ),
+                    );
                 }
             }
         }
@@ -1053,7 +1072,15 @@ impl Supervisor {
                 ),
             );
             if !still_used {
-                self.finish(generation, GenState::Stopped, None);
+                // A worker that died while draining, or was stopped at the
+                // drain timeout, says so in its history entry.
+                let why = if exit.requested {
+                    self.cut.remove(&generation)
+                } else {
+                    self.cut.remove(&generation);
+                    Some(format!("exited with status {} while draining", exit.status))
+                };
+                self.finish(generation, GenState::Stopped, why);
                 self.prune();
             }
             self.notify_status();
@@ -1445,12 +1472,19 @@ impl Supervisor {
             })
             .map(|g| g.id)
             .collect();
-        if finished.len() > keep {
-            for id in &finished[..finished.len() - keep] {
-                self.gens.remove(id);
-                self.runtime.remove(id);
-                remove_gen_dir(&self.cfg.daemon.state_dir, *id);
-            }
+        // The folders a previous daemon left are older than any of this
+        // one's: they go first, so the two together stay within `history`.
+        let mut excess = (self.earlier.len() + finished.len()).saturating_sub(keep);
+        while excess > 0
+            && let Some(id) = self.earlier.pop_front()
+        {
+            remove_gen_dir(&self.cfg.daemon.state_dir, id);
+            excess -= 1;
+        }
+        for id in &finished[..excess] {
+            self.gens.remove(id);
+            self.runtime.remove(id);
+            remove_gen_dir(&self.cfg.daemon.state_dir, *id);
         }
     }
 
@@ -1554,35 +1588,54 @@ impl Supervisor {
     async fn shutdown(&mut self) {
         systemd::stopping();
         self.events.emit("stopping", None, "daemon stopping");
+        self.unit_state = "stopping";
         let grace = self.cfg.daemon.shutdown_timeout;
-        let mut all: Vec<Instance> = self.draining.drain(..).collect();
-        if let Some(a) = self.active.take() {
-            all.push(a);
+        // The workers stay in `active` and `draining` until they are gone,
+        // so `batonctl status` shows what is left meanwhile.
+        type Exited = tokio::sync::watch::Receiver<Option<worker_proc::Exit>>;
+        let all: Vec<(Arc<Upstream>, CancellationToken, Exited)> = self
+            .draining
+            .iter()
+            .chain(self.active.iter())
+            .map(|i| (i.upstream.clone(), i.stop.clone(), i.exited.clone()))
+            .collect();
+        for inst in self.draining.iter().chain(self.active.iter()) {
+            inst.monitor.cancel();
         }
         // The workers keep running until the requests and calls they have
         // are done (up to the shutdown timeout): the front has stopped
         // taking connections and closes each one after its request in
         // flight, which the active worker still answers.
         let deadline = tokio::time::Instant::now() + grace;
-        for inst in &all {
-            inst.monitor.cancel();
-        }
-        for inst in &all {
-            let _ = tokio::time::timeout_at(deadline, inst.upstream.idle()).await;
-        }
+        self.serve_while(async {
+            for (upstream, _, _) in &all {
+                let _ = tokio::time::timeout_at(deadline, upstream.idle()).await;
+            }
+        })
+        .await;
         self.router.set(None);
         // Now builds, candidates and restarts end, and every worker stops.
+        // Calls still open stay connected until their worker exits: one
+        // that closes them on SIGTERM (a WebSocket close 1001) gets that
+        // close through.
         self.token.cancel();
-        for inst in &all {
-            inst.upstream.retire();
-            inst.upstream.tunnel_cancel.cancel();
-            inst.stop.cancel();
+        for (upstream, stop, _) in &all {
+            upstream.retire();
+            stop.cancel();
         }
         let wait = self.cfg.worker.stop_timeout + Duration::from_secs(2);
-        for inst in &all {
-            let mut rx = inst.exited.clone();
-            let _ = tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await;
+        self.serve_while(async {
+            for (_, _, exited) in &all {
+                let mut rx = exited.clone();
+                let _ = tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await;
+            }
+        })
+        .await;
+        for (upstream, _, _) in &all {
+            upstream.tunnel_cancel.cancel();
         }
+        self.draining.clear();
+        self.active = None;
         // Candidates and builds end through the cancelled token; give their
         // tasks the stop timeout to reap.
         if self.pipeline_busy || self.replacing.is_some() {
@@ -1599,6 +1652,42 @@ impl Supervisor {
             .await;
         }
         self.watcher = None;
+    }
+
+    /// Runs `work` while answering the control socket: status as it is,
+    /// and a refusal for anything that would start work.
+    async fn serve_while(&mut self, work: impl std::future::Future<Output = ()>) {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                () = &mut work => return,
+                Some(c) = self.rx.recv() => self.control_stopping(c),
+            }
+        }
+    }
+
+    fn control_stopping(&mut self, c: Control) {
+        const WHY: &str = "batond is stopping";
+        match c {
+            Control::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Control::Deploy { reply: Some(r), .. } | Control::Restart(Some(r)) => {
+                let _ = r.send(DeployOutcome {
+                    generation: None,
+                    outcome: "failed".into(),
+                    reason: Some(WHY.into()),
+                });
+            }
+            Control::Reload(Some(r)) => {
+                let _ = r.send(Err(WHY.into()));
+            }
+            Control::Shutdown(done) => {
+                // Already stopping; the first request's reply says when.
+                drop(done);
+            }
+            _ => {}
+        }
     }
 }
 

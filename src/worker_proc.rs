@@ -526,11 +526,23 @@ pub async fn start(
                     status: r.map_or_else(|e| e.to_string(), process::describe),
                     requested: false,
                 },
-                () = stop.cancelled() => Exit {
-                    status: process::stop(&mut child, grace)
-                        .await
-                        .map_or_else(|| "unknown".into(), process::describe),
-                    requested: true,
+                // A worker that died just before it was asked to stop (its
+                // calls ended with it, which made it idle) was not stopped.
+                () = stop.cancelled() => match child.exited() {
+                    Some(status) => Exit {
+                        status: process::describe(status),
+                        requested: false,
+                    },
+                    None => match process::stop(&mut child, grace).await {
+                        Some((status, killed)) => Exit {
+                            status: process::describe(status),
+                            requested: process::stopped_by_us(status, killed),
+                        },
+                        None => Exit {
+                            status: "unknown".into(),
+                            requested: true,
+                        },
+                    },
                 },
             };
             // The group is gone: `wait` killed what the worker left in it.

@@ -8,6 +8,7 @@ use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::support::*;
 
@@ -337,20 +338,86 @@ async fn drain_timeout_ends_calls_left_on_the_old_worker() {
     recv_event(&mut ws, "media").await;
     p.append("src/main.rs", "// v2\n");
     d.wait_active(2).await;
-    d.wait_history(1, "stopped").await;
+    // The worker was stopped at the drain timeout, and the call stayed
+    // connected until the worker closed it (1001, after its own
+    // `shutdown_grace_ms`): the caller gets a close frame, not a cut.
+    assert_eq!(close_code(&mut ws).await, Some(CloseCode::Away));
+    let g1 = d.wait_history(1, "stopped").await;
+    let why = g1.reason.unwrap_or_default();
+    assert!(why.contains("drain timeout with 1 connection(s)"), "{why}");
     assert!(wait_gone(pid1).await);
-    // The call was closed, not left hanging.
-    let ended = tokio::time::timeout(PATIENCE, async {
+    assert!(d.log().contains("drain timeout"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_worker_that_dies_says_so_in_its_history() {
+    let p = media_project(60);
+    let d = Daemon::start(&p).await;
+    let pid1 = d.active_pid(1).await;
+    let (mut ws, _) = open_call(d.addr, "4").await;
+    recv_event(&mut ws, "media").await;
+    p.append("src/main.rs", "// v2\n");
+    d.wait_active(2).await;
+    sigkill(pid1);
+    assert_eq!(close_code(&mut ws).await, None);
+    let g1 = d.wait_history(1, "stopped").await;
+    let why = g1.reason.unwrap_or_default();
+    assert_eq!(why, "exited with status signal SIGKILL while draining");
+    // The active generation is not touched.
+    let (code, _, _) = d.get("/healthz").await;
+    assert_eq!(code, StatusCode::OK);
+}
+
+/// Reads a call until it ends: the close frame's code, or None when the
+/// connection ended without one.
+pub async fn close_code(ws: &mut Ws) -> Option<CloseCode> {
+    tokio::time::timeout(PATIENCE, async {
         loop {
             match ws.next().await {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return true,
+                Some(Ok(Message::Close(f))) => return f.map(|f| f.code),
                 Some(Ok(_)) => {}
+                None | Some(Err(_)) => return None,
             }
         }
     })
-    .await;
-    assert_eq!(ended, Ok(true));
-    assert!(d.log().contains("drain timeout"));
+    .await
+    .expect("the call did not end")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_daemon_shows_its_calls_and_lets_the_worker_close_them() {
+    let p = media_project(60);
+    let mut d = Daemon::start(&p).await;
+    let pid = d.active_pid(1).await;
+    let (mut ws, _) = open_call(d.addr, "stop").await;
+    recv_event(&mut ws, "media").await;
+    let batond = nix::unistd::Pid::from_raw(d.child.id().expect("pid") as i32);
+    nix::sys::signal::kill(batond, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    // While it waits for the call (`shutdown_timeout_s` = 5), the control
+    // socket answers, and says what is left.
+    let out = d.ctl(&["--timeout", "3", "status", "--json"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    assert_eq!(s["state"], "stopping", "{s}");
+    assert_eq!(s["active"]["connections"], 1, "{s}");
+    let out = d.ctl(&["--timeout", "3", "deploy", "--wait"]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("batond is stopping"), "{err}");
+    // The call goes on meanwhile...
+    ping_pong(&mut ws).await;
+    // ...and at the timeout the worker gets SIGTERM and closes it itself.
+    assert_eq!(close_code(&mut ws).await, Some(CloseCode::Away));
+    let status = tokio::time::timeout(PATIENCE, d.child.wait())
+        .await
+        .expect("batond did not stop")
+        .expect("wait");
+    assert!(status.success(), "{status:?}");
+    assert!(wait_gone(pid).await, "worker {pid} outlived batond");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

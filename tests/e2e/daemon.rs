@@ -1663,6 +1663,17 @@ async fn history_and_generation_folders_stay_bounded() {
     let d = Daemon::start(&p).await;
     d.wait_active(7).await;
     assert!(dirs() <= 3, "{} generation folders", dirs());
+    // The folders it found count against `history` with its own: the
+    // oldest go first as generations finish.
+    for _ in 0..3 {
+        d.deploy().await;
+    }
+    d.wait_for("old generations stopped", |s| {
+        s.draining.is_empty() && s.active.as_ref().is_some_and(|a| a.id == 10)
+    })
+    .await;
+    assert!(dirs() <= 3, "{} generation folders", dirs());
+    assert!(!p.path("state/gen-0006").exists());
 }
 
 /// Reads one `Content-Length` response off a raw connection.
