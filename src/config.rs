@@ -512,9 +512,10 @@ impl Config {
 /// Unknown keys and wrong types listed at most, per file.
 const MAX_FIRST_ISSUES: usize = 50;
 
-/// The bytes of the `key = value` line that holds `offset`, for an entry
-/// that is no `[table]` of its own (a dotted key from its first part), or
-/// None when there is none or blanking it out would not leave TOML.
+/// The bytes of the entry that holds `offset`: a `key = value` (a dotted
+/// key from its first part), or a table with all its keys (a `[table]`
+/// from its header's `[`). None when there is none, or when blanking it out
+/// would not leave TOML.
 fn entry_span(text: &str, offset: usize) -> Option<std::ops::Range<usize>> {
     fn walk(table: &toml::de::DeTable<'_>, offset: usize) -> Option<std::ops::Range<usize>> {
         for (k, v) in table {

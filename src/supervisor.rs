@@ -230,9 +230,9 @@ struct Supervisor {
     earlier: VecDeque<u64>,
     active: Option<Instance>,
     draining: Vec<Instance>,
-    /// Why a draining generation was stopped before its connections
-    /// ended (the drain timeout), for its history entry.
-    cut: BTreeMap<u64, String>,
+    /// Why a draining instance (generation, instance) was stopped before
+    /// its connections ended (the drain timeout), for its history entry.
+    cut: BTreeMap<(u64, u64), String>,
     candidate: Option<u64>,
     pipeline_busy: bool,
     /// A fresh process being proven beside the active one, and why.
@@ -863,7 +863,7 @@ impl Supervisor {
                     d.upstream.retire();
                     d.stop.cancel();
                     self.cut.insert(
-                        generation,
+                        (generation, instance),
                         format!(
                             "drain timeout with {tunnels} connection(s) and {requests} request(s) open"
                         ),
@@ -1071,13 +1071,13 @@ impl Supervisor {
                     d.pid, exit.status
                 ),
             );
+            let cut = self.cut.remove(&(generation, instance));
             if !still_used {
                 // A worker that died while draining, or was stopped at the
                 // drain timeout, says so in its history entry.
                 let why = if exit.requested {
-                    self.cut.remove(&generation)
+                    cut
                 } else {
-                    self.cut.remove(&generation);
                     Some(format!("exited with status {} while draining", exit.status))
                 };
                 self.finish(generation, GenState::Stopped, why);
