@@ -460,6 +460,8 @@ impl Config {
         // serde stops at the first unknown key or wrong type: each one found
         // is noted and its `key = value` blanked out, and the text read
         // again, so one run names them all.
+        // Blanking keeps every byte where it was, so positions are the
+        // original text's.
         let mut issues = Vec::new();
         let mut blanked: Vec<String> = Vec::new();
         let mut rest = text.to_string();
@@ -472,11 +474,24 @@ impl Config {
                     if !again {
                         issues.push(issue.clone());
                     }
-                    let entry = e.span().and_then(|s| entry_span(&rest, s.start));
-                    match entry {
-                        Some(range) if !again && issues.len() < MAX_FIRST_ISSUES => {
+                    if issues.len() >= MAX_FIRST_ISSUES {
+                        issues.push(ConfigIssue {
+                            file: file.to_path_buf(),
+                            line: None,
+                            column: None,
+                            key: None,
+                            message: format!(
+                                "more unknown keys or wrong types after these {MAX_FIRST_ISSUES}; not listed"
+                            ),
+                        });
+                        break None;
+                    }
+                    match e.span().and_then(|s| entry_spans(&rest, s.start)) {
+                        Some(ranges) if !again => {
                             blanked.extend(issue.key);
-                            rest = blank(&rest, range);
+                            for r in ranges {
+                                rest = blank(&rest, r);
+                            }
                         }
                         _ => break None,
                     }
@@ -489,12 +504,17 @@ impl Config {
             issues: Vec::new(),
         };
         let cfg = raw.and_then(|raw| v.validate(raw, overrides));
-        // A key blanked out above is reported once, as what it was.
+        // A key blanked out above is reported once, as what it was, and
+        // checks that used its default in its place are not reported:
+        // those that name it, and the paths under a blanked `root`.
         issues.extend(v.issues.into_iter().filter(|i| {
-            !i.key.as_ref().is_some_and(|k| {
-                blanked
-                    .iter()
-                    .any(|b| k == b || k.starts_with(&format!("{b}.")))
+            let key = i.key.as_deref().unwrap_or("");
+            !blanked.iter().any(|b| {
+                let leaf = b.rsplit('.').next().unwrap_or(b);
+                key == b
+                    || key.starts_with(&format!("{b}."))
+                    || i.message.contains(leaf)
+                    || (b == "daemon.root" && i.message.contains("does not exist"))
             })
         }));
         match cfg {
@@ -510,66 +530,121 @@ impl Config {
 }
 
 /// Unknown keys and wrong types listed at most, per file.
-const MAX_FIRST_ISSUES: usize = 50;
+const MAX_FIRST_ISSUES: usize = 200;
 
-/// The bytes of the entry that holds `offset`: a `key = value` (a dotted
-/// key from its first part), or a table with all its keys (a `[table]`
-/// from its header's `[`). None when there is none, or when blanking it out
+/// Where the entry that holds `offset` is written: a `key = value` (a
+/// dotted key from its first part, an inline table's entry with its
+/// comma), or a table as a whole: each of its headers and entries, wherever
+/// in the file they are. None when there is none, for an array of tables
+/// (whose headers have no place of their own), or when blanking it out
 /// would not leave TOML.
-fn entry_span(text: &str, offset: usize) -> Option<std::ops::Range<usize>> {
-    fn walk(table: &toml::de::DeTable<'_>, offset: usize) -> Option<std::ops::Range<usize>> {
+fn entry_spans(text: &str, offset: usize) -> Option<Vec<std::ops::Range<usize>>> {
+    use toml::de::DeValue;
+    type Entry<'a, 'b> = (
+        &'b toml::Spanned<std::borrow::Cow<'a, str>>,
+        &'b toml::Spanned<DeValue<'a>>,
+    );
+    /// The entry of `table`, at any depth, whose key or value holds
+    /// `offset`: the innermost, or the table whose own key holds it.
+    fn find<'a, 'b>(table: &'b toml::de::DeTable<'a>, offset: usize) -> Option<Entry<'a, 'b>> {
         for (k, v) in table {
-            let (ks, vs) = (k.span(), v.span());
-            if let toml::de::DeValue::Table(t) = v.get_ref() {
-                if let Some(r) = walk(t, offset) {
-                    return Some(r);
+            match v.get_ref() {
+                DeValue::Table(t) => {
+                    if let Some(e) = find(t, offset) {
+                        return Some(e);
+                    }
+                    if k.span().contains(&offset) {
+                        return Some((k, v));
+                    }
                 }
-                // The key of a table as a whole (`[table]` and its keys, a
-                // dotted key, an inline table).
-                if ks.contains(&offset) {
-                    return Some(ks.start..end_of(v).max(ks.end));
+                _ => {
+                    if k.span().contains(&offset) || v.span().contains(&offset) {
+                        return Some((k, v));
+                    }
                 }
-            } else if ks.contains(&offset) || vs.contains(&offset) {
-                return Some(ks.start..vs.end);
             }
         }
         None
     }
-    /// Where a value ends, a table's last key included.
-    fn end_of(v: &toml::Spanned<toml::de::DeValue<'_>>) -> usize {
-        let mut end = v.span().end;
-        if let toml::de::DeValue::Table(t) = v.get_ref() {
-            for (k, c) in t {
-                end = end.max(k.span().end).max(end_of(c));
+    /// Every place `(k, v)` is written.
+    fn spans(
+        text: &str,
+        k: &toml::Spanned<std::borrow::Cow<'_, str>>,
+        v: &toml::Spanned<DeValue<'_>>,
+        out: &mut Vec<std::ops::Range<usize>>,
+    ) -> Option<()> {
+        match v.get_ref() {
+            DeValue::Table(t) => {
+                // Its own key: in a `[header]` or a dotted key's first part.
+                out.push(widen(text, k.span().start..k.span().end, true));
+                for (ck, cv) in t {
+                    spans(text, ck, cv, out)?;
+                }
+            }
+            // `[[key]]`: blanking its headers is not enough (each has its
+            // keys below it) and the parser keeps no place for them.
+            DeValue::Array(_) if in_array_header(text, k.span().start) => return None,
+            _ => out.push(widen(text, k.span().start..v.span().end, false)),
+        }
+        Some(())
+    }
+    fn in_array_header(text: &str, at: usize) -> bool {
+        let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+        text[line_start..at].trim_start().starts_with("[[")
+    }
+    /// A range that also takes what belongs to it on its line: the start of
+    /// a dotted key or a header's `[`, a header's closing `]`, and an inline
+    /// table entry's comma.
+    fn widen(text: &str, mut r: std::ops::Range<usize>, header: bool) -> std::ops::Range<usize> {
+        let line_start = text[..r.start].rfind('\n').map_or(0, |i| i + 1);
+        let keyish = |c: char| {
+            c.is_alphanumeric() || matches!(c, ' ' | '\t' | '.' | '_' | '-' | '"' | '\'' | '[')
+        };
+        if text[line_start..r.start].chars().all(keyish) {
+            r.start = line_start;
+        }
+        let after = &text[r.end..];
+        let rest = after.trim_start_matches([' ', '\t']);
+        if header {
+            // `.a]` of `[bogus.a]`: up to the end of the header.
+            if let Some(close) = after.find(']')
+                && !after[..close].contains(['\n', '='])
+            {
+                r.end += close + after[close..].chars().take_while(|c| *c == ']').count();
+            }
+        } else if rest.starts_with(',') {
+            r.end = text.len() - rest.len() + 1;
+        } else {
+            // The last entry of an inline table: the comma before it.
+            let before = text[..r.start].trim_end_matches([' ', '\t', '\n', '\r']);
+            if before.ends_with(',') {
+                r.start = before.len() - 1;
             }
         }
-        end
+        r
     }
     let doc = toml::de::DeTable::parse(text).ok()?;
-    let mut range = walk(doc.get_ref(), offset)?;
-    // A dotted key (`restart.limit_burst = 0`) starts at its first part,
-    // and a table at its header's `[`, which begin their line.
-    let line_start = text[..range.start].rfind('\n').map_or(0, |i| i + 1);
-    let before = &text[line_start..range.start];
-    if before.chars().all(|c| {
-        c.is_alphanumeric() || matches!(c, ' ' | '\t' | '.' | '_' | '-' | '"' | '\'' | '[')
-    }) {
-        range.start = line_start;
-    }
-    let out = blank(text, range.clone());
-    toml::de::DeTable::parse(&out).ok().map(|_| range)
+    let (k, v) = find(doc.get_ref(), offset)?;
+    let mut out = Vec::new();
+    spans(text, k, v, &mut out)?;
+    let blanked = out
+        .iter()
+        .fold(text.to_string(), |t, r| blank(&t, r.clone()));
+    toml::de::DeTable::parse(&blanked).ok().map(|_| out)
 }
 
-/// `text` with `range` turned into spaces (its line breaks kept, so every
-/// other position stays where it was).
+/// `text` with `range` turned into spaces, byte for byte (line breaks
+/// kept), so every other position stays where it was.
 fn blank(text: &str, range: std::ops::Range<usize>) -> String {
     let mut out = String::with_capacity(text.len());
     out.push_str(&text[..range.start]);
-    out.extend(
-        text[range.clone()]
-            .chars()
-            .map(|c| if c == '\n' || c == '\r' { c } else { ' ' }),
-    );
+    for c in text[range.clone()].chars() {
+        if c == '\n' || c == '\r' {
+            out.push(c);
+        } else {
+            out.extend(std::iter::repeat_n(' ', c.len_utf8()));
+        }
+    }
     out.push_str(&text[range.end..]);
     out
 }
@@ -1106,6 +1181,33 @@ mod tests {
                 key(10, "restart.limit_burst"),
             ]
         );
+        // An unknown table in two parts takes none of the tables between
+        // them; an inline table's first entry goes with its comma; a check
+        // that would use a blanked key's default is not reported.
+        let text = "[bogus.a]\nx = 1\n[build]\ncommand = [\"true\"]\nartifact = \"a\"\n[worker]\ncommand = [\"{artifact}\"]\nenv = { B = 2, A = \"1\" }\nstop_timeout_s = \"x\"\n[bogus.b]\ny = 1\n[restart]\nbackoff_initial_ms = 20000\nbackoff_max_ms = \"30s\"\n[daemon]\nthreads = 0\n";
+        assert_eq!(
+            found(text),
+            [
+                key(1, "bogus"),
+                key(8, "worker.env.B"),
+                key(9, "worker.stop_timeout_s"),
+                key(14, "restart.backoff_max_ms"),
+                key(16, "daemon.threads"),
+            ]
+        );
+        // An unknown array of tables ends the listing (its keys have no
+        // table of their own to be blanked with), rather than have its keys
+        // read as keys of the table above.
+        let text = format!("{MINIMAL}[[hooks]]\na = 1\n[daemon]\nthreads = 0\n");
+        assert_eq!(found(&text), [key(6, "hooks")]);
+        // Past the limit, a note says there are more.
+        let many: String = (0..250).map(|i| format!("k{i} = 1\n")).collect();
+        let Err(ConfigError::Invalid { issues }) = parse(&format!("{MINIMAL}[daemon]\n{many}"))
+        else {
+            panic!("expected invalid");
+        };
+        assert_eq!(issues.len(), MAX_FIRST_ISSUES + 1);
+        assert!(issues[MAX_FIRST_ISSUES].message.contains("not listed"));
         // A key of the wrong type that must be there is named once, as
         // what it was, not again as missing.
         let text =
