@@ -531,7 +531,7 @@ impl Proxy {
                     tracing::debug!(generation, error = %e, "upgrade did not complete");
                 },
                 () = cancel.cancelled() => {
-                    tracing::info!(generation, "upgraded connection cut at drain timeout");
+                    tracing::info!(generation, "upgraded connection cut: its worker is gone");
                 }
             }
         });

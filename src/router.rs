@@ -29,7 +29,9 @@ pub struct Upstream {
     tunnels: AtomicU64,
     retired: std::sync::atomic::AtomicBool,
     idle: Notify,
-    /// Cancelled to cut this worker's upgraded connections at drain timeout.
+    /// Cancelled to cut this worker's upgraded connections once it has
+    /// exited (a worker stopped at the drain or shutdown timeout may close
+    /// them itself first).
     pub tunnel_cancel: CancellationToken,
     /// The tasks copying this worker's upgraded connections.
     pub tunnel_tracker: TaskTracker,

@@ -43,16 +43,24 @@ pub enum Control {
     Changed(Change),
     /// Re-read the config file (SIGHUP, `batonctl reload`, file change).
     Reload(Option<oneshot::Sender<ReloadResult>>),
-    /// Build and deploy now; the reply (if any) comes when it is decided.
+    /// Build and deploy now; the reply (if any) comes when it is decided,
+    /// or at once (`queued`) unless `wait`.
     Deploy {
         /// What asked for it.
         trigger: String,
         /// Where to send the outcome.
         reply: Option<oneshot::Sender<DeployOutcome>>,
+        /// Whether the reply waits for the outcome.
+        wait: bool,
     },
     /// Start the active generation's snapshot afresh (or retry a failed
-    /// unit), then cut over to the fresh process.
-    Restart(Option<oneshot::Sender<DeployOutcome>>),
+    /// unit), then cut over to the fresh process; replies as `Deploy`.
+    Restart {
+        /// Where to send the outcome.
+        reply: Option<oneshot::Sender<DeployOutcome>>,
+        /// Whether the reply waits for the outcome.
+        wait: bool,
+    },
     /// Report the state.
     Status(oneshot::Sender<Status>),
     /// Stop everything; the reply comes when all workers are gone.
@@ -89,16 +97,20 @@ impl Job {
         let (tx, rx) = oneshot::channel();
         self.send(Control::Deploy {
             trigger: trigger.to_string(),
-            reply: wait.then_some(tx),
+            reply: Some(tx),
+            wait,
         });
-        outcome(wait, rx).await
+        outcome(rx).await
     }
 
     /// Asks for a restart; waits for its outcome when `wait`.
     pub async fn restart(&self, wait: bool) -> DeployOutcome {
         let (tx, rx) = oneshot::channel();
-        self.send(Control::Restart(wait.then_some(tx)));
-        outcome(wait, rx).await
+        self.send(Control::Restart {
+            reply: Some(tx),
+            wait,
+        });
+        outcome(rx).await
     }
 
     /// Asks for a config reload and waits for its verdict: the settings
@@ -112,14 +124,16 @@ impl Job {
     }
 }
 
-async fn outcome(wait: bool, rx: oneshot::Receiver<DeployOutcome>) -> DeployOutcome {
-    if !wait {
-        return DeployOutcome {
-            generation: None,
-            outcome: "queued".into(),
-            reason: None,
-        };
+/// What a deploy or restart asked for without waiting is told at once.
+fn queued() -> DeployOutcome {
+    DeployOutcome {
+        generation: None,
+        outcome: "queued".into(),
+        reason: None,
     }
+}
+
+async fn outcome(rx: oneshot::Receiver<DeployOutcome>) -> DeployOutcome {
     rx.await.unwrap_or_else(|_| DeployOutcome {
         generation: None,
         outcome: "failed".into(),
@@ -237,6 +251,9 @@ struct Supervisor {
     pipeline_busy: bool,
     /// A fresh process being proven beside the active one, and why.
     replacing: Option<Replacing>,
+    /// The supervisor's own messages that came while it stopped and were
+    /// not handled then (see `serve_while`).
+    held: Vec<Internal>,
     pending: Option<String>,
     debounce_epoch: u64,
     /// Bumped by every config file event; the reload waits for quiet.
@@ -347,6 +364,7 @@ pub fn spawn(
         candidate: None,
         pipeline_busy: false,
         replacing: None,
+        held: Vec::new(),
         pending: None,
         debounce_epoch: 0,
         config_epoch: 0,
@@ -452,13 +470,30 @@ impl Supervisor {
                 self.after_debounce(Internal::ConfigDue(self.config_epoch));
             }
             Control::Reload(reply) => self.reload(reply),
-            Control::Deploy { trigger, reply } => {
-                if let Some(r) = reply {
-                    self.waiters_next.push(r);
+            Control::Deploy {
+                trigger,
+                reply,
+                wait,
+            } => {
+                match reply {
+                    Some(r) if wait => self.waiters_next.push(r),
+                    Some(r) => {
+                        let _ = r.send(queued());
+                    }
+                    None => {}
                 }
                 self.request_deploy(trigger, true);
             }
-            Control::Restart(reply) => self.restart_now(reply),
+            Control::Restart { reply, wait } => {
+                let reply = match reply {
+                    Some(r) if !wait => {
+                        let _ = r.send(queued());
+                        None
+                    }
+                    r => r,
+                };
+                self.restart_now(reply);
+            }
             Control::Status(reply) => {
                 let _ = reply.send(self.status());
             }
@@ -1099,7 +1134,7 @@ impl Supervisor {
         dead.monitor.cancel();
         dead.upstream.tunnel_cancel.cancel();
         self.router.set(None);
-        if exit.requested || self.token.is_cancelled() {
+        if exit.requested || self.token.is_cancelled() || self.unit_state == "stopping" {
             return;
         }
         self.events.emit(
@@ -1638,13 +1673,16 @@ impl Supervisor {
         self.active = None;
         // Candidates and builds end through the cancelled token; give their
         // tasks the stop timeout to reap.
-        if self.pipeline_busy || self.replacing.is_some() {
+        let done = |i: &Internal| {
+            matches!(
+                i,
+                Internal::PipelineDone { .. } | Internal::RestartDone { .. }
+            )
+        };
+        if (self.pipeline_busy || self.replacing.is_some()) && !self.held.iter().any(done) {
             let _ = tokio::time::timeout(wait, async {
                 while let Some(i) = self.irx.recv().await {
-                    if matches!(
-                        i,
-                        Internal::PipelineDone { .. } | Internal::RestartDone { .. }
-                    ) {
+                    if done(&i) {
                         return;
                     }
                 }
@@ -1654,14 +1692,22 @@ impl Supervisor {
         self.watcher = None;
     }
 
-    /// Runs `work` while answering the control socket: status as it is,
-    /// and a refusal for anything that would start work.
+    /// Runs `work` while answering the control socket (status as it is,
+    /// a refusal for anything that would start work) and keeping the
+    /// workers' state true: an exit or a drain timeout is handled; the
+    /// rest of the supervisor's own messages wait in `held`.
     async fn serve_while(&mut self, work: impl std::future::Future<Output = ()>) {
         tokio::pin!(work);
         loop {
             tokio::select! {
                 () = &mut work => return,
                 Some(c) = self.rx.recv() => self.control_stopping(c),
+                Some(i) = self.irx.recv() => match i {
+                    Internal::Worker(WorkerEvent::Exited { .. }) | Internal::DrainTimedOut { .. } => {
+                        self.internal(i);
+                    }
+                    other => self.held.push(other),
+                },
             }
         }
     }
@@ -1672,7 +1718,7 @@ impl Supervisor {
             Control::Status(reply) => {
                 let _ = reply.send(self.status());
             }
-            Control::Deploy { reply: Some(r), .. } | Control::Restart(Some(r)) => {
+            Control::Deploy { reply: Some(r), .. } | Control::Restart { reply: Some(r), .. } => {
                 let _ = r.send(DeployOutcome {
                     generation: None,
                     outcome: "failed".into(),

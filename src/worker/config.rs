@@ -110,7 +110,9 @@ pub struct FileConfig {
     /// A call whose pings go unanswered this long is closed (dead peer);
     /// time this process did not run does not count.
     pub pong_timeout_ms: u64,
-    /// How long open calls may go on after SIGTERM.
+    /// How long open calls may go on after SIGTERM (below batond's
+    /// default `worker.stop_timeout_s`, so their 1001 goes out before a
+    /// SIGKILL).
     pub shutdown_grace_ms: u64,
     /// An HTTP connection that sends no complete request head for this
     /// long (idle, or a head half sent) is closed.
@@ -144,7 +146,7 @@ impl Default for FileConfig {
             engine_timeout_ms: 15_000,
             ping_interval_ms: 5_000,
             pong_timeout_ms: 15_000,
-            shutdown_grace_ms: 10_000,
+            shutdown_grace_ms: 8_000,
             header_timeout_ms: 30_000,
             max_message_bytes: 64 * 1024,
             pacing_lead_ms: 100,

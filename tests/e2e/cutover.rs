@@ -387,14 +387,34 @@ pub async fn close_code(ws: &mut Ws) -> Option<CloseCode> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_daemon_shows_its_calls_and_lets_the_worker_close_them() {
     let p = media_project(60);
+    p.edit(
+        "etc/baton.toml",
+        "shutdown_timeout_s = 5",
+        "shutdown_timeout_s = 8",
+    );
     let mut d = Daemon::start(&p).await;
-    let pid = d.active_pid(1).await;
+    let pid1 = d.active_pid(1).await;
+    // A call on a generation that drains, and one on the active one.
+    let (mut old, _) = open_call(d.addr, "old").await;
+    recv_event(&mut old, "media").await;
+    d.deploy().await;
+    let pid = d.active_pid(2).await;
     let (mut ws, _) = open_call(d.addr, "stop").await;
     recv_event(&mut ws, "media").await;
     let batond = nix::unistd::Pid::from_raw(d.child.id().expect("pid") as i32);
     nix::sys::signal::kill(batond, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    // While it waits for the call (`shutdown_timeout_s` = 5), the control
-    // socket answers, and says what is left.
+    // While it waits for the calls (`shutdown_timeout_s`), the control
+    // socket answers, and says what is left, as it changes: the draining
+    // worker dies, and is gone from the status, with why in the history.
+    sigkill(pid1);
+    let s = d
+        .wait_for("the dead draining worker gone", |s| s.draining.is_empty())
+        .await;
+    let g1 = s.history.iter().find(|g| g.id == 1).expect("generation 1");
+    assert_eq!(
+        g1.reason.as_deref(),
+        Some("exited with status signal SIGKILL while draining")
+    );
     let out = d.ctl(&["--timeout", "3", "status", "--json"]).await;
     assert!(
         out.status.success(),
@@ -404,10 +424,12 @@ async fn a_stopping_daemon_shows_its_calls_and_lets_the_worker_close_them() {
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
     assert_eq!(s["state"], "stopping", "{s}");
     assert_eq!(s["active"]["connections"], 1, "{s}");
-    let out = d.ctl(&["--timeout", "3", "deploy", "--wait"]).await;
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("batond is stopping"), "{err}");
+    for args in [&["deploy"][..], &["deploy", "--wait"], &["restart"]] {
+        let out = d.ctl(&[&["--timeout", "3"][..], args].concat()).await;
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("batond is stopping"), "{args:?}: {err}");
+    }
     // The call goes on meanwhile...
     ping_pong(&mut ws).await;
     // ...and at the timeout the worker gets SIGTERM and closes it itself.
