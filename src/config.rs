@@ -513,7 +513,7 @@ impl Config {
                 let leaf = b.rsplit('.').next().unwrap_or(b);
                 key == b
                     || key.starts_with(&format!("{b}."))
-                    || i.message.contains(leaf)
+                    || mentions(&i.message, leaf)
                     || (b == "daemon.root" && i.message.contains("does not exist"))
             })
         }));
@@ -527,6 +527,16 @@ impl Config {
             }
         }
     }
+}
+
+/// Whether `message` names `word` as a whole (`max` in `backoff_max_ms`
+/// is no mention of a key `max`).
+fn mentions(message: &str, word: &str) -> bool {
+    let part = |c: char| c.is_alphanumeric() || c == '_';
+    message.match_indices(word).any(|(at, _)| {
+        !message[..at].chars().next_back().is_some_and(part)
+            && !message[at + word.len()..].chars().next().is_some_and(part)
+    })
 }
 
 /// Unknown keys and wrong types listed at most, per file.
@@ -1200,6 +1210,10 @@ mod tests {
         // read as keys of the table above.
         let text = format!("{MINIMAL}[[hooks]]\na = 1\n[daemon]\nthreads = 0\n");
         assert_eq!(found(&text), [key(6, "hooks")]);
+        // A blanked key with a short name hides no check that merely
+        // contains its letters.
+        let text = format!("{MINIMAL}[daemon]\na = 1\nthreads = 0\n");
+        assert_eq!(found(&text), [key(7, "daemon.a"), key(8, "daemon.threads")]);
         // Past the limit, a note says there are more.
         let many: String = (0..250).map(|i| format!("k{i} = 1\n")).collect();
         let Err(ConfigError::Invalid { issues }) = parse(&format!("{MINIMAL}[daemon]\n{many}"))
