@@ -481,7 +481,7 @@ impl Config {
                             column: None,
                             key: None,
                             message: format!(
-                                "more unknown keys or wrong types after these {MAX_FIRST_ISSUES}; not listed"
+                                "more unknown keys or wrong types than these {MAX_FIRST_ISSUES}; not listed"
                             ),
                         });
                         break None;
@@ -506,14 +506,16 @@ impl Config {
         let cfg = raw.and_then(|raw| v.validate(raw, overrides));
         // A key blanked out above is reported once, as what it was, and
         // checks that used its default in its place are not reported:
-        // those that name it, and the paths under a blanked `root`.
+        // those of its table that name it, and the paths under a blanked
+        // `root`.
+        let table_of = |k: &str| k.rsplit_once('.').map_or("", |(t, _)| t).to_string();
         issues.extend(v.issues.into_iter().filter(|i| {
             let key = i.key.as_deref().unwrap_or("");
             !blanked.iter().any(|b| {
-                let leaf = b.rsplit('.').next().unwrap_or(b);
+                let (table, leaf) = b.rsplit_once('.').unwrap_or(("", b));
                 key == b
                     || key.starts_with(&format!("{b}."))
-                    || mentions(&i.message, leaf)
+                    || (table_of(key) == table && mentions(&i.message, leaf))
                     || (b == "daemon.root" && i.message.contains("does not exist"))
             })
         }));
@@ -584,6 +586,10 @@ fn entry_spans(text: &str, offset: usize) -> Option<Vec<std::ops::Range<usize>>>
         out: &mut Vec<std::ops::Range<usize>>,
     ) -> Option<()> {
         match v.get_ref() {
+            // An inline table goes whole, braces and all.
+            DeValue::Table(_) if text[v.span()].starts_with('{') => {
+                out.push(widen(text, k.span().start..v.span().end, false));
+            }
             DeValue::Table(t) => {
                 // Its own key: in a `[header]` or a dotted key's first part.
                 out.push(widen(text, k.span().start..k.span().end, true));
@@ -1211,9 +1217,21 @@ mod tests {
         let text = format!("{MINIMAL}[[hooks]]\na = 1\n[daemon]\nthreads = 0\n");
         assert_eq!(found(&text), [key(6, "hooks")]);
         // A blanked key with a short name hides no check that merely
-        // contains its letters.
+        // contains its letters, nor one of another table that names a key
+        // of the same name; an unknown key set to an inline table goes
+        // whole.
         let text = format!("{MINIMAL}[daemon]\na = 1\nthreads = 0\n");
         assert_eq!(found(&text), [key(7, "daemon.a"), key(8, "daemon.threads")]);
+        let text = "[build]\nartifact = \"a\"\n[worker]\ncommand = \"./app\"\nbogus = { a = 1 }\n[daemon]\nthreads = 0\n";
+        assert_eq!(
+            found(text),
+            [
+                key(1, "build.command"),
+                key(4, "worker.command"),
+                key(5, "worker.bogus"),
+                key(7, "daemon.threads"),
+            ]
+        );
         // Past the limit, a note says there are more.
         let many: String = (0..250).map(|i| format!("k{i} = 1\n")).collect();
         let Err(ConfigError::Invalid { issues }) = parse(&format!("{MINIMAL}[daemon]\n{many}"))

@@ -1694,8 +1694,9 @@ impl Supervisor {
 
     /// Runs `work` while answering the control socket (status as it is,
     /// a refusal for anything that would start work) and keeping the
-    /// workers' state true: an exit or a drain timeout is handled; the
-    /// rest of the supervisor's own messages wait in `held`.
+    /// workers' state true: an exit, a drain timeout and a candidate's
+    /// progress are handled; the rest of the supervisor's own messages
+    /// wait in `held`.
     async fn serve_while(&mut self, work: impl std::future::Future<Output = ()>) {
         tokio::pin!(work);
         loop {
@@ -1703,9 +1704,9 @@ impl Supervisor {
                 () = &mut work => return,
                 Some(c) = self.rx.recv() => self.control_stopping(c),
                 Some(i) = self.irx.recv() => match i {
-                    Internal::Worker(WorkerEvent::Exited { .. }) | Internal::DrainTimedOut { .. } => {
-                        self.internal(i);
-                    }
+                    Internal::Worker(WorkerEvent::Exited { .. })
+                    | Internal::DrainTimedOut { .. }
+                    | Internal::Progress { .. } => self.internal(i),
                     other => self.held.push(other),
                 },
             }
