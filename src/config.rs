@@ -343,15 +343,21 @@ impl IgnoreSet {
 
     /// Whether `path` matches any glob (`*` stays within one path segment,
     /// `**` spans any number of them).
+    /// A name that is not UTF-8 is matched as shown, its bad bytes as
+    /// U+FFFD (glob's own path match says no to it, whatever the glob).
     pub fn is_match(&self, path: &Path) -> bool {
-        self.globs.iter().any(|g| g.matches_path_with(path, MATCH))
+        let path = path.to_string_lossy();
+        self.globs.iter().any(|g| g.matches_with(&path, MATCH))
     }
 
     /// Whether everything under the folder `dir` is ignored: a glob matches
     /// the folder itself, or is `P/**` with P matching it. Such a folder is
     /// not watched, nor is anything in it.
     pub fn prunes(&self, dir: &Path) -> bool {
-        self.is_match(dir) || self.dirs.iter().any(|g| g.matches_path_with(dir, MATCH))
+        self.is_match(dir) || {
+            let dir = dir.to_string_lossy();
+            self.dirs.iter().any(|g| g.matches_with(&dir, MATCH))
+        }
     }
 }
 
@@ -1360,6 +1366,12 @@ mod tests {
         ] {
             assert!(!ig.is_match(Path::new(p)), "{p} should be watched");
         }
+        // Names that are not UTF-8 are matched too.
+        use std::os::unix::ffi::OsStrExt as _;
+        let odd = |b: &[u8]| PathBuf::from(std::ffi::OsStr::from_bytes(b));
+        assert!(ig.is_match(&odd(b"src/.\xff.swp")));
+        assert!(ig.prunes(&odd(b"src/v\xff/target")));
+        assert!(!ig.is_match(&odd(b"src/\xff.rs")));
     }
 
     #[test]

@@ -65,11 +65,30 @@ pub enum Change {
 
 /// Why watching could not start.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot watch {}: {source}", path.display())]
+#[error("cannot watch {}: {}", path.display(), explain(source))]
 pub struct WatchError {
     path: PathBuf,
-    #[source]
     source: notify::Error,
+}
+
+/// A watch error as an operator can act on it: the kernel limit that was
+/// reached, its value and how to raise it.
+fn explain(e: &notify::Error) -> String {
+    let sysctl = |name: &str| {
+        std::fs::read_to_string(format!("/proc/sys/fs/inotify/{name}"))
+            .map_or_else(|_| "?".into(), |v| v.trim().to_string())
+    };
+    match &e.kind {
+        notify::ErrorKind::MaxFilesWatch => format!(
+            "the inotify watch limit is reached (fs.inotify.max_user_watches = {}, for all of this user's processes); raise it (`sysctl -w fs.inotify.max_user_watches=524288`, and in /etc/sysctl.d/ to keep it) or leave more folders out (watch.ignore)",
+            sysctl("max_user_watches")
+        ),
+        notify::ErrorKind::Io(io) if io.raw_os_error() == Some(nix::libc::EMFILE) => format!(
+            "{io}: the limit of inotify instances (fs.inotify.max_user_instances = {}, for all of this user's processes) or of open files (ulimit -n) is reached",
+            sysctl("max_user_instances")
+        ),
+        _ => e.to_string(),
+    }
 }
 
 /// A live set of watches; dropping it stops them.
@@ -186,6 +205,9 @@ struct Filter {
     config: Vec<PathBuf>,
     /// Files watched by name, as named and with links resolved.
     files: Vec<PathBuf>,
+    /// The folders that hold them and the config file (each watched by
+    /// itself, and through its own parent, see [`watch`]).
+    file_folders: Vec<PathBuf>,
     dirs: Vec<PathBuf>,
     /// `dirs` with every link resolved, to tell a link that leads inside
     /// a watched tree.
@@ -404,7 +426,16 @@ enum Job {
     Gone(PathBuf),
     /// Events were lost: walk every tree again.
     Rescan,
+    /// A folder that holds a watched file or the config file was made or
+    /// moved in (the one before was replaced whole): watch it again.
+    Refolder(PathBuf),
 }
+
+/// How often folders that could not be watched (the inotify watch limit
+/// reached) are tried again.
+const RETRY_UNWATCHED: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often a warning says that some still are not.
+const WARN_UNWATCHED: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Every link met on the way to `path` (absolute), and on the way to each
 /// link's target in turn (`app -> current`, `current -> releases/r5`), up
@@ -504,10 +535,22 @@ pub fn watch(
         .collect();
     link_folders.sort();
     link_folders.dedup();
+    // Files are watched through their folder, and so is each watched
+    // folder but the root, and each of those file folders: a folder
+    // replaced whole (moved away and another moved in, or removed and made
+    // again) is then seen and watched again.
+    let mut parents: Vec<PathBuf> = files
+        .iter()
+        .chain(&config_named)
+        .filter_map(|f| f.parent().map(Path::to_path_buf))
+        .collect();
+    parents.sort();
+    parents.dedup();
     let filter = Arc::new(Filter {
         root: root.to_path_buf(),
         config: config_spellings,
         files,
+        file_folders: parents.clone(),
         dirs,
         real_dirs,
         ignore,
@@ -536,6 +579,9 @@ pub fn watch(
                 _ => How::Modified,
             };
             for path in &event.paths {
+                if matches!(how, How::Made | How::MovedIn) && filter.file_folders.contains(path) {
+                    let _ = jobs_tx.send(Job::Refolder(path.clone()));
+                }
                 // (whether a folder, whether that is known)
                 let (is_dir, known) = match event.kind {
                     EventKind::Create(CreateKind::Folder)
@@ -614,23 +660,15 @@ pub fn watch(
     for d in &filter.dirs {
         watch_tree(&mut st, d, &filter, None)?;
     }
-    // Files are watched through their folder, and so is each watched
-    // folder but the root: a folder replaced whole (moved away and another
-    // moved in, or removed and made again) is then seen and walked again.
-    let mut parents: Vec<PathBuf> = filter
-        .files
-        .iter()
-        .chain(&config_named)
-        .filter_map(|f| f.parent().map(Path::to_path_buf))
-        .collect();
-    let tops: Vec<PathBuf> = filter
+    let mut tops: Vec<PathBuf> = filter
         .dirs
         .iter()
         .filter(|d| *d != root)
+        .chain(&parents)
         .filter_map(|d| d.parent().map(Path::to_path_buf))
         .collect();
-    parents.sort();
-    parents.dedup();
+    tops.sort();
+    tops.dedup();
     for p in &parents {
         let meta = std::fs::metadata(p).map_err(|e| WatchError {
             path: p.clone(),
@@ -681,9 +719,33 @@ fn spawn_follower(
     std::thread::Builder::new()
         .name("watch-folders".into())
         .spawn(move || {
-            while let Ok(job) = jobs.recv() {
+            // New folders that could not be watched (the inotify watch
+            // limit reached), tried again every `RETRY_UNWATCHED`; and
+            // when that was last said.
+            let mut unwatched: std::collections::BTreeSet<PathBuf> = Default::default();
+            let mut warned = std::time::Instant::now();
+            loop {
+                let job = if unwatched.is_empty() {
+                    jobs.recv().ok()
+                } else {
+                    match jobs.recv_timeout(RETRY_UNWATCHED) {
+                        Ok(job) => Some(job),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                };
                 let Some(inner) = inner.upgrade() else { return };
                 let Ok(mut st) = inner.lock() else { return };
+                let Some(job) = job else {
+                    retry_unwatched(&mut st, &filter, &mut unwatched, &tx);
+                    if unwatched.is_empty() {
+                        tracing::info!("every new folder is watched now");
+                    } else if warned.elapsed() >= WARN_UNWATCHED {
+                        warned = std::time::Instant::now();
+                        tracing::warn!(folders = unwatched.len(), "new folders still not watched (changes in them are not seen); trying again every 2 s");
+                    }
+                    continue;
+                };
                 match job {
                     Job::Gone(path) => {
                         // A link gone: what it led to may still be reached
@@ -715,11 +777,38 @@ fn spawn_follower(
                             },
                             // Made and removed at once (a tool's temporary folder).
                             Err(_) if !path.exists() => {}
-                            // What it holds is not known: a change.
+                            // What it holds is not known: a change; and it is
+                            // tried again until it is watched.
                             Err(e) => {
-                                tracing::warn!(error = %e, "a new folder is not watched");
+                                if unwatched.is_empty() {
+                                    warned = std::time::Instant::now();
+                                    tracing::warn!(error = %e, "a new folder is not watched (changes in it are not seen); trying again every 2 s");
+                                }
+                                unwatched.insert(path.clone());
                                 let _ = tx.send(Change::Appeared(filter.shown(&path)));
                             }
+                        }
+                    }
+                    Job::Refolder(path) => {
+                        // The old folder's watch went with it; its inode
+                        // number may be the new one's.
+                        st.forget(&path);
+                        let watched = std::fs::metadata(&path)
+                            .map_err(notify::Error::io)
+                            .and_then(|m| st.watch(&path, key_of(&m), false));
+                        match watched {
+                            // What it holds now is new: the files watched in
+                            // it changed, or the config did.
+                            Ok(_) => {
+                                for f in filter.files.iter().filter(|f| f.parent() == Some(&path)) {
+                                    let _ = tx.send(Change::Source(filter.shown(f)));
+                                }
+                                if filter.config.iter().any(|c| c.parent() == Some(&path)) {
+                                    let _ = tx.send(Change::Config);
+                                }
+                            }
+                            Err(_) if !path.exists() => {}
+                            Err(e) => tracing::warn!(folder = %path.display(), error = %WatchError { path: path.clone(), source: e }, "a replaced folder is not watched again (send SIGHUP to try again)"),
                         }
                     }
                     Job::Rescan => {
@@ -735,6 +824,29 @@ fn spawn_follower(
             path: root,
             source: notify::Error::io(e),
         })
+}
+
+/// Tries again to watch the folders in `unwatched`: each one watched now,
+/// or gone, leaves the set; one watched now is a change (what was written
+/// in it meanwhile was not seen).
+fn retry_unwatched(
+    st: &mut State,
+    filter: &Filter,
+    unwatched: &mut std::collections::BTreeSet<PathBuf>,
+    tx: &mpsc::UnboundedSender<Change>,
+) {
+    unwatched.retain(|path| {
+        if !path.is_dir() {
+            return false;
+        }
+        match watch_tree(st, path, filter, None) {
+            Ok(()) => {
+                let _ = tx.send(Change::Appeared(filter.shown(path)));
+                false
+            }
+            Err(_) => true,
+        }
+    });
 }
 
 /// Walks every watched tree again, watching what is not watched.
@@ -756,6 +868,7 @@ mod tests {
             root: root.to_path_buf(),
             config: vec![root.join("etc/baton.toml")],
             files: vec![root.join("Cargo.toml")],
+            file_folders: vec![root.to_path_buf(), root.join("etc")],
             dirs: vec![
                 root.to_path_buf(),
                 Path::new("/elsewhere/lib").to_path_buf(),
@@ -836,6 +949,34 @@ mod tests {
     }
 
     /// Receives changes until `want` of them equal `change`, or 5 s pass.
+    #[test]
+    fn folders_that_could_not_be_watched_are_watched_when_tried_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("src/new/deeper")).expect("mkdir");
+        std::fs::write(root.join("src/new/deeper/f.rs"), "x").expect("write");
+        let f = filter(root, &[]);
+        let mut st = State {
+            w: notify::recommended_watcher(|_: notify::Result<notify::Event>| {}).expect("watcher"),
+            by_key: HashMap::new(),
+            by_path: BTreeMap::new(),
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut unwatched: std::collections::BTreeSet<PathBuf> =
+            [root.join("src/new"), root.join("src/gone")].into();
+        retry_unwatched(&mut st, &f, &mut unwatched, &tx);
+        // Watched now, below it too; the one gone is given up.
+        assert!(unwatched.is_empty(), "{unwatched:?}");
+        assert!(st.by_path.contains_key(&root.join("src/new")));
+        assert!(st.by_path.contains_key(&root.join("src/new/deeper")));
+        // What was written in it meanwhile was not seen: a change.
+        assert_eq!(
+            rx.try_recv(),
+            Ok(Change::Appeared(PathBuf::from("src/new")))
+        );
+        assert!(rx.try_recv().is_err());
+    }
+
     fn count(rx: &mut mpsc::UnboundedReceiver<Change>, change: &Change, want: usize) -> usize {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let mut n = 0;

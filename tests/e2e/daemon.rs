@@ -400,6 +400,53 @@ async fn one_config_save_is_one_reload_and_one_deploy() {
     assert!(!log.contains("config refused"), "{log}");
 }
 
+/// The folder of a file watched by name, or of the config file, replaced
+/// whole (removed and made again, or another moved in): the change is seen,
+/// and so are the next ones in the new folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_folder_of_a_watched_file_or_of_the_config_replaced_whole_is_watched_again() {
+    let p = Project::python("", "");
+    p.edit(
+        "etc/baton.toml",
+        "paths = [\"src\"]",
+        "paths = [\"src/pyworker.py\"]",
+    );
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    let source = read(&p.path("src/pyworker.py"));
+    std::fs::remove_dir_all(p.path("src")).expect("rm src");
+    std::fs::create_dir(p.path("src")).expect("mkdir src");
+    p.write("src/pyworker.py", &format!("{source}\n# v2\n"));
+    d.wait_active(2).await;
+    p.append("src/pyworker.py", "# v3\n");
+    d.wait_active(3).await;
+    // The config's folder: a new one moved in over it (a release switch
+    // done with `mv`).
+    let cfg = read(&p.path("etc/baton.toml"));
+    std::fs::create_dir(p.path("etc.new")).expect("mkdir");
+    std::fs::write(
+        p.path("etc.new/baton.toml"),
+        cfg.replace("health_interval_ms = 300", "health_interval_ms = 400"),
+    )
+    .expect("write");
+    std::fs::rename(p.path("etc"), p.path("etc.old")).expect("mv etc");
+    std::fs::rename(p.path("etc.new"), p.path("etc")).expect("mv etc.new");
+    d.wait_active(4).await;
+    p.edit(
+        "etc/baton.toml",
+        "health_interval_ms = 400",
+        "health_interval_ms = 500",
+    );
+    let s = d.wait_active(5).await;
+    assert!(s.config_error.is_none(), "{:?}", s.config_error);
+    assert_eq!(
+        d.log().matches("config reloaded; redeploying").count(),
+        2,
+        "{}",
+        d.log()
+    );
+}
+
 /// `sed -i` on the config, with the whole project watched, also leaves a
 /// temporary file beside it (a source change): the two are one deploy,
 /// built with the new config. A refused config does not swallow a source
