@@ -722,7 +722,7 @@ fn spawn_follower(
             // New folders that could not be watched (the inotify watch
             // limit reached), tried again every `RETRY_UNWATCHED`; and
             // when that was last said.
-            let mut unwatched: std::collections::BTreeSet<PathBuf> = Default::default();
+            let mut unwatched: BTreeMap<PathBuf, Unwatched> = BTreeMap::new();
             let mut warned = std::time::Instant::now();
             loop {
                 let job = if unwatched.is_empty() {
@@ -739,10 +739,10 @@ fn spawn_follower(
                 let Some(job) = job else {
                     retry_unwatched(&mut st, &filter, &mut unwatched, &tx);
                     if unwatched.is_empty() {
-                        tracing::info!("every new folder is watched now");
+                        tracing::info!("every folder is watched now");
                     } else if warned.elapsed() >= WARN_UNWATCHED {
                         warned = std::time::Instant::now();
-                        tracing::warn!(folders = unwatched.len(), "new folders still not watched (changes in them are not seen); trying again every 2 s");
+                        tracing::warn!(folders = unwatched.len(), "folders still not watched (changes in them are not seen); trying again every 2 s");
                     }
                     continue;
                 };
@@ -784,33 +784,25 @@ fn spawn_follower(
                                     warned = std::time::Instant::now();
                                     tracing::warn!(error = %e, "a new folder is not watched (changes in it are not seen); trying again every 2 s");
                                 }
-                                unwatched.insert(path.clone());
+                                unwatched.insert(path.clone(), Unwatched::Tree);
                                 let _ = tx.send(Change::Appeared(filter.shown(&path)));
                             }
                         }
                     }
-                    Job::Refolder(path) => {
-                        // The old folder's watch went with it; its inode
-                        // number may be the new one's.
-                        st.forget(&path);
-                        let watched = std::fs::metadata(&path)
-                            .map_err(notify::Error::io)
-                            .and_then(|m| st.watch(&path, key_of(&m), false));
-                        match watched {
-                            // What it holds now is new: the files watched in
-                            // it changed, or the config did.
-                            Ok(_) => {
-                                for f in filter.files.iter().filter(|f| f.parent() == Some(&path)) {
-                                    let _ = tx.send(Change::Source(filter.shown(f)));
-                                }
-                                if filter.config.iter().any(|c| c.parent() == Some(&path)) {
-                                    let _ = tx.send(Change::Config);
-                                }
+                    Job::Refolder(path) => match refolder(&mut st, &filter, &path, &tx) {
+                        Ok(()) => {}
+                        Err(_) if !path.exists() => {}
+                        // Its files changed all the same; and it is tried
+                        // again until it is watched.
+                        Err(e) => {
+                            if unwatched.is_empty() {
+                                warned = std::time::Instant::now();
+                                tracing::warn!(error = %WatchError { path: path.clone(), source: e }, "a replaced folder is not watched (changes in it are not seen); trying again every 2 s");
                             }
-                            Err(_) if !path.exists() => {}
-                            Err(e) => tracing::warn!(folder = %path.display(), error = %WatchError { path: path.clone(), source: e }, "a replaced folder is not watched again (send SIGHUP to try again)"),
+                            unwatched.insert(path.clone(), Unwatched::FileFolder);
+                            file_folder_changed(&filter, &path, &tx);
                         }
-                    }
+                    },
                     Job::Rescan => {
                         tracing::warn!("file events were lost (the kernel's queue overflowed); watching every folder again");
                         rewalk(&mut st, &filter);
@@ -826,27 +818,75 @@ fn spawn_follower(
         })
 }
 
+/// A folder that could not be watched, to be tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unwatched {
+    /// A folder of a watched tree, with what is under it.
+    Tree,
+    /// The folder of a file watched by name or of the config file.
+    FileFolder,
+}
+
 /// Tries again to watch the folders in `unwatched`: each one watched now,
 /// or gone, leaves the set; one watched now is a change (what was written
 /// in it meanwhile was not seen).
 fn retry_unwatched(
     st: &mut State,
     filter: &Filter,
-    unwatched: &mut std::collections::BTreeSet<PathBuf>,
+    unwatched: &mut BTreeMap<PathBuf, Unwatched>,
     tx: &mpsc::UnboundedSender<Change>,
 ) {
-    unwatched.retain(|path| {
+    unwatched.retain(|path, kind| {
         if !path.is_dir() {
             return false;
         }
-        match watch_tree(st, path, filter, None) {
-            Ok(()) => {
-                let _ = tx.send(Change::Appeared(filter.shown(path)));
-                false
-            }
-            Err(_) => true,
+        match kind {
+            Unwatched::Tree => match watch_tree(st, path, filter, None) {
+                Ok(()) => {
+                    let _ = tx.send(Change::Appeared(filter.shown(path)));
+                    false
+                }
+                Err(_) => true,
+            },
+            Unwatched::FileFolder => refolder(st, filter, path, tx).is_err(),
         }
     });
+}
+
+/// Watches again the folder `path` of a file watched by name or of the
+/// config file, made or moved in over the one before, and says what
+/// changed with it.
+fn refolder(
+    st: &mut State,
+    filter: &Filter,
+    path: &Path,
+    tx: &mpsc::UnboundedSender<Change>,
+) -> Result<(), notify::Error> {
+    // The folder before, if notify still watches it under this path (one
+    // moved away, or a link's old target), is not watched any more; its
+    // inode number may be the new one's.
+    let _ = st.w.unwatch(path);
+    st.forget(path);
+    let meta = std::fs::metadata(path).map_err(notify::Error::io)?;
+    st.watch(path, key_of(&meta), false)?;
+    file_folder_changed(filter, path, tx);
+    Ok(())
+}
+
+/// What a file folder replaced whole changes: each file watched in it, and
+/// the config file if it is there (a folder made empty, its files still to
+/// come, is no config change yet).
+fn file_folder_changed(filter: &Filter, path: &Path, tx: &mpsc::UnboundedSender<Change>) {
+    for f in filter.files.iter().filter(|f| f.parent() == Some(path)) {
+        let _ = tx.send(Change::Source(filter.shown(f)));
+    }
+    if filter
+        .config
+        .iter()
+        .any(|c| c.parent() == Some(path) && c.exists())
+    {
+        let _ = tx.send(Change::Config);
+    }
 }
 
 /// Walks every watched tree again, watching what is not watched.
@@ -962,8 +1002,11 @@ mod tests {
             by_path: BTreeMap::new(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut unwatched: std::collections::BTreeSet<PathBuf> =
-            [root.join("src/new"), root.join("src/gone")].into();
+        let mut unwatched: BTreeMap<PathBuf, Unwatched> = [
+            (root.join("src/new"), Unwatched::Tree),
+            (root.join("src/gone"), Unwatched::Tree),
+        ]
+        .into();
         retry_unwatched(&mut st, &f, &mut unwatched, &tx);
         // Watched now, below it too; the one gone is given up.
         assert!(unwatched.is_empty(), "{unwatched:?}");

@@ -126,8 +126,12 @@ fn init_tracing(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| {
+            // notify warns of watches of folders gone that it no longer
+            // has, at every folder replaced: batond's own lines say what
+            // matters.
             tracing_subscriber::filter::Targets::new()
                 .with_default(tracing_subscriber::filter::LevelFilter::INFO)
+                .with_target("notify", tracing_subscriber::filter::LevelFilter::ERROR)
         });
     // Through a writer thread: a stalled stderr reader must not stop the
     // proxy (see `baton::logging`).

@@ -420,6 +420,22 @@ async fn the_folder_of_a_watched_file_or_of_the_config_replaced_whole_is_watched
     d.wait_active(2).await;
     p.append("src/pyworker.py", "# v3\n");
     d.wait_active(3).await;
+    // Made a link, then switched to another folder: what the old target
+    // holds is no longer watched.
+    for r in ["r1", "r2"] {
+        std::fs::create_dir(p.path(r)).expect("mkdir");
+        p.write(&format!("{r}/pyworker.py"), &format!("{source}\n# {r}\n"));
+    }
+    std::fs::remove_dir_all(p.path("src")).expect("rm src");
+    std::os::unix::fs::symlink("r1", p.path("src")).expect("ln");
+    d.wait_active(4).await;
+    std::os::unix::fs::symlink("r2", p.path("src.new")).expect("ln");
+    std::fs::rename(p.path("src.new"), p.path("src")).expect("switch");
+    d.wait_active(5).await;
+    p.append("r1/pyworker.py", "# old target\n");
+    assert_eq!(settled(&d).await, 5, "{}", d.log());
+    p.append("src/pyworker.py", "# r2 v2\n");
+    d.wait_active(6).await;
     // The config's folder: a new one moved in over it (a release switch
     // done with `mv`).
     let cfg = read(&p.path("etc/baton.toml"));
@@ -431,13 +447,13 @@ async fn the_folder_of_a_watched_file_or_of_the_config_replaced_whole_is_watched
     .expect("write");
     std::fs::rename(p.path("etc"), p.path("etc.old")).expect("mv etc");
     std::fs::rename(p.path("etc.new"), p.path("etc")).expect("mv etc.new");
-    d.wait_active(4).await;
+    d.wait_active(7).await;
     p.edit(
         "etc/baton.toml",
         "health_interval_ms = 400",
         "health_interval_ms = 500",
     );
-    let s = d.wait_active(5).await;
+    let s = d.wait_active(8).await;
     assert!(s.config_error.is_none(), "{:?}", s.config_error);
     assert_eq!(
         d.log().matches("config reloaded; redeploying").count(),
