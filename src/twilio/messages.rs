@@ -22,10 +22,14 @@ pub enum TwilioMessage<'a> {
         /// Protocol version, `"1.0.0"`.
         version: String,
     },
-    /// Stream metadata; sent once, right after `connected`.
+    /// Stream metadata; sent once, right after `connected`. Fields that
+    /// Twilio always sends but the server can do without (the counter,
+    /// the account, the format, which is always mu-law 8 kHz mono) may be
+    /// missing: a `start` without them still starts the call, rather than
+    /// leave the caller in silence.
     Start {
         /// Message counter as a decimal string, from "1".
-        #[serde(rename = "sequenceNumber")]
+        #[serde(rename = "sequenceNumber", default)]
         sequence_number: String,
         /// The stream these messages belong to.
         #[serde(rename = "streamSid")]
@@ -68,15 +72,17 @@ pub enum TwilioMessage<'a> {
         /// The mark's name.
         mark: MarkBody,
     },
-    /// The stream ended (the call hung up or the stream was stopped).
+    /// The stream ended (the call hung up or the stream was stopped); a
+    /// `stop` without its counter or `stop` object still ends it.
     Stop {
         /// Message counter as a decimal string.
-        #[serde(rename = "sequenceNumber")]
+        #[serde(rename = "sequenceNumber", default)]
         sequence_number: String,
         /// The stream these messages belong to.
         #[serde(rename = "streamSid")]
         stream_sid: String,
         /// Which call stopped.
+        #[serde(default)]
         stop: StopMeta,
     },
 }
@@ -88,6 +94,7 @@ pub struct StartMeta {
     /// The stream's id (`MZ...`), repeated from the envelope.
     pub stream_sid: String,
     /// The account (`AC...`).
+    #[serde(default)]
     pub account_sid: String,
     /// The call (`CA...`).
     pub call_sid: String,
@@ -98,6 +105,7 @@ pub struct StartMeta {
     #[serde(default)]
     pub custom_parameters: BTreeMap<String, String>,
     /// Audio format; always mu-law 8 kHz mono on Twilio.
+    #[serde(default)]
     pub media_format: MediaFormat,
 }
 
@@ -164,7 +172,7 @@ pub struct MarkBody {
 }
 
 /// The `stop` object.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StopMeta {
     /// The account.
@@ -303,6 +311,27 @@ pub fn to_text(msg: &ServerMessage<'_>) -> Result<String, serde_json::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_start_or_stop_short_of_what_the_server_can_do_without_still_parses() {
+        let start =
+            r#"{"event":"start","start":{"streamSid":"MZ1","callSid":"CA1"},"streamSid":"MZ1"}"#;
+        match TwilioMessage::parse(start) {
+            Ok(TwilioMessage::Start { start, .. }) => {
+                assert_eq!(start.call_sid, "CA1");
+                assert_eq!(start.media_format, MediaFormat::default());
+            }
+            other => panic!("{other:?}"),
+        }
+        let stop = r#"{"event":"stop","streamSid":"MZ1"}"#;
+        assert!(matches!(
+            TwilioMessage::parse(stop),
+            Ok(TwilioMessage::Stop { .. })
+        ));
+        // What it cannot do without is still an error: the call's id.
+        let start = r#"{"event":"start","start":{"streamSid":"MZ1"},"streamSid":"MZ1"}"#;
+        assert!(TwilioMessage::parse(start).is_err());
+    }
 
     #[test]
     fn parses_the_documented_examples() {

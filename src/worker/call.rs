@@ -690,7 +690,7 @@ impl Call {
         let t = self.t_ms();
         self.rec
             .push_event(t, "stt_final", text.clone().unwrap_or_default());
-        self.rec.transcript.push(TranscriptEntry {
+        self.rec.push_transcript(TranscriptEntry {
             t_ms: t,
             utterance: n,
             utterance_ms,

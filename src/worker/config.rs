@@ -313,9 +313,12 @@ impl Config {
                 Some(u.trim_end_matches('/').to_string())
             }
         };
+        // An empty TWILIO_AUTH_TOKEN (`Environment=TWILIO_AUTH_TOKEN=`) is
+        // unset, not a way to turn off the file's token.
         let auth_token = env
             .twilio_auth_token
             .clone()
+            .filter(|t| !t.is_empty())
             .or(file.auth_token)
             .filter(|t| !t.is_empty());
         if file.ping_interval_ms == 0 {
@@ -516,6 +519,23 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn an_empty_auth_token_in_the_environment_keeps_the_files() {
+        let file = parse_file("auth_token = \"12345\"", Path::new("w.toml")).expect("parse");
+        let token = |env: Option<&str>| {
+            let env = EnvOverrides {
+                twilio_auth_token: env.map(str::to_string),
+                baton_signature: None,
+            };
+            Config::from_file(file.clone(), Path::new("w"), Path::new("."), &env)
+                .expect("valid")
+                .auth_token
+        };
+        assert_eq!(token(None).as_deref(), Some("12345"));
+        assert_eq!(token(Some("")).as_deref(), Some("12345"));
+        assert_eq!(token(Some("other")).as_deref(), Some("other"));
     }
 
     #[test]

@@ -239,6 +239,17 @@ async fn webhook(state: &AppState, req: Request<hyper::body::Incoming>, hook: Ho
                 to = get("To"),
                 "incoming call"
             );
+            if !base.starts_with("https://") {
+                // TWILIO.md: only wss works (31922 otherwise). Said once:
+                // a test set-up on plain HTTP answers many calls.
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    warn!(
+                        base = %base,
+                        "the TwiML's Stream url is not wss://, and Twilio connects to wss:// only: set public_url to the https URL Twilio reaches, or have the TLS proxy in front send X-Forwarded-Proto: https"
+                    );
+                });
+            }
             let twiml = twiml_connect(&base, get("CallSid"));
             let mut r = Response::new(Full::new(Bytes::from(twiml)));
             r.headers_mut()

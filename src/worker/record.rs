@@ -124,6 +124,14 @@ impl CallRecord {
         }
     }
 
+    /// Adds an utterance's entry to the transcript (the first
+    /// [`MAX_EVENTS`]; a caller sending faster than real time makes many).
+    pub fn push_transcript(&mut self, entry: TranscriptEntry) {
+        if self.transcript.len() < MAX_EVENTS {
+            self.transcript.push(entry);
+        }
+    }
+
     /// Notes a mark the caller echoed (the first [`MAX_EVENTS`], names cut
     /// to [`MAX_TEXT`]).
     pub fn push_mark_echoed(&mut self, name: String) {
@@ -220,6 +228,15 @@ mod tests {
         }
         assert_eq!(rec.marks_echoed.len(), MAX_EVENTS);
         assert!(rec.marks_echoed.iter().all(|m| m.len() <= MAX_TEXT + 3));
+        for n in 0..MAX_EVENTS as u64 + 10 {
+            rec.push_transcript(TranscriptEntry {
+                t_ms: n,
+                utterance: n,
+                utterance_ms: 1,
+                text: None,
+            });
+        }
+        assert_eq!(rec.transcript.len(), MAX_EVENTS);
     }
 
     #[test]
