@@ -685,7 +685,7 @@ pub fn watch(
             .map_err(notify::Error::io)
             .and_then(|m| st.watch(p, key_of(&m), false));
         if let Err(e) = watched {
-            tracing::warn!(folder = %p.display(), error = %e, "not watched: a switch of the link in it is not seen (send SIGHUP after one)");
+            tracing::warn!(error = %WatchError { path: p.clone(), source: e }, "not watched: a switch of the link in it is not seen (send SIGHUP after one)");
         }
     }
     for p in &tops {
@@ -693,7 +693,7 @@ pub fn watch(
             .map_err(notify::Error::io)
             .and_then(|m| st.watch(p, key_of(&m), false));
         if let Err(e) = watched {
-            tracing::warn!(folder = %p.display(), error = %e, "not watched: a watched folder replaced whole is not seen");
+            tracing::warn!(error = %WatchError { path: p.clone(), source: e }, "not watched: a watched folder replaced whole is not seen (send SIGHUP to try again)");
         }
     }
     let folders = st.by_key.len();
