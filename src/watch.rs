@@ -680,25 +680,39 @@ pub fn watch(
                 source,
             })?;
     }
-    for p in link_folders.iter().filter(|p| !parents.contains(p)) {
+    // Not required (a folder on the way may be one batond can pass through
+    // but not read, mode 711); one the watch limit kept out is tried again
+    // with the new folders.
+    let mut unwatched = BTreeMap::new();
+    let extra = link_folders
+        .iter()
+        .filter(|p| !parents.contains(p))
+        .map(|p| {
+            (
+                p,
+                "not watched: a switch of the link in it is not seen until it is",
+            )
+        })
+        .chain(tops.iter().map(|p| {
+            (
+                p,
+                "not watched: a watched folder replaced whole is not seen until it is",
+            )
+        }));
+    for (p, what) in extra {
         let watched = std::fs::metadata(p)
             .map_err(notify::Error::io)
             .and_then(|m| st.watch(p, key_of(&m), false));
         if let Err(e) = watched {
-            tracing::warn!(error = %WatchError { path: p.clone(), source: e }, "not watched: a switch of the link in it is not seen (send SIGHUP after one)");
-        }
-    }
-    for p in &tops {
-        let watched = std::fs::metadata(p)
-            .map_err(notify::Error::io)
-            .and_then(|m| st.watch(p, key_of(&m), false));
-        if let Err(e) = watched {
-            tracing::warn!(error = %WatchError { path: p.clone(), source: e }, "not watched: a watched folder replaced whole is not seen (send SIGHUP to try again)");
+            if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+                unwatched.insert(p.clone(), Unwatched::Parent);
+            }
+            tracing::warn!(error = %WatchError { path: p.clone(), source: e }, "{what}");
         }
     }
     let folders = st.by_key.len();
     let inner = Arc::new(Mutex::new(st));
-    spawn_follower(Arc::downgrade(&inner), filter, jobs_rx, tx)?;
+    spawn_follower(Arc::downgrade(&inner), filter, jobs_rx, tx, unwatched)?;
     Ok(Watcher {
         _inner: inner,
         folders,
@@ -714,15 +728,15 @@ fn spawn_follower(
     filter: Arc<Filter>,
     jobs: std::sync::mpsc::Receiver<Job>,
     tx: mpsc::UnboundedSender<Change>,
+    mut unwatched: BTreeMap<PathBuf, Unwatched>,
 ) -> Result<(), WatchError> {
     let root = filter.root.clone();
     std::thread::Builder::new()
         .name("watch-folders".into())
         .spawn(move || {
-            // New folders that could not be watched (the inotify watch
-            // limit reached), tried again every `RETRY_UNWATCHED`; and
-            // when that was last said.
-            let mut unwatched: BTreeMap<PathBuf, Unwatched> = BTreeMap::new();
+            // Folders that could not be watched (the inotify watch limit
+            // reached) are tried again every `RETRY_UNWATCHED`; and when
+            // that was last said.
             let mut warned = std::time::Instant::now();
             loop {
                 let job = if unwatched.is_empty() {
@@ -825,6 +839,9 @@ enum Unwatched {
     Tree,
     /// The folder of a file watched by name or of the config file.
     FileFolder,
+    /// A folder watched only to see a watched folder replaced, or a link
+    /// on the way switched, in it.
+    Parent,
 }
 
 /// Tries again to watch the folders in `unwatched`: each one watched now,
@@ -849,6 +866,10 @@ fn retry_unwatched(
                 Err(_) => true,
             },
             Unwatched::FileFolder => refolder(st, filter, path, tx).is_err(),
+            Unwatched::Parent => std::fs::metadata(path.as_path())
+                .map_err(notify::Error::io)
+                .and_then(|m| st.watch(path, key_of(&m), false))
+                .is_err(),
         }
     });
 }
@@ -1002,9 +1023,11 @@ mod tests {
             by_path: BTreeMap::new(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
+        std::fs::create_dir_all(root.join("up")).expect("mkdir");
         let mut unwatched: BTreeMap<PathBuf, Unwatched> = [
             (root.join("src/new"), Unwatched::Tree),
             (root.join("src/gone"), Unwatched::Tree),
+            (root.join("up"), Unwatched::Parent),
         ]
         .into();
         retry_unwatched(&mut st, &f, &mut unwatched, &tx);
@@ -1012,6 +1035,8 @@ mod tests {
         assert!(unwatched.is_empty(), "{unwatched:?}");
         assert!(st.by_path.contains_key(&root.join("src/new")));
         assert!(st.by_path.contains_key(&root.join("src/new/deeper")));
+        // A parent is watched by itself, and is no change.
+        assert!(st.by_path.contains_key(&root.join("up")));
         // What was written in it meanwhile was not seen: a change.
         assert_eq!(
             rx.try_recv(),
