@@ -492,12 +492,10 @@ impl Config {
                         });
                         break None;
                     }
-                    match e.span().and_then(|s| entry_spans(&rest, s.start)) {
-                        Some(ranges) if !again => {
+                    match e.span().and_then(|s| without_entry(&rest, s.start)) {
+                        Some(next) if !again => {
                             blanked.extend(issue.key);
-                            for r in ranges {
-                                rest = blank(&rest, r);
-                            }
+                            rest = next;
                         }
                         _ => break None,
                     }
@@ -550,13 +548,13 @@ fn mentions(message: &str, word: &str) -> bool {
 /// Unknown keys and wrong types listed at most, per file.
 const MAX_FIRST_ISSUES: usize = 200;
 
-/// Where the entry that holds `offset` is written: a `key = value` (a
-/// dotted key from its first part, an inline table's entry with its
-/// comma), or a table as a whole: each of its headers and entries, wherever
-/// in the file they are. None when there is none, for an array of tables
-/// (whose headers have no place of their own), or when blanking it out
-/// would not leave TOML.
-fn entry_spans(text: &str, offset: usize) -> Option<Vec<std::ops::Range<usize>>> {
+/// `text` with the entry that holds `offset` blanked out wherever it is
+/// written: a `key = value` (a dotted key from its first part, an inline
+/// table's entry with its comma), or a table as a whole: each of its
+/// headers and entries. None when there is none, for an array of tables
+/// (whose headers have no place of their own), or when what is left would
+/// not be TOML.
+fn without_entry(text: &str, offset: usize) -> Option<String> {
     use toml::de::DeValue;
     type Entry<'a, 'b> = (
         &'b toml::Spanned<std::borrow::Cow<'a, str>>,
@@ -611,14 +609,15 @@ fn entry_spans(text: &str, offset: usize) -> Option<Vec<std::ops::Range<usize>>>
         Some(())
     }
     fn in_array_header(text: &str, at: usize) -> bool {
-        let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
-        text[line_start..at].trim_start().starts_with("[[")
+        text[line_start(text, at)..at]
+            .trim_start()
+            .starts_with("[[")
     }
     /// A range that also takes what belongs to it on its line: the start of
     /// a dotted key or a header's `[`, a header's closing `]`, and an inline
     /// table entry's comma.
     fn widen(text: &str, mut r: std::ops::Range<usize>, header: bool) -> std::ops::Range<usize> {
-        let line_start = text[..r.start].rfind('\n').map_or(0, |i| i + 1);
+        let line_start = line_start(text, r.start);
         let keyish = |c: char| {
             c.is_alphanumeric() || matches!(c, ' ' | '\t' | '.' | '_' | '-' | '"' | '\'' | '[')
         };
@@ -647,28 +646,36 @@ fn entry_spans(text: &str, offset: usize) -> Option<Vec<std::ops::Range<usize>>>
     }
     let doc = toml::de::DeTable::parse(text).ok()?;
     let (k, v) = find(doc.get_ref(), offset)?;
-    let mut out = Vec::new();
-    spans(text, k, v, &mut out)?;
-    let blanked = out
-        .iter()
-        .fold(text.to_string(), |t, r| blank(&t, r.clone()));
-    toml::de::DeTable::parse(&blanked).ok().map(|_| out)
+    let mut ranges = Vec::new();
+    spans(text, k, v, &mut ranges)?;
+    let mut out = text.to_string();
+    for r in ranges {
+        blank(&mut out, r);
+    }
+    toml::de::DeTable::parse(&out).ok()?;
+    Some(out)
 }
 
-/// `text` with `range` turned into spaces, byte for byte (line breaks
-/// kept), so every other position stays where it was.
-fn blank(text: &str, range: std::ops::Range<usize>) -> String {
-    let mut out = String::with_capacity(text.len());
-    out.push_str(&text[..range.start]);
-    for c in text[range.clone()].chars() {
-        if c == '\n' || c == '\r' {
-            out.push(c);
-        } else {
-            out.extend(std::iter::repeat_n(' ', c.len_utf8()));
-        }
-    }
-    out.push_str(&text[range.end..]);
-    out
+/// Turns `range` of `text` into spaces, byte for byte (line breaks kept),
+/// so every other position stays where it was.
+fn blank(text: &mut String, range: std::ops::Range<usize>) {
+    let spaces: String = text[range.clone()]
+        .chars()
+        .flat_map(|c| {
+            let (c, n) = if c == '\n' || c == '\r' {
+                (c, 1)
+            } else {
+                (' ', c.len_utf8())
+            };
+            std::iter::repeat_n(c, n)
+        })
+        .collect();
+    text.replace_range(range, &spaces);
+}
+
+/// Where the line that holds byte `at` begins.
+fn line_start(text: &str, at: usize) -> usize {
+    text[..at.min(text.len())].rfind('\n').map_or(0, |i| i + 1)
 }
 
 /// Turns a toml/serde error into an issue with line, column and key.
@@ -731,9 +738,7 @@ pub(crate) fn key_at(text: &str, offset: usize) -> Option<String> {
     if let Some(path) = key_path_at(text, offset) {
         return Some(path);
     }
-    let start = text[..offset.min(text.len())]
-        .rfind('\n')
-        .map_or(0, |i| i + 1);
+    let start = line_start(text, offset);
     let line = text[start..].lines().next().unwrap_or("");
     let table = text[..start]
         .lines()

@@ -251,9 +251,9 @@ struct Supervisor {
     pipeline_busy: bool,
     /// A fresh process being proven beside the active one, and why.
     replacing: Option<Replacing>,
-    /// The supervisor's own messages that came while it stopped and were
-    /// not handled then (see `serve_while`).
-    held: Vec<Internal>,
+    /// While it stopped, the build or restart under way ended (see
+    /// `serve_while`).
+    ended_while_stopping: bool,
     pending: Option<String>,
     debounce_epoch: u64,
     /// Bumped by every config file event; the reload waits for quiet.
@@ -364,7 +364,7 @@ pub fn spawn(
         candidate: None,
         pipeline_busy: false,
         replacing: None,
-        held: Vec::new(),
+        ended_while_stopping: false,
         pending: None,
         debounce_epoch: 0,
         config_epoch: 0,
@@ -1673,16 +1673,10 @@ impl Supervisor {
         self.active = None;
         // Candidates and builds end through the cancelled token; give their
         // tasks the stop timeout to reap.
-        let done = |i: &Internal| {
-            matches!(
-                i,
-                Internal::PipelineDone { .. } | Internal::RestartDone { .. }
-            )
-        };
-        if (self.pipeline_busy || self.replacing.is_some()) && !self.held.iter().any(done) {
+        if (self.pipeline_busy || self.replacing.is_some()) && !self.ended_while_stopping {
             let _ = tokio::time::timeout(wait, async {
                 while let Some(i) = self.irx.recv().await {
-                    if done(&i) {
+                    if ends_work(&i) {
                         return;
                     }
                 }
@@ -1695,8 +1689,8 @@ impl Supervisor {
     /// Runs `work` while answering the control socket (status as it is,
     /// a refusal for anything that would start work) and keeping the
     /// workers' state true: an exit, a drain timeout and a candidate's
-    /// progress are handled; the rest of the supervisor's own messages
-    /// wait in `held`.
+    /// progress are handled; of the rest of the supervisor's own messages
+    /// only the end of a build or restart is noted.
     async fn serve_while(&mut self, work: impl std::future::Future<Output = ()>) {
         tokio::pin!(work);
         loop {
@@ -1707,7 +1701,7 @@ impl Supervisor {
                     Internal::Worker(WorkerEvent::Exited { .. })
                     | Internal::DrainTimedOut { .. }
                     | Internal::Progress { .. } => self.internal(i),
-                    other => self.held.push(other),
+                    other => self.ended_while_stopping |= ends_work(&other),
                 },
             }
         }
@@ -1736,6 +1730,14 @@ impl Supervisor {
             _ => {}
         }
     }
+}
+
+/// Whether `i` says a build-and-prove or a restart has ended.
+fn ends_work(i: &Internal) -> bool {
+    matches!(
+        i,
+        Internal::PipelineDone { .. } | Internal::RestartDone { .. }
+    )
 }
 
 /// Build, snapshot, start and prove one generation.

@@ -794,11 +794,7 @@ fn spawn_follower(
                             // What it holds is not known: a change; and it is
                             // tried again until it is watched.
                             Err(e) => {
-                                if unwatched.is_empty() {
-                                    warned = std::time::Instant::now();
-                                    tracing::warn!(error = %e, "a new folder is not watched (changes in it are not seen); trying again every 2 s");
-                                }
-                                unwatched.insert(path.clone(), Unwatched::Tree);
+                                note_unwatched(&mut unwatched, &mut warned, &path, Unwatched::Tree, &e);
                                 let _ = tx.send(Change::Appeared(filter.shown(&path)));
                             }
                         }
@@ -809,11 +805,8 @@ fn spawn_follower(
                         // Its files changed all the same; and it is tried
                         // again until it is watched.
                         Err(e) => {
-                            if unwatched.is_empty() {
-                                warned = std::time::Instant::now();
-                                tracing::warn!(error = %WatchError { path: path.clone(), source: e }, "a replaced folder is not watched (changes in it are not seen); trying again every 2 s");
-                            }
-                            unwatched.insert(path.clone(), Unwatched::FileFolder);
+                            let e = WatchError { path: path.clone(), source: e };
+                            note_unwatched(&mut unwatched, &mut warned, &path, Unwatched::FileFolder, &e);
                             file_folder_changed(&filter, &path, &tx);
                         }
                     },
@@ -842,6 +835,22 @@ enum Unwatched {
     /// A folder watched only to see a watched folder replaced, or a link
     /// on the way switched, in it.
     Parent,
+}
+
+/// Adds `path` to the folders tried again; the first of them is warned
+/// about at once (later ones in the warning once a minute).
+fn note_unwatched(
+    unwatched: &mut BTreeMap<PathBuf, Unwatched>,
+    warned: &mut std::time::Instant,
+    path: &Path,
+    kind: Unwatched,
+    error: &WatchError,
+) {
+    if unwatched.is_empty() {
+        *warned = std::time::Instant::now();
+        tracing::warn!(%error, "a folder is not watched (changes in it are not seen); trying again every 2 s");
+    }
+    unwatched.insert(path.to_path_buf(), kind);
 }
 
 /// Tries again to watch the folders in `unwatched`: each one watched now,
