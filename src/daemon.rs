@@ -229,16 +229,6 @@ pub async fn run(
     }
     let control_listener = control::server::bind(&cfg.daemon.control_socket)?;
     let control_path = cfg.daemon.control_socket.clone();
-    let public = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    tracing::info!(
-        listen = %public,
-        control = %control_path.display(),
-        "batond listening on {public}; control socket {}",
-        control_path.display()
-    );
 
     if let Some((from, to)) = crate::process::raise_fd_limit() {
         tracing::info!(from, to, "open files limit raised from {from} to {to}");
@@ -261,7 +251,24 @@ pub async fn run(
         router,
         proxy.clone(),
         worker_token.clone(),
-    )?;
+    )
+    .inspect_err(|_| {
+        // Refused before serving: no socket left behind for the next start
+        // to find.
+        let _ = std::fs::remove_file(&control_path);
+    })?;
+    // Only now: a watch that cannot be set up refuses the start above, and
+    // the log must not have said the daemon was up.
+    let public = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(
+        listen = %public,
+        control = %control_path.display(),
+        "batond listening on {public}; control socket {}",
+        control_path.display()
+    );
 
     let tracker = TaskTracker::new();
     let front_token = token.child_token();
