@@ -287,6 +287,9 @@ impl Proxy {
         // The host the request is for (RFC 9112 §3.2): the authority of an
         // absolute-form target, which then replaces `Host`, else the one
         // `Host` line an HTTP/1.1 request must carry.
+        if let Err(why) = check_target(&req) {
+            return refuse(StatusCode::BAD_REQUEST, &format!("bad request: {why}\n"));
+        }
         let host = match request_host(&req) {
             Ok(h) => h,
             Err(why) => return refuse(StatusCode::BAD_REQUEST, &format!("bad request: {why}\n")),
@@ -311,6 +314,18 @@ impl Proxy {
         let inbound_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
+        // A body of unknown length on a GET or HEAD (a chunked one; a
+        // Content-Length is kept): hyper's client would send such a
+        // request as bodiless unless it is told the framing.
+        if matches!(parts.method, http::Method::GET | http::Method::HEAD)
+            && !body.is_end_stream()
+            && body.size_hint().exact().is_none()
+        {
+            parts.headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
         headers::set_forwarded(&mut parts.headers, client, "http", host.as_ref());
         headers::add_via(&mut parts.headers, parts.version);
         if let Some(h) = host
@@ -741,6 +756,25 @@ impl Body for ClientBody {
     }
 }
 
+/// The request target's form, checked as RFC 9112 §3.2 asks: a bare
+/// `host:port` (authority form) is for CONNECT only, and `*` (asterisk
+/// form) for OPTIONS only. hyper parses both for any method; taken as they
+/// come, a `GET admin.internal:8080` would reach the worker as `GET /` for
+/// that host.
+fn check_target(req: &Request<Incoming>) -> Result<(), &'static str> {
+    let uri = req.uri();
+    if uri.scheme().is_some() {
+        return Ok(());
+    }
+    if uri.authority().is_some() && req.method() != http::Method::CONNECT {
+        return Err("the target is a bare host[:port], which only CONNECT uses; send a path");
+    }
+    if uri.path() == "*" && req.method() != http::Method::OPTIONS {
+        return Err("the target * is for OPTIONS only");
+    }
+    Ok(())
+}
+
 /// The host a request is for, checked as RFC 9112 §3.2 asks: the
 /// authority of an absolute-form target wins over `Host`; otherwise an
 /// HTTP/1.1 request carries exactly one `Host` line with a valid authority
@@ -781,6 +815,12 @@ fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, &'static
 /// worker again.
 const CRASH_GRACE: Duration = Duration::from_millis(100);
 
+/// The most header lines a request or a worker's response head may have:
+/// hyper's default, kept (a larger limit costs a heap buffer per parsed
+/// head). HAProxy's is the same (`tune.http.maxhdr` 101, with the request
+/// line); a request over it gets 431, a response over it 502.
+const MAX_HEADER_LINES: usize = 100;
+
 /// Whether an exchange failed because the connection closed or was reset
 /// before an answer came, rather than because of what came (an answer
 /// that is not HTTP, a body that broke).
@@ -812,6 +852,16 @@ fn millis(d: Duration) -> u64 {
 }
 
 fn reason(e: &SendError) -> String {
+    // hyper says "message head is too large" for too many lines too.
+    if let SendError::Http(h) = e
+        && h.is_parse_too_large()
+    {
+        return format!(
+            "its response head is too large (over {} KiB, or over {} header lines)",
+            crate::pool::MAX_BUF / 1024,
+            MAX_HEADER_LINES
+        );
+    }
     let mut msg = e.to_string();
     let mut src = std::error::Error::source(e);
     while let Some(s) = src {

@@ -1238,6 +1238,7 @@ async fn a_request_held_for_a_restart_is_not_cut_by_the_idle_timeout() {
 /// against the worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_400_and_the_worker_is_not_blamed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let p = Project::python("", "");
     let d = Daemon::start(&p).await;
     d.wait_active(1).await;
@@ -1257,6 +1258,15 @@ async fn bad_requests_get_400_and_the_worker_is_not_blamed() {
             "a Host that is no host",
             "GET /whoami HTTP/1.1\r\nHost: user@a.example\r\n\r\n",
         ),
+        // RFC 9112 §3.2.3-4: a bare host:port is CONNECT's target, `*`
+        // OPTIONS'; taken for any method, the first would reach the worker
+        // as `GET /` for that host.
+        (
+            "a bare host:port target",
+            "GET admin.internal:8080 HTTP/1.1\r\nHost: public.example\r\n\r\n",
+        ),
+        ("a bare name target", "GET echo HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("a * target on GET", "GET * HTTP/1.1\r\nHost: x\r\n\r\n"),
     ] {
         let r = raw_request(addr, req).await;
         assert!(status(&r).starts_with("HTTP/1.1 400"), "{what}: {r}");
@@ -1267,6 +1277,42 @@ async fn bad_requests_get_400_and_the_worker_is_not_blamed() {
     )
     .await;
     assert!(status(&r).starts_with("HTTP/1.1 501"), "{r}");
+    // `OPTIONS *` is for the server as a whole: it goes on (the worker
+    // answers it as it likes).
+    let r = raw_request(
+        addr,
+        "OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(!status(&r).contains(" 400"), "{r}");
+    assert!(r.contains("BaseHTTP"), "the worker's own answer: {r}");
+    // A GET or HEAD may carry a chunked body (RFC 9110 §9.3.1 gives it no
+    // meaning, but a worker may use it): it is passed on chunked, not
+    // dropped, and the connection stays in step for the next request.
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\nGET /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+    )
+    .await
+    .expect("write");
+    let mut r = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut r))
+        .await
+        .expect("answers in time")
+        .expect("read");
+    let answers: Vec<&str> = r.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(answers.len(), 2, "{r}");
+    let lower = answers[0].to_ascii_lowercase();
+    assert!(lower.starts_with("200"), "{r}");
+    assert!(lower.contains("x-framing: chunked\r\n"), "{r}");
+    assert!(answers[0].ends_with("\r\n\r\nhello world"), "{r}");
+    assert!(
+        answers[1]
+            .to_ascii_lowercase()
+            .contains("x-framing: length 3"),
+        "{r}"
+    );
+    assert!(answers[1].ends_with("abc"), "{r}");
     let (_, text) = baton::control::client::call_text(&d.socket, http::Method::GET, "/metrics")
         .await
         .expect("metrics");
@@ -1347,6 +1393,28 @@ async fn bad_requests_get_400_and_the_worker_is_not_blamed() {
     assert_eq!(who["headers"]["host"], "h.example", "{who}");
     // The listener lives on.
     assert_eq!(d.get("/healthz").await.0, StatusCode::OK);
+    // Past 100 header lines (hyper's limit and HAProxy's): a request gets
+    // 431, a worker's answer 502 that says which limit.
+    let lines: String = (0..101).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let r = raw_request(
+        addr,
+        &format!("GET /whoami HTTP/1.1\r\nHost: x\r\n{lines}\r\n"),
+    )
+    .await;
+    assert!(status(&r).starts_with("HTTP/1.1 431"), "{r}");
+    let r = raw_request(
+        addr,
+        "GET /many_headers?n=120 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(status(&r).starts_with("HTTP/1.1 502"), "{r}");
+    assert!(r.contains("over 100 header lines"), "{r}");
+    let r = raw_request(
+        addr,
+        "GET /many_headers?n=90 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(status(&r).starts_with("HTTP/1.1 200"), "{r}");
 }
 
 /// Nothing in progress holds a worker connection for ever: a worker that
