@@ -120,7 +120,7 @@ impl Job {
         let (tx, rx) = oneshot::channel();
         self.send(Control::Reload(Some(tx)));
         rx.await
-            .unwrap_or_else(|_| Err("supervisor stopped".to_string()))
+            .unwrap_or_else(|_| Err("batond is stopping".to_string()))
     }
 }
 
@@ -137,7 +137,7 @@ async fn outcome(rx: oneshot::Receiver<DeployOutcome>) -> DeployOutcome {
     rx.await.unwrap_or_else(|_| DeployOutcome {
         generation: None,
         outcome: "failed".into(),
-        reason: Some("supervisor stopped".into()),
+        reason: Some("batond is stopping".into()),
     })
 }
 
@@ -187,6 +187,7 @@ struct TaskCtx {
     itx: mpsc::UnboundedSender<Internal>,
     wtx: mpsc::UnboundedSender<WorkerEvent>,
     token: CancellationToken,
+    stopping: CancellationToken,
 }
 
 /// What a generation needs to be started again.
@@ -229,6 +230,10 @@ struct Supervisor {
     proxy: Arc<Proxy>,
     events: Events,
     token: CancellationToken,
+    /// Cancelled when the daemon begins to stop, before the workers'
+    /// `token`: a build then running is stopped, and no candidate starts
+    /// after it (the workers serving keep theirs until the drain is over).
+    stopping: CancellationToken,
     rx: mpsc::UnboundedReceiver<Control>,
     itx: mpsc::UnboundedSender<Internal>,
     irx: mpsc::UnboundedReceiver<Internal>,
@@ -348,6 +353,7 @@ pub fn spawn(
         proxy,
         events,
         token,
+        stopping: CancellationToken::new(),
         rx,
         itx,
         irx,
@@ -705,6 +711,7 @@ impl Supervisor {
             itx,
             wtx,
             token,
+            stopping,
         } = self.task_ctx();
         tokio::spawn(async move {
             // In a task of its own, so that a panic in it (a bug) still
@@ -712,7 +719,8 @@ impl Supervisor {
             let run = {
                 let (cfg, itx) = (cfg.clone(), itx.clone());
                 tokio::spawn(async move {
-                    pipeline(&cfg, &shim, generation, &dir, &itx, wtx, &token).await
+                    let tokens = (&token, &stopping);
+                    pipeline(&cfg, &shim, generation, &dir, &itx, wtx, tokens).await
                 })
             };
             let (result, snapshot) = run.await.unwrap_or_else(|e| {
@@ -740,6 +748,7 @@ impl Supervisor {
             itx: self.itx.clone(),
             wtx: self.wtx.clone(),
             token: self.token.child_token(),
+            stopping: self.stopping.clone(),
         }
     }
 
@@ -969,6 +978,11 @@ impl Supervisor {
                     ),
                 );
                 self.finish(generation, state, Some(reason.clone()));
+                // No worker has served yet: the unit has failed (until a
+                // deploy works), it is not still starting.
+                if self.active.is_none() && self.unit_state == "starting" {
+                    self.unit_state = "failed";
+                }
                 DeployOutcome {
                     generation: Some(generation),
                     outcome: state.as_str().into(),
@@ -1021,6 +1035,28 @@ impl Supervisor {
         if let Some(old) = old {
             self.drain(old);
         }
+        // A generation whose worker was down (it crashed, and its restart
+        // was due or under way, or it hit the start limit) is over now: its
+        // history entry must not stay `active`, and it can be pruned.
+        let over: Vec<u64> = self
+            .gens
+            .values()
+            .filter(|g| g.id != generation && g.state == GenState::Active && !self.is_live(g.id))
+            .map(|g| g.id)
+            .collect();
+        for id in over {
+            if let Some(rt) = self.runtime.get_mut(&id) {
+                rt.restart_pending = false;
+            }
+            self.finish(
+                id,
+                GenState::Stopped,
+                Some(format!(
+                    "replaced by generation {generation} while its worker was down"
+                )),
+            );
+        }
+        self.prune();
         if !self.ready_sent {
             self.ready_sent = true;
             systemd::ready(&self.status_line());
@@ -1131,6 +1167,10 @@ impl Supervisor {
         let Some(dead) = self.active.take() else {
             return;
         };
+        // The process is gone: its history entry shows no pid or port.
+        if let Some(g) = self.gens.get_mut(&generation) {
+            (g.pid, g.port, g.socket) = (None, None, None);
+        }
         dead.monitor.cancel();
         dead.upstream.tunnel_cancel.cancel();
         self.router.set(None);
@@ -1183,7 +1223,7 @@ impl Supervisor {
                 Some(generation),
                 format!("generation {generation}: {reason}; the unit is failed until the next deploy or restart"),
             );
-            self.set_state(generation, GenState::Failed, Some(reason));
+            self.finish(generation, GenState::Failed, Some(reason));
             self.notify_status();
             return;
         }
@@ -1624,6 +1664,7 @@ impl Supervisor {
         systemd::stopping();
         self.events.emit("stopping", None, "daemon stopping");
         self.unit_state = "stopping";
+        self.stopping.cancel();
         let grace = self.cfg.daemon.shutdown_timeout;
         // The workers stay in `active` and `draining` until they are gone,
         // so `batonctl status` shows what is left meanwhile.
@@ -1748,11 +1789,15 @@ async fn pipeline(
     dir: &std::path::Path,
     itx: &mpsc::UnboundedSender<Internal>,
     wtx: mpsc::UnboundedSender<WorkerEvent>,
-    token: &CancellationToken,
+    (token, stopping): (&CancellationToken, &CancellationToken),
 ) -> (
     Result<(Instance, Duration), (GenState, String)>,
     Option<PathBuf>,
 ) {
+    const STOPPING: &str = "batond is stopping";
+    if stopping.is_cancelled() {
+        return (Err((GenState::Failed, STOPPING.into())), None);
+    }
     if let Err(e) = std::fs::create_dir_all(dir) {
         return (
             Err((GenState::Failed, format!("{}: {e}", dir.display()))),
@@ -1760,7 +1805,12 @@ async fn pipeline(
         );
     }
     let t0 = Instant::now();
-    if let Err(reason) = worker_proc::build(cfg, shim, dir, token).await {
+    // A build is of no use once the daemon stops: it ends then, not
+    // after the drain.
+    if let Err(reason) = worker_proc::build(cfg, shim, dir, stopping).await {
+        if stopping.is_cancelled() {
+            return (Err((GenState::Failed, STOPPING.into())), None);
+        }
         // What the failed build left, so that its own write of the
         // artifact in a watched folder does not start it again.
         let artifact = cfg.build.artifact.clone();
@@ -1779,6 +1829,9 @@ async fn pipeline(
         Ok(x) => x,
         Err(reason) => return (Err((GenState::Failed, reason)), None),
     };
+    if stopping.is_cancelled() {
+        return (Err((GenState::Failed, STOPPING.into())), None);
+    }
     let _ = itx.send(Internal::Progress {
         generation,
         state: GenState::Starting,

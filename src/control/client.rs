@@ -39,6 +39,29 @@ pub enum ClientError {
     },
 }
 
+/// A refused connect to a path that is not a socket at all (a wrong
+/// `--socket`, a file left in its place) says so: "connection refused"
+/// would send the reader looking for a daemon that is not running.
+fn explain_connect(socket: &Path, e: std::io::Error) -> std::io::Error {
+    use std::os::unix::fs::FileTypeExt as _;
+    match std::fs::metadata(socket) {
+        Ok(m) if !m.file_type().is_socket() => {
+            let what = if m.is_dir() {
+                "a folder"
+            } else if m.is_file() {
+                "a regular file"
+            } else {
+                "a special file"
+            };
+            std::io::Error::new(
+                e.kind(),
+                format!("the path is {what}, not batond's control socket"),
+            )
+        }
+        _ => e,
+    }
+}
+
 /// Sends one request and returns the status and the streaming body, once
 /// the response head has come: within `head_limit`, or as long as it
 /// takes with `None` (a deploy waited for answers when it is done).
@@ -62,7 +85,7 @@ pub async fn call(
         let unix = crate::endpoint::UnixPath::new(socket).map_err(connect_err)?;
         let stream = tokio::net::UnixStream::connect(unix.addr())
             .await
-            .map_err(connect_err)?;
+            .map_err(|e| connect_err(explain_connect(socket, e)))?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             let _ = conn.await;

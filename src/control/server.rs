@@ -183,7 +183,7 @@ async fn route(
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/v1/status") => match job.status().await {
             Some(s) => json(StatusCode::OK, &s),
-            None => json_error(StatusCode::SERVICE_UNAVAILABLE, "supervisor stopped"),
+            None => json_error(StatusCode::SERVICE_UNAVAILABLE, "batond is stopping"),
         },
         (&Method::POST, "/v1/deploy") => {
             let wait = flag(&req, "wait");
@@ -224,7 +224,7 @@ async fn route(
         (&Method::GET, "/v1/events") => events(job, token),
         (&Method::GET, "/metrics") => match job.status().await {
             Some(s) => metrics(&s, job),
-            None => json_error(StatusCode::SERVICE_UNAVAILABLE, "supervisor stopped"),
+            None => json_error(StatusCode::SERVICE_UNAVAILABLE, "batond is stopping"),
         },
         _ => json_error(StatusCode::NOT_FOUND, "no such route"),
     }
@@ -245,7 +245,7 @@ async fn logs(req: &Request<Incoming>, job: &Job, state_dir: &Path) -> Response<
         Some(Err(_)) => return json_error(StatusCode::BAD_REQUEST, "generation must be a number"),
         None => {
             let Some(s) = job.status().await else {
-                return json_error(StatusCode::SERVICE_UNAVAILABLE, "supervisor stopped");
+                return json_error(StatusCode::SERVICE_UNAVAILABLE, "batond is stopping");
             };
             let pick = if kind == "build" {
                 s.candidate

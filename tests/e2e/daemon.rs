@@ -227,10 +227,84 @@ async fn start_limit_marks_the_unit_failed_until_the_next_deploy() {
     let (code, headers, _) = d.get("/whoami").await;
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(headers["retry-after"], "1");
-    // A fixed source deploys and the unit runs again.
+    // A fixed source deploys and the unit runs again. The failed
+    // generation stays in the history as failed, with no pid or port.
     p.write("src/pyworker.py", pyworker_source());
-    d.wait_for("running again", |s| s.state == "running").await;
+    let s = d.wait_for("running again", |s| s.state == "running").await;
     assert_eq!(d.get("/healthz").await.0, StatusCode::OK);
+    let old = s.history.iter().find(|h| h.id == g.id).expect("in history");
+    assert_eq!(old.state, GenState::Failed, "{old:?}");
+    assert_eq!((old.pid, old.port), (None, None), "{old:?}");
+}
+
+/// A generation whose worker crashed and is waiting for its restart is
+/// over once a deploy cuts over: stopped in the history, with why, no pid,
+/// and pruned like any other (it used to stay `active` for good, its
+/// folder never removed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_generation_replaced_before_its_restart_is_stopped_and_pruned() {
+    let p = Project::python(
+        "",
+        "[restart]\nbackoff_initial_ms = 20000\nbackoff_max_ms = 20000\n",
+    );
+    p.edit(
+        "etc/baton.toml",
+        "shutdown_timeout_s = 5",
+        "shutdown_timeout_s = 5\nhistory = 1",
+    );
+    let d = Daemon::start(&p).await;
+    let pid1 = d.active_pid(1).await;
+    sigkill(pid1);
+    let s = d.wait_for("restarting", |s| s.state == "restarting").await;
+    let shown = s.active.expect("the generation being restarted");
+    assert_eq!((shown.id, shown.pid), (1, None), "{shown:?}");
+    d.deploy().await;
+    let g1 = d.wait_history(1, "stopped").await;
+    assert_eq!(
+        g1.reason.as_deref(),
+        Some("replaced by generation 2 while its worker was down"),
+        "{g1:?}"
+    );
+    assert_eq!((g1.pid, g1.port), (None, None), "{g1:?}");
+    // The restart that was due does not happen.
+    let s = d.status().await;
+    assert_eq!(
+        (s.state.as_str(), s.active.map(|a| a.id)),
+        ("running", Some(2))
+    );
+    // With `history = 1`, the next deploy prunes it, folder and all.
+    d.deploy().await;
+    d.wait_for("generation 1 pruned", |s| {
+        s.history.iter().all(|h| h.id != 1)
+    })
+    .await;
+    assert!(!p.path("state/gen-0001").exists());
+    assert!(
+        d.log()
+            .lines()
+            .filter(|l| l.contains("worker_exited"))
+            .count()
+            == 1
+    );
+}
+
+/// A first deploy that fails leaves the unit `failed` (nothing serves,
+/// nothing is under way), not `starting`, until a deploy works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_first_deploy_leaves_the_unit_failed_until_one_works() {
+    let p = Project::python("", "");
+    p.append("src/pyworker.py", "\n# BROKEN\n");
+    p.edit(
+        "etc/baton.toml",
+        "command = []",
+        r#"command = ["sh", "-c", "! grep -q BROKEN src/pyworker.py"]"#,
+    );
+    let d = Daemon::start(&p).await;
+    let s = d.wait_for("failed", |s| s.state == "failed").await;
+    assert!(s.active.is_none() && s.candidate.is_none(), "{s:?}");
+    assert_eq!(s.history.first().map(|h| h.state), Some(GenState::Failed));
+    p.write("src/pyworker.py", pyworker_source());
+    d.wait_for("running", |s| s.state == "running").await;
 }
 
 /// SIGTERM: no new connections, the request in flight is answered by a
@@ -272,6 +346,69 @@ async fn sigterm_lets_requests_in_flight_finish_before_the_workers_stop() {
         .expect("wait");
     assert!(status.success(), "{status:?}");
     assert!(wait_gone(pid).await, "worker {pid} outlived batond");
+}
+
+/// A build under way when batond is told to stop ends at once (its whole
+/// process group), not after the drain, and no candidate starts from it:
+/// it could never serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_under_way_at_sigterm_is_stopped_and_starts_nothing() {
+    let p = Project::python("", "");
+    p.edit(
+        "etc/baton.toml",
+        "command = []",
+        r#"command = ["sh", "-c", "if grep -q SLOW src/pyworker.py; then echo $$ > build.pid; sleep 2; touch built; fi"]"#,
+    );
+    let mut d = Daemon::start(&p).await;
+    let pid = d.active_pid(1).await;
+    // A request that keeps the shutdown waiting past the build's end.
+    let addr = d.addr;
+    let slow = tokio::spawn(async move { http_get(addr, "/slow?ms=4000").await });
+    d.wait_for("the request in flight", |s| {
+        s.active.as_ref().is_some_and(|a| a.requests_in_flight == 1)
+    })
+    .await;
+    p.append("src/pyworker.py", "\n# SLOW\n");
+    d.wait_for("building", |s| {
+        s.candidate
+            .as_ref()
+            .is_some_and(|c| c.state == GenState::Building)
+    })
+    .await;
+    let mut build = None;
+    for _ in 0..200 {
+        build = read(&p.path("build.pid")).trim().parse::<u32>().ok();
+        if build.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let build = build.expect("the build's pid");
+    let batond = nix::unistd::Pid::from_raw(d.child.id().expect("pid") as i32);
+    nix::sys::signal::kill(batond, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    // Gone well before its `sleep 2` would have ended.
+    for _ in 0..20 {
+        if !alive(build) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!alive(build), "the build outlived the stop signal");
+    let (code, _, body) = slow.await.expect("slow");
+    assert_eq!((code, body.as_str()), (StatusCode::OK, "slow 1"));
+    let status = tokio::time::timeout(Duration::from_secs(20), d.child.wait())
+        .await
+        .expect("batond did not stop")
+        .expect("wait");
+    assert!(status.success(), "{status:?}");
+    assert!(wait_gone(pid).await);
+    assert!(!p.path("built").exists(), "the build ran to its end");
+    let log = d.log();
+    assert!(
+        !log.contains("generation 2: starting"),
+        "a candidate started while batond stopped: {log}"
+    );
+    assert!(!p.path("state/gen-0002/worker.log").exists(), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

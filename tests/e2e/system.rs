@@ -712,3 +712,40 @@ async fn batond_raises_its_open_files_limit_for_many_calls() {
     );
     assert!(d.stop().await.success());
 }
+
+/// batonctl pointed at something that is no socket says what it found,
+/// not "connection refused" (which sends the reader looking for a daemon
+/// that is not running).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batonctl_says_when_its_socket_path_is_no_socket() {
+    let p = Project::new();
+    p.write("file.sock", "");
+    std::fs::create_dir_all(p.path("folder.sock")).expect("mkdir");
+    for (name, want) in [
+        (
+            "file.sock",
+            "the path is a regular file, not batond's control socket",
+        ),
+        (
+            "folder.sock",
+            "the path is a folder, not batond's control socket",
+        ),
+        ("missing.sock", "No such file or directory"),
+    ] {
+        let out = tokio::time::timeout(
+            PATIENCE,
+            tokio::process::Command::new(BATONCTL)
+                .arg("--socket")
+                .arg(p.path(name))
+                .arg("status")
+                .output(),
+        )
+        .await
+        .expect("batonctl timed out")
+        .expect("batonctl runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert!(err.contains("cannot reach batond at "), "{name}: {err}");
+        assert!(err.contains(want), "{name}: {err}");
+    }
+}
