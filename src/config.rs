@@ -156,16 +156,22 @@ pub enum SignatureMode {
 }
 
 /// The kind of listening socket `batond` binds for a worker and hands over
-/// as fd 3.
+/// as fd 3, or (`port`) the port it reserves for a worker that binds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkerSocket {
-    /// A loopback TCP port; `PORT` is set too, for workers that bind by
-    /// themselves.
+    /// A loopback TCP port, listening, as fd 3; `PORT` names it too (it is
+    /// taken: a worker that binds its port itself needs `port`).
     Tcp,
     /// A Unix stream socket in the generation's folder, its path in
     /// `BATON_SOCKET`: cheaper per message than loopback TCP.
     Unix,
+    /// Only a loopback port, in `PORT`, for a worker that binds it itself
+    /// (it ignores `LISTEN_FDS`): `batond` keeps the port reserved (bound
+    /// with `SO_REUSEADDR`, not listening) for the worker's whole life, so
+    /// no other program is given it; the worker must bind with
+    /// `SO_REUSEADDR` too, as Node, Python's `socketserver`, Go and Rust do.
+    Port,
 }
 
 /// The whole validated configuration.
@@ -1396,6 +1402,11 @@ mod tests {
         assert_eq!(
             parse(&text).expect("valid").worker.socket,
             WorkerSocket::Unix
+        );
+        let text = MINIMAL.replace("[worker]\n", "[worker]\nsocket = \"port\"\n");
+        assert_eq!(
+            parse(&text).expect("valid").worker.socket,
+            WorkerSocket::Port
         );
         let text = MINIMAL.replace("[worker]\n", "[worker]\nsocket = \"udp\"\n");
         let i = single_issue(&text);

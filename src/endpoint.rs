@@ -107,6 +107,32 @@ impl Endpoint {
         Ok((Endpoint::Tcp(addr), listener.into()))
     }
 
+    /// Reserves a fresh loopback port for a worker that binds it itself:
+    /// a socket bound with `SO_REUSEADDR` and never listening, which the
+    /// worker's own bind (with `SO_REUSEADDR`) and listen share, while the
+    /// kernel gives the port to no other bind or connect as long as it is
+    /// kept open.
+    ///
+    /// # Errors
+    /// The socket or bind error.
+    pub fn reserve_tcp() -> io::Result<(Endpoint, OwnedFd)> {
+        use nix::sys::socket::{
+            AddressFamily, SockFlag, SockType, SockaddrIn, bind, getsockname, setsockopt, socket,
+            sockopt,
+        };
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, 0))?;
+        let bound: SockaddrIn = getsockname(fd.as_raw_fd())?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], bound.port()));
+        Ok((Endpoint::Tcp(addr), fd))
+    }
+
     /// Binds a Unix stream socket at `path`, replacing a stale socket file
     /// left there by an earlier run. A path of any length works.
     ///

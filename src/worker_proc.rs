@@ -417,14 +417,23 @@ pub async fn start(
     events: mpsc::UnboundedSender<WorkerEvent>,
     token: &CancellationToken,
 ) -> Result<(Instance, Duration), String> {
-    let (endpoint, listener) = match cfg.worker.socket {
+    // The socket handed over as fd 3, or (`port`) the reservation kept
+    // here until the worker exits.
+    let (endpoint, socket) = match cfg.worker.socket {
         WorkerSocket::Tcp => {
             Endpoint::bind_tcp().map_err(|e| format!("cannot bind a loopback port: {e}"))?
+        }
+        WorkerSocket::Port => {
+            Endpoint::reserve_tcp().map_err(|e| format!("cannot reserve a loopback port: {e}"))?
         }
         WorkerSocket::Unix => {
             let path = launch.dir.join(format!("worker-{}.sock", launch.instance));
             Endpoint::bind_unix(&path).map_err(|e| format!("cannot bind the worker socket: {e}"))?
         }
+    };
+    let (listener, reservation) = match cfg.worker.socket {
+        WorkerSocket::Port => (None, Some(socket)),
+        WorkerSocket::Tcp | WorkerSocket::Unix => (Some(socket), None),
     };
     let snapshot = launch.snapshot.to_string_lossy();
     let port = endpoint.port().map(|p| p.to_string());
@@ -475,7 +484,7 @@ pub async fn start(
             argv,
             env,
             cwd: cfg.daemon.root.clone(),
-            listener: Some(listener),
+            listener,
             stdout: Stdio::piped(),
             stderr: Stdio::piped(),
         },
@@ -548,6 +557,8 @@ pub async fn start(
             // The group is gone: `wait` killed what the worker left in it.
             record.clear();
             endpoint.remove_file();
+            // The worker's own port is free for others only now.
+            drop(reservation);
             let _ = exit_tx.send(Some(exit.clone()));
             let _ = events.send(WorkerEvent::Exited {
                 generation,

@@ -180,6 +180,64 @@ fn environ(pid: u32) -> Vec<String> {
         .collect()
 }
 
+/// `worker.socket = "port"`: a worker that binds `$PORT` itself (no
+/// `LISTEN_FDS`) starts, serves and is cut over like any other; its port
+/// stays reserved while it runs and is free once it is gone. With the
+/// default `tcp`, the same worker finds the port taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_binds_its_port_itself_runs_with_socket_port() {
+    let p = Project::python("socket = \"port\"", "");
+    let d = Daemon::start(&p).await;
+    let s = d.wait_active(1).await;
+    let g1 = s.active.expect("active");
+    let port1 = g1.port.expect("a port");
+    let env = environ(g1.pid.expect("pid"));
+    assert!(env.contains(&format!("PORT={port1}")), "{env:?}");
+    assert!(!env.iter().any(|v| v.starts_with("LISTEN_FDS=")), "{env:?}");
+    assert!(
+        d.log().contains("bound 127.0.0.1"),
+        "the worker bound it: {}",
+        d.log()
+    );
+    assert_eq!(whoami(d.addr).await.0, 1);
+    // Nobody else may have it while the worker runs.
+    assert!(std::net::TcpListener::bind(("127.0.0.1", port1)).is_err());
+    p.append("src/pyworker.py", "\n# v2\n");
+    let s = d.wait_active(2).await;
+    assert_ne!(s.active.and_then(|a| a.port), Some(port1));
+    assert_eq!(whoami(d.addr).await.0, 2);
+    d.wait_history(1, "stopped").await;
+    let mut free = false;
+    for _ in 0..100 {
+        if std::net::TcpListener::bind(("127.0.0.1", port1)).is_ok() {
+            free = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(free, "port {port1} still held after its worker stopped");
+    // The same worker made to ignore the socket it is given, under `tcp`:
+    // the port is taken, and the deploy says so.
+    let cfg = read(&p.path("etc/baton.toml"))
+        .replace("socket = \"port\"", "socket = \"tcp\"")
+        .replace(
+            "command = [\"python3\", \"{artifact}\"]",
+            "command = [\"env\", \"-u\", \"LISTEN_FDS\", \"python3\", \"{artifact}\"]",
+        );
+    p.write("etc/baton.toml", &cfg);
+    let s = d
+        .wait_for("the reload's deploy rejected", |s| {
+            s.history
+                .iter()
+                .any(|h| h.id > 2 && h.state == baton::control::api::GenState::Rejected)
+        })
+        .await;
+    let g = s.history.iter().find(|h| h.id > 2).expect("rejected");
+    let why = g.reason.clone().unwrap_or_default();
+    assert!(why.contains("Address already in use"), "{why}");
+    assert_eq!(whoami(d.addr).await.0, 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_on_a_unix_socket_serves_calls_across_a_cutover() {
     use std::os::unix::fs::FileTypeExt;
