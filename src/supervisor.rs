@@ -873,7 +873,10 @@ impl Supervisor {
                 if let Some(rt) = self.runtime.get_mut(&generation) {
                     rt.restart_pending = false;
                 }
-                if self.active.is_none() && self.unit_state != "failed" {
+                if self.active.is_none()
+                    && self.unit_state != "failed"
+                    && self.is_newest(generation)
+                {
                     self.start_instance(generation, None);
                 }
             }
@@ -1305,7 +1308,8 @@ impl Supervisor {
                 // A deploy may have moved on meanwhile: only take over from
                 // the same generation (or from nothing).
                 let current = self.active.as_ref().map(|a| a.generation);
-                if current.is_none() || current == Some(generation) {
+                if (current.is_none() && self.is_newest(generation)) || current == Some(generation)
+                {
                     // The backoff stays where it is: a worker that proves
                     // itself and crashes again soon is still crash-looping
                     // (it starts over only after a run as long as the
@@ -1336,7 +1340,8 @@ impl Supervisor {
                     Some(generation),
                     format!("generation {generation}: fresh start failed ({reason})"),
                 );
-                if self.active.is_none() && !self.token.is_cancelled() {
+                if self.active.is_none() && !self.token.is_cancelled() && self.is_newest(generation)
+                {
                     self.schedule_restart(generation, &format!("failed to start: {reason}"));
                 } else if for_health
                     && self
@@ -1561,6 +1566,14 @@ impl Supervisor {
             self.runtime.remove(id);
             remove_gen_dir(&self.cfg.daemon.state_dir, *id);
         }
+    }
+
+    /// Whether `generation` is the newest proven one: only that one is
+    /// restarted when its worker dies, and only it takes traffic from a
+    /// restart. An older one's restart that ends while the newer one is
+    /// down between its own restarts must not take traffic back.
+    fn is_newest(&self, generation: u64) -> bool {
+        self.runtime.keys().next_back() == Some(&generation)
     }
 
     fn is_live(&self, generation: u64) -> bool {
@@ -1822,6 +1835,14 @@ async fn pipeline(
         return (Err((GenState::Failed, reason)), None);
     }
     let build_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+    // The build's time goes into the history even when its artifact then
+    // turns out missing or unusable.
+    let _ = itx.send(Internal::Progress {
+        generation,
+        state: GenState::Building,
+        build_ms: Some(build_ms),
+        signature: None,
+    });
     // Within the build's own time limit: an artifact on a mount that hangs
     // would otherwise hold this deploy, and every one after it, for good.
     let copied = worker_proc::snapshot(&cfg.build.artifact, dir, cfg.build.timeout).await;

@@ -114,6 +114,8 @@ artifact = "build/odd""#,
     for (g, kind, what) in [(2, "fifo", "a FIFO"), (3, "dir", "a folder")] {
         p.write("src/kind", kind);
         let info = d.wait_history(g, "failed").await;
+        // The build ran: its time is in the history too.
+        assert!(info.build_ms.is_some(), "{info:?}");
         let reason = info.reason.expect("reason");
         assert!(reason.contains(&format!("build/odd is {what}")), "{reason}");
         assert!(
@@ -285,6 +287,51 @@ async fn a_crashed_generation_replaced_before_its_restart_is_stopped_and_pruned(
             .filter(|l| l.contains("worker_exited"))
             .count()
             == 1
+    );
+}
+
+/// A restart of an older generation that ends while the newer one is down
+/// between its own crash restarts does not take traffic back: the older
+/// one was over when the newer one cut over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_generations_restart_never_takes_traffic_back() {
+    let p = Project::python(
+        "",
+        "[restart]\nbackoff_initial_ms = 100\nbackoff_max_ms = 200\nlimit_burst = 100\n",
+    );
+    p.append("src/pyworker.py", "\n# START_DELAY_FILE=delay\n");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    p.append("src/pyworker.py", "\n# v2\n");
+    let pid2 = d.active_pid(2).await;
+    // Generation 2's restart waits 2.5 s before it listens.
+    p.write("delay", "2500");
+    sigkill(pid2);
+    d.wait_for("generation 2 restarting", |s| {
+        s.state == "restarting"
+            && s.active
+                .as_ref()
+                .is_some_and(|a| a.id == 2 && a.restarts >= 1)
+    })
+    .await;
+    // Its fresh process has read the delay (100 ms backoff, then Python's
+    // start) before the next generation's is cleared.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    p.write("delay", "0");
+    // Generation 3 proves itself, then crashes 300 ms after every start.
+    p.append("src/pyworker.py", "\n# CRASH_AFTER_MS=300\n");
+    d.wait_history(2, "stopped").await;
+    // Past the moment generation 2's restart is up (2.5 s after it began).
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let s = d.status().await;
+    assert_ne!(s.active.as_ref().map(|a| a.id), Some(2), "{s:?}");
+    let g2 = s.history.iter().find(|h| h.id == 2).expect("generation 2");
+    assert_eq!(g2.state, GenState::Stopped, "{g2:?}");
+    let log = d.log();
+    assert_eq!(
+        log.matches("generation 2: proven; traffic moved").count(),
+        1,
+        "generation 2 took traffic again: {log}"
     );
 }
 
