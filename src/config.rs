@@ -446,8 +446,31 @@ impl Config {
         };
         let text = std::fs::read_to_string(path).map_err(read)?;
         let file = std::path::absolute(path).map_err(read)?;
-        let loose: Loose = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
-            issues: vec![serde_issue(&file, &text, &e)],
+        // A syntax mistake in the file (a stray `=`, an unclosed string)
+        // must not keep `batonctl` from the daemon, which still runs with
+        // the config it had: the lines at fault are blanked (positions stay
+        // where they were) and the rest read for the three keys.
+        let mut rest = text.clone();
+        let mut first = None;
+        while let Err(e) = rest.parse::<toml::Table>() {
+            let issue = first.get_or_insert_with(|| serde_issue(&file, &text, &e));
+            let blanked = e.span().and_then(|span| {
+                let from = line_start(&rest, span.start);
+                let end = span.end.clamp(from, rest.len());
+                let to = rest[end..].find('\n').map_or(rest.len(), |i| end + i);
+                (!rest[from..to].trim().is_empty()).then_some(from..to)
+            });
+            match blanked {
+                Some(lines) => blank(&mut rest, lines),
+                None => {
+                    return Err(ConfigError::Invalid {
+                        issues: vec![issue.clone()],
+                    });
+                }
+            }
+        }
+        let loose: Loose = toml::from_str(&rest).map_err(|e| ConfigError::Invalid {
+            issues: vec![serde_issue(&file, &rest, &e)],
         })?;
         let d = loose.daemon;
         // As `Validator::validate` resolves them.
@@ -882,7 +905,13 @@ impl Validator<'_> {
                 match s.parse::<SocketAddr>() {
                     Ok(a) => a,
                     Err(e) => {
-                        self.issue("daemon", "listen", format!("`{s}` is not host:port: {e}"));
+                        self.issue(
+                            "daemon",
+                            "listen",
+                            format!(
+                                "`{s}` is not an IP address and port such as 127.0.0.1:8080 or [::1]:8080 (names like localhost are not looked up): {e}"
+                            ),
+                        );
                         SocketAddr::from(([127, 0, 0, 1], 8080))
                     }
                 }
@@ -1293,7 +1322,22 @@ mod tests {
             std::fs::write(&file, broken).expect("write");
             assert!(Config::load(&file, &Overrides::default()).is_err());
             assert_eq!(Config::control_socket_of(&file).expect("socket"), found);
+            // Syntax mistakes too: a stray `=`, a string left open, a
+            // broken table header, each after the `[daemon]` keys.
+            for mistake in ["debounce_ms = = 200\n", "note = \"unclosed\n", "[worker\n"] {
+                let broken = format!("{daemon}{MINIMAL}{mistake}");
+                std::fs::write(&file, &broken).expect("write");
+                assert!(Config::load(&file, &Overrides::default()).is_err());
+                assert_eq!(
+                    Config::control_socket_of(&file).expect("socket"),
+                    found,
+                    "{broken}"
+                );
+            }
         }
+        // A wrong type in one of the keys it needs is still an error.
+        std::fs::write(&file, format!("[daemon]\nstate_dir = 5\n{MINIMAL}")).expect("write");
+        assert!(Config::control_socket_of(&file).is_err());
     }
 
     #[test]

@@ -83,6 +83,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let from_config = cli.socket.is_none();
     match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
@@ -94,6 +95,23 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             eprintln!("batonctl: {}", baton::logging::error_text(&e));
+            // The path the file names now: a running batond keeps the
+            // socket it started with when a reload changes it.
+            if from_config
+                && e.chain().any(|c| {
+                    matches!(
+                        c.downcast_ref::<client::ClientError>(),
+                        Some(client::ClientError::Connect { source, .. })
+                            if source.kind() == std::io::ErrorKind::NotFound
+                    )
+                })
+            {
+                eprintln!(
+                    "batonctl: that is the path the config file names: is batond running? One started \
+                     with another control_socket or state_dir (a reload does not move it) listens on \
+                     its own; pass --socket"
+                );
+            }
             ExitCode::FAILURE
         }
     }

@@ -70,7 +70,7 @@ fn parse_cli(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Parse
                 let v = parser.value()?;
                 let v = v.to_string_lossy();
                 let addr = v.parse().map_err(|e| {
-                    lexopt::Error::from(format!("--listen `{v}` is not host:port: {e}"))
+                    lexopt::Error::from(format!("--listen `{v}` is not an IP address and port (names are not looked up): {e}"))
                 })?;
                 cli.listen = Some(addr);
             }

@@ -536,6 +536,34 @@ async fn bad_config_on_reload_keeps_the_running_one() {
         String::from_utf8_lossy(&out.stdout).contains("debounce_secs"),
         "{out:?}"
     );
+    // Even a file that is not TOML at all: batonctl -c still reaches the
+    // daemon, and `reload` says what is wrong.
+    p.write(
+        "etc/baton.toml",
+        &good.replace("debounce_ms = 100", "debounce_ms = = 100"),
+    );
+    d.wait_for("the syntax error shown", |s| {
+        s.config_error
+            .as_deref()
+            .is_some_and(|e| !e.contains("debounce_secs"))
+    })
+    .await;
+    for args in [&["status"][..], &["reload"]] {
+        let out = tokio::time::timeout(
+            PATIENCE,
+            tokio::process::Command::new(BATONCTL)
+                .arg("--config")
+                .arg(p.path("etc/baton.toml"))
+                .args(args)
+                .output(),
+        )
+        .await
+        .expect("batonctl timed out")
+        .expect("batonctl runs");
+        let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+        assert!(!text.contains("cannot reach batond"), "{args:?}: {text}");
+        assert!(text.contains("debounce_ms"), "{args:?}: {text}");
+    }
     // SIGHUP with a fixed config reloads and redeploys.
     p.write(
         "etc/baton.toml",

@@ -324,7 +324,7 @@ async fn command_line_overrides_win_over_the_file() {
         (&["--bogus"][..], "invalid option '--bogus'"),
         (
             &["--listen", "nowhere"],
-            "--listen `nowhere` is not host:port",
+            "--listen `nowhere` is not an IP address and port",
         ),
         (&["--config"], "missing argument"),
     ] {
