@@ -169,7 +169,7 @@ pub enum WorkerSocket {
     /// Only a loopback port, in `PORT`, for a worker that binds it itself
     /// (it ignores `LISTEN_FDS`): `batond` keeps the port reserved (bound
     /// with `SO_REUSEADDR`, not listening) for the worker's whole life, so
-    /// no other program is given it; the worker must bind with
+    /// the kernel picks it for no other program; the worker must bind with
     /// `SO_REUSEADDR` too, as Node, Python's `socketserver`, Go and Rust do.
     Port,
 }
@@ -454,11 +454,21 @@ impl Config {
         let mut first = None;
         while let Err(e) = rest.parse::<toml::Table>() {
             let issue = first.get_or_insert_with(|| serde_issue(&file, &text, &e));
+            // Not lines that could hold the answer: a table header (its
+            // keys would fall into another table) or one of the three keys.
+            let needed = |line: &str| {
+                let l = line.trim_start().trim_start_matches(['"', '\'']);
+                l.starts_with('[')
+                    || ["root", "state_dir", "control_socket"]
+                        .iter()
+                        .any(|k| l.starts_with(k))
+            };
             let blanked = e.span().and_then(|span| {
                 let from = line_start(&rest, span.start);
                 let end = span.end.clamp(from, rest.len());
                 let to = rest[end..].find('\n').map_or(rest.len(), |i| end + i);
-                (!rest[from..to].trim().is_empty()).then_some(from..to)
+                let lines = &rest[from..to];
+                (!lines.trim().is_empty() && !lines.lines().any(needed)).then_some(from..to)
             });
             match blanked {
                 Some(lines) => blank(&mut rest, lines),
@@ -1322,9 +1332,9 @@ mod tests {
             std::fs::write(&file, broken).expect("write");
             assert!(Config::load(&file, &Overrides::default()).is_err());
             assert_eq!(Config::control_socket_of(&file).expect("socket"), found);
-            // Syntax mistakes too: a stray `=`, a string left open, a
-            // broken table header, each after the `[daemon]` keys.
-            for mistake in ["debounce_ms = = 200\n", "note = \"unclosed\n", "[worker\n"] {
+            // Syntax mistakes too: a stray `=`, a string left open, each
+            // after the `[daemon]` keys.
+            for mistake in ["debounce_ms = = 200\n", "note = \"unclosed\n"] {
                 let broken = format!("{daemon}{MINIMAL}{mistake}");
                 std::fs::write(&file, &broken).expect("write");
                 assert!(Config::load(&file, &Overrides::default()).is_err());
@@ -1335,9 +1345,18 @@ mod tests {
                 );
             }
         }
-        // A wrong type in one of the keys it needs is still an error.
-        std::fs::write(&file, format!("[daemon]\nstate_dir = 5\n{MINIMAL}")).expect("write");
-        assert!(Config::control_socket_of(&file).is_err());
+        // A wrong type in one of the keys it needs is still an error, and
+        // so is a mistake on a line that could hold the answer (a table
+        // header, or one of the keys), rather than a guess.
+        for text in [
+            format!("[daemon]\nstate_dir = 5\n{MINIMAL}"),
+            format!("[daemon\nroot = \"..\"\ncontrol_socket = \"c.sock\"\n{MINIMAL}"),
+            format!("{MINIMAL}[worker\n"),
+            "[build]\ncommand = [\"true\",\n[daemon]\ncontrol_socket = \"c.sock\"\n".to_string(),
+        ] {
+            std::fs::write(&file, &text).expect("write");
+            assert!(Config::control_socket_of(&file).is_err(), "{text}");
+        }
     }
 
     #[test]

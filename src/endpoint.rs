@@ -110,8 +110,8 @@ impl Endpoint {
     /// Reserves a fresh loopback port for a worker that binds it itself:
     /// a socket bound with `SO_REUSEADDR` and never listening, which the
     /// worker's own bind (with `SO_REUSEADDR`) and listen share, while the
-    /// kernel gives the port to no other bind or connect as long as it is
-    /// kept open.
+    /// kernel picks the port for no other bind to port 0 or connect, and a
+    /// plain bind to it fails, as long as it is kept open.
     ///
     /// # Errors
     /// The socket or bind error.

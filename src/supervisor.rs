@@ -1020,6 +1020,7 @@ impl Supervisor {
             g.port = inst.endpoint.port();
             g.socket = inst.endpoint.unix_path().map(|p| p.display().to_string());
             g.reason = None;
+            g.ended_at = None;
         }
         let old = self.active.replace(inst);
         self.unit_state = "running";
@@ -1039,8 +1040,9 @@ impl Supervisor {
             self.drain(old);
         }
         // A generation whose worker was down (it crashed, and its restart
-        // was due or under way, or it hit the start limit) is over now: its
-        // history entry must not stay `active`, and it can be pruned.
+        // was due or under way) is over now: its history entry must not
+        // stay `active`, and it can be pruned. (One past the start limit
+        // is `failed` already.)
         let over: Vec<u64> = self
             .gens
             .values()
@@ -1406,6 +1408,14 @@ impl Supervisor {
                         rt.starts.clear();
                         rt.backoff = self.cfg.restart.backoff_initial;
                     }
+                    // The generation is in use again: not over, and not
+                    // to be pruned while its fresh process starts.
+                    if let Some(info) = self.gens.get_mut(&g)
+                        && info.state == GenState::Failed
+                    {
+                        info.state = GenState::Active;
+                        info.ended_at = None;
+                    }
                     self.unit_state = "restarting";
                 }
                 self.events.emit(
@@ -1549,6 +1559,8 @@ impl Supervisor {
                     g.state,
                     GenState::Stopped | GenState::Rejected | GenState::Failed
                 ) && !self.is_live(g.id)
+                    // What `batonctl restart` of a failed unit starts.
+                    && !self.is_newest(g.id)
             })
             .map(|g| g.id)
             .collect();

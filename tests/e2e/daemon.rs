@@ -290,6 +290,41 @@ async fn a_crashed_generation_replaced_before_its_restart_is_stopped_and_pruned(
     );
 }
 
+/// `batonctl restart` of a unit past its start limit brings the same
+/// generation back, even when a failed deploy prunes the history while the
+/// fresh process starts (the generation is in use again, not over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_of_a_failed_unit_survives_a_failed_deploy_meanwhile() {
+    let p = Project::python("", "[restart]\nlimit_burst = 1\n");
+    p.edit(
+        "etc/baton.toml",
+        "shutdown_timeout_s = 5",
+        "shutdown_timeout_s = 5\nhistory = 1",
+    );
+    p.edit(
+        "etc/baton.toml",
+        "command = []",
+        r#"command = ["sh", "-c", "! grep -q BROKEN src/pyworker.py"]"#,
+    );
+    p.append("src/pyworker.py", "\n# START_DELAY_FILE=delay\n");
+    let d = Daemon::start(&p).await;
+    let pid = d.active_pid(1).await;
+    sigkill(pid);
+    d.wait_for("failed", |s| s.state == "failed").await;
+    // The fresh process takes 2 s to listen; a deploy fails meanwhile.
+    p.write("delay", "2000");
+    let out = d.ctl(&["restart"]).await;
+    assert!(out.status.success(), "{out:?}");
+    p.append("src/pyworker.py", "\n# BROKEN\n");
+    d.wait_history(2, "failed").await;
+    let s = d.wait_for("running again", |s| s.state == "running").await;
+    let a = s.active.expect("active");
+    assert_eq!((a.id, a.state), (1, GenState::Active), "{a:?}");
+    assert_eq!(a.ended_at, None, "{a:?}");
+    assert!(p.path("state/gen-0001").exists());
+    assert_eq!(whoami(d.addr).await.0, 1);
+}
+
 /// A restart of an older generation that ends while the newer one is down
 /// between its own crash restarts does not take traffic back: the older
 /// one was over when the newer one cut over.
