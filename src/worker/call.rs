@@ -23,6 +23,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::MissedTickBehavior;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
+
+use super::record;
 use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -114,6 +116,8 @@ struct Call {
     next_play_at: Instant,
     b64_out: String,
     ping_seq: u64,
+    /// The latest ping the peer answered.
+    ping_answered: u64,
     ping_sent: Option<(u64, Instant)>,
     /// The oldest ping still without any pong: a dead peer (no FIN, no
     /// RST) is detected by this rather than by TCP's 15-minute timeout.
@@ -161,6 +165,7 @@ pub async fn run_call<S>(
         next_play_at: now,
         b64_out: String::with_capacity(256),
         ping_seq: 0,
+        ping_answered: 0,
         ping_sent: None,
         unanswered_since: None,
         pending_clear: false,
@@ -377,7 +382,18 @@ impl Call {
                 Ok(None)
             }
             Message::Pong(data) => {
-                self.unanswered_since = None;
+                // Only an answer to a ping of ours, not answered before,
+                // shows the peer reads the call: an unsolicited pong (a
+                // heartbeat, RFC 6455 §5.5.3) from a peer that reads
+                // nothing must not keep the call open.
+                let answered = <[u8; 8]>::try_from(data.as_ref())
+                    .ok()
+                    .map(u64::from_be_bytes)
+                    .filter(|n| *n > self.ping_answered && *n <= self.ping_seq);
+                if let Some(n) = answered {
+                    self.ping_answered = n;
+                    self.unanswered_since = None;
+                }
                 if let Some((seq, sent)) = self.ping_sent
                     && data.as_ref() == seq.to_be_bytes()
                 {
@@ -433,12 +449,20 @@ impl Call {
                     return None;
                 }
                 self.started = true;
+                // The streamSid goes back in every outbound message as it
+                // came; what is kept of the rest is bounded like any text
+                // the caller sends (a real SID has 34 characters).
+                self.rec.stream_sid = Some(record::bounded(stream_sid.as_str()));
                 self.stream_sid = stream_sid;
-                self.call_sid = start.call_sid.clone();
-                self.rec.stream_sid = Some(self.stream_sid.clone());
-                self.rec.call_sid = Some(start.call_sid);
-                self.rec.account_sid = Some(start.account_sid);
-                self.rec.custom_parameters = start.custom_parameters;
+                self.call_sid = record::bounded(start.call_sid);
+                self.rec.call_sid = Some(self.call_sid.clone());
+                self.rec.account_sid = Some(record::bounded(start.account_sid));
+                self.rec.custom_parameters = start
+                    .custom_parameters
+                    .into_iter()
+                    .take(record::MAX_EVENTS)
+                    .map(|(k, v)| (record::bounded(k), record::bounded(v)))
+                    .collect();
                 info!(
                     event = "WS_START",
                     callSid = %self.call_sid,

@@ -193,11 +193,25 @@ async fn webhook(state: &AppState, req: Request<hyper::body::Incoming>, hook: Ho
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_none_or(|ct| ct.starts_with("application/x-www-form-urlencoded"));
-    let bytes = match Limited::new(body, MAX_WEBHOOK_BODY_BYTES).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
+    // A body that does not come (a slowloris on an exposed worker) holds
+    // its connection no longer than a slow head would.
+    let limit = state.cfg.header_timeout;
+    let read = tokio::time::timeout(limit, Limited::new(body, MAX_WEBHOOK_BODY_BYTES).collect());
+    let bytes = match read.await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => {
             warn!(url = %url, error = %e, "webhook body unreadable or too large");
             return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+        }
+        Err(_) => {
+            warn!(url = %url, ?limit, "webhook body not received in time");
+            let mut resp = text(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body not received in time",
+            );
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
         }
     };
     let params = if is_form {

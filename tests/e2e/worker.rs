@@ -1169,6 +1169,43 @@ async fn worker_closes_oversized_frames_cleanly_and_survives(mode: Mode) {
     let _ = expect_media(&mut ws).await;
 }
 
+/// What a `start` carries is kept in the record bounded like any text the
+/// caller sends (256 bytes a field, 2,000 entries a list), while the
+/// streamSid goes back in every outbound message exactly as it came.
+#[tokio::test]
+async fn the_fields_of_a_start_are_bounded_in_the_record() {
+    let mut w = Worker::start("", &[]).await;
+    let mut ws = ws_connect(&w.ws_url()).await;
+    let sid = format!("MZ{}", "s".repeat(400));
+    let params: serde_json::Map<String, Value> = (0..2100)
+        .map(|i| (format!("k{i:04}"), Value::from("v")))
+        .chain([("a_long".to_string(), Value::from("x".repeat(1000)))])
+        .collect();
+    let start = serde_json::json!({
+        "event": "start", "sequenceNumber": "1", "streamSid": sid,
+        "start": {"accountSid": format!("AC{}", "a".repeat(1000)), "streamSid": sid,
+                  "callSid": format!("CA{}", "c".repeat(1000)), "tracks": ["inbound"],
+                  "customParameters": params,
+                  "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}
+    });
+    ws.send(Message::Text(start.to_string().into()))
+        .await
+        .expect("send");
+    let media = expect_media(&mut ws).await;
+    assert_eq!(media["streamSid"].as_str(), Some(sid.as_str()));
+    ws.send(stop_msg(&sid, "CA")).await.expect("send");
+    let rec = w.wait_records(1).await;
+    let r = &rec[0];
+    let len = |v: &Value| v.as_str().map_or(usize::MAX, str::len);
+    for field in ["call_sid", "stream_sid", "account_sid"] {
+        assert!(len(&r[field]) <= 256 + 3, "{field}: {}", r[field]);
+    }
+    let kept = r["custom_parameters"].as_object().expect("parameters");
+    assert_eq!(kept.len(), 2000);
+    assert!(kept.iter().all(|(k, v)| k.len() <= 259 && len(v) <= 259));
+    assert!(kept["a_long"].as_str().is_some_and(|v| v.ends_with('…')));
+}
+
 both!(worker_handles_calls_without_start);
 async fn worker_handles_calls_without_start(mode: Mode) {
     let mut w = Worker::start_in(mode, "", &[]).await;
@@ -1265,10 +1302,22 @@ async fn a_worker_told_of_a_unix_socket_it_did_not_inherit_says_so_and_exits() {
 
 /// HTTP connections that send no complete request head within
 /// `header_timeout_ms` are closed: one that sends nothing, one that stops
-/// halfway through a head, and a kept-alive one that goes quiet.
+/// halfway through a head, and a kept-alive one that goes quiet; and a
+/// webhook whose body does not come gets 408 and the close.
 #[tokio::test]
 async fn worker_closes_http_connections_that_send_no_request_in_time() {
     let w = Worker::start("header_timeout_ms = 300", &[]).await;
+    let mut body = TcpStream::connect(w.addr).await.expect("connect");
+    body.write_all(
+        b"POST /webhook/incoming_call HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nCallSid=CA1",
+    )
+    .await
+    .expect("write");
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, body.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "body: still open");
+    let answer = String::from_utf8_lossy(&buf);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     let mut idle = TcpStream::connect(w.addr).await.expect("connect");
     let mut half = TcpStream::connect(w.addr).await.expect("connect");
     half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
@@ -1519,9 +1568,26 @@ async fn worker_closes_calls_whose_peer_stops_answering_pings() {
     .await;
     let (mut tx, _rx) = ws.split();
     tx.send(start_msg("MZdead", "CAdead")).await.expect("send");
+    // Unsolicited pongs (a heartbeat) from a peer that reads nothing are
+    // no answer to the worker's pings: the call ends while they still come
+    // (they go on for longer than the wait below).
+    let heartbeat = tokio::spawn(async move {
+        for _ in 0..400 {
+            let hb = Message::Pong(bytes::Bytes::from_static(b"hb"));
+            if tx.send(hb).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
     let stop = w
         .wait_event("WS_STOP", |e| e["fields"]["callSid"] == "CAdead")
         .await;
+    assert!(
+        !heartbeat.is_finished(),
+        "closed only once the heartbeat ended"
+    );
+    heartbeat.abort();
     assert_eq!(stop["fields"]["reason"], "pong timeout");
     assert_eq!(http(w.addr, "GET", "/healthz", &[], b"").await.status, 200);
 }
