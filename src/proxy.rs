@@ -284,12 +284,12 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let bodies = &activity.bodies;
         self.metrics.requests.fetch_add(1, Ordering::Relaxed);
-        // The host the request is for (RFC 9112 §3.2): the authority of an
-        // absolute-form target, which then replaces `Host`, else the one
-        // `Host` line an HTTP/1.1 request must carry.
         if let Err(why) = check_target(&req) {
             return refuse(StatusCode::BAD_REQUEST, &format!("bad request: {why}\n"));
         }
+        // The host the request is for (RFC 9112 §3.2): the authority of an
+        // absolute-form target, which then replaces `Host`, else the one
+        // `Host` line an HTTP/1.1 request must carry.
         let host = match request_host(&req) {
             Ok(h) => h,
             Err(why) => return refuse(StatusCode::BAD_REQUEST, &format!("bad request: {why}\n")),

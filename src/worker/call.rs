@@ -23,8 +23,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::MissedTickBehavior;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-
-use super::record;
 use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -32,7 +30,7 @@ use tracing::{debug, info, warn};
 
 use super::AppState;
 use super::pipeline::{Dialog, SttError, Vad, VadEvent};
-use super::record::{CallRecord, TranscriptEntry, rfc3339};
+use super::record::{self, CallRecord, TranscriptEntry, rfc3339};
 use crate::twilio::audio::{FRAME_BYTES, SAMPLE_RATE_HZ};
 use crate::twilio::messages::{
     MarkBody, MessageError, OutboundMedia, ServerMessage, TwilioMessage,
