@@ -1,6 +1,7 @@
 //! `batond` end to end with a worker in another language (Python, `env`
 //! signature mode): cutover, rejection, restart, drain, reload, watch.
 
+use std::ffi::OsStr;
 use std::time::Duration;
 
 use baton::control::api::GenState;
@@ -555,17 +556,9 @@ async fn bad_config_on_reload_keeps_the_running_one() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("debounce_secs"));
     // batonctl finds the socket in the file despite its mistake, and the
     // status shows the mistake.
-    let out = tokio::time::timeout(
-        PATIENCE,
-        tokio::process::Command::new(BATONCTL)
-            .arg("--config")
-            .arg(p.path("etc/baton.toml"))
-            .arg("status")
-            .output(),
-    )
-    .await
-    .expect("batonctl timed out")
-    .expect("batonctl runs");
+    let config = p.path("etc/baton.toml");
+    let by_config = [OsStr::new("--config"), config.as_os_str()];
+    let out = batonctl(by_config, &["status"]).await;
     assert!(out.status.success(), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("debounce_secs"),
@@ -584,17 +577,7 @@ async fn bad_config_on_reload_keeps_the_running_one() {
     })
     .await;
     for args in [&["status"][..], &["reload"]] {
-        let out = tokio::time::timeout(
-            PATIENCE,
-            tokio::process::Command::new(BATONCTL)
-                .arg("--config")
-                .arg(p.path("etc/baton.toml"))
-                .args(args)
-                .output(),
-        )
-        .await
-        .expect("batonctl timed out")
-        .expect("batonctl runs");
+        let out = batonctl(by_config, args).await;
         let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
         assert!(!text.contains("cannot reach batond"), "{args:?}: {text}");
         assert!(text.contains("debounce_ms"), "{args:?}: {text}");

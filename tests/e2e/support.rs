@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -320,17 +321,7 @@ impl Daemon {
     }
 
     pub async fn ctl(&self, args: &[&str]) -> std::process::Output {
-        tokio::time::timeout(
-            PATIENCE,
-            tokio::process::Command::new(BATONCTL)
-                .arg("--socket")
-                .arg(&self.socket)
-                .args(args)
-                .output(),
-        )
-        .await
-        .expect("batonctl timed out")
-        .expect("batonctl runs")
+        batonctl([OsStr::new("--socket"), self.socket.as_os_str()], args).await
     }
 
     /// `batonctl deploy --wait`, which must succeed.
@@ -425,6 +416,24 @@ pub async fn second_batond(project: &Project, socket: &Path) -> std::process::Ou
     .await
     .expect("the second batond did not exit")
     .expect("run batond")
+}
+
+/// `batonctl` with `before` (how it finds the daemon) and then `args`,
+/// within `PATIENCE`.
+pub async fn batonctl<'a>(
+    before: impl IntoIterator<Item = &'a OsStr>,
+    args: &[&str],
+) -> std::process::Output {
+    tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(BATONCTL)
+            .args(before)
+            .args(args)
+            .output(),
+    )
+    .await
+    .expect("batonctl timed out")
+    .expect("batonctl runs")
 }
 
 pub async fn wait_gone(pid: u32) -> bool {

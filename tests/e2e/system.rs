@@ -1,6 +1,7 @@
 //! Process-level and systemd-level behaviour: socket activation, the unit
 //! files, and builds left behind by a killed daemon.
 
+use std::ffi::OsStr;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -361,13 +362,7 @@ async fn command_line_overrides_win_over_the_file() {
     .await;
     assert_eq!(d.addr.port(), port);
     assert!(socket.exists(), "control socket at the override");
-    let out = tokio::process::Command::new(BATONCTL)
-        .arg("--socket")
-        .arg(&socket)
-        .arg("status")
-        .output()
-        .await
-        .expect("batonctl");
+    let out = batonctl([OsStr::new("--socket"), socket.as_os_str()], &["status"]).await;
     assert!(
         out.status.success(),
         "{}",
@@ -732,17 +727,8 @@ async fn batonctl_says_when_its_socket_path_is_no_socket() {
         ),
         ("missing.sock", "No such file or directory"),
     ] {
-        let out = tokio::time::timeout(
-            PATIENCE,
-            tokio::process::Command::new(BATONCTL)
-                .arg("--socket")
-                .arg(p.path(name))
-                .arg("status")
-                .output(),
-        )
-        .await
-        .expect("batonctl timed out")
-        .expect("batonctl runs");
+        let path = p.path(name);
+        let out = batonctl([OsStr::new("--socket"), path.as_os_str()], &["status"]).await;
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{name}: {err}");
         assert!(err.contains("cannot reach batond at "), "{name}: {err}");
