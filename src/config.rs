@@ -459,7 +459,7 @@ impl Config {
             let needed = |line: &str| {
                 let l = line.trim_start().trim_start_matches(['"', '\'']);
                 l.starts_with('[')
-                    || ["root", "state_dir", "control_socket"]
+                    || ["daemon", "root", "state_dir", "control_socket"]
                         .iter()
                         .any(|k| l.starts_with(k))
             };
@@ -1352,6 +1352,8 @@ mod tests {
             format!("[daemon]\nstate_dir = 5\n{MINIMAL}"),
             format!("[daemon\nroot = \"..\"\ncontrol_socket = \"c.sock\"\n{MINIMAL}"),
             format!("{MINIMAL}[worker\n"),
+            format!("daemon.control_socket = \"c.sock\" x\n{MINIMAL}"),
+            format!("daemon.state_dir = \"sd\" ,\n{MINIMAL}"),
             "[build]\ncommand = [\"true\",\n[daemon]\ncontrol_socket = \"c.sock\"\n".to_string(),
         ] {
             std::fs::write(&file, &text).expect("write");

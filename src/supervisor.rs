@@ -1415,6 +1415,7 @@ impl Supervisor {
                     {
                         info.state = GenState::Active;
                         info.ended_at = None;
+                        info.reason = None;
                     }
                     self.unit_state = "restarting";
                 }

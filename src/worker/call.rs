@@ -459,7 +459,10 @@ impl Call {
                     .custom_parameters
                     .into_iter()
                     .take(record::MAX_EVENTS)
-                    .map(|(k, v)| (record::bounded(k), record::bounded(v)))
+                    .map(|(k, v)| {
+                        let b = |t| record::bounded_to(t, record::MAX_PARAMETER);
+                        (b(k), b(v))
+                    })
                     .collect();
                 info!(
                     event = "WS_START",

@@ -17,11 +17,20 @@ pub const MAX_EVENTS: usize = 2_000;
 /// worker's memory) without bound. Longer text is cut, marked with `…`.
 pub const MAX_TEXT: usize = 256;
 
+/// Longest `customParameters` name or value kept: Twilio allows a name
+/// and value of under 500 characters together, so no real one is cut.
+pub const MAX_PARAMETER: usize = 2_048;
+
 /// `text` cut to [`MAX_TEXT`] bytes at a character boundary.
 pub fn bounded(text: impl Into<String>) -> String {
+    bounded_to(text, MAX_TEXT)
+}
+
+/// `text` cut to `max` bytes at a character boundary, marked with `…`.
+pub fn bounded_to(text: impl Into<String>, max: usize) -> String {
     let mut text = text.into();
-    if text.len() > MAX_TEXT {
-        let mut end = MAX_TEXT;
+    if text.len() > max {
+        let mut end = max;
         while !text.is_char_boundary(end) {
             end -= 1;
         }

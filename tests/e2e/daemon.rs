@@ -321,7 +321,11 @@ async fn a_restart_of_a_failed_unit_survives_a_failed_deploy_meanwhile() {
     let s = d.wait_for("running again", |s| s.state == "running").await;
     let a = s.active.expect("active");
     assert_eq!((a.id, a.state), (1, GenState::Active), "{a:?}");
-    assert_eq!(a.ended_at, None, "{a:?}");
+    assert_eq!(
+        (a.ended_at.as_deref(), a.reason.as_deref()),
+        (None, None),
+        "{a:?}"
+    );
     assert!(p.path("state/gen-0001").exists());
     assert_eq!(whoami(d.addr).await.0, 1);
 }

@@ -1179,7 +1179,11 @@ async fn the_fields_of_a_start_are_bounded_in_the_record() {
     let sid = format!("MZ{}", "s".repeat(400));
     let params: serde_json::Map<String, Value> = (0..2100)
         .map(|i| (format!("k{i:04}"), Value::from("v")))
-        .chain([("a_long".to_string(), Value::from("x".repeat(1000)))])
+        .chain([
+            ("a_long".to_string(), Value::from("x".repeat(3000))),
+            // Under Twilio's 500 characters for the pair: kept whole.
+            ("a_session".to_string(), Value::from("t".repeat(480))),
+        ])
         .collect();
     let start = serde_json::json!({
         "event": "start", "sequenceNumber": "1", "streamSid": sid,
@@ -1202,8 +1206,9 @@ async fn the_fields_of_a_start_are_bounded_in_the_record() {
     }
     let kept = r["custom_parameters"].as_object().expect("parameters");
     assert_eq!(kept.len(), 2000);
-    assert!(kept.iter().all(|(k, v)| k.len() <= 259 && len(v) <= 259));
+    assert!(kept.iter().all(|(k, v)| k.len() <= 2051 && len(v) <= 2051));
     assert!(kept["a_long"].as_str().is_some_and(|v| v.ends_with('…')));
+    assert_eq!(kept["a_session"].as_str().map(str::len), Some(480));
 }
 
 both!(worker_handles_calls_without_start);
