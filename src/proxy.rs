@@ -81,6 +81,8 @@ pub struct ProxyMetrics {
     /// 504s the proxy made (the worker sent no answer within the idle
     /// timeout).
     pub gateway_timeout: AtomicU64,
+    /// Responses the worker broke off after their head (a cut body).
+    pub cut_responses: AtomicU64,
     /// Upgraded connections established.
     pub upgrades: AtomicU64,
     /// Connections accepted.
@@ -118,7 +120,7 @@ pub struct Proxy {
     header_ms: AtomicU64,
     idle_ms: AtomicU64,
     /// Counters for `/metrics`.
-    pub metrics: ProxyMetrics,
+    pub metrics: Arc<ProxyMetrics>,
 }
 
 // === impl Proxy ===
@@ -131,7 +133,7 @@ impl Proxy {
             hold_ms: AtomicU64::new(millis(t.hold)),
             header_ms: AtomicU64::new(millis(t.header)),
             idle_ms: AtomicU64::new(millis(t.idle)),
-            metrics: ProxyMetrics::default(),
+            metrics: Arc::default(),
         })
     }
 
@@ -494,6 +496,8 @@ impl Proxy {
                     conn: Some((conn, upstream.pool.clone())),
                     done: false,
                     failed: None,
+                    generation: upstream.generation,
+                    metrics: Arc::clone(&self.metrics),
                 };
                 Response::from_parts(parts, ProxyBody::Upstream(body))
             }
@@ -907,6 +911,9 @@ pub struct Guarded {
     done: bool,
     /// The worker's body failed: given to hyper on the next poll.
     failed: Option<BoxError>,
+    /// Whose response it is, and where a cut one is counted.
+    generation: u64,
+    metrics: Arc<ProxyMetrics>,
 }
 
 impl Body for Guarded {
@@ -940,6 +947,9 @@ impl Body for Guarded {
             // client sees a cut response (as from nginx or HAProxy), not a
             // connection closed without a word.
             Poll::Ready(Some(Err(e))) => {
+                // The client sees a cut response; the operator sees it here.
+                this.metrics.cut_responses.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(generation = this.generation, error = %e, "the worker broke off a response after its head");
                 this.failed = Some(e.into());
                 cx.waker().wake_by_ref();
                 Poll::Pending

@@ -725,6 +725,9 @@ const MAX_LINE: usize = 16 << 10;
 async fn pump(out: impl AsyncRead + Unpin, mut queue: LogQueue, generation: Option<u64>) {
     let mut reader = BufReader::new(out);
     let mut buf = Vec::new();
+    // The start of a character a long line's piece cut in two: it begins
+    // the next piece, so that no valid text turns into U+FFFD.
+    let mut carry = Vec::new();
     let mut shown = LineBudget::new(COPIED_LINES_PER_S);
     loop {
         // A worker that floods its output must not hold the runtime thread,
@@ -732,13 +735,20 @@ async fn pump(out: impl AsyncRead + Unpin, mut queue: LogQueue, generation: Opti
         // the task's budget, and a spent budget yields.
         tokio::task::consume_budget().await;
         buf.clear();
-        match (&mut reader)
-            .take(MAX_LINE as u64)
-            .read_until(b'\n', &mut buf)
-            .await
+        buf.append(&mut carry);
+        let room = (MAX_LINE - buf.len()) as u64;
+        let ended = match (&mut reader).take(room).read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) if buf.is_empty() => break,
+            Ok(0) | Err(_) => true,
+            Ok(_) => false,
+        };
+        if !ended
+            && !buf.ends_with(b"\n")
+            && let Err(e) = std::str::from_utf8(&buf)
+            && e.error_len().is_none()
+            && e.valid_up_to() > 0
         {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
+            carry = buf.split_off(e.valid_up_to());
         }
         let end = buf
             .iter()
@@ -758,6 +768,9 @@ async fn pump(out: impl AsyncRead + Unpin, mut queue: LogQueue, generation: Opti
             None => {}
         }
         queue.offer(line);
+        if ended {
+            break;
+        }
     }
     if let Some(generation) = generation
         && shown.skipped > 0
@@ -1151,6 +1164,35 @@ mod tests {
         assert_eq!(lines[2].len(), MAX_LINE);
         assert_eq!(lines[3], "x".repeat(10));
         assert_eq!(lines[4], "last, no newline");
+    }
+
+    #[tokio::test]
+    async fn a_long_line_is_split_between_characters_never_inside_one() {
+        // "a" then two-byte characters: a 16 KiB piece ends mid-character.
+        let line = format!("a{}", "é".repeat(10_000));
+        let input = format!("{line}\nnext\n");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        pump(
+            input.as_bytes(),
+            LogQueue::new(tx, queued, LOG_QUEUE_BYTES, "worker.log"),
+            Some(1),
+        )
+        .await;
+        let mut lines = Vec::new();
+        while let Ok(l) = rx.try_recv() {
+            lines.push(l);
+        }
+        assert_eq!(
+            lines.len(),
+            3,
+            "{:?}",
+            lines.iter().map(String::len).collect::<Vec<_>>()
+        );
+        assert!(lines.iter().all(|l| !l.contains('\u{fffd}')));
+        assert!(lines[0].len() <= MAX_LINE);
+        assert_eq!(lines[..2].concat(), line);
+        assert_eq!(lines[2], "next");
     }
 
     #[tokio::test]

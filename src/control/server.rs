@@ -340,7 +340,7 @@ fn metrics(s: &Status, job: &Job) -> Response<ProxyBody> {
     let m = &job.proxy.metrics;
     let live = || s.active.iter().chain(&s.draining);
     let count = |state| s.history.iter().filter(|g| g.state == state).count() as u64;
-    let rows: [(&str, &str, &str, u64); 15] = [
+    let rows: [(&str, &str, &str, u64); 16] = [
         (
             "baton_requests_total",
             "counter",
@@ -352,6 +352,12 @@ fn metrics(s: &Status, job: &Job) -> Response<ProxyBody> {
             "counter",
             "502 responses made by the proxy.",
             m.bad_gateway.load(Ordering::Relaxed),
+        ),
+        (
+            "baton_cut_responses_total",
+            "counter",
+            "Responses the worker broke off after their head (the client got a cut body).",
+            m.cut_responses.load(Ordering::Relaxed),
         ),
         (
             "baton_gateway_timeout_total",

@@ -1584,6 +1584,15 @@ async fn bad_requests_get_400_and_the_worker_is_not_blamed() {
         "{r}"
     );
     assert!(r.ends_with("0123456789"), "{r:?}");
+    // And the operator sees it: a counter and a warning.
+    let (_, text) = baton::control::client::call_text(&d.socket, http::Method::GET, "/metrics")
+        .await
+        .expect("metrics");
+    assert!(text.contains("baton_cut_responses_total 1"), "{text}");
+    assert!(
+        d.log()
+            .contains("the worker broke off a response after its head")
+    );
     // A 101 to one of the protocols offered passes, with that protocol;
     // one to a protocol not offered is a 502.
     let switch = |to: &str| {
