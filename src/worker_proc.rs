@@ -158,10 +158,23 @@ pub fn tail_start(
     lines: usize,
     max_bytes: u64,
 ) -> std::io::Result<(u64, u64)> {
+    tail_lines(f, lines, max_bytes).map(|(start, end, _)| (start, end))
+}
+
+/// As [`tail_start`], with how many lines the range holds (fewer than
+/// `lines` when the file, or `max_bytes`, ran out first).
+///
+/// # Errors
+/// The I/O error of a read.
+pub fn tail_lines(
+    f: &mut std::fs::File,
+    lines: usize,
+    max_bytes: u64,
+) -> std::io::Result<(u64, u64, usize)> {
     use std::io::{Read, Seek, SeekFrom};
     let len = f.metadata()?.len();
     if lines == 0 {
-        return Ok((len, len));
+        return Ok((len, len, 0));
     }
     let floor = len.saturating_sub(max_bytes);
     let mut buf = [0u8; 16 * 1024];
@@ -176,13 +189,14 @@ pub fn tail_start(
             if *b == b'\n' && at + 1 != len {
                 found += 1;
                 if found == lines {
-                    return Ok((at + 1, len));
+                    return Ok((at + 1, len, lines));
                 }
             }
         }
         end = start;
     }
-    Ok((floor, len))
+    // The lines after each newline found, and the one before the first.
+    Ok((floor, len, if floor < len { found + 1 } else { 0 }))
 }
 
 /// The last line of a log worth quoting in a reason: the last one that

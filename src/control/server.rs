@@ -266,18 +266,33 @@ async fn logs(req: &Request<Incoming>, job: &Job, state_dir: &Path) -> Response<
     // found on the blocking pool; from there the file is streamed as it
     // is read. Never the whole tail in memory: a buffer of megabytes,
     // once freed, would stay in batond's heap for good.
+    // Right after a rotation the log holds few lines: the rest of those
+    // asked for come from the one before (`worker.log.1`), within the
+    // same 8 MiB.
     let opened = tokio::task::spawn_blocking(move || {
         use std::io::{Seek, SeekFrom};
+        const MAX: u64 = 8 << 20;
         let mut f = std::fs::File::open(&path)?;
-        let (start, end) = crate::worker_proc::tail_start(&mut f, lines, 8 << 20)?;
+        let (start, end, got) = crate::worker_proc::tail_lines(&mut f, lines, MAX)?;
         f.seek(SeekFrom::Start(start))?;
-        Ok::<_, std::io::Error>((f, end - start))
+        let mut parts = Vec::new();
+        if got < lines
+            && start == 0
+            && end < MAX
+            && let Ok(mut old) = std::fs::File::open(path.with_extension("log.1"))
+        {
+            let (s1, e1, _) = crate::worker_proc::tail_lines(&mut old, lines - got, MAX - end)?;
+            old.seek(SeekFrom::Start(s1))?;
+            parts.push((old, e1 - s1));
+        }
+        parts.push((f, end - start));
+        Ok::<_, std::io::Error>(parts)
     })
     .await
     .unwrap_or_else(|e| Err(std::io::Error::other(e)));
     match opened {
-        Ok((file, len)) => {
-            let mut resp = Response::new(stream_file(file, len));
+        Ok(parts) => {
+            let mut resp = Response::new(stream_files(parts));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -293,16 +308,25 @@ async fn logs(req: &Request<Incoming>, job: &Job, state_dir: &Path) -> Response<
 
 /// A body of the next `len` bytes of `file`, read 16 KiB at a time as the
 /// client takes them.
-fn stream_file(file: std::fs::File, len: u64) -> ProxyBody {
+/// The given parts of files, one after another, as they are read.
+fn stream_files(parts: Vec<(std::fs::File, u64)>) -> ProxyBody {
     use tokio::io::AsyncReadExt;
-    let reader = tokio::fs::File::from_std(file).take(len);
-    let stream = futures_util::stream::unfold(Some(reader), |reader| async move {
-        let mut reader = reader?;
-        let mut buf = bytes::BytesMut::with_capacity(16 * 1024);
-        match reader.read_buf(&mut buf).await {
-            Ok(0) => None,
-            Ok(_) => Some((Ok(Frame::data(buf.freeze())), Some(reader))),
-            Err(e) => Some((Err(BoxError::from(e)), None)),
+    let readers: std::collections::VecDeque<_> = parts
+        .into_iter()
+        .map(|(file, len)| tokio::fs::File::from_std(file).take(len))
+        .collect();
+    let stream = futures_util::stream::unfold(Some(readers), |readers| async move {
+        let mut readers = readers?;
+        loop {
+            let reader = readers.front_mut()?;
+            let mut buf = bytes::BytesMut::with_capacity(16 * 1024);
+            match reader.read_buf(&mut buf).await {
+                Ok(0) => {
+                    readers.pop_front();
+                }
+                Ok(_) => return Some((Ok(Frame::data(buf.freeze())), Some(readers))),
+                Err(e) => return Some((Err(BoxError::from(e)), None)),
+            }
         }
     });
     StreamBody::new(stream).boxed_unsync()

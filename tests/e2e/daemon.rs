@@ -1299,6 +1299,22 @@ async fn control_socket_metrics_logs_and_restart() {
     let out = d.ctl(&["logs", "-n", "2"]).await;
     let got = String::from_utf8_lossy(&out.stdout).to_string();
     assert_eq!(got, format!("{}\n{}\n", last2[1], last2[0]));
+    // Right after a rotation: the lines asked for that the new log does
+    // not have yet come from the one before it, oldest first. (The
+    // worker's log grows with each health check meanwhile: what was read
+    // here is a prefix of what comes.)
+    let old: String = (1..=30).map(|i| format!("rotated line {i}\n")).collect();
+    std::fs::write(p.path("state/gen-0001/worker.log.1"), &old).expect("write");
+    let current = read(&p.path("state/gen-0001/worker.log"));
+    assert!(current.lines().count() < 1000, "{current}");
+    let out = d.ctl(&["logs", "-n", "1000"]).await;
+    let got = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(got.starts_with(&format!("{old}{current}")), "{got}");
+    // Fewer asked for than the rotated log has: its last ones.
+    let have = got.lines().count() - 30;
+    let out = d.ctl(&["logs", "-n", &(have + 2).to_string()]).await;
+    let got = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!got.contains("rotated line 28\n"), "{got}");
     let out = d.ctl(&["status", "--json"]).await;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["active"]["id"], 1);
