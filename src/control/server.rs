@@ -332,6 +332,29 @@ fn stream_files(parts: Vec<(std::fs::File, u64)>) -> ProxyBody {
     StreamBody::new(stream).boxed_unsync()
 }
 
+/// One NDJSON line of the events stream, or `None` once the bus is gone.
+/// A reader that fell behind (the bus keeps the last 1,024) is told how
+/// many events it missed, in an `events_lost` event, rather than seeing
+/// a gap it cannot tell from quiet.
+fn event_line(
+    ev: Result<crate::control::api::Event, tokio::sync::broadcast::error::RecvError>,
+) -> Option<Bytes> {
+    use tokio::sync::broadcast::error::RecvError;
+    let ev = match ev {
+        Ok(ev) => ev,
+        Err(RecvError::Lagged(n)) => crate::control::api::Event {
+            ts: crate::control::api::timestamp(std::time::SystemTime::now()),
+            kind: "events_lost".into(),
+            generation: None,
+            message: format!("{n} event(s) were not sent: this reader fell behind"),
+        },
+        Err(RecvError::Closed) => return None,
+    };
+    let mut line = serde_json::to_vec(&ev).unwrap_or_default();
+    line.push(b'\n');
+    Some(Bytes::from(line))
+}
+
 fn events(job: &Job, token: CancellationToken) -> Response<ProxyBody> {
     let rx = job.events.subscribe();
     let stream = futures_util::stream::unfold((rx, token), |(mut rx, token)| async move {
@@ -340,15 +363,8 @@ fn events(job: &Job, token: CancellationToken) -> Response<ProxyBody> {
                 r = rx.recv() => r,
                 () = token.cancelled() => return None,
             };
-            match ev {
-                Ok(ev) => {
-                    let mut line = serde_json::to_vec(&ev).unwrap_or_default();
-                    line.push(b'\n');
-                    return Some((Ok(Frame::data(Bytes::from(line))), (rx, token)));
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
-            }
+            let line = event_line(ev)?;
+            return Some((Ok(Frame::data(line)), (rx, token)));
         }
     });
     let mut resp = Response::new(StreamBody::new(stream.boxed()).boxed_unsync());
@@ -500,4 +516,33 @@ fn json<T: serde::Serialize>(code: StatusCode, v: &T) -> Response<ProxyBody> {
 
 fn json_error(code: StatusCode, msg: &str) -> Response<ProxyBody> {
     json(code, &serde_json::json!({ "error": msg }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_events_reader_that_fell_behind_is_told_how_many_it_missed() {
+        let bus = crate::events::Events::default();
+        let mut rx = bus.subscribe();
+        for i in 0..1030 {
+            bus.emit("restart", Some(1), format!("event {i}"));
+        }
+        // The bus keeps 1,024: the first 6 are gone for this reader.
+        let line = event_line(rx.recv().await).expect("a line");
+        let v: serde_json::Value = serde_json::from_slice(&line).expect("json");
+        assert_eq!(v["kind"], "events_lost", "{v}");
+        assert!(
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("6 event(s)")),
+            "{v}"
+        );
+        // Then the stream goes on with the oldest one kept.
+        let line = event_line(rx.recv().await).expect("a line");
+        let v: serde_json::Value = serde_json::from_slice(&line).expect("json");
+        assert_eq!(v["message"], "event 6", "{v}");
+        drop(bus);
+    }
 }
