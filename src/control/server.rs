@@ -358,14 +358,12 @@ fn event_line(
 fn events(job: &Job, token: CancellationToken) -> Response<ProxyBody> {
     let rx = job.events.subscribe();
     let stream = futures_util::stream::unfold((rx, token), |(mut rx, token)| async move {
-        loop {
-            let ev = tokio::select! {
-                r = rx.recv() => r,
-                () = token.cancelled() => return None,
-            };
-            let line = event_line(ev)?;
-            return Some((Ok(Frame::data(line)), (rx, token)));
-        }
+        let ev = tokio::select! {
+            r = rx.recv() => r,
+            () = token.cancelled() => return None,
+        };
+        let line = event_line(ev)?;
+        Some((Ok(Frame::data(line)), (rx, token)))
     });
     let mut resp = Response::new(StreamBody::new(stream.boxed()).boxed_unsync());
     resp.headers_mut().insert(
