@@ -1160,18 +1160,7 @@ mod tests {
         let mut input = b"one\r\n\xff\xfebin\n".to_vec();
         input.extend(std::iter::repeat_n(b'x', MAX_LINE + 10));
         input.extend_from_slice(b"\nlast, no newline");
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
-        pump(
-            &input[..],
-            LogQueue::new(tx, queued, LOG_QUEUE_BYTES, "worker.log"),
-            Some(1),
-        )
-        .await;
-        let mut lines = Vec::new();
-        while let Ok(l) = rx.try_recv() {
-            lines.push(l);
-        }
+        let lines = pumped(&input).await;
         assert_eq!(lines.len(), 5, "{lines:?}");
         assert_eq!(lines[0], "one");
         assert_eq!(lines[1], "\u{fffd}\u{fffd}bin");
@@ -1180,15 +1169,12 @@ mod tests {
         assert_eq!(lines[4], "last, no newline");
     }
 
-    #[tokio::test]
-    async fn a_long_line_is_split_between_characters_never_inside_one() {
-        // "a" then two-byte characters: a 16 KiB piece ends mid-character.
-        let line = format!("a{}", "é".repeat(10_000));
-        let input = format!("{line}\nnext\n");
+    /// The lines `pump` makes of a worker's output `input`.
+    async fn pumped(input: &[u8]) -> Vec<String> {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         pump(
-            input.as_bytes(),
+            input,
             LogQueue::new(tx, queued, LOG_QUEUE_BYTES, "worker.log"),
             Some(1),
         )
@@ -1197,6 +1183,15 @@ mod tests {
         while let Ok(l) = rx.try_recv() {
             lines.push(l);
         }
+        lines
+    }
+
+    #[tokio::test]
+    async fn a_long_line_is_split_between_characters_never_inside_one() {
+        // "a" then two-byte characters: a 16 KiB piece ends mid-character.
+        let line = format!("a{}", "é".repeat(10_000));
+        let input = format!("{line}\nnext\n");
+        let lines = pumped(input.as_bytes()).await;
         assert_eq!(
             lines.len(),
             3,
