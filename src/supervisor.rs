@@ -203,7 +203,6 @@ struct GenRuntime {
     next_instance: u64,
     starts: VecDeque<Instant>,
     backoff: Duration,
-    restart_pending: bool,
     /// After a replacement of an unhealthy active worker failed, the next
     /// one waits until then, however often the probes fail meanwhile.
     replace_not_before: Option<Instant>,
@@ -870,9 +869,6 @@ impl Supervisor {
                 }
             }
             Internal::RestartDue(generation) => {
-                if let Some(rt) = self.runtime.get_mut(&generation) {
-                    rt.restart_pending = false;
-                }
                 if self.active.is_none()
                     && self.unit_state != "failed"
                     && self.is_newest(generation)
@@ -949,7 +945,6 @@ impl Supervisor {
                             next_instance: 2,
                             starts: VecDeque::from([Instant::now()]),
                             backoff: self.cfg.restart.backoff_initial,
-                            restart_pending: false,
                             replace_not_before: None,
                             replace_backoff: self.cfg.restart.backoff_initial,
                         },
@@ -981,6 +976,8 @@ impl Supervisor {
                     ),
                 );
                 self.finish(generation, state, Some(reason.clone()));
+                // (A cutover prunes by itself.)
+                self.prune();
                 // No worker has served yet: the unit has failed (until a
                 // deploy works), it is not still starting.
                 if self.active.is_none() && self.unit_state == "starting" {
@@ -996,7 +993,6 @@ impl Supervisor {
         for w in waiters {
             let _ = w.send(outcome.clone());
         }
-        self.prune();
         self.notify_status();
         if self.pending.is_some() {
             // Changes came in during the run: exactly one more, after quiet.
@@ -1050,9 +1046,6 @@ impl Supervisor {
             .map(|g| g.id)
             .collect();
         for id in over {
-            if let Some(rt) = self.runtime.get_mut(&id) {
-                rt.restart_pending = false;
-            }
             self.finish(
                 id,
                 GenState::Stopped,
@@ -1234,7 +1227,6 @@ impl Supervisor {
         }
         let delay = rt.backoff;
         rt.backoff = (rt.backoff * 2).min(limit.backoff_max);
-        rt.restart_pending = true;
         self.unit_state = "restarting";
         self.events.emit(
             "restart_scheduled",

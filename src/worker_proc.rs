@@ -918,6 +918,13 @@ impl LogQueue {
     }
 }
 
+/// Where a rotated log goes: `worker.log` -> `worker.log.1`.
+pub fn rotated(log: &Path) -> PathBuf {
+    let mut older = log.to_path_buf().into_os_string();
+    older.push(".1");
+    PathBuf::from(older)
+}
+
 /// Size at which `build.log` is rotated (to `build.log.1`): a build's
 /// errors are at its end.
 pub const BUILD_LOG_MAX_BYTES: u64 = 16 << 20;
@@ -1094,8 +1101,7 @@ impl RotatingLog {
         {
             return Err(std::io::Error::other(why.clone()));
         }
-        let mut older = self.path.clone().into_os_string();
-        older.push(".1");
+        let older = rotated(&self.path);
         let rotated = match tokio::fs::rename(&self.path, &older).await {
             Ok(()) => tokio::fs::File::create(&self.path).await,
             Err(e) => Err(e),

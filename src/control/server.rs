@@ -279,7 +279,7 @@ async fn logs(req: &Request<Incoming>, job: &Job, state_dir: &Path) -> Response<
         if got < lines
             && start == 0
             && end < MAX
-            && let Ok(mut old) = std::fs::File::open(path.with_extension("log.1"))
+            && let Ok(mut old) = std::fs::File::open(crate::worker_proc::rotated(&path))
         {
             let (s1, e1, _) = crate::worker_proc::tail_lines(&mut old, lines - got, MAX - end)?;
             old.seek(SeekFrom::Start(s1))?;
