@@ -195,7 +195,7 @@ async fn a_worker_that_binds_its_port_itself_runs_with_socket_port() {
     assert!(env.contains(&format!("PORT={port1}")), "{env:?}");
     assert!(!env.iter().any(|v| v.starts_with("LISTEN_FDS=")), "{env:?}");
     assert!(
-        d.log().contains("bound 127.0.0.1"),
+        d.log_shows("bound 127.0.0.1").await,
         "the worker bound it: {}",
         d.log()
     );

@@ -1606,8 +1606,8 @@ async fn bad_requests_get_400_and_the_worker_is_not_blamed() {
         .expect("metrics");
     assert!(text.contains("baton_cut_responses_total 1"), "{text}");
     assert!(
-        d.log()
-            .contains("the worker broke off a response after its head")
+        d.log_shows("the worker broke off a response after its head")
+            .await
     );
     // A 101 to one of the protocols offered passes, with that protocol;
     // one to a protocol not offered is a 502.

@@ -236,6 +236,19 @@ impl Daemon {
         }
     }
 
+    /// Whether batond's log shows `needle` within `PATIENCE` (its stderr
+    /// is read by a task of its own, a moment behind).
+    pub async fn log_shows(&self, needle: &str) -> bool {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !self.log().contains(needle) {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        true
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().expect("log lock").clone()
     }
