@@ -6,6 +6,7 @@
   lib.py wait-active SOCKET SECONDS     until batond has an active generation; prints its listen address
   lib.py active-pid SOCKET              the active generation's worker pid
   lib.py active-port SOCKET             the active generation's worker port (tcp)
+  lib.py active-socket SOCKET           the active generation's worker socket (unix)
   lib.py wrk FILE                       wrk --latency output -> JSON (rps, p99_ms, non2xx, socket errors)
   lib.py rss PID OUT SECONDS            samples VmRSS every 0.2 s (OUT.ready once it runs); writes max kB to OUT (stops when OUT.stop exists)
   lib.py savelat SOCKET FILE N OUT      N saves of FILE, save -> cutover minus build time, JSON to OUT
@@ -239,9 +240,11 @@ def verdict(ok):
     return "**met**" if ok else "**missed**"
 
 
-def table(d):
+def http_rows(http, name):
+    """Row 1's lines for one kind of worker socket."""
     rows = []
-    http = load(d, "http.json") or {}
+    if not http:
+        return rows
 
     def med(cfg, key):
         vals = [r[key] for r in http.get(cfg, []) if r.get(key) is not None]
@@ -250,19 +253,29 @@ def table(d):
     direct_rps, direct_p99 = med("direct", "rps"), med("direct", "p99_ms")
     peers = {c: (med(c, "rps"), med(c, "p99_ms")) for c in ("batond", "nginx", "haproxy")}
     best_peer = max((peers[c] for c in ("nginx", "haproxy") if peers[c][0]), default=(None, None))
+    where = "worker on loopback TCP" if name == "tcp" else "worker on a Unix socket"
     for cfg, label in (("direct", "direct to media-worker"), ("batond", "through batond"),
                        ("nginx", "through nginx (1 worker, keepalive)"),
                        ("haproxy", "through HAProxy (1 thread, http-reuse always)")):
+        if cfg not in http:
+            continue
         rps, p99 = (direct_rps, direct_p99) if cfg == "direct" else peers[cfg]
-        ratio = f"{rps / direct_rps:.2f}x direct" if rps and direct_rps else "n/a"
+        ratio = f"{rps / direct_rps:.2f}x direct; " if rps and direct_rps else ""
         if cfg == "batond" and rps and best_peer[0]:
             ok = rps >= best_peer[0] and p99 <= best_peer[1]
             target = "req/s >= best of nginx/HAProxy, p99 no worse"
-            v = f"{ratio}; {rps / best_peer[0]:.2f}x best peer req/s, p99 {p99:.2f} vs {best_peer[1]:.2f} ms: {verdict(ok)}"
+            v = f"{ratio}{rps / best_peer[0]:.2f}x best peer req/s, p99 {p99:.2f} vs {best_peer[1]:.2f} ms: {verdict(ok)}"
         else:
-            target, v = "(reference)", ratio
+            target, v = "(reference)", ratio.rstrip("; ") or "-"
         n = len(http.get(cfg, []))
-        rows.append((f"1. HTTP `/healthz` {label}", f"{fmt(rps)} req/s, p99 {fmt(p99, 2)} ms (median of {n})", target, v))
+        rows.append((f"1. HTTP `/healthz` {label} ({where})", f"{fmt(rps)} req/s, p99 {fmt(p99, 2)} ms (median of {n})", target, v))
+    return rows
+
+
+def table(d):
+    rows = []
+    for name in ("tcp", "unix"):
+        rows.extend(http_rows(load(d, f"http-{name}.json") or {}, name))
 
     dep = load(d, "deploys.json") or {}
     ws = load(d, "ws.json") or {}
@@ -360,6 +373,8 @@ def main():
         sys.exit(active_field(args[0], "pid"))
     elif cmd == "active-port":
         sys.exit(active_field(args[0], "port"))
+    elif cmd == "active-socket":
+        sys.exit(active_field(args[0], "socket"))
     elif cmd == "wrk":
         wrk(*args)
     elif cmd == "rss":

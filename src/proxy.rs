@@ -11,7 +11,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -121,6 +121,8 @@ pub struct Proxy {
     idle_ms: AtomicU64,
     /// Counters for `/metrics`.
     pub metrics: Arc<ProxyMetrics>,
+    /// Requests being handled now (see [`Proxy::after_batch`]).
+    in_flight: AtomicUsize,
 }
 
 // === impl Proxy ===
@@ -134,6 +136,7 @@ impl Proxy {
             header_ms: AtomicU64::new(millis(t.header)),
             idle_ms: AtomicU64::new(millis(t.idle)),
             metrics: Arc::default(),
+            in_flight: AtomicUsize::new(0),
         })
     }
 
@@ -209,7 +212,10 @@ impl Proxy {
                 let activity = activity.clone();
                 bump(&activity.started);
                 async move {
-                    let resp = proxy.handle(req, &client, &activity).await;
+                    let resp = {
+                        let _busy = InFlight::enter(&proxy.in_flight);
+                        proxy.handle(req, &client, &activity).await
+                    };
                     bump(&activity.heads);
                     Ok::<_, Infallible>(resp.map(|body| ClientBody {
                         body,
@@ -233,6 +239,24 @@ impl Proxy {
         conns.close();
         if tokio::time::timeout(grace, conns.wait()).await.is_err() {
             tracing::warn!(?grace, "connections still open at shutdown; closing them");
+        }
+    }
+
+    /// Lets the tasks this thread has already woken run first, when other
+    /// requests are in flight: a request goes to the worker together with
+    /// the others read in the same turn of the event loop, and an answer
+    /// to its client together with the others, as an event loop that
+    /// reads everything ready before it writes anything (HAProxy's) does.
+    /// Written one by one between reads, each send wakes its reader on its
+    /// own: the worker and the client each wake once per message instead
+    /// of once per batch, and being woken onto this thread's CPU they take
+    /// it from the proxy. Measured with the worker on a Unix socket: 0.3-0.4
+    /// preemptions of `batond` per request without this, 0.15 with it (as
+    /// HAProxy), and 10-15% more requests a second. A request alone costs
+    /// no deferral.
+    async fn after_batch(&self) {
+        if self.in_flight.load(Ordering::Relaxed) > 1 {
+            tokio::task::yield_now().await;
         }
     }
 
@@ -369,6 +393,7 @@ impl Proxy {
         let watch = BodyWatch::new(bodies, body.is_end_stream());
         let body_errors = bodies.errors.load(Ordering::Relaxed);
         let mut req = Request::from_parts(parts, ReqBody::Client(body, watch));
+        self.after_batch().await;
         let (mut upstream, mut ticket) = (upstream, ticket);
         let (mut refused, mut sent_again) = (0, false);
         let (resp, conn) = loop {
@@ -468,6 +493,7 @@ impl Proxy {
             };
             (upstream, ticket) = (u, t);
         };
+        self.after_batch().await;
         match (upgrade, inbound_upgrade) {
             (Some(proto), Some(inbound)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 self.tunnel(resp, proto, inbound, &upstream)
@@ -596,18 +622,45 @@ async fn watch_connection<C>(
     let (mut seen, mut stopping, mut closing) = ((0, 0, 0, 0, 0, 0), false, false);
     // When `seen` last changed.
     let mut moved_at = tokio::time::Instant::now();
+    // The waker the timer and the token were last polled with. They keep
+    // it, so while the task's waker is the same (a task's always is), a
+    // flag says whether they fired: no waker is registered again at every
+    // wake-up of the connection, which is several per request.
+    let mut armed: Option<std::task::Waker> = None;
     let r = loop {
-        tokio::select! {
+        let event = std::future::poll_fn(|cx| {
             // The connection first: when it is ready the others are not
-            // polled at all (the common case, a request's I/O).
-            biased;
-            r = conn.as_mut() => break r,
-            () = &mut cancelled, if !stopping => {
+            // looked at (the common case, a request's I/O).
+            if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Event::Done(r));
+            }
+            if armed.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                if !stopping && token.is_cancelled() {
+                    return Poll::Ready(Event::Cancelled);
+                }
+                if stall.is_elapsed() {
+                    return Poll::Ready(Event::Stall);
+                }
+                return Poll::Pending;
+            }
+            if !stopping && cancelled.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Cancelled);
+            }
+            if stall.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Stall);
+            }
+            armed = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Event::Done(r) => break r,
+            Event::Cancelled => {
                 // Finish the request in flight, then close.
                 stopping = true;
                 shut_down(conn.as_mut());
             }
-            () = &mut stall => {
+            Event::Stall => {
                 // Everything that moves: requests begun and ended, body
                 // frames both ways, answer heads, and requests handed to a
                 // worker (the idle clock starts there, not in the hold).
@@ -652,12 +705,23 @@ async fn watch_connection<C>(
                     return;
                 }
                 stall.as_mut().reset(tokio::time::Instant::now() + timeout);
+                armed = None;
             }
         }
     };
     if let Err(e) = r {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }
+}
+
+/// What woke a connection's watcher.
+enum Event {
+    /// The connection ended.
+    Done(hyper::Result<()>),
+    /// `batond` is stopping.
+    Cancelled,
+    /// The progress check is due.
+    Stall,
 }
 
 /// Requests started and finished on one client connection, and how their
@@ -681,6 +745,22 @@ struct Activity {
     /// up. No waker is needed: the handler runs inside the connection
     /// future the watcher polls right after setting it.
     give_up: AtomicBool,
+}
+
+/// Counts a request in [`Proxy::in_flight`] until dropped.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(count: &'a AtomicUsize) -> InFlight<'a> {
+        count.fetch_add(1, Ordering::Relaxed);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Adds one to a counter only this connection's task writes: a plain load

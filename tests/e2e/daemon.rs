@@ -435,6 +435,47 @@ async fn sigterm_lets_requests_in_flight_finish_before_the_workers_stop() {
     assert!(wait_gone(pid).await, "worker {pid} outlived batond");
 }
 
+/// SIGTERM closes an idle keep-alive client connection at once, one that
+/// has been served (its watcher has been woken by many requests since it
+/// began to listen for the stop): `batond` neither waits for the header
+/// timeout nor for `shutdown_timeout_s`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_idle_keep_alive_connections_at_once() {
+    use tokio::io::AsyncWriteExt;
+    let p = Project::python("", "");
+    p.edit(
+        "etc/baton.toml",
+        "hold_timeout_ms = 5000",
+        "hold_timeout_ms = 5000\nheader_timeout_s = 600",
+    );
+    p.edit(
+        "etc/baton.toml",
+        "shutdown_timeout_s = 5",
+        "shutdown_timeout_s = 600",
+    );
+    let mut d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    let mut conn = sent(d.addr, b"").await;
+    for _ in 0..20 {
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let resp = read_response(&mut conn).await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    }
+    let batond = nix::unistd::Pid::from_raw(d.child.id().expect("pid") as i32);
+    nix::sys::signal::kill(batond, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    assert!(
+        closed_within(&mut conn, Duration::from_secs(10)).await,
+        "an idle keep-alive connection stayed open after SIGTERM"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(30), d.child.wait())
+        .await
+        .expect("batond did not stop")
+        .expect("wait");
+    assert!(status.success(), "{status:?}");
+}
+
 /// A build under way when batond is told to stop ends at once (its whole
 /// process group), not after the drain, and no candidate starts from it:
 /// it could never serve.
