@@ -178,6 +178,7 @@ impl Proxy {
             .header_read_timeout(None)
             .max_buf_size(crate::pool::MAX_BUF);
         let conns = TaskTracker::new();
+        let stop = Arc::new(Stop::default());
         // Failed accepts since the last warning, and when that was.
         let (mut failed, mut warned) = (0u64, None::<tokio::time::Instant>);
         loop {
@@ -231,11 +232,12 @@ impl Proxy {
                 |c| c.graceful_shutdown(),
                 seen,
                 (self.header_timeout(), self.idle_timeout()),
-                token.clone(),
+                stop.clone(),
                 peer,
             ));
         }
         drop(listener);
+        stop.fire();
         conns.close();
         if tokio::time::timeout(grace, conns.wait()).await.is_err() {
             tracing::warn!(?grace, "connections still open at shutdown; closing them");
@@ -609,7 +611,7 @@ async fn watch_connection<C>(
     shut_down: impl Fn(Pin<&mut C>),
     activity: Arc<Activity>,
     (timeout, idle): (Duration, Duration),
-    token: CancellationToken,
+    stop: Arc<Stop>,
     peer: std::net::SocketAddr,
 ) where
     C: Future<Output = hyper::Result<()>>,
@@ -617,12 +619,12 @@ async fn watch_connection<C>(
     let mut conn = std::pin::pin!(conn);
     let stall = tokio::time::sleep(timeout);
     let mut stall = std::pin::pin!(stall);
-    let cancelled = token.cancelled();
-    let mut cancelled = std::pin::pin!(cancelled);
+    let stopped = stop.notify.notified();
+    let mut stopped = std::pin::pin!(stopped);
     let (mut seen, mut stopping, mut closing) = ((0, 0, 0, 0, 0, 0), false, false);
     // When `seen` last changed.
     let mut moved_at = tokio::time::Instant::now();
-    // The waker the timer and the token were last polled with. They keep
+    // The waker the timer and the stop were last polled with. They keep
     // it, so while the task's waker is the same (a task's always is), a
     // flag says whether they fired: no waker is registered again at every
     // wake-up of the connection, which is several per request.
@@ -635,7 +637,7 @@ async fn watch_connection<C>(
                 return Poll::Ready(Event::Done(r));
             }
             if armed.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                if !stopping && token.is_cancelled() {
+                if !stopping && stop.fired() {
                     return Poll::Ready(Event::Cancelled);
                 }
                 if stall.is_elapsed() {
@@ -643,7 +645,7 @@ async fn watch_connection<C>(
                 }
                 return Poll::Pending;
             }
-            if !stopping && cancelled.as_mut().poll(cx).is_ready() {
+            if !stopping && (stopped.as_mut().poll(cx).is_ready() || stop.fired()) {
                 return Poll::Ready(Event::Cancelled);
             }
             if stall.as_mut().poll(cx).is_ready() {
@@ -711,6 +713,26 @@ async fn watch_connection<C>(
     };
     if let Err(e) = r {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    }
+}
+
+/// The proxy's stop, as every connection's watcher sees it: a flag read at
+/// each wake-up (a `CancellationToken` takes a lock to say whether it is
+/// cancelled), and a notification that wakes them all once.
+#[derive(Debug, Default)]
+struct Stop {
+    stopping: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Stop {
+    fn fire(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    fn fired(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 }
 
