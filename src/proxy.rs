@@ -495,7 +495,8 @@ impl Proxy {
             };
             (upstream, ticket) = (u, t);
         };
-        self.after_batch().await;
+        // Not sent again from here on.
+        drop(replay);
         match (upgrade, inbound_upgrade) {
             (Some(proto), Some(inbound)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 self.tunnel(resp, proto, inbound, &upstream)
@@ -518,8 +519,10 @@ impl Proxy {
                     parts.headers.remove(header::CONTENT_LENGTH);
                 }
                 headers::strip_hop_by_hop(&mut parts.headers);
-                let body = Guarded {
+                let mut body = Guarded {
                     inner: body,
+                    first: None,
+                    first_other: None,
                     _ticket: ticket,
                     conn: Some((conn, upstream.pool.clone())),
                     done: false,
@@ -527,6 +530,11 @@ impl Proxy {
                     generation: upstream.generation,
                     metrics: Arc::clone(&self.metrics),
                 };
+                // What has arrived of the body is taken now: a response
+                // that is then whole frees its worker connection before
+                // waiting its turn to go out.
+                body.prefetch().await;
+                self.after_batch().await;
                 Response::from_parts(parts, ProxyBody::Upstream(body))
             }
         }
@@ -1007,6 +1015,12 @@ fn empty() -> ProxyBody {
 /// the end it gives the worker connection back to its pool.
 pub struct Guarded {
     inner: Incoming,
+    /// Data taken off `inner` before hyper asked (see
+    /// [`Guarded::prefetch`]), given first.
+    first: Option<Bytes>,
+    /// A first frame that is not data (trailers), likewise: boxed, as it
+    /// is rare and large.
+    first_other: Option<Box<Frame<Bytes>>>,
     _ticket: Ticket,
     /// The worker connection, driven from here while the body streams.
     conn: Option<(UpstreamConn, Arc<Pool>)>,
@@ -1027,6 +1041,12 @@ impl Body for Guarded {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(data) = this.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        if let Some(f) = this.first_other.take() {
+            return Poll::Ready(Some(Ok(*f)));
+        }
         if let Some(e) = this.failed.take() {
             return Poll::Ready(Some(Err(e)));
         }
@@ -1061,11 +1081,58 @@ impl Body for Guarded {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.first.is_none()
+            && self.first_other.is_none()
+            && self.failed.is_none()
+            && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let rest = self.inner.size_hint();
+        let Some(n) = self.first.as_ref().map(Bytes::len) else {
+            return rest;
+        };
+        // The frame taken early, plus what is still to come.
+        let n = n as u64;
+        let mut hint = SizeHint::new();
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + n);
+        }
+        hint.set_lower(rest.lower() + n);
+        hint
+    }
+}
+
+impl Guarded {
+    /// Takes the body's first frame if it has arrived already (a small
+    /// response usually comes whole with its head), without waiting for
+    /// it. A body that is then complete gives its worker connection back
+    /// to the pool at once, instead of when the client has it: another
+    /// request can use it meanwhile, and fewer connections stay open.
+    async fn prefetch(&mut self) {
+        if self.inner.is_end_stream() {
+            self.done = true;
+        } else {
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = Pin::new(&mut *self).poll_frame(cx) {
+                    match r {
+                        Some(Ok(f)) => match f.into_data() {
+                            Ok(data) => self.first = Some(data),
+                            Err(f) => self.first_other = Some(Box::new(f)),
+                        },
+                        Some(Err(e)) => self.failed = Some(e),
+                        None => {}
+                    }
+                }
+                Poll::Ready(())
+            })
+            .await;
+        }
+        if (self.done || self.inner.is_end_stream())
+            && let Some((conn, pool)) = self.conn.take()
+        {
+            pool.checkin(conn);
+        }
     }
 }
 
