@@ -1011,8 +1011,10 @@ fn empty() -> ProxyBody {
 }
 
 /// An upstream response body that holds its request's ticket until the last
-/// byte has gone out (or the client went away), so a drain waits for it; at
-/// the end it gives the worker connection back to its pool.
+/// byte has gone out (or the client went away), so a drain waits for it.
+/// It gives the worker connection back to its pool once the worker has sent
+/// the whole body: at once when it came with the head (see
+/// [`Guarded::prefetch`]), else at the end.
 pub struct Guarded {
     inner: Incoming,
     /// Data taken off `inner` before hyper asked (see
