@@ -1115,15 +1115,12 @@ impl Guarded {
         if self.inner.is_end_stream() {
             self.done = true;
         } else {
+            // A broken body is kept in `failed` by `poll_frame` itself.
             std::future::poll_fn(|cx| {
-                if let Poll::Ready(r) = Pin::new(&mut *self).poll_frame(cx) {
-                    match r {
-                        Some(Ok(f)) => match f.into_data() {
-                            Ok(data) => self.first = Some(data),
-                            Err(f) => self.first_other = Some(Box::new(f)),
-                        },
-                        Some(Err(e)) => self.failed = Some(e),
-                        None => {}
+                if let Poll::Ready(Some(Ok(f))) = Pin::new(&mut *self).poll_frame(cx) {
+                    match f.into_data() {
+                        Ok(data) => self.first = Some(data),
+                        Err(f) => self.first_other = Some(Box::new(f)),
                     }
                 }
                 Poll::Ready(())

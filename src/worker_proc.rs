@@ -147,22 +147,11 @@ pub fn read_tail(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
 }
 
 /// Where the last `lines` lines of `f` start, looking back at most
-/// `max_bytes` from its end (then there), and where it ends (its length
-/// now). Reads backwards 16 KiB at a time: the tail is found without
-/// holding it in memory. The file's final newline ends its last line.
-///
-/// # Errors
-/// The I/O error of a read.
-pub fn tail_start(
-    f: &mut std::fs::File,
-    lines: usize,
-    max_bytes: u64,
-) -> std::io::Result<(u64, u64)> {
-    tail_lines(f, lines, max_bytes).map(|(start, end, _)| (start, end))
-}
-
-/// As [`tail_start`], with how many lines the range holds (fewer than
-/// `lines` when the file, or `max_bytes`, ran out first).
+/// `max_bytes` from its end (then there), where it ends (its length now),
+/// and how many lines that range holds (fewer than `lines` when the file,
+/// or `max_bytes`, ran out first). Reads backwards 16 KiB at a time: the
+/// tail is found without holding it in memory. The file's final newline
+/// ends its last line.
 ///
 /// # Errors
 /// The I/O error of a read.
@@ -433,21 +422,23 @@ pub async fn start(
 ) -> Result<(Instance, Duration), String> {
     // The socket handed over as fd 3, or (`port`) the reservation kept
     // here until the worker exits.
-    let (endpoint, socket) = match cfg.worker.socket {
+    let (endpoint, listener, reservation) = match cfg.worker.socket {
         WorkerSocket::Tcp => {
-            Endpoint::bind_tcp().map_err(|e| format!("cannot bind a loopback port: {e}"))?
+            let (endpoint, listener) =
+                Endpoint::bind_tcp().map_err(|e| format!("cannot bind a loopback port: {e}"))?;
+            (endpoint, Some(listener), None)
         }
         WorkerSocket::Port => {
-            Endpoint::reserve_tcp().map_err(|e| format!("cannot reserve a loopback port: {e}"))?
+            let (endpoint, reserved) = Endpoint::reserve_tcp()
+                .map_err(|e| format!("cannot reserve a loopback port: {e}"))?;
+            (endpoint, None, Some(reserved))
         }
         WorkerSocket::Unix => {
             let path = launch.dir.join(format!("worker-{}.sock", launch.instance));
-            Endpoint::bind_unix(&path).map_err(|e| format!("cannot bind the worker socket: {e}"))?
+            let (endpoint, listener) = Endpoint::bind_unix(&path)
+                .map_err(|e| format!("cannot bind the worker socket: {e}"))?;
+            (endpoint, Some(listener), None)
         }
-    };
-    let (listener, reservation) = match cfg.worker.socket {
-        WorkerSocket::Port => (None, Some(socket)),
-        WorkerSocket::Tcp | WorkerSocket::Unix => (Some(socket), None),
     };
     let snapshot = launch.snapshot.to_string_lossy();
     let port = endpoint.port().map(|p| p.to_string());
@@ -1126,13 +1117,13 @@ impl RotatingLog {
 mod tests {
     use super::*;
 
-    /// What `tail_start` cuts from a file holding `text`.
+    /// What `tail_lines` cuts from a file holding `text`.
     fn tail(text: &[u8], lines: usize, max_bytes: u64) -> Vec<u8> {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("log");
         std::fs::write(&path, text).expect("write");
         let mut f = std::fs::File::open(&path).expect("open");
-        let (start, end) = tail_start(&mut f, lines, max_bytes).expect("tail");
+        let (start, end, _) = tail_lines(&mut f, lines, max_bytes).expect("tail");
         assert_eq!(end, text.len() as u64);
         text[usize::try_from(start).expect("start")..].to_vec()
     }

@@ -306,9 +306,9 @@ async fn logs(req: &Request<Incoming>, job: &Job, state_dir: &Path) -> Response<
     }
 }
 
-/// A body of the next `len` bytes of `file`, read 16 KiB at a time as the
-/// client takes them.
-/// The given parts of files, one after another, as they are read.
+/// A body of the given parts of files (each the next `len` bytes of its
+/// file), one after another, read 16 KiB at a time as the client takes
+/// them.
 fn stream_files(parts: Vec<(std::fs::File, u64)>) -> ProxyBody {
     use tokio::io::AsyncReadExt;
     let readers: std::collections::VecDeque<_> = parts
