@@ -174,6 +174,13 @@ impl Proxy {
         // instead, see `watch_connection`.
         builder
             .keep_alive(true)
+            // A FIN after the request is a half-close, not a hang-up (as
+            // HAProxy has it by default): the answer still goes out. A
+            // client that is gone is seen when the answer is written. It
+            // also spares a read per request while the worker answers,
+            // which would set up a fresh 8 KiB read buffer each time (the
+            // old one is held by the request in flight).
+            .half_close(true)
             .writev(false)
             .header_read_timeout(None)
             .max_buf_size(crate::pool::MAX_BUF);
@@ -342,6 +349,9 @@ impl Proxy {
         let inbound_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
+        // Room for the forwarding headers and `Via` at once: the map hyper
+        // parsed has room for the request's own headers only.
+        parts.headers.reserve(4);
         // A body of unknown length on a GET or HEAD (a chunked one; a
         // Content-Length is kept): hyper's client would send such a
         // request as bodiless unless it is told the framing.

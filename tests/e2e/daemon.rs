@@ -2285,3 +2285,20 @@ async fn an_early_answer_does_not_cut_the_rest_of_the_upload() {
     let resp = read_response(&mut conn).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
+    use tokio::io::AsyncWriteExt;
+    let p = Project::python("", "");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    // A client that shuts down its sending side once the request is out
+    // (`nc -N` does) still waits for the answer: the FIN is no hang-up,
+    // the worker's answer comes after it, and the connection closes once
+    // it has been sent.
+    let mut conn = sent(d.addr, b"GET /slow?ms=700 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    conn.shutdown().await.expect("half-close");
+    let got = until_closed(&mut conn).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+    assert!(got.contains("\r\n\r\nslow "), "{got:?}");
+}
