@@ -96,29 +96,43 @@ impl UpstreamConn {
         }
     }
 
-    /// Sends `req` and waits for the response head, driving the connection.
-    /// A request that asks for an upgrade hands the connection to a task of
-    /// its own first: the upgraded bytes flow after the exchange has ended.
+    /// Sends `req`: queues it on the connection (a request that asks for
+    /// an upgrade hands the connection to a task of its own first: the
+    /// upgraded bytes flow after the exchange has ended). The future it
+    /// gives, polled with [`UpstreamConn::poll_answer`], is the response
+    /// head.
     ///
-    /// # Errors
-    /// As [`SendRequest::try_send_request`]: the request comes back when it
-    /// was never sent.
-    pub async fn send(
+    /// Two steps, not one `async fn`: the caller keeps the one future
+    /// pinned where it is, instead of a future that holds the request and
+    /// then this one beside it (each request moves its handler's state,
+    /// so its size is paid for per request).
+    pub fn send(
         &mut self,
         req: Request<ReqBody>,
-    ) -> Result<Response<Incoming>, TrySendError<Request<ReqBody>>> {
+    ) -> impl Future<Output = Result<Response<Incoming>, TrySendError<Request<ReqBody>>>> + use<>
+    {
         if req.headers().contains_key(http::header::UPGRADE) {
             self.spawn_driver();
         }
-        let mut fut = std::pin::pin!(self.sender.try_send_request(req));
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = fut.as_mut().poll(cx) {
-                return Poll::Ready(r);
-            }
-            self.drive(cx);
-            fut.as_mut().poll(cx)
-        })
-        .await
+        self.sender.try_send_request(req)
+    }
+
+    /// Polls `answer` (from [`UpstreamConn::send`], whose error gives the
+    /// request back when it was never sent), driving the connection
+    /// meanwhile.
+    pub fn poll_answer<F>(
+        &mut self,
+        mut answer: Pin<&mut F>,
+        cx: &mut Context<'_>,
+    ) -> Poll<F::Output>
+    where
+        F: Future,
+    {
+        if let Poll::Ready(r) = answer.as_mut().poll(cx) {
+            return Poll::Ready(r);
+        }
+        self.drive(cx);
+        answer.poll(cx)
     }
 
     /// Lets a task of its own drive the connection, with upgrades.

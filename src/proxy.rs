@@ -313,7 +313,7 @@ impl Proxy {
 
     async fn handle(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         client: &HeaderValue,
         activity: &Activity,
     ) -> Response<ProxyBody> {
@@ -338,158 +338,113 @@ impl Proxy {
         let Some((upstream, ticket)) = self.router.acquire(self.hold()).await else {
             return self.unavailable();
         };
-        // RFC 9110 §7.8: `Upgrade` in an HTTP/1.0 request is ignored (it
-        // is stripped as hop-by-hop below); such a connection cannot be
-        // upgraded.
-        let upgrade = if req.version() == http::Version::HTTP_11 {
-            headers::upgrade_protocol(req.headers())
-        } else {
-            None
-        };
-        let inbound_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-        let (mut parts, body) = req.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers);
-        // Room for the forwarding headers and `Via` at once: the map hyper
-        // parsed has room for the request's own headers only.
-        parts.headers.reserve(4);
-        // A body of unknown length on a GET or HEAD (a chunked one; a
-        // Content-Length is kept): hyper's client would send such a
-        // request as bodiless unless it is told the framing.
-        if matches!(parts.method, http::Method::GET | http::Method::HEAD)
-            && !body.is_end_stream()
-            && body.size_hint().exact().is_none()
-        {
-            parts.headers.insert(
-                header::TRANSFER_ENCODING,
-                HeaderValue::from_static("chunked"),
-            );
-        }
-        headers::set_forwarded(&mut parts.headers, client, "http", host.as_ref());
-        headers::add_via(&mut parts.headers, parts.version);
-        if let Some(h) = host
-            && parts.uri.authority().is_some()
-        {
-            parts.headers.insert(header::HOST, h);
-        }
-        if let Some(proto) = &upgrade {
-            headers::restore_upgrade(&mut parts.headers, proto.clone());
-        }
-        // Origin form: the worker gets the path, the host is in `Host`
-        // (most requests are in origin form already).
-        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-            parts.uri = parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .map_or_else(|| http::Uri::from_static("/"), http::Uri::from);
-        }
-        parts.version = http::Version::HTTP_11;
-        let idempotent = upgrade.is_none()
-            && matches!(
-                parts.method,
-                http::Method::GET
-                    | http::Method::HEAD
-                    | http::Method::OPTIONS
-                    | http::Method::PUT
-                    | http::Method::DELETE
-            );
-        // What it takes to send a bodiless idempotent request again after a
-        // reset (the request itself is gone by then).
-        let replay = (idempotent && body.is_end_stream()).then(|| {
-            (
-                parts.method.clone(),
-                parts.uri.clone(),
-                parts.headers.clone(),
-            )
-        });
-        let watch = BodyWatch::new(bodies, body.is_end_stream());
-        let body_errors = bodies.errors.load(Ordering::Relaxed);
-        let mut req = Request::from_parts(parts, ReqBody::Client(body, watch));
+        let Forward {
+            mut req,
+            replay,
+            upgrade,
+            inbound_upgrade,
+            body_errors,
+        } = forward(req, client, host, bodies);
         self.after_batch().await;
         let (mut upstream, mut ticket) = (upstream, ticket);
         let (mut refused, mut sent_again) = (0, false);
         let (resp, conn) = loop {
-            // (error, whether the worker refused connections: then wait for
-            // a different one; else the same one may take it again).
-            let (failure, refused_conn) = match upstream.pool.checkout().await {
-                Ok(mut conn) => match until_idle(conn.send(req), activity).await {
-                    // Nothing moved for the idle timeout (see
-                    // `watch_connection`): the worker hangs.
-                    None => return self.gateway_timeout(&upstream),
-                    Some(Ok(resp)) => break (resp, conn),
-                    Some(Err(mut e)) => match e.take_message() {
-                        // Not sent (the connection closed first): the request
-                        // comes back whole, body included.
-                        Some(back) => {
-                            req = back;
-                            (SendError::Http(e.into_error()), false)
-                        }
-                        None => {
-                            let err = SendError::Http(e.into_error());
-                            // The client's body broke (bad chunked framing,
-                            // the client hung up mid-upload): the client's
-                            // fault, not the worker's.
-                            if bodies.errors.load(Ordering::Relaxed) != body_errors {
-                                tracing::debug!(generation = upstream.generation, error = %err, "request body from the client failed");
-                                return refuse(
-                                    StatusCode::BAD_REQUEST,
-                                    &format!(
-                                        "bad request: the request body could not be read: {}\n",
-                                        reason(&err)
-                                    ),
-                                );
+            // What failed is decided in a block without waits, and the waits
+            // that follow come after it: the answer, the error and the
+            // request rebuilt would otherwise stay in the handler's state
+            // through them (which each request moves).
+            let attempt = match upstream.pool.checkout().await {
+                Ok(mut conn) => {
+                    let answer = {
+                        let mut answer = std::pin::pin!(conn.send(req));
+                        let exchange =
+                            std::future::poll_fn(|cx| conn.poll_answer(answer.as_mut(), cx));
+                        until_idle(std::pin::pin!(exchange), activity).await
+                    };
+                    match answer {
+                        // Nothing moved for the idle timeout (see
+                        // `watch_connection`): the worker hangs.
+                        None => return self.gateway_timeout(&upstream),
+                        Some(Ok(resp)) => break (resp, conn),
+                        Some(Err(mut e)) => match e.take_message() {
+                            // Not sent (the connection closed first): the request
+                            // comes back whole, body included.
+                            Some(back) => {
+                                req = back;
+                                Attempt::Refused(SendError::Http(e.into_error()), false)
                             }
-                            // The connection closed or was reset before any
-                            // answer, by a worker that was not stopped on
-                            // purpose: an idempotent request without a body
-                            // may be sent again, once (RFC 9110 §9.2.2: a
-                            // failed automatic retry is not retried). A
-                            // worker that crashed is out of the router
-                            // within moments (the supervisor hears of its
-                            // exit): then the request goes to its
-                            // replacement. One that lives on (a handler
-                            // that failed) gets it again itself. So a
-                            // request that itself crashes the worker costs
-                            // two crashes, not a crash loop, and one a live
-                            // worker drops is sent twice, not more. An
-                            // answer that is not HTTP is no reset: never
-                            // sent again. Not so either for a draining
-                            // worker cut at its drain timeout.
-                            match &replay {
-                                Some((m, u, h))
-                                    if !sent_again
-                                        && connection_lost(&err)
-                                        && !upstream.is_retired() =>
-                                {
-                                    sent_again = true;
-                                    let mut again = Request::new(ReqBody::Empty);
-                                    *again.method_mut() = m.clone();
-                                    *again.uri_mut() = u.clone();
-                                    *again.headers_mut() = h.clone();
-                                    req = again;
-                                    tracing::info!(generation = upstream.generation, error = %err, "sending an idempotent request again");
-                                    drop(ticket);
-                                    let again = if self.router.leaves(&upstream, CRASH_GRACE).await
-                                    {
-                                        self.router
-                                            .acquire_other(Some(&upstream), self.hold())
-                                            .await
-                                    } else {
-                                        self.router.acquire(self.hold()).await
-                                    };
-                                    let Some((u, t)) = again else {
-                                        return self.unavailable();
-                                    };
-                                    (upstream, ticket) = (u, t);
-                                    continue;
+                            None => {
+                                let err = SendError::Http(e.into_error());
+                                // The client's body broke (bad chunked framing,
+                                // the client hung up mid-upload): the client's
+                                // fault, not the worker's.
+                                if bodies.errors.load(Ordering::Relaxed) != body_errors {
+                                    tracing::debug!(generation = upstream.generation, error = %err, "request body from the client failed");
+                                    return refuse(
+                                        StatusCode::BAD_REQUEST,
+                                        &format!(
+                                            "bad request: the request body could not be read: {}\n",
+                                            reason(&err)
+                                        ),
+                                    );
                                 }
-                                _ => return self.bad_gateway(&upstream, &err),
+                                // The connection closed or was reset before any
+                                // answer, by a worker that was not stopped on
+                                // purpose: an idempotent request without a body
+                                // may be sent again, once (RFC 9110 §9.2.2: a
+                                // failed automatic retry is not retried). A
+                                // worker that crashed is out of the router
+                                // within moments (the supervisor hears of its
+                                // exit): then the request goes to its
+                                // replacement. One that lives on (a handler
+                                // that failed) gets it again itself. So a
+                                // request that itself crashes the worker costs
+                                // two crashes, not a crash loop, and one a live
+                                // worker drops is sent twice, not more. An
+                                // answer that is not HTTP is no reset: never
+                                // sent again. Not so either for a draining
+                                // worker cut at its drain timeout.
+                                match &replay {
+                                    Some((m, u, h))
+                                        if !sent_again
+                                            && connection_lost(&err)
+                                            && !upstream.is_retired() =>
+                                    {
+                                        sent_again = true;
+                                        let mut again = Request::new(ReqBody::Empty);
+                                        *again.method_mut() = m.clone();
+                                        *again.uri_mut() = u.clone();
+                                        *again.headers_mut() = h.clone();
+                                        req = again;
+                                        tracing::info!(generation = upstream.generation, error = %err, "sending an idempotent request again");
+                                        Attempt::Again
+                                    }
+                                    _ => return self.bad_gateway(&upstream, &err),
+                                }
                             }
-                        }
-                    },
-                },
+                        },
+                    }
+                }
                 // Refused: the request never left.
-                Err(e) => (e, true),
+                Err(e) => Attempt::Refused(e, true),
+            };
+            let (failure, refused_conn) = match attempt {
+                Attempt::Refused(failure, refused_conn) => (failure, refused_conn),
+                Attempt::Again => {
+                    drop(ticket);
+                    let again = if self.router.leaves(&upstream, CRASH_GRACE).await {
+                        self.router
+                            .acquire_other(Some(&upstream), self.hold())
+                            .await
+                    } else {
+                        self.router.acquire(self.hold()).await
+                    };
+                    let Some((u, t)) = again else {
+                        return self.unavailable();
+                    };
+                    (upstream, ticket) = (u, t);
+                    continue;
+                }
             };
             // The request is still ours: send it to the worker that replaces
             // this one, once the supervisor has swapped it in.
@@ -814,7 +769,7 @@ fn bump(counter: &AtomicU64) {
 /// watcher says nothing moved for the idle timeout. No allocation, lock or
 /// waker registration per request: flags of this connection's own task
 /// (one request at a time), checked at each poll.
-async fn until_idle<F: Future>(f: F, activity: &Activity) -> Option<F::Output> {
+async fn until_idle<F: Future>(mut f: Pin<&mut F>, activity: &Activity) -> Option<F::Output> {
     /// Marks the handler out again however the wait ends.
     struct Waiting<'a>(&'a AtomicBool);
     impl Drop for Waiting<'_> {
@@ -827,7 +782,6 @@ async fn until_idle<F: Future>(f: F, activity: &Activity) -> Option<F::Output> {
     let _waiting = Waiting(&activity.at_worker);
     // Not meant for this request (set as the one before got its answer).
     activity.give_up.store(false, Ordering::Relaxed);
-    let mut f = std::pin::pin!(f);
     std::future::poll_fn(|cx| {
         if let Poll::Ready(r) = f.as_mut().poll(cx) {
             return Poll::Ready(Some(r));
@@ -877,6 +831,114 @@ impl Body for ClientBody {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// How an attempt to send a request to a worker failed, when it did.
+enum Attempt {
+    /// Reset before any answer: the request (rebuilt) goes again, once.
+    Again,
+    /// Not taken: the error, and whether the worker refused connections
+    /// (then a different one is waited for; else the same one may take it
+    /// again).
+    Refused(SendError, bool),
+}
+
+/// A request made ready for the worker, and what its handler keeps of it.
+struct Forward {
+    req: Request<ReqBody>,
+    /// What it takes to send a bodiless idempotent request again after a
+    /// reset (the request itself is gone by then).
+    replay: Option<(http::Method, http::Uri, http::HeaderMap)>,
+    /// The protocol asked for, on an upgrade request.
+    upgrade: Option<HeaderValue>,
+    inbound_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// The client's body failures on this connection so far.
+    body_errors: u64,
+}
+
+/// Rewrites a client's request for the worker: hop-by-hop headers out,
+/// forwarding headers and `Via` in, origin form.
+///
+/// Not part of the handler's `async fn`: its locals would stay in the
+/// handler's state across every wait (which each request moves).
+fn forward(
+    mut req: Request<Incoming>,
+    client: &HeaderValue,
+    host: Option<HeaderValue>,
+    bodies: &Arc<BodyProgress>,
+) -> Forward {
+    // RFC 9110 §7.8: `Upgrade` in an HTTP/1.0 request is ignored (it
+    // is stripped as hop-by-hop below); such a connection cannot be
+    // upgraded.
+    let upgrade = if req.version() == http::Version::HTTP_11 {
+        headers::upgrade_protocol(req.headers())
+    } else {
+        None
+    };
+    let inbound_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    // Room for the forwarding headers and `Via` at once: the map hyper
+    // parsed has room for the request's own headers only.
+    parts.headers.reserve(4);
+    // A body of unknown length on a GET or HEAD (a chunked one; a
+    // Content-Length is kept): hyper's client would send such a
+    // request as bodiless unless it is told the framing.
+    if matches!(parts.method, http::Method::GET | http::Method::HEAD)
+        && !body.is_end_stream()
+        && body.size_hint().exact().is_none()
+    {
+        parts.headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
+    headers::set_forwarded(&mut parts.headers, client, "http", host.as_ref());
+    headers::add_via(&mut parts.headers, parts.version);
+    if let Some(h) = host
+        && parts.uri.authority().is_some()
+    {
+        parts.headers.insert(header::HOST, h);
+    }
+    if let Some(proto) = &upgrade {
+        headers::restore_upgrade(&mut parts.headers, proto.clone());
+    }
+    // Origin form: the worker gets the path, the host is in `Host`
+    // (most requests are in origin form already).
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        parts.uri = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .map_or_else(|| http::Uri::from_static("/"), http::Uri::from);
+    }
+    parts.version = http::Version::HTTP_11;
+    let idempotent = upgrade.is_none()
+        && matches!(
+            parts.method,
+            http::Method::GET
+                | http::Method::HEAD
+                | http::Method::OPTIONS
+                | http::Method::PUT
+                | http::Method::DELETE
+        );
+    // What it takes to send a bodiless idempotent request again after a
+    // reset (the request itself is gone by then).
+    let replay = (idempotent && body.is_end_stream()).then(|| {
+        (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
+        )
+    });
+    let watch = BodyWatch::new(bodies, body.is_end_stream());
+    Forward {
+        req: Request::from_parts(parts, ReqBody::Client(body, watch)),
+        replay,
+        upgrade,
+        inbound_upgrade,
+        body_errors: bodies.errors.load(Ordering::Relaxed),
     }
 }
 
