@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Overrides};
-use crate::control::api::{DeployOutcome, GenState, GenerationInfo, Status, timestamp};
+use crate::control::api::{DeployOutcome, GenState, GenerationInfo, Status, Totals, timestamp};
 use crate::events::Events;
 use crate::proxy::Proxy;
 use crate::router::{Router, Upstream};
@@ -242,6 +242,8 @@ struct Supervisor {
 
     gens: BTreeMap<u64, GenerationInfo>,
     runtime: BTreeMap<u64, GenRuntime>,
+    /// Counts since start, for the status and `/metrics`.
+    totals: Totals,
     next_gen: u64,
     /// The generation folders a previous daemon left and this one kept
     /// (not in the status), oldest first.
@@ -361,6 +363,7 @@ pub fn spawn(
         change_tx,
         gens: BTreeMap::new(),
         runtime: BTreeMap::new(),
+        totals: Totals::default(),
         next_gen: 1,
         earlier: VecDeque::new(),
         active: None,
@@ -951,6 +954,7 @@ impl Supervisor {
                     );
                 }
                 self.cut_over(inst);
+                self.totals.deploys_active += 1;
                 DeployOutcome {
                     generation: Some(generation),
                     outcome: "active".into(),
@@ -959,8 +963,10 @@ impl Supervisor {
             }
             Err((state, reason)) => {
                 let kind = if state == GenState::Failed {
+                    self.totals.deploys_failed += 1;
                     "build_failed"
                 } else {
+                    self.totals.deploys_rejected += 1;
                     "rejected"
                 };
                 let keeps = match &self.active {
@@ -1270,6 +1276,7 @@ impl Supervisor {
         if let Some(g) = self.gens.get_mut(&generation) {
             g.restarts += 1;
         }
+        self.totals.restarts += 1;
         let cfg = rt.cfg.clone();
         let TaskCtx {
             shim,
@@ -1654,6 +1661,7 @@ impl Supervisor {
             draining,
             history,
             deploy_pending: self.pending.is_some(),
+            totals: self.totals,
         }
     }
 

@@ -347,6 +347,11 @@ fn render_status(s: &Status) -> String {
     if s.deploy_pending {
         out.push_str("    Pending: one more deploy queued\n");
     }
+    let t = &s.totals;
+    out.push_str(&format!(
+        "    Deploys: {} active, {} rejected, {} failed; {} restarts\n",
+        t.deploys_active, t.deploys_rejected, t.deploys_failed, t.restarts
+    ));
     if !s.history.is_empty() {
         out.push_str("    History:\n");
         for g in &s.history {

@@ -107,6 +107,26 @@ pub struct Status {
     pub history: Vec<GenerationInfo>,
     /// A change arrived during a deploy and will cause one more.
     pub deploy_pending: bool,
+    /// Counts since the daemon started.
+    #[serde(default)]
+    pub totals: Totals,
+}
+
+/// What the daemon has done since it started (the history keeps the last
+/// few generations only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    /// Deploys that ended with their generation serving.
+    pub deploys_active: u64,
+    /// Deploys whose worker did not prove itself (`healthz`, signature,
+    /// exit, start timeout).
+    pub deploys_rejected: u64,
+    /// Deploys whose build failed, whose worker could not be started, or
+    /// that the daemon's stop cut short.
+    pub deploys_failed: u64,
+    /// Starts of a generation's snapshot again: after a crash, or to
+    /// replace a worker that failed its health checks.
+    pub restarts: u64,
 }
 
 /// The answer to `POST /v1/deploy?wait=1` and `POST /v1/restart?wait=1`.

@@ -378,7 +378,7 @@ fn metrics(s: &Status, job: &Job) -> Response<ProxyBody> {
     let m = &job.proxy.metrics;
     let live = || s.active.iter().chain(&s.draining);
     let count = |state| s.history.iter().filter(|g| g.state == state).count() as u64;
-    let rows: [(&str, &str, &str, u64); 16] = [
+    let rows: [(&str, &str, &str, u64); 20] = [
         (
             "baton_requests_total",
             "counter",
@@ -420,6 +420,30 @@ fn metrics(s: &Status, job: &Job) -> Response<ProxyBody> {
             "counter",
             "Client connections accepted.",
             m.connections.load(Ordering::Relaxed),
+        ),
+        (
+            "baton_deploys_active_total",
+            "counter",
+            "Deploys that ended with their generation serving.",
+            s.totals.deploys_active,
+        ),
+        (
+            "baton_deploys_rejected_total",
+            "counter",
+            "Deploys whose worker did not prove itself (healthz, signature, exit, start timeout).",
+            s.totals.deploys_rejected,
+        ),
+        (
+            "baton_deploys_failed_total",
+            "counter",
+            "Deploys whose build failed or whose worker could not be started.",
+            s.totals.deploys_failed,
+        ),
+        (
+            "baton_worker_restarts_total",
+            "counter",
+            "Workers started again from their generation's snapshot (after a crash, or replacing a sick one).",
+            s.totals.restarts,
         ),
         (
             "baton_uptime_seconds",

@@ -94,7 +94,23 @@ async fn failed_build_keeps_the_old_worker() {
             s.active.as_ref().is_some_and(|a| a.id > 3)
         })
         .await;
-    assert_eq!(whoami(d.addr).await.0, s.active.expect("active").id);
+    assert_eq!(
+        whoami(d.addr).await.0,
+        s.active.as_ref().expect("active").id
+    );
+    // Every deploy so far is counted once: the first and the fixed one
+    // served, the broken edit and `deploy --wait` failed their build.
+    let t = s.totals;
+    assert_eq!(
+        (t.deploys_active, t.deploys_failed, t.deploys_rejected),
+        (2, 2, 0),
+        "{t:?}"
+    );
+    let (_, text) = baton::control::client::call_text(&d.socket, http::Method::GET, "/metrics")
+        .await
+        .expect("metrics");
+    assert!(text.contains("\nbaton_deploys_failed_total 2\n"), "{text}");
+    assert!(text.contains("\nbaton_deploys_active_total 2\n"), "{text}");
 }
 
 /// An artifact that is no file fails its deploy with a reason that says
@@ -143,6 +159,10 @@ async fn healthz_404_is_rejected_and_traffic_stays() {
     assert!(text.contains("Active: gen 1 active"), "{text}");
     assert!(text.contains("gen 2 rejected"), "{text}");
     assert!(text.contains("healthz 404"), "{text}");
+    assert!(
+        text.contains("Deploys: 1 active, 1 rejected, 0 failed; 0 restarts"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,6 +209,19 @@ async fn crash_restarts_the_same_snapshot_and_holds_requests() {
     assert_eq!(b.signature, a.signature, "same snapshot");
     assert_eq!(s.state, "running");
     assert!(d.log().contains("worker_exited"));
+    // Counted since start, in the status and in /metrics.
+    assert_eq!(s.totals.restarts, 1, "{:?}", s.totals);
+    assert_eq!(s.totals.deploys_active, 1, "{:?}", s.totals);
+    let (_, text) = baton::control::client::call_text(&d.socket, http::Method::GET, "/metrics")
+        .await
+        .expect("metrics");
+    assert!(text.contains("\nbaton_worker_restarts_total 1\n"), "{text}");
+    let out = d.ctl(&["status"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Deploys: 1 active, 0 rejected, 0 failed; 1 restarts"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
