@@ -834,7 +834,7 @@ impl Body for ClientBody {
     }
 }
 
-/// How an attempt to send a request to a worker failed, when it did.
+/// What follows a failed attempt to send a request to a worker.
 enum Attempt {
     /// Reset before any answer: the request (rebuilt) goes again, once.
     Again,
@@ -852,6 +852,7 @@ struct Forward {
     replay: Option<(http::Method, http::Uri, http::HeaderMap)>,
     /// The protocol asked for, on an upgrade request.
     upgrade: Option<HeaderValue>,
+    /// The client's side of the connection once upgraded.
     inbound_upgrade: Option<hyper::upgrade::OnUpgrade>,
     /// The client's body failures on this connection so far.
     body_errors: u64,
@@ -923,8 +924,6 @@ fn forward(
                 | http::Method::PUT
                 | http::Method::DELETE
         );
-    // What it takes to send a bodiless idempotent request again after a
-    // reset (the request itself is gone by then).
     let replay = (idempotent && body.is_end_stream()).then(|| {
         (
             parts.method.clone(),
