@@ -261,6 +261,30 @@ impl<'a> TwilioMessage<'a> {
         }
     }
 
+    /// The message counter as Twilio sent it (`None` for `connected`,
+    /// which has none, and for an empty one).
+    pub fn sequence_number(&self) -> Option<&str> {
+        let seq: &str = match self {
+            Self::Connected { .. } => return None,
+            Self::Media {
+                sequence_number, ..
+            } => sequence_number,
+            Self::Start {
+                sequence_number, ..
+            }
+            | Self::Dtmf {
+                sequence_number, ..
+            }
+            | Self::Mark {
+                sequence_number, ..
+            }
+            | Self::Stop {
+                sequence_number, ..
+            } => sequence_number,
+        };
+        (!seq.is_empty()).then_some(seq)
+    }
+
     /// The event name, for logs.
     pub fn event(&self) -> &'static str {
         match self {

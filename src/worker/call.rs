@@ -95,6 +95,8 @@ struct Call {
     opened: Instant,
     rec: CallRecord,
     started: bool,
+    /// The highest `sequenceNumber` seen so far.
+    last_seq: Option<u64>,
     stream_sid: String,
     call_sid: String,
     vad: Box<dyn Vad>,
@@ -147,6 +149,7 @@ pub async fn run_call<S>(
         state,
         opened: now,
         started: false,
+        last_seq: None,
         stream_sid: String::new(),
         call_sid: String::new(),
         vad,
@@ -247,6 +250,35 @@ impl Call {
         }
         self.rec
             .push_event(t, "warning", format!("{what}: {detail}"));
+    }
+
+    /// Twilio numbers its messages 1, 2, 3, ... (`start` is 1): a jump
+    /// means messages were lost on the way, and one that goes back means
+    /// they came out of order. Either is counted in the record and logged
+    /// (the first few of a call); the message itself is handled as usual.
+    fn check_sequence(&mut self, seq: u64, event: &'static str) {
+        let expected = self.last_seq.map_or(1, |last| last + 1);
+        if seq != expected {
+            self.rec.sequence_gaps += 1;
+            let missing = seq.saturating_sub(expected);
+            self.rec.messages_missing += missing;
+            if self.rec.sequence_gaps <= LOGGED_WARNINGS {
+                warn!(
+                    event = "WS_SEQUENCE_GAP",
+                    callSid = %self.call_sid,
+                    streamSid = %self.stream_sid,
+                    expected,
+                    got = seq,
+                    missing,
+                    twilio_event = event,
+                    "call warning: sequenceNumber {seq} where {expected} was due"
+                );
+            }
+            let t = self.t_ms();
+            self.rec
+                .push_event(t, "sequence_gap", format!("{event} {seq}, {expected} due"));
+        }
+        self.last_seq = Some(self.last_seq.map_or(seq, |last| last.max(seq)));
     }
 
     async fn serve<S>(&mut self, ws: &mut WebSocketStream<S>) -> End
@@ -432,6 +464,9 @@ impl Call {
         {
             self.warn_skip("wrong streamSid", sid.to_string());
             return None;
+        }
+        if let Some(seq) = msg.sequence_number().and_then(|s| s.parse::<u64>().ok()) {
+            self.check_sequence(seq, msg.event());
         }
         let t = self.t_ms();
         match msg {
@@ -928,6 +963,7 @@ impl Call {
             marks_echoed = self.rec.marks_echoed.len(),
             clears = self.rec.clears,
             warnings = self.rec.protocol_warnings,
+            sequence_gaps = self.rec.sequence_gaps,
             "WS_STOP"
         );
         let rec = std::mem::take(&mut self.rec);

@@ -116,6 +116,13 @@ pub struct CallRecord {
     pub last_rtt_ms: Option<f64>,
     /// Messages logged and skipped (malformed, unknown, binary, ...).
     pub protocol_warnings: u64,
+    /// Places where Twilio's `sequenceNumber` did not go up by one (a
+    /// message lost or reordered on the way; each is logged as
+    /// `WS_SEQUENCE_GAP`, the first few per call).
+    pub sequence_gaps: u64,
+    /// Messages the counter skipped over, in all (a jump from 5 to 8 is
+    /// two).
+    pub messages_missing: u64,
     /// Timeline.
     pub events: Vec<RecordEvent>,
 }

@@ -1149,6 +1149,47 @@ async fn worker_skips_bad_messages_and_keeps_the_call(mode: Mode) {
     assert_eq!(http(w.addr, "GET", "/healthz", &[], b"").await.status, 200);
 }
 
+both!(worker_counts_sequence_gaps_and_keeps_the_call);
+async fn worker_counts_sequence_gaps_and_keeps_the_call(mode: Mode) {
+    let mut w = Worker::start_in(mode, "", &[]).await;
+    let mut ws = ws_connect(&w.ws_url()).await;
+    ws.send(start_msg("MZseq", "CAseq")).await.expect("send");
+    // 1 (start), 2, then 3 and 4 lost, 5, 4 late, 6, and stop as 7.
+    for seq in [2, 5, 4, 6] {
+        ws.send(media_msg("MZseq", seq)).await.expect("send");
+    }
+    // The call goes on: the greeting plays.
+    let m = expect_media(&mut ws).await;
+    assert_eq!(m["streamSid"], "MZseq");
+    ws.send(Message::Text(
+        serde_json::json!({"event": "stop", "sequenceNumber": "7", "streamSid": "MZseq",
+                           "stop": {"accountSid": "AC1", "callSid": "CAseq"}})
+        .to_string()
+        .into(),
+    ))
+    .await
+    .expect("send");
+    assert_eq!(expect_close(&mut ws).await, Some(CloseCode::Normal));
+    let records = w.wait_records(1).await;
+    let r = &records[0];
+    assert_eq!(r["frames_in"], 4, "every media message was played: {r}");
+    assert_eq!(r["sequence_gaps"], 2, "{r}");
+    assert_eq!(r["messages_missing"], 2, "{r}");
+    assert_eq!(r["protocol_warnings"], 0, "{r}");
+    let gaps: Vec<(u64, u64)> = w
+        .events("WS_SEQUENCE_GAP")
+        .iter()
+        .map(|e| {
+            let f = &e["fields"];
+            (
+                f["got"].as_u64().unwrap_or(0),
+                f["expected"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(gaps, vec![(5, 3), (4, 6)]);
+}
+
 both!(worker_closes_oversized_frames_cleanly_and_survives);
 async fn worker_closes_oversized_frames_cleanly_and_survives(mode: Mode) {
     let mut w = Worker::start_in(mode, "max_message_bytes = 4096", &[]).await;
