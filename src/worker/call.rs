@@ -257,11 +257,12 @@ impl Call {
     /// they came out of order. Either is counted in the record and logged
     /// (the first few of a call); the message itself is handled as usual.
     fn check_sequence(&mut self, seq: u64, event: &'static str) {
-        let expected = self.last_seq.map_or(1, |last| last + 1);
+        // Saturating: the counter is the caller's text, up to u64::MAX.
+        let expected = self.last_seq.map_or(1, |last| last.saturating_add(1));
         if seq != expected {
             self.rec.sequence_gaps += 1;
             let missing = seq.saturating_sub(expected);
-            self.rec.messages_missing += missing;
+            self.rec.messages_missing = self.rec.messages_missing.saturating_add(missing);
             if self.rec.sequence_gaps <= LOGGED_WARNINGS {
                 warn!(
                     event = "WS_SEQUENCE_GAP",

@@ -534,7 +534,7 @@ fn media_msg(stream_sid: &str, seq: u64) -> Message {
     Message::Text(
         serde_json::json!({
             "event": "media", "sequenceNumber": seq.to_string(), "streamSid": stream_sid,
-            "media": {"track": "inbound", "chunk": seq.to_string(), "timestamp": (seq * 20).to_string(),
+            "media": {"track": "inbound", "chunk": seq.to_string(), "timestamp": seq.saturating_mul(20).to_string(),
                       "payload": "//////////////////////////////////////////8="}
         })
         .to_string()
@@ -1188,6 +1188,24 @@ async fn worker_counts_sequence_gaps_and_keeps_the_call(mode: Mode) {
         })
         .collect();
     assert_eq!(gaps, vec![(5, 3), (4, 6)]);
+    // A counter at the top of its range, and one after it, leave the call
+    // (and the worker) alive.
+    let mut ws = ws_connect(&w.ws_url()).await;
+    ws.send(start_msg("MZmax", "CAmax")).await.expect("send");
+    ws.send(media_msg("MZmax", u64::MAX)).await.expect("send");
+    ws.send(media_msg("MZmax", 3)).await.expect("send");
+    let m = expect_media(&mut ws).await;
+    assert_eq!(m["streamSid"], "MZmax");
+    ws.send(stop_msg("MZmax", "CAmax")).await.expect("send");
+    assert_eq!(expect_close(&mut ws).await, Some(CloseCode::Normal));
+    let records = w.wait_records(2).await;
+    let r = records
+        .iter()
+        .find(|r| r["call_sid"] == "CAmax")
+        .expect("the second call's record");
+    assert_eq!(r["frames_in"], 2, "{r}");
+    assert_eq!(r["sequence_gaps"], 3, "{r}");
+    assert_eq!(http(w.addr, "GET", "/healthz", &[], b"").await.status, 200);
 }
 
 both!(worker_closes_oversized_frames_cleanly_and_survives);
