@@ -611,7 +611,7 @@ async fn watch_connection<C>(
             }
             if armed.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 if !stopping && stop.fired() {
-                    return Poll::Ready(Event::Cancelled);
+                    return Poll::Ready(Event::Stopping);
                 }
                 if stall.is_elapsed() {
                     return Poll::Ready(Event::Stall);
@@ -619,7 +619,7 @@ async fn watch_connection<C>(
                 return Poll::Pending;
             }
             if !stopping && (stopped.as_mut().poll(cx).is_ready() || stop.fired()) {
-                return Poll::Ready(Event::Cancelled);
+                return Poll::Ready(Event::Stopping);
             }
             if stall.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Stall);
@@ -630,7 +630,7 @@ async fn watch_connection<C>(
         .await;
         match event {
             Event::Done(r) => break r,
-            Event::Cancelled => {
+            Event::Stopping => {
                 // Finish the request in flight, then close.
                 stopping = true;
                 shut_down(conn.as_mut());
@@ -714,7 +714,7 @@ enum Event {
     /// The connection ended.
     Done(hyper::Result<()>),
     /// `batond` is stopping.
-    Cancelled,
+    Stopping,
     /// The progress check is due.
     Stall,
 }
