@@ -43,6 +43,28 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The transfer codings a message's `Transfer-Encoding` lists besides a
+/// final `chunked` (the framing, which hyper takes off on one side and
+/// puts on again on the other), as one list: `None` when there are none.
+/// A proxy that dropped them would pass on a body still coded (gzip, say)
+/// with nothing left to say so (RFC 9112 §6.1, §7).
+pub fn codings_besides_chunked(headers: &HeaderMap) -> Option<String> {
+    let mut codings: Vec<&str> = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    if codings
+        .last()
+        .is_some_and(|c| c.eq_ignore_ascii_case("chunked"))
+    {
+        codings.pop();
+    }
+    (!codings.is_empty()).then(|| codings.join(", "))
+}
+
 /// The protocol a request asks to upgrade to, when it is a valid upgrade
 /// request: `Connection` lists `upgrade` and `Upgrade` is present.
 pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
@@ -292,5 +314,24 @@ mod tests {
         assert!(upgrade_offered(&offered, &HeaderValue::from_static("h2c")));
         assert!(!upgrade_offered(&offered, &HeaderValue::from_static("h2")));
         assert!(!upgrade_offered(&offered, &HeaderValue::from_static("")));
+    }
+
+    #[test]
+    fn codings_besides_the_final_chunked_are_named() {
+        let of = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::TRANSFER_ENCODING, HeaderValue::from_static(v));
+            }
+            codings_besides_chunked(&h)
+        };
+        assert_eq!(of(&[]), None);
+        assert_eq!(of(&["chunked"]), None);
+        assert_eq!(of(&["Chunked "]), None);
+        assert_eq!(of(&["gzip, chunked"]).as_deref(), Some("gzip"));
+        assert_eq!(of(&["gzip", "chunked"]).as_deref(), Some("gzip"));
+        assert_eq!(of(&["gzip"]).as_deref(), Some("gzip"));
+        assert_eq!(of(&["chunked, chunked"]).as_deref(), Some("chunked"));
+        assert_eq!(of(&["x, , deflate,chunked"]).as_deref(), Some("x, deflate"));
     }
 }

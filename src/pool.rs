@@ -248,8 +248,14 @@ impl Pool {
     /// is not idle yet (the worker answered before it had the whole request
     /// body, which is still being sent) is driven to the end of its
     /// exchange on a task of its own first, as a spawned connection would
-    /// have been.
-    pub fn checkin(self: &Arc<Self>, mut conn: UpstreamConn) {
+    /// have been. That task takes `busy` (what counts the request as in
+    /// flight) and lets it go when the exchange is over: a drain waits
+    /// for the upload the worker is still reading.
+    pub fn checkin<B: Send + 'static>(
+        self: &Arc<Self>,
+        mut conn: UpstreamConn,
+        busy: &mut Option<B>,
+    ) {
         if !conn.is_open() {
             return;
         }
@@ -261,10 +267,12 @@ impl Pool {
             return;
         };
         let pool = self.clone();
+        let busy = busy.take();
         rt.spawn(async move {
             if std::future::poll_fn(|cx| conn.poll_idle(cx)).await {
                 pool.keep(conn);
             }
+            drop(busy);
         });
     }
 

@@ -335,6 +335,17 @@ impl Proxy {
                 "not implemented: CONNECT (batond is a reverse proxy)\n",
             );
         }
+        // hyper takes off the chunked framing only; a body coded besides
+        // (gzip, say) would reach the worker unlabelled (RFC 9112 §6.1).
+        if req.headers().contains_key(header::TRANSFER_ENCODING)
+            && let Some(codings) = headers::codings_besides_chunked(req.headers())
+        {
+            return refuse(
+                StatusCode::NOT_IMPLEMENTED,
+                &format!("not implemented: transfer coding {codings} (only chunked is)\n"),
+            );
+        }
+        let http10 = req.version() == http::Version::HTTP_10;
         let Some((upstream, ticket)) = self.router.acquire(self.hold()).await else {
             return self.unavailable();
         };
@@ -479,16 +490,37 @@ impl Proxy {
                 let (mut parts, body) = resp.into_parts();
                 // RFC 9112 §6.3: with Transfer-Encoding, a Content-Length
                 // is wrong, and must go before the message is passed on
-                // (it is framed again here).
+                // (it is framed again here). Codings besides the chunked
+                // framing stay on the body, so they stay named: hyper adds
+                // `chunked` after them.
+                let mut codings = None;
                 if parts.headers.contains_key(header::TRANSFER_ENCODING) {
                     parts.headers.remove(header::CONTENT_LENGTH);
+                    codings = headers::codings_besides_chunked(&parts.headers);
                 }
                 headers::strip_hop_by_hop(&mut parts.headers);
+                if let Some(codings) = codings {
+                    // An HTTP/1.0 client knows no transfer coding.
+                    match HeaderValue::from_str(&codings) {
+                        Ok(v) if !http10 => {
+                            parts.headers.insert(header::TRANSFER_ENCODING, v);
+                        }
+                        _ => {
+                            self.metrics.bad_gateway.fetch_add(1, Ordering::Relaxed);
+                            return refuse(
+                                StatusCode::BAD_GATEWAY,
+                                &format!(
+                                    "bad gateway: the worker's answer has transfer coding {codings}, which an HTTP/1.0 client cannot take\n"
+                                ),
+                            );
+                        }
+                    }
+                }
                 let mut body = Guarded {
                     inner: body,
                     first: None,
                     first_other: None,
-                    _ticket: ticket,
+                    ticket: Some(ticket),
                     conn: Some((conn, upstream.pool.clone())),
                     done: false,
                     failed: None,
@@ -902,6 +934,13 @@ fn forward(
     {
         parts.headers.insert(header::HOST, h);
     }
+    // It goes on as HTTP/1.1, which carries `Host`: empty when an HTTP/1.0
+    // request named none (RFC 9112 §3.2).
+    if !parts.headers.contains_key(header::HOST) {
+        parts
+            .headers
+            .insert(header::HOST, HeaderValue::from_static(""));
+    }
     if let Some(proto) = &upgrade {
         headers::restore_upgrade(&mut parts.headers, proto.clone());
     }
@@ -1094,7 +1133,10 @@ pub struct Guarded {
     /// A first frame that is not data (trailers), likewise: boxed, as it
     /// is rare and large.
     first_other: Option<Box<Frame<Bytes>>>,
-    _ticket: Ticket,
+    /// Counts the request in flight; given to the task that finishes the
+    /// exchange when the worker still reads the request body after its
+    /// answer (see [`Pool::checkin`]).
+    ticket: Option<Ticket>,
     /// The worker connection, driven from here while the body streams.
     conn: Option<(UpstreamConn, Arc<Pool>)>,
     done: bool,
@@ -1201,7 +1243,7 @@ impl Guarded {
         if (self.done || self.inner.is_end_stream())
             && let Some((conn, pool)) = self.conn.take()
         {
-            pool.checkin(conn);
+            pool.checkin(conn, &mut self.ticket);
         }
     }
 }
@@ -1212,7 +1254,7 @@ impl Drop for Guarded {
         if (self.done || self.inner.is_end_stream())
             && let Some((conn, pool)) = self.conn.take()
         {
-            pool.checkin(conn);
+            pool.checkin(conn, &mut self.ticket);
         }
     }
 }

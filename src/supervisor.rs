@@ -168,7 +168,8 @@ enum Internal {
         /// The config the generation was built, started and proven with.
         cfg: Arc<Config>,
     },
-    RestartDue(u64),
+    /// A restart's backoff is over: (generation, restart epoch).
+    RestartDue(u64, u64),
     RestartDone {
         generation: u64,
         replace: bool,
@@ -257,9 +258,19 @@ struct Supervisor {
     pipeline_busy: bool,
     /// A fresh process being proven beside the active one, and why.
     replacing: Option<Replacing>,
-    /// While it stopped, the build or restart under way ended (see
-    /// `serve_while`).
-    ended_while_stopping: bool,
+    /// A fresh process started with no worker serving (a crash restart,
+    /// or a restart out of `failed`), not yet proven or rejected: another
+    /// restart waits for it rather than starting a second process.
+    starting: bool,
+    /// Bumped by every restart scheduled or started: a `RestartDue` of an
+    /// earlier epoch is stale (a restart went ahead meanwhile).
+    restart_epoch: u64,
+    /// Builds-and-proves and fresh starts under way, each of which ends
+    /// with a `PipelineDone` or a `RestartDone`: the stop waits for them.
+    open_tasks: usize,
+    /// The exits of workers proven while batond stopped: never cut over,
+    /// stopped at once, and waited for with the others.
+    late: Vec<tokio::sync::watch::Receiver<Option<worker_proc::Exit>>>,
     pending: Option<String>,
     debounce_epoch: u64,
     /// Bumped by every config file event; the reload waits for quiet.
@@ -372,7 +383,10 @@ pub fn spawn(
         candidate: None,
         pipeline_busy: false,
         replacing: None,
-        ended_while_stopping: false,
+        starting: false,
+        restart_epoch: 0,
+        open_tasks: 0,
+        late: Vec::new(),
         pending: None,
         debounce_epoch: 0,
         config_epoch: 0,
@@ -674,6 +688,7 @@ impl Supervisor {
         };
         self.forget_changes();
         self.pipeline_busy = true;
+        self.open_tasks += 1;
         self.waiters_now.append(&mut self.waiters_next);
         let generation = self.next_gen;
         self.next_gen += 1;
@@ -871,8 +886,10 @@ impl Supervisor {
                     self.start_instance(generation, Some(Replacing::Health));
                 }
             }
-            Internal::RestartDue(generation) => {
-                if self.active.is_none()
+            Internal::RestartDue(generation, epoch) => {
+                if epoch == self.restart_epoch
+                    && self.active.is_none()
+                    && !self.starting
                     && self.unit_state != "failed"
                     && self.is_newest(generation)
                 {
@@ -926,6 +943,7 @@ impl Supervisor {
         snapshot: Option<PathBuf>,
         cfg: Arc<Config>,
     ) {
+        self.open_tasks = self.open_tasks.saturating_sub(1);
         self.pipeline_busy = false;
         self.candidate = None;
         let waiters = std::mem::take(&mut self.waiters_now);
@@ -1065,6 +1083,15 @@ impl Supervisor {
             self.ready_sent = true;
             systemd::ready(&self.status_line());
         }
+        // A worker that died between its proof and now: its exit came
+        // while it was a candidate, and was let go then.
+        let gone = self.active.as_ref().and_then(|a| {
+            let exit = a.exited.borrow().clone();
+            exit.map(|e| (a.instance, e))
+        });
+        if let Some((instance, exit)) = gone {
+            self.exited(generation, instance, &exit);
+        }
     }
 
     fn spawn_monitor(&self) {
@@ -1072,8 +1099,11 @@ impl Supervisor {
         let Some(rt) = self.runtime.get(&a.generation) else {
             return;
         };
+        // With the config the generation was proven with: a reload whose
+        // own deploy failed (another health path, say) must not fail the
+        // probes of the worker still serving.
         tokio::spawn(worker_proc::monitor(
-            self.cfg.clone(),
+            rt.cfg.clone(),
             a.generation,
             a.instance,
             a.endpoint.clone(),
@@ -1243,10 +1273,11 @@ impl Supervisor {
             ),
         );
         self.notify_status();
-        let itx = self.itx.clone();
+        self.restart_epoch += 1;
+        let (itx, epoch) = (self.itx.clone(), self.restart_epoch);
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            let _ = itx.send(Internal::RestartDue(generation));
+            let _ = itx.send(Internal::RestartDue(generation, epoch));
         });
     }
 
@@ -1260,6 +1291,12 @@ impl Supervisor {
             self.replacing = replace;
         }
         let replace = replace.is_some();
+        if !replace {
+            // This start is the restart: a backoff timer still running
+            // would start a second one.
+            self.starting = true;
+            self.restart_epoch += 1;
+        }
         let launch = Launch {
             generation,
             instance: rt.next_instance,
@@ -1278,6 +1315,7 @@ impl Supervisor {
         }
         self.totals.restarts += 1;
         let cfg = rt.cfg.clone();
+        self.open_tasks += 1;
         let TaskCtx {
             shim,
             itx,
@@ -1301,6 +1339,10 @@ impl Supervisor {
         replace: bool,
         result: Result<(Instance, Duration), String>,
     ) {
+        self.open_tasks = self.open_tasks.saturating_sub(1);
+        if !replace {
+            self.starting = false;
+        }
         let why = if replace { self.replacing.take() } else { None };
         let for_health = why == Some(Replacing::Health);
         let waiters = std::mem::take(&mut self.restart_waiters);
@@ -1386,9 +1428,10 @@ impl Supervisor {
             .map(|a| a.generation)
             .or_else(|| self.runtime.keys().next_back().copied());
         match generation {
-            // A fresh process is starting already (health replacement or
-            // an earlier restart): this restart waits for that one.
-            Some(_) if self.replacing.is_some() => {
+            // A fresh process is starting already (health replacement, an
+            // earlier restart, or a crash restart): this restart waits for
+            // that one.
+            Some(_) if self.replacing.is_some() || self.starting => {
                 if let Some(r) = reply {
                     self.restart_waiters.push(r);
                 }
@@ -1738,17 +1781,20 @@ impl Supervisor {
         }
         self.draining.clear();
         self.active = None;
-        // Candidates and builds end through the cancelled token; give their
-        // tasks the stop timeout to reap.
-        if (self.pipeline_busy || self.replacing.is_some()) && !self.ended_while_stopping {
-            let _ = tokio::time::timeout(wait, async {
-                while let Some(i) = self.irx.recv().await {
-                    if ends_work(&i) {
-                        return;
-                    }
-                }
-            })
-            .await;
+        // Builds, candidates and fresh starts end through the cancelled
+        // token: their tasks get the stop timeout to stop what they
+        // started and reap it, and a worker proven meanwhile is stopped.
+        let _ = tokio::time::timeout(wait, async {
+            while self.open_tasks > 0 {
+                let Some(i) = self.irx.recv().await else {
+                    return;
+                };
+                self.ended_while_stopping(i);
+            }
+        })
+        .await;
+        for mut rx in std::mem::take(&mut self.late) {
+            let _ = tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await;
         }
         self.watcher = None;
     }
@@ -1768,10 +1814,65 @@ impl Supervisor {
                     Internal::Worker(WorkerEvent::Exited { .. })
                     | Internal::DrainTimedOut { .. }
                     | Internal::Progress { .. } => self.internal(i),
-                    other => self.ended_while_stopping |= ends_work(&other),
+                    other => self.ended_while_stopping(other),
                 },
             }
         }
+    }
+
+    /// A build-and-prove or a fresh start that ended while batond stops
+    /// (anything else is let go): a worker proven meanwhile is not cut
+    /// over but stopped at once (its exit is waited for with the others),
+    /// the generation's history entry says how its deploy ended, and who
+    /// waited for it is told.
+    fn ended_while_stopping(&mut self, i: Internal) {
+        const WHY: &str = "batond is stopping";
+        let (generation, proven, waiters) = match i {
+            Internal::PipelineDone {
+                generation, result, ..
+            } => {
+                self.pipeline_busy = false;
+                self.candidate = None;
+                let (proven, state, reason) = match result {
+                    Ok((inst, _)) => (Some(inst), GenState::Stopped, WHY.to_string()),
+                    Err((state, reason)) => (None, state, reason),
+                };
+                self.finish(generation, state, Some(reason));
+                (generation, proven, std::mem::take(&mut self.waiters_now))
+            }
+            Internal::RestartDone {
+                generation,
+                replace,
+                result,
+            } => {
+                if replace {
+                    self.replacing = None;
+                } else {
+                    self.starting = false;
+                }
+                let proven = result.ok().map(|(inst, _)| inst);
+                (
+                    generation,
+                    proven,
+                    std::mem::take(&mut self.restart_waiters),
+                )
+            }
+            _ => return,
+        };
+        self.open_tasks = self.open_tasks.saturating_sub(1);
+        if let Some(inst) = proven {
+            inst.upstream.retire();
+            inst.stop.cancel();
+            self.late.push(inst.exited.clone());
+        }
+        for w in waiters {
+            let _ = w.send(DeployOutcome {
+                generation: Some(generation),
+                outcome: "failed".into(),
+                reason: Some(WHY.into()),
+            });
+        }
+        self.notify_status();
     }
 
     fn control_stopping(&mut self, c: Control) {
@@ -1797,14 +1898,6 @@ impl Supervisor {
             _ => {}
         }
     }
-}
-
-/// Whether `i` says a build-and-prove or a restart has ended.
-fn ends_work(i: &Internal) -> bool {
-    matches!(
-        i,
-        Internal::PipelineDone { .. } | Internal::RestartDone { .. }
-    )
 }
 
 /// Build, snapshot, start and prove one generation.

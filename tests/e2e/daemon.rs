@@ -408,6 +408,168 @@ async fn an_older_generations_restart_never_takes_traffic_back() {
     );
 }
 
+/// A reload whose deploy is rejected (here: another health path) leaves
+/// the generation serving as it was proven, probes included: its restart
+/// is probed on the path it was proven on, not replaced over and over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_worker_is_probed_as_it_was_proven_after_a_rejected_reload() {
+    let p = Project::python("", "[restart]\nbackoff_initial_ms = 100\n");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    p.edit(
+        "etc/baton.toml",
+        "signature = \"env\"",
+        "signature = \"env\"\nhealth_path = \"/nothere\"",
+    );
+    let g2 = d.wait_history(2, "rejected").await;
+    assert!(
+        g2.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("healthz 404")),
+        "{g2:?}"
+    );
+    let out = d.ctl(&["restart", "--wait"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let pid = d
+        .wait_for("restarted", |s| {
+            s.active
+                .as_ref()
+                .is_some_and(|a| a.id == 1 && a.restarts == 1)
+        })
+        .await
+        .active
+        .and_then(|a| a.pid)
+        .expect("pid");
+    // Ten probe intervals (300 ms; 3 failures replace a worker).
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let s = d.status().await;
+    let a = s.active.expect("active");
+    assert_eq!((a.id, a.restarts, a.pid), (1, 1, Some(pid)), "{}", d.log());
+    assert!(!d.log().contains("health_failed"), "{}", d.log());
+    assert_eq!(whoami(d.addr).await.1, pid);
+}
+
+/// A restart asked for while a crash restart is pending or starting
+/// starts one process, not two: the backoff timer of the crash does not
+/// start another, and a second restart waits for the one under way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_during_a_crash_restart_starts_one_process() {
+    let p = Project::python(
+        "",
+        "[restart]\nbackoff_initial_ms = 1000\nlimit_burst = 100\n",
+    );
+    p.append("src/pyworker.py", "\n# START_DELAY_FILE=delay\n");
+    let d = Daemon::start(&p).await;
+    let pid1 = d.active_pid(1).await;
+    // Each fresh process takes 2.5 s to listen: longer than the backoff.
+    p.write("delay", "2500");
+    sigkill(pid1);
+    d.wait_for("restarting", |s| s.state == "restarting").await;
+    // Asked again while the first is starting: the second waits for it.
+    let (first, second) = tokio::join!(d.ctl(&["restart", "--wait"]), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        d.ctl(&["restart", "--wait"]).await
+    });
+    assert!(first.status.success(), "{first:?}");
+    assert!(second.status.success(), "{second:?}");
+    let pid = d.active_pid(1).await;
+    // Past the crash's backoff and another start's 2.5 s.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let s = d.status().await;
+    let a = s.active.expect("active");
+    assert_eq!((a.id, a.restarts, a.pid), (1, 1, Some(pid)), "{}", d.log());
+    assert!(s.draining.is_empty(), "{:?}", s.draining);
+    let log = d.log();
+    assert_eq!(
+        log.matches("generation 1: proven; traffic moved").count(),
+        2,
+        "{log}"
+    );
+    assert_eq!(s.totals.restarts, 1, "{:?}", s.totals);
+}
+
+/// A stop while a crash restart's fresh process is starting waits for it
+/// to be stopped: nothing of its process group is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_crash_restart_leaves_nothing_of_the_fresh_worker() {
+    let p = Project::python("", "[restart]\nbackoff_initial_ms = 100\n");
+    p.edit(
+        "etc/baton.toml",
+        r#"command = ["python3", "{artifact}"]"#,
+        // Deaf to SIGTERM, the whole group: only the SIGKILL after
+        // `stop_timeout_s` ends it.
+        r#"command = ["sh", "-c", "trap '' TERM; sleep 60 & echo $! > worker-child.pid; exec python3 \"$0\"", "{artifact}"]"#,
+    );
+    p.append("src/pyworker.py", "\n# START_DELAY_FILE=delay\n");
+    let d = Daemon::start(&p).await;
+    let pid1 = d.active_pid(1).await;
+    let child1 = read(&p.path("worker-child.pid"));
+    p.write("delay", "10000");
+    sigkill(pid1);
+    // The fresh process is up (its child written), not yet listening.
+    let mut child = None;
+    for _ in 0..200 {
+        let now = read(&p.path("worker-child.pid"));
+        if now != child1 && !now.trim().is_empty() {
+            child = now.trim().parse::<u32>().ok();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let child = child.expect("the fresh worker's child");
+    assert!(alive(child));
+    assert!(d.stop().await.success());
+    assert!(wait_gone(child).await, "the fresh worker's child was left");
+}
+
+/// A candidate proven while batond stops (it waits for a request in
+/// flight) is not cut over: it is stopped, its history entry says so, and
+/// whoever waited for the deploy is told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_proven_while_batond_stops_is_stopped_not_left_starting() {
+    let p = Project::python("", "");
+    p.append("src/pyworker.py", "\n# START_DELAY_FILE=delay\n");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    // Generation 2 takes a second to listen.
+    p.write("delay", "1000");
+    let waiting = d.ctl(&["deploy", "--wait"]);
+    let slow = http_get(d.addr, "/slow?ms=4000");
+    let stop = async {
+        d.wait_for("generation 2 starting", |s| {
+            s.candidate.as_ref().is_some_and(|c| c.id == 2)
+        })
+        .await;
+        // A request in flight keeps batond stopping for 4 s.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let batond = nix::unistd::Pid::from_raw(d.child.id().expect("pid") as i32);
+        nix::sys::signal::kill(batond, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        d.wait_for("generation 2 over", |s| {
+            s.history
+                .iter()
+                .any(|g| g.id == 2 && g.state == GenState::Stopped)
+        })
+        .await
+    };
+    let (out, (code, _, _), s) = tokio::join!(waiting, slow, stop);
+    assert_eq!(code, StatusCode::OK);
+    let g2 = s.history.iter().find(|g| g.id == 2).expect("generation 2");
+    assert_eq!(g2.reason.as_deref(), Some("batond is stopping"), "{g2:?}");
+    assert!(s.candidate.is_none(), "{s:?}");
+    assert_eq!(s.active.map(|a| a.id), Some(1));
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("batond is stopping")
+            || String::from_utf8_lossy(&out.stdout).contains("batond is stopping"),
+        "{out:?}"
+    );
+    assert!(
+        !d.log().contains("generation 2: proven; traffic moved"),
+        "{}",
+        d.log()
+    );
+}
+
 /// A first deploy that fails leaves the unit `failed` (nothing serves,
 /// nothing is under way), not `starting`, until a deploy works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1664,6 +1826,8 @@ async fn bad_requests_get_400_and_the_worker_is_not_blamed() {
     let body = r.split("\r\n\r\n").nth(1).unwrap_or("");
     let who: serde_json::Value = serde_json::from_str(body).expect("whoami json");
     assert_eq!(who["headers"]["via"], "1.0 batond", "{who}");
+    // It goes on as HTTP/1.1, so with a Host line: an empty one.
+    assert_eq!(who["headers"]["host"], "", "{who}");
     // A worker that breaks off its answer: the client gets the head and
     // what came before the break, then the close (a cut response it can
     // tell from a whole one), not a close without a word.
@@ -1715,6 +1879,32 @@ async fn bad_requests_get_400_and_the_worker_is_not_blamed() {
     assert!(status(&r).starts_with("HTTP/1.1 200"), "{r}");
     assert!(!r.to_ascii_lowercase().contains("content-length: 5"), "{r}");
     assert!(r.contains("0123456789abcdef"), "{r:?}");
+    // A transfer coding besides chunked stays named on the answer (hyper
+    // frames it in chunks again); an HTTP/1.0 client, which knows no
+    // transfer coding, gets a 502 instead of a body it cannot tell is
+    // coded. A request so coded is refused with 501 (RFC 9112 §6.1).
+    let r = raw_request(
+        addr,
+        "GET /coded HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(status(&r).starts_with("HTTP/1.1 200"), "{r}");
+    assert!(
+        r.to_ascii_lowercase()
+            .contains("\r\ntransfer-encoding: gzip, chunked\r\n"),
+        "{r}"
+    );
+    assert!(r.ends_with("\r\n\r\n5\r\nhello\r\n0\r\n\r\n"), "{r:?}");
+    let r = raw_request(addr, "GET /coded HTTP/1.0\r\n\r\n").await;
+    assert!(status(&r).ends_with(" 502 Bad Gateway"), "{r}");
+    assert!(r.contains("transfer coding gzip"), "{r}");
+    let r = raw_request(
+        addr,
+        "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(status(&r).ends_with(" 501 Not Implemented"), "{r}");
+    assert!(r.contains("transfer coding gzip"), "{r}");
     // `Connection` cannot take `Host` away: the worker still gets it.
     let r = raw_request(
         addr,
@@ -2272,20 +2462,16 @@ async fn slow_and_idle_clients_are_closed_but_requests_in_progress_are_not() {
     assert_eq!(code, StatusCode::OK);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_early_answer_does_not_cut_the_rest_of_the_upload() {
+/// Begins a pyworker `/ingest` of `payload` into `out`: the head and the
+/// first 64 KiB, and the worker's early 202 read. The rest is the caller's
+/// to send.
+async fn begin_ingest(
+    addr: std::net::SocketAddr,
+    out: &std::path::Path,
+    payload: &[u8],
+) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
-    let p = Project::python("", "");
-    let d = Daemon::start(&p).await;
-    d.wait_active(1).await;
-    // The worker answers 202 as soon as it has the head, then reads the
-    // body: the rest of the upload must still reach it, and the client's
-    // connection must stay usable.
-    let out = p.path("ingested");
-    let payload: Vec<u8> = (0..1_048_576u32).map(|i| (i % 253) as u8).collect();
-    let mut conn = tokio::net::TcpStream::connect(d.addr)
-        .await
-        .expect("connect");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let head = format!(
         "POST /ingest?to={} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
         out.display(),
@@ -2297,6 +2483,21 @@ async fn an_early_answer_does_not_cut_the_rest_of_the_upload() {
         .expect("first chunk");
     let resp = read_response(&mut conn).await;
     assert!(resp.starts_with("HTTP/1.1 202"), "{resp}");
+    conn
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_does_not_cut_the_rest_of_the_upload() {
+    use tokio::io::AsyncWriteExt;
+    let p = Project::python("", "");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    // The worker answers 202 as soon as it has the head, then reads the
+    // body: the rest of the upload must still reach it, and the client's
+    // connection must stay usable.
+    let out = p.path("ingested");
+    let payload: Vec<u8> = (0..1_048_576u32).map(|i| (i % 253) as u8).collect();
+    let mut conn = begin_ingest(d.addr, &out, &payload).await;
     for chunk in payload[65536..].chunks(65536) {
         conn.write_all(chunk).await.expect("rest of the body");
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -2317,6 +2518,41 @@ async fn an_early_answer_does_not_cut_the_rest_of_the_upload() {
         .expect("next request");
     let resp = read_response(&mut conn).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
+
+/// A deploy while the old worker still reads an upload it answered early:
+/// the request is in flight until the worker has read it all, so the old
+/// worker is drained, not stopped under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_waits_for_an_upload_the_old_worker_answered_early() {
+    use tokio::io::AsyncWriteExt;
+    let p = Project::python("", "");
+    let d = Daemon::start(&p).await;
+    let pid1 = d.active_pid(1).await;
+    let out = p.path("ingested");
+    let payload: Vec<u8> = (0..1_048_576u32).map(|i| (i % 251) as u8).collect();
+    let mut conn = begin_ingest(d.addr, &out, &payload).await;
+    // Generation 2 takes over while most of the body is still to come.
+    p.append("src/pyworker.py", "\n# v2\n");
+    d.wait_active(2).await;
+    // The rest over a second and a half: the old worker (which dies at
+    // SIGTERM) stays up until it has had the whole body.
+    let (rest, last) = payload[65536..].split_at(payload.len() - 65536 - 4096);
+    for chunk in rest.chunks(65536) {
+        conn.write_all(chunk).await.expect("rest of the body");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(alive(pid1), "the old worker was stopped under the upload");
+    conn.write_all(last).await.expect("end of the body");
+    // Then it is drained, and stops.
+    let g1 = d.wait_history(1, "stopped").await;
+    assert_eq!(g1.reason, None, "{g1:?}");
+    assert!(wait_gone(pid1).await);
+    assert!(
+        d.log().contains("generation 1 (pid") && d.log().contains("draining 1 request(s)"),
+        "{}",
+        d.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
