@@ -103,13 +103,19 @@ fn run() -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("building tokio runtime")?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let listener = take_listener(&cfg).await?;
         let token = CancellationToken::new();
         tokio::spawn(cancel_on_signal(token.clone()));
         baton::worker::run(listener, cfg, token).await?;
         Ok(ExitCode::SUCCESS)
-    })
+    });
+    // A speech engine still running on the blocking pool (its call was
+    // closed at shutdown, and its transcription dropped) does not hold
+    // the exit up to `engine_timeout_ms`: the engine is in this process's
+    // group, which the supervisor stops with it.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 /// The inherited socket (`LISTEN_FDS`: TCP, or a Unix socket from

@@ -63,6 +63,16 @@ enum Out {
     Mark(String),
 }
 
+/// How many pings go unanswered before a call is closed: the tick that
+/// would send the next one is `pong_timeout` or more after the oldest
+/// (two at least: one late tick after a stall must not end a call).
+fn pings_before_timeout(period: Duration, pong_timeout: Duration) -> u64 {
+    let period = period.as_millis().max(1);
+    u64::try_from(pong_timeout.as_millis().div_ceil(period))
+        .unwrap_or(u64::MAX)
+        .max(2)
+}
+
 /// How a call loop ended.
 enum End {
     /// Twilio sent `stop`: we close normally.
@@ -119,9 +129,6 @@ struct Call {
     /// The latest ping the peer answered.
     ping_answered: u64,
     ping_sent: Option<(u64, Instant)>,
-    /// The oldest ping still without any pong: a dead peer (no FIN, no
-    /// RST) is detected by this rather than by TCP's 15-minute timeout.
-    unanswered_since: Option<Instant>,
     pending_clear: bool,
 }
 
@@ -168,7 +175,6 @@ pub async fn run_call<S>(
         ping_seq: 0,
         ping_answered: 0,
         ping_sent: None,
-        unanswered_since: None,
         pending_clear: false,
     };
     debug!(conn = conn_id, peer = %peer, subprotocol, "websocket open");
@@ -333,25 +339,24 @@ impl Call {
                         Err(_) => return self.write_stalled(),
                     }
                 }
-                due = ping.tick() => {
-                    let now = Instant::now();
-                    // Time this process did not run (stopped, starved) is
-                    // not the peer's: its pong may sit unread in the socket
-                    // (and after SIGCONT the runtime's first look at the
-                    // sockets comes back empty, EINTR). A tick that fires
-                    // late pushes the wait for the pong back by as much.
-                    let late = tokio::time::Instant::now().saturating_duration_since(due);
-                    if let Some(t) = self.unanswered_since.as_mut() {
-                        *t += late;
-                    }
-                    if self
-                        .unanswered_since
-                        .is_some_and(|t| now.duration_since(t) >= self.state.cfg.pong_timeout)
-                    {
+                _ = ping.tick() => {
+                    // A dead peer (no FIN, no RST) is found by its pings
+                    // going unanswered rather than by TCP's 15-minute
+                    // timeout: the call is closed at the first tick
+                    // `pong_timeout` or more after the oldest ping without
+                    // a pong, counted in ticks, not read off the clock, so
+                    // a tick's own lateness cannot put it off by a whole
+                    // interval. Time this process did not run (stopped,
+                    // starved) is not the peer's: the ticks missed meanwhile
+                    // are not made up (`Delay`), and its pong may sit
+                    // unread in the socket (after SIGCONT the runtime's
+                    // first look at the sockets comes back empty, EINTR),
+                    // so one late tick is never enough.
+                    let unanswered = self.ping_seq - self.ping_answered;
+                    if unanswered >= pings_before_timeout(period, self.state.cfg.pong_timeout) {
                         self.warn_skip("pong timeout", format!("no pong for {:?}", self.state.cfg.pong_timeout));
                         return End::Close(CloseCode::Away, "pong timeout");
                     }
-                    self.unanswered_since.get_or_insert(now);
                     self.ping_seq += 1;
                     self.ping_sent = Some((self.ping_seq, Instant::now()));
                     let payload = Bytes::copy_from_slice(&self.ping_seq.to_be_bytes());
@@ -423,7 +428,6 @@ impl Call {
                     .filter(|n| *n > self.ping_answered && *n <= self.ping_seq);
                 if let Some(n) = answered {
                     self.ping_answered = n;
-                    self.unanswered_since = None;
                 }
                 if let Some((seq, sent)) = self.ping_sent
                     && data.as_ref() == seq.to_be_bytes()
@@ -936,14 +940,23 @@ impl Call {
     async fn finish(mut self, reason: &'static str) {
         // The call's length, not counting the wait for its transcriptions.
         let duration_ms = self.t_ms();
-        // Let transcriptions in flight land in the record (bounded).
+        // Let transcriptions in flight land in the record (bounded), but
+        // not past the worker's own grace: a call closed at shutdown
+        // writes its record before the worker exits.
         let deadline = tokio::time::Instant::now() + STT_DRAIN_TIMEOUT;
+        let shutdown = self.state.calls_cancel.clone();
         while !self.stt_jobs.is_empty() {
-            match tokio::time::timeout_at(deadline, self.stt_jobs.join_next()).await {
+            let next = tokio::select! {
+                next = tokio::time::timeout_at(deadline, self.stt_jobs.join_next()) => {
+                    next.map_err(|_| "at call end")
+                }
+                () = shutdown.cancelled() => Err("at shutdown"),
+            };
+            match next {
                 Ok(Some(done)) => self.on_stt_done(done),
                 Ok(None) => break,
-                Err(_) => {
-                    warn!(callSid = %self.call_sid, pending = self.stt_jobs.len(), "transcriptions still running at call end; dropped");
+                Err(when) => {
+                    warn!(callSid = %self.call_sid, pending = self.stt_jobs.len(), "transcriptions still running {when}; dropped");
                     self.stt_jobs.abort_all();
                     break;
                 }

@@ -268,7 +268,7 @@ impl Stt for PocketsphinxStt {
             .join(format!("utt-{}-{n}.wav", std::process::id()));
         // Pad with silence: the recogniser's own VAD needs some on each side.
         let mut pcm16 = vec![0i16; 3200];
-        pcm16.extend(audio::resample_linear(utterance, SAMPLE_RATE_HZ, 16_000));
+        pcm16.extend(audio::resample(utterance, SAMPLE_RATE_HZ, 16_000));
         pcm16.extend(std::iter::repeat_n(0i16, 3200));
         let spec = hound::WavSpec {
             channels: 1,
@@ -420,7 +420,7 @@ impl Tts for EspeakTts {
         if audio::mean_abs(&pcm) == 0 {
             return Err(TtsError::Output("espeak-ng produced silence".into()));
         }
-        Ok(audio::resample_linear(&pcm, rate, SAMPLE_RATE_HZ))
+        Ok(audio::resample(&pcm, rate, SAMPLE_RATE_HZ))
     }
 }
 

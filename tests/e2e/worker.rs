@@ -1656,6 +1656,78 @@ async fn worker_closes_calls_whose_peer_stops_answering_pings() {
     assert_eq!(http(w.addr, "GET", "/healthz", &[], b"").await.status, 200);
 }
 
+/// A peer that answers no ping is closed at the first ping tick
+/// `pong_timeout_ms` after its first unanswered ping: with pings every
+/// 200 ms (the tests' worker config) and 600 ms to answer, three pings go
+/// out, then the close (not a fourth ping: a tick's own lateness does not
+/// put the close off by an interval).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_gets_the_pings_its_pong_timeout_allows_then_the_close() {
+    let w = Worker::start("pong_timeout_ms = 600", &[]).await;
+    let mut s = TcpStream::connect(w.addr).await.expect("connect");
+    let req = format!(
+        "GET /ws/twilio-media HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        w.addr
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.expect("response head");
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+    // `start`, as a masked client frame (a zero mask), written raw: no
+    // WebSocket library here to answer the pings behind the test's back.
+    let Message::Text(start) = start_msg("MZsilent", "CAsilent") else {
+        unreachable!()
+    };
+    let start = start.as_bytes();
+    let mut frame = vec![0x81, 0x80 | 126];
+    frame.extend_from_slice(&u16::try_from(start.len()).expect("short").to_be_bytes());
+    frame.extend_from_slice(&[0; 4]);
+    frame.extend_from_slice(start);
+    s.write_all(&frame).await.expect("start");
+    let (mut pings, mut close) = (0, None);
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let mut h = [0u8; 2];
+            if s.read_exact(&mut h).await.is_err() {
+                return;
+            }
+            let mut len = u64::from(h[1] & 0x7f);
+            if len == 126 {
+                let mut b = [0u8; 2];
+                s.read_exact(&mut b).await.expect("length");
+                len = u64::from(u16::from_be_bytes(b));
+            } else if len == 127 {
+                let mut b = [0u8; 8];
+                s.read_exact(&mut b).await.expect("length");
+                len = u64::from_be_bytes(b);
+            }
+            let mut payload = vec![0u8; usize::try_from(len).expect("length")];
+            s.read_exact(&mut payload).await.expect("payload");
+            match h[0] & 0x0f {
+                0x9 => pings += 1,
+                0x8 => {
+                    close = Some(payload);
+                    return;
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("no close");
+    let close = close.expect("the connection ended without a close frame");
+    assert_eq!(
+        close.get(..2),
+        Some(&1001u16.to_be_bytes()[..]),
+        "{close:?}"
+    );
+    assert_eq!(pings, 3);
+}
+
 #[tokio::test]
 async fn a_worker_that_stalled_reads_the_waiting_pong_before_judging_the_peer() {
     use nix::sys::signal::Signal;
@@ -2025,6 +2097,85 @@ async fn worker_caps_the_transcriptions_a_call_has_waiting() {
     assert_eq!(skipped + transcribed, UTTERANCES, "{rec}");
     let _ = child.start_kill();
     let _ = child.wait().await;
+}
+
+/// A call closed at shutdown while its transcription still runs writes
+/// its record before the worker exits, and a speech engine that hangs
+/// does not hold the exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_closed_at_shutdown_keeps_its_record_while_a_transcription_runs() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let started = dir.path().join("engine-started");
+    let engine = format!(
+        "#!/bin/sh\n[ \"$1\" = \"-h\" ] && exit 0\necho $$ > '{}'\nexec sleep 600\n",
+        started.display()
+    );
+    let (addr, mut child) = worker_with_fake_engines(
+        dir.path(),
+        &[("pocketsphinx_continuous", &engine)],
+        "data_dir = \"data\"\ntts = \"tone\"\nstt = \"pocketsphinx\"\nengine_timeout_ms = 60000\nshutdown_grace_ms = 300\n",
+    );
+    let frame = |pcm: &[i16]| {
+        let mut ulaw = Vec::new();
+        baton::twilio::mulaw::encode_into(pcm, &mut ulaw);
+        base64::engine::general_purpose::STANDARD.encode(ulaw)
+    };
+    let speech = frame(&baton::twilio::audio::tone(440.0, 20, 8000));
+    let silence = frame(&[0i16; 160]);
+    let mut ws = ws_connect(&format!("ws://{addr}/ws/twilio-media")).await;
+    ws.send(start_msg("MZsd", "CAsd")).await.expect("start");
+    // One utterance: 200 ms of tone, then 600 ms of silence.
+    for (i, payload) in std::iter::repeat_n(&speech, 10)
+        .chain(std::iter::repeat_n(&silence, 30))
+        .enumerate()
+    {
+        let seq = i as u64 + 2;
+        let msg = serde_json::json!({"event": "media", "sequenceNumber": seq.to_string(),
+            "streamSid": "MZsd", "media": {"track": "inbound", "chunk": seq.to_string(),
+            "timestamp": (seq * 20).to_string(), "payload": payload}});
+        ws.send(Message::Text(msg.to_string().into()))
+            .await
+            .expect("media");
+    }
+    let mut running = false;
+    for _ in 0..200 {
+        if std::fs::read_to_string(&started).is_ok_and(|p| p.ends_with('\n')) {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(running, "the transcription never started");
+    let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    assert_eq!(expect_close(&mut ws).await, Some(CloseCode::Away));
+    let status = tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .expect("the worker did not exit")
+        .expect("wait");
+    assert!(status.success(), "{status:?}");
+    let rec: Vec<Value> = std::fs::read_dir(dir.path().join("data/calls"))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .map(|e| serde_json::from_slice(&std::fs::read(e.path()).expect("read")).expect("json"))
+        .collect();
+    assert_eq!(rec.len(), 1, "no call record");
+    assert_eq!(rec[0]["end_reason"], "server shutting down", "{}", rec[0]);
+    assert_eq!(rec[0]["utterances"], 1, "{}", rec[0]);
+    // The engine outlived the worker (its group is the supervisor's to
+    // stop): this test stops it.
+    let engine: i32 = std::fs::read_to_string(&started)
+        .expect("engine pid")
+        .trim()
+        .parse()
+        .expect("engine pid");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(engine),
+        nix::sys::signal::Signal::SIGKILL,
+    );
 }
 
 /// media-worker in `dir` with `config`, on a socket handed over (its
