@@ -217,7 +217,12 @@ mod tests {
         // go, not come back as 2 kHz; speech frequencies pass.
         let high = sine(6000.0, 22050);
         let gone = resample(&high, 22050, 8000);
-        assert!(rms(&gone) < rms(&high) * 0.01, "{} of {}", rms(&gone), rms(&high));
+        assert!(
+            rms(&gone) < rms(&high) * 0.01,
+            "{} of {}",
+            rms(&gone),
+            rms(&high)
+        );
         for f in [300.0, 1000.0, 3000.0] {
             let x = sine(f, 22050);
             let y = resample(&x, 22050, 8000);
