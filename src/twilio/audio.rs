@@ -34,6 +34,8 @@ const SINC_ZEROS: f64 = 16.0;
 /// rest is its transition band, above which it stops (with the Blackman
 /// window, about 74 dB down).
 const PASSBAND: f64 = 0.92;
+/// Points per input sample at which the filter is tabulated.
+const TABLE_STEPS: f64 = 128.0;
 
 /// Band-limited resampling: a windowed-sinc filter (Blackman window)
 /// below the lower of the two Nyquist rates, evaluated at each output
@@ -52,6 +54,23 @@ pub fn resample(input: &[i16], from_hz: u32, to_hz: u32) -> Vec<i16> {
     // rate), and the filter's half-width in input samples.
     let cutoff = 0.5 * PASSBAND * (1.0 / step).min(1.0);
     let half = SINC_ZEROS / (2.0 * cutoff);
+    // The filter, tabulated once at TABLE_STEPS points per input sample
+    // (from 0 to `half`; it is even) and read with linear interpolation:
+    // three transcendental functions per tap would cost more than the rest
+    // of the work together.
+    let points = (half * TABLE_STEPS).ceil() as usize + 2;
+    let table: Vec<f64> = (0..points)
+        .map(|j| sinc_tap(j as f64 / TABLE_STEPS, cutoff, half))
+        .collect();
+    let tap = |t: f64| {
+        let x = t.abs() * TABLE_STEPS;
+        let j = x as usize;
+        if j + 1 >= points {
+            return 0.0;
+        }
+        let frac = x - j as f64;
+        table[j] + (table[j + 1] - table[j]) * frac
+    };
     let last = input.len() as isize - 1;
     (0..out_len)
         .map(|i| {
@@ -60,8 +79,7 @@ pub fn resample(input: &[i16], from_hz: u32, to_hz: u32) -> Vec<i16> {
             let end = ((pos + half).floor() as isize).min(last);
             let mut acc = 0.0;
             for k in first..=end {
-                let t = pos - k as f64;
-                acc += f64::from(input[k as usize]) * sinc_tap(t, cutoff, half);
+                acc += f64::from(input[k as usize]) * tap(pos - k as f64);
             }
             acc.round().clamp(f64::from(i16::MIN), f64::from(i16::MAX)) as i16
         })
@@ -69,9 +87,13 @@ pub fn resample(input: &[i16], from_hz: u32, to_hz: u32) -> Vec<i16> {
 }
 
 /// The filter's weight for a sample `t` input samples away: a low-pass
-/// sinc at `cutoff`, under a Blackman window `half` samples wide.
+/// sinc at `cutoff`, under a Blackman window `half` samples wide (zero
+/// beyond it).
 fn sinc_tap(t: f64, cutoff: f64, half: f64) -> f64 {
     use std::f64::consts::PI;
+    if t.abs() >= half {
+        return 0.0;
+    }
     let x = 2.0 * cutoff * t;
     let sinc = if x.abs() < 1e-9 {
         1.0
