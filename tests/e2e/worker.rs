@@ -2038,7 +2038,6 @@ async fn worker_answers_a_callers_close_and_bounds_what_the_caller_sends() {
 /// utterance is either transcribed (or failed) or counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_caps_the_transcriptions_a_call_has_waiting() {
-    use base64::Engine;
     const UTTERANCES: u64 = 10;
     let dir = tempfile::tempdir().expect("tempdir");
     let (addr, mut child) = worker_with_fake_engines(
@@ -2049,27 +2048,11 @@ async fn worker_caps_the_transcriptions_a_call_has_waiting() {
         )],
         "data_dir = \"data\"\ntts = \"tone\"\nstt = \"pocketsphinx\"\nstt_concurrency = 1\nengine_timeout_ms = 500\n",
     );
-    let frame = |pcm: &[i16]| {
-        let mut ulaw = Vec::new();
-        baton::twilio::mulaw::encode_into(pcm, &mut ulaw);
-        base64::engine::general_purpose::STANDARD.encode(ulaw)
-    };
-    let speech = frame(&baton::twilio::audio::tone(440.0, 20, 8000));
-    let silence = frame(&[0i16; 160]);
     let mut ws = ws_connect(&format!("ws://{addr}/ws/twilio-media")).await;
     ws.send(start_msg("MZstt", "CAstt")).await.expect("start");
     let mut seq = 1u64;
     for _ in 0..UTTERANCES {
-        // 200 ms of tone, then 600 ms of silence: one utterance each.
-        for payload in std::iter::repeat_n(&speech, 10).chain(std::iter::repeat_n(&silence, 30)) {
-            seq += 1;
-            let msg = serde_json::json!({"event": "media", "sequenceNumber": seq.to_string(),
-                "streamSid": "MZstt", "media": {"track": "inbound", "chunk": seq.to_string(),
-                "timestamp": (seq * 20).to_string(), "payload": payload}});
-            ws.send(Message::Text(msg.to_string().into()))
-                .await
-                .expect("media");
-        }
+        send_utterance(&mut ws, "MZstt", &mut seq).await;
     }
     ws.send(stop_msg("MZstt", "CAstt")).await.expect("stop");
     let calls = dir.path().join("data/calls");
@@ -2104,7 +2087,6 @@ async fn worker_caps_the_transcriptions_a_call_has_waiting() {
 /// does not hold the exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_closed_at_shutdown_keeps_its_record_while_a_transcription_runs() {
-    use base64::Engine;
     let dir = tempfile::tempdir().expect("tempdir");
     let started = dir.path().join("engine-started");
     let engine = format!(
@@ -2116,28 +2098,9 @@ async fn a_call_closed_at_shutdown_keeps_its_record_while_a_transcription_runs()
         &[("pocketsphinx_continuous", &engine)],
         "data_dir = \"data\"\ntts = \"tone\"\nstt = \"pocketsphinx\"\nengine_timeout_ms = 60000\nshutdown_grace_ms = 300\n",
     );
-    let frame = |pcm: &[i16]| {
-        let mut ulaw = Vec::new();
-        baton::twilio::mulaw::encode_into(pcm, &mut ulaw);
-        base64::engine::general_purpose::STANDARD.encode(ulaw)
-    };
-    let speech = frame(&baton::twilio::audio::tone(440.0, 20, 8000));
-    let silence = frame(&[0i16; 160]);
     let mut ws = ws_connect(&format!("ws://{addr}/ws/twilio-media")).await;
     ws.send(start_msg("MZsd", "CAsd")).await.expect("start");
-    // One utterance: 200 ms of tone, then 600 ms of silence.
-    for (i, payload) in std::iter::repeat_n(&speech, 10)
-        .chain(std::iter::repeat_n(&silence, 30))
-        .enumerate()
-    {
-        let seq = i as u64 + 2;
-        let msg = serde_json::json!({"event": "media", "sequenceNumber": seq.to_string(),
-            "streamSid": "MZsd", "media": {"track": "inbound", "chunk": seq.to_string(),
-            "timestamp": (seq * 20).to_string(), "payload": payload}});
-        ws.send(Message::Text(msg.to_string().into()))
-            .await
-            .expect("media");
-    }
+    send_utterance(&mut ws, "MZsd", &mut 1).await;
     let mut running = false;
     for _ in 0..200 {
         if std::fs::read_to_string(&started).is_ok_and(|p| p.ends_with('\n')) {
@@ -2176,6 +2139,28 @@ async fn a_call_closed_at_shutdown_keeps_its_record_while_a_transcription_runs()
         nix::unistd::Pid::from_raw(engine),
         nix::sys::signal::Signal::SIGKILL,
     );
+}
+
+/// One utterance to the worker on `stream_sid`: 200 ms of tone, then
+/// 600 ms of silence, in media messages numbered on from `seq`.
+async fn send_utterance(ws: &mut Client, stream_sid: &str, seq: &mut u64) {
+    use base64::Engine;
+    let frame = |pcm: &[i16]| {
+        let mut ulaw = Vec::new();
+        baton::twilio::mulaw::encode_into(pcm, &mut ulaw);
+        base64::engine::general_purpose::STANDARD.encode(ulaw)
+    };
+    let speech = frame(&baton::twilio::audio::tone(440.0, 20, 8000));
+    let silence = frame(&[0i16; 160]);
+    for payload in std::iter::repeat_n(&speech, 10).chain(std::iter::repeat_n(&silence, 30)) {
+        *seq += 1;
+        let msg = serde_json::json!({"event": "media", "sequenceNumber": seq.to_string(),
+            "streamSid": stream_sid, "media": {"track": "inbound", "chunk": seq.to_string(),
+            "timestamp": (*seq * 20).to_string(), "payload": payload}});
+        ws.send(Message::Text(msg.to_string().into()))
+            .await
+            .expect("media");
+    }
 }
 
 /// media-worker in `dir` with `config`, on a socket handed over (its
