@@ -282,6 +282,13 @@ impl Proxy {
         )
     }
 
+    /// A 502 for a worker's answer that cannot be passed on (`why` is the
+    /// body), counted with the other 502s.
+    fn bad_answer(&self, why: &str) -> Response<ProxyBody> {
+        self.metrics.bad_gateway.fetch_add(1, Ordering::Relaxed);
+        refuse(StatusCode::BAD_GATEWAY, why)
+    }
+
     fn gateway_timeout(&self, upstream: &Upstream) -> Response<ProxyBody> {
         self.metrics.gateway_timeout.fetch_add(1, Ordering::Relaxed);
         let idle = self.idle_timeout();
@@ -479,13 +486,9 @@ impl Proxy {
             }
             // RFC 9110 §7.8, §15.2: a 101 answers an upgrade request only
             // (and never an HTTP/1.0 one, whose Upgrade is ignored).
-            _ if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                self.metrics.bad_gateway.fetch_add(1, Ordering::Relaxed);
-                refuse(
-                    StatusCode::BAD_GATEWAY,
-                    "bad gateway: worker switched protocols on a request that asked for no upgrade\n",
-                )
-            }
+            _ if resp.status() == StatusCode::SWITCHING_PROTOCOLS => self.bad_answer(
+                "bad gateway: worker switched protocols on a request that asked for no upgrade\n",
+            ),
             _ => {
                 let (mut parts, body) = resp.into_parts();
                 // RFC 9112 §6.3: with Transfer-Encoding, a Content-Length
@@ -506,13 +509,10 @@ impl Proxy {
                             parts.headers.insert(header::TRANSFER_ENCODING, v);
                         }
                         _ => {
-                            self.metrics.bad_gateway.fetch_add(1, Ordering::Relaxed);
-                            return refuse(
-                                StatusCode::BAD_GATEWAY,
-                                &format!(
-                                    "bad gateway: the worker's answer has transfer coding {codings}, which an HTTP/1.0 client cannot take\n"
-                                ),
+                            let why = format!(
+                                "bad gateway: the worker's answer has transfer coding {codings}, which an HTTP/1.0 client cannot take\n"
                             );
+                            return self.bad_answer(&why);
                         }
                     }
                 }
@@ -553,9 +553,7 @@ impl Proxy {
             .filter(|c| headers::upgrade_offered(&proto, c))
             .cloned();
         let Some(chosen) = chosen else {
-            self.metrics.bad_gateway.fetch_add(1, Ordering::Relaxed);
-            return refuse(
-                StatusCode::BAD_GATEWAY,
+            return self.bad_answer(
                 "bad gateway: worker switched to a protocol the client did not offer\n",
             );
         };

@@ -265,9 +265,6 @@ struct Supervisor {
     /// Bumped by every restart scheduled or started: a `RestartDue` of an
     /// earlier epoch is stale (a restart went ahead meanwhile).
     restart_epoch: u64,
-    /// Builds-and-proves and fresh starts under way, each of which ends
-    /// with a `PipelineDone` or a `RestartDone`: the stop waits for them.
-    open_tasks: usize,
     /// The exits of workers proven while batond stopped: never cut over,
     /// stopped at once, and waited for with the others.
     late: Vec<tokio::sync::watch::Receiver<Option<worker_proc::Exit>>>,
@@ -385,7 +382,6 @@ pub fn spawn(
         replacing: None,
         starting: false,
         restart_epoch: 0,
-        open_tasks: 0,
         late: Vec::new(),
         pending: None,
         debounce_epoch: 0,
@@ -688,7 +684,6 @@ impl Supervisor {
         };
         self.forget_changes();
         self.pipeline_busy = true;
-        self.open_tasks += 1;
         self.waiters_now.append(&mut self.waiters_next);
         let generation = self.next_gen;
         self.next_gen += 1;
@@ -943,7 +938,6 @@ impl Supervisor {
         snapshot: Option<PathBuf>,
         cfg: Arc<Config>,
     ) {
-        self.open_tasks = self.open_tasks.saturating_sub(1);
         self.pipeline_busy = false;
         self.candidate = None;
         let waiters = std::mem::take(&mut self.waiters_now);
@@ -1315,7 +1309,6 @@ impl Supervisor {
         }
         self.totals.restarts += 1;
         let cfg = rt.cfg.clone();
-        self.open_tasks += 1;
         let TaskCtx {
             shim,
             itx,
@@ -1339,7 +1332,6 @@ impl Supervisor {
         replace: bool,
         result: Result<(Instance, Duration), String>,
     ) {
-        self.open_tasks = self.open_tasks.saturating_sub(1);
         if !replace {
             self.starting = false;
         }
@@ -1785,7 +1777,7 @@ impl Supervisor {
         // token: their tasks get the stop timeout to stop what they
         // started and reap it, and a worker proven meanwhile is stopped.
         let _ = tokio::time::timeout(wait, async {
-            while self.open_tasks > 0 {
+            while self.work_under_way() {
                 let Some(i) = self.irx.recv().await else {
                     return;
                 };
@@ -1818,6 +1810,13 @@ impl Supervisor {
                 },
             }
         }
+    }
+
+    /// A build-and-prove or a fresh start is under way: each ends with a
+    /// `PipelineDone` or a `RestartDone` (one of each kind at most runs at
+    /// a time), which the stop waits for.
+    fn work_under_way(&self) -> bool {
+        self.pipeline_busy || self.replacing.is_some() || self.starting
     }
 
     /// A build-and-prove or a fresh start that ended while batond stops
@@ -1859,7 +1858,6 @@ impl Supervisor {
             }
             _ => return,
         };
-        self.open_tasks = self.open_tasks.saturating_sub(1);
         if let Some(inst) = proven {
             inst.upstream.retire();
             inst.stop.cancel();
