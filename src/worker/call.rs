@@ -304,6 +304,12 @@ impl Call {
         // Outbound frames wait on the shared 1 ms pacing grid (see `pacer`).
         let mut pacer = self.state.pacer.sleep();
         let mut armed: Option<Instant> = None;
+        // Twilio sends `start` right after `connected`; a socket that has
+        // not sent it by then is no call, and must not hold a slot (or a
+        // draining worker) until it hangs up.
+        let start_timeout = self.state.cfg.start_timeout;
+        let no_start = tokio::time::sleep_until((self.opened + start_timeout).into());
+        tokio::pin!(no_start);
         loop {
             let deadline = self.send_deadline();
             if deadline != armed {
@@ -368,6 +374,10 @@ impl Call {
                 }
                 Some(done) = self.stt_jobs.join_next(), if !self.stt_jobs.is_empty() => {
                     self.on_stt_done(done);
+                }
+                () = &mut no_start, if !self.started => {
+                    self.warn_skip("no start", format!("no start message within {start_timeout:?}"));
+                    return End::Close(CloseCode::Policy, "no start message");
                 }
                 () = &mut cancelled => return End::Close(CloseCode::Away, "server shutting down"),
             }

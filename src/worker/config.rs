@@ -110,6 +110,11 @@ pub struct FileConfig {
     /// A call whose pings go unanswered this long is closed (dead peer);
     /// time this process did not run does not count.
     pub pong_timeout_ms: u64,
+    /// A WebSocket that sends no `start` this long after the upgrade is
+    /// closed with 1008 (Twilio sends it right after `connected`): a stray
+    /// or broken client would otherwise hold a call slot, and a draining
+    /// worker, until it hangs up.
+    pub start_timeout_ms: u64,
     /// How long open calls may go on after SIGTERM (below batond's
     /// default `worker.stop_timeout_s`, so their 1001 goes out before a
     /// SIGKILL).
@@ -146,6 +151,7 @@ impl Default for FileConfig {
             engine_timeout_ms: 15_000,
             ping_interval_ms: 5_000,
             pong_timeout_ms: 15_000,
+            start_timeout_ms: 10_000,
             shutdown_grace_ms: 8_000,
             header_timeout_ms: 30_000,
             max_message_bytes: 64 * 1024,
@@ -194,6 +200,8 @@ pub struct Config {
     pub ping_interval: Duration,
     /// Unanswered-ping limit.
     pub pong_timeout: Duration,
+    /// Longest wait for `start` on a new WebSocket.
+    pub start_timeout: Duration,
     /// Grace for open calls on shutdown.
     pub shutdown_grace: Duration,
     /// Longest wait for a request head on an HTTP connection.
@@ -330,6 +338,9 @@ impl Config {
         if file.engine_timeout_ms == 0 {
             return Err(invalid("engine_timeout_ms", "must be > 0".into()));
         }
+        if file.start_timeout_ms == 0 {
+            return Err(invalid("start_timeout_ms", "must be > 0".into()));
+        }
         if file.pong_timeout_ms <= file.ping_interval_ms {
             return Err(invalid(
                 "pong_timeout_ms",
@@ -385,6 +396,7 @@ impl Config {
             engine_timeout: Duration::from_millis(file.engine_timeout_ms),
             ping_interval: Duration::from_millis(file.ping_interval_ms),
             pong_timeout: Duration::from_millis(file.pong_timeout_ms),
+            start_timeout: Duration::from_millis(file.start_timeout_ms),
             shutdown_grace: Duration::from_millis(file.shutdown_grace_ms),
             header_timeout: Duration::from_millis(file.header_timeout_ms),
             max_message_bytes: file.max_message_bytes,

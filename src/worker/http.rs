@@ -332,61 +332,18 @@ pub fn xml_escape(s: &str) -> String {
 
 /// Parses `application/x-www-form-urlencoded` into pairs, keeping repeats.
 pub fn parse_form(body: &[u8]) -> Vec<(String, String)> {
-    body.split(|&b| b == b'&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            let (k, v) = match kv.iter().position(|&b| b == b'=') {
-                Some(i) => (&kv[..i], &kv[i + 1..]),
-                None => (kv, &b""[..]),
-            };
-            (percent_decode(k), percent_decode(v))
-        })
+    form_urlencoded::parse(body)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
 }
 
-/// Encodes pairs as a form body (the inverse of [`parse_form`]).
+/// Encodes pairs as a form body (the inverse of [`parse_form`]): as
+/// Twilio's and every browser's forms do, a space is `+` and all but
+/// `A-Z a-z 0-9 * - . _` is percent-encoded.
 pub fn encode_form(pairs: &[(String, String)]) -> String {
-    let enc = |s: &str| {
-        let mut out = String::with_capacity(s.len());
-        for b in s.bytes() {
-            match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => {
-                    out.push(char::from(b));
-                }
-                b' ' => out.push('+'),
-                b => out.push_str(&format!("%{b:02X}")),
-            }
-        }
-        out
-    };
-    pairs
-        .iter()
-        .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
-        .collect::<Vec<_>>()
-        .join("&")
-}
-
-fn percent_decode(s: &[u8]) -> String {
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        match s[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < s.len() => {
-                let hex = std::str::from_utf8(&s[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
 }
 
 // === WebSocket upgrade ===
@@ -527,6 +484,15 @@ mod tests {
             vec![
                 ("a".to_string(), "%zz".to_string()),
                 ("b".to_string(), String::new())
+            ]
+        );
+        // A sign is no hex digit: `%+1` and `%-1` stay as they came.
+        assert_eq!(
+            parse_form(b"a=%+1&b=%-1&c=%2B1"),
+            vec![
+                ("a".to_string(), "% 1".to_string()),
+                ("b".to_string(), "%-1".to_string()),
+                ("c".to_string(), "+1".to_string())
             ]
         );
     }

@@ -1291,6 +1291,52 @@ async fn worker_handles_calls_without_start(mode: Mode) {
     assert_eq!(http(w.addr, "GET", "/healthz", &[], b"").await.status, 200);
 }
 
+both!(a_socket_that_sends_no_start_in_time_is_closed_with_1008);
+/// Twilio sends `start` right after `connected`; a socket that has not by
+/// `start_timeout_ms` is closed with 1008 and recorded, while a call that
+/// started in time lives on past that moment.
+async fn a_socket_that_sends_no_start_in_time_is_closed_with_1008(mode: Mode) {
+    let mut w = Worker::start_in(mode, "start_timeout_ms = 800", &[]).await;
+    let mut idle = ws_connect(&w.ws_url()).await;
+    idle.send(Message::Text(
+        r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#.into(),
+    ))
+    .await
+    .expect("send");
+    let mut call = ws_connect(&w.ws_url()).await;
+    call.send(start_msg("MZintime", "CAintime"))
+        .await
+        .expect("send");
+    // The idle socket answers the worker's pings (the client library does
+    // while it reads), so only the missing `start` can close it.
+    let opened = std::time::Instant::now();
+    assert_eq!(expect_close(&mut idle).await, Some(CloseCode::Policy));
+    assert!(
+        opened.elapsed() >= std::time::Duration::from_millis(500),
+        "closed before its start_timeout_ms"
+    );
+    // The call that started is not touched by the same clock.
+    call.send(media_msg("MZintime", 2)).await.expect("send");
+    expect_media(&mut call).await;
+    call.send(stop_msg("MZintime", "CAintime"))
+        .await
+        .expect("send");
+    assert_eq!(expect_close(&mut call).await, Some(CloseCode::Normal));
+    let records = w.wait_records(2).await;
+    let idle_rec = records
+        .iter()
+        .find(|r| r["end_reason"] == "no start message")
+        .unwrap_or_else(|| panic!("no record of the idle socket: {records:?}"));
+    assert!(idle_rec["call_sid"].is_null(), "{idle_rec}");
+    assert_eq!(idle_rec["protocol_warnings"], 1, "{idle_rec}");
+    assert!(
+        records
+            .iter()
+            .any(|r| r["call_sid"] == "CAintime" && r["end_reason"] == "stop"),
+        "{records:?}"
+    );
+}
+
 #[tokio::test]
 async fn worker_sigterm_lets_calls_finish_then_exits() {
     let mut w = Worker::start("shutdown_grace_ms = 30000", &[]).await;
