@@ -517,6 +517,10 @@ async fn ws_connect(url: &str) -> Client {
     ws
 }
 
+fn connected_msg() -> Message {
+    Message::Text(r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#.into())
+}
+
 fn start_msg(stream_sid: &str, call_sid: &str) -> Message {
     Message::Text(
         serde_json::json!({
@@ -1094,11 +1098,7 @@ both!(worker_skips_bad_messages_and_keeps_the_call);
 async fn worker_skips_bad_messages_and_keeps_the_call(mode: Mode) {
     let mut w = Worker::start_in(mode, "", &[]).await;
     let mut ws = ws_connect(&w.ws_url()).await;
-    ws.send(Message::Text(
-        r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#.into(),
-    ))
-    .await
-    .expect("send");
+    ws.send(connected_msg()).await.expect("send");
     ws.send(media_msg("MZbad", 1)).await.expect("send"); // before start
     ws.send(Message::Text("{not json".into()))
         .await
@@ -1275,11 +1275,7 @@ async fn worker_handles_calls_without_start(mode: Mode) {
     let mut w = Worker::start_in(mode, "", &[]).await;
     // stop without start: closed cleanly.
     let mut ws = ws_connect(&w.ws_url()).await;
-    ws.send(Message::Text(
-        r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#.into(),
-    ))
-    .await
-    .expect("send");
+    ws.send(connected_msg()).await.expect("send");
     ws.send(stop_msg("MZx", "CAx")).await.expect("send");
     assert_eq!(expect_close(&mut ws).await, Some(CloseCode::Normal));
     // Connect and vanish without a close handshake.
@@ -1298,11 +1294,7 @@ both!(a_socket_that_sends_no_start_in_time_is_closed_with_1008);
 async fn a_socket_that_sends_no_start_in_time_is_closed_with_1008(mode: Mode) {
     let mut w = Worker::start_in(mode, "start_timeout_ms = 800", &[]).await;
     let mut idle = ws_connect(&w.ws_url()).await;
-    idle.send(Message::Text(
-        r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#.into(),
-    ))
-    .await
-    .expect("send");
+    idle.send(connected_msg()).await.expect("send");
     let mut call = ws_connect(&w.ws_url()).await;
     call.send(start_msg("MZintime", "CAintime"))
         .await
