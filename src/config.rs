@@ -202,6 +202,9 @@ pub struct DaemonConfig {
     /// `listen` as the file (or `--listen`) gives it, which a reload
     /// compares with the one the daemon started with.
     pub listen_asked: SocketAddr,
+    /// The public socket came from systemd (`batond.socket`), not from
+    /// `listen`; set by the daemon, never by the file.
+    pub socket_activated: bool,
     /// The control socket path.
     pub control_socket: PathBuf,
     /// Where generations keep their snapshot and logs.
@@ -401,6 +404,49 @@ pub const DEFAULT_IGNORE: &[&str] = &[
     "**/*.tmp",
 ];
 
+/// The largest config file read: a config is a page of text, and a path
+/// that leads to an endless source (`/dev/zero`) must not be read on.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads a config file, which must be a regular file (a link to one is
+/// followed) of at most [`MAX_CONFIG_BYTES`]. It is opened without
+/// waiting: a FIFO put in its place would otherwise hold the open, and
+/// with it every later reload, until something wrote to it.
+fn read_text(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let read = |source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let refuse = |why: String| read(std::io::Error::new(std::io::ErrorKind::InvalidInput, why));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .map_err(read)?;
+    let meta = file.metadata().map_err(read)?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() {
+            "a folder"
+        } else {
+            "not a regular file (a FIFO, socket or device)"
+        };
+        return Err(refuse(format!("it is {what}")));
+    }
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(refuse(format!(
+            "it is larger than {} KiB",
+            MAX_CONFIG_BYTES >> 10
+        )));
+    }
+    Ok(text)
+}
+
 impl Config {
     /// Reads, parses and validates a config file.
     ///
@@ -408,10 +454,7 @@ impl Config {
     /// [`ConfigError::Read`] when the file cannot be read,
     /// [`ConfigError::Invalid`] with every problem and its position otherwise.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = read_text(path)?;
         let abs = std::path::absolute(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
@@ -444,7 +487,7 @@ impl Config {
             path: path.to_path_buf(),
             source,
         };
-        let text = std::fs::read_to_string(path).map_err(read)?;
+        let text = read_text(path)?;
         let file = std::path::absolute(path).map_err(read)?;
         // A syntax mistake in the file (a stray `=`, an unclosed string)
         // must not keep `batonctl` from the daemon, which still runs with
@@ -900,6 +943,10 @@ impl Validator<'_> {
         let config_dir = self.file.parent().unwrap_or(Path::new("/")).to_path_buf();
         let root = config_dir.join(raw.daemon.root.as_deref().unwrap_or("."));
         let root = match std::fs::canonicalize(&root) {
+            Ok(r) if !r.is_dir() => {
+                self.issue("daemon", "root", format!("{} is not a folder", r.display()));
+                r
+            }
             Ok(r) => r,
             Err(e) => {
                 self.issue("daemon", "root", format!("{}: {e}", root.display()));
@@ -938,6 +985,29 @@ impl Validator<'_> {
             },
             |p| std::path::absolute(&p).unwrap_or(p),
         );
+        if control_socket.is_dir()
+            || control_socket
+                .as_os_str()
+                .as_encoded_bytes()
+                .ends_with(b"/")
+        {
+            self.issue(
+                "daemon",
+                "control_socket",
+                format!(
+                    "{} is a folder; name the socket file in it",
+                    control_socket.display()
+                ),
+            );
+        }
+        let history = raw.daemon.history.unwrap_or(20);
+        if history == 0 {
+            self.issue(
+                "daemon",
+                "history",
+                "must be at least 1 (the active generation is always kept)",
+            );
+        }
         let hold = self.positive(
             "daemon",
             "hold_timeout_ms",
@@ -969,12 +1039,13 @@ impl Validator<'_> {
             root: root.clone(),
             listen,
             listen_asked: listen,
+            socket_activated: false,
             control_socket,
             state_dir,
             hold_timeout: Duration::from_millis(hold),
             header_timeout: Duration::from_secs(header),
             idle_timeout: Duration::from_secs(idle),
-            history: raw.daemon.history.unwrap_or(20),
+            history: history.max(1),
             shutdown_timeout: Duration::from_secs(shutdown),
             threads: threads.clamp(1, 64),
             realtime_priority: realtime_priority.min(crate::sched::MAX_PRIORITY),
@@ -1000,9 +1071,22 @@ impl Validator<'_> {
             .iter()
             .map(|p| at_root(p))
             .collect::<Vec<_>>();
+        // Compared with every link resolved: the state folder spelled
+        // through a link is still the state folder.
+        let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let real_state = real(&daemon.state_dir);
         for p in &paths {
             if !p.exists() {
                 self.issue("watch", "paths", format!("{} does not exist", p.display()));
+            } else if real(p) == real_state {
+                self.issue(
+                    "watch",
+                    "paths",
+                    format!(
+                        "{} is daemon.state_dir, where every deploy writes: watching it would deploy again after each deploy",
+                        p.display()
+                    ),
+                );
             }
         }
         let debounce = raw.watch.debounce_ms.unwrap_or(200);
@@ -1018,6 +1102,17 @@ impl Validator<'_> {
             Some(b) => {
                 let timeout = self.positive("build", "timeout_s", b.timeout_s, 600);
                 let command = self.required("build", "command", b.command, "an argv list");
+                // `[]` is no build step: the artifact is the source itself.
+                if command
+                    .as_ref()
+                    .is_some_and(|c| c.first().is_some_and(String::is_empty))
+                {
+                    self.issue(
+                        "build",
+                        "command",
+                        "must name a program (or be [] for none)",
+                    );
+                }
                 let artifact = self.required("build", "artifact", b.artifact, "a path");
                 BuildConfig {
                     command: command.unwrap_or_default(),
@@ -1040,13 +1135,24 @@ impl Validator<'_> {
             return None;
         };
         let command = self.required("worker", "command", w.command, "an argv list");
-        if command.as_ref().is_some_and(Vec::is_empty) {
+        if command
+            .as_ref()
+            .is_some_and(|c| c.first().is_none_or(String::is_empty))
+        {
             self.issue("worker", "command", "must name a program");
         }
         let command = command.unwrap_or_default();
         let health_path = w.health_path.unwrap_or_else(|| "/healthz".into());
         if !health_path.starts_with('/') {
             self.issue("worker", "health_path", "must start with `/`");
+        } else if let Err(e) = health_path.parse::<http::uri::PathAndQuery>() {
+            self.issue(
+                "worker",
+                "health_path",
+                format!(
+                    "`{health_path}` is not a URL path (spaces and the like must be %-encoded): {e}"
+                ),
+            );
         }
         let header = w
             .signature_header
@@ -1091,6 +1197,14 @@ impl Validator<'_> {
                     "worker",
                     "env",
                     format!("{k:?} is not a variable name (empty, or with `=` or NUL in it)"),
+                );
+            } else if crate::process::WORKER_ENV.contains(&k.as_str())
+                || crate::process::PRIVATE_ENV.contains(&k.as_str())
+            {
+                self.issue(
+                    "worker",
+                    "env",
+                    format!("{k} is set by batond for each worker; it cannot be given here"),
                 );
             }
         }
@@ -1414,6 +1528,114 @@ mod tests {
         let i = single_issue(&text);
         assert_eq!(i.key.as_deref(), Some("restart.backoff_initial_ms"), "{i}");
         assert!(i.message.contains("10000, the default"), "{i}");
+    }
+
+    #[test]
+    fn settings_that_could_never_work_are_refused_with_their_key() {
+        const BUILD: &str = "[build]\ncommand = [\"true\"]\nartifact = \"a\"\n";
+        const WORKER: &str = "[worker]\ncommand = [\"{artifact}\"]\n";
+        let cases = [
+            (
+                format!("{MINIMAL}[daemon]\nhistory = 0\n"),
+                "daemon.history",
+                "at least 1",
+            ),
+            (
+                format!("{MINIMAL}[daemon]\ncontrol_socket = \"\"\n"),
+                "daemon.control_socket",
+                "is a folder",
+            ),
+            (
+                format!("{MINIMAL}[daemon]\ncontrol_socket = \"run/\"\n"),
+                "daemon.control_socket",
+                "is a folder",
+            ),
+            (
+                format!("{MINIMAL}health_path = \"/health z\"\n"),
+                "worker.health_path",
+                "not a URL path",
+            ),
+            (
+                format!("{MINIMAL}env = {{ PORT = \"5\" }}\n"),
+                "worker.env",
+                "set by batond",
+            ),
+            (
+                format!("{MINIMAL}env = {{ LISTEN_FDS = \"1\" }}\n"),
+                "worker.env",
+                "set by batond",
+            ),
+            (
+                format!("{BUILD}[worker]\ncommand = [\"\"]\n"),
+                "worker.command",
+                "must name a program",
+            ),
+            (
+                format!("[build]\ncommand = [\"\", \"x\"]\nartifact = \"a\"\n{WORKER}"),
+                "build.command",
+                "must name a program",
+            ),
+        ];
+        for (text, key, says) in cases {
+            let i = single_issue(&text);
+            assert_eq!(i.key.as_deref(), Some(key), "{text}: {i}");
+            assert!(i.message.contains(says), "{text}: {i}");
+        }
+    }
+
+    #[test]
+    fn the_root_must_be_a_folder_and_the_state_folder_is_not_watched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("f"), "x").expect("file");
+        let file = dir.path().join("baton.toml");
+        let issues = |text: &str| match Config::parse(&file, text, &Overrides::default()) {
+            Err(ConfigError::Invalid { issues }) => issues,
+            Ok(_) => Vec::new(),
+            Err(e) => panic!("{e}"),
+        };
+        let i = issues(&format!("[daemon]\nroot = \"f\"\n{MINIMAL}"));
+        assert!(
+            i.iter()
+                .any(|i| i.key.as_deref() == Some("daemon.root")
+                    && i.message.contains("not a folder")),
+            "{i:?}"
+        );
+        let i = issues(&format!(
+            "[daemon]\nstate_dir = \".\"\n[watch]\npaths = [\".\"]\n{MINIMAL}"
+        ));
+        assert_eq!(i.len(), 1, "{i:?}");
+        assert_eq!(i[0].key.as_deref(), Some("watch.paths"));
+        assert!(i[0].message.contains("daemon.state_dir"), "{}", i[0]);
+        // A state folder inside a watched one is fine: it is left out.
+        assert!(issues(&format!("[watch]\npaths = [\".\"]\n{MINIMAL}")).is_empty());
+    }
+
+    #[test]
+    fn a_config_that_is_no_regular_file_is_refused_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("fifo.toml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, "# x\n".repeat(300_000)).expect("big");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let paths = [fifo, dir.path().to_path_buf(), big];
+        let todo = paths.clone();
+        std::thread::spawn(move || {
+            for p in todo {
+                let _ = tx.send(Config::load(&p, &Overrides::default()).map(|_| ()));
+            }
+        });
+        for (p, says) in paths
+            .iter()
+            .zip(["not a regular file", "a folder", "larger than"])
+        {
+            let got = rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("reading {} did not end", p.display()));
+            let e = got.expect_err("refused");
+            assert!(matches!(e, ConfigError::Read { .. }), "{e}");
+            assert!(e.to_string().contains(says), "{e}");
+        }
     }
 
     #[test]

@@ -2074,9 +2074,11 @@ fn prepare_reload(
         };
     let (o, n) = (&old.daemon, &new.daemon);
     // Paths compare by their components: `state` and `./state/` are one.
+    // A socket from systemd is the one used, whatever the file says, now
+    // and after a restart: `batond.socket` names the address (below).
     keep(
         "listen",
-        n.listen_asked != o.listen_asked,
+        !o.socket_activated && n.listen_asked != o.listen_asked,
         &o.listen,
         &n.listen_asked,
     );
@@ -2093,11 +2095,18 @@ fn prepare_reload(
         &n.state_dir.display(),
     );
     keep("threads", n.threads != o.threads, &o.threads, &n.threads);
+    if o.socket_activated && n.listen_asked != o.listen_asked {
+        kept.push(format!(
+            "daemon.listen ({}) is not used: the listening socket ({}) comes from systemd; change it in batond.socket",
+            n.listen_asked, o.listen
+        ));
+    }
     for k in &kept {
         tracing::warn!("{k}");
     }
     new.daemon.listen = old.daemon.listen;
     new.daemon.listen_asked = old.daemon.listen_asked;
+    new.daemon.socket_activated = old.daemon.socket_activated;
     new.daemon.control_socket = old.daemon.control_socket.clone();
     new.daemon.state_dir = old.daemon.state_dir.clone();
     new.daemon.threads = old.daemon.threads;

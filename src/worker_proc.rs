@@ -442,17 +442,15 @@ pub async fn start(
     };
     let snapshot = launch.snapshot.to_string_lossy();
     let port = endpoint.port().map(|p| p.to_string());
+    let mut values = vec![("{artifact}", snapshot.as_ref())];
+    if let Some(p) = &port {
+        values.push(("{port}", p.as_str()));
+    }
     let argv: Vec<String> = cfg
         .worker
         .command
         .iter()
-        .map(|a| {
-            let a = a.replace("{artifact}", &snapshot);
-            match &port {
-                Some(p) => a.replace("{port}", p),
-                None => a,
-            }
-        })
+        .map(|a| fill_placeholders(a, &values))
         .collect();
     let mut env: Vec<(String, String)> = cfg
         .worker
@@ -1113,9 +1111,49 @@ impl RotatingLog {
     }
 }
 
+/// `arg` with each placeholder in `values` replaced in one pass: what a
+/// value brings in (a snapshot path with `{port}` in a folder name) is
+/// never read for placeholders itself.
+fn fill_placeholders(arg: &str, values: &[(&str, &str)]) -> String {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    'scan: while let Some(i) = rest.find('{') {
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        for (name, value) in values {
+            if let Some(after) = rest.strip_prefix(name) {
+                out.push_str(value);
+                rest = after;
+                continue 'scan;
+            }
+        }
+        out.push('{');
+        rest = &rest[1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placeholders_are_filled_once() {
+        let values = [("{artifact}", "/s/st{port}/gen-0001/w"), ("{port}", "8081")];
+        assert_eq!(
+            fill_placeholders("{artifact}", &values),
+            "/s/st{port}/gen-0001/w"
+        );
+        assert_eq!(
+            fill_placeholders("--listen=:{port} {x} {", &values),
+            "--listen=:8081 {x} {"
+        );
+        assert_eq!(
+            fill_placeholders("{{artifact}}", &values),
+            "{/s/st{port}/gen-0001/w}"
+        );
+    }
 
     /// What `tail_lines` cuts from a file holding `text`.
     fn tail(text: &[u8], lines: usize, max_bytes: u64) -> Vec<u8> {

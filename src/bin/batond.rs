@@ -157,7 +157,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         control_socket: cli.control_socket,
         state_dir: cli.state_dir,
     };
-    let cfg = match Config::load(&cli.config, &overrides) {
+    let mut cfg = match Config::load(&cli.config, &overrides) {
         Ok(cfg) => cfg,
         Err(e @ ConfigError::Invalid { .. }) => {
             eprintln!("{e}");
@@ -188,7 +188,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let result = rt.block_on(async move {
         let listener =
             match baton::systemd::inherited_listener().context("inherited socket (LISTEN_FDS)")? {
-                Some(l) => l,
+                Some(l) => {
+                    cfg.daemon.socket_activated = true;
+                    l
+                }
                 None => tokio::net::TcpListener::bind(cfg.daemon.listen)
                     .await
                     .with_context(|| format!("cannot listen on {}", cfg.daemon.listen))?,

@@ -40,6 +40,20 @@ async fn socket_activation_serves_on_the_inherited_listener() {
     assert!(served, "batond did not serve on the inherited socket");
     let (g, _, _) = whoami(addr).await;
     assert_eq!(g, 1);
+    // A reload that names another address is told the socket is
+    // systemd's, not that the address changes at the next start.
+    p.edit(
+        "etc/baton.toml",
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:1\"",
+    );
+    let config = p.path("etc/baton.toml");
+    let out = batonctl([OsStr::new("--config"), config.as_os_str()], &["reload"]).await;
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("comes from systemd"), "{said}");
+    assert!(!said.contains("until batond restarts"), "{said}");
     let _ = child.start_kill();
     let _ = child.wait().await;
 }
