@@ -521,6 +521,23 @@ fn default_ignored_signals() {
     }
 }
 
+/// Makes the daemon's start what systemd gives a service, whatever started
+/// it: every descriptor it inherited above stderr (a shell's `exec 3>file`,
+/// a test harness's pipes, a second socket from systemd) is closed at the
+/// next `exec`, so none reaches a worker or a build (and fd 3 is free for
+/// the worker's socket); and no signal is blocked, so SIGTERM, SIGINT and
+/// SIGHUP reach it even when the program that started it had them blocked.
+/// Call it first in `main`, before any thread exists (threads inherit the
+/// mask) and before anything opens a descriptor meant to be passed on.
+pub fn fresh_start() {
+    close_fds::set_fds_cloexec(3, &[]);
+    let _ = nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::empty()),
+        None,
+    );
+}
+
 /// Raises this process's soft limit on open files to its hard limit, as
 /// nginx's `worker_rlimit_nofile` or Go's runtime do: every call through
 /// the proxy holds two descriptors (the caller's and the worker's), and the

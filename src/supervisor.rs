@@ -1001,6 +1001,14 @@ impl Supervisor {
                 if self.active.is_none() && self.unit_state == "starting" {
                     self.unit_state = "failed";
                 }
+                // The daemon is up all the same: it answers 503, watches
+                // for the fix and takes deploys. systemd must hear so (its
+                // status line says what failed), or `systemctl start` would
+                // wait out `TimeoutStartSec` and kill it, again and again.
+                if !self.ready_sent {
+                    self.ready_sent = true;
+                    systemd::ready(&self.status_line());
+                }
                 DeployOutcome {
                     generation: Some(generation),
                     outcome: state.as_str().into(),
@@ -1713,7 +1721,20 @@ impl Supervisor {
                 "no active worker; generation {c} {}",
                 self.gens.get(&c).map_or("", |g| g.state.as_str())
             ),
-            (None, None) => format!("no active worker ({})", self.unit_state),
+            (None, None) => {
+                // What failed last, when nothing serves: a failed unit's
+                // status line is what `systemctl status` shows.
+                let last = (self.unit_state == "failed")
+                    .then(|| self.gens.values().next_back())
+                    .flatten()
+                    .and_then(|g| Some((g.id, g.state.as_str(), g.reason.as_deref()?)));
+                match last {
+                    Some((id, state, reason)) => {
+                        format!("no active worker (failed; generation {id} {state}: {reason})")
+                    }
+                    None => format!("no active worker ({})", self.unit_state),
+                }
+            }
         }
     }
 

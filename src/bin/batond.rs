@@ -96,6 +96,7 @@ fn main() -> ExitCode {
         eprintln!("batond exec: {e}");
         return ExitCode::from(127);
     }
+    baton::process::fresh_start();
     let cli = match parse_cli(args.into_iter().skip(1)) {
         Ok(Parsed::Run(cli)) => cli,
         Ok(Parsed::Exit(text, code)) => {

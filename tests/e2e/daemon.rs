@@ -2224,6 +2224,50 @@ async fn systemd_hears_ready_status_reloading_and_stopping() {
     recv_until("STOPPING=1", &mut seen).await;
 }
 
+/// A first deploy that fails still ends the start for systemd: batond is
+/// up (it answers 503 and waits for the fix), so `READY=1` goes out with
+/// a status that says what failed, and the fixed source deploys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_when_the_first_build_fails() {
+    let p = Project::python("", "");
+    p.edit(
+        "etc/baton.toml",
+        "command = []",
+        r#"command = ["sh", "-c", "test ! -e src/broken"]"#,
+    );
+    p.write("src/broken", "");
+    let sock_path = p.path("notify.sock");
+    let sock = tokio::net::UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    let d = Daemon::start_env(
+        &p,
+        &[],
+        &[("NOTIFY_SOCKET", sock_path.to_str().expect("utf8"))],
+    )
+    .await;
+    let mut seen = String::new();
+    let mut buf = vec![0u8; 4096];
+    for _ in 0..200 {
+        if seen.contains("READY=1") {
+            break;
+        }
+        match tokio::time::timeout(PATIENCE, sock.recv(&mut buf)).await {
+            Ok(Ok(n)) => {
+                seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+                seen.push('\n');
+            }
+            _ => break,
+        }
+    }
+    assert!(
+        seen.contains("READY=1\nSTATUS=no active worker (failed"),
+        "{seen}"
+    );
+    assert_eq!(d.get("/healthz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    std::fs::remove_file(p.path("src/broken")).expect("fix");
+    d.wait_active(2).await;
+    assert!(d.stop().await.success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn build_timeout_start_timeout_and_early_exit_are_rejected_with_reasons() {
     let p = Project::python("", "");

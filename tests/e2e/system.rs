@@ -692,6 +692,45 @@ async fn a_worker_starts_with_default_signal_handling() {
     assert!(d.stop().await.success());
 }
 
+/// batond started by a program that left descriptors open (fd 3, which a
+/// worker's socket needs, and fd 7) and its stop signals blocked, as a
+/// shell script or a test harness may: the worker still gets its socket
+/// on fd 3 and none of those descriptors, and SIGTERM still stops batond.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batond_passes_on_no_inherited_descriptor_and_unblocks_its_signals() {
+    let p = Project::python("", "");
+    let marker = p.path("inherited.txt");
+    let wrapper = format!(
+        "import os, signal, sys\n\
+         fd = os.open({:?}, os.O_WRONLY | os.O_CREAT, 0o600)\n\
+         os.dup2(fd, 9)\n\
+         os.close(fd)\n\
+         for n in (3, 7):\n    os.dup2(9, n, inheritable=True)\n\
+         os.close(9)\n\
+         signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGTERM, signal.SIGHUP, signal.SIGINT}})\n\
+         os.execv(sys.argv[1], sys.argv[1:])\n",
+        marker.to_str().expect("utf8")
+    );
+    let d = Daemon::start_wrapped(&p, &["python3", "-c", &wrapper], Stdio::null()).await;
+    let s = d.wait_active(1).await;
+    let pid = s.active.and_then(|a| a.pid).expect("worker pid");
+    let held: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .collect();
+    assert!(!held.contains(&marker), "the worker holds {held:?}");
+    let batond = d.child.id().expect("pid");
+    let status = read(std::path::Path::new(&format!("/proc/{batond}/status")));
+    let blocked = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .map(str::trim)
+        .expect("SigBlk");
+    assert_eq!(u64::from_str_radix(blocked, 16), Ok(0), "{status}");
+    assert!(d.stop().await.success());
+}
+
 /// batond raises its soft limit on open files to the hard one (each call
 /// holds two descriptors; systemd's default soft limit is 1,024), and its
 /// worker inherits it.
