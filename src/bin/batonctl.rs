@@ -53,7 +53,8 @@ enum Cmd {
     Reload,
     /// Print a generation's worker or build log.
     Logs {
-        /// The generation (default: the active one).
+        /// The generation (default: for the worker log the active one,
+        /// else the newest that ran; for the build log the newest build).
         #[arg(long, short)]
         generation: Option<u64>,
         /// The build log instead of the worker log.
@@ -304,6 +305,9 @@ fn gen_line(g: &GenerationInfo) -> String {
     }
     if let Some(h) = g.health_ms {
         s.push_str(&format!(" health {h} ms"));
+    }
+    if let Some(at) = &g.cutover_at {
+        s.push_str(&format!(" cut over {at}"));
     }
     if g.restarts > 0 {
         s.push_str(&format!(" restarts {}", g.restarts));

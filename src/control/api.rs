@@ -72,7 +72,8 @@ pub struct GenerationInfo {
     pub cutover_at: Option<String>,
     /// When it stopped (RFC 3339).
     pub ended_at: Option<String>,
-    /// Crash restarts of this generation's snapshot.
+    /// Starts of this generation's snapshot after its first (a crash, a
+    /// sick worker replaced, `batonctl restart`).
     pub restarts: u32,
     /// HTTP requests in flight on it now.
     pub requests_in_flight: u64,
@@ -124,8 +125,9 @@ pub struct Totals {
     /// Deploys whose build failed, whose worker could not be started, or
     /// that the daemon's stop cut short.
     pub deploys_failed: u64,
-    /// Starts of a generation's snapshot again: after a crash, or to
-    /// replace a worker that failed its health checks.
+    /// Starts of a generation's snapshot again: after a crash, to replace
+    /// a worker that failed its health checks, or asked for with
+    /// `batonctl restart`.
     pub restarts: u64,
 }
 

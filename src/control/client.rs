@@ -58,6 +58,12 @@ fn explain_connect(socket: &Path, e: std::io::Error) -> std::io::Error {
                 format!("the path is {what}, not batond's control socket"),
             )
         }
+        // The socket file is there, but nobody listens: what a daemon
+        // that was killed leaves behind.
+        Ok(_) if e.kind() == std::io::ErrorKind::ConnectionRefused => std::io::Error::new(
+            e.kind(),
+            "connection refused: no batond is running on this socket (a batond that was killed leaves its socket file behind)",
+        ),
         _ => e,
     }
 }

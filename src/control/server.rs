@@ -80,8 +80,20 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
         }
         Err(_) => {}
     }
-    let listener = UnixListener::bind(unix.addr()).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    // Bound under a name of its own, given its mode, then renamed into
+    // place: never reachable at `path` with the wider mode a umask leaves.
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}.new", std::process::id()));
+    let fresh = path.with_file_name(name);
+    let _ = std::fs::remove_file(&fresh);
+    let listener = UnixListener::bind(crate::endpoint::UnixPath::new(&fresh).map_err(err)?.addr())
+        .map_err(err)?;
+    let placed = std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o660))
+        .and_then(|()| std::fs::rename(&fresh, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&fresh);
+        return Err(err(e));
+    }
     Ok(listener)
 }
 
@@ -247,16 +259,29 @@ async fn logs(req: &Request<Incoming>, job: &Job, state_dir: &Path) -> Response<
             let Some(s) = job.status().await else {
                 return json_error(StatusCode::SERVICE_UNAVAILABLE, "batond is stopping");
             };
-            let pick = if kind == "build" {
+            // The build log: the newest build (the one running, or the
+            // one that just failed beside the active worker). The worker
+            // log: the active worker's, else the newest that ran (a
+            // failed build has none).
+            let all = || {
                 s.candidate
-                    .as_ref()
-                    .or(s.history.first())
-                    .or(s.active.as_ref())
+                    .iter()
+                    .chain(s.active.as_ref())
+                    .chain(s.draining.iter())
+                    .chain(s.history.iter())
+            };
+            let pick = if kind == "build" {
+                all().map(|g| g.id).max()
             } else {
-                s.active.as_ref().or(s.history.first())
+                s.active.as_ref().map(|g| g.id).or_else(|| {
+                    all()
+                        .map(|g| g.id)
+                        .filter(|&id| gen_dir(state_dir, id).join("worker.log").exists())
+                        .max()
+                })
             };
             match pick {
-                Some(g) => g.id,
+                Some(g) => g,
                 None => return json_error(StatusCode::NOT_FOUND, "no generation yet"),
             }
         }
@@ -442,7 +467,7 @@ fn metrics(s: &Status, job: &Job) -> Response<ProxyBody> {
         (
             "baton_worker_restarts_total",
             "counter",
-            "Workers started again from their generation's snapshot (after a crash, or replacing a sick one).",
+            "Workers started again from their generation's snapshot (after a crash, replacing a sick one, or by batonctl restart).",
             s.totals.restarts,
         ),
         (

@@ -83,6 +83,19 @@ async fn failed_build_keeps_the_old_worker() {
     assert_eq!(s.active.as_ref().map(|a| a.id), Some(1));
     assert_eq!(whoami(d.addr).await.0, 1);
     assert!(read(&p.path("state/gen-0002/build.log")).contains("the source is broken"));
+    // Without -g, `logs --build` is the build that just failed, and `logs`
+    // the worker that serves.
+    let out = d.ctl(&["logs", "--build"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("the source is broken"),
+        "{out:?}"
+    );
+    let out = d.ctl(&["logs"]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("the source is broken"),
+        "{out:?}"
+    );
     // `batonctl deploy --wait` reports the failure with a non-zero exit.
     let out = d.ctl(&["deploy", "--wait"]).await;
     assert!(!out.status.success());
@@ -97,6 +110,14 @@ async fn failed_build_keeps_the_old_worker() {
     assert_eq!(
         whoami(d.addr).await.0,
         s.active.as_ref().expect("active").id
+    );
+    // The newest build is now the one that serves, not a failed one of
+    // the history.
+    let out = d.ctl(&["logs", "--build"]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("the source is broken"),
+        "{out:?}"
     );
     // Every deploy so far is counted once: the first and the fixed one
     // served, the broken edit and `deploy --wait` failed their build.
@@ -157,6 +178,11 @@ async fn healthz_404_is_rejected_and_traffic_stays() {
     let out = d.ctl(&["status"]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("Active: gen 1 active"), "{text}");
+    let active_line = text
+        .lines()
+        .find(|l| l.contains("Active:"))
+        .unwrap_or_default();
+    assert!(active_line.contains(" cut over 20"), "{text}");
     assert!(text.contains("gen 2 rejected"), "{text}");
     assert!(text.contains("healthz 404"), "{text}");
     assert!(

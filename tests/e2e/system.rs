@@ -769,7 +769,10 @@ async fn batonctl_says_when_its_socket_path_is_no_socket() {
     let p = Project::new();
     p.write("file.sock", "");
     std::fs::create_dir_all(p.path("folder.sock")).expect("mkdir");
+    // A socket file nobody listens on, as a killed batond leaves it.
+    drop(std::os::unix::net::UnixListener::bind(p.path("stale.sock")).expect("bind"));
     for (name, want) in [
+        ("stale.sock", "no batond is running on this socket"),
         (
             "file.sock",
             "the path is a regular file, not batond's control socket",
