@@ -240,9 +240,27 @@ async fn outcome(
         // and start timeouts, not by `limit`. That batond answers at all
         // is checked first, within `limit`.
         client::call_text_within(socket, Method::GET, "/v1/status", limit).await?;
-        let (code, body) =
-            client::call(socket, Method::POST, &format!("{path}?wait=1"), None).await?;
-        (code, client::text(body).await?)
+        let waited = async {
+            let (code, body) =
+                client::call(socket, Method::POST, &format!("{path}?wait=1"), None).await?;
+            Ok::<_, client::ClientError>((code, client::text(body).await?))
+        };
+        // Meanwhile batond must keep answering: one stopped (SIGSTOP) or
+        // stuck would otherwise keep this wait open for good.
+        let alive = async {
+            loop {
+                tokio::time::sleep(limit).await;
+                if let Err(e) =
+                    client::call_text_within(socket, Method::GET, "/v1/status", limit).await
+                {
+                    return e;
+                }
+            }
+        };
+        tokio::select! {
+            r = waited => r?,
+            e = alive => bail!("{e}; stopped waiting (the deploy may still end: `batonctl status` shows it)"),
+        }
     } else {
         client::call_text_within(socket, Method::POST, path, limit).await?
     };

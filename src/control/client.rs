@@ -30,12 +30,20 @@ pub enum ClientError {
     Request(#[from] http::Error),
     /// batond did not answer in time (it is stuck, or something else
     /// holds the socket).
-    #[error("batond at {} did not answer within {} s", path.display(), limit.as_secs_f64())]
+    #[error(
+        "batond at {} did not answer within {} s{}",
+        path.display(),
+        limit.as_secs_f64(),
+        if *dropped { "; a request it reads after that is dropped, not carried out (`batonctl status` shows what was done)" } else { "" }
+    )]
     Timeout {
         /// The socket path.
         path: PathBuf,
         /// The time given.
         limit: Duration,
+        /// The request carried a deadline: batond drops it if it reads
+        /// it later (a change asked for, not a question).
+        dropped: bool,
     },
 }
 
@@ -81,6 +89,28 @@ pub async fn call(
     path_and_query: &str,
     head_limit: Option<Duration>,
 ) -> Result<(StatusCode, Incoming), ClientError> {
+    send(socket, method, path_and_query, head_limit, None).await
+}
+
+/// The header that carries a change's deadline, in milliseconds since the
+/// Unix epoch: batond does not act on a request it reads after it (its
+/// sender has given up, and said so).
+pub const DEADLINE_HEADER: &str = "baton-deadline-ms";
+
+/// Milliseconds since the Unix epoch, `after` from now.
+pub fn epoch_ms(after: Duration) -> u64 {
+    let t = std::time::SystemTime::now() + after;
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+async fn send(
+    socket: &Path,
+    method: Method,
+    path_and_query: &str,
+    head_limit: Option<Duration>,
+    deadline: Option<u64>,
+) -> Result<(StatusCode, Incoming), ClientError> {
     let exchange = async {
         let connect_err = |source| ClientError::Connect {
             path: socket.to_path_buf(),
@@ -96,16 +126,19 @@ pub async fn call(
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(path_and_query)
-            .header(http::header::HOST, "batond")
-            .body(Empty::<Bytes>::new())?;
+            .header(http::header::HOST, "batond");
+        if let Some(ms) = deadline {
+            req = req.header(DEADLINE_HEADER, ms);
+        }
+        let req = req.body(Empty::<Bytes>::new())?;
         let resp = send.send_request(req).await?;
         Ok((resp.status(), resp.into_body()))
     };
     match head_limit {
-        Some(limit) => within(socket, limit, exchange).await,
+        Some(limit) => within(socket, limit, false, exchange).await,
         None => exchange.await,
     }
 }
@@ -134,8 +167,11 @@ pub async fn call_text_within(
     path_and_query: &str,
     limit: Duration,
 ) -> Result<(StatusCode, String), ClientError> {
-    within(socket, limit, async {
-        let (status, body) = call(socket, method, path_and_query, None).await?;
+    // A change (a POST) carries its deadline: batond drops it if it
+    // reads it after this call has given up.
+    let deadline = (method == Method::POST).then(|| epoch_ms(limit));
+    within(socket, limit, deadline.is_some(), async {
+        let (status, body) = send(socket, method, path_and_query, None, deadline).await?;
         Ok((status, text(body).await?))
     })
     .await
@@ -158,12 +194,14 @@ pub async fn call_text(
 async fn within<T>(
     socket: &Path,
     limit: Duration,
+    dropped: bool,
     work: impl Future<Output = Result<T, ClientError>>,
 ) -> Result<T, ClientError> {
     tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
         Err(ClientError::Timeout {
             path: socket.to_path_buf(),
             limit,
+            dropped,
         })
     })
 }

@@ -192,6 +192,25 @@ async fn route(
             "only root or the daemon's user may change the daemon",
         );
     }
+    // A change read after its sender gave up (batond was stopped or busy
+    // meanwhile) is not carried out: `batonctl` has already said it got
+    // no answer, and a retry must not make it two.
+    if mutating
+        && let Some(deadline) = req
+            .headers()
+            .get(super::client::DEADLINE_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        && super::client::epoch_ms(std::time::Duration::ZERO) > deadline
+    {
+        tracing::warn!(
+            path = req.uri().path(),
+            "a control request read after its sender had given up waiting; not carried out"
+        );
+        return json_error(
+            StatusCode::REQUEST_TIMEOUT,
+            "the request reached batond after its sender had given up waiting: not carried out",
+        );
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/v1/status") => match job.status().await {
             Some(s) => json(StatusCode::OK, &s),

@@ -551,6 +551,68 @@ async fn a_log_reader_that_stalls_does_not_stop_the_daemon() {
 /// Neither side of the control socket waits without end: batonctl gives
 /// up on a socket that takes the connection and never answers, and the
 /// daemon closes a control connection that sends half a request.
+/// batonctl against a batond that stopped answering (SIGSTOP): a deploy
+/// it reports unanswered is not carried out when batond goes on (a retry
+/// must not make two), and `deploy --wait` gives up instead of waiting
+/// for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_batonctl_gave_up_on_are_dropped_and_waits_end() {
+    use nix::sys::signal::{Signal, kill};
+    let p = Project::python("", "");
+    p.edit(
+        "etc/baton.toml",
+        "command = []",
+        r#"command = ["sh", "-c", "until [ ! -e gate ]; do sleep 0.05; done"]"#,
+    );
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    let pid = nix::unistd::Pid::from_raw(d.child.id().expect("pid") as i32);
+    let ctl = |args: &'static [&'static str]| {
+        tokio::process::Command::new(BATONCTL)
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(["--timeout", "1"])
+            .args(args)
+            .output()
+    };
+    kill(pid, Signal::SIGSTOP).expect("stop");
+    let out = tokio::time::timeout(PATIENCE, ctl(&["deploy"]))
+        .await
+        .expect("batonctl did not give up")
+        .expect("batonctl runs");
+    kill(pid, Signal::SIGCONT).expect("cont");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("dropped, not carried out"), "{err}");
+    assert!(
+        d.log_shows("read after its sender had given up waiting")
+            .await,
+        "{}",
+        d.log()
+    );
+    let s = d.status().await;
+    assert_eq!(s.active.as_ref().map(|a| a.id), Some(1));
+    assert!(s.candidate.is_none() && s.history.is_empty(), "{s:?}");
+    // A wait on a build that holds (the gate), with batond stopped meanwhile.
+    p.write("gate", "");
+    let waiting = tokio::spawn(ctl(&["deploy", "--wait"]));
+    d.wait_for("the build under way", |s| s.candidate.is_some())
+        .await;
+    kill(pid, Signal::SIGSTOP).expect("stop");
+    let out = tokio::time::timeout(PATIENCE, waiting)
+        .await
+        .expect("deploy --wait did not give up")
+        .expect("join")
+        .expect("batonctl runs");
+    kill(pid, Signal::SIGCONT).expect("cont");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("stopped waiting"), "{err}");
+    std::fs::remove_file(p.path("gate")).expect("open the gate");
+    d.wait_active(2).await;
+    assert!(d.stop().await.success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_calls_that_never_complete_are_given_up() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
