@@ -726,7 +726,7 @@ const MAX_LINE: usize = 16 << 10;
 /// and the file gets what its queue has room for (see [`LogQueue`]).
 /// Bytes that are not UTF-8 are kept, replaced with U+FFFD.
 async fn pump(out: impl AsyncRead + Unpin, mut queue: LogQueue, generation: Option<u64>) {
-    let mut reader = BufReader::new(out);
+    let mut reader = BufReader::with_capacity(64 << 10, out);
     let mut buf = Vec::new();
     // The start of a character a long line's piece cut in two: it begins
     // the next piece, so that no valid text turns into U+FFFD.
