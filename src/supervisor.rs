@@ -1729,7 +1729,15 @@ impl Supervisor {
                     .flatten()
                     .and_then(|g| Some((g.id, g.state.as_str(), g.reason.as_deref()?)));
                 match last {
+                    // One line, as the notify protocol needs, and short.
                     Some((id, state, reason)) => {
+                        let reason: String = reason
+                            .split(['\n', '\r'])
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                            .chars()
+                            .take(200)
+                            .collect();
                         format!("no active worker (failed; generation {id} {state}: {reason})")
                     }
                     None => format!("no active worker ({})", self.unit_state),
