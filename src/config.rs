@@ -404,28 +404,6 @@ pub const DEFAULT_IGNORE: &[&str] = &[
     "**/*.tmp",
 ];
 
-/// The `{name}`s in a worker argument that look like placeholders (a
-/// lowercase word in braces, not a shell's `${name}`) but are none of
-/// batond's: a misspelt `{artefact}` would reach the program as it is.
-fn unknown_placeholders(arg: &str) -> Vec<&str> {
-    let mut found = Vec::new();
-    let mut at = 0;
-    while let Some(i) = arg[at..].find('{') {
-        let open = at + i;
-        at = open + 1;
-        let Some(len) = arg[at..].find('}') else {
-            break;
-        };
-        let name = &arg[at..at + len];
-        let word = !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
-        let shell = arg[..open].ends_with('$');
-        if word && !shell && name != "artifact" && name != "port" {
-            found.push(name);
-        }
-    }
-    found
-}
-
 /// The largest config file read: a config is a page of text, and a path
 /// that leads to an endless source (`/dev/zero`) must not be read on.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
@@ -1205,15 +1183,6 @@ impl Validator<'_> {
             w.keepalive_timeout_ms,
             1000,
         );
-        for name in command.iter().flat_map(|a| unknown_placeholders(a)) {
-            self.issue(
-                "worker",
-                "command",
-                format!(
-                    "unknown placeholder {{{name}}} (batond fills in {{artifact}} and {{port}})"
-                ),
-            );
-        }
         let socket = w.socket.unwrap_or(WorkerSocket::Tcp);
         if socket == WorkerSocket::Unix && command.iter().any(|a| a.contains("{port}")) {
             self.issue(
@@ -1602,11 +1571,6 @@ mod tests {
                 "must name a program",
             ),
             (
-                format!("{BUILD}[worker]\ncommand = [\"{{artefact}}\"]\n"),
-                "worker.command",
-                "unknown placeholder {artefact}",
-            ),
-            (
                 format!("[build]\ncommand = [\"\", \"x\"]\nartifact = \"a\"\n{WORKER}"),
                 "build.command",
                 "must name a program",
@@ -1617,17 +1581,6 @@ mod tests {
             assert_eq!(i.key.as_deref(), Some(key), "{text}: {i}");
             assert!(i.message.contains(says), "{text}: {i}");
         }
-    }
-
-    #[test]
-    fn only_lowercase_words_in_braces_are_taken_for_placeholders() {
-        assert!(unknown_placeholders("{artifact} --port={port}").is_empty());
-        assert_eq!(
-            unknown_placeholders("{artefact} {x_y}"),
-            ["artefact", "x_y"]
-        );
-        // A shell's variables, JSON, find's {} and unclosed braces are not.
-        assert!(unknown_placeholders("echo ${home} {\"a\":1} {} {Port} {unclosed").is_empty());
     }
 
     #[test]
