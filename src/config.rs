@@ -434,17 +434,17 @@ fn read_text(path: &Path) -> Result<String, ConfigError> {
         };
         return Err(refuse(format!("it is {what}")));
     }
-    let mut text = String::new();
+    let mut bytes = Vec::new();
     file.take(MAX_CONFIG_BYTES + 1)
-        .read_to_string(&mut text)
+        .read_to_end(&mut bytes)
         .map_err(read)?;
-    if text.len() as u64 > MAX_CONFIG_BYTES {
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
         return Err(refuse(format!(
             "it is larger than {} KiB",
             MAX_CONFIG_BYTES >> 10
         )));
     }
-    Ok(text)
+    String::from_utf8(bytes).map_err(|e| refuse(format!("it is not UTF-8 text: {e}")))
 }
 
 impl Config {
@@ -1001,13 +1001,6 @@ impl Validator<'_> {
             );
         }
         let history = raw.daemon.history.unwrap_or(20);
-        if history == 0 {
-            self.issue(
-                "daemon",
-                "history",
-                "must be at least 1 (the active generation is always kept)",
-            );
-        }
         let hold = self.positive(
             "daemon",
             "hold_timeout_ms",
@@ -1198,14 +1191,30 @@ impl Validator<'_> {
                     "env",
                     format!("{k:?} is not a variable name (empty, or with `=` or NUL in it)"),
                 );
-            } else if crate::process::WORKER_ENV.contains(&k.as_str())
-                || crate::process::PRIVATE_ENV.contains(&k.as_str())
-            {
+            } else if crate::process::PRIVATE_ENV.contains(&k.as_str()) {
+                // The shim drops these, given or inherited: they are the
+                // socket handover's and systemd's, never a worker's own.
                 self.issue(
                     "worker",
                     "env",
-                    format!("{k} is set by batond for each worker; it cannot be given here"),
+                    format!("{k} is batond's to set or withhold (socket handover, systemd); it cannot be given here"),
                 );
+            } else {
+                // What batond sets for this worker would win over it.
+                let set = match k.as_str() {
+                    "BATON_GENERATION" => true,
+                    "PORT" => socket != WorkerSocket::Unix,
+                    "BATON_SOCKET" => socket == WorkerSocket::Unix,
+                    "BATON_SIGNATURE" => w.signature == Some(SignatureMode::Env),
+                    _ => false,
+                };
+                if set {
+                    self.issue(
+                        "worker",
+                        "env",
+                        format!("{k} is set by batond for each worker; it cannot be given here"),
+                    );
+                }
             }
         }
         for (k, v) in &w.env {
@@ -1536,11 +1545,6 @@ mod tests {
         const WORKER: &str = "[worker]\ncommand = [\"{artifact}\"]\n";
         let cases = [
             (
-                format!("{MINIMAL}[daemon]\nhistory = 0\n"),
-                "daemon.history",
-                "at least 1",
-            ),
-            (
                 format!("{MINIMAL}[daemon]\ncontrol_socket = \"\"\n"),
                 "daemon.control_socket",
                 "is a folder",
@@ -1563,7 +1567,7 @@ mod tests {
             (
                 format!("{MINIMAL}env = {{ LISTEN_FDS = \"1\" }}\n"),
                 "worker.env",
-                "set by batond",
+                "batond's to set or withhold",
             ),
             (
                 format!("{BUILD}[worker]\ncommand = [\"\"]\n"),
@@ -1581,6 +1585,19 @@ mod tests {
             assert_eq!(i.key.as_deref(), Some(key), "{text}: {i}");
             assert!(i.message.contains(says), "{text}: {i}");
         }
+    }
+
+    #[test]
+    fn worker_env_may_give_what_batond_does_not_set_for_that_worker() {
+        for env in [
+            "socket = \"unix\"\nenv = { PORT = \"8080\", BATON_SIGNATURE = \"x\" }",
+            "env = { BATON_SOCKET = \"/s\", BATON_CONFIG = \"c\", WATCHDOG_SEC = \"1\" }",
+        ] {
+            let text = format!("{MINIMAL}{env}\n");
+            assert!(parse(&text).is_ok(), "{text}");
+        }
+        let text = format!("{MINIMAL}signature = \"env\"\nenv = {{ BATON_SIGNATURE = \"x\" }}\n");
+        assert_eq!(single_issue(&text).key.as_deref(), Some("worker.env"));
     }
 
     #[test]
@@ -1616,7 +1633,8 @@ mod tests {
         let fifo = dir.path().join("fifo.toml");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
         let big = dir.path().join("big.toml");
-        std::fs::write(&big, "# x\n".repeat(300_000)).expect("big");
+        // Cut at the limit inside a two-byte character: still "larger".
+        std::fs::write(&big, "é".repeat(600_000)).expect("big");
         let (tx, rx) = std::sync::mpsc::channel();
         let paths = [fifo, dir.path().to_path_buf(), big];
         let todo = paths.clone();

@@ -14,7 +14,7 @@
 //! checked on the connection with `SO_PEERCRED`.
 
 use std::convert::Infallible;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
@@ -80,21 +80,41 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
         }
         Err(_) => {}
     }
-    // Bound under a name of its own, given its mode, then renamed into
-    // place: never reachable at `path` with the wider mode a umask leaves.
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".{}.new", std::process::id()));
-    let fresh = path.with_file_name(name);
-    let _ = std::fs::remove_file(&fresh);
-    let listener = UnixListener::bind(crate::endpoint::UnixPath::new(&fresh).map_err(err)?.addr())
+    // Bound in a private folder beside it (its own name short, so any
+    // path length still works), given its mode, then linked into place:
+    // never reachable at `path` with the wider mode a umask leaves, and,
+    // as a bind there would, the link fails if another daemon's socket
+    // took the path meanwhile.
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(format!(".{}", std::process::id()));
+    let private = path.with_file_name(name);
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
         .map_err(err)?;
-    let placed = std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o660))
-        .and_then(|()| std::fs::rename(&fresh, path));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&fresh);
-        return Err(err(e));
-    }
-    Ok(listener)
+    let fresh = private.join("s");
+    let placed = (|| {
+        let listener = UnixListener::bind(crate::endpoint::UnixPath::new(&fresh)?.addr())?;
+        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o660))?;
+        if let Err(e) = std::fs::hard_link(&fresh, path) {
+            if e.kind() != std::io::ErrorKind::AlreadyExists {
+                return Err(e);
+            }
+            if std::os::unix::net::UnixStream::connect(unix.addr()).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another batond is answering on it",
+                ));
+            }
+            std::fs::remove_file(path)?;
+            std::fs::hard_link(&fresh, path)?;
+        }
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    placed.map_err(err)
 }
 
 /// How often [`serve`] checks that its socket is still in the filesystem.
@@ -301,6 +321,12 @@ async fn logs(req: &Request<Incoming>, job: &Job, state_dir: &Path) -> Response<
             };
             match pick {
                 Some(g) => g,
+                None if kind == "worker" && !s.history.is_empty() => {
+                    return json_error(
+                        StatusCode::NOT_FOUND,
+                        "no generation has run a worker yet (see `batonctl logs --build`)",
+                    );
+                }
                 None => return json_error(StatusCode::NOT_FOUND, "no generation yet"),
             }
         }

@@ -39,6 +39,11 @@ use crate::twilio::mulaw;
 
 /// Log `MEDIA_TX` every this many outbound frames (one second of audio).
 const MEDIA_TX_EVERY_FRAMES: u64 = 50;
+/// How long past `start_timeout` a socket without `start` is given, once
+/// the deadline has come, to show a `start` it already holds (see
+/// `serve`).
+const START_RECHECK: Duration = Duration::from_millis(250);
+
 /// Audio kept before speech start, so the echo includes the onset.
 const PREROLL_SAMPLES: usize = 800;
 /// A write that makes no progress this long means the peer stopped reading.
@@ -307,9 +312,13 @@ impl Call {
         // Twilio sends `start` right after `connected`; a socket that has
         // not sent it by then is no call, and must not hold a slot (or a
         // draining worker) until it hangs up.
+        // Time this process did not run (stopped, starved) is not the
+        // caller's: when the deadline comes, the socket gets one more look
+        // (a `start` sent in time may sit unread in it) before the close.
         let start_timeout = self.state.cfg.start_timeout;
         let no_start = tokio::time::sleep_until((self.opened + start_timeout).into());
         tokio::pin!(no_start);
+        let mut start_overdue = false;
         loop {
             let deadline = self.send_deadline();
             if deadline != armed {
@@ -376,6 +385,11 @@ impl Call {
                     self.on_stt_done(done);
                 }
                 () = &mut no_start, if !self.started => {
+                    if !start_overdue {
+                        start_overdue = true;
+                        no_start.as_mut().reset(tokio::time::Instant::now() + START_RECHECK);
+                        continue;
+                    }
                     self.warn_skip("no start", format!("no start message within {start_timeout:?}"));
                     return End::Close(CloseCode::Policy, "no start message");
                 }

@@ -361,7 +361,12 @@ async fn command_line_overrides_win_over_the_file() {
     let port = listener.local_addr().expect("addr").port();
     drop(listener);
     let state = p.path("elsewhere/state");
-    let socket = p.path("elsewhere/ctl.sock");
+    // 105 bytes, just under what a socket address holds: bound as it is.
+    let dir = p.path("elsewhere");
+    let fill = 105usize
+        .saturating_sub(dir.as_os_str().len() + "/.sock".len())
+        .max(1);
+    let socket = dir.join(format!("{}.sock", "c".repeat(fill)));
     let d = Daemon::start_with(
         &p,
         &[

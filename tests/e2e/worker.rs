@@ -1804,6 +1804,34 @@ async fn a_worker_that_stalled_reads_the_waiting_pong_before_judging_the_peer() 
     assert_eq!(rec[0]["end_reason"], "stop", "{}", rec[0]);
 }
 
+/// A `start` sent in time while the worker was stopped (SIGSTOP, or
+/// starved of CPU) waits in its socket: when the worker runs again past
+/// `start_timeout_ms`, it reads it and the call goes on.
+#[tokio::test]
+async fn a_start_that_came_while_the_worker_was_stopped_counts_as_in_time() {
+    use nix::sys::signal::Signal;
+    let mut w = Worker::start("start_timeout_ms = 1000", &[]).await;
+    for round in 0..3 {
+        let sid = format!("MZstall{round}");
+        let mut ws = ws_connect(&w.ws_url()).await;
+        ws.send(connected_msg()).await.expect("send");
+        w.signal(Signal::SIGSTOP);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ws.send(start_msg(&sid, "CAstall")).await.expect("send");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        w.signal(Signal::SIGCONT);
+        ws.send(media_msg(&sid, 2)).await.expect("send");
+        ws.send(stop_msg(&sid, "CAstall")).await.expect("send");
+        assert_eq!(
+            expect_close(&mut ws).await,
+            Some(CloseCode::Normal),
+            "round {round}"
+        );
+    }
+    let recs = w.wait_records(3).await;
+    assert!(recs.iter().all(|r| r["end_reason"] == "stop"), "{recs:?}");
+}
+
 /// A deliberately broken "worker": callsim must flag what Twilio would
 /// reject and exit non-zero.
 #[tokio::test]
