@@ -2182,6 +2182,39 @@ async fn a_notify_socket_nobody_reads_does_not_stop_the_daemon() {
     assert!(d.stop().await.success());
 }
 
+/// batond on `p` with a notify socket of the test's own, as systemd
+/// gives a `Type=notify` service.
+async fn start_with_notify_socket(p: &Project) -> (tokio::net::UnixDatagram, Daemon) {
+    let sock_path = p.path("notify.sock");
+    let sock = tokio::net::UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    let d = Daemon::start_env(
+        p,
+        &[],
+        &[("NOTIFY_SOCKET", sock_path.to_str().expect("utf8"))],
+    )
+    .await;
+    (sock, d)
+}
+
+/// Reads notify messages into `seen` (one per line) until one holds
+/// `needle`; every wait bounded.
+async fn recv_notify_until(sock: &tokio::net::UnixDatagram, needle: &str, seen: &mut String) {
+    let mut buf = vec![0u8; 4096];
+    for _ in 0..200 {
+        if seen.contains(needle) {
+            return;
+        }
+        match tokio::time::timeout(PATIENCE, sock.recv(&mut buf)).await {
+            Ok(Ok(n)) => {
+                seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+                seen.push('\n');
+            }
+            _ => break,
+        }
+    }
+    assert!(seen.contains(needle), "never got {needle}; got:\n{seen}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_hears_ready_status_reloading_and_stopping() {
     let p = Project::python("", "");
@@ -2192,30 +2225,10 @@ async fn systemd_hears_ready_status_reloading_and_stopping() {
         "command = []",
         r#"command = ["timeout", "30", "sh", "-c", "until [ -e gate ]; do sleep 0.05; done"]"#,
     );
-    let sock_path = p.path("notify.sock");
-    let sock = tokio::net::UnixDatagram::bind(&sock_path).expect("bind notify socket");
-    let d = Daemon::start_env(
-        &p,
-        &[],
-        &[("NOTIFY_SOCKET", sock_path.to_str().expect("utf8"))],
-    )
-    .await;
+    let (sock, d) = start_with_notify_socket(&p).await;
     let mut seen = String::new();
     let recv_until = async |needle: &str, seen: &mut String| {
-        let mut buf = vec![0u8; 4096];
-        for _ in 0..200 {
-            if seen.contains(needle) {
-                return;
-            }
-            match tokio::time::timeout(PATIENCE, sock.recv(&mut buf)).await {
-                Ok(Ok(n)) => {
-                    seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-                    seen.push('\n');
-                }
-                _ => break,
-            }
-        }
-        assert!(seen.contains(needle), "never got {needle}; got:\n{seen}");
+        recv_notify_until(&sock, needle, seen).await;
     };
     recv_until("STATUS=no active worker; generation 1 building", &mut seen).await;
     assert!(!seen.contains("READY=1"), "{seen}");
@@ -2262,28 +2275,9 @@ async fn systemd_hears_ready_when_the_first_build_fails() {
         r#"command = ["sh", "-c", "test ! -e src/broken"]"#,
     );
     p.write("src/broken", "");
-    let sock_path = p.path("notify.sock");
-    let sock = tokio::net::UnixDatagram::bind(&sock_path).expect("bind notify socket");
-    let d = Daemon::start_env(
-        &p,
-        &[],
-        &[("NOTIFY_SOCKET", sock_path.to_str().expect("utf8"))],
-    )
-    .await;
+    let (sock, d) = start_with_notify_socket(&p).await;
     let mut seen = String::new();
-    let mut buf = vec![0u8; 4096];
-    for _ in 0..200 {
-        if seen.contains("READY=1") {
-            break;
-        }
-        match tokio::time::timeout(PATIENCE, sock.recv(&mut buf)).await {
-            Ok(Ok(n)) => {
-                seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-                seen.push('\n');
-            }
-            _ => break,
-        }
-    }
+    recv_notify_until(&sock, "READY=1", &mut seen).await;
     assert!(
         seen.contains("READY=1\nSTATUS=no active worker (failed"),
         "{seen}"
