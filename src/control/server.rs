@@ -54,19 +54,27 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
         path: path.to_path_buf(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir).map_err(err)?;
+    // One daemon at a time from the look at what is there to the link:
+    // two that found the same stale socket would otherwise each remove
+    // what the other had just put in its place.
+    let folder = std::fs::File::open(dir).map_err(err)?;
+    let _held = nix::fcntl::Flock::lock(folder, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| err(e.into()))?;
     // A path longer than a socket address holds is reached through the
     // folder (see `crate::endpoint`).
     let unix = crate::endpoint::UnixPath::new(path).map_err(err)?;
+    let in_use = || {
+        std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another batond is answering on it",
+        )
+    };
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
             if std::os::unix::net::UnixStream::connect(unix.addr()).is_ok() {
-                return Err(err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    "another batond is answering on it",
-                )));
+                return Err(err(in_use()));
             }
             // A socket nobody answers on: a daemon's that did not clean up.
             std::fs::remove_file(path).map_err(err)?;
@@ -82,35 +90,47 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     }
     // Bound in a private folder beside it (its own name short, so any
     // path length still works), given its mode, then linked into place:
-    // never reachable at `path` with the wider mode a umask leaves, and,
-    // as a bind there would, the link fails if another daemon's socket
-    // took the path meanwhile.
-    let mut name = std::ffi::OsString::from(".");
-    name.push(path.file_name().unwrap_or_default());
-    name.push(format!(".{}", std::process::id()));
-    let private = path.with_file_name(name);
-    let _ = std::fs::remove_dir_all(&private);
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&private)
-        .map_err(err)?;
+    // never reachable at `path` with the wider mode a umask leaves. The
+    // folder's name is new each time: one a killed daemon left, which
+    // this one may not be able to remove, is never in the way.
+    let base = path.file_name().unwrap_or_default().to_string_lossy();
+    let mut made = None;
+    for _ in 0..4 {
+        let private = path.with_file_name(format!(
+            ".{base}.{}.{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        match std::fs::DirBuilder::new().mode(0o700).create(&private) {
+            Ok(()) => {
+                made = Some(private);
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    let Some(private) = made else {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "no private folder could be made beside it",
+        )));
+    };
     let fresh = private.join("s");
     let placed = (|| {
         let listener = UnixListener::bind(crate::endpoint::UnixPath::new(&fresh)?.addr())?;
         std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o660))?;
-        if let Err(e) = std::fs::hard_link(&fresh, path) {
-            if e.kind() != std::io::ErrorKind::AlreadyExists {
-                return Err(e);
+        std::fs::hard_link(&fresh, path).map_err(|e| {
+            // Not another batond (they wait for the lock): something else
+            // made the path meanwhile.
+            if e.kind() == std::io::ErrorKind::AlreadyExists
+                && std::os::unix::net::UnixStream::connect(unix.addr()).is_ok()
+            {
+                in_use()
+            } else {
+                e
             }
-            if std::os::unix::net::UnixStream::connect(unix.addr()).is_ok() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    "another batond is answering on it",
-                ));
-            }
-            std::fs::remove_file(path)?;
-            std::fs::hard_link(&fresh, path)?;
-        }
+        })?;
         Ok(listener)
     })();
     let _ = std::fs::remove_dir_all(&private);
@@ -321,7 +341,7 @@ async fn logs(req: &Request<Incoming>, job: &Job, state_dir: &Path) -> Response<
             };
             match pick {
                 Some(g) => g,
-                None if kind == "worker" && !s.history.is_empty() => {
+                None if kind == "worker" && (s.candidate.is_some() || !s.history.is_empty()) => {
                     return json_error(
                         StatusCode::NOT_FOUND,
                         "no generation has run a worker yet (see `batonctl logs --build`)",

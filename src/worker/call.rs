@@ -39,10 +39,13 @@ use crate::twilio::mulaw;
 
 /// Log `MEDIA_TX` every this many outbound frames (one second of audio).
 const MEDIA_TX_EVERY_FRAMES: u64 = 50;
-/// How long past `start_timeout` a socket without `start` is given, once
-/// the deadline has come, to show a `start` it already holds (see
-/// `serve`).
+/// How long a socket without `start` is given to show one it already
+/// holds, when the start deadline's timer fired [`STALLED`] or more late
+/// (the worker was stopped or starved meanwhile; see `serve`).
 const START_RECHECK: Duration = Duration::from_millis(250);
+/// A timer this late means the process did not run: tokio's timers fire
+/// within a millisecond or two of their time otherwise.
+const STALLED: Duration = Duration::from_millis(50);
 
 /// Audio kept before speech start, so the echo includes the onset.
 const PREROLL_SAMPLES: usize = 800;
@@ -313,8 +316,9 @@ impl Call {
         // not sent it by then is no call, and must not hold a slot (or a
         // draining worker) until it hangs up.
         // Time this process did not run (stopped, starved) is not the
-        // caller's: when the deadline comes, the socket gets one more look
-        // (a `start` sent in time may sit unread in it) before the close.
+        // caller's: when the deadline's timer fires late, the socket gets
+        // one more look (a `start` sent in time may sit unread in it)
+        // before the close.
         let start_timeout = self.state.cfg.start_timeout;
         let no_start = tokio::time::sleep_until((self.opened + start_timeout).into());
         tokio::pin!(no_start);
@@ -385,7 +389,10 @@ impl Call {
                     self.on_stt_done(done);
                 }
                 () = &mut no_start, if !self.started => {
-                    if !start_overdue {
+                    // A timer that fires late says this process did not
+                    // run for a while: then the socket gets its look.
+                    let late = Instant::now().saturating_duration_since(self.opened + start_timeout);
+                    if !start_overdue && late >= STALLED {
                         start_overdue = true;
                         no_start.as_mut().reset(tokio::time::Instant::now() + START_RECHECK);
                         continue;

@@ -257,6 +257,73 @@ async fn a_second_daemon_on_the_same_state_dir_refuses_and_touches_nothing() {
     first.stop().await;
 }
 
+/// Daemons started at once on one control socket, over a stale one (a
+/// killed daemon's): exactly one takes it and answers on it; the others
+/// say another batond answers there (none removes what another has just
+/// put in place).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemons_racing_for_a_stale_control_socket_leave_one_in_charge() {
+    let p = Project::python("", "");
+    let socket = p.path("shared/control.sock");
+    std::fs::create_dir_all(p.path("shared")).expect("mkdir");
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("stale socket"));
+    for round in 0..4 {
+        let mut racers: Vec<_> = (0..3)
+            .map(|i| {
+                tokio::process::Command::new(BATOND)
+                    .arg("--config")
+                    .arg(p.path("etc/baton.toml"))
+                    .args(["--listen", "127.0.0.1:0", "--state-dir"])
+                    .arg(p.path(&format!("state-{round}-{i}")))
+                    .arg("--control-socket")
+                    .arg(&socket)
+                    .env("NO_COLOR", "1")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .expect("spawn batond")
+            })
+            .collect();
+        // Two of the three end, each saying why.
+        let mut ended = Vec::new();
+        for _ in 0..600 {
+            for (i, c) in racers.iter_mut().enumerate() {
+                if !ended.contains(&i) && c.try_wait().expect("wait").is_some() {
+                    ended.push(i);
+                }
+            }
+            if ended.len() >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(ended.len(), 2, "round {round}: {ended:?} ended");
+        for &i in &ended {
+            let mut err = String::new();
+            use tokio::io::AsyncReadExt;
+            racers[i]
+                .stderr
+                .take()
+                .expect("stderr")
+                .read_to_string(&mut err)
+                .await
+                .expect("read");
+            assert!(
+                err.contains("another batond is answering on it"),
+                "round {round}: {err}"
+            );
+        }
+        let winner = (0..3).find(|i| !ended.contains(i)).expect("a winner");
+        let out = batonctl([OsStr::new("--socket"), socket.as_os_str()], &["status"]).await;
+        assert!(out.status.success(), "round {round}: {out:?}");
+        // Killed: its socket stays behind, stale, for the next round.
+        let pid = racers[winner].id().expect("pid");
+        sigkill(pid);
+        let _ = racers[winner].wait().await;
+    }
+}
+
 /// A daemon whose state dir was removed under it locks the folder again,
 /// so a second daemon still cannot start there; and a daemon that finds a
 /// running daemon's worker recorded in its own state dir leaves it alone.

@@ -760,8 +760,9 @@ async fn worker_audio_runs_no_further_ahead_than_the_pacing_lead() {
         .as_f64()
         .expect("max_lead_ms");
     // A frame (20 ms) past the lead would show as 220 ms; the slack below
-    // that is for the clock readings alone.
-    assert!((100.0..=205.0).contains(&lead), "max lead {lead} ms");
+    // that is for the clock readings alone (the two processes' reads of
+    // it, on a loaded host 5 ms apart at times: 205.2 ms was seen).
+    assert!((100.0..=212.0).contains(&lead), "max lead {lead} ms");
 }
 
 both!(worker_webhooks_answer_twiml_that_parses_as_xml);
