@@ -321,7 +321,7 @@ pub async fn run(
     // Held until the control socket is gone: a daemon that starts next
     // binds its own, which this one must not remove.
     let lock = lock.await;
-    let _ = std::fs::remove_file(&control_path);
+    control::server::remove_unless_answered(&control_path);
     drop(lock);
     // The blocking pool is idle by now: `STOPPING=1` goes out before exit.
     let _ = tokio::task::spawn_blocking(|| systemd::flush(Duration::from_secs(1))).await;

@@ -137,6 +137,23 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     placed.map_err(err)
 }
 
+/// Removes the control socket at `path` at the daemon's stop, once it has
+/// stopped listening, unless someone answers on it: then the path holds
+/// another daemon's socket (made after someone removed this one's), which
+/// must stay.
+pub fn remove_unless_answered(path: &Path) {
+    let answered = crate::endpoint::UnixPath::new(path)
+        .is_ok_and(|u| std::os::unix::net::UnixStream::connect(u.addr()).is_ok());
+    if answered {
+        tracing::warn!(
+            "control socket {} is another batond's now; left in place",
+            path.display()
+        );
+    } else {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// How often [`serve`] checks that its socket is still in the filesystem.
 const SOCKET_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 

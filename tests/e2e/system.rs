@@ -324,6 +324,25 @@ async fn daemons_racing_for_a_stale_control_socket_leave_one_in_charge() {
     }
 }
 
+/// A daemon whose control socket someone removed, and another took the
+/// path of, leaves that one in place when it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_daemon_leaves_a_control_socket_that_is_not_its_own() {
+    let p = Project::python("", "");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    let socket = d.socket.clone();
+    std::fs::remove_file(&socket).expect("remove the socket");
+    let other = std::os::unix::net::UnixListener::bind(&socket).expect("another socket");
+    assert!(d.stop().await.success());
+    assert!(socket.exists(), "the other socket was removed");
+    assert!(
+        std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+        "the other socket does not answer"
+    );
+    drop(other);
+}
+
 /// A daemon whose state dir was removed under it locks the folder again,
 /// so a second daemon still cannot start there; and a daemon that finds a
 /// running daemon's worker recorded in its own state dir leaves it alone.
