@@ -404,6 +404,12 @@ pub const DEFAULT_IGNORE: &[&str] = &[
     "**/*.tmp",
 ];
 
+/// `p` with every link resolved, or as it is when it does not exist yet:
+/// the state folder spelled through a link is still the state folder.
+pub(crate) fn resolved(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
 /// The largest config file read: a config is a page of text, and a path
 /// that leads to an endless source (`/dev/zero`) must not be read on.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
@@ -1000,7 +1006,6 @@ impl Validator<'_> {
                 ),
             );
         }
-        let history = raw.daemon.history.unwrap_or(20);
         let hold = self.positive(
             "daemon",
             "hold_timeout_ms",
@@ -1038,7 +1043,7 @@ impl Validator<'_> {
             hold_timeout: Duration::from_millis(hold),
             header_timeout: Duration::from_secs(header),
             idle_timeout: Duration::from_secs(idle),
-            history: history.max(1),
+            history: raw.daemon.history.unwrap_or(20).max(1),
             shutdown_timeout: Duration::from_secs(shutdown),
             threads: threads.clamp(1, 64),
             realtime_priority: realtime_priority.min(crate::sched::MAX_PRIORITY),
@@ -1064,14 +1069,11 @@ impl Validator<'_> {
             .iter()
             .map(|p| at_root(p))
             .collect::<Vec<_>>();
-        // Compared with every link resolved: the state folder spelled
-        // through a link is still the state folder.
-        let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-        let real_state = real(&daemon.state_dir);
+        let real_state = resolved(&daemon.state_dir);
         for p in &paths {
             if !p.exists() {
                 self.issue("watch", "paths", format!("{} does not exist", p.display()));
-            } else if real(p) == real_state {
+            } else if resolved(p) == real_state {
                 self.issue(
                     "watch",
                     "paths",

@@ -2053,16 +2053,14 @@ fn watch_sources(
     cfg: &Config,
     change_tx: mpsc::UnboundedSender<Change>,
 ) -> Result<watch::Watcher, watch::WatchError> {
-    // Compared with every link resolved: the state folder spelled through
-    // a link is still the state folder.
-    let real = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    // Compared with every link resolved (see `config::resolved`).
     let state = &cfg.daemon.state_dir;
-    let real_state = real(state);
+    let real_state = crate::config::resolved(state);
     let skip = if cfg
         .watch
         .paths
         .iter()
-        .any(|p| real(p).starts_with(&real_state))
+        .any(|p| crate::config::resolved(p).starts_with(&real_state))
     {
         Vec::new()
     } else {

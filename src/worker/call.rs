@@ -320,7 +320,8 @@ impl Call {
         // one more look (a `start` sent in time may sit unread in it)
         // before the close.
         let start_timeout = self.state.cfg.start_timeout;
-        let no_start = tokio::time::sleep_until((self.opened + start_timeout).into());
+        let start_deadline = self.opened + start_timeout;
+        let no_start = tokio::time::sleep_until(start_deadline.into());
         tokio::pin!(no_start);
         let mut start_overdue = false;
         loop {
@@ -391,7 +392,7 @@ impl Call {
                 () = &mut no_start, if !self.started => {
                     // A timer that fires late says this process did not
                     // run for a while: then the socket gets its look.
-                    let late = Instant::now().saturating_duration_since(self.opened + start_timeout);
+                    let late = Instant::now().saturating_duration_since(start_deadline);
                     if !start_overdue && late >= STALLED {
                         start_overdue = true;
                         no_start.as_mut().reset(tokio::time::Instant::now() + START_RECHECK);
