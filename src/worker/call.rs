@@ -113,6 +113,8 @@ struct Call {
     opened: Instant,
     rec: CallRecord,
     started: bool,
+    /// Media of a track other than `inbound` came (and was skipped).
+    other_track_seen: bool,
     /// The highest `sequenceNumber` seen so far.
     last_seq: Option<u64>,
     stream_sid: String,
@@ -164,6 +166,7 @@ pub async fn run_call<S>(
         state,
         opened: now,
         started: false,
+        other_track_seen: false,
         last_seq: None,
         stream_sid: String::new(),
         call_sid: String::new(),
@@ -495,15 +498,22 @@ impl Call {
                 return None;
             }
         };
+        // Every numbered message counts for the sequence, also one that is
+        // then skipped: it was not lost. A `start` without a number is
+        // the first message all the same.
+        match msg.sequence_number().and_then(|s| s.parse::<u64>().ok()) {
+            Some(seq) => self.check_sequence(seq, msg.event()),
+            None if matches!(msg, TwilioMessage::Start { .. }) && self.last_seq.is_none() => {
+                self.last_seq = Some(1);
+            }
+            None => {}
+        }
         if let (true, Some(sid)) = (self.started, msg.stream_sid())
             && sid != self.stream_sid
             && !matches!(msg, TwilioMessage::Start { .. })
         {
             self.warn_skip("wrong streamSid", sid.to_string());
             return None;
-        }
-        if let Some(seq) = msg.sequence_number().and_then(|s| s.parse::<u64>().ok()) {
-            self.check_sequence(seq, msg.event());
         }
         let t = self.t_ms();
         match msg {
@@ -560,6 +570,20 @@ impl Call {
                     self.warn_skip("media before start", String::new());
                     return None;
                 }
+                // The caller is the inbound track; the outbound one (a
+                // both-tracks stream) is what the caller hears, this
+                // worker's own voice: fed to the VAD it would interrupt
+                // itself and be echoed. Said once, then skipped.
+                if media.track != "inbound" {
+                    if !self.other_track_seen {
+                        self.other_track_seen = true;
+                        self.warn_skip(
+                            "media of a track other than inbound (skipped)",
+                            media.track.into_owned(),
+                        );
+                    }
+                    return None;
+                }
                 self.in_bytes.clear();
                 if let Err(e) = base64::engine::general_purpose::STANDARD
                     .decode_vec(media.payload.as_bytes(), &mut self.in_bytes)
@@ -574,8 +598,10 @@ impl Call {
                 self.on_audio().await;
             }
             TwilioMessage::Dtmf { dtmf, .. } => {
-                info!(event = "DTMF", callSid = %self.call_sid, streamSid = %self.stream_sid, digit = %dtmf.digit, "DTMF");
-                self.rec.push_event(t, "dtmf", dtmf.digit);
+                // A digit is one character; the caller's text is bounded all the same.
+                let digit = record::bounded(dtmf.digit);
+                info!(event = "DTMF", callSid = %self.call_sid, streamSid = %self.stream_sid, digit = %digit, "DTMF");
+                self.rec.push_event(t, "dtmf", digit);
             }
             TwilioMessage::Mark { mark, .. } => {
                 debug!(callSid = %self.call_sid, mark = %mark.name, "mark echoed");

@@ -124,6 +124,11 @@ pub struct FileConfig {
     pub header_timeout_ms: u64,
     /// Largest inbound WebSocket message; larger closes with 1009.
     pub max_message_bytes: usize,
+    /// Calls (Media Streams WebSockets) served at once; an upgrade past
+    /// it is refused with 503, so that the calls in progress keep their
+    /// pacing. The default is what the benchmark shows this worker
+    /// pacing well on a 2-CPU machine.
+    pub max_calls: usize,
     /// How far outbound audio may run ahead of real time (at least one
     /// frame, 20 ms).
     pub pacing_lead_ms: u64,
@@ -155,6 +160,7 @@ impl Default for FileConfig {
             shutdown_grace_ms: 8_000,
             header_timeout_ms: 30_000,
             max_message_bytes: 64 * 1024,
+            max_calls: 1000,
             pacing_lead_ms: 100,
             vad: VadConfig::default(),
             realtime_priority: 0,
@@ -208,6 +214,8 @@ pub struct Config {
     pub header_timeout: Duration,
     /// Max inbound WebSocket message size.
     pub max_message_bytes: usize,
+    /// Calls served at once.
+    pub max_calls: usize,
     /// Outbound pacing lead.
     pub pacing_lead: Duration,
     /// Energy VAD knobs.
@@ -356,6 +364,9 @@ impl Config {
         if file.max_message_bytes < 1024 {
             return Err(invalid("max_message_bytes", "must be >= 1024".into()));
         }
+        if file.max_calls == 0 {
+            return Err(invalid("max_calls", "must be > 0".into()));
+        }
         if file.realtime_priority > crate::sched::MAX_PRIORITY {
             return Err(invalid(
                 "realtime_priority",
@@ -400,6 +411,7 @@ impl Config {
             shutdown_grace: Duration::from_millis(file.shutdown_grace_ms),
             header_timeout: Duration::from_millis(file.header_timeout_ms),
             max_message_bytes: file.max_message_bytes,
+            max_calls: file.max_calls,
             pacing_lead: Duration::from_millis(file.pacing_lead_ms),
             vad: file.vad,
             realtime_priority: file.realtime_priority,

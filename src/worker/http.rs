@@ -102,6 +102,8 @@ fn version(state: &AppState) -> Resp {
         "started_at": super::record::rfc3339(state.started_at),
         "uptime_ms": state.started.elapsed().as_millis() as u64,
         "calls_active": state.calls.len(),
+        "max_calls": state.cfg.max_calls,
+        "calls_refused": state.calls_refused.load(Ordering::Relaxed),
         "engines": state.engines.names(),
     });
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
@@ -129,10 +131,12 @@ pub fn public_base(cfg_public: Option<&str>, headers: &HeaderMap) -> String {
             .filter(|v| !v.is_empty())
             .map(str::to_string)
     };
-    let proto = first("x-forwarded-proto")
-        .map(|p| p.to_ascii_lowercase())
-        .filter(|p| p == "https" || p == "http")
-        .unwrap_or_else(|| "http".into());
+    // Some proxies (Traefik's forwarder) name the WebSocket schemes for an
+    // upgrade: `wss` is a client on TLS as `https` is.
+    let proto = match first("x-forwarded-proto").map(|p| p.to_ascii_lowercase()) {
+        Some(p) if p == "https" || p == "wss" => "https",
+        _ => "http",
+    };
     let host = first("x-forwarded-host")
         .or_else(|| first("host"))
         .unwrap_or_else(|| "localhost".into());
@@ -367,6 +371,27 @@ pub fn offers_twilio_protocol(headers: &HeaderMap) -> bool {
         })
 }
 
+/// One of the `max_calls` call slots, given back when dropped.
+struct Admission(Arc<AppState>);
+
+impl Admission {
+    fn take(state: &Arc<AppState>) -> Option<Admission> {
+        state
+            .admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < state.cfg.max_calls).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Admission(Arc::clone(state)))
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.0.admitted.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 fn upgrade(
     state: &Arc<AppState>,
     peer: super::Peer,
@@ -426,6 +451,17 @@ fn upgrade(
         warn!(url = %url, peer = %peer, "upgrade rejected: bad or missing X-Twilio-Signature");
         return text(StatusCode::FORBIDDEN, "invalid twilio signature");
     }
+    let Some(admission) = Admission::take(state) else {
+        let refused = state.calls_refused.fetch_add(1, Ordering::Relaxed) + 1;
+        warn!(peer = %peer, max_calls = state.cfg.max_calls, refused, "call refused: max_calls calls are in progress");
+        let mut r = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many calls in progress (max_calls)",
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    };
     let accept = derive_accept_key(key.as_bytes());
     let offered = offers_twilio_protocol(headers);
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -438,6 +474,7 @@ fn upgrade(
         .max_message_size(Some(state.cfg.max_message_bytes))
         .max_frame_size(Some(state.cfg.max_message_bytes));
     state.calls.spawn(async move {
+        let _admission = admission;
         match on_upgrade.await {
             Ok(upgraded) => {
                 let ws = WebSocketStream::from_raw_socket(

@@ -163,6 +163,10 @@ pub struct AppState {
     pub calls_cancel: CancellationToken,
     /// Connection counter, to name calls before their `start` arrives.
     pub next_conn: AtomicU64,
+    /// Calls admitted and not yet ended (at most `cfg.max_calls`).
+    pub admitted: std::sync::atomic::AtomicUsize,
+    /// Upgrades refused because `cfg.max_calls` calls were in progress.
+    pub calls_refused: AtomicU64,
     /// The outbound pacing clock every call shares.
     pub pacer: Arc<pacer::Pacer>,
 }
@@ -213,6 +217,8 @@ pub async fn run(
         calls: TaskTracker::new(),
         calls_cancel: CancellationToken::new(),
         next_conn: AtomicU64::new(1),
+        admitted: std::sync::atomic::AtomicUsize::new(0),
+        calls_refused: AtomicU64::new(0),
         pacer,
     });
     info!(

@@ -950,6 +950,66 @@ async fn worker_checks_twilio_signatures_on_webhooks_and_upgrade(mode: Mode) {
     assert_eq!(http(w.addr, "GET", "/healthz", &[], b"").await.status, 200);
 }
 
+/// Behind a proxy that names the WebSocket scheme (`X-Forwarded-Proto:
+/// wss`, as Traefik's forwarder sends on an upgrade over TLS), the URL
+/// Twilio signed is still the `wss://` one.
+#[tokio::test]
+async fn an_upgrade_forwarded_as_wss_is_checked_on_the_wss_url() {
+    let w = Worker::start("", &[("TWILIO_AUTH_TOKEN", "secret")]).await;
+    let sig =
+        baton::twilio::signature::compute("secret", "wss://voice.example.com/ws/twilio-media", &[]);
+    for (proto, want) in [("wss", 101), ("https", 101), ("WSS", 101), ("ws", 403)] {
+        let r = raw_upgrade(
+            w.addr,
+            &[
+                ("X-Forwarded-Proto", proto),
+                ("X-Forwarded-Host", "voice.example.com"),
+                ("X-Twilio-Signature", &sig),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, want, "X-Forwarded-Proto: {proto}");
+    }
+}
+
+/// `max_calls`: an upgrade past it is refused with 503 (counted in
+/// `/version`), the calls in progress go on, and a slot that frees up is
+/// taken again.
+#[tokio::test]
+async fn calls_past_max_calls_are_refused_and_a_freed_slot_is_used_again() {
+    let mut w = Worker::start("max_calls = 2", &[]).await;
+    let mut a = ws_connect(&w.ws_url()).await;
+    a.send(start_msg("MZa", "CAa")).await.expect("send");
+    let mut b = ws_connect(&w.ws_url()).await;
+    b.send(start_msg("MZb", "CAb")).await.expect("send");
+    let r = raw_upgrade(w.addr, &[]).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.headers.get("retry-after").map(String::as_str), Some("1"));
+    let v: Value = serde_json::from_slice(&http(w.addr, "GET", "/version", &[], b"").await.body)
+        .expect("json");
+    assert_eq!(v["calls_refused"], 1, "{v}");
+    assert_eq!(v["max_calls"], 2, "{v}");
+    // The two calls are unharmed.
+    assert_eq!(expect_media(&mut a).await["streamSid"], "MZa");
+    assert_eq!(expect_media(&mut b).await["streamSid"], "MZb");
+    a.send(stop_msg("MZa", "CAa")).await.expect("send");
+    assert_eq!(expect_close(&mut a).await, Some(CloseCode::Normal));
+    w.wait_records(1).await;
+    // The slot is free once the call's task has ended (just after its
+    // record): bounded retries.
+    let mut status = 0;
+    for _ in 0..50 {
+        status = raw_upgrade(w.addr, &[]).await.status;
+        if status == 101 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 101);
+    b.send(stop_msg("MZb", "CAb")).await.expect("send");
+    assert_eq!(expect_close(&mut b).await, Some(CloseCode::Normal));
+}
+
 /// `POST /webhook/stream_ended` with `CallSid=CA1`, signed with the token
 /// `secret` over `signed_url` when there is one.
 async fn post_stream_ended(addr: SocketAddr, signed_url: Option<&str>) -> HttpResponse {
@@ -1120,6 +1180,25 @@ async fn worker_skips_bad_messages_and_keeps_the_call(mode: Mode) {
     ws.send(start_msg("MZ1", "CAbad")).await.expect("send");
     ws.send(media_msg("MZother", 2)).await.expect("send"); // wrong streamSid
     ws.send(media_msg("MZ1", 3)).await.expect("send");
+    // The outbound track (what the caller hears) is no caller speech:
+    // skipped, said once.
+    for seq in [4, 5] {
+        let Message::Text(m) = media_msg("MZ1", seq) else {
+            unreachable!()
+        };
+        let m = m.replace(r#""track":"inbound""#, r#""track":"outbound""#);
+        ws.send(Message::Text(m.into())).await.expect("send");
+    }
+    // A digit is one character: a long one is bounded like any text.
+    let digit = "7".repeat(50_000);
+    ws.send(Message::Text(
+        serde_json::json!({"event": "dtmf", "sequenceNumber": "6", "streamSid": "MZ1",
+                           "dtmf": {"track": "inbound_track", "digit": digit}})
+        .to_string()
+        .into(),
+    ))
+    .await
+    .expect("send");
     // Still alive: the greeting arrives, for our stream.
     let m = expect_media(&mut ws).await;
     assert_eq!(m["streamSid"], "MZ1");
@@ -1128,8 +1207,15 @@ async fn worker_skips_bad_messages_and_keeps_the_call(mode: Mode) {
 
     let records = w.wait_records(1).await;
     assert_eq!(records[0]["call_sid"], "CAbad");
-    assert_eq!(records[0]["protocol_warnings"], 6, "{}", records[0]);
+    assert_eq!(records[0]["protocol_warnings"], 7, "{}", records[0]);
     assert_eq!(records[0]["frames_in"], 1);
+    let dtmf = w.events("DTMF");
+    let logged = dtmf[0]["fields"]["digit"].as_str().expect("digit");
+    assert!(
+        logged.len() < 300 && logged.starts_with("777"),
+        "{} bytes",
+        logged.len()
+    );
     let warnings: Vec<String> = w
         .events("WS_PROTOCOL_WARNING")
         .iter()
@@ -1141,6 +1227,7 @@ async fn worker_skips_bad_messages_and_keeps_the_call(mode: Mode) {
         "unknown event",
         "binary frame",
         "wrong streamSid",
+        "media of a track other than inbound (skipped)",
     ] {
         assert!(
             warnings.iter().any(|x| x == what),
@@ -1206,6 +1293,42 @@ async fn worker_counts_sequence_gaps_and_keeps_the_call(mode: Mode) {
         .expect("the second call's record");
     assert_eq!(r["frames_in"], 2, "{r}");
     assert_eq!(r["sequence_gaps"], 3, "{r}");
+    // A `start` without a number is message 1 all the same, and a message
+    // skipped for its streamSid (or its track) was not lost: no gap.
+    let mut ws = ws_connect(&w.ws_url()).await;
+    ws.send(Message::Text(
+        serde_json::json!({
+            "event": "start", "streamSid": "MZnoseq",
+            "start": {"accountSid": "AC1", "streamSid": "MZnoseq", "callSid": "CAnoseq",
+                      "tracks": ["inbound"], "customParameters": {},
+                      "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}
+        })
+        .to_string()
+        .into(),
+    ))
+    .await
+    .expect("send");
+    ws.send(media_msg("MZnoseq", 2)).await.expect("send");
+    ws.send(media_msg("MZelsewhere", 3)).await.expect("send");
+    ws.send(media_msg("MZnoseq", 4)).await.expect("send");
+    ws.send(Message::Text(
+        serde_json::json!({"event": "stop", "sequenceNumber": "5", "streamSid": "MZnoseq",
+                           "stop": {"accountSid": "AC1", "callSid": "CAnoseq"}})
+        .to_string()
+        .into(),
+    ))
+    .await
+    .expect("send");
+    assert_eq!(expect_close(&mut ws).await, Some(CloseCode::Normal));
+    let records = w.wait_records(3).await;
+    let r = records
+        .iter()
+        .find(|r| r["call_sid"] == "CAnoseq")
+        .expect("the third call's record");
+    assert_eq!(r["frames_in"], 2, "{r}");
+    assert_eq!(r["sequence_gaps"], 0, "{r}");
+    assert_eq!(r["messages_missing"], 0, "{r}");
+    assert_eq!(r["protocol_warnings"], 1, "only the wrong streamSid: {r}");
     assert_eq!(http(w.addr, "GET", "/healthz", &[], b"").await.status, 200);
 }
 
@@ -1490,6 +1613,14 @@ async fn worker_config_errors_name_file_line_column_and_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains(&format!("{}:4:13: key `vad.threshold`", cfg.display())),
+        "{err}"
+    );
+    std::fs::write(&cfg, "max_calls = 0\n").expect("write");
+    let out = worker_check(&cfg).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("max_calls") && err.contains("must be > 0"),
         "{err}"
     );
     std::fs::write(&cfg, "greting_text = \"hi\"\n").expect("write");
