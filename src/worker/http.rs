@@ -56,7 +56,10 @@ async fn route(
     match (req.method(), path.as_str()) {
         (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok"),
         (&Method::GET, "/version") => version(state),
-        (&Method::POST, "/webhook/incoming_call") => webhook(state, req, Hook::IncomingCall).await,
+        // Twilio's console offers GET or POST for a number's voice URL.
+        (&Method::POST | &Method::GET, "/webhook/incoming_call") => {
+            webhook(state, req, Hook::IncomingCall).await
+        }
         (&Method::POST, "/webhook/stream_status") => webhook(state, req, Hook::StreamStatus).await,
         (&Method::POST, "/webhook/stream_ended") => webhook(state, req, Hook::StreamEnded).await,
         (&Method::GET, "/ws/twilio-media") => upgrade(state, peer, req),
@@ -192,6 +195,16 @@ async fn webhook(state: &AppState, req: Request<hyper::body::Incoming>, hook: Ho
     let base = public_base(state.cfg.public_url.as_deref(), req.headers());
     let url = format!("{base}{}", path_and_query(&req));
     let (parts, body) = req.into_parts();
+    if parts.method == Method::GET {
+        // A GET webhook's parameters are in its query, and Twilio signs
+        // the whole URL with no body parameters.
+        let params = parse_form(parts.uri.query().unwrap_or("").as_bytes());
+        if !twilio_signature_ok(state, &parts.headers, &url, &[]) {
+            warn!(url = %url, hook = ?hook, "webhook rejected: bad or missing X-Twilio-Signature");
+            return text(StatusCode::FORBIDDEN, "invalid twilio signature");
+        }
+        return answer_hook(&base, hook, &params);
+    }
     let is_form = parts
         .headers
         .get(header::CONTENT_TYPE)
@@ -241,6 +254,11 @@ async fn webhook(state: &AppState, req: Request<hyper::body::Incoming>, hook: Ho
         warn!(url = %url, hook = ?hook, "webhook rejected: bad or missing X-Twilio-Signature");
         return text(StatusCode::FORBIDDEN, "invalid twilio signature");
     }
+    answer_hook(&base, hook, &params)
+}
+
+/// The answer to a webhook whose signature checked out.
+fn answer_hook(base: &str, hook: Hook, params: &[(String, String)]) -> Resp {
     let get = |name: &str| {
         params
             .iter()
@@ -268,7 +286,7 @@ async fn webhook(state: &AppState, req: Request<hyper::body::Incoming>, hook: Ho
                     );
                 });
             }
-            let twiml = twiml_connect(&base, get("CallSid"));
+            let twiml = twiml_connect(base, get("CallSid"));
             let mut r = Response::new(Full::new(Bytes::from(twiml)));
             r.headers_mut()
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/xml"));

@@ -897,6 +897,24 @@ async fn worker_checks_twilio_signatures_on_webhooks_and_upgrade(mode: Mode) {
     .await;
     assert_eq!(r.status, 204);
 
+    // A voice URL set to GET in Twilio's console: the parameters are in
+    // the query, and the whole URL is signed.
+    let path = "/webhook/incoming_call?CallSid=CAget&From=%2B15550100";
+    let sig = baton::twilio::signature::compute(
+        "secret",
+        &format!("https://voice.example.com{path}"),
+        &[],
+    );
+    let r = http(w.addr, "GET", path, &[("X-Twilio-Signature", &sig)], b"").await;
+    assert_eq!(r.status, 200);
+    let twiml = String::from_utf8_lossy(&r.body);
+    assert!(
+        twiml.contains("<Connect") && twiml.contains("CAget"),
+        "{twiml}"
+    );
+    let r = http(w.addr, "GET", path, &[], b"").await;
+    assert_eq!(r.status, 403);
+
     // The upgrade is signed on the wss:// URL.
     let r = raw_upgrade(w.addr, &[]).await;
     assert_eq!(r.status, 403);
