@@ -33,9 +33,10 @@ pub enum Probe {
 pub enum Verdict {
     /// 200 with the right signature.
     Proven,
-    /// Not yet: keep probing until the start timeout (no answer, 5xx).
+    /// Not yet: keep probing until the start timeout (no answer, 5xx, 429).
     NotYet(String),
-    /// Definitely not this build: reject now (4xx, wrong or missing signature).
+    /// Definitely not this build: reject now (any other status than 200,
+    /// a wrong or missing signature).
     Wrong(String),
 }
 
@@ -102,11 +103,14 @@ pub fn judge(p: &Probe, want: &str) -> Verdict {
         Probe::Unable(e) => Verdict::NotYet(format!("batond could not probe: {e}")),
         Probe::Answer { status, signature } => {
             if *status != StatusCode::OK {
+                // Busy (5xx, 429) may pass while the worker warms up; any
+                // other answer (a 404, a redirect, a 204) is the worker's
+                // final word on this path.
                 let reason = format!("healthz {}", status.as_u16());
-                if status.is_client_error() && *status != StatusCode::TOO_MANY_REQUESTS {
-                    Verdict::Wrong(reason)
-                } else {
+                if status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS {
                     Verdict::NotYet(reason)
+                } else {
+                    Verdict::Wrong(reason)
                 }
             } else {
                 match signature {
@@ -158,6 +162,16 @@ mod tests {
             judge(&answer(503, None), "abc"),
             Verdict::NotYet("healthz 503".into())
         );
+        assert_eq!(
+            judge(&answer(429, None), "abc"),
+            Verdict::NotYet("healthz 429".into())
+        );
+        for code in [301, 302, 308, 204, 201] {
+            assert_eq!(
+                judge(&answer(code, Some("abc")), "abc"),
+                Verdict::Wrong(format!("healthz {code}"))
+            );
+        }
         assert!(matches!(judge(&answer(200, Some("9f3c")), "ab12"),
             Verdict::Wrong(r) if r == "signature mismatch: want ab12 got 9f3c"));
         assert!(matches!(

@@ -1445,10 +1445,13 @@ impl Supervisor {
                 if let Some(r) = reply {
                     self.restart_waiters.push(r);
                 }
+                // The operator's restart starts the crash delay over.
+                if let Some(rt) = self.runtime.get_mut(&g) {
+                    rt.backoff = self.cfg.restart.backoff_initial;
+                }
                 if self.unit_state == "failed" {
                     if let Some(rt) = self.runtime.get_mut(&g) {
                         rt.starts.clear();
-                        rt.backoff = self.cfg.restart.backoff_initial;
                     }
                     // The generation is in use again: not over, and not
                     // to be pruned while its fresh process starts.

@@ -191,7 +191,21 @@ pub fn tail_lines(
 /// The last line of a log worth quoting in a reason: the last one that
 /// mentions an error, else the last non-empty one.
 pub fn last_line(path: &Path) -> Option<String> {
-    let tail = read_tail(path, 64 * 1024).ok()?;
+    last_line_since(path, 0)
+}
+
+/// As [`last_line`], from byte `from` of the log on: what one instance of
+/// a generation wrote, not the instances before it in the same file (a
+/// file shorter than `from` was cut since, and is all new).
+fn last_line_since(path: &Path, from: u64) -> Option<String> {
+    let mut tail = read_tail(path, 64 * 1024).ok()?;
+    let len = std::fs::metadata(path).ok()?.len();
+    if len >= from {
+        let new = usize::try_from(len - from).unwrap_or(usize::MAX);
+        if new < tail.len() {
+            tail.drain(..tail.len() - new);
+        }
+    }
     quotable(&String::from_utf8_lossy(&tail))
 }
 
@@ -481,6 +495,8 @@ pub async fn start(
             return Err(format!("{}: {e}", log_path.display()));
         }
     };
+    // Where this instance's output begins: a reason quotes only that.
+    let log_from = log.metadata().await.map_or(0, |m| m.len());
     let mut child = Child::spawn(
         shim,
         Spec {
@@ -585,7 +601,7 @@ pub async fn start(
         exited,
         started,
     };
-    match prove(cfg, &inst, &launch.signature, &log_path).await {
+    match prove(cfg, &inst, &launch.signature, (&log_path, log_from)).await {
         Ok(()) => Ok((inst, started.elapsed())),
         Err(reason) => {
             inst.stop.cancel();
@@ -600,7 +616,12 @@ pub async fn start(
     }
 }
 
-async fn prove(cfg: &Config, inst: &Instance, want: &str, log: &Path) -> Result<(), String> {
+async fn prove(
+    cfg: &Config,
+    inst: &Instance,
+    want: &str,
+    (log, log_from): (&Path, u64),
+) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + cfg.worker.start_timeout;
     let mut last;
     let mut exited = inst.exited.clone();
@@ -610,16 +631,19 @@ async fn prove(cfg: &Config, inst: &Instance, want: &str, log: &Path) -> Result<
         if let Some(exit) = exit {
             // Give the log pumps a moment to write the last words.
             tokio::time::sleep(Duration::from_millis(50)).await;
-            return Err(match last_line(log) {
+            return Err(match last_line_since(log, log_from) {
                 Some(l) => format!("exited with status {} (last log line: {l})", exit.status),
                 None => format!("exited with status {}", exit.status),
             });
         }
+        // Each probe within what is left of the start timeout (at least
+        // 10 ms, so that an answer on its way can still arrive).
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let p = probe::probe(
             &inst.endpoint,
             &cfg.worker.health_path,
             &cfg.worker.signature_header,
-            Duration::from_secs(2),
+            left.clamp(Duration::from_millis(10), Duration::from_secs(2)),
         )
         .await;
         match probe::judge(&p, want) {

@@ -189,6 +189,19 @@ async fn healthz_404_is_rejected_and_traffic_stays() {
         text.contains("Deploys: 1 active, 1 rejected, 0 failed; 0 restarts"),
         "{text}"
     );
+    // A redirect is a final answer too: rejected at once, not after the
+    // start timeout.
+    p.edit("src/pyworker.py", "\n# HEALTH=404\n", "\n# HEALTH=301\n");
+    let s = d
+        .wait_for("a deploy rejected for its redirect", |s| {
+            s.history
+                .iter()
+                .any(|h| h.reason.as_deref().is_some_and(|r| r.contains("301")))
+        })
+        .await;
+    let reasons: Vec<_> = s.history.iter().filter_map(|h| h.reason.clone()).collect();
+    assert!(reasons.iter().any(|r| r == "healthz 301"), "{reasons:?}");
+    assert_eq!(whoami(d.addr).await.0, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,6 +261,90 @@ async fn crash_restarts_the_same_snapshot_and_holds_requests() {
         text.contains("Deploys: 1 active, 0 rejected, 0 failed; 1 restarts"),
         "{text}"
     );
+    // An operator's restart starts the delay over: the next crash waits
+    // the first delay again, not the doubled one.
+    let out = d.ctl(&["restart", "--wait"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let (code, _, _) = d.get("/crash").await;
+    assert_eq!(code, StatusCode::OK);
+    d.wait_for("restarted again", |s| {
+        s.active.as_ref().is_some_and(|x| x.restarts == 3)
+    })
+    .await;
+    let log = d.log();
+    assert_eq!(
+        log.matches("restarting the same snapshot in 200 ms")
+            .count(),
+        2,
+        "{log}"
+    );
+    assert!(
+        !log.contains("restarting the same snapshot in 400 ms"),
+        "{log}"
+    );
+}
+
+/// A fresh start that fails is reported with what that process wrote,
+/// not with a line an earlier process of the same generation left in the
+/// generation's `worker.log`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_start_quotes_its_own_output_only() {
+    let p = Project::python(
+        "",
+        "[restart]\nbackoff_initial_ms = 50\nbackoff_max_ms = 100\nlimit_burst = 100\n",
+    );
+    p.edit(
+        "etc/baton.toml",
+        r#"command = ["python3", "{artifact}"]"#,
+        r#"command = ["sh", "-c", "if [ -f crash ]; then cat crash; exit 7; fi; exec python3 \"$0\"", "{artifact}"]"#,
+    );
+    let d = Daemon::start(&p).await;
+    let pid = d
+        .wait_active(1)
+        .await
+        .active
+        .and_then(|a| a.pid)
+        .expect("pid");
+    p.write("crash", "error: disk full (from the first failed start)\n");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL");
+    let failed_starts = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains("fresh start failed"))
+            .map(str::to_string)
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while failed_starts(&d.log()).is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "{}", d.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // From now on the failing starts write nothing.
+    p.write("crash", "");
+    let seen = failed_starts(&d.log()).len();
+    while failed_starts(&d.log()).len() < seen + 2 {
+        assert!(tokio::time::Instant::now() < deadline, "{}", d.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let starts = failed_starts(&d.log());
+    assert!(
+        starts[0].contains("exited with status code 7 (last log line: error: disk full"),
+        "{starts:?}"
+    );
+    // The one before may have raced the emptied file; the last did not.
+    let last = starts.last().expect("a failed start");
+    assert!(
+        last.contains("exited with status code 7") && !last.contains("last log line"),
+        "{starts:?}"
+    );
+    std::fs::remove_file(p.path("crash")).expect("rm crash");
+    d.wait_for("running again", |s| {
+        s.state == "running" && s.active.as_ref().is_some_and(|a| a.pid != Some(pid))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
