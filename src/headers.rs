@@ -28,12 +28,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
         return;
     }
+    // Split as bytes: a line with an obs-text byte (>= 0x80, which
+    // hyper accepts) still names its other options, which must go too.
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
         // `Host` is for every hop (RFC 9112 §3.2: a request must carry
         // it), never a connection option (RFC 9110 §7.6.1).
         .filter(|name| name != header::HOST)
@@ -71,9 +72,8 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     let connection_upgrade = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
     if connection_upgrade {
         headers.get(header::UPGRADE).cloned()
     } else {
@@ -221,6 +221,22 @@ mod tests {
         h.insert(header::HOST, HeaderValue::from_static("a.example"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h[header::HOST], "a.example");
+        // An obs-text byte in the line does not hide the options it names.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-secret, \x80").expect("obs-text"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"\xff, Upgrade").expect("obs-text"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(upgrade_protocol(&h).is_some());
     }
 
     #[test]

@@ -207,6 +207,7 @@ impl Proxy {
                 () = token.cancelled() => break,
             };
             let _ = stream.set_nodelay(true);
+            keepalive(&stream);
             self.metrics.connections.fetch_add(1, Ordering::Relaxed);
             let proxy = self.clone();
             // Made once per connection, cloned (a reference count) per request.
@@ -709,7 +710,18 @@ async fn watch_connection<C>(
                     tracing::debug!(%peer, "dropping a client connection that did not close");
                     return;
                 }
-                stall.as_mut().reset(tokio::time::Instant::now() + timeout);
+                // The next look: a period on, or sooner when the idle time
+                // of a request in progress runs out before that, so that it
+                // ends at most a period after its last byte moved plus
+                // `idle` (not `idle` rounded up to whole periods).
+                let at = tokio::time::Instant::now();
+                let due = moved_at + idle;
+                let next = if now.0 != now.1 && due > at {
+                    (at + timeout).min(due)
+                } else {
+                    at + timeout
+                };
+                stall.as_mut().reset(next);
                 armed = None;
             }
         }
@@ -791,6 +803,19 @@ impl Drop for InFlight<'_> {
 /// Adds one to a counter only this connection's task writes: a plain load
 /// and store, no locked instruction (the watcher, in the same task, only
 /// reads it).
+/// TCP keepalive on a client connection: a peer that vanished without a
+/// FIN or a reset (a NAT that forgot it, a host powered off) is found out
+/// about two minutes after it went quiet (60 s, then 6 probes 10 s apart),
+/// not never. An open WebSocket with a quiet worker would otherwise hold
+/// its generation draining until `drain_timeout_s`.
+fn keepalive(stream: &tokio::net::TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = setsockopt(stream, sockopt::KeepAlive, &true);
+    let _ = setsockopt(stream, sockopt::TcpKeepIdle, &60);
+    let _ = setsockopt(stream, sockopt::TcpKeepInterval, &10);
+    let _ = setsockopt(stream, sockopt::TcpKeepCount, &6);
+}
+
 fn bump(counter: &AtomicU64) {
     counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
 }

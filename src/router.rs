@@ -8,7 +8,7 @@
 //! request gives its ticket back and takes one on the new worker instead.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -135,6 +135,10 @@ impl Upstream {
 pub struct Router {
     current: ArcSwapOption<Upstream>,
     changed: watch::Sender<u64>,
+    /// Whether a worker may become active without an operator: false
+    /// while the unit is failed and nothing is building or starting.
+    /// Requests are then not held: they get their 503 at once.
+    coming: AtomicBool,
 }
 
 impl Default for Router {
@@ -142,6 +146,7 @@ impl Default for Router {
         Router {
             current: ArcSwapOption::empty(),
             changed: watch::channel(0).0,
+            coming: AtomicBool::new(true),
         }
     }
 }
@@ -153,6 +158,14 @@ impl Router {
     pub fn set(&self, upstream: Option<Arc<Upstream>>) {
         self.current.store(upstream);
         self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Says whether a worker may become active without an operator (see
+    /// `coming`); requests held meanwhile end when it turns false.
+    pub fn set_coming(&self, coming: bool) {
+        if self.coming.swap(coming, Ordering::SeqCst) != coming {
+            self.changed.send_modify(|v| *v += 1);
+        }
     }
 
     /// The active upstream now.
@@ -213,6 +226,8 @@ impl Router {
             match self.take(dead) {
                 Take::Taken(up, ticket) => return Some((up, ticket)),
                 Take::Swapped => continue,
+                // No worker, and none on its way: no point in holding.
+                Take::NoneActive if !self.coming.load(Ordering::SeqCst) => return None,
                 Take::NoneActive => {}
             }
             if tokio::time::timeout_at(deadline, rx.changed())

@@ -427,6 +427,10 @@ impl Supervisor {
                 }
                 Some(i) = self.irx.recv() => self.internal(i),
             }
+            // A failed unit with nothing building or starting brings no
+            // worker back by itself: requests get their 503 at once then.
+            self.router
+                .set_coming(self.unit_state != "failed" || self.work_under_way());
         }
     }
 

@@ -356,7 +356,7 @@ async fn start_limit_marks_the_unit_failed_until_the_next_deploy() {
     p.edit(
         "etc/baton.toml",
         "hold_timeout_ms = 5000",
-        "hold_timeout_ms = 300",
+        "hold_timeout_ms = 600000",
     );
     p.append("src/pyworker.py", "\n# CRASH_AFTER_MS=400\n");
     let d = Daemon::start(&p).await;
@@ -383,6 +383,8 @@ async fn start_limit_marks_the_unit_failed_until_the_next_deploy() {
         log.contains("restarting the same snapshot in 100 ms"),
         "{log}"
     );
+    // No worker is coming back by itself: the 503 comes at once, not
+    // after the (here ten-minute) hold.
     let (code, headers, _) = d.get("/whoami").await;
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(headers["retry-after"], "1");
@@ -2717,4 +2719,45 @@ async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
     let got = until_closed(&mut conn).await;
     assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
     assert!(got.contains("\r\n\r\nslow "), "{got:?}");
+}
+
+/// batond's side of a client connection has TCP keepalive on, at 60 s:
+/// a client that vanished without a word is found out, not kept (with
+/// its WebSocket, its generation) until `drain_timeout_s`. The kernel's
+/// table shows the connection's keepalive timer running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_connections_have_tcp_keepalive() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let p = Project::python("", "");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    let mut c = tokio::net::TcpStream::connect(d.addr)
+        .await
+        .expect("connect");
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(PATIENCE, c.read(&mut buf))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let mine = c.local_addr().expect("local").port();
+    // /proc/net/tcp: "sl local rem st queues tr:when ...", ports in hex.
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let row = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| {
+            let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap_or(""), 16).ok();
+            port(f[1]) == Some(d.addr.port()) && port(f[2]) == Some(mine)
+        })
+        .expect("batond's side of the connection");
+    let (timer, when) = row[5].split_once(':').expect("tr:when");
+    assert_eq!(timer, "02", "keepalive timer: {row:?}");
+    // Jiffies until the first probe: at most 60 s at any HZ up to 1000.
+    let when = u64::from_str_radix(when, 16).expect("hex");
+    assert!(when <= 60 * 1000, "{row:?}");
 }
