@@ -104,6 +104,7 @@ struct RawWatch {
     paths: Option<Vec<String>>,
     ignore: Option<Vec<String>>,
     debounce_ms: Option<u64>,
+    max_wait_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -243,6 +244,9 @@ pub struct WatchConfig {
     pub ignore: IgnoreSet,
     /// Quiet time after the last change before a build starts.
     pub debounce: Duration,
+    /// Longest a change waits for that quiet: a file written without
+    /// pause (a log, an autosave) does not hold deploys back for good.
+    pub max_wait: Duration,
 }
 
 /// `[build]`: how to make the artifact.
@@ -454,6 +458,20 @@ fn read_text(path: &Path) -> Result<String, ConfigError> {
 }
 
 impl Config {
+    /// What in a valid config is likely not what its author wants, one
+    /// line each: logged at start and on each reload (and shown by
+    /// `batonctl reload`).
+    pub fn advice(&self) -> Vec<String> {
+        let mut advice = Vec::new();
+        if !self.worker.command.iter().any(|a| a.contains("{artifact}")) {
+            advice.push(
+                "worker.command does not name {artifact}: the worker runs what is in the tree when it starts, not the snapshot this generation proved, so a crash restart (or an `env`-mode proof, which only checks the echo) may run code that was never proven; run the snapshot, e.g. [\"python3\", \"{artifact}\"]"
+                    .to_string(),
+            );
+        }
+        advice
+    }
+
     /// Reads, parses and validates a config file.
     ///
     /// # Errors
@@ -1086,11 +1104,21 @@ impl Validator<'_> {
         }
         let debounce = raw.watch.debounce_ms.unwrap_or(200);
         let debounce = self.at_most_a_year("watch", "debounce_ms", debounce);
+        let max_wait = raw.watch.max_wait_ms.unwrap_or(debounce.max(2000));
+        let max_wait = self.at_most_a_year("watch", "max_wait_ms", max_wait);
+        if max_wait < debounce {
+            self.issue(
+                "watch",
+                "max_wait_ms",
+                format!("must be at least debounce_ms ({debounce})"),
+            );
+        }
         let watch = WatchConfig {
             paths,
             ignore_patterns,
             ignore,
             debounce: Duration::from_millis(debounce),
+            max_wait: Duration::from_millis(max_wait.max(debounce)),
         };
 
         let build = match raw.build {
@@ -1291,6 +1319,18 @@ mod tests {
 
     const MINIMAL: &str =
         "[build]\ncommand = [\"true\"]\nartifact = \"a\"\n[worker]\ncommand = [\"{artifact}\"]\n";
+
+    #[test]
+    fn a_worker_command_without_the_snapshot_gets_advice() {
+        assert!(parse(MINIMAL).expect("valid").advice().is_empty());
+        let cfg = parse(
+            "[build]\ncommand = []\nartifact = \"app.py\"\n[worker]\ncommand = [\"python3\", \"app.py\"]\nsignature = \"env\"\n",
+        )
+        .expect("valid");
+        let advice = cfg.advice();
+        assert_eq!(advice.len(), 1, "{advice:?}");
+        assert!(advice[0].contains("does not name {artifact}"), "{advice:?}");
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {
@@ -1580,6 +1620,11 @@ mod tests {
                 format!("[build]\ncommand = [\"\", \"x\"]\nartifact = \"a\"\n{WORKER}"),
                 "build.command",
                 "must name a program",
+            ),
+            (
+                format!("{MINIMAL}[watch]\ndebounce_ms = 500\nmax_wait_ms = 100\n"),
+                "watch.max_wait_ms",
+                "at least debounce_ms (500)",
             ),
         ];
         for (text, key, says) in cases {

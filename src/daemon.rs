@@ -204,6 +204,9 @@ pub async fn run(
     if let Ok(bound) = listener.local_addr() {
         cfg.daemon.listen = bound;
     }
+    for advice in cfg.advice() {
+        tracing::warn!("{advice}");
+    }
     let state_dir = cfg.daemon.state_dir.clone();
     std::fs::create_dir_all(&state_dir).map_err(|source| DaemonError::StateDir {
         path: state_dir.clone(),

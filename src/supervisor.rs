@@ -269,6 +269,11 @@ struct Supervisor {
     /// stopped at once, and waited for with the others.
     late: Vec<tokio::sync::watch::Receiver<Option<worker_proc::Exit>>>,
     pending: Option<String>,
+    /// When the first change the pending deploy waits out the debounce
+    /// for came (see `watch.max_wait`).
+    pending_since: Option<Instant>,
+    /// The deploy due at `max_wait` was logged (once per pending deploy).
+    max_wait_said: bool,
     debounce_epoch: u64,
     /// Bumped by every config file event; the reload waits for quiet.
     config_epoch: u64,
@@ -384,6 +389,8 @@ pub fn spawn(
         restart_epoch: 0,
         late: Vec::new(),
         pending: None,
+        pending_since: None,
+        max_wait_said: false,
         debounce_epoch: 0,
         config_epoch: 0,
         events_lost: false,
@@ -568,7 +575,23 @@ impl Supervisor {
         if now {
             self.start_pipeline();
         } else {
-            self.after_debounce(Internal::DebounceDue(self.debounce_epoch));
+            // Each change waits for quiet, but the first of them no longer
+            // than `max_wait`: a file written without pause would hold
+            // every deploy back.
+            let since = *self.pending_since.get_or_insert_with(Instant::now);
+            let left = self.cfg.watch.max_wait.saturating_sub(since.elapsed());
+            if left < self.cfg.watch.debounce && !self.max_wait_said {
+                self.max_wait_said = true;
+                tracing::info!(
+                    max_wait = ?self.cfg.watch.max_wait,
+                    "{trigger_path}: changes keep coming; deploying at the longest wait (watch.max_wait_ms) instead of after quiet; a file written all the time may want an ignore glob",
+                    trigger_path = self.pending.as_deref().unwrap_or("").trim_start_matches("watch: ")
+                );
+            }
+            self.after(
+                left.min(self.cfg.watch.debounce),
+                Internal::DebounceDue(self.debounce_epoch),
+            );
         }
     }
 
@@ -642,6 +665,8 @@ impl Supervisor {
     /// Forgets the file changes noted for the pending deploy: it is
     /// starting, or dropped.
     fn forget_changes(&mut self) {
+        self.pending_since = None;
+        self.max_wait_said = false;
         self.watch_only = false;
         self.changed.clear();
         self.differs = None;
@@ -674,8 +699,12 @@ impl Supervisor {
 
     /// Sends `msg` to this actor once `debounce_ms` has passed.
     fn after_debounce(&self, msg: Internal) {
+        self.after(self.cfg.watch.debounce, msg);
+    }
+
+    /// Sends `msg` to this actor after `d`.
+    fn after(&self, d: Duration, msg: Internal) {
         let itx = self.itx.clone();
-        let d = self.cfg.watch.debounce;
         tokio::spawn(async move {
             tokio::time::sleep(d).await;
             let _ = itx.send(msg);
@@ -2135,6 +2164,7 @@ fn prepare_reload(
             n.listen_asked, o.listen
         ));
     }
+    kept.extend(new.advice());
     for k in &kept {
         tracing::warn!("{k}");
     }

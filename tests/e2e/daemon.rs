@@ -1332,6 +1332,57 @@ async fn edit_storm_builds_at_most_twice() {
     assert!(snap.contains("# save 49"), "latest wins");
 }
 
+/// A file written without pause in a watched folder (a log, an autosave)
+/// does not hold deploys back for good: the change deploys at
+/// `watch.max_wait_ms` after the first of them, quiet or not, and the log
+/// says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_that_never_pause_deploy_at_the_longest_wait() {
+    let p = Project::python("", "");
+    p.edit(
+        "etc/baton.toml",
+        "debounce_ms = 100",
+        "debounce_ms = 100\nmax_wait_ms = 600",
+    );
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, log) = (stop.clone(), p.path("src/app.log"));
+        tokio::spawn(async move {
+            // Every 30 ms, for at most PATIENCE (bounded in count too).
+            let until = tokio::time::Instant::now() + PATIENCE;
+            for i in 0..100_000 {
+                if stop.load(std::sync::atomic::Ordering::SeqCst)
+                    || tokio::time::Instant::now() >= until
+                {
+                    break;
+                }
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .expect("open log");
+                writeln!(f, "line {i}").expect("write");
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+        })
+    };
+    p.append("src/pyworker.py", "\n# RELEASE=edited\n");
+    d.wait_active(2).await;
+    // Still writing: the deploy did not wait for quiet.
+    assert!(!writer.is_finished(), "the writer stopped first");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.await.expect("writer");
+    assert!(d.log().contains("changes keep coming"), "{}", d.log());
+    let snap = read(&p.path("state/gen-0002/pyworker.py"));
+    assert!(
+        snap.contains("# RELEASE=edited"),
+        "the edit is in the deploy"
+    );
+}
+
 /// A connection to `addr` on which `bytes` have been sent, left open.
 async fn sent(addr: std::net::SocketAddr, bytes: &[u8]) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;

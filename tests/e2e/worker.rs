@@ -617,7 +617,7 @@ async fn worker_healthz_version_and_app_signature() {
     for (method, path, status) in [
         ("GET", "/nope", 404),
         ("POST", "/healthz", 405),
-        ("GET", "/webhook/incoming_call", 405),
+        ("GET", "/webhook/stream_status", 405),
     ] {
         let r = http(w.addr, method, path, &[], b"").await;
         assert_eq!(r.status, status, "{method} {path}");
