@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -191,22 +191,69 @@ pub fn tail_lines(
 /// The last line of a log worth quoting in a reason: the last one that
 /// mentions an error, else the last non-empty one.
 pub fn last_line(path: &Path) -> Option<String> {
-    last_line_since(path, 0)
+    let tail = read_tail(path, 64 * 1024).ok()?;
+    quotable(&String::from_utf8_lossy(&tail))
 }
 
-/// As [`last_line`], from byte `from` of the log on: what one instance of
-/// a generation wrote, not the instances before it in the same file (a
-/// file shorter than `from` was cut since, and is all new).
-fn last_line_since(path: &Path, from: u64) -> Option<String> {
-    let mut tail = read_tail(path, 64 * 1024).ok()?;
-    let len = std::fs::metadata(path).ok()?.len();
-    if len >= from {
-        let new = usize::try_from(len - from).unwrap_or(usize::MAX);
-        if new < tail.len() {
-            tail.drain(..tail.len() - new);
+/// What one instance of a worker wrote that a failed start quotes: its
+/// last line that mentions an error, else its last non-empty one, as
+/// [`quotable`] picks them. Kept by the instance's own output pumps while
+/// it is being proven, so neither an earlier instance's lines in the
+/// generation's `worker.log` nor those of the instance serving beside it
+/// (a restart, a replacement) are taken for its words.
+#[derive(Debug, Default)]
+pub struct LastWords {
+    proving: AtomicBool,
+    /// Output streams not yet at their end.
+    open: AtomicUsize,
+    ended: tokio::sync::Notify,
+    /// (last non-empty line, last error line)
+    lines: std::sync::Mutex<(Option<String>, Option<String>)>,
+}
+
+impl LastWords {
+    fn note(&self, line: &str) {
+        if !self.proving.load(Ordering::Relaxed) {
+            return;
+        }
+        let line = line.trim();
+        if line.is_empty() {
+            return;
+        }
+        let line: String = line.chars().take(240).collect();
+        if let Ok(mut lines) = self.lines.lock() {
+            if is_error_line(&line) {
+                lines.1 = Some(line.clone());
+            }
+            lines.0 = Some(line);
         }
     }
-    quotable(&String::from_utf8_lossy(&tail))
+
+    fn quote(&self) -> Option<String> {
+        let lines = self.lines.lock().ok()?;
+        lines.1.clone().or_else(|| lines.0.clone())
+    }
+
+    fn stream_ended(&self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        self.ended.notify_waiters();
+    }
+
+    /// Waits, at most `limit`, for the output streams to end: an exited
+    /// worker's last lines are read by then (a child it left may hold
+    /// them open; hence the limit).
+    async fn read_to_end(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                let ended = self.ended.notified();
+                if self.open.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                ended.await;
+            }
+        })
+        .await;
+    }
 }
 
 /// The line of `text` worth quoting: the last that mentions an error, else
@@ -495,8 +542,6 @@ pub async fn start(
             return Err(format!("{}: {e}", log_path.display()));
         }
     };
-    // Where this instance's output begins: a reason quotes only that.
-    let log_from = log.metadata().await.map_or(0, |m| m.len());
     let mut child = Child::spawn(
         shim,
         Spec {
@@ -528,6 +573,8 @@ pub async fn start(
         line_rx,
         queued.clone(),
     ));
+    let words = Arc::new(LastWords::default());
+    words.proving.store(true, Ordering::Relaxed);
     if let Some(out) = child.take_stdout() {
         let queue = LogQueue::new(
             line_tx.clone(),
@@ -535,11 +582,13 @@ pub async fn start(
             LOG_QUEUE_BYTES,
             "worker.log",
         );
-        tokio::spawn(pump(out, queue, Some(launch.generation)));
+        words.open.fetch_add(1, Ordering::AcqRel);
+        tokio::spawn(pump(out, queue, Some((launch.generation, words.clone()))));
     }
     if let Some(err) = child.take_stderr() {
         let queue = LogQueue::new(line_tx, queued, LOG_QUEUE_BYTES, "worker.log");
-        tokio::spawn(pump(err, queue, Some(launch.generation)));
+        words.open.fetch_add(1, Ordering::AcqRel);
+        tokio::spawn(pump(err, queue, Some((launch.generation, words.clone()))));
     }
     let stop = token.child_token();
     let (exit_tx, exited) = watch::channel(None);
@@ -601,7 +650,10 @@ pub async fn start(
         exited,
         started,
     };
-    match prove(cfg, &inst, &launch.signature, (&log_path, log_from)).await {
+    let proven = prove(cfg, &inst, &launch.signature, &words).await;
+    // From now on the lines go to the log only.
+    words.proving.store(false, Ordering::Relaxed);
+    match proven {
         Ok(()) => Ok((inst, started.elapsed())),
         Err(reason) => {
             inst.stop.cancel();
@@ -616,47 +668,52 @@ pub async fn start(
     }
 }
 
-async fn prove(
-    cfg: &Config,
-    inst: &Instance,
-    want: &str,
-    (log, log_from): (&Path, u64),
-) -> Result<(), String> {
+async fn prove(cfg: &Config, inst: &Instance, want: &str, words: &LastWords) -> Result<(), String> {
+    const PROBE: Duration = Duration::from_secs(2);
     let deadline = tokio::time::Instant::now() + cfg.worker.start_timeout;
-    let mut last;
+    let timeout = |last: &str| {
+        format!(
+            "start timeout after {} s ({last})",
+            cfg.worker.start_timeout.as_secs()
+        )
+    };
+    let mut last: Option<String> = None;
     let mut exited = inst.exited.clone();
     let mut delay = Duration::from_millis(10);
     loop {
         let exit = exited.borrow().clone();
         if let Some(exit) = exit {
-            // Give the log pumps a moment to write the last words.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            return Err(match last_line_since(log, log_from) {
+            // Its last words are read once its output has ended.
+            words.read_to_end(Duration::from_millis(500)).await;
+            return Err(match words.quote() {
                 Some(l) => format!("exited with status {} (last log line: {l})", exit.status),
                 None => format!("exited with status {}", exit.status),
             });
         }
-        // Each probe within what is left of the start timeout (at least
-        // 10 ms, so that an answer on its way can still arrive).
+        // Each probe within what is left of the start timeout.
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(timeout(last.as_deref().unwrap_or("no answer")));
+        }
         let p = probe::probe(
             &inst.endpoint,
             &cfg.worker.health_path,
             &cfg.worker.signature_header,
-            left.clamp(Duration::from_millis(10), Duration::from_secs(2)),
+            left.min(PROBE),
         )
         .await;
         match probe::judge(&p, want) {
             Verdict::Proven => return Ok(()),
             Verdict::Wrong(r) => return Err(r),
-            Verdict::NotYet(r) => last = r,
+            // A probe the deadline cut short says less than the answer
+            // before it (a 503, say): that one stays the reason.
+            Verdict::NotYet(_)
+                if left < PROBE && matches!(p, probe::Probe::NoAnswer(_)) && last.is_some() => {}
+            Verdict::NotYet(r) => last = Some(r),
         }
         let now = tokio::time::Instant::now();
         if now >= deadline {
-            return Err(format!(
-                "start timeout after {} s ({last})",
-                cfg.worker.start_timeout.as_secs()
-            ));
+            return Err(timeout(last.as_deref().unwrap_or("no answer")));
         }
         tokio::select! {
             _ = tokio::time::sleep(delay.min(deadline - now)) => {}
@@ -749,7 +806,25 @@ const MAX_LINE: usize = 16 << 10;
 /// `batond`'s log drops what stderr does not take (see [`crate::logging`]),
 /// and the file gets what its queue has room for (see [`LogQueue`]).
 /// Bytes that are not UTF-8 are kept, replaced with U+FFFD.
-async fn pump(out: impl AsyncRead + Unpin, mut queue: LogQueue, generation: Option<u64>) {
+async fn pump(
+    out: impl AsyncRead + Unpin,
+    mut queue: LogQueue,
+    worker: Option<(u64, Arc<LastWords>)>,
+) {
+    // A worker's stream counts as ended however the pump ends.
+    struct Ended(Option<Arc<LastWords>>);
+    impl Drop for Ended {
+        fn drop(&mut self) {
+            if let Some(w) = &self.0 {
+                w.stream_ended();
+            }
+        }
+    }
+    let (generation, words) = match worker {
+        Some((g, w)) => (Some(g), Some(w)),
+        None => (None, None),
+    };
+    let _ended = Ended(words.clone());
     let mut reader = BufReader::with_capacity(64 << 10, out);
     let mut buf = Vec::new();
     // The start of a character a long line's piece cut in two: it begins
@@ -786,6 +861,9 @@ async fn pump(out: impl AsyncRead + Unpin, mut queue: LogQueue, generation: Opti
             queue.offer(line);
             continue;
         };
+        if let Some(w) = &words {
+            w.note(&line);
+        }
         match shown.take(Instant::now()) {
             Some(0) => tracing::info!(target: "worker", generation, "[gen {generation}] {line}"),
             Some(skipped) => {
@@ -1235,7 +1313,7 @@ mod tests {
         pump(
             input,
             LogQueue::new(tx, queued, LOG_QUEUE_BYTES, "worker.log"),
-            Some(1),
+            Some((1, Arc::new(LastWords::default()))),
         )
         .await;
         let mut lines = Vec::new();
