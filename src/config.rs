@@ -244,9 +244,10 @@ pub struct WatchConfig {
     pub ignore: IgnoreSet,
     /// Quiet time after the last change before a build starts.
     pub debounce: Duration,
-    /// Longest a change waits for that quiet: a file written without
-    /// pause (a log, an autosave) does not hold deploys back for good.
-    pub max_wait: Duration,
+    /// Longest a change waits for that quiet, if set: a file written
+    /// without pause (a log, an autosave) then no longer holds deploys
+    /// back, at the price of building a tree that may be changing.
+    pub max_wait: Option<Duration>,
 }
 
 /// `[build]`: how to make the artifact.
@@ -1104,13 +1105,14 @@ impl Validator<'_> {
         }
         let debounce = raw.watch.debounce_ms.unwrap_or(200);
         let debounce = self.at_most_a_year("watch", "debounce_ms", debounce);
-        let max_wait = raw.watch.max_wait_ms.unwrap_or(debounce.max(2000));
+        // 0 (the default) is off: wait for quiet however long it takes.
+        let max_wait = raw.watch.max_wait_ms.unwrap_or(0);
         let max_wait = self.at_most_a_year("watch", "max_wait_ms", max_wait);
-        if max_wait < debounce {
+        if max_wait != 0 && max_wait < debounce {
             self.issue(
                 "watch",
                 "max_wait_ms",
-                format!("must be at least debounce_ms ({debounce})"),
+                format!("must be 0 (off) or at least debounce_ms ({debounce})"),
             );
         }
         let watch = WatchConfig {
@@ -1118,7 +1120,7 @@ impl Validator<'_> {
             ignore_patterns,
             ignore,
             debounce: Duration::from_millis(debounce),
-            max_wait: Duration::from_millis(max_wait.max(debounce)),
+            max_wait: (max_wait != 0).then(|| Duration::from_millis(max_wait.max(debounce))),
         };
 
         let build = match raw.build {
@@ -1624,7 +1626,7 @@ mod tests {
             (
                 format!("{MINIMAL}[watch]\ndebounce_ms = 500\nmax_wait_ms = 100\n"),
                 "watch.max_wait_ms",
-                "at least debounce_ms (500)",
+                "or at least debounce_ms (500)",
             ),
         ];
         for (text, key, says) in cases {

@@ -626,8 +626,12 @@ async fn watch_connection<C>(
     let stopped = stop.notify.notified();
     let mut stopped = std::pin::pin!(stopped);
     let (mut seen, mut stopping, mut closing) = ((0, 0, 0, 0, 0, 0), false, false);
-    // When `seen` last changed.
-    let mut moved_at = tokio::time::Instant::now();
+    // What any look (a period's, or an early one for the idle time of a
+    // request) last saw, and when that last changed: the idle clock.
+    let (mut looked, mut moved_at) = (seen, tokio::time::Instant::now());
+    // When the next whole period ends: a client is judged (a body that
+    // stopped coming, no request) on whole periods only.
+    let mut period_ends = stall.deadline();
     // The waker the timer and the stop were last polled with. They keep
     // it, so while the task's waker is the same (a task's always is), a
     // flag says whether they fired: no waker is registered again at every
@@ -667,6 +671,8 @@ async fn watch_connection<C>(
                 shut_down(conn.as_mut());
             }
             Event::Stall => {
+                let at = tokio::time::Instant::now();
+                let whole = at >= period_ends;
                 // Everything that moves: requests begun and ended, body
                 // frames both ways, answer heads, and requests handed to a
                 // worker (the idle clock starts there, not in the hold).
@@ -678,29 +684,32 @@ async fn watch_connection<C>(
                     activity.heads.load(Ordering::Relaxed),
                     activity.asked.load(Ordering::Relaxed),
                 );
+                if now != looked {
+                    looked = now;
+                    moved_at = at;
+                }
+                let in_progress = now.0 != now.1;
                 // A request in progress is waited for, unless the client
                 // stopped sending its body: no frame for a whole period.
                 let waiting_on_client =
                     activity.bodies.waiting.load(Ordering::Relaxed) > 0 && now == seen;
-                if now != seen {
+                if !whole {
+                    // An early look, when a request's idle time ran out
+                    // before the period: that time only is judged.
+                    if in_progress
+                        && activity.bodies.waiting.load(Ordering::Relaxed) == 0
+                        && moved_at.elapsed() >= idle
+                        && stalled(&activity, &peer, idle)
+                    {
+                        return;
+                    }
+                } else if now != seen {
                     // Moved during the last period.
                     seen = now;
-                    moved_at = tokio::time::Instant::now();
-                } else if now.0 != now.1 && !waiting_on_client {
+                } else if in_progress && !waiting_on_client {
                     // In progress, and nothing moved.
-                    if moved_at.elapsed() >= idle {
-                        if activity.heads.load(Ordering::Relaxed) != now.0 {
-                            // The handler has no answer yet: if it waits on
-                            // the worker, it gives up (a 504); if it waits
-                            // for a worker to be swapped in, the hold time
-                            // bounds that.
-                            if activity.at_worker.load(Ordering::Relaxed) {
-                                activity.give_up.store(true, Ordering::Relaxed);
-                            }
-                        } else {
-                            tracing::info!(%peer, ?idle, "dropping a client connection whose answer moved no byte for the idle timeout");
-                            return;
-                        }
+                    if moved_at.elapsed() >= idle && stalled(&activity, &peer, idle) {
+                        return;
                     }
                 } else if !closing {
                     tracing::debug!(%peer, ?timeout, "closing a client connection that sent no request");
@@ -710,16 +719,18 @@ async fn watch_connection<C>(
                     tracing::debug!(%peer, "dropping a client connection that did not close");
                     return;
                 }
-                // The next look: a period on, or sooner when the idle time
-                // of a request in progress runs out before that, so that it
-                // ends at most a period after its last byte moved plus
-                // `idle` (not `idle` rounded up to whole periods).
-                let at = tokio::time::Instant::now();
+                if whole {
+                    period_ends = at + timeout;
+                }
+                // The next look: at the period's end, or sooner when the
+                // idle time of a request in progress runs out before that,
+                // so that it ends at most a period after its last byte
+                // moved plus `idle` (not `idle` rounded up to periods).
                 let due = moved_at + idle;
-                let next = if now.0 != now.1 && due > at {
-                    (at + timeout).min(due)
+                let next = if in_progress && due > at {
+                    period_ends.min(due)
                 } else {
-                    at + timeout
+                    period_ends
                 };
                 stall.as_mut().reset(next);
                 armed = None;
@@ -728,6 +739,23 @@ async fn watch_connection<C>(
     };
     if let Err(e) = r {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    }
+}
+
+/// A request in progress on which nothing moved for `idle`: a handler that
+/// has no answer yet and waits on the worker gives up (a 504; one that
+/// waits for a worker to be swapped in is bounded by the hold time).
+/// Returns true when the answer had begun: the connection is dropped.
+fn stalled(activity: &Activity, peer: &std::net::SocketAddr, idle: Duration) -> bool {
+    let now_started = activity.started.load(Ordering::Relaxed);
+    if activity.heads.load(Ordering::Relaxed) != now_started {
+        if activity.at_worker.load(Ordering::Relaxed) {
+            activity.give_up.store(true, Ordering::Relaxed);
+        }
+        false
+    } else {
+        tracing::info!(%peer, ?idle, "dropping a client connection whose answer moved no byte for the idle timeout");
+        true
     }
 }
 

@@ -28,9 +28,20 @@ use crate::systemd;
 use crate::watch::{self, Change};
 use crate::worker_proc::{self, Instance, Launch, WorkerEvent};
 
-/// The verdict on a reload: the settings kept until the daemon restarts
-/// (the new value of each in its note), or why the new config was refused.
-pub type ReloadResult = Result<Vec<String>, String>;
+/// The verdict on a reload: what to note about the config applied, or why
+/// the new config was refused.
+pub type ReloadResult = Result<Reloaded, String>;
+
+/// Notes on a config a reload applied.
+#[derive(Debug, Clone, Default)]
+pub struct Reloaded {
+    /// The settings kept until the daemon restarts (the new value of each
+    /// in its note).
+    pub kept: Vec<String>,
+    /// What in the new config is likely not what its author wants
+    /// ([`Config::advice`]).
+    pub advice: Vec<String>,
+}
 
 /// A reload read and checked off the actor: the new config, its watches and
 /// the settings kept until the daemon restarts; or why it was refused.
@@ -436,8 +447,15 @@ impl Supervisor {
             }
             // A failed unit with nothing building or starting brings no
             // worker back by itself: requests get their 503 at once then.
-            self.router
-                .set_coming(self.unit_state != "failed" || self.work_under_way());
+            // A deploy due (debouncing, or waiting for a reload) is on its
+            // way too.
+            self.router.set_coming(
+                self.unit_state != "failed"
+                    || self.work_under_way()
+                    || self.pending.is_some()
+                    || self.config_due
+                    || self.reload_running,
+            );
         }
     }
 
@@ -569,30 +587,55 @@ impl Supervisor {
         self.pending = Some(trigger);
         self.watch_only = false;
         self.debounce_epoch += 1;
+        // When the first change this deploy waits for came (during a build
+        // too: `max_wait` counts from it).
+        let first = !now && self.pending_since.is_none();
+        let since = (!now).then(|| *self.pending_since.get_or_insert_with(Instant::now));
         if self.pipeline_busy {
             return;
         }
-        if now {
+        let Some(since) = since else {
             self.start_pipeline();
-        } else {
-            // Each change waits for quiet, but the first of them no longer
-            // than `max_wait`: a file written without pause would hold
-            // every deploy back.
-            let since = *self.pending_since.get_or_insert_with(Instant::now);
-            let left = self.cfg.watch.max_wait.saturating_sub(since.elapsed());
-            if left < self.cfg.watch.debounce && !self.max_wait_said {
-                self.max_wait_said = true;
-                tracing::info!(
-                    max_wait = ?self.cfg.watch.max_wait,
-                    "{trigger_path}: changes keep coming; deploying at the longest wait (watch.max_wait_ms) instead of after quiet; a file written all the time may want an ignore glob",
-                    trigger_path = self.pending.as_deref().unwrap_or("").trim_start_matches("watch: ")
-                );
+            return;
+        };
+        // Each change waits for quiet; with `max_wait`, the first of them
+        // no longer than that.
+        let waited = since.elapsed();
+        let debounce = self.cfg.watch.debounce;
+        let path = || {
+            self.pending
+                .as_deref()
+                .unwrap_or("")
+                .trim_start_matches("watch: ")
+                .to_string()
+        };
+        let delay = match self.cfg.watch.max_wait {
+            Some(max) => {
+                let left = max.saturating_sub(waited);
+                if !first && left < debounce && !self.max_wait_said {
+                    self.max_wait_said = true;
+                    tracing::info!(
+                        ?max,
+                        "{}: deploying watch.max_wait_ms after the first change, without waiting for quiet (a file written all the time may want an ignore glob)",
+                        path()
+                    );
+                }
+                left.min(debounce)
             }
-            self.after(
-                left.min(self.cfg.watch.debounce),
-                Internal::DebounceDue(self.debounce_epoch),
-            );
-        }
+            None => {
+                if waited >= QUIET_HINT_AFTER && !self.max_wait_said {
+                    self.max_wait_said = true;
+                    tracing::warn!(
+                        "{}: changes have kept coming for {} s without {} ms of quiet; the deploy waits for quiet: ignore what is written all the time (a log, an autosave), or set watch.max_wait_ms",
+                        path(),
+                        waited.as_secs(),
+                        debounce.as_millis()
+                    );
+                }
+                debounce
+            }
+        };
+        self.after(delay, Internal::DebounceDue(self.debounce_epoch));
     }
 
     /// Starts the deploy that is due, unless the file changes that asked
@@ -1460,6 +1503,11 @@ impl Supervisor {
             .as_ref()
             .map(|a| a.generation)
             .or_else(|| self.runtime.keys().next_back().copied());
+        // The operator's restart starts the crash delay over, also when it
+        // joins a fresh start under way.
+        if let Some(rt) = generation.and_then(|g| self.runtime.get_mut(&g)) {
+            rt.backoff = self.cfg.restart.backoff_initial;
+        }
         match generation {
             // A fresh process is starting already (health replacement, an
             // earlier restart, or a crash restart): this restart waits for
@@ -1477,10 +1525,6 @@ impl Supervisor {
             Some(g) if self.runtime.contains_key(&g) => {
                 if let Some(r) = reply {
                     self.restart_waiters.push(r);
-                }
-                // The operator's restart starts the crash delay over.
-                if let Some(rt) = self.runtime.get_mut(&g) {
-                    rt.backoff = self.cfg.restart.backoff_initial;
                 }
                 if self.unit_state == "failed" {
                     if let Some(rt) = self.runtime.get_mut(&g) {
@@ -1555,8 +1599,9 @@ impl Supervisor {
                     .set_timeouts(crate::proxy::Timeouts::of(&new.daemon));
                 self.cfg = Arc::new(new);
                 self.config_error = None;
+                let advice = self.cfg.advice();
                 let mut message = "config reloaded; redeploying".to_string();
-                for k in &kept {
+                for k in kept.iter().chain(&advice) {
                     message.push_str("; ");
                     message.push_str(k);
                 }
@@ -1567,7 +1612,7 @@ impl Supervisor {
                     "config reload"
                 };
                 self.request_deploy(trigger.into(), true);
-                Ok(kept)
+                Ok(Reloaded { kept, advice })
             }
             Err(msg) => {
                 if std::mem::take(&mut self.events_lost) {
@@ -2059,6 +2104,10 @@ enum Seen {
 /// [`Supervisor::deploy_due`]); beyond, the deploy runs whatever they are.
 const MAX_CHANGED: usize = 1000;
 
+/// How long changes may keep coming without quiet before the log says the
+/// deploy waits for it (when `watch.max_wait_ms` is not set).
+const QUIET_HINT_AFTER: Duration = Duration::from_secs(10);
+
 /// Removes generation `id`'s folder without holding up the runtime thread,
 /// which also moves every request and call: the folder is renamed out of
 /// the way at once (so it is gone from the state dir's listing), then
@@ -2164,8 +2213,7 @@ fn prepare_reload(
             n.listen_asked, o.listen
         ));
     }
-    kept.extend(new.advice());
-    for k in &kept {
+    for k in kept.iter().chain(&new.advice()) {
         tracing::warn!("{k}");
     }
     new.daemon.listen = old.daemon.listen;

@@ -164,9 +164,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (code, body) = call_text(Method::POST, "/v1/reload").await?;
             if code.is_success() {
                 println!("config reloaded; redeploying");
-                // Settings that only change when batond restarts.
+                // Settings that only change when batond restarts, and
+                // advice on the new config.
                 let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-                for k in v["kept"].as_array().into_iter().flatten() {
+                let notes = v["kept"].as_array().into_iter().flatten();
+                for k in notes.chain(v["advice"].as_array().into_iter().flatten()) {
                     if let Some(k) = k.as_str() {
                         println!("note: {k}");
                     }

@@ -302,9 +302,9 @@ async fn route(
             json(code, &o)
         }
         (&Method::POST, "/v1/reload") => match job.reload().await {
-            Ok(kept) => json(
+            Ok(r) => json(
                 StatusCode::OK,
-                &serde_json::json!({"reloaded": true, "kept": kept}),
+                &serde_json::json!({"reloaded": true, "kept": r.kept, "advice": r.advice}),
             ),
             Err(e) => json_error(StatusCode::UNPROCESSABLE_ENTITY, &e),
         },

@@ -498,22 +498,29 @@ impl Call {
                 return None;
             }
         };
-        // Every numbered message counts for the sequence, also one that is
-        // then skipped: it was not lost. A `start` without a number is
-        // the first message all the same.
-        match msg.sequence_number().and_then(|s| s.parse::<u64>().ok()) {
+        let seq = msg.sequence_number().and_then(|s| s.parse::<u64>().ok());
+        if let (true, Some(sid)) = (self.started, msg.stream_sid())
+            && sid != self.stream_sid
+            && !matches!(msg, TwilioMessage::Start { .. })
+        {
+            // Skipped, but a number that is the one due takes its place
+            // (it was not lost); any other is not this stream's to judge
+            // by (one stray high number would make every later message a
+            // gap).
+            let due = self.last_seq.map_or(1, |last| last.saturating_add(1));
+            if seq == Some(due) {
+                self.last_seq = seq;
+            }
+            self.warn_skip("wrong streamSid", sid.to_string());
+            return None;
+        }
+        // A `start` without a number is the first message all the same.
+        match seq {
             Some(seq) => self.check_sequence(seq, msg.event()),
             None if matches!(msg, TwilioMessage::Start { .. }) && self.last_seq.is_none() => {
                 self.last_seq = Some(1);
             }
             None => {}
-        }
-        if let (true, Some(sid)) = (self.started, msg.stream_sid())
-            && sid != self.stream_sid
-            && !matches!(msg, TwilioMessage::Start { .. })
-        {
-            self.warn_skip("wrong streamSid", sid.to_string());
-            return None;
         }
         let t = self.t_ms();
         match msg {

@@ -125,9 +125,9 @@ pub struct FileConfig {
     /// Largest inbound WebSocket message; larger closes with 1009.
     pub max_message_bytes: usize,
     /// Calls (Media Streams WebSockets) served at once; an upgrade past
-    /// it is refused with 503, so that the calls in progress keep their
-    /// pacing. The default is what the benchmark shows this worker
-    /// pacing well on a 2-CPU machine.
+    /// it is refused with 503, so that a flood of streams cannot take the
+    /// worker's memory and descriptors. The default is the benchmark's
+    /// largest load; how many calls keep their pacing depends on the host.
     pub max_calls: usize,
     /// How far outbound audio may run ahead of real time (at least one
     /// frame, 20 ms).

@@ -390,6 +390,46 @@ async fn a_failed_start_quotes_its_own_output_only() {
     std::fs::remove_file(p.path("crash")).expect("rm crash");
 }
 
+/// `batonctl restart` starts the crash delay over also when it joins a
+/// fresh start already under way (a crash restart's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_joining_a_crash_restart_starts_the_delay_over() {
+    let p = Project::python(
+        "",
+        "[restart]\nbackoff_initial_ms = 100\nbackoff_max_ms = 10000\nlimit_burst = 100\n",
+    );
+    p.edit(
+        "etc/baton.toml",
+        r#"command = ["python3", "{artifact}"]"#,
+        r#"command = ["sh", "-c", "if [ -f crash ]; then sleep 1; exit 7; fi; exec python3 \"$0\"", "{artifact}"]"#,
+    );
+    let d = Daemon::start(&p).await;
+    let pid = d.active_pid(1).await;
+    p.write("crash", "");
+    sigkill(pid);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !d.log().contains("restarting the same snapshot in 200 ms") {
+        assert!(tokio::time::Instant::now() < deadline, "{}", d.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Inside the next start's second of sleep.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = d.ctl(&["restart"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let after = |log: &str| {
+        log.split_once("restart requested")
+            .and_then(|(_, rest)| rest.split_once("restarting the same snapshot in "))
+            .map(|(_, rest)| rest.split(' ').next().unwrap_or("").to_string())
+    };
+    while after(&d.log()).is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "{}", d.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(after(&d.log()).as_deref(), Some("100"), "{}", d.log());
+    std::fs::remove_file(p.path("crash")).expect("rm crash");
+    d.wait_for("running again", |s| s.state == "running").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_limit_marks_the_unit_failed_until_the_next_deploy() {
     let p = Project::python(
@@ -401,6 +441,7 @@ async fn start_limit_marks_the_unit_failed_until_the_next_deploy() {
         "hold_timeout_ms = 5000",
         "hold_timeout_ms = 600000",
     );
+    p.edit("etc/baton.toml", "debounce_ms = 100", "debounce_ms = 1500");
     p.append("src/pyworker.py", "\n# CRASH_AFTER_MS=400\n");
     let d = Daemon::start(&p).await;
     let s = d.wait_for("failed", |s| s.state == "failed").await;
@@ -433,7 +474,12 @@ async fn start_limit_marks_the_unit_failed_until_the_next_deploy() {
     assert_eq!(headers["retry-after"], "1");
     // A fixed source deploys and the unit runs again. The failed
     // generation stays in the history as failed, with no pid or port.
+    // While that deploy waits out its debounce, a worker is on its way:
+    // a request is held for it, not answered 503.
     p.write("src/pyworker.py", pyworker_source());
+    d.wait_for("the fix pending", |s| s.deploy_pending).await;
+    let (code, _, _) = d.get("/whoami").await;
+    assert_eq!(code, StatusCode::OK);
     let s = d.wait_for("running again", |s| s.state == "running").await;
     assert_eq!(d.get("/healthz").await.0, StatusCode::OK);
     let old = s.history.iter().find(|h| h.id == g.id).expect("in history");
@@ -1318,6 +1364,35 @@ async fn a_config_that_is_a_named_pipe_is_refused_and_holds_up_nothing() {
     assert!(d.stop().await.success());
 }
 
+/// A worker command that runs the tree, not the snapshot, is advised
+/// against: in the log at start, and as a note of each reload (not among
+/// the settings kept until a restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_command_without_the_snapshot_is_advised_against() {
+    let p = Project::python("", "");
+    p.edit(
+        "etc/baton.toml",
+        r#"command = ["python3", "{artifact}"]"#,
+        r#"command = ["python3", "src/pyworker.py"]"#,
+    );
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    assert!(d.log().contains("does not name {artifact}"), "{}", d.log());
+    let out = d.ctl(&["reload"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("note: worker.command does not name {artifact}"),
+        "{said}"
+    );
+    let (_, body) = baton::control::client::call_text(&d.socket, http::Method::POST, "/v1/reload")
+        .await
+        .expect("reload");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["kept"].as_array().map(Vec::len), Some(0), "{v}");
+    assert_eq!(v["advice"].as_array().map(Vec::len), Some(1), "{v}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_mode_reports_errors_with_position_and_exit_78() {
     let p = Project::python("", "");
@@ -1418,7 +1493,7 @@ async fn changes_that_never_pause_deploy_at_the_longest_wait() {
     assert!(!writer.is_finished(), "the writer stopped first");
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     writer.await.expect("writer");
-    assert!(d.log().contains("changes keep coming"), "{}", d.log());
+    assert!(d.log().contains("without waiting for quiet"), "{}", d.log());
     let snap = read(&p.path("state/gen-0002/pyworker.py"));
     assert!(
         snap.contains("# RELEASE=edited"),
