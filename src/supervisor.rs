@@ -283,6 +283,9 @@ struct Supervisor {
     /// When the first change the pending deploy waits out the debounce
     /// for came (see `watch.max_wait`).
     pending_since: Option<Instant>,
+    /// When the pending deploy began waiting for quiet with no build
+    /// running (for the hint on changes that never pause).
+    debouncing_since: Option<Instant>,
     /// The deploy due at `max_wait` was logged (once per pending deploy).
     max_wait_said: bool,
     debounce_epoch: u64,
@@ -401,6 +404,7 @@ pub fn spawn(
         late: Vec::new(),
         pending: None,
         pending_since: None,
+        debouncing_since: None,
         max_wait_said: false,
         debounce_epoch: 0,
         config_epoch: 0,
@@ -601,6 +605,10 @@ impl Supervisor {
         // Each change waits for quiet; with `max_wait`, the first of them
         // no longer than that.
         let waited = since.elapsed();
+        let debouncing = self
+            .debouncing_since
+            .get_or_insert_with(Instant::now)
+            .elapsed();
         let debounce = self.cfg.watch.debounce;
         let path = || {
             self.pending
@@ -623,12 +631,12 @@ impl Supervisor {
                 left.min(debounce)
             }
             None => {
-                if waited >= QUIET_HINT_AFTER && !self.max_wait_said {
+                if debouncing >= QUIET_HINT_AFTER && !self.max_wait_said {
                     self.max_wait_said = true;
                     tracing::warn!(
                         "{}: changes have kept coming for {} s without {} ms of quiet; the deploy waits for quiet: ignore what is written all the time (a log, an autosave), or set watch.max_wait_ms",
                         path(),
-                        waited.as_secs(),
+                        debouncing.as_secs(),
                         debounce.as_millis()
                     );
                 }
@@ -709,6 +717,7 @@ impl Supervisor {
     /// starting, or dropped.
     fn forget_changes(&mut self) {
         self.pending_since = None;
+        self.debouncing_since = None;
         self.max_wait_said = false;
         self.watch_only = false;
         self.changed.clear();
