@@ -13,8 +13,10 @@ use crate::endpoint::Endpoint;
 /// What one probe saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Probe {
-    /// No HTTP answer (refused, reset, timed out).
+    /// No HTTP answer (refused, reset, closed).
     NoAnswer(String),
+    /// No answer within the time the probe had.
+    TimedOut(Duration),
     /// `batond` could not make the probe at all: it is out of file
     /// descriptors or memory for a socket. That says nothing about the
     /// worker, so it counts neither for nor against it.
@@ -50,7 +52,7 @@ pub async fn probe(
     match tokio::time::timeout(timeout, probe_inner(endpoint, path, header)).await {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => Probe::NoAnswer(e),
-        Err(_) => Probe::NoAnswer(format!("no answer within {} ms", timeout.as_millis())),
+        Err(_) => Probe::TimedOut(timeout),
     }
 }
 
@@ -100,6 +102,9 @@ fn own_shortage(e: &std::io::Error) -> bool {
 pub fn judge(p: &Probe, want: &str) -> Verdict {
     match p {
         Probe::NoAnswer(e) => Verdict::NotYet(format!("no answer: {e}")),
+        Probe::TimedOut(t) => {
+            Verdict::NotYet(format!("no answer: no answer within {} ms", t.as_millis()))
+        }
         Probe::Unable(e) => Verdict::NotYet(format!("batond could not probe: {e}")),
         Probe::Answer { status, signature } => {
             if *status != StatusCode::OK {
@@ -182,5 +187,9 @@ mod tests {
             judge(&Probe::NoAnswer("refused".into()), "x"),
             Verdict::NotYet(_)
         ));
+        assert_eq!(
+            judge(&Probe::TimedOut(Duration::from_secs(2)), "x"),
+            Verdict::NotYet("no answer: no answer within 2000 ms".into())
+        );
     }
 }

@@ -452,11 +452,17 @@ impl Supervisor {
             // A failed unit with nothing building or starting brings no
             // worker back by itself: requests get their 503 at once then.
             // A deploy due (debouncing, or waiting for a reload) is on its
-            // way too.
+            // way too, unless its changes have not paused for a while (a
+            // file written all the time holds it back for good).
+            let debounce = self.cfg.watch.debounce;
+            let pending_soon = self.pending.is_some()
+                && self
+                    .debouncing_since
+                    .is_none_or(|t| t.elapsed() < (debounce * 2).max(Duration::from_secs(1)));
             self.router.set_coming(
                 self.unit_state != "failed"
                     || self.work_under_way()
-                    || self.pending.is_some()
+                    || pending_soon
                     || self.config_due
                     || self.reload_running,
             );
@@ -593,7 +599,6 @@ impl Supervisor {
         self.debounce_epoch += 1;
         // When the first change this deploy waits for came (during a build
         // too: `max_wait` counts from it).
-        let first = !now && self.pending_since.is_none();
         let since = (!now).then(|| *self.pending_since.get_or_insert_with(Instant::now));
         if self.pipeline_busy {
             return;
@@ -605,6 +610,9 @@ impl Supervisor {
         // Each change waits for quiet; with `max_wait`, the first of them
         // no longer than that.
         let waited = since.elapsed();
+        // A change since the deploy began waiting with no build running
+        // (not the first look after a build).
+        let rearmed = self.debouncing_since.is_some();
         let debouncing = self
             .debouncing_since
             .get_or_insert_with(Instant::now)
@@ -620,7 +628,7 @@ impl Supervisor {
         let delay = match self.cfg.watch.max_wait {
             Some(max) => {
                 let left = max.saturating_sub(waited);
-                if !first && left < debounce && !self.max_wait_said {
+                if rearmed && left < debounce && !self.max_wait_said {
                     self.max_wait_said = true;
                     tracing::info!(
                         ?max,
@@ -1844,6 +1852,9 @@ impl Supervisor {
         systemd::stopping();
         self.events.emit("stopping", None, "daemon stopping");
         self.unit_state = "stopping";
+        // Nothing starts from now on: a request waiting for a worker gets
+        // its 503 now.
+        self.router.set_coming(false);
         self.stopping.cancel();
         let grace = self.cfg.daemon.shutdown_timeout;
         // The workers stay in `active` and `draining` until they are gone,

@@ -220,9 +220,10 @@ impl LastWords {
         if line.is_empty() {
             return;
         }
+        let error = is_error_line(line);
         let line: String = line.chars().take(240).collect();
         if let Ok(mut lines) = self.lines.lock() {
-            if is_error_line(&line) {
+            if error {
                 lines.1 = Some(line.clone());
             }
             lines.0 = Some(line);
@@ -708,7 +709,7 @@ async fn prove(cfg: &Config, inst: &Instance, want: &str, words: &LastWords) -> 
             // A probe the deadline cut short says less than the answer
             // before it (a 503, say): that one stays the reason.
             Verdict::NotYet(_)
-                if left < PROBE && matches!(p, probe::Probe::NoAnswer(_)) && last.is_some() => {}
+                if left < PROBE && matches!(p, probe::Probe::TimedOut(_)) && last.is_some() => {}
             Verdict::NotYet(r) => last = Some(r),
         }
         let now = tokio::time::Instant::now();

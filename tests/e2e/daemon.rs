@@ -172,7 +172,7 @@ async fn healthz_404_is_rejected_and_traffic_stays() {
     p.edit(
         "etc/baton.toml",
         "start_timeout_s = 10",
-        "start_timeout_s = 3",
+        "start_timeout_s = 5",
     );
     let d = Daemon::start(&p).await;
     d.wait_active(1).await;
@@ -228,7 +228,7 @@ async fn healthz_404_is_rejected_and_traffic_stays() {
     assert!(
         reasons
             .iter()
-            .any(|r| r == "start timeout after 3 s (healthz 503)"),
+            .any(|r| r == "start timeout after 5 s (healthz 503)"),
         "{reasons:?}"
     );
     assert_eq!(whoami(d.addr).await.0, 1);
@@ -430,6 +430,37 @@ async fn a_restart_joining_a_crash_restart_starts_the_delay_over() {
     d.wait_for("running again", |s| s.state == "running").await;
 }
 
+/// A request held for a worker that a crash restart will bring back gets
+/// its 503 when batond is told to stop (nothing starts from then on), not
+/// a connection closed at the end of the shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_held_when_batond_stops_gets_its_503() {
+    let p = Project::python(
+        "",
+        "[restart]\nbackoff_initial_ms = 20000\nbackoff_max_ms = 20000\n",
+    );
+    p.edit(
+        "etc/baton.toml",
+        "hold_timeout_ms = 5000",
+        "hold_timeout_ms = 600000",
+    );
+    let d = Daemon::start(&p).await;
+    let pid = d.active_pid(1).await;
+    sigkill(pid);
+    d.wait_for("restarting", |s| s.state == "restarting").await;
+    let addr = d.addr;
+    let held = tokio::spawn(async move { http_get(addr, "/whoami").await });
+    // Held: no answer while the restart is due.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held.is_finished());
+    let batond = nix::unistd::Pid::from_raw(d.child.id().expect("pid") as i32);
+    nix::sys::signal::kill(batond, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let (code, headers, _) = held.await.expect("held request");
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["retry-after"], "1");
+    assert!(d.stop().await.success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_limit_marks_the_unit_failed_until_the_next_deploy() {
     let p = Project::python(
@@ -441,7 +472,7 @@ async fn start_limit_marks_the_unit_failed_until_the_next_deploy() {
         "hold_timeout_ms = 5000",
         "hold_timeout_ms = 600000",
     );
-    p.edit("etc/baton.toml", "debounce_ms = 100", "debounce_ms = 1500");
+    p.edit("etc/baton.toml", "debounce_ms = 100", "debounce_ms = 3000");
     p.append("src/pyworker.py", "\n# CRASH_AFTER_MS=400\n");
     let d = Daemon::start(&p).await;
     let s = d.wait_for("failed", |s| s.state == "failed").await;
@@ -1460,7 +1491,7 @@ async fn changes_that_never_pause_deploy_at_the_longest_wait() {
     p.edit(
         "etc/baton.toml",
         "debounce_ms = 100",
-        "debounce_ms = 100\nmax_wait_ms = 600",
+        "debounce_ms = 400\nmax_wait_ms = 1200",
     );
     let d = Daemon::start(&p).await;
     d.wait_active(1).await;
