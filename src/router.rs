@@ -136,8 +136,9 @@ pub struct Router {
     current: ArcSwapOption<Upstream>,
     changed: watch::Sender<u64>,
     /// Whether a worker may become active without an operator: false
-    /// while the unit is failed and nothing is building or starting.
-    /// Requests are then not held: they get their 503 at once.
+    /// while the unit is failed and no deploy or start is under way or
+    /// due, and once batond stops. Requests are then not held: they get
+    /// their 503 at once.
     coming: AtomicBool,
 }
 
