@@ -577,13 +577,26 @@ impl Proxy {
                 }
                 Ok::<(), hyper::Error>(())
             };
-            tokio::select! {
-                r = copy => if let Err(e) = r {
-                    tracing::debug!(generation, error = %e, "upgrade did not complete");
-                },
+            let mut copy = std::pin::pin!(copy);
+            let r = tokio::select! {
+                r = &mut copy => r,
                 () = cancel.cancelled() => {
-                    tracing::info!(generation, "upgraded connection cut: its worker is gone");
+                    // The worker is gone, but what it wrote before it went
+                    // (the last audio, its close frame) may still be on its
+                    // way: the relay goes on until the worker's side ends,
+                    // which the kernel says right after those bytes, for a
+                    // bounded time (a child it left may hold the socket).
+                    match tokio::time::timeout(TUNNEL_FLUSH, &mut copy).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            tracing::info!(generation, "upgraded connection cut: its worker is gone");
+                            Ok(())
+                        }
+                    }
                 }
+            };
+            if let Err(e) = r {
+                tracing::debug!(generation, error = %e, "upgrade did not complete");
             }
         });
         let (mut parts, _) = resp.into_parts();
@@ -741,6 +754,10 @@ async fn watch_connection<C>(
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }
 }
+
+/// How long an upgraded connection whose worker has exited is still
+/// relayed: what the worker wrote before it went reaches the caller.
+pub const TUNNEL_FLUSH: Duration = Duration::from_secs(2);
 
 /// A request in progress on which nothing moved for `idle`: a handler that
 /// has no answer yet and waits on the worker gives up (a 504; one that

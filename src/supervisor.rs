@@ -1692,7 +1692,10 @@ impl Supervisor {
     /// folder (snapshot and logs), so the state dir does not grow forever.
     fn prune(&mut self) {
         let keep = self.cfg.daemon.history.max(1);
-        let finished: Vec<u64> = self
+        // Those that ended first go first (not the lowest numbers: a
+        // generation that drained for an hour ended last, and how it ended
+        // is the news).
+        let mut finished: Vec<(Option<&str>, u64)> = self
             .gens
             .values()
             .filter(|g| {
@@ -1703,8 +1706,10 @@ impl Supervisor {
                     // What `batonctl restart` of a failed unit starts.
                     && !self.is_newest(g.id)
             })
-            .map(|g| g.id)
+            .map(|g| (g.ended_at.as_deref(), g.id))
             .collect();
+        finished.sort_unstable();
+        let finished: Vec<u64> = finished.into_iter().map(|(_, id)| id).collect();
         // The folders a previous daemon left are older than any of this
         // one's: they go first, so the two together stay within `history`.
         let mut excess = (self.earlier.len() + finished.len()).saturating_sub(keep);
@@ -1900,7 +1905,22 @@ impl Supervisor {
         .await;
         for (upstream, _, _) in &all {
             upstream.tunnel_cancel.cancel();
+            upstream.tunnel_tracker.close();
         }
+        // What the workers wrote before they went (their calls' close
+        // frames) reaches the callers first, for a bounded time.
+        self.serve_while(async {
+            let _ = tokio::time::timeout(
+                crate::proxy::TUNNEL_FLUSH + Duration::from_millis(500),
+                async {
+                    for (upstream, _, _) in &all {
+                        upstream.tunnel_tracker.wait().await;
+                    }
+                },
+            )
+            .await;
+        })
+        .await;
         self.draining.clear();
         self.active = None;
         // Builds, candidates and fresh starts end through the cancelled

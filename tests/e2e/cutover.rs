@@ -614,3 +614,94 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// What a worker wrote to an upgraded connection just before it exited
+/// reaches the client: the tunnel is relayed to the end of the worker's
+/// stream (for a bounded time), not cut the moment the exit is seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_gets_what_its_worker_wrote_before_it_exited() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const N: usize = 8 << 20;
+    let p = Project::python("", "");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    // A small receive buffer (no autotuning): most of what the worker
+    // wrote waits in batond's buffers when it exits.
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(64 << 10).expect("SO_RCVBUF");
+    let mut s = sock.connect(d.addr).await.expect("connect");
+    s.write_all(
+        format!(
+            "GET /flood?to=x-flood&bytes={N} HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: x-flood\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    // A slow reader (64 KiB every 10 ms): the worker has written it all
+    // and exited long before the last of it is read.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let (mut head, mut got) = (Vec::new(), 0usize);
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = tokio::time::timeout_at(deadline, s.read(&mut buf))
+            .await
+            .expect("the tunnel ended in time")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        if got == 0 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            head.extend_from_slice(&buf[..n]);
+            if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+                got = head.len() - end - 4;
+            }
+            continue;
+        }
+        got += n;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(got, N, "bytes after the 101");
+    // The worker did exit (and was started again).
+    d.wait_for("restarted", |s| {
+        s.active.as_ref().is_some_and(|a| a.restarts >= 1)
+    })
+    .await;
+}
+
+/// The history keeps the generations that ended last, not the highest
+/// numbers: one that drained long after newer ones stopped is the news,
+/// and its folder (with its worker.log) stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_keeps_what_ended_last() {
+    let p = Project::python("", "");
+    p.edit(
+        "etc/baton.toml",
+        "shutdown_timeout_s = 5",
+        "shutdown_timeout_s = 5\nhistory = 1",
+    );
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    // A request that keeps generation 1 draining for a while.
+    let addr = d.addr;
+    let slow = tokio::spawn(async move { http_get(addr, "/slow?ms=2500").await });
+    d.wait_for("the request in flight", |s| {
+        s.active.as_ref().is_some_and(|a| a.requests_in_flight == 1)
+    })
+    .await;
+    d.deploy().await;
+    d.deploy().await;
+    // Generation 2 stopped at once (nothing on it); 1 ends with its request.
+    let (code, _, body) = slow.await.expect("slow request");
+    assert_eq!((code, body.as_str()), (StatusCode::OK, "slow 1"));
+    let s = d
+        .wait_for("generation 1 over", |s| {
+            s.draining.is_empty() && s.history.iter().any(|h| h.id == 1)
+        })
+        .await;
+    let ids: Vec<u64> = s.history.iter().map(|h| h.id).collect();
+    assert_eq!(ids, vec![1], "{:?}", s.history);
+    assert!(p.path("state/gen-0001/worker.log").exists());
+    assert!(!p.path("state/gen-0002").exists());
+}
