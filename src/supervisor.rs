@@ -1263,11 +1263,18 @@ impl Supervisor {
                 .as_ref()
                 .is_some_and(|a| a.generation == generation)
                 || self.draining.iter().any(|o| o.generation == generation);
+            // (What it had open is not counted here: its connections may
+            // have ended with it a moment before its exit is seen.)
+            let how = if exit.requested {
+                "stopped after draining"
+            } else {
+                "exited while draining"
+            };
             self.events.emit(
                 "stopped",
                 Some(generation),
                 format!(
-                    "generation {generation} (pid {}) stopped after draining ({})",
+                    "generation {generation} (pid {}) {how} ({})",
                     d.pid, exit.status
                 ),
             );
@@ -1886,6 +1893,19 @@ impl Supervisor {
         })
         .await;
         self.router.set(None);
+        // What the timeout leaves open is said, as a drain timeout's is.
+        let (calls, requests) = all.iter().fold((0, 0), |(c, r), (u, _, _)| {
+            (c + u.tunnels(), r + u.requests())
+        });
+        if calls + requests > 0 {
+            self.events.emit(
+                "shutdown_timeout",
+                None,
+                format!(
+                    "stopping the workers with {calls} connection(s) and {requests} request(s) open (daemon.shutdown_timeout_s is over)"
+                ),
+            );
+        }
         // Now builds, candidates and restarts end, and every worker stops.
         // Calls still open stay connected until their worker exits: one
         // that closes them on SIGTERM (a WebSocket close 1001) gets that

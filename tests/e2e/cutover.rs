@@ -421,6 +421,8 @@ async fn a_draining_worker_that_dies_says_so_in_its_history() {
     let g1 = d.wait_history(1, "stopped").await;
     let why = g1.reason.unwrap_or_default();
     assert_eq!(why, "exited with status signal SIGKILL while draining");
+    let said = format!("(pid {pid1}) exited while draining (signal SIGKILL)");
+    assert!(d.log().contains(&said), "{}", d.log());
     // The active generation is not touched.
     let (code, _, _) = d.get("/healthz").await;
     assert_eq!(code, StatusCode::OK);
@@ -492,6 +494,13 @@ async fn a_stopping_daemon_shows_its_calls_and_lets_the_worker_close_them() {
     ping_pong(&mut ws).await;
     // ...and at the timeout the worker gets SIGTERM and closes it itself.
     assert_eq!(close_code(&mut ws).await, Some(CloseCode::Away));
+    // The log says what the timeout left open.
+    assert!(
+        d.log()
+            .contains("stopping the workers with 1 connection(s) and 0 request(s) open"),
+        "{}",
+        d.log()
+    );
     let status = tokio::time::timeout(PATIENCE, d.child.wait())
         .await
         .expect("batond did not stop")
