@@ -310,14 +310,27 @@ pub async fn run(
             () = token.cancelled() => break,
         }
     }
-    handle.close();
     // Stop taking new connections; open requests and calls finish (bounded
-    // by the shutdown timeout), then the workers stop.
+    // by the shutdown timeout), then the workers stop. A signal meanwhile
+    // changes nothing of that, and the log says so.
     front_token.cancel();
     let (tx, rx) = tokio::sync::oneshot::channel();
     job.send(Control::Shutdown(tx));
-    let _ = rx.await;
-    let _ = actor.await;
+    let stopped = async {
+        let _ = rx.await;
+        let _ = actor.await;
+    };
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            () = &mut stopped => break,
+            Some(sig) = signals.next() => tracing::info!(
+                signal = sig,
+                "already stopping: the workers stop once their calls and requests end or daemon.shutdown_timeout_s is over"
+            ),
+        }
+    }
+    handle.close();
     control_token.cancel();
     tracker.close();
     let _ = tokio::time::timeout(shutdown_grace, tracker.wait()).await;

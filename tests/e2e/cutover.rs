@@ -490,10 +490,13 @@ async fn a_stopping_daemon_shows_its_calls_and_lets_the_worker_close_them() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("batond is stopping"), "{args:?}: {err}");
     }
+    // A second signal changes nothing, and the log says so.
+    nix::sys::signal::kill(batond, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     // The call goes on meanwhile...
     ping_pong(&mut ws).await;
     // ...and at the timeout the worker gets SIGTERM and closes it itself.
     assert_eq!(close_code(&mut ws).await, Some(CloseCode::Away));
+    assert!(d.log().contains("already stopping"), "{}", d.log());
     // The log says what the timeout left open.
     assert!(
         d.log()
