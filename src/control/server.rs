@@ -570,8 +570,19 @@ fn metrics(s: &Status, job: &Job) -> Response<ProxyBody> {
         (
             "baton_draining_generations",
             "gauge",
-            "Generations draining.",
-            s.draining.len() as u64,
+            "Generations draining (an old process of the active generation, after a restart, is no generation draining).",
+            {
+                let active = s.active.as_ref().map(|a| a.id);
+                let mut ids: Vec<u64> = s
+                    .draining
+                    .iter()
+                    .map(|g| g.id)
+                    .filter(|id| Some(*id) != active)
+                    .collect();
+                ids.sort_unstable();
+                ids.dedup();
+                ids.len() as u64
+            },
         ),
         (
             "baton_requests_in_flight",

@@ -717,3 +717,31 @@ async fn the_history_keeps_what_ended_last() {
     assert!(p.path("state/gen-0001/worker.log").exists());
     assert!(!p.path("state/gen-0002").exists());
 }
+
+/// `baton_draining_generations` counts generations, not processes: after
+/// a restart, the old process of the active generation that keeps its
+/// call is no generation draining; after a deploy, that generation is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_generations_are_counted_as_generations() {
+    let p = media_project(60);
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    let (mut ws, _) = open_call(d.addr, "kept").await;
+    recv_event(&mut ws, "media").await;
+    let draining = async || {
+        let (_, text) = baton::control::client::call_text(&d.socket, http::Method::GET, "/metrics")
+            .await
+            .expect("metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix("baton_draining_generations "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("the metric")
+    };
+    let out = d.ctl(&["restart", "--wait"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let s = d.status().await;
+    assert_eq!(s.draining.len(), 1, "the old process keeps its call");
+    assert_eq!(draining().await, 0);
+    d.deploy().await;
+    assert_eq!(draining().await, 1);
+}
