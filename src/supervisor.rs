@@ -1124,10 +1124,11 @@ impl Supervisor {
     }
 
     /// Moves traffic to a proven instance and starts draining the old one.
-    fn cut_over(&mut self, inst: Instance) {
+    fn cut_over(&mut self, mut inst: Instance) {
         let generation = inst.generation;
         self.router.set(Some(inst.upstream.clone()));
         let now = timestamp(SystemTime::now());
+        inst.cutover_at = Some(now.clone());
         if let Some(g) = self.gens.get_mut(&generation) {
             g.state = GenState::Active;
             g.cutover_at = Some(now);
@@ -1757,6 +1758,11 @@ impl Supervisor {
             g.socket = i.endpoint.unix_path().map(|p| p.display().to_string());
             g.requests_in_flight = i.upstream.requests();
             g.connections = i.upstream.tunnels();
+            // An old process of the generation (draining after a restart)
+            // shows when it took traffic, not when its successor did.
+            if i.cutover_at.is_some() {
+                g.cutover_at.clone_from(&i.cutover_at);
+            }
         }
         Some(g)
     }

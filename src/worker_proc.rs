@@ -452,6 +452,8 @@ pub struct Instance {
     pub exited: watch::Receiver<Option<Exit>>,
     /// When it started.
     pub started: Instant,
+    /// When traffic moved to it (RFC 3339), once it has.
+    pub cutover_at: Option<String>,
 }
 
 /// Everything needed to start one instance of a generation.
@@ -650,6 +652,7 @@ pub async fn start(
         monitor: CancellationToken::new(),
         exited,
         started,
+        cutover_at: None,
     };
     let proven = prove(cfg, &inst, &launch.signature, &words).await;
     // From now on the lines go to the log only.

@@ -741,6 +741,12 @@ async fn draining_generations_are_counted_as_generations() {
     assert!(out.status.success(), "{out:?}");
     let s = d.status().await;
     assert_eq!(s.draining.len(), 1, "the old process keeps its call");
+    // Each process shows when it took traffic.
+    let (old, new) = (&s.draining[0], s.active.as_ref().expect("active"));
+    assert!(
+        old.cutover_at.is_some() && old.cutover_at < new.cutover_at,
+        "{old:?} {new:?}"
+    );
     assert_eq!(draining().await, 0);
     d.deploy().await;
     assert_eq!(draining().await, 1);
