@@ -564,6 +564,7 @@ impl Proxy {
         let cancel = upstream.tunnel_cancel.clone();
         let generation = upstream.generation;
         let linger = self.idle_timeout();
+        let gone = cancel.clone();
         upstream.tunnel_tracker.spawn(async move {
             let _ticket = ticket;
             let copy = async {
@@ -572,27 +573,40 @@ impl Proxy {
                 let mut worker = TokioIo::new(worker);
                 // A reset from either side just ends the tunnel. No buffer
                 // per tunnel while both sides keep up (see `tunnel`).
-                if let Err(e) = crate::tunnel::relay(&mut client, &mut worker, linger).await {
-                    tracing::debug!(generation, error = %e, "upgraded connection ended");
+                // Once its worker has exited, what it wrote before it went
+                // (the last audio, its close frame) still goes to the
+                // client: the relay ends when that has all gone out (the
+                // kernel gives the worker's end of stream right after
+                // those bytes), within TUNNEL_FLUSH (a child it left may
+                // hold the socket open).
+                match crate::tunnel::relay(
+                    &mut client,
+                    &mut worker,
+                    linger,
+                    gone.cancelled(),
+                    TUNNEL_FLUSH,
+                )
+                .await
+                {
+                    Err(e) if gone.is_cancelled() => {
+                        tracing::info!(generation, error = %e, "upgraded connection cut: its worker is gone");
+                    }
+                    Err(e) => tracing::debug!(generation, error = %e, "upgraded connection ended"),
+                    Ok(_) => {}
                 }
                 Ok::<(), hyper::Error>(())
             };
             let mut copy = std::pin::pin!(copy);
             let r = tokio::select! {
                 r = &mut copy => r,
-                () = cancel.cancelled() => {
-                    // The worker is gone, but what it wrote before it went
-                    // (the last audio, its close frame) may still be on its
-                    // way: the relay goes on until the worker's side ends,
-                    // which the kernel says right after those bytes, for a
-                    // bounded time (a child it left may hold the socket).
-                    match tokio::time::timeout(TUNNEL_FLUSH, &mut copy).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            tracing::info!(generation, "upgraded connection cut: its worker is gone");
-                            Ok(())
-                        }
-                    }
+                // The relay ends by itself once the worker is gone; this
+                // bounds an upgrade still being completed then.
+                () = async {
+                    cancel.cancelled().await;
+                    tokio::time::sleep(TUNNEL_FLUSH).await;
+                } => {
+                    tracing::info!(generation, "upgraded connection cut: its worker is gone");
+                    Ok(())
                 }
             };
             if let Err(e) = r {
@@ -755,9 +769,10 @@ async fn watch_connection<C>(
     }
 }
 
-/// How long an upgraded connection whose worker has exited is still
-/// relayed: what the worker wrote before it went reaches the caller.
-pub const TUNNEL_FLUSH: Duration = Duration::from_secs(2);
+/// How long, at most, an upgraded connection whose worker has exited is
+/// still relayed: what the worker wrote before it went reaches the caller
+/// (the relay ends as soon as that has all gone out).
+pub const TUNNEL_FLUSH: Duration = Duration::from_secs(5);
 
 /// A request in progress on which nothing moved for `idle`: a handler that
 /// has no answer yet and waits on the worker gives up (a 504; one that

@@ -46,27 +46,57 @@ pub struct Moved {
 /// Copies `a` to `b` and `b` to `a` until both have ended (or either
 /// fails, or one has ended and the other moved nothing for `linger`).
 ///
+/// Once `b_gone` resolves (the process behind `b` has exited), the relay
+/// ends as soon as everything `b` had sent has gone to `a` (its end of
+/// stream included), or after `flush` at the latest.
+///
 /// # Errors
-/// The first I/O error of either side, or `TimedOut` after `linger`; the
-/// connection is over then.
-pub async fn relay<A, B>(a: &mut A, b: &mut B, linger: Duration) -> io::Result<Moved>
+/// The first I/O error of either side, `TimedOut` after `linger`, or
+/// `TimedOut` when `b` is gone and what it sent did not all go out within
+/// `flush`; the connection is over then.
+pub async fn relay<A, B, G>(
+    a: &mut A,
+    b: &mut B,
+    linger: Duration,
+    b_gone: G,
+    flush: Duration,
+) -> io::Result<Moved>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    G: std::future::Future<Output = ()>,
 {
     let mut ab = Direction::default();
     let mut ba = Direction::default();
     // Armed once one direction has ended: the deadline, and the bytes
     // moved when it was set.
     let mut half_closed: Option<(Pin<Box<Sleep>>, u64)> = None;
+    let mut b_gone = std::pin::pin!(b_gone);
+    // Armed once `b` is gone.
+    let mut flushing: Option<Pin<Box<Sleep>>> = None;
     poll_fn(|cx| {
         let ab_done = ab.poll(cx, &mut *a, &mut *b)?.is_ready();
         let ba_done = ba.poll(cx, &mut *b, &mut *a)?.is_ready();
+        let moved = Moved {
+            a_to_b: ab.moved,
+            b_to_a: ba.moved,
+        };
         if ab_done && ba_done {
-            return Poll::Ready(Ok(Moved {
-                a_to_b: ab.moved,
-                b_to_a: ba.moved,
-            }));
+            return Poll::Ready(Ok(moved));
+        }
+        if flushing.is_none() && b_gone.as_mut().poll(cx).is_ready() {
+            flushing = Some(Box::pin(tokio::time::sleep(flush)));
+        }
+        if let Some(deadline) = &mut flushing {
+            if ba_done {
+                return Poll::Ready(Ok(moved));
+            }
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("its side is gone and what it sent did not all go out in {flush:?}"),
+                )));
+            }
         }
         if ab_done || ba_done {
             let moved = ab.moved + ba.moved;
@@ -196,7 +226,9 @@ mod tests {
         let linger = Duration::from_millis(300);
         let (mut client, mut near) = tokio::io::duplex(1024);
         let (mut far, mut server) = tokio::io::duplex(1024);
-        let relay = tokio::spawn(async move { relay(&mut near, &mut far, linger).await });
+        let relay = tokio::spawn(async move {
+            relay(&mut near, &mut far, linger, std::future::pending(), LINGER).await
+        });
         // The worker closes its side (a WebSocket close handshake done).
         server.shutdown().await.expect("server shutdown");
         let mut buf = [0u8; 16];
@@ -220,6 +252,56 @@ mod tests {
         drop(client);
     }
 
+    /// Once `b`'s process is gone, the relay ends as soon as everything
+    /// `b` sent (its end of stream included) has gone to `a`, without
+    /// waiting for `a` to close; and within `flush` when that does not
+    /// happen (here: a reader that takes nothing).
+    #[tokio::test]
+    async fn a_relay_whose_far_side_is_gone_ends_once_its_bytes_are_out() {
+        let (mut client, mut near) = tokio::io::duplex(1 << 20);
+        let (mut far, mut server) = tokio::io::duplex(1 << 20);
+        let gone = tokio_util::sync::CancellationToken::new();
+        let flush = Duration::from_secs(2);
+        let task = {
+            let gone = gone.clone();
+            tokio::spawn(async move {
+                relay(&mut near, &mut far, LINGER, gone.cancelled(), flush).await
+            })
+        };
+        server.write_all(b"last words").await.expect("server write");
+        drop(server);
+        gone.cancel();
+        let r = tokio::time::timeout(flush / 2, task)
+            .await
+            .expect("ended before the flush time, the client still open")
+            .expect("join");
+        assert_eq!(r.expect("ok").b_to_a, 10);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.expect("client read");
+        assert_eq!(got, b"last words");
+
+        // A client that takes nothing: cut at the flush time.
+        let (client, mut near) = tokio::io::duplex(64);
+        let (mut far, mut server) = tokio::io::duplex(1 << 20);
+        let gone = tokio_util::sync::CancellationToken::new();
+        let flush = Duration::from_millis(300);
+        let task = {
+            let gone = gone.clone();
+            tokio::spawn(async move {
+                relay(&mut near, &mut far, LINGER, gone.cancelled(), flush).await
+            })
+        };
+        server.write_all(&[7u8; 4096]).await.expect("server write");
+        drop(server);
+        gone.cancel();
+        let r = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the relay did not end")
+            .expect("join");
+        assert_eq!(r.expect_err("cut").kind(), io::ErrorKind::TimedOut);
+        drop(client);
+    }
+
     /// A relay between two in-memory pipes: everything arrives in order
     /// both ways, also when one side reads slowly (the backlog path), and
     /// an end of stream on each side ends the relay.
@@ -228,7 +310,9 @@ mod tests {
         // Small pipes so that a big write backs up.
         let (mut client, mut near) = tokio::io::duplex(1024);
         let (mut far, mut server) = tokio::io::duplex(1024);
-        let relay = tokio::spawn(async move { relay(&mut near, &mut far, LINGER).await });
+        let relay = tokio::spawn(async move {
+            relay(&mut near, &mut far, LINGER, std::future::pending(), LINGER).await
+        });
         let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let expect = payload.clone();
         let writer = tokio::spawn(async move {
@@ -271,7 +355,9 @@ mod tests {
         let (mut far, server) = tokio::io::duplex(64);
         drop(server);
         let mut client = client;
-        let relay = tokio::spawn(async move { relay(&mut near, &mut far, LINGER).await });
+        let relay = tokio::spawn(async move {
+            relay(&mut near, &mut far, LINGER, std::future::pending(), LINGER).await
+        });
         client.write_all(b"hello").await.expect("write");
         let r = tokio::time::timeout(std::time::Duration::from_secs(5), relay)
             .await
