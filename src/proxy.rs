@@ -561,56 +561,52 @@ impl Proxy {
         self.metrics.upgrades.fetch_add(1, Ordering::Relaxed);
         let outbound = hyper::upgrade::on(&mut resp);
         let ticket = upstream.tunnel();
-        let cancel = upstream.tunnel_cancel.clone();
+        let gone = upstream.tunnel_cancel.clone();
         let generation = upstream.generation;
         let linger = self.idle_timeout();
-        let gone = cancel.clone();
         upstream.tunnel_tracker.spawn(async move {
             let _ticket = ticket;
-            let copy = async {
-                let (client, worker) = tokio::try_join!(inbound, outbound)?;
-                let mut client = TokioIo::new(client);
-                let mut worker = TokioIo::new(worker);
-                // A reset from either side just ends the tunnel. No buffer
-                // per tunnel while both sides keep up (see `tunnel`).
-                // Once its worker has exited, what it wrote before it went
-                // (the last audio, its close frame) still goes to the
-                // client: the relay ends when that has all gone out (the
-                // kernel gives the worker's end of stream right after
-                // those bytes), within TUNNEL_FLUSH (a child it left may
-                // hold the socket open).
-                match crate::tunnel::relay(
-                    &mut client,
-                    &mut worker,
-                    linger,
-                    gone.cancelled(),
-                    TUNNEL_FLUSH,
-                )
-                .await
-                {
-                    Err(e) if gone.is_cancelled() => {
-                        tracing::info!(generation, error = %e, "upgraded connection cut: its worker is gone");
+            // An upgrade still completing when its worker has gone gets
+            // the same bounded time as the relay below.
+            let (client, worker) = tokio::select! {
+                r = async { tokio::try_join!(inbound, outbound) } => match r {
+                    Ok(both) => both,
+                    Err(e) => {
+                        tracing::debug!(generation, error = %e, "upgrade did not complete");
+                        return;
                     }
-                    Err(e) => tracing::debug!(generation, error = %e, "upgraded connection ended"),
-                    Ok(_) => {}
-                }
-                Ok::<(), hyper::Error>(())
-            };
-            let mut copy = std::pin::pin!(copy);
-            let r = tokio::select! {
-                r = &mut copy => r,
-                // The relay ends by itself once the worker is gone; this
-                // bounds an upgrade still being completed then.
+                },
                 () = async {
-                    cancel.cancelled().await;
+                    gone.cancelled().await;
                     tokio::time::sleep(TUNNEL_FLUSH).await;
                 } => {
                     tracing::info!(generation, "upgraded connection cut: its worker is gone");
-                    Ok(())
+                    return;
                 }
             };
-            if let Err(e) = r {
-                tracing::debug!(generation, error = %e, "upgrade did not complete");
+            let mut client = TokioIo::new(client);
+            let mut worker = TokioIo::new(worker);
+            // A reset from either side just ends the tunnel. No buffer per
+            // tunnel while both sides keep up (see `tunnel`). Once its
+            // worker has exited, what it wrote before it went (the last
+            // audio, its close frame) still goes to the client: the relay
+            // ends when that has all gone out (the kernel gives the
+            // worker's end of stream right after those bytes), within
+            // TUNNEL_FLUSH (a child it left may hold the socket open).
+            match crate::tunnel::relay(
+                &mut client,
+                &mut worker,
+                linger,
+                gone.cancelled(),
+                TUNNEL_FLUSH,
+            )
+            .await
+            {
+                Err(e) if gone.is_cancelled() => {
+                    tracing::info!(generation, error = %e, "upgraded connection cut: its worker is gone");
+                }
+                Err(e) => tracing::debug!(generation, error = %e, "upgraded connection ended"),
+                Ok(_) => {}
             }
         });
         let (mut parts, _) = resp.into_parts();

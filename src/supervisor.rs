@@ -1625,6 +1625,9 @@ impl Supervisor {
                 self.cfg = Arc::new(new);
                 self.config_error = None;
                 let advice = self.cfg.advice();
+                for a in &advice {
+                    tracing::warn!("{a}");
+                }
                 let mut message = "config reloaded; redeploying".to_string();
                 for k in kept.iter().chain(&advice) {
                     message.push_str("; ");
@@ -2279,7 +2282,7 @@ fn prepare_reload(
             n.listen_asked, o.listen
         ));
     }
-    for k in kept.iter().chain(&new.advice()) {
+    for k in &kept {
         tracing::warn!("{k}");
     }
     new.daemon.listen = old.daemon.listen;

@@ -258,19 +258,32 @@ mod tests {
     /// happen (here: a reader that takes nothing).
     #[tokio::test]
     async fn a_relay_whose_far_side_is_gone_ends_once_its_bytes_are_out() {
-        let (mut client, mut near) = tokio::io::duplex(1 << 20);
-        let (mut far, mut server) = tokio::io::duplex(1 << 20);
-        let gone = tokio_util::sync::CancellationToken::new();
+        // A relay whose far side sends `bytes` and is gone (its end of
+        // stream and the token), with a client pipe of `room` bytes.
+        async fn gone_after(
+            bytes: &[u8],
+            room: usize,
+            flush: Duration,
+        ) -> (
+            tokio::io::DuplexStream,
+            tokio::task::JoinHandle<io::Result<Moved>>,
+        ) {
+            let (client, mut near) = tokio::io::duplex(room);
+            let (mut far, mut server) = tokio::io::duplex(1 << 20);
+            let gone = tokio_util::sync::CancellationToken::new();
+            let task = {
+                let gone = gone.clone();
+                tokio::spawn(async move {
+                    relay(&mut near, &mut far, LINGER, gone.cancelled(), flush).await
+                })
+            };
+            server.write_all(bytes).await.expect("server write");
+            drop(server);
+            gone.cancel();
+            (client, task)
+        }
         let flush = Duration::from_secs(2);
-        let task = {
-            let gone = gone.clone();
-            tokio::spawn(async move {
-                relay(&mut near, &mut far, LINGER, gone.cancelled(), flush).await
-            })
-        };
-        server.write_all(b"last words").await.expect("server write");
-        drop(server);
-        gone.cancel();
+        let (mut client, task) = gone_after(b"last words", 1 << 20, flush).await;
         let r = tokio::time::timeout(flush / 2, task)
             .await
             .expect("ended before the flush time, the client still open")
@@ -281,19 +294,7 @@ mod tests {
         assert_eq!(got, b"last words");
 
         // A client that takes nothing: cut at the flush time.
-        let (client, mut near) = tokio::io::duplex(64);
-        let (mut far, mut server) = tokio::io::duplex(1 << 20);
-        let gone = tokio_util::sync::CancellationToken::new();
-        let flush = Duration::from_millis(300);
-        let task = {
-            let gone = gone.clone();
-            tokio::spawn(async move {
-                relay(&mut near, &mut far, LINGER, gone.cancelled(), flush).await
-            })
-        };
-        server.write_all(&[7u8; 4096]).await.expect("server write");
-        drop(server);
-        gone.cancel();
+        let (client, task) = gone_after(&[7u8; 4096], 64, Duration::from_millis(300)).await;
         let r = tokio::time::timeout(Duration::from_secs(10), task)
             .await
             .expect("the relay did not end")

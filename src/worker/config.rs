@@ -364,8 +364,11 @@ impl Config {
         if file.max_message_bytes < 1024 {
             return Err(invalid("max_message_bytes", "must be >= 1024".into()));
         }
-        if file.max_calls == 0 {
-            return Err(invalid("max_calls", "must be > 0".into()));
+        if file.max_calls == 0 || file.max_calls > 1_000_000 {
+            return Err(invalid(
+                "max_calls",
+                "must be > 0 and at most 1000000".into(),
+            ));
         }
         if file.realtime_priority > crate::sched::MAX_PRIORITY {
             return Err(invalid(

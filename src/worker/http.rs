@@ -389,27 +389,6 @@ pub fn offers_twilio_protocol(headers: &HeaderMap) -> bool {
         })
 }
 
-/// One of the `max_calls` call slots, given back when dropped.
-struct Admission(Arc<AppState>);
-
-impl Admission {
-    fn take(state: &Arc<AppState>) -> Option<Admission> {
-        state
-            .admitted
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < state.cfg.max_calls).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Admission(Arc::clone(state)))
-    }
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        self.0.admitted.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 fn upgrade(
     state: &Arc<AppState>,
     peer: super::Peer,
@@ -469,7 +448,7 @@ fn upgrade(
         warn!(url = %url, peer = %peer, "upgrade rejected: bad or missing X-Twilio-Signature");
         return text(StatusCode::FORBIDDEN, "invalid twilio signature");
     }
-    let Some(admission) = Admission::take(state) else {
+    let Ok(slot) = Arc::clone(&state.call_slots).try_acquire_owned() else {
         let refused = state.calls_refused.fetch_add(1, Ordering::Relaxed) + 1;
         warn!(peer = %peer, max_calls = state.cfg.max_calls, refused, "call refused: max_calls calls are in progress");
         let mut r = text(
@@ -492,7 +471,7 @@ fn upgrade(
         .max_message_size(Some(state.cfg.max_message_bytes))
         .max_frame_size(Some(state.cfg.max_message_bytes));
     state.calls.spawn(async move {
-        let _admission = admission;
+        let _slot = slot;
         match on_upgrade.await {
             Ok(upgraded) => {
                 let ws = WebSocketStream::from_raw_socket(

@@ -163,8 +163,9 @@ pub struct AppState {
     pub calls_cancel: CancellationToken,
     /// Connection counter, to name calls before their `start` arrives.
     pub next_conn: AtomicU64,
-    /// Calls admitted and not yet ended (at most `cfg.max_calls`).
-    pub admitted: std::sync::atomic::AtomicUsize,
+    /// A permit per call in progress (`cfg.max_calls` in all), held by
+    /// the call's task.
+    pub call_slots: Arc<tokio::sync::Semaphore>,
     /// Upgrades refused because `cfg.max_calls` calls were in progress.
     pub calls_refused: AtomicU64,
     /// The outbound pacing clock every call shares.
@@ -208,6 +209,7 @@ pub async fn run(
         tokio::task::spawn_blocking(move || pipeline::Engines::build(&cfg_for_engines)).await??;
     let signature_header = hyper::header::HeaderValue::from_str(&cfg.app_signature)
         .unwrap_or_else(|_| hyper::header::HeaderValue::from_static("invalid"));
+    let call_slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_calls));
     let state = Arc::new(AppState {
         cfg,
         engines,
@@ -217,7 +219,7 @@ pub async fn run(
         calls: TaskTracker::new(),
         calls_cancel: CancellationToken::new(),
         next_conn: AtomicU64::new(1),
-        admitted: std::sync::atomic::AtomicUsize::new(0),
+        call_slots,
         calls_refused: AtomicU64::new(0),
         pacer,
     });
