@@ -50,21 +50,55 @@ fn queue() -> Option<&'static SyncSender<Message>> {
 }
 
 fn send_all(rx: &Receiver<Message>) {
+    let target = std::env::var_os("NOTIFY_SOCKET").unwrap_or_default();
+    let sock = notify_socket(&target);
+    // Said once: systemd would then wait for READY=1 until its timeout.
+    let mut warned = false;
     while let Ok(m) = rx.recv() {
-        let _ = match &m {
-            Message::Ready(s) => sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(s)]),
-            Message::Status(s) => sd_notify::notify(&[NotifyState::Status(s)]),
-            Message::Reloading(t) => {
-                sd_notify::notify(&[NotifyState::Reloading, NotifyState::MonotonicUsec(*t)])
-            }
-            Message::Stopping => sd_notify::notify(&[NotifyState::Stopping]),
-            Message::Watchdog => sd_notify::notify(&[NotifyState::Watchdog]),
+        let states = match &m {
+            Message::Ready(s) => vec![NotifyState::Ready, NotifyState::Status(s)],
+            Message::Status(s) => vec![NotifyState::Status(s)],
+            Message::Reloading(t) => vec![NotifyState::Reloading, NotifyState::MonotonicUsec(*t)],
+            Message::Stopping => vec![NotifyState::Stopping],
+            Message::Watchdog => vec![NotifyState::Watchdog],
             Message::Flush(done) => {
                 let _ = done.send(());
-                Ok(())
+                continue;
             }
         };
+        let text: String = states.iter().map(|s| format!("{s}\n")).collect();
+        let sent = match &sock {
+            Ok((sock, addr)) => sock.send_to_addr(text.as_bytes(), addr).map(drop),
+            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+        };
+        if let Err(e) = sent
+            && !std::mem::replace(&mut warned, true)
+        {
+            tracing::warn!(
+                notify_socket = %target.to_string_lossy(),
+                error = %e,
+                "cannot send to systemd's notify socket (NOTIFY_SOCKET); a Type=notify unit will not see READY=1"
+            );
+        }
     }
+}
+
+/// A datagram socket and the address in `NOTIFY_SOCKET`: a path, or a name
+/// in the abstract namespace when it starts with `@` (sd_notify(3)).
+fn notify_socket(
+    target: &std::ffi::OsStr,
+) -> std::io::Result<(
+    std::os::unix::net::UnixDatagram,
+    std::os::unix::net::SocketAddr,
+)> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::SocketAddr;
+    let addr = match target.as_bytes().strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name)?,
+        None => SocketAddr::from_pathname(target)?,
+    };
+    Ok((std::os::unix::net::UnixDatagram::unbound()?, addr))
 }
 
 fn send(m: Message) {
@@ -111,9 +145,12 @@ pub fn flush(limit: Duration) {
 /// Pings the watchdog at half its period until `token` is cancelled, when
 /// the unit sets `WatchdogSec=`.
 pub async fn watchdog(token: CancellationToken) {
-    let Some(period) = sd_notify::watchdog_enabled() else {
+    // Zero is no period (and `interval` refuses it); a ping at most every
+    // millisecond.
+    let Some(period) = sd_notify::watchdog_enabled().filter(|p| !p.is_zero()) else {
         return;
     };
+    let period = period.max(Duration::from_millis(2));
     let mut tick = tokio::time::interval(period / 2);
     loop {
         tokio::select! {
@@ -127,9 +164,23 @@ pub async fn watchdog(token: CancellationToken) {
 /// (`LISTEN_FDS`/`LISTEN_PID`).
 ///
 /// # Errors
-/// The I/O error when an inherited fd is not a usable TCP listener.
+/// The I/O error when an inherited fd is not a usable TCP listener, or
+/// when more than one was passed: batond serves one public address, and a
+/// second socket would accept connections that nobody ever answers.
 pub fn inherited_listener() -> std::io::Result<Option<tokio::net::TcpListener>> {
     let mut fds = listenfd::ListenFd::from_env();
+    if fds.len() > 1 {
+        let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "socket activation passed {} sockets (LISTEN_FDNAMES={names:?}); batond serves one \
+                 public listener: give its .socket unit one ListenStream= (ListenStream=[::]:PORT \
+                 takes IPv4 and IPv6 both)",
+                fds.len()
+            ),
+        ));
+    }
     match fds.take_tcp_listener(0)? {
         Some(std) => {
             ensure_listening(&std)?;

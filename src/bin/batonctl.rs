@@ -118,6 +118,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes `text` to stdout: an error (a closed pipe, a full disk) comes
+/// back to `main`, which says what it was (`print!` would panic).
+fn say(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| std::io::Error::new(e.kind(), format!("writing to stdout: {e}")))
+}
+
 fn parse_timeout(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v > 0.0 && v <= 86_400.0 => Ok(v),
@@ -151,10 +161,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (code, body) = call_text(Method::GET, "/v1/status").await?;
             check(code, &body)?;
             if json {
-                print!("{body}");
+                say(&body)?;
             } else {
                 let s: Status = serde_json::from_str(&body).context("status JSON")?;
-                print!("{}", render_status(&s));
+                say(&render_status(&s))?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -163,14 +173,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Reload => {
             let (code, body) = call_text(Method::POST, "/v1/reload").await?;
             if code.is_success() {
-                println!("config reloaded; redeploying");
+                say("config reloaded; redeploying\n")?;
                 // Settings that only change when batond restarts, and
                 // advice on the new config.
                 let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
                 let notes = v["kept"].as_array().into_iter().flatten();
                 for k in notes.chain(v["advice"].as_array().into_iter().flatten()) {
                     if let Some(k) = k.as_str() {
-                        println!("note: {k}");
+                        say(&format!("note: {k}\n"))?;
                     }
                 }
                 Ok(ExitCode::SUCCESS)
@@ -193,7 +203,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let (code, body) = call_text(Method::GET, &q).await?;
             check(code, &body)?;
-            print!("{body}");
+            say(&body)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Events { json } => {
@@ -277,7 +287,7 @@ async fn outcome(
         .unwrap_or_default();
     match (&o.reason, o.succeeded()) {
         (_, true) => {
-            println!("{g}{}", o.outcome);
+            say(&format!("{g}{}\n", o.outcome))?;
             Ok(ExitCode::SUCCESS)
         }
         (Some(r), false) => {

@@ -268,7 +268,13 @@ async fn route(
             "the request reached batond after its sender had given up waiting: not carried out",
         );
     }
-    match (req.method(), req.uri().path()) {
+    // HEAD is GET without the body (hyper leaves it out).
+    let method = if req.method() == Method::HEAD {
+        Method::GET
+    } else {
+        req.method().clone()
+    };
+    match (&method, req.uri().path()) {
         (&Method::GET, "/v1/status") => match job.status().await {
             Some(s) => json(StatusCode::OK, &s),
             None => json_error(StatusCode::SERVICE_UNAVAILABLE, "batond is stopping"),
@@ -314,7 +320,27 @@ async fn route(
             Some(s) => metrics(&s, job),
             None => json_error(StatusCode::SERVICE_UNAVAILABLE, "batond is stopping"),
         },
-        _ => json_error(StatusCode::NOT_FOUND, "no such route"),
+        (_, path) => match allowed(path) {
+            Some(allow) => {
+                let mut r = json_error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    &format!("{path} takes {allow}, not {}", req.method()),
+                );
+                r.headers_mut()
+                    .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+                r
+            }
+            None => json_error(StatusCode::NOT_FOUND, "no such route"),
+        },
+    }
+}
+
+/// The methods a route takes (for a 405's `Allow`), `None` for no route.
+fn allowed(path: &str) -> Option<&'static str> {
+    match path {
+        "/v1/status" | "/v1/logs" | "/v1/events" | "/metrics" => Some("GET, HEAD"),
+        "/v1/deploy" | "/v1/restart" | "/v1/reload" => Some("POST"),
+        _ => None,
     }
 }
 

@@ -1883,6 +1883,73 @@ async fn control_socket_metrics_logs_and_restart() {
         .await
         .expect("call");
     assert_eq!(code, StatusCode::NOT_FOUND);
+    // A route asked with the wrong method: 405 naming the right one; HEAD
+    // where GET goes.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let control = async |head: &str| {
+        let mut s = tokio::net::UnixStream::connect(&d.socket)
+            .await
+            .expect("connect");
+        s.write_all(format!("{head}\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        let mut got = Vec::new();
+        tokio::time::timeout(PATIENCE, s.read_to_end(&mut got))
+            .await
+            .expect("answered")
+            .expect("read");
+        String::from_utf8_lossy(&got).to_lowercase()
+    };
+    for (head, allow) in [
+        ("GET /v1/deploy HTTP/1.1", "post"),
+        ("DELETE /v1/restart HTTP/1.1", "post"),
+        ("PUT /v1/status HTTP/1.1", "get, head"),
+    ] {
+        let text = control(head).await;
+        assert!(text.starts_with("http/1.1 405"), "{head}: {text}");
+        assert!(
+            text.contains(&format!("\r\nallow: {allow}\r\n")),
+            "{head}: {text}"
+        );
+    }
+    let text = control("HEAD /v1/status HTTP/1.1").await;
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(text.ends_with("\r\n\r\n"), "no body after the head: {text}");
+    // batonctl's output that cannot be written: a closed pipe is no error
+    // (`batonctl logs | head -1`), a full disk is one, said as such.
+    // (tokio's `output()` would put its own pipes in place of these.)
+    let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
+    drop(read_end);
+    let out = tokio::process::Command::new(BATONCTL)
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["logs", "-n", "50"])
+        .stdout(std::process::Stdio::from(write_end))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("batonctl runs")
+        .wait_with_output()
+        .await
+        .expect("batonctl ends");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let out = tokio::process::Command::new(BATONCTL)
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("status")
+        .stdout(std::process::Stdio::from(full))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("batonctl runs")
+        .wait_with_output()
+        .await
+        .expect("batonctl ends");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("writing to stdout"), "{err}");
     let text = raw_request(d.addr, "GARBAGE\x01 / HTTP/9\r\n\r\n").await;
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     // A head of 30 KB goes through; one of 300 KB (ten 30 KB headers,
@@ -2512,6 +2579,32 @@ async fn recv_notify_until(sock: &tokio::net::UnixDatagram, needle: &str, seen: 
         }
     }
     assert!(seen.contains(needle), "never got {needle}; got:\n{seen}");
+}
+
+/// `NOTIFY_SOCKET=@name` is a socket in the abstract namespace
+/// (sd_notify(3)), as a service manager in a container may hand out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_on_an_abstract_notify_socket() {
+    use std::os::linux::net::SocketAddrExt;
+    let p = Project::python("", "");
+    let name = format!(
+        "baton-test-notify-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_nanos()
+    );
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).expect("abstract name");
+    let std_sock = std::os::unix::net::UnixDatagram::bind_addr(&addr).expect("bind");
+    std_sock.set_nonblocking(true).expect("nonblocking");
+    let sock = tokio::net::UnixDatagram::from_std(std_sock).expect("tokio socket");
+    let d = Daemon::start_env(&p, &[], &[("NOTIFY_SOCKET", &format!("@{name}"))]).await;
+    let mut seen = String::new();
+    recv_notify_until(&sock, "READY=1", &mut seen).await;
+    assert!(seen.contains("STATUS=generation 1 active"), "{seen}");
+    assert!(d.stop().await.success());
+    recv_notify_until(&sock, "STOPPING=1", &mut seen).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

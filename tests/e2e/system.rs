@@ -58,6 +58,46 @@ async fn socket_activation_serves_on_the_inherited_listener() {
     let _ = child.wait().await;
 }
 
+/// A socket unit with two `ListenStream=`: batond serves one address, so
+/// it refuses to start and names them, rather than leave a socket that
+/// accepts connections nobody answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activation_with_two_sockets_is_refused() {
+    let p = Project::python("", "");
+    // What systemd does: the sockets at fds 3 and 4, LISTEN_PID the pid
+    // that then execs batond.
+    let launcher = r#"
+import os, socket, sys
+socks = []
+for _ in range(2):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    socks.append(os.dup(s.fileno()))
+for fd, want in zip(socks, (3, 4)):
+    os.dup2(fd, want)
+os.environ.update(LISTEN_FDS="2", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="web:web6")
+os.execv(sys.argv[1], sys.argv[1:])
+"#;
+    let out = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new("python3")
+            .args(["-c", launcher, BATOND, "--config"])
+            .arg(p.path("etc/baton.toml"))
+            .env("NO_COLOR", "1")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("batond exits")
+    .expect("python3 runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("socket activation passed 2 sockets"), "{err}");
+    assert!(err.contains("web:web6"), "{err}");
+    assert!(!p.path("state/gen-0001").exists(), "nothing was built");
+}
+
 #[test]
 fn unit_files_pass_systemd_analyze_verify() {
     let dir = tempfile::tempdir().expect("tempdir");
