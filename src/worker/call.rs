@@ -140,16 +140,23 @@ struct Call {
     ping_answered: u64,
     ping_sent: Option<(u64, Instant)>,
     pending_clear: bool,
+    /// Utterances whose final transcription is running or waiting for a
+    /// slot (number, length in ms): those the call's end leaves behind are
+    /// counted as skipped.
+    finals_pending: Vec<(u64, u64)>,
 }
 
 /// Serves one upgraded WebSocket until the call ends, then writes its
-/// record. Never panics; errors are logged with the call's sids.
+/// record. `slot` is the call's place under `max_calls`, given back when
+/// the connection closes. Never panics; errors are logged with the call's
+/// sids.
 pub async fn run_call<S>(
     mut ws: WebSocketStream<S>,
     state: Arc<AppState>,
     conn_id: u64,
     peer: super::Peer,
     subprotocol: bool,
+    slot: tokio::sync::OwnedSemaphorePermit,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -187,9 +194,14 @@ pub async fn run_call<S>(
         ping_answered: 0,
         ping_sent: None,
         pending_clear: false,
+        finals_pending: Vec::new(),
     };
     debug!(conn = conn_id, peer = %peer, subprotocol, "websocket open");
     let end = call.serve(&mut ws).await;
+    // The caller hung up (or the stream stopped) in the middle of speech:
+    // that speech is an utterance too, transcribed for the record (no
+    // reply: nobody is listening any more).
+    call.flush_utterance();
     let reason = match end {
         End::Stop => {
             close(&mut ws, CloseCode::Normal, "stream stopped").await;
@@ -206,7 +218,13 @@ pub async fn run_call<S>(
             why
         }
     };
-    call.finish(reason).await;
+    // The call has ended: its end is logged and recorded now, and its
+    // connection and call slot are given back before the wait for its
+    // transcriptions.
+    call.ended(reason);
+    drop(ws);
+    drop(slot);
+    call.finish().await;
 }
 
 async fn close<S>(ws: &mut WebSocketStream<S>, code: CloseCode, why: &'static str)
@@ -649,9 +667,23 @@ impl Call {
                         self.start_partial();
                     }
                 }
-                VadEvent::SpeechEnd => {
+                VadEvent::SpeechEnd {
+                    trailing_silence_ms,
+                    cut,
+                } => {
                     self.utterance.extend_from_slice(block);
-                    self.end_of_utterance().await;
+                    self.end_of_utterance(trailing_silence_ms).await;
+                    if cut && self.vad.in_speech() {
+                        // Cut at `max_utterance_ms` while the caller
+                        // speaks: the next utterance starts with the next
+                        // block (its pre-roll is in the one just ended).
+                        self.next_partial = PARTIAL_EVERY_SAMPLES;
+                        let t = self.t_ms();
+                        self.rec.push_event(t, "speech_start", "");
+                        if self.is_playing() {
+                            self.barge_in();
+                        }
+                    }
                 }
                 VadEvent::None => {}
             }
@@ -680,10 +712,12 @@ impl Call {
         let pcm = self.utterance.clone();
         let utterance_ms = pcm.len() as u64 * 1000 / u64::from(SAMPLE_RATE_HZ);
         self.stt_jobs.spawn(async move {
-            let result = tokio::task::spawn_blocking(move || stt.transcribe(&pcm))
-                .await
-                .unwrap_or_else(|e| Err(SttError::Failed(format!("stt task: {e}"))));
-            drop(permit);
+            let result = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                stt.transcribe(&pcm)
+            })
+            .await
+            .unwrap_or_else(|e| Err(SttError::Failed(format!("stt task: {e}"))));
             SttDone {
                 partial: true,
                 n,
@@ -693,13 +727,30 @@ impl Call {
         });
     }
 
-    async fn end_of_utterance(&mut self) {
+    /// An utterance has ended (`trailing_silence_ms` of unvoiced audio at
+    /// its end): transcribes it and answers it.
+    async fn end_of_utterance(&mut self, trailing_silence_ms: u64) {
         let mut utt = std::mem::take(&mut self.utterance);
         // Drop most of the trailing pause that ended the utterance.
-        let pause = (self.state.cfg.vad.end_silence_ms.saturating_sub(100)
-            * u64::from(SAMPLE_RATE_HZ)
-            / 1000) as usize;
+        let pause =
+            (trailing_silence_ms.saturating_sub(100) * u64::from(SAMPLE_RATE_HZ) / 1000) as usize;
         utt.truncate(utt.len().saturating_sub(pause));
+        let n = self.transcribe_final(&utt);
+        self.reply_to(&utt, n).await;
+    }
+
+    /// The utterance under way when the call ended, transcribed (not
+    /// answered).
+    fn flush_utterance(&mut self) {
+        if self.vad.in_speech() && !self.utterance.is_empty() {
+            let utt = std::mem::take(&mut self.utterance);
+            self.transcribe_final(&utt);
+        }
+    }
+
+    /// Counts an utterance and transcribes it in the background (or counts
+    /// it skipped); returns its number.
+    fn transcribe_final(&mut self, utt: &[i16]) -> u64 {
         let utterance_ms = utt.len() as u64 * 1000 / u64::from(SAMPLE_RATE_HZ);
         self.rec.utterances += 1;
         let n = self.rec.utterances;
@@ -710,17 +761,30 @@ impl Call {
                 warn!(callSid = %self.call_sid, streamSid = %self.stream_sid, waiting = self.stt_jobs.len(), "transcriptions fall behind this call's speech; utterances are not transcribed until they catch up");
             }
             let t = self.t_ms();
-            self.rec.push_event(t, "stt_skipped", String::new());
+            self.rec
+                .push_event(t, "stt_skipped", format!("utterance {n}"));
+            self.rec.push_transcript(TranscriptEntry {
+                t_ms: t,
+                utterance: n,
+                utterance_ms,
+                text: None,
+            });
         } else if stt.available() {
             // Transcribe off the call loop, a few at a time process-wide, so
             // pacing and pings go on meanwhile; STT_FINAL lands later.
+            // The slot is held by the transcription itself: a job dropped
+            // at the call's end leaves it taken until the engine is done.
             let slots = Arc::clone(&self.state.engines.stt_slots);
-            let pcm = utt.clone();
+            let pcm = utt.to_vec();
+            self.finals_pending.push((n, utterance_ms));
             self.stt_jobs.spawn(async move {
                 let result = match slots.acquire_owned().await {
-                    Ok(_permit) => tokio::task::spawn_blocking(move || stt.transcribe(&pcm))
-                        .await
-                        .unwrap_or_else(|e| Err(SttError::Failed(format!("stt task: {e}")))),
+                    Ok(permit) => tokio::task::spawn_blocking(move || {
+                        let _permit = permit;
+                        stt.transcribe(&pcm)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(SttError::Failed(format!("stt task: {e}")))),
                     Err(e) => Err(SttError::Failed(e.to_string())),
                 };
                 SttDone {
@@ -738,8 +802,13 @@ impl Call {
                 result: Ok(None),
             }));
         }
+        n
+    }
+
+    /// Answers utterance `n` (the dialog's reply, spoken).
+    async fn reply_to(&mut self, utt: &[i16], n: u64) {
         // Echo needs no transcript, so it does not wait for one.
-        let reply = self.dialog.reply(&utt, None);
+        let reply = self.dialog.reply(utt, None);
         let pcm = match (reply.audio, reply.text) {
             (Some(a), _) => a,
             (None, Some(say)) => {
@@ -805,6 +874,7 @@ impl Call {
             }
             return;
         }
+        self.finals_pending.retain(|(m, _)| *m != n);
         self.finals_logged = self.finals_logged.max(n);
         info!(
             event = "STT_FINAL",
@@ -953,8 +1023,13 @@ impl Call {
                     // timer waking a little late: the frame goes out at
                     // once, and the clock keeps its pace (a reset at every
                     // frame would lose that lateness each time and play
-                    // slower than real time).
-                    if self.next_play_at + frame_duration(FRAME_BYTES) < now {
+                    // slower than real time). A reply's first frame that
+                    // finds the clock behind starts it from now too: the
+                    // audio before it has played out, and a clock left in
+                    // the past would send up to a frame beyond the lead.
+                    if self.next_play_at + frame_duration(FRAME_BYTES) < now
+                        || (*pos == 0 && self.next_play_at < now)
+                    {
                         self.next_play_at = now;
                     }
                     let end = (*pos + FRAME_BYTES).min(data.len());
@@ -1001,32 +1076,10 @@ impl Call {
         Ok(())
     }
 
-    /// Logs `WS_STOP` and writes the record.
-    async fn finish(mut self, reason: &'static str) {
-        // The call's length, not counting the wait for its transcriptions.
+    /// The call's connection has closed: its length, end and reason go in
+    /// the record, and `WS_STOP` is logged.
+    fn ended(&mut self, reason: &'static str) {
         let duration_ms = self.t_ms();
-        // Let transcriptions in flight land in the record (bounded), but
-        // not past the worker's own grace: a call closed at shutdown
-        // writes its record before the worker exits.
-        let deadline = tokio::time::Instant::now() + STT_DRAIN_TIMEOUT;
-        let shutdown = self.state.calls_cancel.clone();
-        while !self.stt_jobs.is_empty() {
-            let next = tokio::select! {
-                next = tokio::time::timeout_at(deadline, self.stt_jobs.join_next()) => {
-                    next.map_err(|_| "at call end")
-                }
-                () = shutdown.cancelled() => Err("at shutdown"),
-            };
-            match next {
-                Ok(Some(done)) => self.on_stt_done(done),
-                Ok(None) => break,
-                Err(when) => {
-                    warn!(callSid = %self.call_sid, pending = self.stt_jobs.len(), "transcriptions still running {when}; dropped");
-                    self.stt_jobs.abort_all();
-                    break;
-                }
-            }
-        }
         self.rec.duration_ms = duration_ms;
         self.rec.ended_at = rfc3339(SystemTime::now());
         self.rec.end_reason = reason.to_string();
@@ -1045,6 +1098,50 @@ impl Call {
             sequence_gaps = self.rec.sequence_gaps,
             "WS_STOP"
         );
+    }
+
+    /// Waits for the call's transcriptions (bounded) and writes the record.
+    async fn finish(mut self) {
+        // Let transcriptions in flight land in the record (bounded), but
+        // not past the worker's own grace: a call closed at shutdown
+        // writes its record before the worker exits.
+        let deadline = tokio::time::Instant::now() + STT_DRAIN_TIMEOUT;
+        let shutdown = self.state.calls_cancel.clone();
+        while !self.stt_jobs.is_empty() {
+            let next = tokio::select! {
+                next = tokio::time::timeout_at(deadline, self.stt_jobs.join_next()) => {
+                    next.map_err(|_| "at call end")
+                }
+                () = shutdown.cancelled() => Err("at shutdown"),
+            };
+            match next {
+                Ok(Some(done)) => self.on_stt_done(done),
+                Ok(None) => break,
+                Err(when) => {
+                    warn!(callSid = %self.call_sid, pending = self.stt_jobs.len(), "transcriptions still running {when}; dropped");
+                    self.stt_jobs.abort_all();
+                    // Each utterance left without its transcript is in the
+                    // record all the same: an entry without text, counted
+                    // as skipped.
+                    let t = self.t_ms();
+                    for (n, utterance_ms) in std::mem::take(&mut self.finals_pending) {
+                        self.rec.stt_skipped += 1;
+                        self.rec.push_event(
+                            t,
+                            "stt_skipped",
+                            format!("utterance {n}: still transcribing {when}"),
+                        );
+                        self.rec.push_transcript(TranscriptEntry {
+                            t_ms: t,
+                            utterance: n,
+                            utterance_ms,
+                            text: None,
+                        });
+                    }
+                    break;
+                }
+            }
+        }
         let rec = std::mem::take(&mut self.rec);
         match rec.write(&self.state.cfg.data_dir).await {
             Ok(path) => debug!(path = %path.display(), "call record written"),

@@ -104,7 +104,9 @@ fn version(state: &AppState) -> Resp {
         "pid": std::process::id(),
         "started_at": super::record::rfc3339(state.started_at),
         "uptime_ms": state.started.elapsed().as_millis() as u64,
-        "calls_active": state.calls.len(),
+        // Connected calls (a call's task outlives its connection while
+        // its transcriptions land in its record).
+        "calls_active": state.cfg.max_calls - state.call_slots.available_permits(),
         "max_calls": state.cfg.max_calls,
         "calls_refused": state.calls_refused.load(Ordering::Relaxed),
         "engines": state.engines.names(),
@@ -471,7 +473,6 @@ fn upgrade(
         .max_message_size(Some(state.cfg.max_message_bytes))
         .max_frame_size(Some(state.cfg.max_message_bytes));
     state.calls.spawn(async move {
-        let _slot = slot;
         match on_upgrade.await {
             Ok(upgraded) => {
                 let ws = WebSocketStream::from_raw_socket(
@@ -480,7 +481,7 @@ fn upgrade(
                     Some(ws_config),
                 )
                 .await;
-                super::call::run_call(ws, st, conn_id, peer, offered).await;
+                super::call::run_call(ws, st, conn_id, peer, offered, slot).await;
             }
             Err(e) => warn!(peer = %peer, error = %e, "upgrade failed"),
         }

@@ -25,8 +25,17 @@ pub enum VadEvent {
     None,
     /// Speech began (after `start_ms` of voiced audio).
     SpeechStart,
-    /// The utterance ended (pause or length cap).
-    SpeechEnd,
+    /// The utterance ended: after a pause (`cut` false; the last
+    /// `trailing_silence_ms` of it are that pause), or at the length cap
+    /// (`cut` true). After a cut in the middle of speech the VAD stays in
+    /// speech: the next block begins the next utterance, with nothing of
+    /// the caller's speech left out of both.
+    SpeechEnd {
+        /// The unvoiced audio at the end of the utterance.
+        trailing_silence_ms: u64,
+        /// Ended by `max_utterance_ms`, not by a pause.
+        cut: bool,
+    },
 }
 
 /// Voice activity detection; per call.
@@ -159,13 +168,27 @@ impl Vad for EnergyVad {
             } else {
                 self.silence_ms + block_ms
             };
-            if self.silence_ms >= self.cfg.end_silence_ms
-                || self.utterance_ms >= self.cfg.max_utterance_ms
-            {
+            let trailing_silence_ms = self.silence_ms;
+            if self.silence_ms >= self.cfg.end_silence_ms {
                 self.speaking = false;
                 self.voiced_ms = 0;
                 self.silence_ms = 0;
-                return VadEvent::SpeechEnd;
+                return VadEvent::SpeechEnd {
+                    trailing_silence_ms,
+                    cut: false,
+                };
+            }
+            if self.utterance_ms >= self.cfg.max_utterance_ms {
+                // Cut while the caller speaks: the speech goes on into the
+                // next utterance. Cut in a pause: as a pause would end it.
+                self.speaking = voiced;
+                self.utterance_ms = 0;
+                self.voiced_ms = 0;
+                self.silence_ms = 0;
+                return VadEvent::SpeechEnd {
+                    trailing_silence_ms,
+                    cut: true,
+                };
             }
         } else {
             self.voiced_ms = if voiced { self.voiced_ms + block_ms } else { 0 };
@@ -200,6 +223,38 @@ impl Stt for NoStt {
     }
     fn transcribe(&self, _utterance: &[i16]) -> Result<Option<String>, SttError> {
         Ok(None)
+    }
+}
+
+/// Removes the scratch files (`utt-PID-N.wav`) of worker processes that
+/// are gone: a worker stopped in the middle of a transcription leaves its
+/// file behind. Those of live processes (an older generation still
+/// serving, sharing `data_dir`) are theirs.
+fn sweep_scratch(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut removed = 0u64;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("utt-")?.strip_suffix(".wav"))
+            .and_then(|rest| rest.split_once('-')?.0.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let gone = pid > 0
+            && matches!(
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+                Err(nix::errno::Errno::ESRCH)
+            );
+        if gone && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        tracing::info!(removed, dir = %dir.display(), "removed scratch files of stopped workers");
     }
 }
 
@@ -531,6 +586,7 @@ impl Engines {
             },
         };
         let scratch = cfg.data_dir.join("tmp");
+        sweep_scratch(&scratch);
         let stt: Arc<dyn Stt> = match cfg.stt {
             SttChoice::None => Arc::new(NoStt),
             SttChoice::Pocketsphinx => {
@@ -634,12 +690,99 @@ mod tests {
             1
         );
         assert!(vad.in_speech());
-        let mut ended = false;
+        let mut ended = Vec::new();
         for _ in 0..25 {
-            ended |= vad.process(&silence) == VadEvent::SpeechEnd;
+            if let VadEvent::SpeechEnd {
+                trailing_silence_ms,
+                cut,
+            } = vad.process(&silence)
+            {
+                ended.push((trailing_silence_ms, cut));
+            }
         }
-        assert!(ended);
+        assert_eq!(ended, [(VadConfig::default().end_silence_ms, false)]);
         assert!(!vad.in_speech());
+    }
+
+    /// Speech longer than `max_utterance_ms` is cut into utterances that
+    /// hold all of it: the cut is no pause, and the speech after it is the
+    /// next utterance from its first block.
+    #[test]
+    fn vad_cuts_long_speech_without_losing_any() {
+        let cfg = VadConfig {
+            max_utterance_ms: 1000,
+            ..VadConfig::default()
+        };
+        let mut vad = EnergyVad::new(cfg.clone());
+        let speech = audio::tone(300.0, 20, 8000);
+        let mut events = Vec::new();
+        for i in 0..200 {
+            match vad.process(&speech) {
+                VadEvent::None => {}
+                e => events.push((i, e)),
+            }
+        }
+        let start = cfg.start_ms / 20 - 1;
+        assert_eq!(events[0], (start, VadEvent::SpeechStart));
+        // Then a cut every 1000 ms of speech (the first utterance counts
+        // the voiced blocks that started it), and no new start: the VAD
+        // stays in speech.
+        let cuts: Vec<u64> = events[1..]
+            .iter()
+            .map(|(i, e)| {
+                assert_eq!(
+                    *e,
+                    VadEvent::SpeechEnd {
+                        trailing_silence_ms: 0,
+                        cut: true
+                    }
+                );
+                *i
+            })
+            .collect();
+        assert_eq!(cuts[0], 1000 / 20 - 1);
+        assert!(cuts.windows(2).all(|w| w[1] - w[0] == 50), "{cuts:?}");
+        assert!(vad.in_speech());
+        // Cut in a pause: the utterance ends there, as a pause ends it.
+        let mut vad = EnergyVad::new(cfg);
+        let silence = vec![0i16; 160];
+        let mut ends = Vec::new();
+        for i in 0..70 {
+            let block = if i < 48 { &speech } else { &silence };
+            if let e @ VadEvent::SpeechEnd { .. } = vad.process(block) {
+                ends.push(e);
+            }
+        }
+        assert_eq!(
+            ends,
+            [VadEvent::SpeechEnd {
+                trailing_silence_ms: 40,
+                cut: true
+            }]
+        );
+        assert!(!vad.in_speech());
+    }
+
+    /// A worker stopped mid-transcription leaves its scratch file; the
+    /// next one to start removes it, and leaves a live worker's alone.
+    #[test]
+    fn scratch_files_of_stopped_workers_are_swept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut gone = std::process::Command::new("true").spawn().expect("spawn");
+        let gone_pid = gone.id();
+        gone.wait().expect("reap");
+        let stale = dir.path().join(format!("utt-{gone_pid}-3.wav"));
+        let live = dir.path().join(format!("utt-{}-1.wav", std::process::id()));
+        let other = dir.path().join("notes.wav");
+        for f in [&stale, &live, &other] {
+            std::fs::write(f, b"RIFF").expect("write");
+        }
+        sweep_scratch(dir.path());
+        assert!(!stale.exists());
+        assert!(live.exists());
+        assert!(other.exists());
+        // No folder yet: nothing to do.
+        sweep_scratch(&dir.path().join("missing"));
     }
 
     #[test]

@@ -62,7 +62,8 @@ pub struct TranscriptEntry {
     pub utterance: u64,
     /// Utterance length.
     pub utterance_ms: u64,
-    /// The recognised text; `None` when no STT engine is installed.
+    /// The recognised text; `None` when no STT engine is installed, the
+    /// engine failed, or the utterance was not transcribed (`stt_skipped`).
     pub text: Option<String>,
 }
 
@@ -87,7 +88,9 @@ pub struct CallRecord {
     pub ended_at: String,
     /// WebSocket lifetime.
     pub duration_ms: u64,
-    /// Why the call ended (`stop`, `client_close`, `shutdown`, ...).
+    /// Why the call ended: `stop`, `client_close` (a close frame),
+    /// `reset` (the connection ended without one), `io_error`, `pong
+    /// timeout`, `server shutting down`, ...
     pub end_reason: String,
     /// Inbound media messages.
     pub frames_in: u64,
@@ -105,8 +108,10 @@ pub struct CallRecord {
     pub clears: u64,
     /// Utterances detected.
     pub utterances: u64,
-    /// Utterances not transcribed because this call's transcriptions had
-    /// fallen behind (see `MAX_STT_JOBS` in the call loop).
+    /// Utterances not transcribed: this call's transcriptions had fallen
+    /// behind (see `MAX_STT_JOBS` in the call loop), or were still running
+    /// when the wait for them at the call's end ran out (10 s, or the
+    /// worker's shutdown). Each has a transcript entry without text.
     pub stt_skipped: u64,
     /// STT engine (`none` = no recogniser installed; no transcripts).
     pub stt_engine: String,

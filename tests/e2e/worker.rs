@@ -2293,10 +2293,21 @@ async fn worker_caps_the_transcriptions_a_call_has_waiting() {
             .expect("record JSON");
     assert_eq!(rec["utterances"], UTTERANCES, "{rec}");
     let skipped = rec["stt_skipped"].as_u64().expect("stt_skipped");
-    let transcribed = rec["transcript"].as_array().expect("transcript").len() as u64;
     assert!(skipped >= 1, "{rec}");
-    assert!(transcribed <= 4, "{rec}");
-    assert_eq!(skipped + transcribed, UTTERANCES, "{rec}");
+    assert!(UTTERANCES - skipped <= 4, "{rec}");
+    // One transcript entry per utterance all the same (those skipped have
+    // no text), and an event for each skipped one.
+    let numbers: Vec<u64> = rec["transcript"]
+        .as_array()
+        .expect("transcript")
+        .iter()
+        .map(|e| e["utterance"].as_u64().expect("utterance"))
+        .collect();
+    assert_eq!(numbers.len() as u64, UTTERANCES, "{rec}");
+    assert!((1..=UTTERANCES).all(|n| numbers.contains(&n)), "{rec}");
+    let events = rec["events"].as_array().expect("events");
+    let skip_events = events.iter().filter(|e| e["kind"] == "stt_skipped").count() as u64;
+    assert_eq!(skip_events, skipped, "{rec}");
     let _ = child.start_kill();
     let _ = child.wait().await;
 }
@@ -2360,18 +2371,174 @@ async fn a_call_closed_at_shutdown_keeps_its_record_while_a_transcription_runs()
     );
 }
 
+/// The first call record in `dir`/data/calls, waited for (bounded).
+async fn wait_record(dir: &Path) -> Value {
+    let calls = dir.join("data/calls");
+    for _ in 0..600 {
+        let found = std::fs::read_dir(&calls)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .find(|e| e.file_name().to_string_lossy().ends_with(".json"));
+        if let Some(e) = found {
+            return serde_json::from_slice(&std::fs::read(e.path()).expect("read"))
+                .expect("record JSON");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no call record in {}", calls.display());
+}
+
+/// A caller who hangs up in the middle of speaking: that speech is an
+/// utterance of the call (counted, transcribed for the record), and the
+/// call ends when its connection does: `WS_STOP`, `ended_at`, the TCP
+/// close and the call's slot come at once, not after its transcription.
+/// A transcription still running when the wait for it runs out is in the
+/// record as skipped, with an entry of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_ends_mid_speech_keeps_that_speech_and_ends_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let started = dir.path().join("engine-started");
+    let engine = format!(
+        "#!/bin/sh\n[ \"$1\" = \"-h\" ] && exit 0\necho $$ > '{}'\nexec sleep 600\n",
+        started.display()
+    );
+    let (addr, mut child) = worker_with_fake_engines(
+        dir.path(),
+        &[("pocketsphinx_continuous", &engine)],
+        "data_dir = \"data\"\ntts = \"tone\"\nstt = \"pocketsphinx\"\nengine_timeout_ms = 60000\n",
+    );
+    let mut ws = ws_connect(&format!("ws://{addr}/ws/twilio-media")).await;
+    ws.send(start_msg("MZmid", "CAmid")).await.expect("start");
+    // 400 ms of speech, no pause after it, then `stop`.
+    send_audio(&mut ws, "MZmid", &mut 1, 20, 0).await;
+    let stopped = std::time::SystemTime::now();
+    ws.send(stop_msg("MZmid", "CAmid")).await.expect("stop");
+    assert_eq!(expect_close(&mut ws).await, Some(CloseCode::Normal));
+    // The connection ends (EOF) and the slot is free while the
+    // transcription of that last speech runs.
+    let eof = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(_)) => {}
+                _ => return,
+            }
+        }
+    })
+    .await;
+    assert!(eof.is_ok(), "the worker kept the connection open");
+    let mut running = false;
+    for _ in 0..200 {
+        if std::fs::read_to_string(&started).is_ok_and(|p| p.ends_with('\n')) {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        running,
+        "the speech the call ended in was never transcribed"
+    );
+    let r = http(addr, "GET", "/version", &[], b"").await;
+    let v: Value = serde_json::from_slice(&r.body).expect("version JSON");
+    assert_eq!(v["calls_active"], 0, "{v}");
+    assert!(
+        !dir.path().join("data/calls").exists()
+            || std::fs::read_dir(dir.path().join("data/calls"))
+                .expect("calls")
+                .next()
+                .is_none(),
+        "the record waits for the transcription"
+    );
+    let rec = wait_record(dir.path()).await;
+    assert_eq!(rec["end_reason"], "stop", "{rec}");
+    assert_eq!(rec["utterances"], 1, "{rec}");
+    assert_eq!(rec["stt_skipped"], 1, "{rec}");
+    let transcript = rec["transcript"].as_array().expect("transcript");
+    assert_eq!(transcript.len(), 1, "{rec}");
+    assert_eq!(transcript[0]["utterance"], 1, "{rec}");
+    assert!(transcript[0]["text"].is_null(), "{rec}");
+    assert!(
+        transcript[0]["utterance_ms"].as_u64().expect("ms") >= 400,
+        "{rec}"
+    );
+    // `ended_at` is when the call ended, not when the record was written.
+    let ended =
+        humantime::parse_rfc3339(rec["ended_at"].as_str().expect("ended_at")).expect("rfc3339");
+    let after_stop = ended.duration_since(stopped).unwrap_or_default();
+    assert!(after_stop < Duration::from_secs(3), "{rec}");
+    let engine: i32 = std::fs::read_to_string(&started)
+        .expect("engine pid")
+        .trim()
+        .parse()
+        .expect("engine pid");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(engine),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
+
+/// Speech longer than `max_utterance_ms` is cut into utterances that
+/// hold all of it: no pause is trimmed off at a cut, and the speech after
+/// a cut is the next utterance from its first frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speech_cut_at_max_utterance_ms_is_kept_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (addr, mut child) = worker_with_fake_engines(
+        dir.path(),
+        &[],
+        "data_dir = \"data\"\ntts = \"tone\"\n[vad]\nmax_utterance_ms = 1000\n",
+    );
+    let mut ws = ws_connect(&format!("ws://{addr}/ws/twilio-media")).await;
+    ws.send(start_msg("MZcut", "CAcut")).await.expect("start");
+    // 2.5 s of speech without a pause, then 600 ms of silence.
+    send_audio(&mut ws, "MZcut", &mut 1, 125, 30).await;
+    ws.send(stop_msg("MZcut", "CAcut")).await.expect("stop");
+    let rec = wait_record(dir.path()).await;
+    let lengths: Vec<u64> = rec["transcript"]
+        .as_array()
+        .expect("transcript")
+        .iter()
+        .map(|e| e["utterance_ms"].as_u64().expect("utterance_ms"))
+        .collect();
+    assert_eq!(rec["utterances"], 3, "{rec}");
+    // The first two end at the cap (the first holds the 100 ms before
+    // speech began too); all three hold all 2.5 s of speech.
+    assert!(lengths[0] >= 1000 && lengths[1] >= 1000, "{lengths:?}");
+    assert!(lengths.iter().sum::<u64>() >= 2500, "{lengths:?}");
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
+
 /// One utterance to the worker on `stream_sid`: 200 ms of tone, then
 /// 600 ms of silence, in media messages numbered on from `seq`.
 async fn send_utterance(ws: &mut Client, stream_sid: &str, seq: &mut u64) {
+    send_audio(ws, stream_sid, seq, 10, 30).await;
+}
+
+/// `speech` frames of tone then `silence` frames of silence (20 ms each),
+/// numbered on from `seq`.
+async fn send_audio(
+    ws: &mut Client,
+    stream_sid: &str,
+    seq: &mut u64,
+    speech: usize,
+    silence: usize,
+) {
     use base64::Engine;
     let frame = |pcm: &[i16]| {
         let mut ulaw = Vec::new();
         baton::twilio::mulaw::encode_into(pcm, &mut ulaw);
         base64::engine::general_purpose::STANDARD.encode(ulaw)
     };
-    let speech = frame(&baton::twilio::audio::tone(440.0, 20, 8000));
-    let silence = frame(&[0i16; 160]);
-    for payload in std::iter::repeat_n(&speech, 10).chain(std::iter::repeat_n(&silence, 30)) {
+    let speech_frame = frame(&baton::twilio::audio::tone(440.0, 20, 8000));
+    let silence_frame = frame(&[0i16; 160]);
+    let (speech, silence, n_speech, n_silence) = (speech_frame, silence_frame, speech, silence);
+    for payload in
+        std::iter::repeat_n(&speech, n_speech).chain(std::iter::repeat_n(&silence, n_silence))
+    {
         *seq += 1;
         let msg = serde_json::json!({"event": "media", "sequenceNumber": seq.to_string(),
             "streamSid": stream_sid, "media": {"track": "inbound", "chunk": seq.to_string(),
