@@ -212,12 +212,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (code, mut body) =
                 client::call(&socket, Method::GET, "/v1/events", Some(limit)).await?;
             if !code.is_success() {
-                bail!("events: {code}");
+                // The error's body is short; a stream that never ends is
+                // cut at the timeout.
+                let text = tokio::time::timeout(limit, body.collect())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                    .unwrap_or_default();
+                bail!("events: {code}: {}", error_text(&text));
             }
             let mut buf = Vec::new();
             let mut out = std::io::stdout().lock();
             while let Some(frame) = body.frame().await {
-                let frame = frame?;
+                let frame =
+                    frame.context("the event stream broke off (batond stopped or was killed?)")?;
                 let Some(data) = frame.data_ref() else {
                     continue;
                 };

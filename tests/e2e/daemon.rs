@@ -1817,12 +1817,41 @@ async fn kill_9_of_the_daemon_leaves_no_worker() {
     let s = d.wait_active(1).await;
     let pid = s.active.and_then(|a| a.pid).expect("pid");
     assert!(alive(pid));
+    // A `batonctl events` following the daemon says its stream broke off.
+    use tokio::io::AsyncBufReadExt;
+    let mut events = tokio::process::Command::new(BATONCTL)
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("events")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("batonctl events");
+    let mut lines = tokio::io::BufReader::new(events.stdout.take().expect("stdout")).lines();
+    // Following: it prints the deploy's events.
+    d.deploy().await;
+    let first = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .expect("an event")
+        .expect("read");
+    assert!(first.is_some(), "batonctl events printed nothing");
     d.child.start_kill().expect("kill -9");
     let _ = d.child.wait().await;
     assert!(
         wait_gone(pid).await,
         "worker {pid} outlived kill -9 of batond"
     );
+    let out = tokio::time::timeout(PATIENCE, async {
+        while let Ok(Some(_)) = lines.next_line().await {}
+        events.wait_with_output().await
+    })
+    .await
+    .expect("batonctl events ended")
+    .expect("batonctl events");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("event stream broke off"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
