@@ -256,7 +256,7 @@ def http_rows(http, name):
     peers = {c: (med(c, "rps"), med(c, "p99_ms")) for c in ("batond", "nginx", "haproxy")}
     best_peer = max((peers[c] for c in ("nginx", "haproxy") if peers[c][0]), default=(None, None))
     where = {"tcp": "worker on loopback TCP", "unix": "worker on a Unix socket",
-             "pinned": "worker on loopback TCP; the proxy alone on CPU 0, the worker and wrk on CPU 1"}[name]
+             "pinned": "worker on loopback TCP; the proxy alone on one CPU, the worker and wrk on another"}[name]
     for cfg, label in (("direct", "direct to media-worker"), ("batond", "through batond"),
                        ("nginx", "through nginx (1 worker, keepalive)"),
                        ("haproxy", "through HAProxy (1 thread, http-reuse always)")):
@@ -265,7 +265,7 @@ def http_rows(http, name):
         rps, p99 = (direct_rps, direct_p99) if cfg == "direct" else peers[cfg]
         ratio = f"{rps / direct_rps:.2f}x direct; " if rps and direct_rps else ""
         if cfg == "batond" and rps and best_peer[0] and name == "pinned":
-            target = "(reference: each proxy's own cost)"
+            target = "(reference: placement fixed)"
             v = f"{ratio}{rps / best_peer[0]:.2f}x best peer req/s, p99 {p99:.2f} vs {best_peer[1]:.2f} ms"
         elif cfg == "batond" and rps and best_peer[0]:
             ok = rps >= best_peer[0] and p99 <= best_peer[1]

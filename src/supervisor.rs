@@ -184,7 +184,7 @@ enum Internal {
     RestartDone {
         generation: u64,
         replace: bool,
-        result: Result<(Instance, Duration), String>,
+        result: Result<(Instance, Duration), worker_proc::StartFailure>,
     },
     DrainTimedOut {
         generation: u64,
@@ -1439,7 +1439,7 @@ impl Supervisor {
         &mut self,
         generation: u64,
         replace: bool,
-        result: Result<(Instance, Duration), String>,
+        result: Result<(Instance, Duration), worker_proc::StartFailure>,
     ) {
         if !replace {
             self.starting = false;
@@ -1478,7 +1478,19 @@ impl Supervisor {
                     }
                 }
             }
-            Err(reason) => {
+            Err(failure) => {
+                let reason = failure.reason;
+                if failure.ours
+                    && !replace
+                    && let Some(rt) = self.runtime.get_mut(&generation)
+                {
+                    // batond could not start a process at all (out of
+                    // descriptors, no port): that start did not happen,
+                    // and counts neither for nor against the start limit.
+                    // The restart is tried again after the backoff, until
+                    // batond has what it needs.
+                    rt.starts.pop_back();
+                }
                 self.events.emit(
                     "rejected",
                     Some(generation),
@@ -2149,9 +2161,19 @@ async fn pipeline(
         signature,
         dir: dir.to_path_buf(),
     };
+    // A worker that did not prove itself is rejected; one batond could not
+    // start at all (no port, no descriptors) failed: it says nothing of the
+    // build.
     let result = worker_proc::start(cfg, shim, &launch, wtx, token)
         .await
-        .map_err(|r| (GenState::Rejected, r));
+        .map_err(|f| {
+            let state = if f.ours {
+                GenState::Failed
+            } else {
+                GenState::Rejected
+            };
+            (state, f.reason)
+        });
     (result, Some(snapshot))
 }
 
@@ -2192,9 +2214,28 @@ fn remove_gen_dir(state_dir: &std::path::Path, id: u64) {
         }
         return;
     }
+    let state_dir = state_dir.to_path_buf();
     drop(tokio::task::spawn_blocking(move || {
         if let Err(e) = std::fs::remove_dir_all(&trash) {
-            tracing::warn!(dir = %trash.display(), error = %e, "cannot remove an old generation");
+            tracing::warn!(dir = %trash.display(), error = %e, "cannot remove an old generation; tried again at the next removal");
+        }
+        // Those an earlier removal could not finish (out of descriptors,
+        // an I/O error) are tried again now, not left until a restart.
+        let Ok(entries) = std::fs::read_dir(&state_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path != trash
+                && entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(TRASH_PREFIX)
+                && let Err(e) = std::fs::remove_dir_all(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(dir = %path.display(), error = %e, "cannot remove an old generation; tried again at the next removal");
+            }
         }
     }));
 }

@@ -52,7 +52,7 @@ fn queue() -> Option<&'static SyncSender<Message>> {
 fn send_all(rx: &Receiver<Message>) {
     let target = std::env::var_os("NOTIFY_SOCKET").unwrap_or_default();
     let sock = notify_socket(&target);
-    // Said once: systemd would then wait for READY=1 until its timeout.
+    // Said once per run of failures, and when they end.
     let mut warned = false;
     while let Ok(m) = rx.recv() {
         let states = match &m {
@@ -71,14 +71,17 @@ fn send_all(rx: &Receiver<Message>) {
             Ok((sock, addr)) => sock.send_to_addr(text.as_bytes(), addr).map(drop),
             Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
         };
-        if let Err(e) = sent
-            && !std::mem::replace(&mut warned, true)
-        {
-            tracing::warn!(
+        match sent {
+            Err(e) if !std::mem::replace(&mut warned, true) => tracing::warn!(
                 notify_socket = %target.to_string_lossy(),
                 error = %e,
-                "cannot send to systemd's notify socket (NOTIFY_SOCKET); a Type=notify unit will not see READY=1"
-            );
+                "cannot send to systemd's notify socket (NOTIFY_SOCKET); systemd misses batond's notifications (READY=1, STATUS=, WATCHDOG=1) until a send works again"
+            ),
+            Err(_) => {}
+            Ok(()) if std::mem::replace(&mut warned, false) => {
+                tracing::info!("systemd's notify socket takes notifications again");
+            }
+            Ok(()) => {}
         }
     }
 }

@@ -70,7 +70,7 @@ pub async fn build(
     let (tx, rx) = mpsc::unbounded_channel::<String>();
     let queued = Arc::new(AtomicUsize::new(0));
     let writer = tokio::spawn(write_log(
-        log,
+        Ok(log),
         log_path.clone(),
         BUILD_LOG_MAX_BYTES,
         rx,
@@ -471,36 +471,70 @@ pub struct Launch {
     pub dir: PathBuf,
 }
 
+/// Why a start failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartFailure {
+    /// `exited with status S`, `healthz NNN`, `signature mismatch: want X
+    /// got Y`, `start timeout ...`, or what stopped batond from starting it.
+    pub reason: String,
+    /// batond's own failure before any worker process ran (no port, no
+    /// file descriptors, no fork): it says nothing of the build.
+    pub ours: bool,
+}
+
+impl StartFailure {
+    /// batond's own failure, before the worker ran.
+    fn ours(reason: String) -> Self {
+        Self { reason, ours: true }
+    }
+}
+
+impl From<String> for StartFailure {
+    fn from(reason: String) -> Self {
+        Self {
+            reason,
+            ours: false,
+        }
+    }
+}
+
+impl std::fmt::Display for StartFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
 /// Starts a worker and probes it until it proves the expected signature.
 /// Returns the proven instance and the time it took.
 ///
 /// # Errors
 /// The reason for rejection: `exited with status S`, `healthz NNN`,
-/// `signature mismatch: want X got Y`, `start timeout`, or a spawn error.
+/// `signature mismatch: want X got Y`, `start timeout`; or batond's own
+/// failure to start it (marked [`StartFailure::ours`]).
 pub async fn start(
     cfg: &Config,
     shim: &Path,
     launch: &Launch,
     events: mpsc::UnboundedSender<WorkerEvent>,
     token: &CancellationToken,
-) -> Result<(Instance, Duration), String> {
+) -> Result<(Instance, Duration), StartFailure> {
     // The socket handed over as fd 3, or (`port`) the reservation kept
     // here until the worker exits.
     let (endpoint, listener, reservation) = match cfg.worker.socket {
         WorkerSocket::Tcp => {
-            let (endpoint, listener) =
-                Endpoint::bind_tcp().map_err(|e| format!("cannot bind a loopback port: {e}"))?;
+            let (endpoint, listener) = Endpoint::bind_tcp()
+                .map_err(|e| StartFailure::ours(format!("cannot bind a loopback port: {e}")))?;
             (endpoint, Some(listener), None)
         }
         WorkerSocket::Port => {
             let (endpoint, reserved) = Endpoint::reserve_tcp()
-                .map_err(|e| format!("cannot reserve a loopback port: {e}"))?;
+                .map_err(|e| StartFailure::ours(format!("cannot reserve a loopback port: {e}")))?;
             (endpoint, None, Some(reserved))
         }
         WorkerSocket::Unix => {
             let path = launch.dir.join(format!("worker-{}.sock", launch.instance));
             let (endpoint, listener) = Endpoint::bind_unix(&path)
-                .map_err(|e| format!("cannot bind the worker socket: {e}"))?;
+                .map_err(|e| StartFailure::ours(format!("cannot bind the worker socket: {e}")))?;
             (endpoint, Some(listener), None)
         }
     };
@@ -531,20 +565,21 @@ pub async fn start(
         env.push(("BATON_SIGNATURE".into(), launch.signature.clone()));
     }
     let log_path = launch.dir.join("worker.log");
-    // Opened before the process starts, so that a failure here leaves
-    // nothing running.
-    let log = match tokio::fs::OpenOptions::new()
+    // A log that cannot be opened costs its lines only (they still go to
+    // batond's own log), not the worker.
+    let log = tokio::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
-        .await
-    {
-        Ok(f) => f,
-        Err(e) => {
-            endpoint.remove_file();
-            return Err(format!("{}: {e}", log_path.display()));
-        }
-    };
+        .await;
+    if let Err(e) = &log {
+        tracing::warn!(
+            generation = launch.generation,
+            path = %log_path.display(),
+            error = %e,
+            "cannot open the worker's log; its output goes to batond's log only"
+        );
+    }
     let mut child = Child::spawn(
         shim,
         Spec {
@@ -558,7 +593,7 @@ pub async fn start(
     )
     .map_err(|e| {
         endpoint.remove_file();
-        e.to_string()
+        StartFailure::ours(e.to_string())
     })?;
     let started = Instant::now();
     let pid = u32::try_from(child.pid()).unwrap_or_default();
@@ -667,7 +702,7 @@ pub async fn start(
                 rx.wait_for(Option::is_some),
             )
             .await;
-            Err(reason)
+            Err(reason.into())
         }
     }
 }
@@ -1042,12 +1077,28 @@ const ROTATE_RETRY: Duration = Duration::from_secs(10);
 /// a line that says how many were lost and why. Returns, when lines were
 /// lost, what to say of them in a failure's reason.
 async fn write_log(
-    file: tokio::fs::File,
+    file: std::io::Result<tokio::fs::File>,
     path: PathBuf,
     max_bytes: u64,
     mut rx: mpsc::UnboundedReceiver<String>,
     queued: Arc<AtomicUsize>,
 ) -> Option<Unwritten> {
+    let file = match file {
+        Ok(f) => f,
+        Err(e) => {
+            // No file: the lines are counted, as lines a full disk took.
+            let mut lost = 0u64;
+            while let Some(line) = rx.recv().await {
+                queued.fetch_sub(line.len() + LINE_COST, Ordering::Relaxed);
+                lost += 1;
+            }
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            return (lost > 0).then(|| Unwritten {
+                summary: format!("{lost} line(s) not written to {name}: {e}"),
+                quote: None,
+            });
+        }
+    };
     let mut log = RotatingLog {
         written: file.metadata().await.map_or(0, |m| m.len()),
         file,
@@ -1059,6 +1110,7 @@ async fn write_log(
         error: None,
         quote: None,
         rotate_failed: None,
+        cut_line: false,
     };
     while let Some(line) = rx.recv().await {
         let mut next = Some(line);
@@ -1110,6 +1162,8 @@ struct RotatingLog {
     quote: Option<String>,
     /// When a rotation last failed, and why.
     rotate_failed: Option<(Instant, String)>,
+    /// The last write stopped part of the way through a line.
+    cut_line: bool,
 }
 
 impl RotatingLog {
@@ -1142,8 +1196,11 @@ impl RotatingLog {
                 .as_ref()
                 .map(ToString::to_string)
                 .unwrap_or_default();
+            // After a write cut off in the middle of a line, the note
+            // starts a line of its own.
+            let start = if self.cut_line { "\n" } else { "" };
             format!(
-                "[batond: {} line(s) could not be written here: {why}]\n",
+                "{start}[batond: {} line(s) could not be written here: {why}]\n",
                 self.lost
             )
         });
@@ -1161,12 +1218,23 @@ impl RotatingLog {
             Ok(()) => {
                 self.written += (note.map_or(0, |n| n.len()) + self.buf.len()) as u64;
                 self.buf.clear();
+                self.cut_line = false;
                 if self.lost > 0 {
                     tracing::info!(path = %self.path.display(), lost = self.lost, "the log is written again");
                     self.lost = 0;
                 }
             }
-            Err(e) => self.lose_buffer(e),
+            Err(e) => {
+                // Part of it may be in the file (a disk that filled up
+                // during the write): the file's size says.
+                if let Ok(m) = self.file.metadata().await
+                    && m.len() > self.written
+                {
+                    self.written = m.len();
+                    self.cut_line = true;
+                }
+                self.lose_buffer(e);
+            }
         }
     }
 
@@ -1352,7 +1420,7 @@ mod tests {
         let file = tokio::fs::File::create(&path).await.expect("create");
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
-        let writer = tokio::spawn(write_log(file, path.clone(), 1000, rx, queued.clone()));
+        let writer = tokio::spawn(write_log(Ok(file), path.clone(), 1000, rx, queued.clone()));
         let mut q = LogQueue::new(tx, queued.clone(), LOG_QUEUE_BYTES, "worker.log");
         for i in 0..30 {
             q.offer(format!("line {i:03} {}", "x".repeat(90)));
@@ -1387,7 +1455,7 @@ mod tests {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let writer = tokio::spawn(write_log(
-            tokio::fs::File::from_std(full),
+            Ok(tokio::fs::File::from_std(full)),
             PathBuf::from("/dev/full"),
             1 << 20,
             rx,
@@ -1424,7 +1492,7 @@ mod tests {
         let file = tokio::fs::File::create(&path).await.expect("create");
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
-        let writer = tokio::spawn(write_log(file, path.clone(), 1000, rx, queued.clone()));
+        let writer = tokio::spawn(write_log(Ok(file), path.clone(), 1000, rx, queued.clone()));
         let mut q = LogQueue::new(tx, queued.clone(), LOG_QUEUE_BYTES, "worker.log");
         let line = |i: usize| format!("line {i:03} {}", "x".repeat(90));
         for i in 0..5 {

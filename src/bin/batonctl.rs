@@ -88,11 +88,9 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            // A closed pipe (batonctl events | head) is not an error.
-            if e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            }) {
+            // A closed output pipe (batonctl events | head) is not an
+            // error; a control connection that closed is one.
+            if output_closed(&e) {
                 return ExitCode::SUCCESS;
             }
             eprintln!("batonctl: {}", baton::logging::error_text(&e));
@@ -118,14 +116,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// The error is stdout's pipe closing (`batonctl logs | head`), not the
+/// control socket's.
+fn output_closed(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<OutputError>()
+            .is_some_and(|o| o.0.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// A failed write to stdout (told apart from the control socket's errors).
+#[derive(Debug, thiserror::Error)]
+#[error("writing to stdout: {0}")]
+struct OutputError(std::io::Error);
+
 /// Writes `text` to stdout: an error (a closed pipe, a full disk) comes
 /// back to `main`, which says what it was (`print!` would panic).
-fn say(text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())
+fn say(text: &str) -> Result<(), OutputError> {
+    write_out(&mut std::io::stdout().lock(), text.as_bytes())
+}
+
+fn write_out(out: &mut impl std::io::Write, bytes: &[u8]) -> Result<(), OutputError> {
+    out.write_all(bytes)
         .and_then(|()| out.flush())
-        .map_err(|e| std::io::Error::new(e.kind(), format!("writing to stdout: {e}")))
+        .map_err(OutputError)
 }
 
 fn parse_timeout(s: &str) -> Result<f64, String> {
@@ -207,7 +221,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Events { json } => {
-            use std::io::Write;
             // The stream's head comes at once; its events as they happen.
             let (code, mut body) =
                 client::call(&socket, Method::GET, "/v1/events", Some(limit)).await?;
@@ -234,15 +247,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
                     let line: Vec<u8> = buf.drain(..=pos).collect();
                     if json {
-                        out.write_all(&line)?;
+                        write_out(&mut out, &line)?;
                     } else if let Ok(ev) = serde_json::from_slice::<Event>(&line) {
                         let g = ev
                             .generation
                             .map(|g| format!(" gen {g}"))
                             .unwrap_or_default();
-                        writeln!(out, "{} {}{g}: {}", ev.ts, ev.kind, ev.message)?;
+                        let text = format!("{} {}{g}: {}\n", ev.ts, ev.kind, ev.message);
+                        write_out(&mut out, text.as_bytes())?;
                     }
-                    out.flush()?;
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -402,4 +415,26 @@ fn render_status(s: &Status) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A closed output pipe ends batonctl quietly; a control connection
+    /// closed under a request (EPIPE too) is an error: a deploy that never
+    /// reached batond must not look like one that did.
+    #[test]
+    fn only_a_closed_output_pipe_is_no_error() {
+        let pipe = || std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        let out = anyhow::Error::new(OutputError(pipe()));
+        assert!(output_closed(&out));
+        assert!(output_closed(&out.context("printing the status")));
+        let control = anyhow::Error::new(pipe()).context("sending the request");
+        assert!(!output_closed(&control));
+        let full = anyhow::Error::new(OutputError(std::io::Error::from(
+            std::io::ErrorKind::StorageFull,
+        )));
+        assert!(!output_closed(&full));
+    }
 }

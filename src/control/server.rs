@@ -172,6 +172,8 @@ pub async fn serve(
     let mut check = tokio::time::interval(SOCKET_CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut complained = false;
+    // Failed accepts since the last warning, and when that was.
+    let (mut failed, mut warned) = (0u64, None::<tokio::time::Instant>);
     loop {
         let stream = tokio::select! {
             _ = check.tick() => {
@@ -194,7 +196,14 @@ pub async fn serve(
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "control accept failed");
+                    // EMFILE and friends: said once a second with a count,
+                    // as the public listener does, not at every try.
+                    failed += 1;
+                    if warned.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)) {
+                        tracing::warn!(error = %e, failed, "control accept failed; retrying every 50 ms");
+                        warned = Some(tokio::time::Instant::now());
+                        failed = 0;
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
@@ -242,7 +251,9 @@ async fn route(
     trusted: bool,
     token: CancellationToken,
 ) -> Response<ProxyBody> {
-    let mutating = req.method() == Method::POST;
+    // Only the calls that change something are checked: a POST to a
+    // read-only route or to none gets its 405 or 404 from anyone.
+    let mutating = changes_something(req.method(), req.uri().path());
     if mutating && !trusted {
         return json_error(
             StatusCode::FORBIDDEN,
@@ -252,11 +263,23 @@ async fn route(
     // A change read after its sender gave up (batond was stopped or busy
     // meanwhile) is not carried out: `batonctl` has already said it got
     // no answer, and a retry must not make it two.
+    let deadline = match req.headers().get(super::client::DEADLINE_HEADER) {
+        None => None,
+        Some(v) => match v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+            Some(ms) => Some(ms),
+            None => {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "{}: not a time (milliseconds since the epoch)",
+                        super::client::DEADLINE_HEADER
+                    ),
+                );
+            }
+        },
+    };
     if mutating
-        && let Some(deadline) = req
-            .headers()
-            .get(super::client::DEADLINE_HEADER)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        && let Some(deadline) = deadline
         && super::client::epoch_ms(std::time::Duration::ZERO) > deadline
     {
         tracing::warn!(
@@ -333,6 +356,11 @@ async fn route(
             None => json_error(StatusCode::NOT_FOUND, "no such route"),
         },
     }
+}
+
+/// A call that changes the daemon (only root and the daemon's user may).
+fn changes_something(method: &Method, path: &str) -> bool {
+    method == Method::POST && allowed(path) == Some("POST")
 }
 
 /// The methods a route takes (for a 405's `Allow`), `None` for no route.
@@ -687,6 +715,19 @@ fn json_error(code: StatusCode, msg: &str) -> Response<ProxyBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only the routes that change something ask who is calling: a POST
+    /// elsewhere gets its 405 or 404 from anyone.
+    #[test]
+    fn only_changes_need_trust() {
+        for path in ["/v1/deploy", "/v1/restart", "/v1/reload"] {
+            assert!(changes_something(&Method::POST, path), "{path}");
+            assert!(!changes_something(&Method::GET, path), "{path}");
+        }
+        for path in ["/v1/status", "/v1/logs", "/v1/events", "/metrics", "/nope"] {
+            assert!(!changes_something(&Method::POST, path), "{path}");
+        }
+    }
 
     #[tokio::test]
     async fn an_events_reader_that_fell_behind_is_told_how_many_it_missed() {

@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
@@ -131,6 +132,10 @@ struct Call {
     in_bytes: Vec<u8>,
     pcm: Vec<i16>,
     preroll: VecDeque<i16>,
+    /// Samples since an utterance was cut at `max_utterance_ms`: the next
+    /// utterance takes those of the pre-roll only (the rest is in the one
+    /// cut).
+    since_cut: usize,
     utterance: Vec<i16>,
     queue: VecDeque<Out>,
     next_play_at: Instant,
@@ -147,9 +152,10 @@ struct Call {
 }
 
 /// Serves one upgraded WebSocket until the call ends, then writes its
-/// record. `slot` is the call's place under `max_calls`, given back when
-/// the connection closes. Never panics; errors are logged with the call's
-/// sids.
+/// record. `slot` is the call's place under `max_calls`, given back once
+/// the record is written: a call whose transcriptions are still landing
+/// holds their audio, and the limit bounds that too. Never panics; errors
+/// are logged with the call's sids.
 pub async fn run_call<S>(
     mut ws: WebSocketStream<S>,
     state: Arc<AppState>,
@@ -160,6 +166,7 @@ pub async fn run_call<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    state.calls_connected.fetch_add(1, Ordering::Relaxed);
     let (vad, dialog) = state.engines.new_call();
     let now = Instant::now();
     let mut call = Call {
@@ -186,6 +193,7 @@ pub async fn run_call<S>(
         in_bytes: Vec::with_capacity(FRAME_BYTES * 2),
         pcm: Vec::with_capacity(FRAME_BYTES * 2),
         preroll: VecDeque::with_capacity(PREROLL_SAMPLES + FRAME_BYTES),
+        since_cut: usize::MAX,
         utterance: Vec::new(),
         queue: VecDeque::new(),
         next_play_at: now,
@@ -219,12 +227,12 @@ pub async fn run_call<S>(
         }
     };
     // The call has ended: its end is logged and recorded now, and its
-    // connection and call slot are given back before the wait for its
-    // transcriptions.
+    // connection closed, before the wait for its transcriptions.
     call.ended(reason);
     drop(ws);
-    drop(slot);
+    call.state.calls_connected.fetch_sub(1, Ordering::Relaxed);
     call.finish().await;
+    drop(slot);
 }
 
 async fn close<S>(ws: &mut WebSocketStream<S>, code: CloseCode, why: &'static str)
@@ -648,11 +656,14 @@ impl Call {
     async fn on_audio(&mut self) {
         let pcm = std::mem::take(&mut self.pcm);
         for block in pcm.chunks(FRAME_BYTES) {
+            let mut cut_here = false;
             match self.vad.process(block) {
                 VadEvent::SpeechStart => {
                     self.utterance.clear();
                     self.next_partial = PARTIAL_EVERY_SAMPLES;
-                    self.utterance.extend(self.preroll.iter());
+                    let keep = self.since_cut.min(self.preroll.len());
+                    self.utterance
+                        .extend(self.preroll.iter().skip(self.preroll.len() - keep));
                     self.utterance.extend_from_slice(block);
                     let t = self.t_ms();
                     self.rec.push_event(t, "speech_start", "");
@@ -673,17 +684,7 @@ impl Call {
                 } => {
                     self.utterance.extend_from_slice(block);
                     self.end_of_utterance(trailing_silence_ms).await;
-                    if cut && self.vad.in_speech() {
-                        // Cut at `max_utterance_ms` while the caller
-                        // speaks: the next utterance starts with the next
-                        // block (its pre-roll is in the one just ended).
-                        self.next_partial = PARTIAL_EVERY_SAMPLES;
-                        let t = self.t_ms();
-                        self.rec.push_event(t, "speech_start", "");
-                        if self.is_playing() {
-                            self.barge_in();
-                        }
-                    }
+                    cut_here = cut;
                 }
                 VadEvent::None => {}
             }
@@ -691,6 +692,11 @@ impl Call {
             while self.preroll.len() > PREROLL_SAMPLES {
                 self.preroll.pop_front();
             }
+            self.since_cut = if cut_here {
+                0
+            } else {
+                self.since_cut.saturating_add(block.len())
+            };
         }
         self.pcm = pcm;
     }
@@ -742,10 +748,35 @@ impl Call {
     /// The utterance under way when the call ended, transcribed (not
     /// answered).
     fn flush_utterance(&mut self) {
-        if self.vad.in_speech() && !self.utterance.is_empty() {
-            let utt = std::mem::take(&mut self.utterance);
-            self.transcribe_final(&utt);
+        if !self.vad.in_speech() || self.utterance.is_empty() {
+            return;
         }
+        let utt = std::mem::take(&mut self.utterance);
+        if self.state.calls_cancel.is_cancelled() {
+            // Closed because the worker is stopping: its transcriptions
+            // are not waited for, so none is started.
+            let utterance_ms = utt.len() as u64 * 1000 / u64::from(SAMPLE_RATE_HZ);
+            self.rec.utterances += 1;
+            let n = self.rec.utterances;
+            self.skip(n, utterance_ms, "the worker was stopping");
+            return;
+        }
+        self.transcribe_final(&utt);
+    }
+
+    /// Utterance `n` is not transcribed (`why`): counted, an event, and a
+    /// transcript entry without text.
+    fn skip(&mut self, n: u64, utterance_ms: u64, why: &str) {
+        self.rec.stt_skipped += 1;
+        let t = self.t_ms();
+        self.rec
+            .push_event(t, "stt_skipped", format!("utterance {n}: {why}"));
+        self.rec.push_transcript(TranscriptEntry {
+            t_ms: t,
+            utterance: n,
+            utterance_ms,
+            text: None,
+        });
     }
 
     /// Counts an utterance and transcribes it in the background (or counts
@@ -756,19 +787,14 @@ impl Call {
         let n = self.rec.utterances;
         let stt = Arc::clone(&self.state.engines.stt);
         if stt.available() && self.stt_jobs.len() >= MAX_STT_JOBS {
-            self.rec.stt_skipped += 1;
-            if self.rec.stt_skipped == 1 {
+            if self.rec.stt_skipped == 0 {
                 warn!(callSid = %self.call_sid, streamSid = %self.stream_sid, waiting = self.stt_jobs.len(), "transcriptions fall behind this call's speech; utterances are not transcribed until they catch up");
             }
-            let t = self.t_ms();
-            self.rec
-                .push_event(t, "stt_skipped", format!("utterance {n}"));
-            self.rec.push_transcript(TranscriptEntry {
-                t_ms: t,
-                utterance: n,
-                utterance_ms,
-                text: None,
-            });
+            let why = format!(
+                "transcriptions fell behind ({} running or waiting)",
+                self.stt_jobs.len()
+            );
+            self.skip(n, utterance_ms, &why);
         } else if stt.available() {
             // Transcribe off the call loop, a few at a time process-wide, so
             // pacing and pings go on meanwhile; STT_FINAL lands later.
@@ -1109,6 +1135,8 @@ impl Call {
         let shutdown = self.state.calls_cancel.clone();
         while !self.stt_jobs.is_empty() {
             let next = tokio::select! {
+                // A result that is ready is taken before the shutdown is.
+                biased;
                 next = tokio::time::timeout_at(deadline, self.stt_jobs.join_next()) => {
                     next.map_err(|_| "at call end")
                 }
@@ -1118,25 +1146,17 @@ impl Call {
                 Ok(Some(done)) => self.on_stt_done(done),
                 Ok(None) => break,
                 Err(when) => {
+                    // Those that have finished meanwhile still count.
+                    while let Some(done) = self.stt_jobs.try_join_next() {
+                        self.on_stt_done(done);
+                    }
                     warn!(callSid = %self.call_sid, pending = self.stt_jobs.len(), "transcriptions still running {when}; dropped");
                     self.stt_jobs.abort_all();
                     // Each utterance left without its transcript is in the
                     // record all the same: an entry without text, counted
                     // as skipped.
-                    let t = self.t_ms();
                     for (n, utterance_ms) in std::mem::take(&mut self.finals_pending) {
-                        self.rec.stt_skipped += 1;
-                        self.rec.push_event(
-                            t,
-                            "stt_skipped",
-                            format!("utterance {n}: still transcribing {when}"),
-                        );
-                        self.rec.push_transcript(TranscriptEntry {
-                            t_ms: t,
-                            utterance: n,
-                            utterance_ms,
-                            text: None,
-                        });
+                        self.skip(n, utterance_ms, &format!("still transcribing {when}"));
                     }
                     break;
                 }

@@ -104,9 +104,10 @@ fn version(state: &AppState) -> Resp {
         "pid": std::process::id(),
         "started_at": super::record::rfc3339(state.started_at),
         "uptime_ms": state.started.elapsed().as_millis() as u64,
-        // Connected calls (a call's task outlives its connection while
-        // its transcriptions land in its record).
-        "calls_active": state.cfg.max_calls - state.call_slots.available_permits(),
+        // Connected calls (a call's task, and its place under
+        // `max_calls`, outlive its connection while its transcriptions
+        // land in its record).
+        "calls_active": state.calls_connected.load(Ordering::Relaxed),
         "max_calls": state.cfg.max_calls,
         "calls_refused": state.calls_refused.load(Ordering::Relaxed),
         "engines": state.engines.names(),

@@ -168,6 +168,9 @@ pub struct AppState {
     pub call_slots: Arc<tokio::sync::Semaphore>,
     /// Upgrades refused because `cfg.max_calls` calls were in progress.
     pub calls_refused: AtomicU64,
+    /// Calls whose connection is open (`/version`'s `calls_active`; a
+    /// call's slot is held until its record is written).
+    pub calls_connected: AtomicU64,
     /// The outbound pacing clock every call shares.
     pub pacer: Arc<pacer::Pacer>,
 }
@@ -221,6 +224,7 @@ pub async fn run(
         next_conn: AtomicU64::new(1),
         call_slots,
         calls_refused: AtomicU64::new(0),
+        calls_connected: AtomicU64::new(0),
         pacer,
     });
     info!(

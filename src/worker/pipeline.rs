@@ -27,9 +27,9 @@ pub enum VadEvent {
     SpeechStart,
     /// The utterance ended: after a pause (`cut` false; the last
     /// `trailing_silence_ms` of it are that pause), or at the length cap
-    /// (`cut` true). After a cut in the middle of speech the VAD stays in
-    /// speech: the next block begins the next utterance, with nothing of
-    /// the caller's speech left out of both.
+    /// (`cut` true). Speech that goes on after a cut starts the next
+    /// utterance as any speech does (after `start_ms` of it); the audio
+    /// since the cut belongs to that one.
     SpeechEnd {
         /// The unvoiced audio at the end of the utterance.
         trailing_silence_ms: u64,
@@ -179,10 +179,7 @@ impl Vad for EnergyVad {
                 };
             }
             if self.utterance_ms >= self.cfg.max_utterance_ms {
-                // Cut while the caller speaks: the speech goes on into the
-                // next utterance. Cut in a pause: as a pause would end it.
-                self.speaking = voiced;
-                self.utterance_ms = 0;
+                self.speaking = false;
                 self.voiced_ms = 0;
                 self.silence_ms = 0;
                 return VadEvent::SpeechEnd {
@@ -226,35 +223,32 @@ impl Stt for NoStt {
     }
 }
 
-/// Removes the scratch files (`utt-PID-N.wav`) of worker processes that
-/// are gone: a worker stopped in the middle of a transcription leaves its
-/// file behind. Those of live processes (an older generation still
-/// serving, sharing `data_dir`) are theirs.
-fn sweep_scratch(dir: &std::path::Path) {
+/// Removes scratch files (`utt-*.wav`) older than `stale`: a worker
+/// stopped in the middle of a transcription leaves its file behind. A
+/// file in use is younger than the engine's time limit (the engine is
+/// killed then, and the file removed), whichever worker made it: workers
+/// sharing `data_dir` (generations, or containers, whose process ids say
+/// nothing of each other) keep theirs.
+fn sweep_scratch(dir: &std::path::Path, stale: Duration) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     let mut removed = 0u64;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name
+        let ours = name
             .to_str()
-            .and_then(|n| n.strip_prefix("utt-")?.strip_suffix(".wav"))
-            .and_then(|rest| rest.split_once('-')?.0.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let gone = pid > 0
-            && matches!(
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-                Err(nix::errno::Errno::ESRCH)
-            );
-        if gone && std::fs::remove_file(entry.path()).is_ok() {
+            .is_some_and(|n| n.starts_with("utt-") && n.ends_with(".wav"));
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > stale));
+        if ours && old && std::fs::remove_file(entry.path()).is_ok() {
             removed += 1;
         }
     }
     if removed > 0 {
-        tracing::info!(removed, dir = %dir.display(), "removed scratch files of stopped workers");
+        tracing::info!(removed, dir = %dir.display(), "removed scratch files left by stopped workers");
     }
 }
 
@@ -586,7 +580,7 @@ impl Engines {
             },
         };
         let scratch = cfg.data_dir.join("tmp");
-        sweep_scratch(&scratch);
+        sweep_scratch(&scratch, cfg.engine_timeout + Duration::from_secs(60));
         let stt: Arc<dyn Stt> = match cfg.stt {
             SttChoice::None => Arc::new(NoStt),
             SttChoice::Pocketsphinx => {
@@ -704,9 +698,9 @@ mod tests {
         assert!(!vad.in_speech());
     }
 
-    /// Speech longer than `max_utterance_ms` is cut into utterances that
-    /// hold all of it: the cut is no pause, and the speech after it is the
-    /// next utterance from its first block.
+    /// Speech longer than `max_utterance_ms` is cut: the cut is no pause
+    /// (none of it is counted as one), and speech going on after it starts
+    /// the next utterance as speech does.
     #[test]
     fn vad_cuts_long_speech_without_losing_any() {
         let cfg = VadConfig {
@@ -723,26 +717,28 @@ mod tests {
             }
         }
         let start = cfg.start_ms / 20 - 1;
-        assert_eq!(events[0], (start, VadEvent::SpeechStart));
-        // Then a cut every 1000 ms of speech (the first utterance counts
-        // the voiced blocks that started it), and no new start: the VAD
-        // stays in speech.
-        let cuts: Vec<u64> = events[1..]
-            .iter()
-            .map(|(i, e)| {
-                assert_eq!(
-                    *e,
+        // A start, a cut 1000 ms of speech later (the voiced blocks that
+        // started it count), the next start `start_ms` after the cut, and
+        // so on: a cut every 50 blocks.
+        let mut want = Vec::new();
+        let mut at = start;
+        while at < 200 {
+            want.push((at, VadEvent::SpeechStart));
+            let cut = at + (1000 - cfg.start_ms) / 20;
+            if cut < 200 {
+                want.push((
+                    cut,
                     VadEvent::SpeechEnd {
                         trailing_silence_ms: 0,
-                        cut: true
-                    }
-                );
-                *i
-            })
-            .collect();
-        assert_eq!(cuts[0], 1000 / 20 - 1);
-        assert!(cuts.windows(2).all(|w| w[1] - w[0] == 50), "{cuts:?}");
-        assert!(vad.in_speech());
+                        cut: true,
+                    },
+                ));
+            }
+            at = cut + cfg.start_ms / 20;
+        }
+        assert_eq!(events, want);
+        assert_eq!(want[1].0, 1000 / 20 - 1);
+        assert_eq!(want[3].0 - want[1].0, 50);
         // Cut in a pause: the utterance ends there, as a pause ends it.
         let mut vad = EnergyVad::new(cfg);
         let silence = vec![0i16; 160];
@@ -764,25 +760,31 @@ mod tests {
     }
 
     /// A worker stopped mid-transcription leaves its scratch file; the
-    /// next one to start removes it, and leaves a live worker's alone.
+    /// next one to start removes it once it is older than any
+    /// transcription runs, and leaves younger ones alone.
     #[test]
-    fn scratch_files_of_stopped_workers_are_swept() {
+    fn stale_scratch_files_are_swept() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut gone = std::process::Command::new("true").spawn().expect("spawn");
-        let gone_pid = gone.id();
-        gone.wait().expect("reap");
-        let stale = dir.path().join(format!("utt-{gone_pid}-3.wav"));
-        let live = dir.path().join(format!("utt-{}-1.wav", std::process::id()));
+        let stale = dir.path().join("utt-4242-3.wav");
+        let live = dir.path().join("utt-4242-4.wav");
         let other = dir.path().join("notes.wav");
         for f in [&stale, &live, &other] {
             std::fs::write(f, b"RIFF").expect("write");
         }
-        sweep_scratch(dir.path());
+        let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        for f in [&stale, &other] {
+            std::fs::File::options()
+                .write(true)
+                .open(f)
+                .and_then(|f| f.set_modified(hour_ago))
+                .expect("set mtime");
+        }
+        sweep_scratch(dir.path(), Duration::from_secs(120));
         assert!(!stale.exists());
         assert!(live.exists());
         assert!(other.exists());
         // No folder yet: nothing to do.
-        sweep_scratch(&dir.path().join("missing"));
+        sweep_scratch(&dir.path().join("missing"), Duration::from_secs(120));
     }
 
     #[test]

@@ -317,6 +317,88 @@ async fn crash_restarts_the_same_snapshot_and_holds_requests() {
 /// A fresh start that fails is reported with what that process wrote,
 /// not with a line an earlier process of the same generation left in the
 /// generation's `worker.log`.
+/// A worker log that cannot be opened costs its lines only: the crash
+/// restart runs (its output goes to batond's own log), and the unit
+/// stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_log_that_cannot_be_opened_does_not_stop_a_restart() {
+    let p = Project::python("", "[restart]\nbackoff_initial_ms = 50\nlimit_burst = 3\n");
+    let d = Daemon::start(&p).await;
+    let s = d.wait_active(1).await;
+    let pid = s.active.and_then(|a| a.pid).expect("pid");
+    let log = p.path("state/gen-0001/worker.log");
+    std::fs::remove_file(&log).expect("rm worker.log");
+    std::fs::create_dir(&log).expect("a folder in its place");
+    let (code, _, _) = d.get("/crash").await;
+    assert_eq!(code, StatusCode::OK);
+    // Held for the restart, then served by the fresh process.
+    let (g, fresh, _) = whoami(d.addr).await;
+    assert_eq!(g, 1);
+    assert_ne!(fresh, pid);
+    assert_eq!(d.status().await.state, "running");
+    assert!(
+        d.log().contains("cannot open the worker's log"),
+        "{}",
+        d.log()
+    );
+    assert!(d.stop().await.success());
+}
+
+/// batond out of file descriptors cannot start a worker at all: those
+/// starts did not happen, so they do not use up the start limit, and the
+/// worker is started again once batond has descriptors again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_batond_cannot_make_do_not_count_against_the_start_limit() {
+    let p = Project::python(
+        "",
+        "[restart]\nbackoff_initial_ms = 50\nbackoff_max_ms = 300\nlimit_burst = 3\n",
+    );
+    let d = Daemon::start(&p).await;
+    let s = d.wait_active(1).await;
+    let worker = s.active.and_then(|a| a.pid).expect("pid");
+    let me = d.child.id().expect("pid");
+    let open = std::fs::read_dir(format!("/proc/{me}/fd"))
+        .expect("fds")
+        .count();
+    // A few more than it has, then clients take them all (those past the
+    // limit wait in the listen queue and take each one freed).
+    let limit = (open + 4).to_string();
+    let out = std::process::Command::new("prlimit")
+        .arg("--pid")
+        .arg(me.to_string())
+        .arg(format!("--nofile={limit}:{limit}"))
+        .output()
+        .expect("prlimit (util-linux) runs");
+    assert!(out.status.success(), "{out:?}");
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        clients.push(
+            tokio::net::TcpStream::connect(d.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    sigkill(worker);
+    // (The control socket needs a descriptor too: the log tells.)
+    let mut failed_starts = 0;
+    for _ in 0..200 {
+        failed_starts = d.log().matches("fresh start failed").count();
+        if failed_starts >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // More failed starts than the limit allows, and the unit not failed.
+    assert!(failed_starts >= 4, "{}", d.log());
+    assert!(d.log().contains("Too many open files"), "{}", d.log());
+    assert!(!d.log().contains("start limit hit"), "{}", d.log());
+    drop(clients);
+    let (g, fresh, _) = whoami(d.addr).await;
+    assert_eq!(g, 1);
+    assert_ne!(fresh, worker);
+    assert!(d.stop().await.success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_start_quotes_its_own_output_only() {
     let p = Project::python(
@@ -1941,6 +2023,10 @@ async fn control_socket_metrics_logs_and_restart() {
             "{head}: {text}"
         );
     }
+    // A deadline that is no time is refused, naming the header.
+    let text = control("POST /v1/deploy HTTP/1.1\r\nBaton-Deadline-Ms: soon").await;
+    assert!(text.starts_with("http/1.1 400"), "{text}");
+    assert!(text.contains("baton-deadline-ms"), "{text}");
     let text = control("HEAD /v1/status HTTP/1.1").await;
     assert!(text.starts_with("http/1.1 200"), "{text}");
     assert!(text.ends_with("\r\n\r\n"), "no body after the head: {text}");
@@ -2788,6 +2874,10 @@ async fn history_and_generation_folders_stay_bounded() {
     let d = Daemon::start(&p).await;
     d.wait_active(7).await;
     assert!(dirs() <= 3, "{} generation folders", dirs());
+    // A removal that could not finish (out of descriptors, an I/O error)
+    // left a folder behind: the next removal takes it too.
+    std::fs::create_dir_all(p.path("state/.trash-gen-0002/sub")).expect("mkdir");
+    std::fs::write(p.path("state/.trash-gen-0002/sub/snapshot"), "x").expect("write");
     // The folders it found count against `history` with its own: the
     // oldest go first as generations finish.
     for _ in 0..3 {
@@ -2799,6 +2889,15 @@ async fn history_and_generation_folders_stay_bounded() {
     .await;
     assert!(dirs() <= 3, "{} generation folders", dirs());
     assert!(!p.path("state/gen-0006").exists());
+    let mut gone = false;
+    for _ in 0..100 {
+        gone = !p.path("state/.trash-gen-0002").exists();
+        if gone {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "a leftover of an earlier removal stayed");
 }
 
 /// Reads one `Content-Length` response off a raw connection.

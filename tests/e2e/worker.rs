@@ -2481,35 +2481,65 @@ async fn a_call_that_ends_mid_speech_keeps_that_speech_and_ends_at_once() {
 }
 
 /// Speech longer than `max_utterance_ms` is cut into utterances that
-/// hold all of it: no pause is trimmed off at a cut, and the speech after
-/// a cut is the next utterance from its first frame.
+/// hold all of it (no pause is trimmed off at a cut, and the speech after
+/// a cut starts the next utterance with what came since the cut). Speech
+/// that stops at the cut is answered as any utterance: no second
+/// utterance of silence, no barge-in on its own reply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn speech_cut_at_max_utterance_ms_is_kept_whole() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (addr, mut child) = worker_with_fake_engines(
-        dir.path(),
-        &[],
-        "data_dir = \"data\"\ntts = \"tone\"\n[vad]\nmax_utterance_ms = 1000\n",
-    );
-    let mut ws = ws_connect(&format!("ws://{addr}/ws/twilio-media")).await;
-    ws.send(start_msg("MZcut", "CAcut")).await.expect("start");
-    // 2.5 s of speech without a pause, then 600 ms of silence.
-    send_audio(&mut ws, "MZcut", &mut 1, 125, 30).await;
-    ws.send(stop_msg("MZcut", "CAcut")).await.expect("stop");
-    let rec = wait_record(dir.path()).await;
-    let lengths: Vec<u64> = rec["transcript"]
-        .as_array()
-        .expect("transcript")
-        .iter()
-        .map(|e| e["utterance_ms"].as_u64().expect("utterance_ms"))
-        .collect();
+    // One call with `speech` frames of tone, then 600 ms of silence: its
+    // record.
+    async fn call(speech: usize) -> Value {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (addr, mut child) = worker_with_fake_engines(
+            dir.path(),
+            &[],
+            "data_dir = \"data\"\ntts = \"tone\"\n[vad]\nmax_utterance_ms = 1000\n",
+        );
+        let mut ws = ws_connect(&format!("ws://{addr}/ws/twilio-media")).await;
+        ws.send(start_msg("MZcut", "CAcut")).await.expect("start");
+        send_audio(&mut ws, "MZcut", &mut 1, speech, 30).await;
+        ws.send(stop_msg("MZcut", "CAcut")).await.expect("stop");
+        let rec = wait_record(dir.path()).await;
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        rec
+    }
+    let lengths = |rec: &Value| -> Vec<u64> {
+        rec["transcript"]
+            .as_array()
+            .expect("transcript")
+            .iter()
+            .map(|e| e["utterance_ms"].as_u64().expect("utterance_ms"))
+            .collect()
+    };
+    // 2.5 s without a pause: three utterances, the first two of 1000 ms
+    // (the first has the 40 ms before speech was heard), all of the speech
+    // in them. The caller talking on past a cut barges in on the reply to
+    // what was cut, as any speech would.
+    let rec = call(125).await;
+    let got = lengths(&rec);
     assert_eq!(rec["utterances"], 3, "{rec}");
-    // The first two end at the cap (the first holds the 100 ms before
-    // speech began too); all three hold all 2.5 s of speech.
-    assert!(lengths[0] >= 1000 && lengths[1] >= 1000, "{lengths:?}");
-    assert!(lengths.iter().sum::<u64>() >= 2500, "{lengths:?}");
-    let _ = child.start_kill();
-    let _ = child.wait().await;
+    assert_eq!(&got[..2], [1000, 1000], "{got:?}");
+    assert!(got.iter().sum::<u64>() >= 2500, "{got:?}");
+    // 1 s of speech, ending right at the cut: one utterance, answered.
+    let rec = call(50).await;
+    assert_eq!(rec["utterances"], 1, "{rec}");
+    assert_eq!(lengths(&rec), [1000], "{rec}");
+    // (The speech barges in on the greeting; nothing barges in on the
+    // reply.)
+    let kinds: Vec<&str> = rec["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap_or_default())
+        .collect();
+    let reply = kinds.iter().rposition(|k| *k == "reply").expect("a reply");
+    assert!(
+        !kinds[reply..].contains(&"barge_in") && !kinds[reply..].contains(&"speech_start"),
+        "{rec}"
+    );
+    assert_eq!(rec["clears"], 1, "{rec}");
 }
 
 /// One utterance to the worker on `stream_sid`: 200 ms of tone, then
