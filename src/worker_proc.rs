@@ -477,15 +477,32 @@ pub struct StartFailure {
     /// `exited with status S`, `healthz NNN`, `signature mismatch: want X
     /// got Y`, `start timeout ...`, or what stopped batond from starting it.
     pub reason: String,
-    /// batond's own failure before any worker process ran (no port, no
-    /// file descriptors, no fork): it says nothing of the build.
+    /// batond's own failure before any worker process ran: it was short
+    /// of file descriptors, memory or processes. It says nothing of the
+    /// build, and it comes back once batond has them again.
     pub ours: bool,
 }
 
 impl StartFailure {
-    /// batond's own failure, before the worker ran.
-    fn ours(reason: String) -> Self {
-        Self { reason, ours: true }
+    /// A failure before the worker ran, because of `e`: batond's own when
+    /// it ran short of a resource (descriptors, memory, processes), which
+    /// comes back; anything else (a folder gone) counts as a failed start.
+    fn before_spawn(reason: String, e: &std::io::Error) -> Self {
+        use nix::errno::Errno;
+        let short = e.raw_os_error().is_some_and(|n| {
+            [
+                Errno::EMFILE,
+                Errno::ENFILE,
+                Errno::ENOMEM,
+                Errno::EAGAIN,
+                Errno::ENOBUFS,
+            ]
+            .contains(&Errno::from_raw(n))
+        });
+        Self {
+            reason,
+            ours: short,
+        }
     }
 }
 
@@ -522,19 +539,22 @@ pub async fn start(
     // here until the worker exits.
     let (endpoint, listener, reservation) = match cfg.worker.socket {
         WorkerSocket::Tcp => {
-            let (endpoint, listener) = Endpoint::bind_tcp()
-                .map_err(|e| StartFailure::ours(format!("cannot bind a loopback port: {e}")))?;
+            let (endpoint, listener) = Endpoint::bind_tcp().map_err(|e| {
+                StartFailure::before_spawn(format!("cannot bind a loopback port: {e}"), &e)
+            })?;
             (endpoint, Some(listener), None)
         }
         WorkerSocket::Port => {
-            let (endpoint, reserved) = Endpoint::reserve_tcp()
-                .map_err(|e| StartFailure::ours(format!("cannot reserve a loopback port: {e}")))?;
+            let (endpoint, reserved) = Endpoint::reserve_tcp().map_err(|e| {
+                StartFailure::before_spawn(format!("cannot reserve a loopback port: {e}"), &e)
+            })?;
             (endpoint, None, Some(reserved))
         }
         WorkerSocket::Unix => {
             let path = launch.dir.join(format!("worker-{}.sock", launch.instance));
-            let (endpoint, listener) = Endpoint::bind_unix(&path)
-                .map_err(|e| StartFailure::ours(format!("cannot bind the worker socket: {e}")))?;
+            let (endpoint, listener) = Endpoint::bind_unix(&path).map_err(|e| {
+                StartFailure::before_spawn(format!("cannot bind the worker socket: {e}"), &e)
+            })?;
             (endpoint, Some(listener), None)
         }
     };
@@ -593,7 +613,12 @@ pub async fn start(
     )
     .map_err(|e| {
         endpoint.remove_file();
-        StartFailure::ours(e.to_string())
+        match &e {
+            crate::process::SpawnError::Io { source, .. } => {
+                StartFailure::before_spawn(e.to_string(), source)
+            }
+            crate::process::SpawnError::Empty => e.to_string().into(),
+        }
     })?;
     let started = Instant::now();
     let pid = u32::try_from(child.pid()).unwrap_or_default();
