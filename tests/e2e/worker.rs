@@ -2318,28 +2318,16 @@ async fn worker_caps_the_transcriptions_a_call_has_waiting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_closed_at_shutdown_keeps_its_record_while_a_transcription_runs() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let started = dir.path().join("engine-started");
-    let engine = format!(
-        "#!/bin/sh\n[ \"$1\" = \"-h\" ] && exit 0\necho $$ > '{}'\nexec sleep 600\n",
-        started.display()
-    );
+    let engine = HangingEngine::new(dir.path());
     let (addr, mut child) = worker_with_fake_engines(
         dir.path(),
-        &[("pocketsphinx_continuous", &engine)],
+        &[("pocketsphinx_continuous", &engine.script())],
         "data_dir = \"data\"\ntts = \"tone\"\nstt = \"pocketsphinx\"\nengine_timeout_ms = 60000\nshutdown_grace_ms = 300\n",
     );
     let mut ws = ws_connect(&format!("ws://{addr}/ws/twilio-media")).await;
     ws.send(start_msg("MZsd", "CAsd")).await.expect("start");
     send_utterance(&mut ws, "MZsd", &mut 1).await;
-    let mut running = false;
-    for _ in 0..200 {
-        if std::fs::read_to_string(&started).is_ok_and(|p| p.ends_with('\n')) {
-            running = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(running, "the transcription never started");
+    assert!(engine.running().await, "the transcription never started");
     let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     assert_eq!(expect_close(&mut ws).await, Some(CloseCode::Away));
@@ -2360,15 +2348,51 @@ async fn a_call_closed_at_shutdown_keeps_its_record_while_a_transcription_runs()
     assert_eq!(rec[0]["utterances"], 1, "{}", rec[0]);
     // The engine outlived the worker (its group is the supervisor's to
     // stop): this test stops it.
-    let engine: i32 = std::fs::read_to_string(&started)
-        .expect("engine pid")
-        .trim()
-        .parse()
-        .expect("engine pid");
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(engine),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+    engine.kill();
+}
+
+/// A fake recogniser that notes its pid and hangs until the test stops it
+/// (it outlives a worker: its group is the supervisor's to stop).
+struct HangingEngine {
+    started: PathBuf,
+}
+
+impl HangingEngine {
+    fn new(dir: &Path) -> Self {
+        Self {
+            started: dir.join("engine-started"),
+        }
+    }
+
+    fn script(&self) -> String {
+        format!(
+            "#!/bin/sh\n[ \"$1\" = \"-h\" ] && exit 0\necho $$ > '{}'\nexec sleep 600\n",
+            self.started.display()
+        )
+    }
+
+    /// Whether a run has started, waited for (bounded).
+    async fn running(&self) -> bool {
+        for _ in 0..200 {
+            if std::fs::read_to_string(&self.started).is_ok_and(|p| p.ends_with('\n')) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    fn kill(&self) {
+        let pid: i32 = std::fs::read_to_string(&self.started)
+            .expect("engine pid")
+            .trim()
+            .parse()
+            .expect("engine pid");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
 }
 
 /// The first call record in `dir`/data/calls, waited for (bounded).
@@ -2398,14 +2422,10 @@ async fn wait_record(dir: &Path) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_that_ends_mid_speech_keeps_that_speech_and_ends_at_once() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let started = dir.path().join("engine-started");
-    let engine = format!(
-        "#!/bin/sh\n[ \"$1\" = \"-h\" ] && exit 0\necho $$ > '{}'\nexec sleep 600\n",
-        started.display()
-    );
+    let engine = HangingEngine::new(dir.path());
     let (addr, mut child) = worker_with_fake_engines(
         dir.path(),
-        &[("pocketsphinx_continuous", &engine)],
+        &[("pocketsphinx_continuous", &engine.script())],
         "data_dir = \"data\"\ntts = \"tone\"\nstt = \"pocketsphinx\"\nengine_timeout_ms = 60000\n",
     );
     let mut ws = ws_connect(&format!("ws://{addr}/ws/twilio-media")).await;
@@ -2427,16 +2447,8 @@ async fn a_call_that_ends_mid_speech_keeps_that_speech_and_ends_at_once() {
     })
     .await;
     assert!(eof.is_ok(), "the worker kept the connection open");
-    let mut running = false;
-    for _ in 0..200 {
-        if std::fs::read_to_string(&started).is_ok_and(|p| p.ends_with('\n')) {
-            running = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     assert!(
-        running,
+        engine.running().await,
         "the speech the call ended in was never transcribed"
     );
     let r = http(addr, "GET", "/version", &[], b"").await;
@@ -2467,15 +2479,7 @@ async fn a_call_that_ends_mid_speech_keeps_that_speech_and_ends_at_once() {
         humantime::parse_rfc3339(rec["ended_at"].as_str().expect("ended_at")).expect("rfc3339");
     let after_stop = ended.duration_since(stopped).unwrap_or_default();
     assert!(after_stop < Duration::from_secs(3), "{rec}");
-    let engine: i32 = std::fs::read_to_string(&started)
-        .expect("engine pid")
-        .trim()
-        .parse()
-        .expect("engine pid");
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(engine),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+    engine.kill();
     let _ = child.start_kill();
     let _ = child.wait().await;
 }
