@@ -377,6 +377,7 @@ fn copy_and_hash(
     // after 30 deploys under load).
     let mut buf = [0u8; COPY_BUF];
     let written = |e: std::io::Error| format!("writing snapshot {}: {e}", tmp.display());
+    let mut copied = 0u64;
     loop {
         if stop.load(Ordering::Relaxed) {
             return Err("snapshot stopped at its time limit".into());
@@ -389,6 +390,23 @@ fn copy_and_hash(
         }
         hasher.update(&buf[..n]);
         out.write_all(&buf[..n]).map_err(written)?;
+        copied += n as u64;
+    }
+    // A file written in place meanwhile (not replaced: a replaced file is
+    // read whole from what was opened) gives a copy that is neither the
+    // old build nor the new one.
+    let after = src
+        .metadata()
+        .map_err(|e| format!("artifact {shown}: {e}"))?;
+    if copied != meta.len()
+        || after.len() != meta.len()
+        || after.modified().ok() != meta.modified().ok()
+    {
+        drop(out);
+        let _ = std::fs::remove_file(tmp);
+        return Err(format!(
+            "artifact {shown} was written to while it was copied; deploy again once the build has finished writing it"
+        ));
     }
     out.sync_all().map_err(written)?;
     drop(out);
@@ -1336,6 +1354,49 @@ fn fill_placeholders(arg: &str, values: &[(&str, &str)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An artifact written to while it is copied gives no snapshot (the
+    /// copy would be neither build); one left alone copies whole, with
+    /// its digest.
+    #[test]
+    fn an_artifact_written_during_its_copy_is_refused() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let artifact = dir.path().join("app");
+        std::fs::write(&artifact, vec![7u8; 8 << 20]).expect("write");
+        let snap = dir.path().join("snap");
+        std::fs::create_dir(&snap).expect("mkdir");
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (dest, digest) =
+            copy_and_hash(&artifact, &snap, &snap.join("tmp"), &stop).expect("a whole copy");
+        assert_eq!(std::fs::read(&dest).expect("read").len(), 8 << 20);
+        assert_eq!(digest, hex::encode(Sha256::digest(vec![7u8; 8 << 20])));
+        // A writer appending all the time, from before the copy starts
+        // until it ends.
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let writer = {
+            let (done, artifact) = (done.clone(), artifact.clone());
+            std::thread::spawn(move || {
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&artifact)
+                    .expect("open");
+                f.write_all(b"x").expect("append");
+                let _ = ready_tx.send(());
+                while !done.load(Ordering::Relaxed) {
+                    f.write_all(b"x").expect("append");
+                }
+            })
+        };
+        ready_rx.recv().expect("writer started");
+        let got = copy_and_hash(&artifact, &snap, &snap.join("tmp"), &stop);
+        done.store(true, Ordering::Relaxed);
+        writer.join().expect("writer");
+        let err = got.expect_err("a torn copy");
+        assert!(err.contains("was written to while it was copied"), "{err}");
+        assert!(!snap.join("tmp").exists());
+    }
 
     #[test]
     fn placeholders_are_filled_once() {
