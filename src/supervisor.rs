@@ -1479,18 +1479,16 @@ impl Supervisor {
                 }
             }
             Err(failure) => {
-                let reason = failure.reason;
-                if failure.ours
-                    && !replace
-                    && let Some(rt) = self.runtime.get_mut(&generation)
-                {
-                    // batond could not start a process at all (out of
-                    // descriptors, no port): that start did not happen,
-                    // and counts neither for nor against the start limit.
-                    // The restart is tried again after the backoff, until
-                    // batond has what it needs.
-                    rt.starts.pop_back();
-                }
+                // A start batond could not make (short of descriptors,
+                // memory or processes) counts toward the start limit as
+                // systemd counts a failed spawn: a shortage that lasts
+                // ends in `failed`, which alerting sees; the reason says
+                // whose failure it was.
+                let reason = if failure.ours {
+                    format!("batond could not start it: {}", failure.reason)
+                } else {
+                    failure.reason
+                };
                 self.events.emit(
                     "rejected",
                     Some(generation),

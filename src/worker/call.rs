@@ -132,10 +132,13 @@ struct Call {
     in_bytes: Vec<u8>,
     pcm: Vec<i16>,
     preroll: VecDeque<i16>,
-    /// Samples since an utterance was cut at `max_utterance_ms`: the next
-    /// utterance takes those of the pre-roll only (the rest is in the one
-    /// cut).
-    since_cut: usize,
+    /// How much audio the pre-roll keeps: `PREROLL_SAMPLES`, or the
+    /// voiced run that starts an utterance (`vad.start_ms`) if longer.
+    preroll_max: usize,
+    /// Samples since an utterance was cut at `max_utterance_ms`, until the
+    /// next starts: that one takes those of the pre-roll (the rest is in
+    /// the one cut).
+    since_cut: Option<usize>,
     utterance: Vec<i16>,
     queue: VecDeque<Out>,
     next_play_at: Instant,
@@ -152,10 +155,11 @@ struct Call {
 }
 
 /// Serves one upgraded WebSocket until the call ends, then writes its
-/// record. `slot` is the call's place under `max_calls`, given back once
-/// the record is written: a call whose transcriptions are still landing
-/// holds their audio, and the limit bounds that too. Never panics; errors
-/// are logged with the call's sids.
+/// record. `slot` is the call's place under `max_calls`, given back when
+/// the connection ends; the wait for its transcriptions takes one of as
+/// many `finishing_slots` (none free: no wait), so the audio ended calls
+/// hold stays bounded too. Never panics; errors are logged with the
+/// call's sids.
 pub async fn run_call<S>(
     mut ws: WebSocketStream<S>,
     state: Arc<AppState>,
@@ -168,6 +172,8 @@ pub async fn run_call<S>(
 {
     state.calls_connected.fetch_add(1, Ordering::Relaxed);
     let (vad, dialog) = state.engines.new_call();
+    let preroll_max =
+        PREROLL_SAMPLES.max((state.cfg.vad.start_ms * u64::from(SAMPLE_RATE_HZ) / 1000) as usize);
     let now = Instant::now();
     let mut call = Call {
         rec: CallRecord {
@@ -193,7 +199,8 @@ pub async fn run_call<S>(
         in_bytes: Vec::with_capacity(FRAME_BYTES * 2),
         pcm: Vec::with_capacity(FRAME_BYTES * 2),
         preroll: VecDeque::with_capacity(PREROLL_SAMPLES + FRAME_BYTES),
-        since_cut: usize::MAX,
+        preroll_max,
+        since_cut: None,
         utterance: Vec::new(),
         queue: VecDeque::new(),
         next_play_at: now,
@@ -231,8 +238,10 @@ pub async fn run_call<S>(
     call.ended(reason);
     drop(ws);
     call.state.calls_connected.fetch_sub(1, Ordering::Relaxed);
-    call.finish().await;
+    let finishing = Arc::clone(&call.state.finishing_slots).try_acquire_owned();
     drop(slot);
+    call.finish(finishing.is_ok()).await;
+    drop(finishing);
 }
 
 async fn close<S>(ws: &mut WebSocketStream<S>, code: CloseCode, why: &'static str)
@@ -661,7 +670,11 @@ impl Call {
                 VadEvent::SpeechStart => {
                     self.utterance.clear();
                     self.next_partial = PARTIAL_EVERY_SAMPLES;
-                    let keep = self.since_cut.min(self.preroll.len());
+                    let keep = self
+                        .since_cut
+                        .take()
+                        .unwrap_or(PREROLL_SAMPLES)
+                        .min(self.preroll.len());
                     self.utterance
                         .extend(self.preroll.iter().skip(self.preroll.len() - keep));
                     self.utterance.extend_from_slice(block);
@@ -689,13 +702,13 @@ impl Call {
                 VadEvent::None => {}
             }
             self.preroll.extend(block.iter());
-            while self.preroll.len() > PREROLL_SAMPLES {
+            while self.preroll.len() > self.preroll_max {
                 self.preroll.pop_front();
             }
             self.since_cut = if cut_here {
-                0
+                Some(0)
             } else {
-                self.since_cut.saturating_add(block.len())
+                self.since_cut.map(|n| n.saturating_add(block.len()))
             };
         }
         self.pcm = pcm;
@@ -1127,18 +1140,24 @@ impl Call {
     }
 
     /// Waits for the call's transcriptions (bounded) and writes the record.
-    async fn finish(mut self) {
+    async fn finish(mut self, wait: bool) {
         // Let transcriptions in flight land in the record (bounded), but
         // not past the worker's own grace: a call closed at shutdown
-        // writes its record before the worker exits.
-        let deadline = tokio::time::Instant::now() + STT_DRAIN_TIMEOUT;
+        // writes its record before the worker exits. Without a finishing
+        // slot, no wait.
+        let deadline = tokio::time::Instant::now()
+            + if wait {
+                STT_DRAIN_TIMEOUT
+            } else {
+                Duration::ZERO
+            };
         let shutdown = self.state.calls_cancel.clone();
         while !self.stt_jobs.is_empty() {
             let next = tokio::select! {
                 // A result that is ready is taken before the shutdown is.
                 biased;
                 next = tokio::time::timeout_at(deadline, self.stt_jobs.join_next()) => {
-                    next.map_err(|_| "at call end")
+                    next.map_err(|_| if wait { "at call end" } else { "at call end (too many ended calls waiting)" })
                 }
                 () = shutdown.cancelled() => Err("at shutdown"),
             };

@@ -166,6 +166,10 @@ pub struct AppState {
     /// A permit per call in progress (`cfg.max_calls` in all), held by
     /// the call's task.
     pub call_slots: Arc<tokio::sync::Semaphore>,
+    /// As many again for calls that have ended and wait for their
+    /// transcriptions (the audio they hold stays bounded); an ended call
+    /// that finds none writes its record at once.
+    pub finishing_slots: Arc<tokio::sync::Semaphore>,
     /// Upgrades refused because `cfg.max_calls` calls were in progress.
     pub calls_refused: AtomicU64,
     /// Calls whose connection is open (`/version`'s `calls_active`; a
@@ -213,6 +217,7 @@ pub async fn run(
     let signature_header = hyper::header::HeaderValue::from_str(&cfg.app_signature)
         .unwrap_or_else(|_| hyper::header::HeaderValue::from_static("invalid"));
     let call_slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_calls));
+    let finishing_slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_calls));
     let state = Arc::new(AppState {
         cfg,
         engines,
@@ -223,6 +228,7 @@ pub async fn run(
         calls_cancel: CancellationToken::new(),
         next_conn: AtomicU64::new(1),
         call_slots,
+        finishing_slots,
         calls_refused: AtomicU64::new(0),
         calls_connected: AtomicU64::new(0),
         pacer,

@@ -312,9 +312,13 @@ impl Stt for PocketsphinxStt {
         let n = self
             .counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = self
-            .scratch_dir
-            .join(format!("utt-{}-{n}.wav", std::process::id()));
+        // The random part keeps workers that share `data_dir` from another
+        // PID namespace (a container) off each other's files.
+        let path = self.scratch_dir.join(format!(
+            "utt-{}-{n}-{:016x}.wav",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
         // Pad with silence: the recogniser's own VAD needs some on each side.
         let mut pcm16 = vec![0i16; 3200];
         pcm16.extend(audio::resample(utterance, SAMPLE_RATE_HZ, 16_000));

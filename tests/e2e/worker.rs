@@ -2395,6 +2395,25 @@ impl HangingEngine {
     }
 }
 
+/// The record of the call `call_sid` in `dir`/data/calls, waited for
+/// (bounded).
+async fn wait_record_of(dir: &Path, call_sid: &str) -> Value {
+    for _ in 0..600 {
+        let found = std::fs::read_dir(dir.join("data/calls"))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .filter_map(|e| serde_json::from_slice::<Value>(&std::fs::read(e.path()).ok()?).ok())
+            .find(|r| r["call_sid"] == call_sid);
+        if let Some(r) = found {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no record of call {call_sid}");
+}
+
 /// The first call record in `dir`/data/calls, waited for (bounded).
 async fn wait_record(dir: &Path) -> Value {
     let calls = dir.join("data/calls");
@@ -2426,7 +2445,7 @@ async fn a_call_that_ends_mid_speech_keeps_that_speech_and_ends_at_once() {
     let (addr, mut child) = worker_with_fake_engines(
         dir.path(),
         &[("pocketsphinx_continuous", &engine.script())],
-        "data_dir = \"data\"\ntts = \"tone\"\nstt = \"pocketsphinx\"\nengine_timeout_ms = 60000\n",
+        "data_dir = \"data\"\ntts = \"tone\"\nstt = \"pocketsphinx\"\nengine_timeout_ms = 60000\nmax_calls = 1\n",
     );
     let mut ws = ws_connect(&format!("ws://{addr}/ws/twilio-media")).await;
     ws.send(start_msg("MZmid", "CAmid")).await.expect("start");
@@ -2462,7 +2481,11 @@ async fn a_call_that_ends_mid_speech_keeps_that_speech_and_ends_at_once() {
                 .is_none(),
         "the record waits for the transcription"
     );
-    let rec = wait_record(dir.path()).await;
+    // The ended call holds no place under `max_calls` (1) meanwhile: the
+    // next caller is taken.
+    let r = raw_upgrade(addr, &[]).await;
+    assert_eq!(r.status, 101, "{:?}", r.status);
+    let rec = wait_record_of(dir.path(), "CAmid").await;
     assert_eq!(rec["end_reason"], "stop", "{rec}");
     assert_eq!(rec["utterances"], 1, "{rec}");
     assert_eq!(rec["stt_skipped"], 1, "{rec}");
@@ -2493,12 +2516,12 @@ async fn a_call_that_ends_mid_speech_keeps_that_speech_and_ends_at_once() {
 async fn speech_cut_at_max_utterance_ms_is_kept_whole() {
     // One call with `speech` frames of tone, then 600 ms of silence: its
     // record.
-    async fn call(speech: usize) -> Value {
+    async fn call(speech: usize, vad: &str) -> Value {
         let dir = tempfile::tempdir().expect("tempdir");
         let (addr, mut child) = worker_with_fake_engines(
             dir.path(),
             &[],
-            "data_dir = \"data\"\ntts = \"tone\"\n[vad]\nmax_utterance_ms = 1000\n",
+            &format!("data_dir = \"data\"\ntts = \"tone\"\n[vad]\nmax_utterance_ms = 1000\n{vad}"),
         );
         let mut ws = ws_connect(&format!("ws://{addr}/ws/twilio-media")).await;
         ws.send(start_msg("MZcut", "CAcut")).await.expect("start");
@@ -2521,13 +2544,13 @@ async fn speech_cut_at_max_utterance_ms_is_kept_whole() {
     // (the first has the 40 ms before speech was heard), all of the speech
     // in them. The caller talking on past a cut barges in on the reply to
     // what was cut, as any speech would.
-    let rec = call(125).await;
+    let rec = call(125, "").await;
     let got = lengths(&rec);
     assert_eq!(rec["utterances"], 3, "{rec}");
     assert_eq!(&got[..2], [1000, 1000], "{got:?}");
     assert!(got.iter().sum::<u64>() >= 2500, "{got:?}");
     // 1 s of speech, ending right at the cut: one utterance, answered.
-    let rec = call(50).await;
+    let rec = call(50, "").await;
     assert_eq!(rec["utterances"], 1, "{rec}");
     assert_eq!(lengths(&rec), [1000], "{rec}");
     // (The speech barges in on the greeting; nothing barges in on the
@@ -2544,6 +2567,11 @@ async fn speech_cut_at_max_utterance_ms_is_kept_whole() {
         "{rec}"
     );
     assert_eq!(rec["clears"], 1, "{rec}");
+    // A start that takes longer than the 100 ms pre-roll (`start_ms`
+    // 300): the utterance after a cut still has all the audio since it.
+    let rec = call(160, "start_ms = 300\n").await;
+    let got = lengths(&rec);
+    assert_eq!(got[1], 1000, "{got:?}");
 }
 
 /// One utterance to the worker on `stream_sid`: 200 ms of tone, then
