@@ -163,8 +163,8 @@ pub struct AppState {
     pub calls_cancel: CancellationToken,
     /// Connection counter, to name calls before their `start` arrives.
     pub next_conn: AtomicU64,
-    /// A permit per call in progress (`cfg.max_calls` in all), held by
-    /// the call's task.
+    /// A permit per call in progress (`cfg.max_calls` in all), held while
+    /// the call's connection is open.
     pub call_slots: Arc<tokio::sync::Semaphore>,
     /// As many again for calls that have ended and wait for their
     /// transcriptions (the audio they hold stays bounded); an ended call
@@ -172,8 +172,7 @@ pub struct AppState {
     pub finishing_slots: Arc<tokio::sync::Semaphore>,
     /// Upgrades refused because `cfg.max_calls` calls were in progress.
     pub calls_refused: AtomicU64,
-    /// Calls whose connection is open (`/version`'s `calls_active`; a
-    /// call's slot is held until its record is written).
+    /// Calls whose connection is open (`/version`'s `calls_active`).
     pub calls_connected: AtomicU64,
     /// The outbound pacing clock every call shares.
     pub pacer: Arc<pacer::Pacer>,
