@@ -2165,12 +2165,14 @@ async fn pipeline(
     let result = worker_proc::start(cfg, shim, &launch, wtx, token)
         .await
         .map_err(|f| {
-            let state = if f.ours {
-                GenState::Failed
+            if f.ours {
+                (
+                    GenState::Failed,
+                    format!("batond could not start it: {}", f.reason),
+                )
             } else {
-                GenState::Rejected
-            };
-            (state, f.reason)
+                (GenState::Rejected, f.reason)
+            }
         });
     (result, Some(snapshot))
 }

@@ -132,8 +132,9 @@ struct Call {
     in_bytes: Vec<u8>,
     pcm: Vec<i16>,
     preroll: VecDeque<i16>,
-    /// How much audio the pre-roll keeps: `PREROLL_SAMPLES`, or the
-    /// voiced run that starts an utterance (`vad.start_ms`) if longer.
+    /// How much audio the pre-roll keeps, and an utterance starts with:
+    /// `PREROLL_SAMPLES`, or the voiced run that starts an utterance
+    /// (`vad.start_ms`) if longer, so that none of the speech is left out.
     preroll_max: usize,
     /// Samples since an utterance was cut at `max_utterance_ms`, until the
     /// next starts: that one takes those of the pre-roll (the rest is in
@@ -673,7 +674,7 @@ impl Call {
                     let keep = self
                         .since_cut
                         .take()
-                        .unwrap_or(PREROLL_SAMPLES)
+                        .unwrap_or(self.preroll_max)
                         .min(self.preroll.len());
                     self.utterance
                         .extend(self.preroll.iter().skip(self.preroll.len() - keep));

@@ -139,9 +139,9 @@ pub enum TtsError {
 pub struct EnergyVad {
     cfg: VadConfig,
     speaking: bool,
-    voiced_ms: u64,
-    silence_ms: u64,
-    utterance_ms: u64,
+    voiced_us: u64,
+    silence_us: u64,
+    utterance_us: u64,
 }
 
 impl EnergyVad {
@@ -150,49 +150,52 @@ impl EnergyVad {
         Self {
             cfg,
             speaking: false,
-            voiced_ms: 0,
-            silence_ms: 0,
-            utterance_ms: 0,
+            voiced_us: 0,
+            silence_us: 0,
+            utterance_us: 0,
         }
     }
 }
 
 impl Vad for EnergyVad {
     fn process(&mut self, pcm: &[i16]) -> VadEvent {
-        let block_ms = pcm.len() as u64 * 1000 / u64::from(SAMPLE_RATE_HZ);
+        // Counted in microseconds (exact at 8 kHz): blocks of any size add
+        // up to the time they are, so a start takes `start_ms` of audio
+        // and no more (the pre-roll is sized by it).
+        let block_us = pcm.len() as u64 * 1_000_000 / u64::from(SAMPLE_RATE_HZ);
         let voiced = audio::mean_abs(pcm) >= self.cfg.threshold;
         if self.speaking {
-            self.utterance_ms += block_ms;
-            self.silence_ms = if voiced {
+            self.utterance_us += block_us;
+            self.silence_us = if voiced {
                 0
             } else {
-                self.silence_ms + block_ms
+                self.silence_us + block_us
             };
-            let trailing_silence_ms = self.silence_ms;
-            if self.silence_ms >= self.cfg.end_silence_ms {
+            let trailing_silence_ms = self.silence_us / 1000;
+            if self.silence_us >= self.cfg.end_silence_ms * 1000 {
                 self.speaking = false;
-                self.voiced_ms = 0;
-                self.silence_ms = 0;
+                self.voiced_us = 0;
+                self.silence_us = 0;
                 return VadEvent::SpeechEnd {
                     trailing_silence_ms,
                     cut: false,
                 };
             }
-            if self.utterance_ms >= self.cfg.max_utterance_ms {
+            if self.utterance_us >= self.cfg.max_utterance_ms * 1000 {
                 self.speaking = false;
-                self.voiced_ms = 0;
-                self.silence_ms = 0;
+                self.voiced_us = 0;
+                self.silence_us = 0;
                 return VadEvent::SpeechEnd {
                     trailing_silence_ms,
                     cut: true,
                 };
             }
         } else {
-            self.voiced_ms = if voiced { self.voiced_ms + block_ms } else { 0 };
-            if self.voiced_ms >= self.cfg.start_ms.max(1) {
+            self.voiced_us = if voiced { self.voiced_us + block_us } else { 0 };
+            if self.voiced_us >= self.cfg.start_ms.max(1) * 1000 {
                 self.speaking = true;
-                self.utterance_ms = self.voiced_ms;
-                self.silence_ms = 0;
+                self.utterance_us = self.voiced_us;
+                self.silence_us = 0;
                 return VadEvent::SpeechStart;
             }
         }
@@ -700,6 +703,25 @@ mod tests {
         }
         assert_eq!(ended, [(VadConfig::default().end_silence_ms, false)]);
         assert!(!vad.in_speech());
+    }
+
+    /// Blocks of any size count for the time they are: Twilio's 20 ms
+    /// frames, or 1.25 ms ones (10 bytes), start speech after `start_ms`.
+    #[test]
+    fn vad_times_blocks_of_any_size_exactly() {
+        for samples in [160usize, 80, 10] {
+            let mut vad = EnergyVad::new(VadConfig::default());
+            let speech: Vec<i16> = audio::tone(300.0, 20, 8000)[..samples].to_vec();
+            let start = (0..1000)
+                .position(|_| vad.process(&speech) == VadEvent::SpeechStart)
+                .expect("speech starts");
+            let heard_us = (start + 1) * samples * 125;
+            assert_eq!(
+                heard_us as u64,
+                VadConfig::default().start_ms * 1000,
+                "{samples}"
+            );
+        }
     }
 
     /// Speech longer than `max_utterance_ms` is cut: the cut is no pause
