@@ -479,10 +479,7 @@ impl Supervisor {
         for e in rd.filter_map(Result::ok) {
             let name = e.file_name();
             let Some(name) = name.to_str() else { continue };
-            if name.starts_with(TRASH_PREFIX) {
-                // Left by a daemon that stopped while removing it.
-                let _ = std::fs::remove_dir_all(e.path());
-            } else if let Some(n) = name
+            if let Some(n) = name
                 .strip_prefix("gen-")
                 .and_then(|n| n.parse::<u64>().ok())
             {
@@ -497,6 +494,9 @@ impl Supervisor {
             remove_gen_dir(&self.cfg.daemon.state_dir, *id);
         }
         self.earlier = old[cut..].iter().copied().collect();
+        // Removals a daemon that stopped meanwhile did not finish.
+        let state_dir = self.cfg.daemon.state_dir.clone();
+        drop(tokio::task::spawn_blocking(move || sweep_trash(&state_dir)));
     }
 
     fn control(&mut self, c: Control) {
@@ -1482,13 +1482,9 @@ impl Supervisor {
                 // A start batond could not make (short of descriptors,
                 // memory or processes) counts toward the start limit as
                 // systemd counts a failed spawn: a shortage that lasts
-                // ends in `failed`, which alerting sees; the reason says
+                // ends in `failed`, which alerting sees; its reason says
                 // whose failure it was.
-                let reason = if failure.ours {
-                    format!("batond could not start it: {}", failure.reason)
-                } else {
-                    failure.reason
-                };
+                let reason = failure.reason;
                 self.events.emit(
                     "rejected",
                     Some(generation),
@@ -2165,14 +2161,12 @@ async fn pipeline(
     let result = worker_proc::start(cfg, shim, &launch, wtx, token)
         .await
         .map_err(|f| {
-            if f.ours {
-                (
-                    GenState::Failed,
-                    format!("batond could not start it: {}", f.reason),
-                )
+            let state = if f.ours {
+                GenState::Failed
             } else {
-                (GenState::Rejected, f.reason)
-            }
+                GenState::Rejected
+            };
+            (state, f.reason)
         });
     (result, Some(snapshot))
 }
@@ -2214,30 +2208,32 @@ fn remove_gen_dir(state_dir: &std::path::Path, id: u64) {
         }
         return;
     }
+    // This one, and those an earlier removal could not finish (out of
+    // descriptors, an I/O error): tried again now, not left until a
+    // restart.
     let state_dir = state_dir.to_path_buf();
-    drop(tokio::task::spawn_blocking(move || {
-        if let Err(e) = std::fs::remove_dir_all(&trash) {
-            tracing::warn!(dir = %trash.display(), error = %e, "cannot remove an old generation; tried again at the next removal");
+    drop(tokio::task::spawn_blocking(move || sweep_trash(&state_dir)));
+}
+
+/// Removes the folders of generations being removed (renamed to
+/// [`TRASH_PREFIX`]); one that cannot be removed now is tried again at the
+/// next removal. Blocking: run it on the blocking pool.
+fn sweep_trash(state_dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(state_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(TRASH_PREFIX)
+            && let Err(e) = std::fs::remove_dir_all(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %path.display(), error = %e, "cannot remove an old generation; tried again at the next removal");
         }
-        // Those an earlier removal could not finish (out of descriptors,
-        // an I/O error) are tried again now, not left until a restart.
-        let Ok(entries) = std::fs::read_dir(&state_dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path != trash
-                && entry
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with(TRASH_PREFIX)
-                && let Err(e) = std::fs::remove_dir_all(&path)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!(dir = %path.display(), error = %e, "cannot remove an old generation; tried again at the next removal");
-            }
-        }
-    }));
+    }
 }
 
 /// Watches what `cfg` names, and the config file. Never the state folder,

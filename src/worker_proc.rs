@@ -493,7 +493,9 @@ pub struct Launch {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StartFailure {
     /// `exited with status S`, `healthz NNN`, `signature mismatch: want X
-    /// got Y`, `start timeout ...`, or what stopped batond from starting it.
+    /// got Y`, `start timeout ...`, or what stopped batond from starting it
+    /// (`batond could not start it: ...` when it was batond's own
+    /// shortage).
     pub reason: String,
     /// batond's own failure before any worker process ran: it was short
     /// of file descriptors, memory or processes. It says nothing of the
@@ -517,9 +519,16 @@ impl StartFailure {
             ]
             .contains(&Errno::from_raw(n))
         });
-        Self {
-            reason,
-            ours: short,
+        if short {
+            Self {
+                reason: format!("batond could not start it: {reason}"),
+                ours: true,
+            }
+        } else {
+            Self {
+                reason,
+                ours: false,
+            }
         }
     }
 }
@@ -530,12 +539,6 @@ impl From<String> for StartFailure {
             reason,
             ours: false,
         }
-    }
-}
-
-impl std::fmt::Display for StartFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.reason)
     }
 }
 

@@ -730,7 +730,7 @@ impl Call {
         self.partial_running = true;
         let n = self.rec.utterances + 1;
         let pcm = self.utterance.clone();
-        let utterance_ms = pcm.len() as u64 * 1000 / u64::from(SAMPLE_RATE_HZ);
+        let utterance_ms = samples_ms(pcm.len());
         self.stt_jobs.spawn(async move {
             let result = tokio::task::spawn_blocking(move || {
                 let _permit = permit;
@@ -769,7 +769,7 @@ impl Call {
         if self.state.calls_cancel.is_cancelled() {
             // Closed because the worker is stopping: its transcriptions
             // are not waited for, so none is started.
-            let utterance_ms = utt.len() as u64 * 1000 / u64::from(SAMPLE_RATE_HZ);
+            let utterance_ms = samples_ms(utt.len());
             self.rec.utterances += 1;
             let n = self.rec.utterances;
             self.skip(n, utterance_ms, "the worker was stopping");
@@ -796,7 +796,7 @@ impl Call {
     /// Counts an utterance and transcribes it in the background (or counts
     /// it skipped); returns its number.
     fn transcribe_final(&mut self, utt: &[i16]) -> u64 {
-        let utterance_ms = utt.len() as u64 * 1000 / u64::from(SAMPLE_RATE_HZ);
+        let utterance_ms = samples_ms(utt.len());
         self.rec.utterances += 1;
         let n = self.rec.utterances;
         let stt = Arc::clone(&self.state.engines.stt);
@@ -947,7 +947,7 @@ impl Call {
             v.resize(v.len().div_ceil(FRAME_BYTES) * FRAME_BYTES, mulaw::SILENCE);
             v.into()
         };
-        let len_ms = audio.len() as u64 * 1000 / u64::from(SAMPLE_RATE_HZ);
+        let len_ms = samples_ms(audio.len());
         info!(
             event = "TTS_LEN_ms",
             callSid = %self.call_sid,
@@ -1194,6 +1194,11 @@ fn server_text(msg: &ServerMessage<'_>) -> Message {
     // Serialising these plain structs cannot fail; an empty text would be
     // logged by the peer as malformed rather than crash us.
     Message::Text(serde_json::to_string(msg).unwrap_or_default().into())
+}
+
+/// How long `n` samples (or mu-law bytes) of 8 kHz audio last, in ms.
+fn samples_ms(n: usize) -> u64 {
+    n as u64 * 1000 / u64::from(SAMPLE_RATE_HZ)
 }
 
 /// How long `bytes` of 8 kHz mu-law play: 125 µs a byte.

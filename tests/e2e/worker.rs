@@ -2274,23 +2274,7 @@ async fn worker_caps_the_transcriptions_a_call_has_waiting() {
         send_utterance(&mut ws, "MZstt", &mut seq).await;
     }
     ws.send(stop_msg("MZstt", "CAstt")).await.expect("stop");
-    let calls = dir.path().join("data/calls");
-    let mut rec = None;
-    for _ in 0..600 {
-        let found = std::fs::read_dir(&calls)
-            .into_iter()
-            .flatten()
-            .filter_map(Result::ok)
-            .find(|e| e.file_name().to_string_lossy().ends_with(".json"));
-        if let Some(e) = found {
-            rec = Some(e.path());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let rec: Value =
-        serde_json::from_str(&std::fs::read_to_string(rec.expect("call record")).expect("read"))
-            .expect("record JSON");
+    let rec = wait_record(dir.path()).await;
     assert_eq!(rec["utterances"], UTTERANCES, "{rec}");
     let skipped = rec["stt_skipped"].as_u64().expect("stt_skipped");
     assert!(skipped >= 1, "{rec}");
@@ -2398,38 +2382,32 @@ impl HangingEngine {
 /// The record of the call `call_sid` in `dir`/data/calls, waited for
 /// (bounded).
 async fn wait_record_of(dir: &Path, call_sid: &str) -> Value {
-    for _ in 0..600 {
-        let found = std::fs::read_dir(dir.join("data/calls"))
-            .into_iter()
-            .flatten()
-            .filter_map(Result::ok)
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
-            .filter_map(|e| serde_json::from_slice::<Value>(&std::fs::read(e.path()).ok()?).ok())
-            .find(|r| r["call_sid"] == call_sid);
-        if let Some(r) = found {
-            return r;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("no record of call {call_sid}");
+    wait_record_where(dir, |r| r["call_sid"] == call_sid).await
 }
 
 /// The first call record in `dir`/data/calls, waited for (bounded).
 async fn wait_record(dir: &Path) -> Value {
+    wait_record_where(dir, |_| true).await
+}
+
+/// A call record in `dir`/data/calls that `pred` takes, waited for
+/// (bounded).
+async fn wait_record_where(dir: &Path, pred: impl Fn(&Value) -> bool) -> Value {
     let calls = dir.join("data/calls");
     for _ in 0..600 {
         let found = std::fs::read_dir(&calls)
             .into_iter()
             .flatten()
             .filter_map(Result::ok)
-            .find(|e| e.file_name().to_string_lossy().ends_with(".json"));
-        if let Some(e) = found {
-            return serde_json::from_slice(&std::fs::read(e.path()).expect("read"))
-                .expect("record JSON");
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .filter_map(|e| serde_json::from_slice::<Value>(&std::fs::read(e.path()).ok()?).ok())
+            .find(|r| pred(r));
+        if let Some(r) = found {
+            return r;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("no call record in {}", calls.display());
+    panic!("no such call record in {}", calls.display());
 }
 
 /// A caller who hangs up in the middle of speaking: that speech is an
