@@ -53,7 +53,8 @@ def status(sock):
         [os.environ["BATONCTL"], "--socket", sock, "status", "--json"],
         capture_output=True, text=True, timeout=10,
     )
-    if out.returncode != 0:
+    # 0: running; 3: no worker serving (starting, failed, ...), still JSON.
+    if out.returncode not in (0, 3):
         return None
     return json.loads(out.stdout)
 

@@ -14,8 +14,9 @@ use http_body_util::BodyExt;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
-    /// The control socket (default: `daemon.control_socket` of --config).
-    #[arg(long, short, env = "BATON_CONTROL_SOCKET", global = true)]
+    /// The control socket (default: `$BATON_CONTROL_SOCKET` when set and
+    /// not empty, else `daemon.control_socket` of --config).
+    #[arg(long, short, global = true)]
     socket: Option<PathBuf>,
     /// The daemon's config file, to find the control socket.
     #[arg(long, short, default_value = "etc/baton.toml", global = true)]
@@ -31,7 +32,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Show the active, candidate, draining and past generations.
+    /// Show the active, candidate, draining and past generations; exit 0
+    /// when a worker is serving, 3 when none is (starting, restarting,
+    /// failed, stopping), as `systemctl status` does.
     Status {
         /// Print the API's JSON.
         #[arg(long)]
@@ -84,7 +87,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let from_config = cli.socket.is_none();
+    let from_config = cli.socket.is_none() && socket_from_env().is_none();
     match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
@@ -151,9 +154,17 @@ fn parse_timeout(s: &str) -> Result<f64, String> {
     }
 }
 
+/// `BATON_CONTROL_SOCKET`, unless unset or empty (`BATON_CONTROL_SOCKET=`
+/// in a script means "not set", as for systemd's own variables).
+fn socket_from_env() -> Option<PathBuf> {
+    std::env::var_os("BATON_CONTROL_SOCKET")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
 fn socket_path(cli: &Cli) -> anyhow::Result<PathBuf> {
-    if let Some(s) = &cli.socket {
-        return Ok(s.clone());
+    if let Some(s) = cli.socket.clone().or_else(socket_from_env) {
+        return Ok(s);
     }
     baton::config::Config::control_socket_of(&cli.config).with_context(|| {
         format!(
@@ -174,13 +185,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Status { json } => {
             let (code, body) = call_text(Method::GET, "/v1/status").await?;
             check(code, &body)?;
-            if json {
-                say(&body)?;
-            } else {
-                let s: Status = serde_json::from_str(&body).context("status JSON")?;
-                say(&render_status(&s))?;
-            }
-            Ok(ExitCode::SUCCESS)
+            let s: Status = serde_json::from_str(&body).context("status JSON")?;
+            say(&if json { body } else { render_status(&s) })?;
+            Ok(status_code(&s))
         }
         Cmd::Deploy { wait } => outcome(&socket, "/v1/deploy", wait, limit).await,
         Cmd::Restart { wait } => outcome(&socket, "/v1/restart", wait, limit).await,
@@ -375,6 +382,16 @@ fn gen_line(g: &GenerationInfo) -> String {
         s.push_str(&format!(": {r}"));
     }
     s
+}
+
+/// `systemctl status`'s exit codes: 0 when the unit runs (a worker serves),
+/// 3 when it does not.
+fn status_code(s: &Status) -> ExitCode {
+    if s.state == "running" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    }
 }
 
 fn render_status(s: &Status) -> String {

@@ -233,11 +233,11 @@ pub async fn serve(
     }
 }
 
+/// A query parameter, percent-decoded (`?kind=%62uild` is `build`), as any
+/// HTTP client may encode it.
 fn query(req: &Request<Incoming>, key: &str) -> Option<String> {
-    req.uri().query()?.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        (k == key).then(|| v.to_string())
-    })
+    form_urlencoded::parse(req.uri().query()?.as_bytes())
+        .find_map(|(k, v)| (k == key).then(|| v.into_owned()))
 }
 
 fn flag(req: &Request<Incoming>, key: &str) -> bool {
@@ -375,16 +375,29 @@ fn allowed(path: &str) -> Option<&'static str> {
 async fn logs(req: &Request<Incoming>, job: &Job, state_dir: &Path) -> Response<ProxyBody> {
     let kind = query(req, "kind").unwrap_or_else(|| "worker".into());
     if kind != "worker" && kind != "build" {
-        return json_error(StatusCode::BAD_REQUEST, "kind must be `worker` or `build`");
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            &format!("kind must be `worker` or `build`, not `{kind}`"),
+        );
     }
-    let lines: usize = match query(req, "lines").map(|l| l.parse()) {
+    let lines: usize = match query(req, "lines").map(|l| l.parse().map_err(|_| l)) {
         None => 100,
         Some(Ok(n)) => n,
-        Some(Err(_)) => return json_error(StatusCode::BAD_REQUEST, "lines must be a number"),
+        Some(Err(l)) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("lines must be a whole number, not `{l}`"),
+            );
+        }
     };
-    let generation = match query(req, "generation").map(|g| g.parse::<u64>()) {
+    let generation = match query(req, "generation").map(|g| g.parse::<u64>().map_err(|_| g)) {
         Some(Ok(g)) => g,
-        Some(Err(_)) => return json_error(StatusCode::BAD_REQUEST, "generation must be a number"),
+        Some(Err(g)) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("generation must be a whole number, not `{g}`"),
+            );
+        }
         None => {
             let Some(s) = job.status().await else {
                 return json_error(StatusCode::SERVICE_UNAVAILABLE, "batond is stopping");

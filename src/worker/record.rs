@@ -1,7 +1,8 @@
 //! The JSON record each finished call leaves in `<data_dir>/calls/`.
 //!
-//! Written once, at the end of the call, to a temporary name and renamed,
-//! so a reader never sees half a record.
+//! Written once, at the end of the call, to a temporary name, synced and
+//! renamed, so a reader never sees half a record, and a record that is
+//! there survives a power cut.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -188,8 +189,19 @@ impl CallRecord {
             self.conn_id
         ));
         let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        std::fs::write(&tmp, json)?;
-        std::fs::rename(&tmp, &path)?;
+        let written = (|| {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&json)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            // The rename itself is durable once the folder is synced.
+            std::fs::File::open(dir)?.sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         Ok(path)
     }
 }

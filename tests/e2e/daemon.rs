@@ -572,6 +572,16 @@ async fn start_limit_marks_the_unit_failed_until_the_next_deploy() {
         ),
         "{g:?}"
     );
+    // batonctl status says so in its exit code too, as systemctl status
+    // does (3: not running), with its text or its JSON.
+    for args in [&["status"][..], &["status", "--json"]] {
+        let out = d.ctl(args).await;
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("failed"),
+            "{args:?}: {out:?}"
+        );
+    }
     // Nothing runs: no pid or port, and the generation is not also history.
     assert_eq!((g.pid, g.port), (None, None), "{g:?}");
     assert!(s.history.iter().all(|h| h.id != g.id), "{:?}", s.history);
@@ -601,6 +611,7 @@ async fn start_limit_marks_the_unit_failed_until_the_next_deploy() {
     assert_eq!(code, StatusCode::OK);
     let s = d.wait_for("running again", |s| s.state == "running").await;
     assert_eq!(d.get("/healthz").await.0, StatusCode::OK);
+    assert_eq!(d.ctl(&["status"]).await.status.code(), Some(0));
     let old = s.history.iter().find(|h| h.id == g.id).expect("in history");
     assert_eq!(old.state, GenState::Failed, "{old:?}");
     assert_eq!((old.pid, old.port), (None, None), "{old:?}");
@@ -1137,6 +1148,24 @@ async fn bad_config_on_reload_keeps_the_running_one() {
         String::from_utf8_lossy(&out.stdout).contains("debounce_secs"),
         "{out:?}"
     );
+    // BATON_CONTROL_SOCKET wins over --config; set but empty, it counts as
+    // unset (it used to be refused as an empty --socket).
+    let env_ctl = |value: &OsStr, config: &OsStr| {
+        tokio::process::Command::new(BATONCTL)
+            .env("BATON_CONTROL_SOCKET", value)
+            .args([OsStr::new("--config"), config, OsStr::new("status")])
+            .output()
+    };
+    for (value, config) in [
+        (OsStr::new(""), config.as_os_str()),
+        (d.socket.as_os_str(), OsStr::new("/nonexistent/baton.toml")),
+    ] {
+        let out = tokio::time::timeout(PATIENCE, env_ctl(value, config))
+            .await
+            .expect("batonctl timed out")
+            .expect("batonctl runs");
+        assert!(out.status.success(), "{value:?} {config:?}: {out:?}");
+    }
     // Even a file that is not TOML at all: batonctl -c still reaches the
     // daemon, and `reload` says what is wrong.
     p.write(
@@ -2033,6 +2062,13 @@ async fn control_socket_metrics_logs_and_restart() {
     let text = control("POST /v1/deploy HTTP/1.1\r\nBaton-Deadline-Ms: soon").await;
     assert!(text.starts_with("http/1.1 400"), "{text}");
     assert!(text.contains("baton-deadline-ms"), "{text}");
+    // Query parameters are percent-decoded as any HTTP client may send
+    // them; one that is wrong is named with its value.
+    let text = control("GET /v1/logs?kind=%62uild&lines=%35 HTTP/1.1").await;
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    let text = control("GET /v1/logs?lines=ten HTTP/1.1").await;
+    assert!(text.starts_with("http/1.1 400"), "{text}");
+    assert!(text.contains("`ten`"), "{text}");
     let text = control("HEAD /v1/status HTTP/1.1").await;
     assert!(text.starts_with("http/1.1 200"), "{text}");
     assert!(text.ends_with("\r\n\r\n"), "no body after the head: {text}");
