@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Overrides};
 use crate::control::api::{DeployOutcome, GenState, GenerationInfo, Status, Totals, timestamp};
+use crate::endpoint::Endpoint;
 use crate::events::Events;
 use crate::proxy::Proxy;
 use crate::router::{Router, Upstream};
@@ -948,6 +949,12 @@ impl Supervisor {
                 instance,
                 exit,
             }) => self.exited(generation, instance, &exit),
+            Internal::Worker(WorkerEvent::Spawned {
+                generation,
+                instance,
+                pid,
+                endpoint,
+            }) => self.spawned(generation, instance, pid, &endpoint),
             Internal::Worker(WorkerEvent::Unhealthy {
                 generation,
                 instance,
@@ -1249,6 +1256,26 @@ impl Supervisor {
             }
         });
         self.draining.push(old);
+    }
+
+    /// A worker process started: a generation that has no process yet
+    /// (a candidate, or a failed unit's restart) shows its pid and address
+    /// while it proves itself, so a slow start can be looked at.
+    fn spawned(&mut self, generation: u64, instance: u64, pid: u32, endpoint: &Endpoint) {
+        let Some(g) = self.gens.get_mut(&generation) else {
+            return;
+        };
+        // (Too late when the start has already ended: the state moved on.)
+        if g.state != GenState::Starting || g.pid.is_some() {
+            return;
+        }
+        g.pid = Some(pid);
+        g.port = endpoint.port();
+        g.socket = endpoint.unix_path().map(|p| p.display().to_string());
+        tracing::info!(
+            "generation {generation}: worker {instance} started as pid {pid} on {endpoint}; proving it"
+        );
+        self.notify_status();
     }
 
     fn exited(&mut self, generation: u64, instance: u64, exit: &worker_proc::Exit) {
@@ -2021,6 +2048,17 @@ impl Supervisor {
                     Ok((inst, _)) => (Some(inst), GenState::Stopped, WHY.to_string()),
                     Err((state, reason)) => (None, state, reason),
                 };
+                // The candidate's end is an event like any other: a reader
+                // of the stream saw it start.
+                self.events.emit(
+                    match state {
+                        GenState::Rejected => "rejected",
+                        GenState::Failed if reason != WHY => "build_failed",
+                        _ => "stopped",
+                    },
+                    Some(generation),
+                    format!("generation {generation}: {} ({reason})", state.as_str()),
+                );
                 self.finish(generation, state, Some(reason));
                 (generation, proven, std::mem::take(&mut self.waiters_now))
             }

@@ -438,6 +438,17 @@ pub enum WorkerEvent {
         /// How it ended.
         exit: Exit,
     },
+    /// The process was started (it has yet to prove itself).
+    Spawned {
+        /// Its generation.
+        generation: u64,
+        /// Its instance number.
+        instance: u64,
+        /// Its process id.
+        pid: u32,
+        /// Where it listens.
+        endpoint: Endpoint,
+    },
     /// The active worker failed its probes too many times in a row.
     Unhealthy {
         /// Its generation.
@@ -643,6 +654,12 @@ pub async fn start(
     })?;
     let started = Instant::now();
     let pid = u32::try_from(child.pid()).unwrap_or_default();
+    let _ = events.send(WorkerEvent::Spawned {
+        generation: launch.generation,
+        instance: launch.instance,
+        pid,
+        endpoint: endpoint.clone(),
+    });
     let record = GroupRecord::write(
         &cfg.daemon.state_dir,
         child.pid(),

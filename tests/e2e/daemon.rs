@@ -875,15 +875,33 @@ async fn a_candidate_proven_while_batond_stops_is_stopped_not_left_starting() {
     p.append("src/pyworker.py", "\n# START_DELAY_FILE=delay\n");
     let d = Daemon::start(&p).await;
     d.wait_active(1).await;
+    // A reader of the events hears how the candidate ended.
+    let events = tokio::process::Command::new(BATONCTL)
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("events")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("batonctl events");
     // Generation 2 takes a second to listen.
     p.write("delay", "1000");
     let waiting = d.ctl(&["deploy", "--wait"]);
     let slow = http_get(d.addr, "/slow?ms=4000");
     let stop = async {
-        d.wait_for("generation 2 starting", |s| {
-            s.candidate.as_ref().is_some_and(|c| c.id == 2)
-        })
-        .await;
+        // While it proves itself, its pid and address are shown.
+        let s = d
+            .wait_for("generation 2 starting", |s| {
+                s.candidate
+                    .as_ref()
+                    .is_some_and(|c| c.id == 2 && c.pid.is_some())
+            })
+            .await;
+        let c = s.candidate.expect("candidate");
+        assert_eq!(c.state, GenState::Starting, "{c:?}");
+        assert!(alive(c.pid.expect("pid")), "{c:?}");
+        assert!(c.port.is_some() || c.socket.is_some(), "{c:?}");
         // A request in flight keeps batond stopping for 4 s.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let batond = nix::unistd::Pid::from_raw(d.child.id().expect("pid") as i32);
@@ -911,6 +929,17 @@ async fn a_candidate_proven_while_batond_stops_is_stopped_not_left_starting() {
         !d.log().contains("generation 2: proven; traffic moved"),
         "{}",
         d.log()
+    );
+    let log = d.log();
+    assert!(d.stop().await.success());
+    let out = tokio::time::timeout(PATIENCE, events.wait_with_output())
+        .await
+        .expect("batonctl events ended")
+        .expect("batonctl events");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("generation 2: stopped (batond is stopping)"),
+        "{text}\n{log}"
     );
 }
 
