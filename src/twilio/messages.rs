@@ -63,8 +63,9 @@ pub enum TwilioMessage<'a> {
     /// Echo of a mark the server sent, once its audio has played (or was
     /// cleared).
     Mark {
-        /// Message counter as a decimal string.
-        #[serde(rename = "sequenceNumber")]
+        /// Message counter as a decimal string (kept without one, as a
+        /// `start` or `stop` is).
+        #[serde(rename = "sequenceNumber", default)]
         sequence_number: String,
         /// The stream these messages belong to.
         #[serde(rename = "streamSid")]

@@ -72,6 +72,10 @@ enum Out {
     Mark(String),
 }
 
+/// Most marks a call keeps waiting for (a reply each): a peer that never
+/// echoes them must not grow the call's memory.
+const MAX_MARKS_OUT: usize = 64;
+
 /// How many pings go unanswered before a call is closed: the tick that
 /// would send the next one is `pong_timeout` or more after the oldest
 /// (two at least: one late tick after a stall must not end a call).
@@ -149,6 +153,16 @@ struct Call {
     ping_answered: u64,
     ping_sent: Option<(u64, Instant)>,
     pending_clear: bool,
+    /// Marks sent whose echo has not come (name, when sent): until it
+    /// comes (or `mark_timeout`), the reply before it may still be playing
+    /// at the caller, and caller speech is a barge-in.
+    marks_out: VecDeque<(String, Instant)>,
+    /// Marks a `clear` cut short: their echo says they were cleared, not
+    /// played.
+    marks_cut: VecDeque<String>,
+    /// The stream has tracks other than `inbound`: a `<Start>` stream,
+    /// one-way, on which nothing may be sent back.
+    listen_only: bool,
     /// Utterances whose final transcription is running or waiting for a
     /// slot (number, length in ms): those the call's end leaves behind are
     /// counted as skipped.
@@ -210,6 +224,9 @@ pub async fn run_call<S>(
         ping_answered: 0,
         ping_sent: None,
         pending_clear: false,
+        marks_out: VecDeque::new(),
+        marks_cut: VecDeque::new(),
+        listen_only: false,
         finals_pending: Vec::new(),
     };
     debug!(conn = conn_id, peer = %peer, subprotocol, "websocket open");
@@ -605,6 +622,15 @@ impl Call {
                         format!("{} {} Hz x{}", fmt.encoding, fmt.sample_rate, fmt.channels);
                     self.warn_skip("unexpected mediaFormat", detail);
                 }
+                // `<Connect><Stream>` (bidirectional) has the inbound track
+                // only; any other is a `<Start><Stream>`, one-way: nothing
+                // may be sent back on it (Twilio: 31951).
+                if let Some(other) = start.tracks.iter().find(|t| *t != "inbound") {
+                    self.listen_only = true;
+                    info!(callSid = %self.call_sid, streamSid = %self.stream_sid, track = %record::bounded(other.as_str()), "a one-way (<Start>) stream: listening only, nothing is sent back");
+                    self.rec
+                        .push_event(t, "listen_only", format!("tracks {:?}", start.tracks));
+                }
                 let greeting = Arc::clone(&self.state.engines.greeting);
                 self.enqueue_reply(greeting, "greeting", "greeting".into());
             }
@@ -614,9 +640,9 @@ impl Call {
                     return None;
                 }
                 // The caller is the inbound track; the outbound one (a
-                // both-tracks stream) is what the caller hears, this
-                // worker's own voice: fed to the VAD it would interrupt
-                // itself and be echoed. Said once, then skipped.
+                // both-tracks `<Start>` stream) is what the call plays to
+                // the caller: fed to the VAD it would be taken for the
+                // caller's speech. Said once, then skipped.
                 if media.track != "inbound" {
                     if !self.other_track_seen {
                         self.other_track_seen = true;
@@ -646,11 +672,7 @@ impl Call {
                 info!(event = "DTMF", callSid = %self.call_sid, streamSid = %self.stream_sid, digit = %digit, "DTMF");
                 self.rec.push_event(t, "dtmf", digit);
             }
-            TwilioMessage::Mark { mark, .. } => {
-                debug!(callSid = %self.call_sid, mark = %mark.name, "mark echoed");
-                self.rec.push_event(t, "mark_echoed", mark.name.clone());
-                self.rec.push_mark_echoed(mark.name);
-            }
+            TwilioMessage::Mark { mark, .. } => self.on_mark_echo(mark.name),
             TwilioMessage::Stop { .. } => {
                 if !self.started {
                     self.warn_skip("stop before start", String::new());
@@ -958,6 +980,14 @@ impl Call {
             "TTS_LEN_ms"
         );
         let t = self.t_ms();
+        if self.listen_only {
+            self.rec.push_event(
+                t,
+                "reply",
+                format!("{source} {len_ms} ms, not sent: a one-way stream"),
+            );
+            return;
+        }
         self.rec
             .push_event(t, "reply", format!("{source} {len_ms} ms"));
         if !audio.is_empty() {
@@ -969,20 +999,97 @@ impl Call {
         self.queue.push_back(Out::Mark(mark));
     }
 
-    /// True while audio is queued here or still playing at the caller.
+    /// True while audio is queued here or still playing at the caller: sent
+    /// within the pacing lead, or before a mark Twilio has not echoed yet
+    /// (it echoes one once the audio before it has played), for at most
+    /// `mark_timeout` after the mark was sent.
     fn is_playing(&self) -> bool {
+        let now = Instant::now();
         self.queue.iter().any(|o| matches!(o, Out::Audio { .. }))
-            || self.next_play_at > Instant::now()
+            || self.next_play_at > now
+            || self
+                .marks_out
+                .iter()
+                .any(|(_, sent)| now < *sent + self.state.cfg.mark_timeout)
+    }
+
+    /// An echoed mark: the audio before it has played (or a `clear`
+    /// dropped it). Twilio echoes marks in the order they were sent, so
+    /// those before it are over too.
+    fn on_mark_echo(&mut self, name: String) {
+        let t = self.t_ms();
+        if !self.started {
+            self.warn_skip("mark before start", name);
+            return;
+        }
+        if let Some(i) = self.marks_cut.iter().position(|n| *n == name) {
+            self.marks_cut.drain(..=i);
+            debug!(callSid = %self.call_sid, mark = %name, "mark echoed after a clear");
+            self.rec.push_event(t, "mark_cleared", name.clone());
+            self.rec.push_mark_cleared(name);
+        } else if let Some(i) = self.marks_out.iter().position(|(n, _)| *n == name) {
+            self.marks_out.drain(..=i);
+            // Twilio has played all that was sent: nothing plays now,
+            // whatever the send clock says.
+            if self.marks_out.is_empty() && self.queue.is_empty() {
+                self.next_play_at = self.next_play_at.min(Instant::now());
+            }
+            debug!(callSid = %self.call_sid, mark = %name, "mark echoed");
+            self.rec.push_event(t, "mark_echoed", name.clone());
+            self.rec.push_mark_echoed(name);
+        } else {
+            self.warn_skip("echo of no mark sent (unknown, or echoed twice)", name);
+        }
+    }
+
+    /// What of the replies under way a barge-in or the call's end cuts:
+    /// those queued here (how much of each was sent), and those sent whose
+    /// mark has not come back (not heard whole yet).
+    fn cut_replies(&self) -> String {
+        let mut cut = Vec::new();
+        let mut audio: Option<(usize, usize)> = None;
+        for o in &self.queue {
+            match o {
+                Out::Audio { data, pos } => audio = Some((*pos, data.len())),
+                Out::Mark(name) => {
+                    let (sent, len) = audio.take().unwrap_or((0, 0));
+                    cut.push(format!(
+                        "{name}: {} of {} ms sent",
+                        samples_ms(sent),
+                        samples_ms(len)
+                    ));
+                }
+            }
+        }
+        let now = Instant::now();
+        for (name, sent) in &self.marks_out {
+            if now < *sent + self.state.cfg.mark_timeout {
+                cut.push(format!("{name}: sent whole, its mark not echoed yet"));
+            }
+        }
+        if cut.is_empty() {
+            // Only what the pacing lead let out ahead of real time.
+            return "audio sent ahead of real time".into();
+        }
+        cut.join("; ")
     }
 
     /// Caller speech over our audio: drop our queue and ask Twilio to drop
-    /// its buffer. The `clear` itself goes out in `flush_control`.
+    /// its buffer. The `clear` itself goes out in `flush_control`; Twilio
+    /// then echoes the marks it holds, which are noted as cleared.
     fn barge_in(&mut self) {
+        let cut = self.cut_replies();
         self.queue.clear();
+        self.marks_cut
+            .extend(self.marks_out.drain(..).map(|(name, _)| name));
+        // Bounded: a peer that never echoes must not grow it.
+        while self.marks_cut.len() > MAX_MARKS_OUT {
+            self.marks_cut.pop_front();
+        }
         self.next_play_at = Instant::now();
         self.rec.clears += 1;
         let t = self.t_ms();
-        self.rec.push_event(t, "barge_in", "");
+        self.rec.push_event(t, "barge_in", cut);
         info!(event = "BARGE_IN", callSid = %self.call_sid, streamSid = %self.stream_sid, "BARGE_IN: clear");
         self.pending_clear = true;
     }
@@ -1054,7 +1161,14 @@ impl Call {
                         stream_sid: self.stream_sid.as_str().into(),
                         mark: MarkBody { name: name.clone() },
                     });
-                    self.rec.marks_sent.push(name);
+                    self.marks_out.push_back((name.clone(), Instant::now()));
+                    // Bounded: a peer that never echoes must not grow it.
+                    if self.marks_out.len() > MAX_MARKS_OUT {
+                        self.marks_out.pop_front();
+                    }
+                    if self.rec.marks_sent.len() < record::MAX_EVENTS {
+                        self.rec.marks_sent.push(name);
+                    }
                     msg
                 }
                 Some(Out::Audio { data, pos }) => {
@@ -1119,6 +1233,12 @@ impl Call {
     /// The call's connection has closed: its length, end and reason go in
     /// the record, and `WS_STOP` is logged.
     fn ended(&mut self, reason: &'static str) {
+        if self.is_playing() {
+            let cut = self.cut_replies();
+            let t = self.t_ms();
+            self.rec
+                .push_event(t, "reply_cut", format!("{cut} (call ended)"));
+        }
         let duration_ms = self.t_ms();
         self.rec.duration_ms = duration_ms;
         self.rec.ended_at = rfc3339(SystemTime::now());

@@ -132,6 +132,11 @@ pub struct FileConfig {
     /// How far outbound audio may run ahead of real time (at least one
     /// frame, 20 ms).
     pub pacing_lead_ms: u64,
+    /// How long a reply counts as still playing at the caller after its
+    /// `mark` was sent, when Twilio has not echoed the mark (which it does
+    /// once the audio before it has played): a mark whose echo is lost
+    /// must not keep the call "speaking" for good.
+    pub mark_timeout_ms: u64,
     /// Energy VAD.
     pub vad: VadConfig,
     /// `SCHED_FIFO` priority of the threads that move frames (the runtime
@@ -162,6 +167,7 @@ impl Default for FileConfig {
             max_message_bytes: 64 * 1024,
             max_calls: 1000,
             pacing_lead_ms: 100,
+            mark_timeout_ms: 2000,
             vad: VadConfig::default(),
             realtime_priority: 0,
         }
@@ -218,6 +224,8 @@ pub struct Config {
     pub max_calls: usize,
     /// Outbound pacing lead.
     pub pacing_lead: Duration,
+    /// See [`FileConfig::mark_timeout_ms`].
+    pub mark_timeout: Duration,
     /// Energy VAD knobs.
     pub vad: VadConfig,
     /// `SCHED_FIFO` priority of the runtime and pacer threads (0: normal).
@@ -361,6 +369,9 @@ impl Config {
                 "must be at least 20 (one frame of audio)".into(),
             ));
         }
+        if file.mark_timeout_ms == 0 {
+            return Err(invalid("mark_timeout_ms", "must be > 0".into()));
+        }
         if file.max_message_bytes < 1024 {
             return Err(invalid("max_message_bytes", "must be >= 1024".into()));
         }
@@ -416,6 +427,7 @@ impl Config {
             max_message_bytes: file.max_message_bytes,
             max_calls: file.max_calls,
             pacing_lead: Duration::from_millis(file.pacing_lead_ms),
+            mark_timeout: Duration::from_millis(file.mark_timeout_ms),
             vad: file.vad,
             realtime_priority: file.realtime_priority,
         })

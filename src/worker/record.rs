@@ -103,8 +103,11 @@ pub struct CallRecord {
     pub bytes_out: u64,
     /// Marks we sent, in order.
     pub marks_sent: Vec<String>,
-    /// Marks echoed back, in order.
+    /// Marks echoed back once their audio had played, in order.
     pub marks_echoed: Vec<String>,
+    /// Marks echoed back because a `clear` emptied Twilio's buffer (a
+    /// barge-in): their reply was not heard whole.
+    pub marks_cleared: Vec<String>,
     /// `clear` messages sent (barge-ins).
     pub clears: u64,
     /// Utterances detected.
@@ -159,6 +162,13 @@ impl CallRecord {
     pub fn push_mark_echoed(&mut self, name: String) {
         if self.marks_echoed.len() < MAX_EVENTS {
             self.marks_echoed.push(bounded(name));
+        }
+    }
+
+    /// Notes a mark echoed because of a `clear` (as [`Self::push_mark_echoed`]).
+    pub fn push_mark_cleared(&mut self, name: String) {
+        if self.marks_cleared.len() < MAX_EVENTS {
+            self.marks_cleared.push(bounded(name));
         }
     }
 

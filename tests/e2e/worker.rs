@@ -557,22 +557,37 @@ fn stop_msg(stream_sid: &str, call_sid: &str) -> Message {
 
 /// Reads until a server media message arrives (the call is alive).
 async fn expect_media(ws: &mut Client) -> Value {
+    expect_event(ws, "media").await
+}
+
+/// Reads until a server message of `event` arrives, skipping the others.
+async fn expect_event(ws: &mut Client, event: &str) -> Value {
     tokio::time::timeout(PATIENCE, async {
         loop {
             match ws.next().await {
                 Some(Ok(Message::Text(t))) => {
                     let v: Value = serde_json::from_str(t.as_str()).expect("server JSON");
-                    if v["event"] == "media" {
+                    if v["event"] == event {
                         return v;
                     }
                 }
                 Some(Ok(_)) => {}
-                other => panic!("stream ended while waiting for media: {other:?}"),
+                other => panic!("stream ended while waiting for {event}: {other:?}"),
             }
         }
     })
     .await
-    .expect("no media from server")
+    .unwrap_or_else(|_| panic!("no {event} from the server"))
+}
+
+/// Twilio's echo of mark `name`.
+fn mark_msg(stream_sid: &str, seq: u64, name: &str) -> Message {
+    Message::Text(
+        serde_json::json!({"event": "mark", "sequenceNumber": seq.to_string(),
+                           "streamSid": stream_sid, "mark": {"name": name}})
+        .to_string()
+        .into(),
+    )
 }
 
 /// Reads until the server closes; returns the close code (None = no frame).
@@ -2226,13 +2241,16 @@ async fn worker_answers_a_callers_close_and_bounds_what_the_caller_sends() {
     assert!(reply.is_ok(), "{reply:?}");
     let rec = w.wait_records(1).await.pop().expect("call record");
     assert_eq!(rec["end_reason"], "client_close", "{rec}");
-    assert_eq!(rec["protocol_warnings"], 50, "{rec}");
-    let marks = rec["marks_echoed"].as_array().expect("marks");
-    assert_eq!(marks.len(), 50);
+    // Echoes of marks never sent are warnings (bounded like any), not
+    // echoes.
+    assert_eq!(rec["protocol_warnings"], 100, "{rec}");
+    assert_eq!(rec["marks_echoed"], serde_json::json!([]), "{rec}");
+    let events = rec["events"].as_array().expect("events");
     assert!(
-        marks
+        events
             .iter()
-            .all(|m| m.as_str().is_some_and(|m| m.len() < 300))
+            .all(|e| e["detail"].as_str().is_none_or(|d| d.len() < 400)),
+        "{rec}"
     );
     assert!(
         rec.to_string().len() < 100_000,
@@ -2249,6 +2267,130 @@ async fn worker_answers_a_callers_close_and_bounds_what_the_caller_sends() {
         .filter(|l| l.contains("WS_PROTOCOL_WARNING"))
         .count();
     assert_eq!(logged, 20);
+}
+
+/// A reply plays at the caller until Twilio echoes its mark, not only
+/// while the worker sends it: caller speech after the greeting was all sent
+/// but before its mark came back is a barge-in (clear). The record tells
+/// marks echoed because they played from those a clear dropped, and what
+/// a barge-in or the call's end cut; an echo of no mark sent is a warning.
+#[tokio::test]
+async fn marks_tell_what_the_caller_heard() {
+    let mut w = Worker::start("", &[]).await;
+    let mut ws = ws_connect(&w.ws_url()).await;
+    let sid = "MZmarks";
+    ws.send(start_msg(sid, "CAmarks")).await.expect("start");
+    let mut seq = 1;
+    // The greeting is sent whole; Twilio still plays it (no echo yet).
+    let m = expect_event(&mut ws, "mark").await;
+    assert_eq!(m["mark"]["name"], "greeting", "{m}");
+    // Well past the pacing lead, the caller speaks over it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    send_audio(&mut ws, sid, &mut seq, 25, 0).await;
+    let c = expect_event(&mut ws, "clear").await;
+    assert_eq!(c["streamSid"], sid, "{c}");
+    // Twilio echoes the marks a clear dropped.
+    seq += 1;
+    ws.send(mark_msg(sid, seq, "greeting")).await.expect("mark");
+    // The utterance ends; its echo is sent, and played.
+    send_audio(&mut ws, sid, &mut seq, 0, 30).await;
+    let m = expect_event(&mut ws, "mark").await;
+    assert_eq!(m["mark"]["name"], "utt-1", "{m}");
+    for name in ["utt-1", "utt-1", "bogus"] {
+        seq += 1;
+        ws.send(mark_msg(sid, seq, name)).await.expect("mark");
+    }
+    // A second utterance (no barge-in: nothing plays); the stop cuts its
+    // reply.
+    send_audio(&mut ws, sid, &mut seq, 50, 30).await;
+    let _ = expect_media(&mut ws).await;
+    ws.send(stop_msg(sid, "CAmarks")).await.expect("stop");
+    let rec = w.wait_records(1).await.pop().expect("call record");
+    assert_eq!(rec["clears"], 1, "{rec}");
+    assert_eq!(
+        rec["marks_cleared"],
+        serde_json::json!(["greeting"]),
+        "{rec}"
+    );
+    assert_eq!(rec["marks_echoed"], serde_json::json!(["utt-1"]), "{rec}");
+    assert_eq!(rec["protocol_warnings"], 2, "{rec}");
+    let detail = |kind: &str| -> Vec<String> {
+        rec["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .filter(|e| e["kind"] == kind)
+            .map(|e| e["detail"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(
+        detail("barge_in"),
+        ["greeting: sent whole, its mark not echoed yet"],
+        "{rec}"
+    );
+    let cut = detail("reply_cut");
+    assert!(
+        cut.len() == 1 && cut[0].starts_with("utt-2: ") && cut[0].ends_with("ms sent (call ended)"),
+        "{rec}"
+    );
+    assert!(
+        detail("warning")
+            .iter()
+            .all(|d| d.starts_with("echo of no mark sent")),
+        "{rec}"
+    );
+}
+
+/// A stream with a track other than `inbound` is a `<Start><Stream>`
+/// (`<Connect>` allows the inbound track only): one-way, so nothing is sent
+/// back on it, greeting and replies included; the record says so.
+#[tokio::test]
+async fn nothing_is_sent_back_on_a_one_way_stream() {
+    let mut w = Worker::start("", &[]).await;
+    let mut ws = ws_connect(&w.ws_url()).await;
+    let sid = "MZoneway";
+    let start = serde_json::json!({
+        "event": "start", "sequenceNumber": "1", "streamSid": sid,
+        "start": {"accountSid": "AC1", "streamSid": sid, "callSid": "CAoneway",
+                  "tracks": ["inbound", "outbound"],
+                  "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}
+    });
+    ws.send(Message::Text(start.to_string().into()))
+        .await
+        .expect("start");
+    let mut seq = 1;
+    send_audio(&mut ws, sid, &mut seq, 25, 30).await;
+    // The utterance is heard (and answered, for the record) before the stop.
+    w.wait_event("TTS_LEN_ms", |e| e["fields"]["callSid"] == "CAoneway")
+        .await;
+    ws.send(stop_msg(sid, "CAoneway")).await.expect("stop");
+    let sent: Vec<Value> = tokio::time::timeout(PATIENCE, async {
+        let mut sent = Vec::new();
+        while let Some(Ok(m)) = ws.next().await {
+            if let Message::Text(t) = m {
+                sent.push(serde_json::from_str(t.as_str()).expect("server JSON"));
+            }
+        }
+        sent
+    })
+    .await
+    .expect("the call ends");
+    assert!(sent.is_empty(), "{sent:?}");
+    let rec = w.wait_records(1).await.pop().expect("call record");
+    assert_eq!(rec["utterances"], 1, "{rec}");
+    assert_eq!(rec["frames_out"], 0, "{rec}");
+    assert_eq!(rec["marks_sent"], serde_json::json!([]), "{rec}");
+    let events = rec["events"].as_array().expect("events");
+    assert!(events.iter().any(|e| e["kind"] == "listen_only"), "{rec}");
+    assert!(
+        events
+            .iter()
+            .filter(|e| e["kind"] == "reply")
+            .all(|e| e["detail"]
+                .as_str()
+                .is_some_and(|d| d.ends_with("not sent: a one-way stream"))),
+        "{rec}"
+    );
 }
 
 /// A call whose speech comes faster than it can be transcribed (here the
