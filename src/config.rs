@@ -518,35 +518,43 @@ impl Config {
         // must not keep `batonctl` from the daemon, which still runs with
         // the config it had: the lines at fault are blanked (positions stay
         // where they were) and the rest read for the three keys.
-        let mut rest = text.clone();
-        let mut first = None;
-        while let Err(e) = rest.parse::<toml::Table>() {
-            let issue = first.get_or_insert_with(|| serde_issue(&file, &text, &e));
-            // Not lines that could hold the answer: a table header (its
-            // keys would fall into another table) or one of the three keys.
-            let needed = |line: &str| {
-                let l = line.trim_start().trim_start_matches(['"', '\'']);
-                l.starts_with('[')
-                    || ["daemon", "root", "state_dir", "control_socket"]
-                        .iter()
-                        .any(|k| l.starts_with(k))
-            };
-            let blanked = e.span().and_then(|span| {
-                let from = line_start(&rest, span.start);
-                let end = span.end.clamp(from, rest.len());
-                let to = rest[end..].find('\n').map_or(rest.len(), |i| end + i);
-                let lines = &rest[from..to];
-                (!lines.trim().is_empty() && !lines.lines().any(needed)).then_some(from..to)
-            });
-            match blanked {
-                Some(lines) => blank(&mut rest, lines),
-                None => {
-                    return Err(ConfigError::Invalid {
-                        issues: vec![issue.clone()],
-                    });
+        let loosen = |mut rest: String| -> Result<String, toml::de::Error> {
+            while let Err(e) = rest.parse::<toml::Table>() {
+                // Not lines that could hold the answer: a table header (its
+                // keys would fall into another table) or one of the three
+                // keys.
+                let needed = |line: &str| {
+                    let l = line.trim_start().trim_start_matches(['"', '\'']);
+                    l.starts_with('[')
+                        || ["daemon", "root", "state_dir", "control_socket"]
+                            .iter()
+                            .any(|k| l.starts_with(k))
+                };
+                let blanked = e.span().and_then(|span| {
+                    let from = line_start(&rest, span.start);
+                    let end = span.end.clamp(from, rest.len());
+                    let to = rest[end..].find('\n').map_or(rest.len(), |i| end + i);
+                    let lines = &rest[from..to];
+                    (!lines.trim().is_empty() && !lines.lines().any(needed)).then_some(from..to)
+                });
+                match blanked {
+                    Some(lines) => blank(&mut rest, lines),
+                    None => return Err(e),
                 }
             }
-        }
+            Ok(rest)
+        };
+        let rest = match loosen(text.clone()) {
+            Ok(rest) => rest,
+            // A mistake that runs over lines (an unclosed array or string
+            // swallows what follows) or breaks a table header: the
+            // `[daemon]` table alone, the rest blanked.
+            Err(e) => daemon_table_only(&text)
+                .and_then(|daemon| loosen(daemon).ok())
+                .ok_or_else(|| ConfigError::Invalid {
+                    issues: vec![serde_issue(&file, &text, &e)],
+                })?,
+        };
         let loose: Loose = toml::from_str(&rest).map_err(|e| ConfigError::Invalid {
             issues: vec![serde_issue(&file, &rest, &e)],
         })?;
@@ -781,6 +789,33 @@ fn blank(text: &mut String, range: std::ops::Range<usize>) {
 }
 
 /// Where the line that holds byte `at` begins.
+/// `text` with every line in a table other than `[daemon]` blanked (from
+/// the header of each to the next line that starts a table), positions
+/// kept; the top-level lines stay (they may hold `daemon.` keys). `None`
+/// when a broken header could be the daemon's own: no guessing then.
+fn daemon_table_only(text: &str) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut inside = true;
+    for line in text.split_inclusive('\n') {
+        let l = line.trim_start();
+        if let Some(h) = l.strip_prefix('[') {
+            match h.split_once(']') {
+                Some((name, _)) => inside = name.trim() == "daemon",
+                None if h.contains("daemon") => return None,
+                None => inside = false,
+            }
+        }
+        if inside {
+            out.push_str(line);
+        } else {
+            let mut blanked = line.to_string();
+            blank(&mut blanked, 0..line.len());
+            out.push_str(&blanked);
+        }
+    }
+    Some(out)
+}
+
 fn line_start(text: &str, at: usize) -> usize {
     text[..at.min(text.len())].rfind('\n').map_or(0, |i| i + 1)
 }
@@ -1499,9 +1534,16 @@ mod tests {
             std::fs::write(&file, broken).expect("write");
             assert!(Config::load(&file, &Overrides::default()).is_err());
             assert_eq!(Config::control_socket_of(&file).expect("socket"), found);
-            // Syntax mistakes too: a stray `=`, a string left open, each
-            // after the `[daemon]` keys.
-            for mistake in ["debounce_ms = = 200\n", "note = \"unclosed\n"] {
+            // Syntax mistakes too: a stray `=`, a string left open, an
+            // array left open (it runs over the lines after it), a broken
+            // table header, each after the `[daemon]` keys.
+            for mistake in [
+                "debounce_ms = = 200\n",
+                "note = \"unclosed\n",
+                "paths = [\"src\",\ndebounce_ms = 100\n",
+                "command = [\"./build.sh]\nartifact = \"b\"\n",
+                "[watch\npaths = []\n",
+            ] {
                 let broken = format!("{daemon}{MINIMAL}{mistake}");
                 std::fs::write(&file, &broken).expect("write");
                 assert!(Config::load(&file, &Overrides::default()).is_err());
@@ -1518,10 +1560,9 @@ mod tests {
         for text in [
             format!("[daemon]\nstate_dir = 5\n{MINIMAL}"),
             format!("[daemon\nroot = \"..\"\ncontrol_socket = \"c.sock\"\n{MINIMAL}"),
-            format!("{MINIMAL}[worker\n"),
+            format!("{MINIMAL}[ daemon \nroot = \"..\"\n"),
             format!("daemon.control_socket = \"c.sock\" x\n{MINIMAL}"),
             format!("daemon.state_dir = \"sd\" ,\n{MINIMAL}"),
-            "[build]\ncommand = [\"true\",\n[daemon]\ncontrol_socket = \"c.sock\"\n".to_string(),
         ] {
             std::fs::write(&file, &text).expect("write");
             assert!(Config::control_socket_of(&file).is_err(), "{text}");

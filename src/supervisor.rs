@@ -1394,6 +1394,13 @@ impl Supervisor {
         let delay = rt.backoff;
         rt.backoff = (rt.backoff * 2).min(limit.backoff_max);
         self.unit_state = "restarting";
+        // The status says why nothing serves, and when it will again.
+        if let Some(g) = self.gens.get_mut(&generation) {
+            g.reason = Some(format!(
+                "{why}; restarting the same snapshot in {} ms",
+                delay.as_millis()
+            ));
+        }
         self.events.emit(
             "restart_scheduled",
             Some(generation),

@@ -11,16 +11,24 @@ use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 
 /// Control a running batond.
+///
+/// Exit codes: 0 done; 1 refused or failed (a deploy rejected or failed,
+/// a reload refused, an error answer); 3 `status` of a unit with no worker
+/// serving; 69 batond could not be reached (nothing was asked); 75 batond
+/// was asked but its answer never came (the outcome is unknown: `batonctl
+/// status` shows it); 2 a wrong command line.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "batonctl", version)]
 struct Cli {
     /// The control socket (default: `$BATON_CONTROL_SOCKET` when set and
     /// not empty, else `daemon.control_socket` of --config).
     #[arg(long, short, global = true)]
     socket: Option<PathBuf>,
-    /// The daemon's config file, to find the control socket.
-    #[arg(long, short, default_value = "etc/baton.toml", global = true)]
-    config: PathBuf,
+    /// The daemon's config file, to find the control socket (default:
+    /// `$BATON_CONFIG` when set and not empty, as for batond, else
+    /// `etc/baton.toml`).
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
     /// Seconds batond has to answer (with --wait: a status check first, and
     /// the answer then comes when the deploy is done; for `events`: to start
     /// the stream).
@@ -46,7 +54,8 @@ enum Cmd {
         #[arg(long)]
         wait: bool,
     },
-    /// Start a fresh process of the active build and cut over to it.
+    /// Start a fresh process of the active build and cut over to it (with
+    /// nothing ever built, a restart is a deploy).
     Restart {
         /// Wait for the outcome; exit 1 when it fails.
         #[arg(long)]
@@ -97,6 +106,7 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             eprintln!("batonctl: {}", baton::logging::error_text(&e));
+            let code = exit_code(&e);
             // The path the file names now: a running batond keeps the
             // socket it started with when a reload changes it.
             if from_config
@@ -114,10 +124,33 @@ fn main() -> ExitCode {
                      its own; pass --socket"
                 );
             }
-            ExitCode::FAILURE
+            code
         }
     }
 }
+
+/// Nothing was asked (69, `EX_UNAVAILABLE`), or the answer never came
+/// (75, `EX_TEMPFAIL`: what was asked may still be done), or 1.
+fn exit_code(e: &anyhow::Error) -> ExitCode {
+    for c in e.chain() {
+        if c.downcast_ref::<Unanswered>().is_some() {
+            return ExitCode::from(75);
+        }
+        match c.downcast_ref::<client::ClientError>() {
+            Some(client::ClientError::Connect { .. }) => return ExitCode::from(69),
+            Some(client::ClientError::Http(_) | client::ClientError::Timeout { .. }) => {
+                return ExitCode::from(75);
+            }
+            _ => {}
+        }
+    }
+    ExitCode::FAILURE
+}
+
+/// A wait for an answer that ended without one.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Unanswered(String);
 
 /// The error is stdout's pipe closing (`batonctl logs | head`), not the
 /// control socket's.
@@ -166,10 +199,19 @@ fn socket_path(cli: &Cli) -> anyhow::Result<PathBuf> {
     if let Some(s) = cli.socket.clone().or_else(socket_from_env) {
         return Ok(s);
     }
-    baton::config::Config::control_socket_of(&cli.config).with_context(|| {
+    let config = cli
+        .config
+        .clone()
+        .or_else(|| {
+            std::env::var_os("BATON_CONFIG")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from("etc/baton.toml"));
+    baton::config::Config::control_socket_of(&config).with_context(|| {
         format!(
             "reading {} to find the control socket (or pass --socket)",
-            cli.config.display()
+            config.display()
         )
     })
 }
@@ -286,6 +328,17 @@ async fn outcome(
                 client::call(socket, Method::POST, &format!("{path}?wait=1"), None).await?;
             Ok::<_, client::ClientError>((code, client::text(body).await?))
         };
+        // A connection that breaks now: batond took the request and then
+        // went away (stopped, killed) before it answered.
+        let waited = async {
+            waited.await.map_err(|e| match e {
+                client::ClientError::Http(e) => anyhow::Error::new(Unanswered(format!(
+                    "batond closed the connection before it answered ({e}): stopped or killed? \
+                     The outcome is unknown: `batonctl status` shows it"
+                ))),
+                e => e.into(),
+            })
+        };
         // Meanwhile batond must keep answering: one stopped (SIGSTOP) or
         // stuck would otherwise keep this wait open for good.
         let alive = async {
@@ -300,13 +353,19 @@ async fn outcome(
         };
         tokio::select! {
             r = waited => r?,
-            e = alive => bail!("{e}; stopped waiting (the deploy may still end: `batonctl status` shows it)"),
+            e = alive => return Err(Unanswered(format!("{e}; stopped waiting (the deploy may still end: `batonctl status` shows it)")).into()),
         }
     } else {
         client::call_text_within(socket, Method::POST, path, limit).await?
     };
-    if code == StatusCode::FORBIDDEN {
-        bail!("{}", error_text(&body));
+    // 200 done, 202 queued, 409 refused: an outcome; anything else is an
+    // error answer (403, a deadline passed, another batond's 404).
+    if !matches!(
+        code,
+        StatusCode::OK | StatusCode::ACCEPTED | StatusCode::CONFLICT
+    ) {
+        check(code, &body)?;
+        bail!("{code}: {}", error_text(&body));
     }
     let o: DeployOutcome =
         serde_json::from_str(&body).with_context(|| format!("answer: {body}"))?;

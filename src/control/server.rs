@@ -610,7 +610,7 @@ fn metrics(s: &Status, job: &Job) -> Response<ProxyBody> {
         (
             "baton_deploys_failed_total",
             "counter",
-            "Deploys whose build failed or whose worker could not be started.",
+            "Deploys whose build failed, whose worker batond could not start, or that batond's stop cut short.",
             s.totals.deploys_failed,
         ),
         (
@@ -684,7 +684,7 @@ fn metrics(s: &Status, job: &Job) -> Response<ProxyBody> {
         (
             "baton_unit_failed",
             "gauge",
-            "1 when the start limit was hit.",
+            "1 when the unit is failed: the start limit was hit, or no deploy has worked yet.",
             u64::from(s.state == "failed"),
         ),
     ];
@@ -698,7 +698,7 @@ fn metrics(s: &Status, job: &Job) -> Response<ProxyBody> {
     let mut resp = Response::new(full(out));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; version=0.0.4"),
+        header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     resp
 }

@@ -638,6 +638,12 @@ async fn a_crashed_generation_replaced_before_its_restart_is_stopped_and_pruned(
     let s = d.wait_for("restarting", |s| s.state == "restarting").await;
     let shown = s.active.expect("the generation being restarted");
     assert_eq!((shown.id, shown.pid), (1, None), "{shown:?}");
+    // Why nothing serves, and when it will again.
+    assert_eq!(
+        shown.reason.as_deref(),
+        Some("exited with status signal SIGKILL; restarting the same snapshot in 20000 ms"),
+        "{shown:?}"
+    );
     d.deploy().await;
     let g1 = d.wait_history(1, "stopped").await;
     assert_eq!(
@@ -1185,6 +1191,18 @@ async fn bad_config_on_reload_keeps_the_running_one() {
             .args([OsStr::new("--config"), config, OsStr::new("status")])
             .output()
     };
+    // BATON_CONFIG, as batond reads it, stands for --config.
+    let out = tokio::process::Command::new(BATONCTL)
+        .env("BATON_CONFIG", &config)
+        .env_remove("BATON_CONTROL_SOCKET")
+        .current_dir("/")
+        .arg("status")
+        .output();
+    let out = tokio::time::timeout(PATIENCE, out)
+        .await
+        .expect("batonctl timed out")
+        .expect("batonctl runs");
+    assert!(out.status.success(), "{out:?}");
     for (value, config) in [
         (OsStr::new(""), config.as_os_str()),
         (d.socket.as_os_str(), OsStr::new("/nonexistent/baton.toml")),

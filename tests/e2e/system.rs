@@ -113,6 +113,7 @@ fn unit_files_pass_systemd_analyze_verify() {
         "ProtectSystem=strict",
         "RuntimeDirectory=baton",
         "WatchdogSec=",
+        "RestartPreventExitStatus=78",
     ] {
         assert!(service.contains(needle), "unit lacks {needle}");
     }
@@ -718,7 +719,7 @@ async fn changes_batonctl_gave_up_on_are_dropped_and_waits_end() {
         .expect("batonctl runs");
     kill(pid, Signal::SIGCONT).expect("cont");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    assert_eq!(out.status.code(), Some(75), "{err}");
     assert!(err.contains("dropped, not carried out"), "{err}");
     assert!(
         d.log_shows("read after its sender had given up waiting")
@@ -742,11 +743,70 @@ async fn changes_batonctl_gave_up_on_are_dropped_and_waits_end() {
         .expect("batonctl runs");
     kill(pid, Signal::SIGCONT).expect("cont");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    assert_eq!(out.status.code(), Some(75), "{err}");
     assert!(err.contains("stopped waiting"), "{err}");
     std::fs::remove_file(p.path("gate")).expect("open the gate");
     d.wait_active(2).await;
-    assert!(d.stop().await.success());
+    // batond killed under a wait: the outcome is unknown, and said so.
+    p.write("gate", "");
+    let waiting = tokio::spawn(ctl(&["deploy", "--wait"]));
+    d.wait_for("the build under way", |s| s.candidate.is_some())
+        .await;
+    kill(pid, Signal::SIGKILL).expect("kill");
+    let out = tokio::time::timeout(PATIENCE, waiting)
+        .await
+        .expect("deploy --wait did not end")
+        .expect("join")
+        .expect("batonctl runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(
+        err.contains("closed the connection before it answered") && err.contains("unknown"),
+        "{err}"
+    );
+}
+
+/// An error answer to a change (another batond's 404, a 408) is said as
+/// such, not as an answer batonctl could not read; `--version` names the
+/// tool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batonctl_says_an_error_answer_as_it_came() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("other.sock");
+    let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+    let server = tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf).await;
+            let body = r#"{"error": "no such route"}"#;
+            let _ = c
+                .write_all(
+                    format!(
+                        "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )
+                .await;
+        }
+    });
+    for cmd in [&["deploy"][..], &["restart"]] {
+        let out = batonctl([OsStr::new("--socket"), path.as_os_str()], cmd).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{cmd:?}: {err}");
+        assert!(
+            err.contains("404 Not Found: no such route"),
+            "{cmd:?}: {err}"
+        );
+        assert!(!err.contains("missing field"), "{cmd:?}: {err}");
+    }
+    server.abort();
+    let out = batonctl([], &["--version"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("batonctl "),
+        "{out:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -774,7 +834,8 @@ async fn control_calls_that_never_complete_are_given_up() {
         .await
         .expect("batonctl did not give up")
         .expect("batonctl runs");
-        assert!(!out.status.success(), "{cmd:?}");
+        // 75: asked, but no answer came (the outcome is unknown).
+        assert_eq!(out.status.code(), Some(75), "{cmd:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("did not answer within 1 s"), "{cmd:?}: {err}");
     }
@@ -984,7 +1045,8 @@ async fn batonctl_says_when_its_socket_path_is_no_socket() {
         let path = p.path(name);
         let out = batonctl([OsStr::new("--socket"), path.as_os_str()], &["status"]).await;
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        // 69: batond could not be reached, nothing was asked.
+        assert_eq!(out.status.code(), Some(69), "{name}: {err}");
         assert!(err.contains("cannot reach batond at "), "{name}: {err}");
         assert!(err.contains(want), "{name}: {err}");
     }
