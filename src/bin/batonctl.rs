@@ -298,8 +298,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     if json {
                         write_out(&mut out, &line)?;
                     } else if let Ok(ev) = serde_json::from_slice::<Event>(&line) {
+                        // (Not when the message names it already.)
                         let g = ev
                             .generation
+                            .filter(|g| !ev.message.starts_with(&format!("generation {g}")))
                             .map(|g| format!(" gen {g}"))
                             .unwrap_or_default();
                         let text = format!("{} {}{g}: {}\n", ev.ts, ev.kind, ev.message);
@@ -374,6 +376,12 @@ async fn outcome(
         .map(|g| format!("generation {g}: "))
         .unwrap_or_default();
     match (&o.reason, o.succeeded()) {
+        (_, true) if o.outcome == "queued" => {
+            say(&format!(
+                "{g}queued (`batonctl events` follows it; --wait waits for its outcome)\n"
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
         (_, true) => {
             say(&format!("{g}{}\n", o.outcome))?;
             Ok(ExitCode::SUCCESS)

@@ -171,6 +171,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     if cli.check {
         println!("{}: ok", cfg.file.display());
+        // What batond would warn of at start, where the check is read.
+        for advice in cfg.advice() {
+            println!("note: {advice}");
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let shim = std::env::current_exe().context("cannot find batond's own executable")?;

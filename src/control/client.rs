@@ -72,6 +72,11 @@ fn explain_connect(socket: &Path, e: std::io::Error) -> std::io::Error {
             e.kind(),
             "connection refused: no batond is running on this socket (a batond that was killed leaves its socket file behind)",
         ),
+        // The socket is mode 0660, owned by batond's user and group.
+        Ok(_) if e.kind() == std::io::ErrorKind::PermissionDenied => std::io::Error::new(
+            e.kind(),
+            "permission denied: the control socket is open to root, batond's user and its group only",
+        ),
         _ => e,
     }
 }

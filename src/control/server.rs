@@ -473,6 +473,14 @@ async fn logs(req: &Request<Incoming>, job: &Job, state_dir: &Path) -> Response<
             );
             resp
         }
+        // A generation pruned from the history (or never made) has no
+        // folder at all: said so, not as a missing file.
+        Err(_) if !gen_dir(state_dir, generation).is_dir() => json_error(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "no generation {generation} is kept (see `batonctl status` for those there are)"
+            ),
+        ),
         Err(e) => json_error(
             StatusCode::NOT_FOUND,
             &format!("generation {generation} has no {kind} log: {e}"),

@@ -947,6 +947,8 @@ async fn a_candidate_proven_while_batond_stops_is_stopped_not_left_starting() {
         text.contains("generation 2: stopped (batond is stopping)"),
         "{text}\n{log}"
     );
+    // Each line names its generation once.
+    assert!(!text.contains("gen 2: generation 2"), "{text}");
 }
 
 /// A first deploy that fails leaves the unit `failed` (nothing serves,
@@ -1570,6 +1572,14 @@ async fn a_worker_command_without_the_snapshot_is_advised_against() {
         r#"command = ["python3", "{artifact}"]"#,
         r#"command = ["python3", "src/pyworker.py"]"#,
     );
+    // The check says it too, where ExecStartPre's output is read.
+    let out = batond_check(&p);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("note: worker.command does not name {artifact}"),
+        "{out:?}"
+    );
     let d = Daemon::start(&p).await;
     d.wait_active(1).await;
     assert!(d.log().contains("does not name {artifact}"), "{}", d.log());
@@ -2055,6 +2065,12 @@ async fn control_socket_metrics_logs_and_restart() {
     let out = d.ctl(&["logs", "-n", &(have + 2).to_string()]).await;
     let got = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(!got.contains("rotated line 28\n"), "{got}");
+    // A generation that is not kept is said to be so.
+    let out = d.ctl(&["logs", "-g", "99"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no generation 99 is kept"),
+        "{out:?}"
+    );
     let out = d.ctl(&["status", "--json"]).await;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["active"]["id"], 1);
