@@ -527,7 +527,16 @@ impl Supervisor {
                 self.config_due = true;
                 self.after_debounce(Internal::ConfigDue(self.config_epoch));
             }
-            Control::Reload(reply) => self.reload(reply),
+            Control::Reload(reply) => {
+                // It reads the file as it is now: a save still waiting out
+                // its debounce (edit, then `systemctl reload`) is read by
+                // this reload, not by one more (two deploys for one save).
+                if self.config_due {
+                    self.config_epoch += 1;
+                    self.config_due = false;
+                }
+                self.reload(reply);
+            }
             Control::Deploy {
                 trigger,
                 reply,

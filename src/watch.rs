@@ -167,6 +167,21 @@ impl State {
     /// already, under this path or under another that still leads to it
     /// (a link, a bind mount).
     fn watch(&mut self, d: &Path, key: Key, linked: bool) -> Result<Watched, notify::Error> {
+        // The path leads to another folder than the one watched under it
+        // (a link renamed over another: no removal was seen): what it led
+        // to, and every folder below, is no longer watched here.
+        if self.by_path.get(d).is_some_and(|&(old, _)| old != key) {
+            let under: Vec<PathBuf> = self
+                .by_path
+                .range(d.to_path_buf()..)
+                .take_while(|(p, _)| p.starts_with(d))
+                .map(|(p, _)| p.clone())
+                .collect();
+            for p in &under {
+                let _ = self.w.unwatch(p);
+            }
+            self.forget(d);
+        }
         match self.by_key.get(&key) {
             Some(p) if p == d => return Ok(Watched::Already),
             Some(p) if std::fs::metadata(p).is_ok_and(|m| key_of(&m) == key) => {
@@ -205,6 +220,9 @@ struct Filter {
     config: Vec<PathBuf>,
     /// Files watched by name, as named and with links resolved.
     files: Vec<PathBuf>,
+    /// Other spellings of those files, through a folder watched under
+    /// another path (see [`watch`]), and the file each stands for.
+    aliases: Vec<(PathBuf, PathBuf)>,
     /// The folders that hold them and the config file (each watched by
     /// itself, and through its own parent, see [`watch`]).
     file_folders: Vec<PathBuf>,
@@ -277,6 +295,11 @@ impl Filter {
         if self.config.iter().any(|c| c == path) {
             return Some(Change::Config);
         }
+        let path = self
+            .aliases
+            .iter()
+            .find(|(a, _)| a == path)
+            .map_or(path, |(_, f)| f.as_path());
         let tree = self.tree_of(path);
         if tree.is_none() && !self.files.iter().any(|f| f == path) {
             return None;
@@ -546,10 +569,37 @@ pub fn watch(
         .collect();
     parents.sort();
     parents.dedup();
+    // A folder reached by two of those paths (the config's, through a
+    // release link, and a watched file's, resolved) is watched under the
+    // first only: its files' events then name them by that spelling,
+    // which must be known too.
+    let folder_keys: Vec<(&PathBuf, Key)> = parents
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok().map(|m| (p, key_of(&m))))
+        .collect();
+    let mut aliases: Vec<(PathBuf, PathBuf)> = Vec::new();
+    for f in &files {
+        let (Some(dir), Some(name)) = (f.parent(), f.file_name()) else {
+            continue;
+        };
+        let Ok(key) = std::fs::metadata(dir).map(|m| key_of(&m)) else {
+            continue;
+        };
+        for (p, _) in folder_keys
+            .iter()
+            .filter(|(p, k)| *k == key && p.as_path() != dir)
+        {
+            let alias = p.join(name);
+            if !files.contains(&alias) && !aliases.iter().any(|(a, _)| *a == alias) {
+                aliases.push((alias, f.clone()));
+            }
+        }
+    }
     let filter = Arc::new(Filter {
         root: root.to_path_buf(),
         config: config_spellings,
         files,
+        aliases,
         file_folders: parents.clone(),
         dirs,
         real_dirs,
@@ -938,6 +988,7 @@ mod tests {
             root: root.to_path_buf(),
             config: vec![root.join("etc/baton.toml")],
             files: vec![root.join("Cargo.toml")],
+            aliases: Vec::new(),
             file_folders: vec![root.to_path_buf(), root.join("etc")],
             dirs: vec![
                 root.to_path_buf(),

@@ -123,17 +123,19 @@ fn init_tracing(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::prelude::*;
     // `Targets` rather than `EnvFilter`: the same `target=level` syntax
     // without a regex engine in the daemon's memory.
-    let filter: tracing_subscriber::filter::Targets = std::env::var("BATON_LOG")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            // notify warns of watches of folders gone that it no longer
-            // has, at every folder replaced: batond's own lines say what
-            // matters.
+    // notify warns of watches of folders gone that it no longer has, at
+    // every folder replaced: batond's own lines say what matters. Kept
+    // quiet unless BATON_LOG names notify itself.
+    let spec = std::env::var("BATON_LOG").ok();
+    let quiet_notify = !spec.as_deref().is_some_and(|s| s.contains("notify"));
+    let mut filter: tracing_subscriber::filter::Targets =
+        spec.and_then(|s| s.parse().ok()).unwrap_or_else(|| {
             tracing_subscriber::filter::Targets::new()
                 .with_default(tracing_subscriber::filter::LevelFilter::INFO)
-                .with_target("notify", tracing_subscriber::filter::LevelFilter::ERROR)
         });
+    if quiet_notify {
+        filter = filter.with_target("notify", tracing_subscriber::filter::LevelFilter::ERROR);
+    }
     // Through a writer thread: a stalled stderr reader must not stop the
     // proxy (see `baton::logging`).
     let (writer, guard) = baton::logging::stderr();

@@ -1279,6 +1279,26 @@ async fn one_config_save_is_one_reload_and_one_deploy() {
         "{log}"
     );
     assert!(!log.contains("config refused"), "{log}");
+    // A save, then `batonctl reload` within the quiet time (edit, then
+    // `systemctl reload`): the reload reads the save, and that is all (it
+    // used to be two reloads and two deploys). The pause lets the save's
+    // events arrive first, well within the 500 ms.
+    p.edit(
+        "etc/baton.toml",
+        "health_interval_ms = 400",
+        "health_interval_ms = 300",
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let out = d.ctl(&["reload"]).await;
+    assert!(out.status.success(), "{out:?}");
+    d.wait_active(4).await;
+    assert_eq!(settled(&d).await, 4);
+    let log = d.log();
+    assert_eq!(
+        log.matches("config reloaded; redeploying").count(),
+        2,
+        "{log}"
+    );
 }
 
 /// The folder of a file watched by name, or of the config file, replaced
@@ -1878,6 +1898,31 @@ async fn links_and_folders_replaced_whole_keep_the_watches_right() {
     p.write("src/y.py", "# 1\n");
     assert_eq!(trigger_of(&d, g + 1).await, "watch: src/y.py");
     assert_eq!(inotify_watches(pid), 3, "the project folder, etc/, src");
+
+    // A link to a folder outside, switched to another by a rename (as
+    // `ln -sfn` and `mv -T` do): the one it led to is no longer watched.
+    for v in ["vA", "vB"] {
+        p.write(&format!("outside/{v}/inner/i.py"), "# 1\n");
+    }
+    let outside = p.path("outside");
+    std::os::unix::fs::symlink(outside.join("vA"), p.path("src/vendor")).expect("ln -s");
+    let g = settled(&d).await;
+    std::os::unix::fs::symlink(outside.join("vB"), p.path("src/vendor.new")).expect("ln -s");
+    std::fs::rename(p.path("src/vendor.new"), p.path("src/vendor")).expect("mv -T");
+    let g = settled(&d).await.max(g);
+    assert_eq!(
+        inotify_watches(pid),
+        5,
+        "src/vendor and its inner folder once"
+    );
+    p.append("outside/vA/inner/i.py", "# old\n");
+    assert_eq!(
+        settled(&d).await,
+        g,
+        "an edit in the folder no longer linked"
+    );
+    p.append("outside/vB/inner/i.py", "# 2\n");
+    assert_eq!(trigger_of(&d, g + 1).await, "watch: src/vendor/inner/i.py");
 }
 
 /// The layout of a release switch: the config is reached through links
@@ -1888,12 +1933,18 @@ async fn links_and_folders_replaced_whole_keep_the_watches_right() {
 async fn a_release_switch_under_the_config_link_reloads_and_deploys_it() {
     let p = Project::python("", "");
     let state = p.path("state");
-    let config = read(&p.path("etc/baton.toml")).replace(
-        r#"state_dir = "state""#,
-        &format!("state_dir = {:?}", state.to_str().expect("utf8")),
-    );
+    // A file watched by name beside the config (the worker's own config,
+    // as etc/baton.toml has it).
+    let config = read(&p.path("etc/baton.toml"))
+        .replace(
+            r#"state_dir = "state""#,
+            &format!("state_dir = {:?}", state.to_str().expect("utf8")),
+        )
+        .replace(r#"paths = ["src"]"#, r#"paths = ["src", "etc/extra.conf"]"#);
+    assert!(config.contains("etc/extra.conf"), "{config}");
     for r in ["r1", "r2"] {
         p.write(&format!("{r}/etc/baton.toml"), &config);
+        p.write(&format!("{r}/etc/extra.conf"), "# 1\n");
         p.write(
             &format!("{r}/src/pyworker.py"),
             &format!("{}# RELEASE={r}\n", pyworker_source()),
@@ -1914,6 +1965,11 @@ async fn a_release_switch_under_the_config_link_reloads_and_deploys_it() {
     let g = settled(&d).await;
     p.append("r2/src/pyworker.py", "# edited\n");
     assert_eq!(trigger_of(&d, g + 1).await, "watch: src/pyworker.py");
+    // And the file beside the config, which its folder is watched for
+    // under the link's spelling (etc/ sorts before r2/).
+    let g = settled(&d).await;
+    p.append("r2/etc/extra.conf", "# edited\n");
+    assert_eq!(trigger_of(&d, g + 1).await, "watch: etc/extra.conf");
     assert!(d.stop().await.success());
 }
 
