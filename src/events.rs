@@ -24,8 +24,8 @@ impl Events {
     pub fn emit(&self, kind: &str, generation: Option<u64>, message: impl Into<String>) {
         let message = message.into();
         match kind {
-            "build_failed" | "rejected" | "worker_exited" | "start_limit_hit" | "health_failed"
-            | "config_rejected" | "drain_timeout" => {
+            "build_failed" | "rejected" | "failed" | "worker_exited" | "start_limit_hit"
+            | "health_failed" | "config_rejected" | "drain_timeout" => {
                 tracing::warn!(event = kind, generation, "{message}");
             }
             _ => tracing::info!(event = kind, generation, "{message}"),

@@ -1528,8 +1528,11 @@ impl Supervisor {
                 // ends in `failed`, which alerting sees; its reason says
                 // whose failure it was.
                 let reason = failure.reason;
+                // Batond's own shortage is a failure, not the worker's
+                // rejection (as for a deploy).
+                let outcome = if failure.ours { "failed" } else { "rejected" };
                 self.events.emit(
-                    "rejected",
+                    outcome,
                     Some(generation),
                     format!("generation {generation}: fresh start failed ({reason})"),
                 );
@@ -1560,7 +1563,7 @@ impl Supervisor {
                 }
                 DeployOutcome {
                     generation: Some(generation),
-                    outcome: "rejected".into(),
+                    outcome: outcome.into(),
                     reason: Some(reason),
                 }
             }

@@ -396,6 +396,9 @@ async fn starts_batond_cannot_make_are_said_to_be_its_own() {
         "{}",
         d.log()
     );
+    // Such a start failed; the worker rejected nothing.
+    assert!(d.log().contains("event=\"failed\""), "{}", d.log());
+    assert!(!d.log().contains("event=\"rejected\""), "{}", d.log());
     drop(clients);
     let out = d.ctl(&["restart", "--wait"]).await;
     assert!(out.status.success(), "{out:?}");
