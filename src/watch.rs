@@ -142,6 +142,15 @@ impl State {
         }
     }
 
+    /// The watched folders `path` and under it.
+    fn at_and_under(&self, path: &Path) -> Vec<PathBuf> {
+        self.by_path
+            .range(path.to_path_buf()..)
+            .take_while(|(p, _)| p.starts_with(path))
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
     /// Forgets `path` and every folder under it (gone or moved away:
     /// notify has dropped their watches); true when `path` was a link
     /// that was followed (what it led to may still be reached through
@@ -149,13 +158,7 @@ impl State {
     fn forget(&mut self, path: &Path) -> bool {
         let linked = |p: &Path| self.by_path.get(p).is_some_and(|&(_, l)| l);
         let link = linked(path) && !path.parent().is_some_and(linked);
-        let gone: Vec<PathBuf> = self
-            .by_path
-            .range(path.to_path_buf()..)
-            .take_while(|(p, _)| p.starts_with(path))
-            .map(|(p, _)| p.clone())
-            .collect();
-        for p in gone {
+        for p in self.at_and_under(path) {
             if let Some((k, _)) = self.by_path.remove(&p) {
                 self.by_key.remove(&k);
             }
@@ -171,14 +174,8 @@ impl State {
         // (a link renamed over another: no removal was seen): what it led
         // to, and every folder below, is no longer watched here.
         if self.by_path.get(d).is_some_and(|&(old, _)| old != key) {
-            let under: Vec<PathBuf> = self
-                .by_path
-                .range(d.to_path_buf()..)
-                .take_while(|(p, _)| p.starts_with(d))
-                .map(|(p, _)| p.clone())
-                .collect();
-            for p in &under {
-                let _ = self.w.unwatch(p);
+            for p in self.at_and_under(d) {
+                let _ = self.w.unwatch(&p);
             }
             self.forget(d);
         }

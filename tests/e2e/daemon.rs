@@ -885,15 +885,7 @@ async fn a_candidate_proven_while_batond_stops_is_stopped_not_left_starting() {
     let d = Daemon::start(&p).await;
     d.wait_active(1).await;
     // A reader of the events hears how the candidate ended.
-    let events = tokio::process::Command::new(BATONCTL)
-        .arg("--socket")
-        .arg(&d.socket)
-        .arg("events")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("batonctl events");
+    let events = follow_events(&d);
     // Generation 2 takes a second to listen.
     p.write("delay", "1000");
     let waiting = d.ctl(&["deploy", "--wait"]);
@@ -952,6 +944,19 @@ async fn a_candidate_proven_while_batond_stops_is_stopped_not_left_starting() {
     );
     // Each line names its generation once.
     assert!(!text.contains("gen 2: generation 2"), "{text}");
+}
+
+/// `batonctl events` following `d`, its output piped.
+fn follow_events(d: &Daemon) -> tokio::process::Child {
+    tokio::process::Command::new(BATONCTL)
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("events")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("batonctl events")
 }
 
 /// A first deploy that fails leaves the unit `failed` (nothing serves,
@@ -2052,15 +2057,7 @@ async fn kill_9_of_the_daemon_leaves_no_worker() {
     assert!(alive(pid));
     // A `batonctl events` following the daemon says its stream broke off.
     use tokio::io::AsyncBufReadExt;
-    let mut events = tokio::process::Command::new(BATONCTL)
-        .arg("--socket")
-        .arg(&d.socket)
-        .arg("events")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("batonctl events");
+    let mut events = follow_events(&d);
     let mut lines = tokio::io::BufReader::new(events.stdout.take().expect("stdout")).lines();
     // Following: it prints the deploy's events.
     d.deploy().await;
