@@ -792,18 +792,27 @@ fn blank(text: &mut String, range: std::ops::Range<usize>) {
 /// `text` with every line in a table other than `[daemon]` blanked (from
 /// the header of each to the next line that starts a table), positions
 /// kept; the top-level lines stay (they may hold `daemon.` keys). `None`
-/// when a broken header could be the daemon's own: no guessing then.
+/// when no daemon table is found (the defaults would be a guess: the
+/// mistake may be where it was) or a broken header could be its own.
 fn daemon_table_only(text: &str) -> Option<String> {
     let mut out = String::with_capacity(text.len());
     let mut inside = true;
+    let mut found = false;
     for line in text.split_inclusive('\n') {
         let l = line.trim_start();
         if let Some(h) = l.strip_prefix('[') {
             match h.split_once(']') {
-                Some((name, _)) => inside = name.trim() == "daemon",
+                // `[daemon]`, `[ "daemon" ]`, `['daemon']`
+                Some((name, _)) => {
+                    inside = name.trim().trim_matches(['"', '\'']) == "daemon";
+                    found |= inside;
+                }
                 None if h.contains("daemon") => return None,
                 None => inside = false,
             }
+        } else if inside && !found && l.starts_with("daemon") {
+            // A top-level `daemon.key = ...` or `daemon = { ... }`.
+            found = true;
         }
         if inside {
             out.push_str(line);
@@ -813,7 +822,7 @@ fn daemon_table_only(text: &str) -> Option<String> {
             out.push_str(&blanked);
         }
     }
-    Some(out)
+    found.then_some(out)
 }
 
 fn line_start(text: &str, at: usize) -> usize {
@@ -1534,12 +1543,22 @@ mod tests {
             std::fs::write(&file, broken).expect("write");
             assert!(Config::load(&file, &Overrides::default()).is_err());
             assert_eq!(Config::control_socket_of(&file).expect("socket"), found);
-            // Syntax mistakes too: a stray `=`, a string left open, an
-            // array left open (it runs over the lines after it), a broken
-            // table header, each after the `[daemon]` keys.
+            // Syntax mistakes too: a stray `=`, a string left open, each
+            // after the `[daemon]` keys.
+            for mistake in ["debounce_ms = = 200\n", "note = \"unclosed\n"] {
+                let broken = format!("{daemon}{MINIMAL}{mistake}");
+                std::fs::write(&file, &broken).expect("write");
+                assert!(Config::load(&file, &Overrides::default()).is_err());
+                assert_eq!(
+                    Config::control_socket_of(&file).expect("socket"),
+                    found,
+                    "{broken}"
+                );
+            }
+            // Mistakes that run over lines (an array left open), or break
+            // a table header: the `[daemon]` table alone is read, when
+            // there is one.
             for mistake in [
-                "debounce_ms = = 200\n",
-                "note = \"unclosed\n",
                 "paths = [\"src\",\ndebounce_ms = 100\n",
                 "command = [\"./build.sh]\nartifact = \"b\"\n",
                 "[watch\npaths = []\n",
@@ -1547,6 +1566,18 @@ mod tests {
                 let broken = format!("{daemon}{MINIMAL}{mistake}");
                 std::fs::write(&file, &broken).expect("write");
                 assert!(Config::load(&file, &Overrides::default()).is_err());
+                // (With no `[daemon]` table: the defaults only when the
+                // rest still reads, else an error; never another path.)
+                match Config::control_socket_of(&file) {
+                    Ok(got) => assert_eq!(got, found, "{broken}"),
+                    Err(e) => assert!(daemon.is_empty(), "{broken}: {e}"),
+                }
+            }
+            // The header quoted is the same table.
+            if !daemon.is_empty() {
+                let quoted = daemon.replace("[daemon]", "[ \"daemon\" ]");
+                let broken = format!("{quoted}{MINIMAL}paths = [\"src\",\n");
+                std::fs::write(&file, &broken).expect("write");
                 assert_eq!(
                     Config::control_socket_of(&file).expect("socket"),
                     found,
@@ -1563,6 +1594,9 @@ mod tests {
             format!("{MINIMAL}[ daemon \nroot = \"..\"\n"),
             format!("daemon.control_socket = \"c.sock\" x\n{MINIMAL}"),
             format!("daemon.state_dir = \"sd\" ,\n{MINIMAL}"),
+            // No `[daemon]` table, and a mistake that swallows what
+            // follows it: the defaults would be a guess.
+            format!("{MINIMAL}[watch]\npaths = [\"src\",\n[extra]\nx = 1\n"),
         ] {
             std::fs::write(&file, &text).expect("write");
             assert!(Config::control_socket_of(&file).is_err(), "{text}");

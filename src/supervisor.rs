@@ -1267,15 +1267,17 @@ impl Supervisor {
         self.draining.push(old);
     }
 
-    /// A worker process started: a generation that has no process yet
-    /// (a candidate, or a failed unit's restart) shows its pid and address
-    /// while it proves itself, so a slow start can be looked at.
+    /// A worker process started: a generation that has no process yet (a
+    /// candidate, or one restarting after a crash or a failed unit's
+    /// restart, while nothing serves) shows its pid and address while it
+    /// proves itself, so a slow start can be looked at.
     fn spawned(&mut self, generation: u64, instance: u64, pid: u32, endpoint: &Endpoint) {
+        let restarting = self.starting && self.active.is_none();
         let Some(g) = self.gens.get_mut(&generation) else {
             return;
         };
         // (Too late when the start has already ended: the state moved on.)
-        if g.state != GenState::Starting || g.pid.is_some() {
+        if !(g.state == GenState::Starting || restarting) || g.pid.is_some() {
             return;
         }
         g.pid = Some(pid);
@@ -1442,6 +1444,16 @@ impl Supervisor {
             // would start a second one.
             self.starting = true;
             self.restart_epoch += 1;
+            // The status's reason said when it would start: now it does.
+            if let Some(r) = self
+                .gens
+                .get_mut(&generation)
+                .and_then(|g| g.reason.as_mut())
+                && let Some(at) = r.find("; restarting the same snapshot in ")
+            {
+                r.truncate(at);
+                r.push_str("; a fresh process of the same snapshot is starting");
+            }
         }
         let launch = Launch {
             generation,
@@ -1486,6 +1498,13 @@ impl Supervisor {
     ) {
         if !replace {
             self.starting = false;
+            // Its process, shown while it proved itself, is the active one
+            // now (cut over below) or gone.
+            if let Some(g) = self.gens.get_mut(&generation)
+                && self.active.is_none()
+            {
+                (g.pid, g.port, g.socket) = (None, None, None);
+            }
         }
         let why = if replace { self.replacing.take() } else { None };
         let for_health = why == Some(Replacing::Health);
@@ -1845,7 +1864,10 @@ impl Supervisor {
                     .keys()
                     .next_back()
                     .and_then(|g| self.info(*g, None))?;
-                (g.pid, g.port, g.socket) = (None, None, None);
+                // (A restart's process shows while it proves itself.)
+                if self.unit_state == "failed" {
+                    (g.pid, g.port, g.socket) = (None, None, None);
+                }
                 if g.state == GenState::Active {
                     g.state = GenState::Starting;
                 }
@@ -2067,6 +2089,13 @@ impl Supervisor {
                     Ok((inst, _)) => (Some(inst), GenState::Stopped, WHY.to_string()),
                     Err((state, reason)) => (None, state, reason),
                 };
+                // Counted, as in `pipeline_done` (one the stop cut short
+                // is a failed deploy).
+                if state == GenState::Rejected {
+                    self.totals.deploys_rejected += 1;
+                } else {
+                    self.totals.deploys_failed += 1;
+                }
                 // The candidate's end is an event like any other: a reader
                 // of the stream saw it start.
                 self.events.emit(

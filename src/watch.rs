@@ -217,8 +217,9 @@ struct Filter {
     config: Vec<PathBuf>,
     /// Files watched by name, as named and with links resolved.
     files: Vec<PathBuf>,
-    /// Other spellings of those files, through a folder watched under
-    /// another path (see [`watch`]), and the file each stands for.
+    /// Other spellings of those files and of the config, through a folder
+    /// watched under another path (see [`watch`]), and the file each
+    /// stands for.
     aliases: Vec<(PathBuf, PathBuf)>,
     /// The folders that hold them and the config file (each watched by
     /// itself, and through its own parent, see [`watch`]).
@@ -289,14 +290,14 @@ impl Filter {
     }
 
     fn classify(&self, path: &Path, is_dir: bool) -> Option<Change> {
-        if self.config.iter().any(|c| c == path) {
-            return Some(Change::Config);
-        }
         let path = self
             .aliases
             .iter()
             .find(|(a, _)| a == path)
             .map_or(path, |(_, f)| f.as_path());
+        if self.config.iter().any(|c| c == path) {
+            return Some(Change::Config);
+        }
         let tree = self.tree_of(path);
         if tree.is_none() && !self.files.iter().any(|f| f == path) {
             return None;
@@ -575,7 +576,7 @@ pub fn watch(
         .filter_map(|p| std::fs::metadata(p).ok().map(|m| (p, key_of(&m))))
         .collect();
     let mut aliases: Vec<(PathBuf, PathBuf)> = Vec::new();
-    for f in &files {
+    for f in files.iter().chain(&config_named) {
         let (Some(dir), Some(name)) = (f.parent(), f.file_name()) else {
             continue;
         };
@@ -587,7 +588,10 @@ pub fn watch(
             .filter(|(p, k)| *k == key && p.as_path() != dir)
         {
             let alias = p.join(name);
-            if !files.contains(&alias) && !aliases.iter().any(|(a, _)| *a == alias) {
+            if !files.contains(&alias)
+                && !config_spellings.contains(&alias)
+                && !aliases.iter().any(|(a, _)| *a == alias)
+            {
                 aliases.push((alias, f.clone()));
             }
         }

@@ -15,8 +15,8 @@ use http_body_util::BodyExt;
 /// Exit codes: 0 done; 1 refused or failed (a deploy rejected or failed,
 /// a reload refused, an error answer); 3 `status` of a unit with no worker
 /// serving; 69 batond could not be reached (nothing was asked); 75 batond
-/// was asked but its answer never came (the outcome is unknown: `batonctl
-/// status` shows it); 2 a wrong command line.
+/// was asked but its answer never came or broke off (the outcome is
+/// unknown: `batonctl status` shows it); 2 a wrong command line.
 #[derive(Debug, Parser)]
 #[command(name = "batonctl", version)]
 struct Cli {
@@ -130,8 +130,12 @@ fn main() -> ExitCode {
 }
 
 /// Nothing was asked (69, `EX_UNAVAILABLE`), or the answer never came
-/// (75, `EX_TEMPFAIL`: what was asked may still be done), or 1.
+/// or broke off (75, `EX_TEMPFAIL`: what was asked may still be done), or
+/// 1.
 fn exit_code(e: &anyhow::Error) -> ExitCode {
+    if e.chain().any(|c| c.downcast_ref::<NotAsked>().is_some()) {
+        return ExitCode::from(69);
+    }
     for c in e.chain() {
         if c.downcast_ref::<Unanswered>().is_some() {
             return ExitCode::from(75);
@@ -151,6 +155,12 @@ fn exit_code(e: &anyhow::Error) -> ExitCode {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct Unanswered(String);
+
+/// batond did not answer the check made before a change was asked for:
+/// the change was not asked for.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}; the {1} was not asked for")]
+struct NotAsked(client::ClientError, &'static str);
 
 /// The error is stdout's pipe closing (`batonctl logs | head`), not the
 /// control socket's.
@@ -227,9 +237,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Status { json } => {
             let (code, body) = call_text(Method::GET, "/v1/status").await?;
             check(code, &body)?;
-            let s: Status = serde_json::from_str(&body).context("status JSON")?;
-            say(&if json { body } else { render_status(&s) })?;
-            Ok(status_code(&s))
+            // `--json` prints what batond said, whatever fields it has (a
+            // newer or older batond); only `state` is read for the exit,
+            // `systemctl status`'s: 0 when a worker serves, 3 when none does.
+            let v: serde_json::Value = serde_json::from_str(&body).context("status JSON")?;
+            let running = v["state"] == "running";
+            if json {
+                say(&body)?;
+            } else {
+                let s: Status = serde_json::from_value(v).context("status JSON")?;
+                say(&render_status(&s))?;
+            }
+            Ok(if running {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
         }
         Cmd::Deploy { wait } => outcome(&socket, "/v1/deploy", wait, limit).await,
         Cmd::Restart { wait } => outcome(&socket, "/v1/restart", wait, limit).await,
@@ -287,8 +310,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut buf = Vec::new();
             let mut out = std::io::stdout().lock();
             while let Some(frame) = body.frame().await {
-                let frame =
-                    frame.context("the event stream broke off (batond stopped or was killed?)")?;
+                let frame = frame.map_err(|e| {
+                    Unanswered(format!(
+                        "the event stream broke off (batond stopped or was killed?): {e}"
+                    ))
+                })?;
                 let Some(data) = frame.data_ref() else {
                     continue;
                 };
@@ -324,7 +350,14 @@ async fn outcome(
         // The answer comes when the deploy is done: bounded by its build
         // and start timeouts, not by `limit`. That batond answers at all
         // is checked first, within `limit`.
-        client::call_text_within(socket, Method::GET, "/v1/status", limit).await?;
+        let what = if path.ends_with("restart") {
+            "restart"
+        } else {
+            "deploy"
+        };
+        client::call_text_within(socket, Method::GET, "/v1/status", limit)
+            .await
+            .map_err(|e| NotAsked(e, what))?;
         let waited = async {
             let (code, body) =
                 client::call(socket, Method::POST, &format!("{path}?wait=1"), None).await?;
@@ -449,16 +482,6 @@ fn gen_line(g: &GenerationInfo) -> String {
         s.push_str(&format!(": {r}"));
     }
     s
-}
-
-/// `systemctl status`'s exit codes: 0 when the unit runs (a worker serves),
-/// 3 when it does not.
-fn status_code(s: &Status) -> ExitCode {
-    if s.state == "running" {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(3)
-    }
 }
 
 fn render_status(s: &Status) -> String {

@@ -692,7 +692,7 @@ fn metrics(s: &Status, job: &Job) -> Response<ProxyBody> {
         (
             "baton_unit_failed",
             "gauge",
-            "1 when the unit is failed: the start limit was hit, or no deploy has worked yet.",
+            "1 when the unit is failed: the start limit was hit, or the first deploy failed (until a deploy works).",
             u64::from(s.state == "failed"),
         ),
     ];

@@ -160,9 +160,15 @@ struct Call {
     /// Marks a `clear` cut short: their echo says they were cleared, not
     /// played.
     marks_cut: VecDeque<String>,
-    /// The stream has tracks other than `inbound`: a `<Start>` stream,
-    /// one-way, on which nothing may be sent back.
+    /// The stream has no inbound track: a `<Start>` stream, one-way, on
+    /// which nothing may be sent back.
     listen_only: bool,
+    /// Whether marks tell what plays: until a mark goes unanswered past
+    /// `mark_timeout` with no echo ever seen (a peer that does not echo
+    /// them), after which what was sent does.
+    marks_heeded: bool,
+    /// An echo of a mark this call sent has come.
+    echo_seen: bool,
     /// Utterances whose final transcription is running or waiting for a
     /// slot (number, length in ms): those the call's end leaves behind are
     /// counted as skipped.
@@ -227,6 +233,8 @@ pub async fn run_call<S>(
         marks_out: VecDeque::new(),
         marks_cut: VecDeque::new(),
         listen_only: false,
+        marks_heeded: true,
+        echo_seen: false,
         finals_pending: Vec::new(),
     };
     debug!(conn = conn_id, peer = %peer, subprotocol, "websocket open");
@@ -622,14 +630,18 @@ impl Call {
                         format!("{} {} Hz x{}", fmt.encoding, fmt.sample_rate, fmt.channels);
                     self.warn_skip("unexpected mediaFormat", detail);
                 }
-                // `<Connect><Stream>` (bidirectional) has the inbound track
-                // only; any other is a `<Start><Stream>`, one-way: nothing
-                // may be sent back on it (Twilio: 31951).
-                if let Some(other) = start.tracks.iter().find(|t| *t != "inbound") {
+                // A stream without the caller's track is a `<Start><Stream
+                // track="outbound_track">` (`<Connect>` takes the inbound
+                // track only): one-way, nothing may be sent back on it
+                // (Twilio: 31951). Any stream with the inbound track is
+                // answered: Twilio's one-way inbound stream cannot be told
+                // from a `<Connect>` one by its `start`, and bidirectional
+                // bridges (sipgate's) announce both tracks.
+                if !start.tracks.is_empty() && !start.tracks.iter().any(|t| t == "inbound") {
                     self.listen_only = true;
-                    info!(callSid = %self.call_sid, streamSid = %self.stream_sid, track = %record::bounded(other.as_str()), "a one-way (<Start>) stream: listening only, nothing is sent back");
-                    self.rec
-                        .push_event(t, "listen_only", format!("tracks {:?}", start.tracks));
+                    info!(callSid = %self.call_sid, streamSid = %self.stream_sid, "a stream without the inbound track (a one-way <Start> stream): nothing is sent back");
+                    let tracks = record::bounded(format!("tracks {:?}", start.tracks));
+                    self.rec.push_event(t, "listen_only", tracks);
                 }
                 let greeting = Arc::clone(&self.state.engines.greeting);
                 self.enqueue_reply(greeting, "greeting", "greeting".into());
@@ -1003,14 +1015,36 @@ impl Call {
     /// within the pacing lead, or before a mark Twilio has not echoed yet
     /// (it echoes one once the audio before it has played), for at most
     /// `mark_timeout` after the mark was sent.
-    fn is_playing(&self) -> bool {
+    fn is_playing(&mut self) -> bool {
         let now = Instant::now();
+        let timeout = self.state.cfg.mark_timeout;
+        if self.marks_heeded
+            && !self.echo_seen
+            && self
+                .marks_out
+                .front()
+                .is_some_and(|(_, sent)| now >= *sent + timeout)
+        {
+            // A peer that echoes no marks would otherwise have every
+            // reply "play" for `mark_timeout` after it was sent.
+            self.marks_heeded = false;
+            info!(callSid = %self.call_sid, streamSid = %self.stream_sid, "no mark was echoed within mark_timeout_ms: whether a reply plays follows what was sent from now on");
+            let t = self.t_ms();
+            self.rec
+                .push_event(t, "marks_not_echoed", "playing follows what was sent");
+        }
         self.queue.iter().any(|o| matches!(o, Out::Audio { .. }))
             || self.next_play_at > now
-            || self
-                .marks_out
-                .iter()
-                .any(|(_, sent)| now < *sent + self.state.cfg.mark_timeout)
+            || self.marks_playing(now).next().is_some()
+    }
+
+    /// The marks sent whose reply may still be playing at `now`.
+    fn marks_playing(&self, now: Instant) -> impl Iterator<Item = &String> {
+        let timeout = self.state.cfg.mark_timeout;
+        self.marks_out
+            .iter()
+            .filter(move |(_, sent)| self.marks_heeded && now < *sent + timeout)
+            .map(|(name, _)| name)
     }
 
     /// An echoed mark: the audio before it has played (or a `clear`
@@ -1024,11 +1058,14 @@ impl Call {
         }
         if let Some(i) = self.marks_cut.iter().position(|n| *n == name) {
             self.marks_cut.drain(..=i);
+            (self.echo_seen, self.marks_heeded) = (true, true);
             debug!(callSid = %self.call_sid, mark = %name, "mark echoed after a clear");
             self.rec.push_event(t, "mark_cleared", name.clone());
             self.rec.push_mark_cleared(name);
         } else if let Some(i) = self.marks_out.iter().position(|(n, _)| *n == name) {
             self.marks_out.drain(..=i);
+            // (A peer that echoes late is heeded again.)
+            (self.echo_seen, self.marks_heeded) = (true, true);
             // Twilio has played all that was sent: nothing plays now,
             // whatever the send clock says.
             if self.marks_out.is_empty() && self.queue.is_empty() {
@@ -1046,25 +1083,23 @@ impl Call {
     /// those queued here (how much of each was sent), and those sent whose
     /// mark has not come back (not heard whole yet).
     fn cut_replies(&self) -> String {
-        let mut cut = Vec::new();
+        // Oldest first: those sent, then those queued.
+        let mut cut: Vec<String> = self
+            .marks_playing(Instant::now())
+            .map(|name| format!("{name}: sent whole, its mark not echoed yet"))
+            .collect();
         let mut audio: Option<(usize, usize)> = None;
         for o in &self.queue {
             match o {
                 Out::Audio { data, pos } => audio = Some((*pos, data.len())),
-                Out::Mark(name) => {
-                    let (sent, len) = audio.take().unwrap_or((0, 0));
-                    cut.push(format!(
+                Out::Mark(name) => cut.push(match audio.take() {
+                    Some((sent, len)) => format!(
                         "{name}: {} of {} ms sent",
                         samples_ms(sent),
                         samples_ms(len)
-                    ));
-                }
-            }
-        }
-        let now = Instant::now();
-        for (name, sent) in &self.marks_out {
-            if now < *sent + self.state.cfg.mark_timeout {
-                cut.push(format!("{name}: sent whole, its mark not echoed yet"));
+                    ),
+                    None => format!("{name}: sent whole, its mark not sent yet"),
+                }),
             }
         }
         if cut.is_empty() {
@@ -1080,8 +1115,18 @@ impl Call {
     fn barge_in(&mut self) {
         let cut = self.cut_replies();
         self.queue.clear();
+        // Those that may still play are cleared; one past `mark_timeout`
+        // counts as played, and its late echo as an echo.
+        let now = Instant::now();
+        let timeout = self.state.cfg.mark_timeout;
+        let heeded = self.marks_heeded;
+        let (cleared, kept): (VecDeque<_>, VecDeque<_>) = self
+            .marks_out
+            .drain(..)
+            .partition(|(_, sent)| heeded && now < *sent + timeout);
+        self.marks_out = kept;
         self.marks_cut
-            .extend(self.marks_out.drain(..).map(|(name, _)| name));
+            .extend(cleared.into_iter().map(|(name, _)| name));
         // Bounded: a peer that never echoes must not grow it.
         while self.marks_cut.len() > MAX_MARKS_OUT {
             self.marks_cut.pop_front();

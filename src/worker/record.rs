@@ -204,13 +204,16 @@ impl CallRecord {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&json)?;
             f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            // The rename itself is durable once the folder is synced.
-            std::fs::File::open(dir)?.sync_all()
+            std::fs::rename(&tmp, &path)
         })();
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
+        }
+        // The rename is durable once the folder is synced; the record is
+        // in place either way, so a failure here is only told.
+        if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+            tracing::warn!(path = %path.display(), error = %e, "call record written, but its folder could not be synced");
         }
         Ok(path)
     }

@@ -168,7 +168,7 @@ async fn a_call_stays_on_its_worker_across_a_cutover_then_the_old_one_stops() {
     drop(ws);
     d.wait_history(1, "stopped").await;
     assert!(wait_gone(g1.pid.expect("pid")).await);
-    assert!(d.log().contains("stopped after draining"));
+    assert!(d.log_shows("stopped after draining").await);
 }
 
 /// The environment a process started with.
@@ -404,7 +404,7 @@ async fn drain_timeout_ends_calls_left_on_the_old_worker() {
     let why = g1.reason.unwrap_or_default();
     assert!(why.contains("drain timeout with 1 connection(s)"), "{why}");
     assert!(wait_gone(pid1).await);
-    assert!(d.log().contains("drain timeout"));
+    assert!(d.log_shows("drain timeout").await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -421,8 +421,9 @@ async fn a_draining_worker_that_dies_says_so_in_its_history() {
     let g1 = d.wait_history(1, "stopped").await;
     let why = g1.reason.unwrap_or_default();
     assert_eq!(why, "exited with status signal SIGKILL while draining");
+    // (The log line may come a moment after the status: waited for.)
     let said = format!("(pid {pid1}) exited while draining (signal SIGKILL)");
-    assert!(d.log().contains(&said), "{}", d.log());
+    assert!(d.log_shows(&said).await, "{}", d.log());
     // The active generation is not touched.
     let (code, _, _) = d.get("/healthz").await;
     assert_eq!(code, StatusCode::OK);
@@ -499,7 +500,7 @@ async fn a_stopping_daemon_shows_its_calls_and_lets_the_worker_close_them() {
     ping_pong(&mut ws).await;
     // ...and at the timeout the worker gets SIGTERM and closes it itself.
     assert_eq!(close_code(&mut ws).await, Some(CloseCode::Away));
-    assert!(d.log().contains("already stopping"), "{}", d.log());
+    assert!(d.log_shows("already stopping").await, "{}", d.log());
     // The log says what the timeout left open.
     assert!(
         d.log()

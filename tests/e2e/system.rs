@@ -171,7 +171,7 @@ async fn a_restarted_daemon_kills_what_a_killed_build_left() {
     std::fs::remove_file(p.path("slow-build")).expect("rm");
     let d = Daemon::start(&p).await;
     assert!(wait_gone(grandchild).await, "stale build group not killed");
-    assert!(d.log().contains("killed what was left of a build"));
+    assert!(d.log_shows("killed what was left of a build").await);
     let s = d.wait_for("a worker", |s| s.active.is_some()).await;
     assert!(s.active.expect("active").id >= 3, "numbering continues");
 }
@@ -566,7 +566,11 @@ async fn realtime_priority_is_batonds_own_and_not_its_workers() {
     );
     if realtime_allowed() {
         assert_eq!(main_thread(batond), Some((true, 10)), "{}", d.log());
-        assert!(d.log().contains("SCHED_FIFO priority 10 on"), "{}", d.log());
+        assert!(
+            d.log_shows("SCHED_FIFO priority 10 on").await,
+            "{}",
+            d.log()
+        );
         // Edits realtime_priority and waits for the reload's deploy.
         async fn reload(p: &Project, d: &Daemon, from: u8, to: u8, generation: u64) {
             p.edit(
@@ -717,10 +721,18 @@ async fn changes_batonctl_gave_up_on_are_dropped_and_waits_end() {
         .await
         .expect("batonctl did not give up")
         .expect("batonctl runs");
+    // A wait that could not even check first: nothing was asked (69).
+    let wait = tokio::time::timeout(PATIENCE, ctl(&["deploy", "--wait"]))
+        .await
+        .expect("batonctl did not give up")
+        .expect("batonctl runs");
     kill(pid, Signal::SIGCONT).expect("cont");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(75), "{err}");
     assert!(err.contains("dropped, not carried out"), "{err}");
+    let said = String::from_utf8_lossy(&wait.stderr);
+    assert_eq!(wait.status.code(), Some(69), "{said}");
+    assert!(said.contains("the deploy was not asked for"), "{said}");
     assert!(
         d.log_shows("read after its sender had given up waiting")
             .await,

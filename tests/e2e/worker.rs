@@ -2341,29 +2341,41 @@ async fn marks_tell_what_the_caller_heard() {
     );
 }
 
-/// A stream with a track other than `inbound` is a `<Start><Stream>`
-/// (`<Connect>` allows the inbound track only): one-way, so nothing is sent
-/// back on it, greeting and replies included; the record says so.
+/// A stream without the inbound track is a `<Start><Stream
+/// track="outbound_track">` (`<Connect>` takes the inbound track only):
+/// one-way, so nothing is sent back on it, and the record says so. One that
+/// announces both tracks (a bidirectional bridge may) is answered.
 #[tokio::test]
 async fn nothing_is_sent_back_on_a_one_way_stream() {
     let mut w = Worker::start("", &[]).await;
-    let mut ws = ws_connect(&w.ws_url()).await;
-    let sid = "MZoneway";
-    let start = serde_json::json!({
-        "event": "start", "sequenceNumber": "1", "streamSid": sid,
-        "start": {"accountSid": "AC1", "streamSid": sid, "callSid": "CAoneway",
-                  "tracks": ["inbound", "outbound"],
-                  "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}
-    });
-    ws.send(Message::Text(start.to_string().into()))
+    let start = |sid: &str, call: &str, tracks: &[&str]| {
+        Message::Text(
+            serde_json::json!({
+                "event": "start", "sequenceNumber": "1", "streamSid": sid,
+                "start": {"accountSid": "AC1", "streamSid": sid, "callSid": call,
+                          "tracks": tracks,
+                          "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}
+            })
+            .to_string()
+            .into(),
+        )
+    };
+    let mut both = ws_connect(&w.ws_url()).await;
+    both.send(start("MZboth", "CAboth", &["inbound", "outbound"]))
         .await
         .expect("start");
-    let mut seq = 1;
-    send_audio(&mut ws, sid, &mut seq, 25, 30).await;
-    // The utterance is heard (and answered, for the record) before the stop.
+    let m = expect_media(&mut both).await;
+    assert_eq!(m["streamSid"], "MZboth", "{m}");
+    let mut ws = ws_connect(&w.ws_url()).await;
+    ws.send(start("MZoneway", "CAoneway", &["outbound"]))
+        .await
+        .expect("start");
+    // The greeting is made (and recorded) before the stop.
     w.wait_event("TTS_LEN_ms", |e| e["fields"]["callSid"] == "CAoneway")
         .await;
-    ws.send(stop_msg(sid, "CAoneway")).await.expect("stop");
+    ws.send(stop_msg("MZoneway", "CAoneway"))
+        .await
+        .expect("stop");
     let sent: Vec<Value> = tokio::time::timeout(PATIENCE, async {
         let mut sent = Vec::new();
         while let Some(Ok(m)) = ws.next().await {
@@ -2376,8 +2388,9 @@ async fn nothing_is_sent_back_on_a_one_way_stream() {
     .await
     .expect("the call ends");
     assert!(sent.is_empty(), "{sent:?}");
+    // (The both-tracks call is still open: this is the only record.)
     let rec = w.wait_records(1).await.pop().expect("call record");
-    assert_eq!(rec["utterances"], 1, "{rec}");
+    assert_eq!(rec["call_sid"], "CAoneway", "{rec}");
     assert_eq!(rec["frames_out"], 0, "{rec}");
     assert_eq!(rec["marks_sent"], serde_json::json!([]), "{rec}");
     let events = rec["events"].as_array().expect("events");
@@ -2389,6 +2402,38 @@ async fn nothing_is_sent_back_on_a_one_way_stream() {
             .all(|e| e["detail"]
                 .as_str()
                 .is_some_and(|d| d.ends_with("not sent: a one-way stream"))),
+        "{rec}"
+    );
+}
+
+/// A peer that echoes no marks (not Twilio) would have every reply count
+/// as playing for `mark_timeout_ms` after it was sent, and speech then as
+/// a barge-in: once a mark goes unanswered that long with no echo ever
+/// seen, what was sent says what plays.
+#[tokio::test]
+async fn a_peer_that_echoes_no_marks_is_not_barged_in_on_after_each_reply() {
+    let mut w = Worker::start("mark_timeout_ms = 1500\n", &[]).await;
+    let mut ws = ws_connect(&w.ws_url()).await;
+    let sid = "MZnoecho";
+    ws.send(start_msg(sid, "CAnoecho")).await.expect("start");
+    let mut seq = 1;
+    let m = expect_event(&mut ws, "mark").await;
+    assert_eq!(m["mark"]["name"], "greeting", "{m}");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    send_audio(&mut ws, sid, &mut seq, 25, 30).await;
+    let m = expect_event(&mut ws, "mark").await;
+    assert_eq!(m["mark"]["name"], "utt-1", "{m}");
+    // Past the pacing lead, well within mark_timeout_ms of utt-1's mark.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send_audio(&mut ws, sid, &mut seq, 25, 30).await;
+    let m = expect_event(&mut ws, "mark").await;
+    assert_eq!(m["mark"]["name"], "utt-2", "{m}");
+    ws.send(stop_msg(sid, "CAnoecho")).await.expect("stop");
+    let rec = w.wait_records(1).await.pop().expect("call record");
+    assert_eq!(rec["clears"], 0, "{rec}");
+    let events = rec["events"].as_array().expect("events");
+    assert!(
+        events.iter().any(|e| e["kind"] == "marks_not_echoed"),
         "{rec}"
     );
 }
