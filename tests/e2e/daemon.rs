@@ -2397,12 +2397,13 @@ async fn a_failed_replacement_of_a_sick_worker_is_tried_again() {
     sigkill(pid2);
     let s = d
         .wait_for("a restart after the crash", |s| {
-            s.active
-                .as_ref()
-                .is_some_and(|a| a.pid.is_some() && a.pid != Some(pid2))
+            s.state == "running"
+                && s.active
+                    .as_ref()
+                    .is_some_and(|a| a.pid.is_some() && a.pid != Some(pid2))
         })
         .await;
-    assert_eq!(s.state, "running", "{}", d.log());
+    assert_eq!(s.active.map(|a| a.id), Some(1), "{}", d.log());
 }
 
 /// A request that waits for a worker to be swapped in (a crash restart
