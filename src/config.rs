@@ -788,7 +788,6 @@ fn blank(text: &mut String, range: std::ops::Range<usize>) {
     text.replace_range(range, &spaces);
 }
 
-/// Where the line that holds byte `at` begins.
 /// `text` with every line in a table other than `[daemon]` blanked (from
 /// the header of each to the next line that starts a table), positions
 /// kept; the top-level lines stay (they may hold `daemon.` keys). `None`
@@ -825,6 +824,7 @@ fn daemon_table_only(text: &str) -> Option<String> {
     found.then_some(out)
 }
 
+/// Where the line that holds byte `at` begins.
 fn line_start(text: &str, at: usize) -> usize {
     text[..at.min(text.len())].rfind('\n').map_or(0, |i| i + 1)
 }
