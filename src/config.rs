@@ -809,8 +809,9 @@ fn daemon_table_only(text: &str) -> Option<String> {
                 None if h.contains("daemon") => return None,
                 None => inside = false,
             }
-        } else if inside && !found && l.starts_with("daemon") {
-            // A top-level `daemon.key = ...` or `daemon = { ... }`.
+        } else if inside && !found && names_daemon(l) {
+            // A top-level `daemon.key = ...`, `"daemon".key = ...` or
+            // `daemon = { ... }`.
             found = true;
         }
         if inside {
@@ -822,6 +823,24 @@ fn daemon_table_only(text: &str) -> Option<String> {
         }
     }
     found.then_some(out)
+}
+
+/// Whether a `key = value` line's key is `daemon` or starts with
+/// `daemon.` (bare or quoted), not merely a word that starts so
+/// (`daemonize = true`).
+fn names_daemon(line: &str) -> bool {
+    let key = line
+        .strip_prefix('"')
+        .and_then(|l| l.strip_prefix("daemon\""))
+        .or_else(|| {
+            line.strip_prefix('\'')
+                .and_then(|l| l.strip_prefix("daemon'"))
+        })
+        .or_else(|| line.strip_prefix("daemon"));
+    key.is_some_and(|rest| {
+        let rest = rest.trim_start();
+        rest.starts_with('.') || rest.starts_with('=')
+    })
 }
 
 /// Where the line that holds byte `at` begins.
@@ -1573,6 +1592,16 @@ mod tests {
                     Err(e) => assert!(daemon.is_empty(), "{broken}: {e}"),
                 }
             }
+            // A quoted dotted key at the top is the daemon table too.
+            let dotted = format!("\"daemon\".control_socket = \"q.sock\"\n{MINIMAL}[watch\n");
+            std::fs::write(&file, &dotted).expect("write");
+            assert_eq!(
+                Config::control_socket_of(&file).expect("socket"),
+                std::fs::canonicalize(dir.path().join("etc"))
+                    .expect("etc")
+                    .join("q.sock"),
+                "{dotted}"
+            );
             // The header quoted is the same table.
             if !daemon.is_empty() {
                 let quoted = daemon.replace("[daemon]", "[ \"daemon\" ]");
@@ -1595,8 +1624,10 @@ mod tests {
             format!("daemon.control_socket = \"c.sock\" x\n{MINIMAL}"),
             format!("daemon.state_dir = \"sd\" ,\n{MINIMAL}"),
             // No `[daemon]` table, and a mistake that swallows what
-            // follows it: the defaults would be a guess.
+            // follows it: the defaults would be a guess (a key that only
+            // starts with "daemon" is no daemon table).
             format!("{MINIMAL}[watch]\npaths = [\"src\",\n[extra]\nx = 1\n"),
+            format!("daemonize = true\n{MINIMAL}[watch\n"),
         ] {
             std::fs::write(&file, &text).expect("write");
             assert!(Config::control_socket_of(&file).is_err(), "{text}");

@@ -277,6 +277,9 @@ struct Supervisor {
     /// Bumped by every restart scheduled or started: a `RestartDue` of an
     /// earlier epoch is stale (a restart went ahead meanwhile).
     restart_epoch: u64,
+    /// A restart that came due while another generation's restart was
+    /// still proving itself (`starting`): started when that one ends.
+    restart_waiting: Option<u64>,
     /// The exits of workers proven while batond stopped: never cut over,
     /// stopped at once, and waited for with the others.
     late: Vec<tokio::sync::watch::Receiver<Option<worker_proc::Exit>>>,
@@ -402,6 +405,7 @@ pub fn spawn(
         replacing: None,
         starting: false,
         restart_epoch: 0,
+        restart_waiting: None,
         late: Vec::new(),
         pending: None,
         pending_since: None,
@@ -993,11 +997,17 @@ impl Supervisor {
             Internal::RestartDue(generation, epoch) => {
                 if epoch == self.restart_epoch
                     && self.active.is_none()
-                    && !self.starting
                     && self.unit_state != "failed"
                     && self.is_newest(generation)
                 {
-                    self.start_instance(generation, None);
+                    if self.starting {
+                        // An older generation's restart is still proving
+                        // itself (a deploy overtook it, and then crashed):
+                        // this one starts when that one ends.
+                        self.restart_waiting = Some(generation);
+                    } else {
+                        self.start_instance(generation, None);
+                    }
                 }
             }
             Internal::RestartDone {
@@ -1449,7 +1459,7 @@ impl Supervisor {
                 .gens
                 .get_mut(&generation)
                 .and_then(|g| g.reason.as_mut())
-                && let Some(at) = r.find("; restarting the same snapshot in ")
+                && let Some(at) = r.rfind("; restarting the same snapshot in ")
             {
                 r.truncate(at);
                 r.push_str("; a fresh process of the same snapshot is starting");
@@ -1589,6 +1599,17 @@ impl Supervisor {
         };
         for w in waiters {
             let _ = w.send(outcome.clone());
+        }
+        // A restart that came due meanwhile, of the newest generation, with
+        // nothing serving still: now.
+        if !replace
+            && let Some(g) = self.restart_waiting.take()
+            && self.active.is_none()
+            && !self.starting
+            && self.unit_state == "restarting"
+            && self.is_newest(g)
+        {
+            self.start_instance(g, None);
         }
         self.notify_status();
     }

@@ -221,6 +221,10 @@ struct Filter {
     /// watched under another path (see [`watch`]), and the file each
     /// stands for.
     aliases: Vec<(PathBuf, PathBuf)>,
+    /// The config's folder (identity) and file name: its events may come
+    /// under any spelling of that folder, a watched tree's too (`paths =
+    /// ["etclink"]` with `etclink -> etc`).
+    config_at: Option<(Key, std::ffi::OsString)>,
     /// The folders that hold them and the config file (each watched by
     /// itself, and through its own parent, see [`watch`]).
     file_folders: Vec<PathBuf>,
@@ -295,7 +299,7 @@ impl Filter {
             .iter()
             .find(|(a, _)| a == path)
             .map_or(path, |(_, f)| f.as_path());
-        if self.config.iter().any(|c| c == path) {
+        if self.config.iter().any(|c| c == path) || self.is_config(path) {
             return Some(Change::Config);
         }
         let tree = self.tree_of(path);
@@ -306,6 +310,19 @@ impl Filter {
             return None;
         }
         Some(Change::Source(self.shown(path)))
+    }
+
+    /// Whether `path` is the config file under another spelling of its
+    /// folder (looked at only for a file of the config's name).
+    fn is_config(&self, path: &Path) -> bool {
+        let Some((key, name)) = &self.config_at else {
+            return false;
+        };
+        path.file_name() == Some(name.as_os_str())
+            && path
+                .parent()
+                .and_then(|d| std::fs::metadata(d).ok())
+                .is_some_and(|m| key_of(&m) == *key)
     }
 
     /// How a change is reported: relative to the root when under it.
@@ -596,11 +613,25 @@ pub fn watch(
             }
         }
     }
+    let config_at = config
+        .parent()
+        .zip(config.file_name())
+        .and_then(|(dir, name)| {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            std::fs::metadata(dir)
+                .ok()
+                .map(|m| (key_of(&m), name.to_os_string()))
+        });
     let filter = Arc::new(Filter {
         root: root.to_path_buf(),
         config: config_spellings,
         files,
         aliases,
+        config_at,
         file_folders: parents.clone(),
         dirs,
         real_dirs,
@@ -990,6 +1021,7 @@ mod tests {
             config: vec![root.join("etc/baton.toml")],
             files: vec![root.join("Cargo.toml")],
             aliases: Vec::new(),
+            config_at: None,
             file_folders: vec![root.to_path_buf(), root.join("etc")],
             dirs: vec![
                 root.to_path_buf(),

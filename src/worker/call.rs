@@ -1018,18 +1018,22 @@ impl Call {
     fn is_playing(&mut self) -> bool {
         let now = Instant::now();
         let timeout = self.state.cfg.mark_timeout;
-        if self.marks_heeded
+        let overdue = self
+            .marks_out
+            .front()
+            .map(|(_, sent)| *sent + timeout)
+            .filter(|due| now >= *due);
+        if let Some(due) = overdue
+            && self.marks_heeded
             && !self.echo_seen
-            && self
-                .marks_out
-                .front()
-                .is_some_and(|(_, sent)| now >= *sent + timeout)
         {
             // A peer that echoes no marks would otherwise have every
             // reply "play" for `mark_timeout` after it was sent.
             self.marks_heeded = false;
             info!(callSid = %self.call_sid, streamSid = %self.stream_sid, "no mark was echoed within mark_timeout_ms: whether a reply plays follows what was sent from now on");
-            let t = self.t_ms();
+            // (Recorded when the wait ran out, not when it was noticed.)
+            let t = u64::try_from(due.saturating_duration_since(self.opened).as_millis())
+                .unwrap_or(u64::MAX);
             self.rec
                 .push_event(t, "marks_not_echoed", "playing follows what was sent");
         }
@@ -1082,10 +1086,10 @@ impl Call {
     /// What of the replies under way a barge-in or the call's end cuts:
     /// those queued here (how much of each was sent), and those sent whose
     /// mark has not come back (not heard whole yet).
-    fn cut_replies(&self) -> String {
+    fn cut_replies(&self, now: Instant) -> String {
         // Oldest first: those sent, then those queued.
         let mut cut: Vec<String> = self
-            .marks_playing(Instant::now())
+            .marks_playing(now)
             .map(|name| format!("{name}: sent whole, its mark not echoed yet"))
             .collect();
         let mut audio: Option<(usize, usize)> = None;
@@ -1113,11 +1117,12 @@ impl Call {
     /// its buffer. The `clear` itself goes out in `flush_control`; Twilio
     /// then echoes the marks it holds, which are noted as cleared.
     fn barge_in(&mut self) {
-        let cut = self.cut_replies();
+        // One reading of the clock for what is said cut and what is cleared.
+        let now = Instant::now();
+        let cut = self.cut_replies(now);
         self.queue.clear();
         // Those that may still play are cleared; one past `mark_timeout`
         // counts as played, and its late echo as an echo.
-        let now = Instant::now();
         let timeout = self.state.cfg.mark_timeout;
         let heeded = self.marks_heeded;
         let (cleared, kept): (VecDeque<_>, VecDeque<_>) = self
@@ -1279,7 +1284,7 @@ impl Call {
     /// the record, and `WS_STOP` is logged.
     fn ended(&mut self, reason: &'static str) {
         if self.is_playing() {
-            let cut = self.cut_replies();
+            let cut = self.cut_replies(Instant::now());
             let t = self.t_ms();
             self.rec
                 .push_event(t, "reply_cut", format!("{cut} (call ended)"));

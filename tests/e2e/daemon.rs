@@ -343,6 +343,45 @@ async fn a_crash_restart_shows_its_process_while_it_proves_itself() {
     assert_eq!((a.pid, a.reason), (Some(fresh), None));
 }
 
+/// A deploy that overtakes a crash restart still proving itself, and
+/// then crashes too, is restarted: its restart came due while the older
+/// one ran, and used to be dropped (503s until someone acted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_restart_due_while_an_older_one_proves_itself_still_happens() {
+    let p = Project::python(
+        "start_timeout_s = 4",
+        "[restart]\nbackoff_initial_ms = 100\nbackoff_max_ms = 100\nlimit_burst = 100\n",
+    );
+    p.edit("etc/baton.toml", "start_timeout_s = 10\n", "");
+    p.append("src/pyworker.py", "\n# HEALTH_FILE=health\n");
+    let d = Daemon::start(&p).await;
+    let pid1 = d.active_pid(1).await;
+    // Generation 1's restart never proves itself (until its start
+    // timeout): its /healthz answers 503.
+    p.write("health", "503");
+    sigkill(pid1);
+    let s = d
+        .wait_for("generation 1's restart proving itself", |s| {
+            s.state == "restarting"
+                && s.active
+                    .as_ref()
+                    .is_some_and(|a| a.id == 1 && a.pid.is_some())
+        })
+        .await;
+    let restarting = s.active.and_then(|a| a.pid).expect("pid");
+    p.write("health", &format!("503 {restarting}"));
+    // A deploy overtakes it; its worker crashes a second after it serves.
+    p.append("src/pyworker.py", "# CRASH_AFTER_MS=1000\n");
+    let s = d
+        .wait_for("generation 2 restarted", |s| {
+            s.active
+                .as_ref()
+                .is_some_and(|a| a.id == 2 && a.restarts >= 1)
+        })
+        .await;
+    assert!(s.history.iter().any(|g| g.id == 1), "{s:?}");
+}
+
 /// A fresh start that fails is reported with what that process wrote,
 /// not with a line an earlier process of the same generation left in the
 /// generation's `worker.log`.
@@ -2038,6 +2077,25 @@ async fn a_config_folder_watched_under_another_name_is_still_the_configs() {
     let g = settled(&d).await;
     p.append("etc/extra.conf", "# 2\n");
     assert_eq!(trigger_of(&d, g + 1).await, "watch: a/extra.conf");
+}
+
+/// The config's folder watched whole under another name (`paths =
+/// ["a"]`, `a -> etc`): an edit of the config is a reload, not a deploy of
+/// a source change that nobody read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_in_a_watched_folder_of_another_name_is_reloaded() {
+    let p = Project::python("", "");
+    std::os::unix::fs::symlink("etc", p.path("a")).expect("ln -s");
+    p.edit(
+        "etc/baton.toml",
+        r#"paths = ["src"]"#,
+        r#"paths = ["src", "a"]"#,
+    );
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    let g = settled(&d).await;
+    p.edit("etc/baton.toml", "debounce_ms = 100", "debounce_ms = 101");
+    assert_eq!(trigger_of(&d, g + 1).await, "config reload");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
