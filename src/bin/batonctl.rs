@@ -335,6 +335,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
+            // batond ended the stream itself: it stopped.
+            eprintln!("batonctl: the event stream ended: batond stopped");
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -1012,8 +1012,14 @@ async fn a_candidate_proven_while_batond_stops_is_stopped_not_left_starting() {
         text.contains("generation 2: stopped (batond is stopping)"),
         "{text}\n{log}"
     );
-    // Each line names its generation once.
+    // Each line names its generation once; the end of the stream says
+    // batond stopped.
     assert!(!text.contains("gen 2: generation 2"), "{text}");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the event stream ended: batond stopped"),
+        "{out:?}"
+    );
 }
 
 /// `batonctl events` following `d`, its output piped.
