@@ -185,6 +185,8 @@ enum Internal {
     RestartDone {
         generation: u64,
         replace: bool,
+        /// Which start ([`FreshStart::id`]).
+        start: u64,
         result: Result<(Instance, Duration), worker_proc::StartFailure>,
     },
     DrainTimedOut {
@@ -277,9 +279,15 @@ struct Supervisor {
     /// Bumped by every restart scheduled or started: a `RestartDue` of an
     /// earlier epoch is stale (a restart went ahead meanwhile).
     restart_epoch: u64,
-    /// A restart that came due while another generation's restart was
-    /// still proving itself (`starting`): started when that one ends.
+    /// A restart that came due while a fresh start was still proving
+    /// itself (`starting`, or a replacement of the same generation):
+    /// started when that one ends, unless it took over.
     restart_waiting: Option<u64>,
+    /// The fresh start under way (a restart or a replacement), which a
+    /// cutover of another generation makes obsolete.
+    fresh: Option<FreshStart>,
+    /// Numbers fresh starts.
+    fresh_starts: u64,
     /// The exits of workers proven while batond stopped: never cut over,
     /// stopped at once, and waited for with the others.
     late: Vec<tokio::sync::watch::Receiver<Option<worker_proc::Exit>>>,
@@ -406,6 +414,8 @@ pub fn spawn(
         starting: false,
         restart_epoch: 0,
         restart_waiting: None,
+        fresh: None,
+        fresh_starts: 0,
         late: Vec::new(),
         pending: None,
         pending_since: None,
@@ -1000,10 +1010,11 @@ impl Supervisor {
                     && self.unit_state != "failed"
                     && self.is_newest(generation)
                 {
-                    if self.starting {
-                        // An older generation's restart is still proving
-                        // itself (a deploy overtook it, and then crashed):
-                        // this one starts when that one ends.
+                    if self.starting || self.replacing.is_some() {
+                        // A fresh process is proving itself already (a
+                        // replacement the crash overtook): it is this
+                        // restart if it proves itself; if not, this one
+                        // starts when it ends.
                         self.restart_waiting = Some(generation);
                     } else {
                         self.start_instance(generation, None);
@@ -1013,8 +1024,9 @@ impl Supervisor {
             Internal::RestartDone {
                 generation,
                 replace,
+                start,
                 result,
-            } => self.restart_done(generation, replace, result),
+            } => self.restart_done(generation, replace, start, result),
             Internal::DrainTimedOut {
                 generation,
                 instance,
@@ -1152,6 +1164,23 @@ impl Supervisor {
     /// Moves traffic to a proven instance and starts draining the old one.
     fn cut_over(&mut self, mut inst: Instance) {
         let generation = inst.generation;
+        // A fresh start of another generation under way (a restart or a
+        // replacement that a deploy overtook) has nothing left to take
+        // over: stopped, and whoever waits for it told. Left running, it
+        // held the new generation's restarts and replacements back, and
+        // took their waiters.
+        if let Some(f) = self.fresh.take_if(|f| f.generation != generation) {
+            f.cancel.cancel();
+            self.starting = false;
+            self.replacing = None;
+            for w in self.restart_waiters.drain(..) {
+                let _ = w.send(DeployOutcome {
+                    generation: Some(f.generation),
+                    outcome: "rejected".into(),
+                    reason: Some(format!("superseded by generation {generation}")),
+                });
+            }
+        }
         self.router.set(Some(inst.upstream.clone()));
         let now = timestamp(SystemTime::now());
         inst.cutover_at = Some(now.clone());
@@ -1490,11 +1519,19 @@ impl Supervisor {
             token,
             ..
         } = self.task_ctx();
+        self.fresh_starts += 1;
+        let start = self.fresh_starts;
+        self.fresh = Some(FreshStart {
+            id: start,
+            generation,
+            cancel: token.clone(),
+        });
         tokio::spawn(async move {
             let result = worker_proc::start(&cfg, &shim, &launch, wtx, &token).await;
             let _ = itx.send(Internal::RestartDone {
                 generation,
                 replace,
+                start,
                 result,
             });
         });
@@ -1504,8 +1541,19 @@ impl Supervisor {
         &mut self,
         generation: u64,
         replace: bool,
+        start: u64,
         result: Result<(Instance, Duration), worker_proc::StartFailure>,
     ) {
+        if self.fresh.as_ref().is_none_or(|f| f.id != start) {
+            // A start a cutover of another generation made obsolete (its
+            // flags and waiters were settled then): stopped, if it got
+            // that far.
+            if let Ok((inst, _)) = result {
+                inst.stop.cancel();
+            }
+            return;
+        }
+        self.fresh = None;
         if !replace {
             self.starting = false;
             // Its process, shown while it proved itself, is the active one
@@ -1601,11 +1649,12 @@ impl Supervisor {
             let _ = w.send(outcome.clone());
         }
         // A restart that came due meanwhile, of the newest generation, with
-        // nothing serving still: now.
-        if !replace
-            && let Some(g) = self.restart_waiting.take()
+        // nothing serving still (the start that ended did not take over):
+        // now.
+        if let Some(g) = self.restart_waiting.take()
             && self.active.is_none()
             && !self.starting
+            && self.replacing.is_none()
             && self.unit_state == "restarting"
             && self.is_newest(g)
         {
@@ -2135,6 +2184,7 @@ impl Supervisor {
                 generation,
                 replace,
                 result,
+                ..
             } => {
                 if replace {
                     self.replacing = None;
@@ -2276,6 +2326,16 @@ async fn pipeline(
             (state, f.reason)
         });
     (result, Some(snapshot))
+}
+
+/// A fresh process being started beside or in place of the active one.
+#[derive(Debug)]
+struct FreshStart {
+    /// Its number (`RestartDone::start`).
+    id: u64,
+    generation: u64,
+    /// Stops it (its start's token).
+    cancel: CancellationToken,
 }
 
 /// Folders of generations being removed are renamed to this prefix first.

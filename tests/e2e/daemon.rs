@@ -343,21 +343,22 @@ async fn a_crash_restart_shows_its_process_while_it_proves_itself() {
     assert_eq!((a.pid, a.reason), (Some(fresh), None));
 }
 
-/// A deploy that overtakes a crash restart still proving itself, and
-/// then crashes too, is restarted: its restart came due while the older
-/// one ran, and used to be dropped (503s until someone acted).
+/// A deploy that overtakes a crash restart still proving itself: that
+/// start is stopped, and what comes after is the new generation's (a
+/// `batonctl restart` restarts it; its crash is restarted at once). The
+/// stale start used to run on until its start timeout, holding the new
+/// generation's restarts back and taking their waiters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crash_restart_due_while_an_older_one_proves_itself_still_happens() {
+async fn a_deploy_that_overtakes_a_crash_restart_stops_it() {
     let p = Project::python(
-        "start_timeout_s = 4",
+        "start_timeout_s = 20",
         "[restart]\nbackoff_initial_ms = 100\nbackoff_max_ms = 100\nlimit_burst = 100\n",
     );
     p.edit("etc/baton.toml", "start_timeout_s = 10\n", "");
     p.append("src/pyworker.py", "\n# HEALTH_FILE=health\n");
     let d = Daemon::start(&p).await;
     let pid1 = d.active_pid(1).await;
-    // Generation 1's restart never proves itself (until its start
-    // timeout): its /healthz answers 503.
+    // Generation 1's restart does not prove itself: its /healthz is 503.
     p.write("health", "503");
     sigkill(pid1);
     let s = d
@@ -368,18 +369,66 @@ async fn a_crash_restart_due_while_an_older_one_proves_itself_still_happens() {
                     .is_some_and(|a| a.id == 1 && a.pid.is_some())
         })
         .await;
-    let restarting = s.active.and_then(|a| a.pid).expect("pid");
-    p.write("health", &format!("503 {restarting}"));
-    // A deploy overtakes it; its worker crashes a second after it serves.
-    p.append("src/pyworker.py", "# CRASH_AFTER_MS=1000\n");
-    let s = d
-        .wait_for("generation 2 restarted", |s| {
-            s.active
+    let stale = s.active.and_then(|a| a.pid).expect("pid");
+    p.write("health", &format!("503 {stale}"));
+    p.append("src/pyworker.py", "# v2\n");
+    let pid2 = d.active_pid(2).await;
+    // (Asked at once: the stale start would run for 20 s more.)
+    let out = d.ctl(&["restart", "--wait"]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("generation 2: active"),
+        "{out:?}"
+    );
+    assert!(wait_gone(stale).await, "the overtaken start still runs");
+    let fresh = d.active_pid(2).await;
+    assert_ne!(fresh, pid2);
+    // Its crash is restarted after its own backoff.
+    sigkill(fresh);
+    d.wait_for("generation 2 restarted again", |s| {
+        s.state == "running"
+            && s.active
                 .as_ref()
-                .is_some_and(|a| a.id == 2 && a.restarts >= 1)
-        })
-        .await;
-    assert!(s.history.iter().any(|g| g.id == 1), "{s:?}");
+                .is_some_and(|a| a.id == 2 && a.restarts >= 2)
+    })
+    .await;
+}
+
+/// A crash while a replacement of the same generation proves itself (here
+/// asked for with `batonctl restart`) starts no second process: the
+/// replacement takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_during_a_replacement_starts_no_second_process() {
+    let p = Project::python(
+        "",
+        "[restart]\nbackoff_initial_ms = 100\nbackoff_max_ms = 100\nlimit_burst = 100\n",
+    );
+    p.append("src/pyworker.py", "\n# START_DELAY_FILE=delay\n");
+    let d = Daemon::start(&p).await;
+    let pid1 = d.active_pid(1).await;
+    p.write("delay", "1500");
+    let waiting = d.ctl(&["restart", "--wait"]);
+    let crash = async {
+        // The replacement is under way (it takes 1.5 s to listen)...
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // ...when the active worker crashes.
+        sigkill(pid1);
+    };
+    let (out, ()) = tokio::join!(waiting, crash);
+    assert!(out.status.success(), "{out:?}");
+    let s = d.wait_for("running", |s| s.state == "running").await;
+    let a = s.active.expect("active");
+    assert_eq!((a.id, a.restarts), (1, 1), "{a:?}");
+    // No cutover after the replacement's.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let s = d.status().await;
+    assert_eq!(s.active.and_then(|a| a.pid), a.pid);
+    assert_eq!(
+        d.log().matches("event=\"cutover\"").count(),
+        2,
+        "{}",
+        d.log()
+    );
 }
 
 /// A fresh start that fails is reported with what that process wrote,
