@@ -288,6 +288,9 @@ struct Supervisor {
     fresh: Option<FreshStart>,
     /// Numbers fresh starts.
     fresh_starts: u64,
+    /// Fresh starts a cutover stopped that have not ended yet (their
+    /// process is being stopped): the daemon's stop waits for them.
+    stale_starts: usize,
     /// The exits of workers proven while batond stopped: never cut over,
     /// stopped at once, and waited for with the others.
     late: Vec<tokio::sync::watch::Receiver<Option<worker_proc::Exit>>>,
@@ -416,6 +419,7 @@ pub fn spawn(
         restart_waiting: None,
         fresh: None,
         fresh_starts: 0,
+        stale_starts: 0,
         late: Vec::new(),
         pending: None,
         pending_since: None,
@@ -1171,6 +1175,7 @@ impl Supervisor {
         // took their waiters.
         if let Some(f) = self.fresh.take_if(|f| f.generation != generation) {
             f.cancel.cancel();
+            self.stale_starts += 1;
             self.starting = false;
             self.replacing = None;
             for w in self.restart_waiters.drain(..) {
@@ -1548,6 +1553,7 @@ impl Supervisor {
             // A start a cutover of another generation made obsolete (its
             // flags and waiters were settled then): stopped, if it got
             // that far.
+            self.stale_starts = self.stale_starts.saturating_sub(1);
             if let Ok((inst, _)) = result {
                 inst.stop.cancel();
             }
@@ -1615,6 +1621,8 @@ impl Supervisor {
                 );
                 if self.active.is_none() && !self.token.is_cancelled() && self.is_newest(generation)
                 {
+                    // (It is the restart a crash meanwhile was waiting for.)
+                    self.restart_waiting = None;
                     self.schedule_restart(generation, &format!("failed to start: {reason}"));
                 } else if for_health
                     && self
@@ -2139,7 +2147,7 @@ impl Supervisor {
     /// `PipelineDone` or a `RestartDone` (one of each kind at most runs at
     /// a time), which the stop waits for.
     fn work_under_way(&self) -> bool {
-        self.pipeline_busy || self.replacing.is_some() || self.starting
+        self.pipeline_busy || self.replacing.is_some() || self.starting || self.stale_starts > 0
     }
 
     /// A build-and-prove or a fresh start that ended while batond stops
@@ -2180,12 +2188,28 @@ impl Supervisor {
                 self.finish(generation, state, Some(reason));
                 (generation, proven, std::mem::take(&mut self.waiters_now))
             }
+            Internal::RestartDone { start, result, .. }
+                if self.fresh.as_ref().is_none_or(|f| f.id != start) =>
+            {
+                // A start a cutover made obsolete: its process stopped, and
+                // waited for with the others; the current start's flags
+                // and waiters are not its.
+                self.stale_starts = self.stale_starts.saturating_sub(1);
+                if let Ok((inst, _)) = result {
+                    inst.upstream.retire();
+                    inst.stop.cancel();
+                    self.late.push(inst.exited.clone());
+                }
+                self.notify_status();
+                return;
+            }
             Internal::RestartDone {
                 generation,
                 replace,
                 result,
                 ..
             } => {
+                self.fresh = None;
                 if replace {
                     self.replacing = None;
                 } else {

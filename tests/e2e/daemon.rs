@@ -394,6 +394,49 @@ async fn a_deploy_that_overtakes_a_crash_restart_stops_it() {
     .await;
 }
 
+/// batond stopping right after a deploy overtook a crash restart waits
+/// for that start's process, which it was stopping: one that ignores
+/// SIGTERM gets SIGKILL with its whole group, and nothing it started is
+/// left (batond used to exit at once: the process died by the parent-death
+/// signal alone, and its child lived on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batond_stopping_waits_for_a_start_a_deploy_overtook() {
+    let p = Project::python(
+        "",
+        "[restart]\nbackoff_initial_ms = 100\nbackoff_max_ms = 100\nlimit_burst = 100\n",
+    );
+    // Generation 1's processes ignore SIGTERM and have a child of their
+    // own (gen 2's will not: the marker goes).
+    p.append(
+        "src/pyworker.py",
+        "\n# HEALTH_FILE=health\n# STUBBORN_CHILD=sleep 317\n",
+    );
+    let d = Daemon::start(&p).await;
+    let pid1 = d.active_pid(1).await;
+    // Its restart never proves itself.
+    p.write("health", "503");
+    sigkill(pid1);
+    let s = d
+        .wait_for("generation 1's restart proving itself", |s| {
+            s.state == "restarting"
+                && s.active
+                    .as_ref()
+                    .is_some_and(|a| a.id == 1 && a.pid.is_some())
+        })
+        .await;
+    let stale = s.active.and_then(|a| a.pid).expect("pid");
+    p.write("health", &format!("503 {stale}"));
+    p.edit("src/pyworker.py", "# STUBBORN_CHILD=sleep 317\n", "# v2\n");
+    d.active_pid(2).await;
+    assert!(d.stop().await.success());
+    assert!(!alive(stale), "the overtaken start outlived batond");
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", "^sleep 317$"])
+        .output()
+        .expect("pgrep");
+    assert!(left.stdout.is_empty(), "left behind: {left:?}");
+}
+
 /// A crash while a replacement of the same generation proves itself (here
 /// asked for with `batonctl restart`) starts no second process: the
 /// replacement takes over.
