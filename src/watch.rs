@@ -217,9 +217,9 @@ struct Filter {
     config: Vec<PathBuf>,
     /// Files watched by name, as named and with links resolved.
     files: Vec<PathBuf>,
-    /// Other spellings of those files and of the config, through a folder
-    /// watched under another path (see [`watch`]), and the file each
-    /// stands for.
+    /// Other spellings of those files, through a folder watched under
+    /// another path (see [`watch`]), and the file each stands for (the
+    /// config is known by its folder's identity, `config_at`).
     aliases: Vec<(PathBuf, PathBuf)>,
     /// The config's folder (identity) and file name: its events may come
     /// under any spelling of that folder, a watched tree's too (`paths =
@@ -294,14 +294,14 @@ impl Filter {
     }
 
     fn classify(&self, path: &Path, is_dir: bool) -> Option<Change> {
+        if self.config.iter().any(|c| c == path) || self.is_config(path) {
+            return Some(Change::Config);
+        }
         let path = self
             .aliases
             .iter()
             .find(|(a, _)| a == path)
             .map_or(path, |(_, f)| f.as_path());
-        if self.config.iter().any(|c| c == path) || self.is_config(path) {
-            return Some(Change::Config);
-        }
         let tree = self.tree_of(path);
         if tree.is_none() && !self.files.iter().any(|f| f == path) {
             return None;
@@ -593,7 +593,7 @@ pub fn watch(
         .filter_map(|p| std::fs::metadata(p).ok().map(|m| (p, key_of(&m))))
         .collect();
     let mut aliases: Vec<(PathBuf, PathBuf)> = Vec::new();
-    for f in files.iter().chain(&config_named) {
+    for f in &files {
         let (Some(dir), Some(name)) = (f.parent(), f.file_name()) else {
             continue;
         };
@@ -605,10 +605,7 @@ pub fn watch(
             .filter(|(p, k)| *k == key && p.as_path() != dir)
         {
             let alias = p.join(name);
-            if !files.contains(&alias)
-                && !config_spellings.contains(&alias)
-                && !aliases.iter().any(|(a, _)| *a == alias)
-            {
+            if !files.contains(&alias) && !aliases.iter().any(|(a, _)| *a == alias) {
                 aliases.push((alias, f.clone()));
             }
         }

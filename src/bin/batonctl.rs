@@ -197,10 +197,15 @@ fn parse_timeout(s: &str) -> Result<f64, String> {
     }
 }
 
-/// `BATON_CONTROL_SOCKET`, unless unset or empty (`BATON_CONTROL_SOCKET=`
-/// in a script means "not set", as for systemd's own variables).
+/// `BATON_CONTROL_SOCKET`, unless unset or empty.
 fn socket_from_env() -> Option<PathBuf> {
-    std::env::var_os("BATON_CONTROL_SOCKET")
+    env_path("BATON_CONTROL_SOCKET")
+}
+
+/// A path from the environment, unless unset or empty (`NAME=` in a
+/// script means "not set", as for systemd's own variables).
+fn env_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
 }
@@ -212,11 +217,7 @@ fn socket_path(cli: &Cli) -> anyhow::Result<PathBuf> {
     let config = cli
         .config
         .clone()
-        .or_else(|| {
-            std::env::var_os("BATON_CONFIG")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-        })
+        .or_else(|| env_path("BATON_CONFIG"))
         .unwrap_or_else(|| PathBuf::from("etc/baton.toml"));
     baton::config::Config::control_socket_of(&config).with_context(|| {
         format!(

@@ -167,8 +167,6 @@ struct Call {
     /// `mark_timeout` with no echo ever seen (a peer that does not echo
     /// them), after which what was sent does.
     marks_heeded: bool,
-    /// An echo of a mark this call sent has come.
-    echo_seen: bool,
     /// Utterances whose final transcription is running or waiting for a
     /// slot (number, length in ms): those the call's end leaves behind are
     /// counted as skipped.
@@ -234,7 +232,6 @@ pub async fn run_call<S>(
         marks_cut: VecDeque::new(),
         listen_only: false,
         marks_heeded: true,
-        echo_seen: false,
         finals_pending: Vec::new(),
     };
     debug!(conn = conn_id, peer = %peer, subprotocol, "websocket open");
@@ -1025,7 +1022,8 @@ impl Call {
             .filter(|due| now >= *due);
         if let Some(due) = overdue
             && self.marks_heeded
-            && !self.echo_seen
+            && self.rec.marks_echoed.is_empty()
+            && self.rec.marks_cleared.is_empty()
         {
             // A peer that echoes no marks would otherwise have every
             // reply "play" for `mark_timeout` after it was sent.
@@ -1062,14 +1060,14 @@ impl Call {
         }
         if let Some(i) = self.marks_cut.iter().position(|n| *n == name) {
             self.marks_cut.drain(..=i);
-            (self.echo_seen, self.marks_heeded) = (true, true);
+            self.marks_heeded = true;
             debug!(callSid = %self.call_sid, mark = %name, "mark echoed after a clear");
             self.rec.push_event(t, "mark_cleared", name.clone());
             self.rec.push_mark_cleared(name);
         } else if let Some(i) = self.marks_out.iter().position(|(n, _)| *n == name) {
             self.marks_out.drain(..=i);
             // (A peer that echoes late is heeded again.)
-            (self.echo_seen, self.marks_heeded) = (true, true);
+            self.marks_heeded = true;
             // Twilio has played all that was sent: nothing plays now,
             // whatever the send clock says.
             if self.marks_out.is_empty() && self.queue.is_empty() {

@@ -358,19 +358,7 @@ async fn a_deploy_that_overtakes_a_crash_restart_stops_it() {
     p.append("src/pyworker.py", "\n# HEALTH_FILE=health\n");
     let d = Daemon::start(&p).await;
     let pid1 = d.active_pid(1).await;
-    // Generation 1's restart does not prove itself: its /healthz is 503.
-    p.write("health", "503");
-    sigkill(pid1);
-    let s = d
-        .wait_for("generation 1's restart proving itself", |s| {
-            s.state == "restarting"
-                && s.active
-                    .as_ref()
-                    .is_some_and(|a| a.id == 1 && a.pid.is_some())
-        })
-        .await;
-    let stale = s.active.and_then(|a| a.pid).expect("pid");
-    p.write("health", &format!("503 {stale}"));
+    let stale = crash_into_a_restart_that_never_proves(&p, &d, pid1).await;
     p.append("src/pyworker.py", "# v2\n");
     let pid2 = d.active_pid(2).await;
     // (Asked at once: the stale start would run for 20 s more.)
@@ -394,6 +382,27 @@ async fn a_deploy_that_overtakes_a_crash_restart_stops_it() {
     .await;
 }
 
+/// Kills generation 1's worker `pid1` (the project's worker has the
+/// `HEALTH_FILE=health` marker) and keeps the crash restart's process from
+/// proving itself (its /healthz answers 503, the other workers' 200);
+/// returns that process's pid, as the status shows it while it proves
+/// itself.
+async fn crash_into_a_restart_that_never_proves(p: &Project, d: &Daemon, pid1: u32) -> u32 {
+    p.write("health", "503");
+    sigkill(pid1);
+    let s = d
+        .wait_for("generation 1's restart proving itself", |s| {
+            s.state == "restarting"
+                && s.active
+                    .as_ref()
+                    .is_some_and(|a| a.id == 1 && a.pid.is_some())
+        })
+        .await;
+    let stale = s.active.and_then(|a| a.pid).expect("pid");
+    p.write("health", &format!("503 {stale}"));
+    stale
+}
+
 /// batond stopping right after a deploy overtook a crash restart waits
 /// for that start's process, which it was stopping: one that ignores
 /// SIGTERM gets SIGKILL with its whole group, and nothing it started is
@@ -413,19 +422,7 @@ async fn batond_stopping_waits_for_a_start_a_deploy_overtook() {
     );
     let d = Daemon::start(&p).await;
     let pid1 = d.active_pid(1).await;
-    // Its restart never proves itself.
-    p.write("health", "503");
-    sigkill(pid1);
-    let s = d
-        .wait_for("generation 1's restart proving itself", |s| {
-            s.state == "restarting"
-                && s.active
-                    .as_ref()
-                    .is_some_and(|a| a.id == 1 && a.pid.is_some())
-        })
-        .await;
-    let stale = s.active.and_then(|a| a.pid).expect("pid");
-    p.write("health", &format!("503 {stale}"));
+    let stale = crash_into_a_restart_that_never_proves(&p, &d, pid1).await;
     p.edit("src/pyworker.py", "# STUBBORN_CHILD=sleep 317\n", "# v2\n");
     d.active_pid(2).await;
     assert!(d.stop().await.success());
