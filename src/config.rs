@@ -113,6 +113,7 @@ struct RawBuild {
     command: Option<Vec<String>>,
     artifact: Option<String>,
     timeout_s: Option<u64>,
+    nice: Option<u8>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -259,6 +260,10 @@ pub struct BuildConfig {
     pub artifact: PathBuf,
     /// A build running longer is killed and the generation fails.
     pub timeout: Duration,
+    /// Added to batond's own nice value for the build and all it starts
+    /// (0-19, as `nice -n`): the workers serving calls meanwhile keep the
+    /// CPU they need.
+    pub nice: u8,
 }
 
 /// `[worker]`: how to run and prove a worker.
@@ -388,6 +393,12 @@ pub struct Overrides {
 
 /// `daemon.state_dir` when the file does not set it (under `root`).
 const DEFAULT_STATE_DIR: &str = "target/baton";
+
+/// `build.nice` unless set: a build (a compiler on every core) yields the
+/// CPU to the workers answering calls, whose audio is due every 20 ms.
+pub const DEFAULT_BUILD_NICE: u8 = 10;
+/// The highest nice value Linux has.
+pub const MAX_NICE: u8 = 19;
 
 /// The control socket's name in the state folder, when the file does not
 /// set `daemon.control_socket`.
@@ -1202,10 +1213,21 @@ impl Validator<'_> {
                     );
                 }
                 let artifact = self.required("build", "artifact", b.artifact, "a path");
+                let nice = b.nice.unwrap_or(DEFAULT_BUILD_NICE);
+                if nice > MAX_NICE {
+                    self.issue(
+                        "build",
+                        "nice",
+                        format!(
+                            "must be 0-{MAX_NICE} (added to batond's own nice value, as `nice -n`)"
+                        ),
+                    );
+                }
                 BuildConfig {
                     command: command.unwrap_or_default(),
                     artifact: at_root(artifact.as_deref().unwrap_or_default()),
                     timeout: Duration::from_secs(timeout),
+                    nice: nice.min(MAX_NICE),
                 }
             }
             None => {
@@ -1395,6 +1417,22 @@ mod tests {
         let advice = cfg.advice();
         assert_eq!(advice.len(), 1, "{advice:?}");
         assert!(advice[0].contains("does not name {artifact}"), "{advice:?}");
+    }
+
+    #[test]
+    fn build_nice_is_ten_unless_set_and_at_most_nineteen() {
+        assert_eq!(parse(MINIMAL).expect("valid").build.nice, 10);
+        let set = MINIMAL.replace("artifact = \"a\"\n", "artifact = \"a\"\nnice = 0\n");
+        assert_eq!(parse(&set).expect("valid").build.nice, 0);
+        let i =
+            single_issue(&MINIMAL.replace("artifact = \"a\"\n", "artifact = \"a\"\nnice = 20\n"));
+        assert_eq!(i.line, Some(4));
+        assert_eq!(i.key.as_deref(), Some("build.nice"));
+        assert!(i.message.contains("must be 0-19"), "{}", i.message);
+        // A negative one (a higher priority) is not a nice value it takes.
+        let i =
+            single_issue(&MINIMAL.replace("artifact = \"a\"\n", "artifact = \"a\"\nnice = -5\n"));
+        assert_eq!(i.key.as_deref(), Some("build.nice"));
     }
 
     #[test]

@@ -79,6 +79,8 @@ pub struct Spec {
     pub stdout: Stdio,
     /// Where stderr goes.
     pub stderr: Stdio,
+    /// Added to batond's nice value for the program (0: none).
+    pub nice: u8,
 }
 
 /// A running child that leads its own process group.
@@ -101,6 +103,7 @@ impl Child {
         cmd.arg(SHIM_ARG)
             .arg(std::process::id().to_string())
             .arg(if spec.listener.is_some() { "fd" } else { "-" })
+            .arg(spec.nice.to_string())
             .arg("--")
             .args(&spec.argv)
             .current_dir(&spec.cwd)
@@ -411,7 +414,7 @@ fn group_members(pgid: i32) -> Vec<Stat> {
 #[derive(Debug, thiserror::Error)]
 pub enum ShimError {
     /// The shim was called with the wrong arguments.
-    #[error("usage: {SHIM_ARG} PARENT_PID fd|- -- PROGRAM [ARGS...]")]
+    #[error("usage: {SHIM_ARG} PARENT_PID fd|- NICE -- PROGRAM [ARGS...]")]
     Usage,
     /// The daemon died before the shim could tie itself to it.
     #[error("parent {0} is gone")]
@@ -446,13 +449,17 @@ fn sys(what: &'static str) -> impl FnOnce(nix::Error) -> ShimError {
 /// # Errors
 /// [`ShimError`] when the arguments are wrong or a system call fails.
 pub fn shim_exec(args: &[OsString]) -> Result<std::convert::Infallible, ShimError> {
-    let [parent, fd_mode, sep, argv @ ..] = args else {
+    let [parent, fd_mode, nice, sep, argv @ ..] = args else {
         return Err(ShimError::Usage);
     };
     if sep != "--" || argv.is_empty() {
         return Err(ShimError::Usage);
     }
     let parent: i32 = parent
+        .to_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or(ShimError::Usage)?;
+    let nice: i32 = nice
         .to_str()
         .and_then(|s| s.parse().ok())
         .ok_or(ShimError::Usage)?;
@@ -466,6 +473,14 @@ pub fn shim_exec(args: &[OsString]) -> Result<std::convert::Infallible, ShimErro
     // worker would inherit that (a shell pipeline in it would no longer
     // end when its reader does), and any blocked signals.
     default_ignored_signals();
+    // Before the exec, so the program and all it starts inherit it. The
+    // shim has one thread, and Linux keeps a nice value per thread.
+    if nice != 0 {
+        rustix::process::nice(nice).map_err(|e| ShimError::Sys {
+            what: "nice",
+            source: nix::Error::from_raw(e.raw_os_error()),
+        })?;
+    }
     let mut cmd = std::process::Command::new(&argv[0]);
     cmd.args(&argv[1..]).env_clear();
     for (k, v) in std::env::vars_os() {

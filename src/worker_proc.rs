@@ -64,6 +64,7 @@ pub async fn build(
             listener: None,
             stdout: Stdio::from(write),
             stderr: Stdio::from(write_err),
+            nice: cfg.build.nice,
         },
     )
     .map_err(|e| e.to_string())?;
@@ -641,6 +642,8 @@ pub async fn start(
             listener,
             stdout: Stdio::piped(),
             stderr: Stdio::piped(),
+            // Workers run at batond's own priority.
+            nice: 0,
         },
     )
     .map_err(|e| {

@@ -575,6 +575,7 @@ pub fn spawn_on_listener(
         .arg(baton::process::SHIM_ARG)
         .arg(std::process::id().to_string())
         .arg("fd")
+        .arg("0")
         .arg("--")
         .arg(program)
         .arg("--config")

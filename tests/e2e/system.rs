@@ -535,6 +535,56 @@ async fn command_line_overrides_win_over_the_file() {
     );
 }
 
+/// The nice value of a process, from `/proc/PID/stat` (field 19).
+fn nice_of(pid: &str) -> i32 {
+    let stat = read(std::path::Path::new(&format!("/proc/{pid}/stat")));
+    let rest = stat.rsplit_once(')').expect("stat line").1;
+    rest.split_whitespace()
+        .nth(19 - 3)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no nice value in {stat}"))
+}
+
+/// `build.nice`: the build and what it starts run that much nicer than
+/// batond (a compiler yields the CPU to the calls in progress); the worker
+/// runs at batond's own priority; a reload changes it for the next build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_run_nicer_than_batond_and_its_workers() {
+    let p = Project::python("", "");
+    // Each build writes the nice value of a process it starts.
+    p.edit(
+        "etc/baton.toml",
+        "command = []\n",
+        "command = [\"sh\", \"-c\", \"cut -d' ' -f19 /proc/self/stat > built-nice\"]\nnice = 7\n",
+    );
+    let d = Daemon::start(&p).await;
+    let s = d.wait_active(1).await;
+    let mine = nice_of("self");
+    let batond = nice_of(&d.child.id().expect("batond pid").to_string());
+    assert_eq!(
+        batond, mine,
+        "batond runs at the nice value it was started with"
+    );
+    let built = |p: &Project| {
+        read(&p.path("built-nice"))
+            .trim()
+            .parse::<i32>()
+            .expect("a number")
+    };
+    assert_eq!(built(&p), (mine + 7).min(19), "{}", d.log());
+    let worker = s.active.and_then(|a| a.pid).expect("worker pid");
+    assert_eq!(
+        nice_of(&worker.to_string()),
+        batond,
+        "the worker was reniced"
+    );
+    // Without the key, 10; the reload's deploy builds with it.
+    p.edit("etc/baton.toml", "nice = 7\n", "");
+    d.wait_active(2).await;
+    assert_eq!(built(&p), (mine + 10).min(19), "{}", d.log());
+    d.stop().await;
+}
+
 /// `daemon.realtime_priority`: batond's threads run at `SCHED_FIFO`, the
 /// worker it starts does not inherit it, and a reload turns it off again.
 /// Where real-time scheduling is not allowed, batond says why and serves
