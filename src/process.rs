@@ -161,12 +161,22 @@ impl Child {
         Ok(status)
     }
 
-    /// The child's exit status if it has already exited (then reaped, and
-    /// what is left of its group killed), without waiting.
+    /// Waits for the child to exit and reaps it; what is left of its group
+    /// is then ended as [`end_group`] does, with `grace`: what the child
+    /// started (a helper flushing a file) gets the time a stop gives.
+    ///
+    /// # Errors
+    /// The I/O error of `waitpid`.
+    pub async fn wait_then_end_group(&mut self, grace: Duration) -> std::io::Result<ExitStatus> {
+        let status = self.inner.wait().await?;
+        end_group(self.pid, grace).await;
+        Ok(status)
+    }
+
+    /// The child's exit status if it has already exited (then reaped),
+    /// without waiting. What is left of its group is not touched.
     pub fn exited(&mut self) -> Option<ExitStatus> {
-        let status = self.inner.try_wait().ok().flatten()?;
-        signal_group(self.pid, Signal::SIGKILL);
-        Some(status)
+        self.inner.try_wait().ok().flatten()
     }
 
     /// Sends `sig` to the child's whole process group.
@@ -182,12 +192,60 @@ pub fn signal_group(pgid: i32, sig: Signal) {
     }
 }
 
+/// How often a group that was sent SIGTERM is looked at to see whether
+/// all of it has exited.
+const GROUP_POLL: Duration = Duration::from_millis(20);
+
+/// Whether process group `pgid` still has a process (a zombie not yet
+/// reaped by its parent counts).
+fn group_alive(pgid: i32) -> bool {
+    pgid > 1 && !matches!(killpg(Pid::from_raw(pgid), None), Err(nix::Error::ESRCH))
+}
+
+/// Waits until process group `pgid` is empty or `deadline` has passed;
+/// true when it is empty.
+async fn group_gone_by(pgid: i32, deadline: tokio::time::Instant) -> bool {
+    loop {
+        if !group_alive(pgid) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(GROUP_POLL.min(deadline - tokio::time::Instant::now())).await;
+    }
+}
+
+/// Ends what is left of process group `pgid` once its leader has exited,
+/// as systemd ends a unit's remaining processes: SIGTERM, then SIGKILL to
+/// those still there after `grace`. Returns whether SIGKILL was sent.
+pub async fn end_group(pgid: i32, grace: Duration) -> bool {
+    if !group_alive(pgid) {
+        return false;
+    }
+    signal_group(pgid, Signal::SIGTERM);
+    if group_gone_by(pgid, tokio::time::Instant::now() + grace).await {
+        return false;
+    }
+    signal_group(pgid, Signal::SIGKILL);
+    true
+}
+
 /// Stops a child: SIGTERM to its group, SIGKILL after `grace`, then reaps.
-/// Returns its exit status and whether SIGKILL was sent.
+/// The rest of the group has the same `grace`, counted from the SIGTERM,
+/// whether the child itself exits at once or not (systemd's
+/// `TimeoutStopSec` for a unit's processes). Returns the child's exit
+/// status and whether SIGKILL was sent to it.
 pub async fn stop(child: &mut Child, grace: Duration) -> Option<(ExitStatus, bool)> {
+    let deadline = tokio::time::Instant::now() + grace;
     child.signal(Signal::SIGTERM);
-    match tokio::time::timeout(grace, child.wait()).await {
-        Ok(r) => r.ok().map(|s| (s, false)),
+    match tokio::time::timeout_at(deadline, child.inner.wait()).await {
+        Ok(r) => {
+            if !group_gone_by(child.pid, deadline).await {
+                child.signal(Signal::SIGKILL);
+            }
+            r.ok().map(|s| (s, false))
+        }
         Err(_) => {
             child.signal(Signal::SIGKILL);
             child.wait().await.ok().map(|s| (s, true))

@@ -1120,11 +1120,20 @@ impl Supervisor {
                     Some(a) => format!("; generation {} keeps serving", a.generation),
                     None => "; no worker is serving".to_string(),
                 };
+                // Where the whole of a build's output is (the reason quotes
+                // one line of it).
+                let output = if reason.starts_with("build failed")
+                    || reason.starts_with("build timed out")
+                {
+                    format!("; the build's output: batonctl logs -g {generation} --build")
+                } else {
+                    String::new()
+                };
                 self.events.emit(
                     kind,
                     Some(generation),
                     format!(
-                        "generation {generation}: {} ({reason}){keeps}",
+                        "generation {generation}: {} ({reason}){keeps}{output}",
                         state.as_str()
                     ),
                 );

@@ -114,7 +114,7 @@ pub async fn build(
         // An error line from the file or from what could not be written
         // to it (the file's first), else the last line of either.
         let (kept, lost) = (
-            last_line(&log_path),
+            build_quote(&log_path),
             unwritten.as_ref().and_then(|u| u.quote.clone()),
         );
         let quote = match (kept, lost) {
@@ -189,11 +189,48 @@ pub fn tail_lines(
     Ok((floor, len, if floor < len { found + 1 } else { 0 }))
 }
 
-/// The last line of a log worth quoting in a reason: the last one that
-/// mentions an error, else the last non-empty one.
-pub fn last_line(path: &Path) -> Option<String> {
-    let tail = read_tail(path, 64 * 1024).ok()?;
-    quotable(&String::from_utf8_lossy(&tail))
+/// What a failed build's reason quotes from its log (see [`build_quote_of`]).
+fn build_quote(path: &Path) -> Option<String> {
+    const TAIL: u64 = 64 * 1024;
+    let tail = read_tail(path, TAIL).ok()?;
+    let whole = std::fs::metadata(path).is_ok_and(|m| m.len() <= TAIL);
+    build_quote_of(&String::from_utf8_lossy(&tail), whole)
+}
+
+/// What a failed build's reason quotes from the end of its log (`whole`:
+/// the log from its start; else its first line may be cut): the first
+/// error there that is not a summary (cargo's `could not compile`,
+/// rustc's `aborting due to`), with the place rustc names on a ` --> `
+/// line below it, and how many errors follow; else what [`quotable`]
+/// picks. The first error is the one to fix first: the summary that
+/// comes last says only that there were some.
+fn build_quote_of(text: &str, whole: bool) -> Option<String> {
+    let lines: Vec<&str> = text
+        .lines()
+        .skip(usize::from(!whole))
+        .map(str::trim)
+        .collect();
+    let summary = |l: &str| l.contains("could not compile") || l.contains("aborting due to");
+    let errors: Vec<usize> = (0..lines.len())
+        .filter(|&i| is_error_line(lines[i]) && !summary(lines[i]))
+        .collect();
+    let Some(&first) = errors.first() else {
+        return quotable(text);
+    };
+    let mut quote: String = lines[first].chars().take(240).collect();
+    if let Some(place) = lines[first + 1..]
+        .iter()
+        .take(3)
+        .find_map(|l| l.strip_prefix("--> "))
+    {
+        quote = format!("{quote} at {}", place.chars().take(200).collect::<String>());
+    }
+    match errors.len() - 1 {
+        0 => {}
+        1 => quote.push_str(" (and 1 more error)"),
+        n => quote.push_str(&format!(" (and {n} more errors)")),
+    }
+    Some(quote)
 }
 
 /// What one instance of a worker wrote that a failed start quotes: its
@@ -703,17 +740,23 @@ pub async fn start(
         let endpoint = endpoint.clone();
         tokio::spawn(async move {
             let exit = tokio::select! {
-                r = child.wait() => Exit {
+                // What the worker started and left in its group gets the
+                // stop's grace too (SIGTERM, then SIGKILL), as systemd
+                // gives a unit's remaining processes.
+                r = child.wait_then_end_group(grace) => Exit {
                     status: r.map_or_else(|e| e.to_string(), process::describe),
                     requested: false,
                 },
                 // A worker that died just before it was asked to stop (its
                 // calls ended with it, which made it idle) was not stopped.
                 () = stop.cancelled() => match child.exited() {
-                    Some(status) => Exit {
-                        status: process::describe(status),
-                        requested: false,
-                    },
+                    Some(status) => {
+                        process::end_group(child.pid(), grace).await;
+                        Exit {
+                            status: process::describe(status),
+                            requested: false,
+                        }
+                    }
                     None => match process::stop(&mut child, grace).await {
                         Some((status, killed)) => Exit {
                             status: process::describe(status),
@@ -726,7 +769,7 @@ pub async fn start(
                     },
                 },
             };
-            // The group is gone: `wait` killed what the worker left in it.
+            // The group is gone: what the worker left in it was ended.
             record.clear();
             endpoint.remove_file();
             // The worker's own port is free for others only now.
@@ -935,7 +978,7 @@ async fn pump(
     // The start of a character a long line's piece cut in two: it begins
     // the next piece, so that no valid text turns into U+FFFD.
     let mut carry = Vec::new();
-    let mut shown = LineBudget::new(COPIED_LINES_PER_S);
+    let mut shown = Copied::default();
     loop {
         // A worker that floods its output must not hold the runtime thread,
         // which also moves every request and call: one line is one unit of
@@ -969,7 +1012,9 @@ async fn pump(
         if let Some(w) = &words {
             w.note(&line);
         }
-        match shown.take(Instant::now()) {
+        let now = Instant::now();
+        let taken = COPY_BUDGET.lock().is_ok_and(|mut b| b.take(now));
+        match shown.line(now, taken) {
             Some(0) => tracing::info!(target: "worker", generation, "[gen {generation}] {line}"),
             Some(skipped) => {
                 tracing::info!(target: "worker", generation, "[gen {generation}] ({skipped} lines not copied here; worker.log has them)");
@@ -989,47 +1034,89 @@ async fn pump(
     }
 }
 
-/// Worker output lines per second (per stream) copied into `batond`'s own
-/// log; past that, lines go to `worker.log` only and the log says how many
-/// it skipped. Formatting a log line costs far more than queueing it for
-/// `worker.log`: a worker that floods its output would otherwise take the
-/// runtime thread's time from traffic.
-const COPIED_LINES_PER_S: u32 = 1000;
+/// Worker output lines copied into `batond`'s own log, over all workers
+/// and their streams: bursts of [`COPIED_BURST`], then this many a second;
+/// past that, lines go to `worker.log` only and the log says how many it
+/// skipped. Formatting a log line costs far more than queueing it for
+/// `worker.log`, so a worker that floods its output would otherwise take
+/// the runtime thread's time from traffic. And under systemd the log goes
+/// to the journal, which takes 10,000 messages per 30 s from a unit by
+/// default and drops the rest, `batond`'s own included, until the 30 s
+/// are over: a chatty worker leaves most of that to `batond`.
+const COPIED_LINES_PER_S: u32 = 100;
+/// The burst of [`COPIED_LINES_PER_S`]: a worker's start-up and a crash's
+/// last words are copied whole.
+const COPIED_BURST: u32 = 2000;
+/// How often, at most, a stream's skipped lines are noted in the log.
+const SKIPPED_NOTE_EVERY: Duration = Duration::from_secs(1);
 
-/// A token bucket over lines: `per_s` a second, bursts of as many.
-struct LineBudget {
+/// The budget all worker streams copy their lines into `batond`'s log from.
+static COPY_BUDGET: std::sync::Mutex<Tokens> =
+    std::sync::Mutex::new(Tokens::new(COPIED_LINES_PER_S, COPIED_BURST));
+
+/// A token bucket: `per_s` tokens a second, bursts of `burst`.
+struct Tokens {
     per_s: f64,
+    burst: f64,
     tokens: f64,
     last: Option<Instant>,
-    /// Lines refused since the last one taken.
-    skipped: u64,
 }
 
-impl LineBudget {
-    fn new(per_s: u32) -> Self {
+impl Tokens {
+    const fn new(per_s: u32, burst: u32) -> Self {
         Self {
-            per_s: f64::from(per_s),
-            tokens: f64::from(per_s),
+            per_s: per_s as f64,
+            burst: burst as f64,
+            tokens: burst as f64,
             last: None,
-            skipped: 0,
         }
     }
 
-    /// A line at `now`: `Some(lines skipped before it)` when it may be
-    /// copied, `None` when it is over the budget.
-    fn take(&mut self, now: Instant) -> Option<u64> {
+    /// One token at `now`, if there is one.
+    fn take(&mut self, now: Instant) -> bool {
         if let Some(last) = self.last {
             let refill = now.saturating_duration_since(last).as_secs_f64() * self.per_s;
-            self.tokens = (self.tokens + refill).min(self.per_s);
+            self.tokens = (self.tokens + refill).min(self.burst);
         }
         self.last = Some(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            Some(std::mem::take(&mut self.skipped))
+            true
         } else {
-            self.skipped += 1;
-            None
+            false
         }
+    }
+}
+
+/// One stream's lines as copied into `batond`'s log: how many were not,
+/// and when that was last said.
+#[derive(Default)]
+struct Copied {
+    /// Lines not copied since the last note.
+    skipped: u64,
+    noted: Option<Instant>,
+}
+
+impl Copied {
+    /// A line at `now`, `taken` when the budget had room for it: `None`
+    /// when it is not copied; else `Some(n)`: copied, after a note of the
+    /// `n` lines skipped before it (0: no note). A note comes at most once
+    /// per [`SKIPPED_NOTE_EVERY`], so a flood costs one line per copied
+    /// line, not two.
+    fn line(&mut self, now: Instant, taken: bool) -> Option<u64> {
+        if !taken {
+            self.skipped += 1;
+            return None;
+        }
+        if self.skipped > 0
+            && self
+                .noted
+                .is_none_or(|t| now.saturating_duration_since(t) >= SKIPPED_NOTE_EVERY)
+        {
+            self.noted = Some(now);
+            return Some(std::mem::take(&mut self.skipped));
+        }
+        Some(0)
     }
 }
 
@@ -1632,17 +1719,86 @@ mod tests {
     #[test]
     fn worker_lines_copied_to_the_daemon_log_are_limited_per_second() {
         let t0 = Instant::now();
-        let mut b = LineBudget::new(3);
+        let mut b = Tokens::new(3, 3);
         let taken: Vec<_> = (0..5).map(|_| b.take(t0)).collect();
-        assert_eq!(taken, [Some(0), Some(0), Some(0), None, None]);
-        // A third of a second later one more fits, and says what it skipped.
+        assert_eq!(taken, [true, true, true, false, false]);
+        // A third of a second later one more fits.
         let t1 = t0 + Duration::from_millis(340);
-        assert_eq!(b.take(t1), Some(2));
-        assert_eq!(b.take(t1), None);
+        assert!(b.take(t1));
+        assert!(!b.take(t1));
         // Quiet for long: a full burst again, no more.
         let t2 = t1 + Duration::from_secs(60);
         let taken: Vec<_> = (0..4).map(|_| b.take(t2)).collect();
-        assert_eq!(taken, [Some(1), Some(0), Some(0), None]);
+        assert_eq!(taken, [true, true, true, false]);
+        // A burst of its own size, then its rate.
+        let mut b = Tokens::new(10, 100);
+        assert_eq!((0..150).filter(|_| b.take(t0)).count(), 100);
+        let t3 = t0 + Duration::from_secs(2);
+        assert_eq!((0..150).filter(|_| b.take(t3)).count(), 20);
+    }
+
+    #[test]
+    fn a_failed_builds_first_error_is_quoted_with_its_place() {
+        let cargo = "   Compiling baton v0.1.0 (/src)
+warning: unused variable: `x`
+ --> src/a.rs:1:5
+error: expected `,`, found `+`
+   --> src/worker/mod.rs:240:47
+    |
+240 |     info!(\"listening\" +++ ;
+    |                       ^ expected `,`
+error[E0425]: cannot find value `y` in this scope
+ --> src/b.rs:3:1
+error: could not compile `baton` (lib) due to 2 previous errors
+";
+        assert_eq!(
+            build_quote_of(cargo, true).as_deref(),
+            Some("error: expected `,`, found `+` at src/worker/mod.rs:240:47 (and 1 more error)")
+        );
+        // A tail cut inside a line: that piece is not quoted.
+        let cut = "rror: half a line\nerror: one\n";
+        assert_eq!(build_quote_of(cut, false).as_deref(), Some("error: one"));
+        // No error line but the summary: the summary, as before.
+        assert_eq!(
+            build_quote_of("x\nerror: could not compile `a`\n", true).as_deref(),
+            Some("error: could not compile `a`")
+        );
+        // No error at all: the last line.
+        assert_eq!(
+            build_quote_of("a\nstopped\n", true).as_deref(),
+            Some("stopped")
+        );
+        // gcc's shape names its place itself.
+        assert_eq!(
+            build_quote_of(
+                "cc -c x.c\nx.c:3:1: error: expected ';'\nmake: *** [all] Error 1\n",
+                true
+            )
+            .as_deref(),
+            Some("x.c:3:1: error: expected ';'")
+        );
+    }
+
+    #[test]
+    fn skipped_lines_are_noted_once_a_second_at_most() {
+        let t0 = Instant::now();
+        let mut c = Copied::default();
+        assert_eq!(c.line(t0, true), Some(0));
+        assert_eq!(c.line(t0, false), None);
+        assert_eq!(c.line(t0, false), None);
+        // The next line copied says what was skipped...
+        assert_eq!(c.line(t0, true), Some(2));
+        // ...and in a flood, where lines are skipped between every two
+        // copied ones, the next note waits a second and counts them all.
+        let mut at = t0;
+        for _ in 0..9 {
+            at += Duration::from_millis(100);
+            assert_eq!(c.line(at, false), None);
+            assert_eq!(c.line(at, true), Some(0));
+        }
+        at += Duration::from_millis(100);
+        assert_eq!(c.line(at, false), None);
+        assert_eq!(c.line(at, true), Some(10));
     }
 
     #[tokio::test]

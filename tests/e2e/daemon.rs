@@ -71,14 +71,26 @@ async fn cutover_on_source_change_in_env_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_build_keeps_the_old_worker() {
     let p = Project::python("", "");
-    p.edit("etc/baton.toml", "command = []", r#"command = ["sh", "-c", "if grep -q BROKEN src/pyworker.py; then echo 'error: the source is broken' >&2; exit 2; fi"]"#);
+    // It fails as cargo does: each error with its place, then a summary.
+    p.edit("etc/baton.toml", "command = []", r#"command = ["sh", "-c", "if grep -q BROKEN src/pyworker.py; then printf 'error: the source is broken\\n  --> src/pyworker.py:3:1\\nerror[E0425]: another\\nerror: could not compile `pyworker` due to 2 previous errors\\n' >&2; exit 2; fi"]"#);
     let d = Daemon::start(&p).await;
     d.wait_active(1).await;
     p.append("src/pyworker.py", "\n# BROKEN\n");
     let g2 = d.wait_history(2, "failed").await;
     let reason = g2.reason.expect("reason");
-    assert!(reason.contains("build failed: code 2"), "{reason}");
-    assert!(reason.contains("error: the source is broken"), "{reason}");
+    // The first error, where it is, and that there are more: not the
+    // summary, which says only that there were some.
+    assert_eq!(
+        reason,
+        "build failed: code 2: error: the source is broken at src/pyworker.py:3:1 (and 1 more error)"
+    );
+    // And where the rest is.
+    assert!(
+        d.log_shows("the build's output: batonctl logs -g 2 --build")
+            .await,
+        "{}",
+        d.log()
+    );
     let s = d.status().await;
     assert_eq!(s.active.as_ref().map(|a| a.id), Some(1));
     assert_eq!(whoami(d.addr).await.0, 1);
@@ -432,6 +444,52 @@ async fn batond_stopping_waits_for_a_start_a_deploy_overtook() {
         .output()
         .expect("pgrep");
     assert!(left.stdout.is_empty(), "left behind: {left:?}");
+}
+
+/// What a worker started in its process group gets the stop's grace too,
+/// as systemd gives a unit's remaining processes: SIGTERM, then SIGKILL
+/// only after `stop_timeout_s`. Here a helper that needs a second to
+/// finish after SIGTERM finishes: when its worker drains after a deploy,
+/// when its worker crashes, and when batond stops (it used to be killed
+/// the moment its worker exited).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workers_helpers_get_the_stop_grace_too() {
+    let p = Project::python("", "");
+    // The helper notes its SIGTERM, takes a second, then notes its end.
+    p.append(
+        "src/pyworker.py",
+        "\n# HELPER=trap 'echo term >> helper.log; sleep 1; echo done >> helper.log; exit 0' TERM; while :; do sleep 0.1; done\n",
+    );
+    let d = Daemon::start(&p).await;
+    d.active_pid(1).await;
+    let log = p.path("helper.log");
+    let finished = |n: usize| {
+        let log = log.clone();
+        async move {
+            for _ in 0..100 {
+                if read(&log).matches("done").count() >= n {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
+        }
+    };
+    // A deploy: generation 1 drains (no calls) and stops.
+    p.append("src/pyworker.py", "# v2\n");
+    d.active_pid(2).await;
+    assert!(finished(1).await, "{}", read(&p.path("helper.log")));
+    // A crash: generation 2's worker exits by itself.
+    let (_, pid2, _) = whoami(d.addr).await;
+    sigkill(pid2);
+    assert!(finished(2).await, "{}", read(&p.path("helper.log")));
+    d.wait_for("the restart", |s| {
+        s.state == "running" && s.active.as_ref().is_some_and(|a| a.restarts == 1)
+    })
+    .await;
+    // batond stops.
+    assert!(d.stop().await.success());
+    assert!(finished(3).await, "{}", read(&p.path("helper.log")));
 }
 
 /// A crash while a replacement of the same generation proves itself (here

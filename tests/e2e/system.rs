@@ -694,22 +694,31 @@ async fn a_log_reader_that_stalls_does_not_stop_the_daemon() {
     d.wait_active(1).await;
     let (code, _, body) = d.get("/whoami").await;
     assert_eq!(code, StatusCode::OK, "{body}");
-    // Deploys go through too. batond copies up to 1,000 lines a second of
-    // each worker's output into its own log: three generations' noise is
-    // more than the pipe and the log queue (2,048 lines) hold.
-    for g in 2..=3 {
+    // Deploys go through too. batond copies bursts of 2,000 lines of its
+    // workers' output into its own log, then 100 a second: each new
+    // generation's noise adds to what waits in the log queue (2,048 lines)
+    // until lines are dropped.
+    let mut body = String::new();
+    let mut dropped = 0u64;
+    for g in 2..=12 {
         d.deploy().await;
         assert_eq!(whoami(d.addr).await.0, g);
+        let (code, text) =
+            baton::control::client::call_text(&d.socket, http::Method::GET, "/metrics")
+                .await
+                .expect("metrics");
+        assert_eq!(code, StatusCode::OK);
+        body = text;
+        dropped = body
+            .lines()
+            .find_map(|l| l.strip_prefix("baton_log_lines_dropped_total "))
+            .and_then(|v| v.parse().ok())
+            .expect("baton_log_lines_dropped_total in /metrics");
+        if dropped > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let (code, body) = baton::control::client::call_text(&d.socket, http::Method::GET, "/metrics")
-        .await
-        .expect("metrics");
-    assert_eq!(code, StatusCode::OK);
-    let dropped: u64 = body
-        .lines()
-        .find_map(|l| l.strip_prefix("baton_log_lines_dropped_total "))
-        .and_then(|v| v.parse().ok())
-        .expect("baton_log_lines_dropped_total in /metrics");
     assert!(dropped > 0, "{body}");
     // worker.log kept all the noise: a burst of 500 KB is far less than
     // its queue holds.
