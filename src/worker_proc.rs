@@ -1418,10 +1418,30 @@ impl RotatingLog {
             return Err(std::io::Error::other(why.clone()));
         }
         let older = rotated(&self.path);
-        let rotated = match tokio::fs::rename(&self.path, &older).await {
-            Ok(()) => tokio::fs::File::create(&self.path).await,
-            Err(e) => Err(e),
-        };
+        // The new file is made under another name and renamed over the
+        // log, whose file stays on as `.1` (a second link): `worker.log`
+        // is there at every moment, for `batonctl logs` and `tail -F`.
+        let mut fresh = self.path.clone().into_os_string();
+        fresh.push(".new");
+        let fresh = PathBuf::from(fresh);
+        let rotated = async {
+            let f = tokio::fs::File::create(&fresh).await?;
+            match tokio::fs::remove_file(&older).await {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            if tokio::fs::hard_link(&self.path, &older).await.is_err() {
+                // A file system without hard links: moved, then the new
+                // one is put in its place.
+                tokio::fs::rename(&self.path, &older).await?;
+            }
+            tokio::fs::rename(&fresh, &self.path).await?;
+            Ok(f)
+        }
+        .await;
+        if rotated.is_err() {
+            let _ = tokio::fs::remove_file(&fresh).await;
+        }
         match rotated {
             Ok(f) => {
                 self.file = f;
@@ -1607,6 +1627,52 @@ mod tests {
         assert!(lines[0].len() <= MAX_LINE);
         assert_eq!(lines[..2].concat(), line);
         assert_eq!(lines[2], "next");
+    }
+
+    /// `worker.log` is there at every moment of a rotation: it is never
+    /// moved away (a reader between the move and a new file's creation
+    /// found none), only replaced by a rename onto it.
+    #[tokio::test]
+    async fn a_rotating_log_never_goes_missing() {
+        use notify::{EventKind, RecursiveMode, Watcher, event::ModifyKind, event::RenameMode};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("worker.log");
+        let file = tokio::fs::File::create(&path).await.expect("create");
+        let (events_tx, events) = std::sync::mpsc::channel();
+        let mut watcher = notify::recommended_watcher(events_tx).expect("watcher");
+        watcher
+            .watch(dir.path(), RecursiveMode::NonRecursive)
+            .expect("watch");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let writer = tokio::spawn(write_log(Ok(file), path.clone(), 1000, rx, queued.clone()));
+        let mut q = LogQueue::new(tx, queued.clone(), LOG_QUEUE_BYTES, "worker.log");
+        for i in 0..100 {
+            q.offer(format!("line {i:03} {}", "x".repeat(90)));
+        }
+        drop(q);
+        writer.await.expect("writer");
+        let mut rotations = 0;
+        while let Ok(e) = events.recv_timeout(Duration::from_millis(500)) {
+            let e = e.expect("event");
+            let gone = match e.kind {
+                EventKind::Remove(_) => e.paths.first() == Some(&path),
+                EventKind::Modify(ModifyKind::Name(RenameMode::From | RenameMode::Both)) => {
+                    e.paths.first() == Some(&path)
+                }
+                _ => false,
+            };
+            assert!(!gone, "worker.log went away: {e:?}");
+            if matches!(e.kind, EventKind::Modify(ModifyKind::Name(_)))
+                && e.paths.last() == Some(&path)
+            {
+                rotations += 1;
+            }
+        }
+        assert!(rotations >= 5, "{rotations} rotations seen");
+        let older = std::fs::read_to_string(dir.path().join("worker.log.1")).expect("worker.log.1");
+        assert!(older.ends_with('\n') && !older.is_empty(), "{older}");
+        assert!(!dir.path().join("worker.log.new").exists());
     }
 
     #[tokio::test]
