@@ -1006,7 +1006,12 @@ async fn pump(
             .map_or(0, |i| i + 1);
         let line = String::from_utf8_lossy(&buf[..end]).into_owned();
         let Some(generation) = generation else {
+            // A build's output: slowed down, never cut.
+            queue.room_for(&line).await;
             queue.offer(line);
+            if ended {
+                break;
+            }
             continue;
         };
         if let Some(w) = &words {
@@ -1176,6 +1181,20 @@ impl LogQueue {
         }
         if !self.send(line) {
             self.dropped += 1;
+        }
+    }
+
+    /// Waits until `line` fits in the queue (or the log file has failed):
+    /// for a build, whose output is slowed down rather than cut. The build
+    /// then blocks on its full pipe until `build.log` has caught up.
+    async fn room_for(&self, line: &str) {
+        let cost = line.len() + LINE_COST;
+        while self.tx.as_ref().is_some_and(|tx| !tx.is_closed())
+            && self.queued.load(Ordering::Relaxed) + cost > self.limit
+            // A line larger than the whole queue waits for an empty one.
+            && self.queued.load(Ordering::Relaxed) > 0
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 
@@ -1673,6 +1692,34 @@ mod tests {
         let older = std::fs::read_to_string(dir.path().join("worker.log.1")).expect("worker.log.1");
         assert!(older.ends_with('\n') && !older.is_empty(), "{older}");
         assert!(!dir.path().join("worker.log.new").exists());
+    }
+
+    /// A build that writes faster than `build.log` is written waits for
+    /// it: every line is kept (a worker's lines past the queue are dropped
+    /// and counted instead; a worker is never held up).
+    #[tokio::test]
+    async fn a_builds_output_is_slowed_down_never_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("build.log");
+        let file = tokio::fs::File::create(&path).await.expect("create");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let writer = tokio::spawn(write_log(
+            Ok(file),
+            path.clone(),
+            BUILD_LOG_MAX_BYTES,
+            rx,
+            queued.clone(),
+        ));
+        // Room for a few lines only.
+        let queue = LogQueue::new(tx, queued, 4 * (LINE_COST + 12), "build.log");
+        let input: String = (0..2_000).map(|i| format!("line {i:05}\n")).collect();
+        pump(input.as_bytes(), queue, None).await;
+        assert!(writer.await.expect("writer").is_none(), "lines unwritten");
+        let text = std::fs::read_to_string(&path).expect("build.log");
+        assert!(!text.contains("[batond:"), "lines were dropped");
+        assert_eq!(text.lines().count(), 2_000);
+        assert_eq!(text.lines().last(), Some("line 01999"));
     }
 
     #[tokio::test]
