@@ -90,13 +90,13 @@ pub async fn build(
             Ok(Ok(status)) => Err(format!("build failed: {}", process::describe(status))),
             Ok(Err(e)) => Err(format!("build failed: {e}")),
             Err(_) => {
-                process::stop(&mut child, Duration::from_secs(2)).await;
-                Err(format!("build timed out after {} s", cfg.build.timeout.as_secs()))
+                let killed = stopped_with_sigkill(&mut child).await;
+                Err(format!("build timed out after {} s{killed}", cfg.build.timeout.as_secs()))
             }
         },
         () = token.cancelled() => {
-            process::stop(&mut child, Duration::from_secs(2)).await;
-            Err("build cancelled: daemon stopping".to_string())
+            let killed = stopped_with_sigkill(&mut child).await;
+            Err(format!("build cancelled: daemon stopping{killed}"))
         }
     };
     record.clear();
@@ -110,7 +110,14 @@ pub async fn build(
     .await
     .ok()
     .flatten();
-    outcome.map_err(|r| {
+    // The file says why the build ended there, as the reason does (after
+    // the reason has quoted the build's own last words).
+    let stopped = outcome
+        .as_ref()
+        .err()
+        .filter(|r| r.starts_with("build timed out") || r.starts_with("build cancelled"))
+        .cloned();
+    let outcome = outcome.map_err(|r| {
         // An error line from the file or from what could not be written
         // to it (the file's first), else the last line of either.
         let (kept, lost) = (
@@ -130,7 +137,24 @@ pub async fn build(
             Some(u) => format!("{r} ({})", u.summary),
             None => r,
         }
-    })
+    });
+    if let Some(r) = stopped {
+        use std::io::Write;
+        let _ = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log_path)
+            .and_then(|mut f| writeln!(f, "[batond: {r}]"));
+    }
+    outcome
+}
+
+/// Stops a build (SIGTERM to its group, SIGKILL 2 s later) and says
+/// whether it took SIGKILL, for its reason.
+async fn stopped_with_sigkill(child: &mut Child) -> &'static str {
+    match process::stop(child, Duration::from_secs(2)).await {
+        Some((_, true)) => " (it ignored SIGTERM: killed)",
+        _ => "",
+    }
 }
 
 /// The last `max_bytes` of a file (a worker log can be large).

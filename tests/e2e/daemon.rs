@@ -3242,6 +3242,13 @@ async fn build_timeout_start_timeout_and_early_exit_are_rejected_with_reasons() 
     );
     let g = d.wait_history(2, "failed").await;
     assert_eq!(g.reason.as_deref(), Some("build timed out after 1 s"));
+    // build.log says so too.
+    assert!(
+        read(&p.path("state/gen-0002/build.log"))
+            .ends_with("[batond: build timed out after 1 s]\n"),
+        "{}",
+        read(&p.path("state/gen-0002/build.log"))
+    );
     // A worker that never answers.
     p.write(
         "etc/baton.toml",
