@@ -71,24 +71,6 @@ pub struct TwimlConnect {
     pub parameters: BTreeMap<String, String>,
 }
 
-/// What Twilio would find wrong with `body` as the next TwiML of a call
-/// (the answer to an `action` URL): not XML, or no `<Response>` root.
-pub fn next_twiml_problem(body: &[u8]) -> Option<String> {
-    let text = match std::str::from_utf8(body) {
-        Ok(t) if !t.trim().is_empty() => t,
-        Ok(_) => return Some("an empty answer, not TwiML".into()),
-        Err(e) => return Some(format!("the answer is not UTF-8: {e}")),
-    };
-    match roxmltree::Document::parse(text) {
-        Ok(doc) if doc.root_element().has_tag_name("Response") => None,
-        Ok(doc) => Some(format!(
-            "root element is <{}>, not <Response>",
-            doc.root_element().tag_name().name()
-        )),
-        Err(e) => Some(format!("the answer is not XML: {e}")),
-    }
-}
-
 /// Parses `<Response><Connect><Stream>` TwiML as XML and lists problems
 /// Twilio would have with it.
 pub fn check_twiml(xml: &str, allow_insecure_ws: bool) -> (TwimlConnect, Vec<String>) {
@@ -299,14 +281,11 @@ pub async fn run(opts: &WebhookOptions) -> Result<WebhookReport, CallsimError> {
         ("CallSid", &opts.call_sid),
         ("CallStatus", "in-progress"),
     ]);
-    let (parts, body) = post("/webhook/stream_ended", ended_form).await?;
+    let (parts, _) = post("/webhook/stream_ended", ended_form).await?;
     rep.stream_ended_status = parts.status.as_u16();
     if !parts.status.is_success() {
         rep.problems
             .push(format!("stream_ended answered {}", parts.status));
-    } else if let Some(problem) = next_twiml_problem(&body) {
-        // Twilio reads the action's answer as the call's next TwiML.
-        rep.problems.push(format!("stream_ended: {problem}"));
     }
     Ok(rep)
 }

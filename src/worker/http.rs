@@ -314,20 +314,10 @@ fn answer_hook(base: &str, hook: Hook, params: &[(String, String)]) -> Resp {
                 callStatus = get("CallStatus"),
                 "connect action: stream ended"
             );
-            // Twilio fetches `<Connect action>` for the call's next TwiML:
-            // the conversation is over, so it is a hang-up, said as TwiML
-            // (an empty answer is no TwiML document).
-            let mut r = Response::new(Full::new(Bytes::from_static(HANGUP_TWIML.as_bytes())));
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/xml"));
-            r
+            empty(StatusCode::NO_CONTENT)
         }
     }
 }
-
-/// The answer to `<Connect action>`: the call ends.
-pub const HANGUP_TWIML: &str =
-    "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Hangup/></Response>";
 
 /// The TwiML that connects a call to our Media Streams endpoint.
 pub fn twiml_connect(http_base: &str, call_sid: &str) -> String {
