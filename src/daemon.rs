@@ -334,6 +334,12 @@ pub async fn run(
     control_token.cancel();
     tracker.close();
     let _ = tokio::time::timeout(shutdown_grace, tracker.wait()).await;
+    // What the workers left in their groups has its grace (SIGTERM, then
+    // SIGKILL at `worker.stop_timeout_s`): each ends by its deadline, and
+    // an exit now would leave it running.
+    let ending = crate::process::ending_groups();
+    ending.close();
+    ending.wait().await;
     // Held until the control socket is gone: a daemon that starts next
     // binds its own, which this one must not remove.
     let lock = lock.await;

@@ -161,16 +161,13 @@ impl Child {
         Ok(status)
     }
 
-    /// Waits for the child to exit and reaps it; what is left of its group
-    /// is then ended as [`end_group`] does, with `grace`: what the child
-    /// started (a helper flushing a file) gets the time a stop gives.
+    /// Waits for the child to exit and reaps it; the rest of its group is
+    /// not touched (see [`end_group_by`]).
     ///
     /// # Errors
     /// The I/O error of `waitpid`.
-    pub async fn wait_then_end_group(&mut self, grace: Duration) -> std::io::Result<ExitStatus> {
-        let status = self.inner.wait().await?;
-        end_group(self.pid, grace).await;
-        Ok(status)
+    pub async fn wait_leader(&mut self) -> std::io::Result<ExitStatus> {
+        self.inner.wait().await
     }
 
     /// The child's exit status if it has already exited (then reaped),
@@ -194,41 +191,76 @@ pub fn signal_group(pgid: i32, sig: Signal) {
 
 /// How often a group that was sent SIGTERM is looked at to see whether
 /// all of it has exited.
-const GROUP_POLL: Duration = Duration::from_millis(20);
+const GROUP_POLL: Duration = Duration::from_millis(50);
 
-/// Whether process group `pgid` still has a process (a zombie not yet
-/// reaped by its parent counts).
+/// Whether process group `pgid` still has a live process. A zombie does
+/// not count: it has exited, and waits only for its parent to reap it
+/// (one that never does, or `batond` as PID 1 in a container, which the
+/// orphans of a worker's group are given to).
 fn group_alive(pgid: i32) -> bool {
-    pgid > 1 && !matches!(killpg(Pid::from_raw(pgid), None), Err(nix::Error::ESRCH))
+    if pgid <= 1 || matches!(killpg(Pid::from_raw(pgid), None), Err(nix::Error::ESRCH)) {
+        return false;
+    }
+    group_members(pgid).iter().any(|m| m.state != 'Z')
 }
 
-/// Waits until process group `pgid` is empty or `deadline` has passed;
-/// true when it is empty.
+/// Waits until process group `pgid` has no live process or `deadline` has
+/// passed; true when it has none.
 async fn group_gone_by(pgid: i32, deadline: tokio::time::Instant) -> bool {
     loop {
         if !group_alive(pgid) {
             return true;
         }
-        if tokio::time::Instant::now() >= deadline {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
             return false;
         }
-        tokio::time::sleep(GROUP_POLL.min(deadline - tokio::time::Instant::now())).await;
+        tokio::time::sleep(GROUP_POLL.min(deadline - now)).await;
     }
 }
 
 /// Ends what is left of process group `pgid` once its leader has exited,
-/// as systemd ends a unit's remaining processes: SIGTERM, then SIGKILL to
-/// those still there after `grace`. Returns whether SIGKILL was sent.
-pub async fn end_group(pgid: i32, grace: Duration) -> bool {
+/// as systemd ends a unit's remaining processes: SIGTERM (unless a stop
+/// sent it already: `term_sent`), then SIGKILL to those still there at
+/// `deadline`. Returns whether SIGKILL was sent.
+pub async fn end_group_by(pgid: i32, deadline: tokio::time::Instant, term_sent: bool) -> bool {
     if !group_alive(pgid) {
         return false;
     }
-    signal_group(pgid, Signal::SIGTERM);
-    if group_gone_by(pgid, tokio::time::Instant::now() + grace).await {
+    if !term_sent {
+        signal_group(pgid, Signal::SIGTERM);
+    }
+    if group_gone_by(pgid, deadline).await {
         return false;
     }
     signal_group(pgid, Signal::SIGKILL);
     true
+}
+
+/// The groups whose leader has exited and whose rest is being ended (see
+/// [`end_group_by`]): `batond` waits for them before it exits, which would
+/// otherwise leave them running.
+pub fn ending_groups() -> &'static tokio_util::task::TaskTracker {
+    static ENDING: std::sync::OnceLock<tokio_util::task::TaskTracker> = std::sync::OnceLock::new();
+    ENDING.get_or_init(tokio_util::task::TaskTracker::new)
+}
+
+/// Stops a child's process group leader: SIGTERM to the whole group,
+/// SIGKILL to it when the leader has not exited by `deadline`, then reaps
+/// the leader. Returns its exit status and whether SIGKILL was sent. The
+/// rest of the group is left to [`end_group_by`], with the same deadline.
+pub async fn stop_leader(
+    child: &mut Child,
+    deadline: tokio::time::Instant,
+) -> Option<(ExitStatus, bool)> {
+    child.signal(Signal::SIGTERM);
+    match tokio::time::timeout_at(deadline, child.inner.wait()).await {
+        Ok(r) => r.ok().map(|s| (s, false)),
+        Err(_) => {
+            child.signal(Signal::SIGKILL);
+            child.wait().await.ok().map(|s| (s, true))
+        }
+    }
 }
 
 /// Stops a child: SIGTERM to its group, SIGKILL after `grace`, then reaps.
@@ -238,19 +270,9 @@ pub async fn end_group(pgid: i32, grace: Duration) -> bool {
 /// status and whether SIGKILL was sent to it.
 pub async fn stop(child: &mut Child, grace: Duration) -> Option<(ExitStatus, bool)> {
     let deadline = tokio::time::Instant::now() + grace;
-    child.signal(Signal::SIGTERM);
-    match tokio::time::timeout_at(deadline, child.inner.wait()).await {
-        Ok(r) => {
-            if !group_gone_by(child.pid, deadline).await {
-                child.signal(Signal::SIGKILL);
-            }
-            r.ok().map(|s| (s, false))
-        }
-        Err(_) => {
-            child.signal(Signal::SIGKILL);
-            child.wait().await.ok().map(|s| (s, true))
-        }
-    }
+    let stopped = stop_leader(child, deadline).await;
+    end_group_by(child.pid, deadline, true).await;
+    stopped
 }
 
 /// Whether a child that [`stop`] ended (`killed`: it sent SIGKILL) ended
@@ -403,6 +425,8 @@ fn start_time(pid: i32) -> Option<u64> {
 /// What `/proc/PID/stat` says of a process that matters here.
 #[derive(Debug, Clone, Copy)]
 struct Stat {
+    /// `R`, `S`, `Z` (a zombie), ...
+    state: char,
     ppid: i32,
     pgrp: i32,
     session: i32,
@@ -414,6 +438,7 @@ fn stat_of(pid: i32) -> Option<Stat> {
     // After the command in parentheses: state, ppid, pgrp, session, ...
     let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
     Some(Stat {
+        state: fields.first()?.chars().next()?,
         ppid: fields.get(1)?.parse().ok()?,
         pgrp: fields.get(2)?.parse().ok()?,
         session: fields.get(3)?.parse().ok()?,

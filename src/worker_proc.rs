@@ -117,13 +117,14 @@ pub async fn build(
         .err()
         .filter(|r| r.starts_with("build timed out") || r.starts_with("build cancelled"))
         .cloned();
+    let kept = match &outcome {
+        Err(_) => build_quote(&log_path).await,
+        Ok(()) => None,
+    };
     let outcome = outcome.map_err(|r| {
         // An error line from the file or from what could not be written
         // to it (the file's first), else the last line of either.
-        let (kept, lost) = (
-            build_quote(&log_path),
-            unwritten.as_ref().and_then(|u| u.quote.clone()),
-        );
+        let lost = unwritten.as_ref().and_then(|u| u.quote.clone());
         let quote = match (kept, lost) {
             (Some(k), _) if is_error_line(&k) => Some(k),
             (_, Some(l)) if is_error_line(&l) => Some(l),
@@ -213,48 +214,97 @@ pub fn tail_lines(
     Ok((floor, len, if floor < len { found + 1 } else { 0 }))
 }
 
-/// What a failed build's reason quotes from its log (see [`build_quote_of`]).
-fn build_quote(path: &Path) -> Option<String> {
-    const TAIL: u64 = 64 * 1024;
-    let tail = read_tail(path, TAIL).ok()?;
-    let whole = std::fs::metadata(path).is_ok_and(|m| m.len() <= TAIL);
-    build_quote_of(&String::from_utf8_lossy(&tail), whole)
+/// What a failed build's reason quotes from its log (see [`BuildErrors`]),
+/// read from its start line by line (a log of megabytes is never held
+/// whole: freed, such a buffer would stay in `batond`'s heap).
+async fn build_quote(path: &Path) -> Option<String> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let f = std::fs::File::open(&path).ok()?;
+        let mut errors = BuildErrors::default();
+        for line in std::io::BufReader::with_capacity(64 << 10, f).split(b'\n') {
+            errors.line(&String::from_utf8_lossy(&line.ok()?));
+        }
+        errors.quote()
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
-/// What a failed build's reason quotes from the end of its log (`whole`:
-/// the log from its start; else its first line may be cut): the first
-/// error there that is not a summary (cargo's `could not compile`,
+/// What a failed build's reason quotes, from its output line by line: the
+/// first error that is not a summary (cargo's `could not compile`,
 /// rustc's `aborting due to`), with the place rustc names on a ` --> `
 /// line below it, and how many errors follow; else what [`quotable`]
-/// picks. The first error is the one to fix first: the summary that
+/// would pick. The first error is the one to fix first; the summary that
 /// comes last says only that there were some.
-fn build_quote_of(text: &str, whole: bool) -> Option<String> {
-    let lines: Vec<&str> = text
-        .lines()
-        .skip(usize::from(!whole))
-        .map(str::trim)
-        .collect();
-    let summary = |l: &str| l.contains("could not compile") || l.contains("aborting due to");
-    let errors: Vec<usize> = (0..lines.len())
-        .filter(|&i| is_error_line(lines[i]) && !summary(lines[i]))
-        .collect();
-    let Some(&first) = errors.first() else {
-        return quotable(text);
-    };
-    let mut quote: String = lines[first].chars().take(240).collect();
-    if let Some(place) = lines[first + 1..]
-        .iter()
-        .take(3)
-        .find_map(|l| l.strip_prefix("--> "))
-    {
-        quote = format!("{quote} at {}", place.chars().take(200).collect::<String>());
+#[derive(Debug, Default)]
+struct BuildErrors {
+    first: Option<String>,
+    /// Lines read since the first error, while its place may still come.
+    after_first: usize,
+    count: usize,
+    last_error: Option<String>,
+    last: Option<String>,
+}
+
+impl BuildErrors {
+    fn line(&mut self, line: &str) {
+        let line = line.trim();
+        if line.is_empty() {
+            return;
+        }
+        if let Some(first) = &mut self.first
+            && self.after_first < 3
+        {
+            self.after_first += 1;
+            if let Some(place) = line.strip_prefix("--> ") {
+                let place: String = place.chars().take(200).collect();
+                *first = format!("{first} at {place}");
+                self.after_first = 3;
+            }
+        }
+        let clipped = || line.chars().take(240).collect::<String>();
+        if is_build_error(line) {
+            if line.contains("could not compile") || line.contains("aborting due to") {
+                self.last_error = Some(clipped());
+            } else {
+                self.count += 1;
+                if self.first.is_none() {
+                    self.first = Some(clipped());
+                }
+            }
+        }
+        self.last = Some(clipped());
     }
-    match errors.len() - 1 {
-        0 => {}
-        1 => quote.push_str(" (and 1 more error)"),
-        n => quote.push_str(&format!(" (and {n} more errors)")),
+
+    fn quote(self) -> Option<String> {
+        let Some(mut first) = self.first else {
+            return self.last_error.or(self.last);
+        };
+        match self.count - 1 {
+            0 => {}
+            1 => first.push_str(" (and 1 more error)"),
+            n => first.push_str(&format!(" (and {n} more errors)")),
+        }
+        Some(first)
     }
-    Some(quote)
+}
+
+/// Whether a build's output line reports an error: rustc's and cargo's
+/// `error:`/`error[E0425]:`, a compiler's `file:line:col: error:`, a
+/// `fatal error:`. Not a line of source rustc shows around an error
+/// (`2 |     let error: u32 = 5;`) nor a warning that names one.
+fn is_build_error(l: &str) -> bool {
+    if l.starts_with("error") || l.starts_with("fatal error") {
+        return true;
+    }
+    // `PLACE: error: ...`, where PLACE is one word (a path and position).
+    [": error:", ": fatal error:"].iter().any(|tag| {
+        l.split_once(tag)
+            .is_some_and(|(place, _)| !place.is_empty() && !place.contains(char::is_whitespace))
+    })
 }
 
 /// What one instance of a worker wrote that a failed start quotes: its
@@ -762,48 +812,68 @@ pub async fn start(
         let grace = cfg.worker.stop_timeout;
         let (generation, instance) = (launch.generation, launch.instance);
         let endpoint = endpoint.clone();
+        let pid = child.pid();
         tokio::spawn(async move {
+            // When a stop's SIGTERM went out: what the worker left in its
+            // group has until the same deadline.
+            let mut stopped_by = None;
             let exit = tokio::select! {
-                // What the worker started and left in its group gets the
-                // stop's grace too (SIGTERM, then SIGKILL), as systemd
-                // gives a unit's remaining processes.
-                r = child.wait_then_end_group(grace) => Exit {
+                r = child.wait_leader() => Exit {
                     status: r.map_or_else(|e| e.to_string(), process::describe),
                     requested: false,
                 },
                 // A worker that died just before it was asked to stop (its
                 // calls ended with it, which made it idle) was not stopped.
                 () = stop.cancelled() => match child.exited() {
-                    Some(status) => {
-                        process::end_group(child.pid(), grace).await;
-                        Exit {
-                            status: process::describe(status),
-                            requested: false,
+                    Some(status) => Exit {
+                        status: process::describe(status),
+                        requested: false,
+                    },
+                    None => {
+                        let deadline = tokio::time::Instant::now() + grace;
+                        stopped_by = Some(deadline);
+                        match process::stop_leader(&mut child, deadline).await {
+                            Some((status, killed)) => Exit {
+                                status: process::describe(status),
+                                requested: process::stopped_by_us(status, killed),
+                            },
+                            None => Exit {
+                                status: "unknown".into(),
+                                requested: true,
+                            },
                         }
                     }
-                    None => match process::stop(&mut child, grace).await {
-                        Some((status, killed)) => Exit {
-                            status: process::describe(status),
-                            requested: process::stopped_by_us(status, killed),
-                        },
-                        None => Exit {
-                            status: "unknown".into(),
-                            requested: true,
-                        },
-                    },
                 },
             };
-            // The group is gone: what the worker left in it was ended.
-            record.clear();
-            endpoint.remove_file();
-            // The worker's own port is free for others only now.
-            drop(reservation);
+            // Said at once: a crash restart, a candidate's rejection or a
+            // drain's end does not wait for what the worker left behind.
             let _ = exit_tx.send(Some(exit.clone()));
             let _ = events.send(WorkerEvent::Exited {
                 generation,
                 instance,
                 exit,
             });
+            // What the worker started and left in its group gets the
+            // grace a stop gives (SIGTERM, then SIGKILL at
+            // `stop_timeout_s`), as systemd gives a unit's remaining
+            // processes; batond waits for it before it exits.
+            process::ending_groups()
+                .track_future(async move {
+                    match stopped_by {
+                        Some(deadline) => process::end_group_by(pid, deadline, true).await,
+                        None => {
+                            let deadline = tokio::time::Instant::now() + grace;
+                            process::end_group_by(pid, deadline, false).await
+                        }
+                    };
+                    // The group is gone: its record goes, and the socket
+                    // and port it may have held are free for others only
+                    // now.
+                    record.clear();
+                    endpoint.remove_file();
+                    drop(reservation);
+                })
+                .await;
         });
     }
     let inst = Instance {
@@ -1874,11 +1944,22 @@ mod tests {
         assert_eq!((0..150).filter(|_| b.take(t3)).count(), 20);
     }
 
+    fn build_quote_of(text: &str) -> Option<String> {
+        let mut errors = BuildErrors::default();
+        for line in text.lines() {
+            errors.line(line);
+        }
+        errors.quote()
+    }
+
     #[test]
     fn a_failed_builds_first_error_is_quoted_with_its_place() {
         let cargo = "   Compiling baton v0.1.0 (/src)
-warning: unused variable: `x`
- --> src/a.rs:1:5
+warning: unused variable: `error`
+ --> src/a.rs:2:9
+  |
+2 |     let error: u32 = 5;
+  |         ^^^^^ help: prefix it with an underscore: `_error`
 error: expected `,`, found `+`
    --> src/worker/mod.rs:240:47
     |
@@ -1889,31 +1970,39 @@ error[E0425]: cannot find value `y` in this scope
 error: could not compile `baton` (lib) due to 2 previous errors
 ";
         assert_eq!(
-            build_quote_of(cargo, true).as_deref(),
+            build_quote_of(cargo).as_deref(),
             Some("error: expected `,`, found `+` at src/worker/mod.rs:240:47 (and 1 more error)")
         );
-        // A tail cut inside a line: that piece is not quoted.
-        let cut = "rror: half a line\nerror: one\n";
-        assert_eq!(build_quote_of(cut, false).as_deref(), Some("error: one"));
-        // No error line but the summary: the summary, as before.
+        // The first of many, however far back.
+        let many: String = (1..=400)
+            .map(|i| {
+                format!(
+                    "error[E0425]: number {i}\n --> src/x.rs:{i}:1\n{}\n",
+                    "x".repeat(300)
+                )
+            })
+            .collect();
         assert_eq!(
-            build_quote_of("x\nerror: could not compile `a`\n", true).as_deref(),
+            build_quote_of(&many).as_deref(),
+            Some("error[E0425]: number 1 at src/x.rs:1:1 (and 399 more errors)")
+        );
+        // No error line but the summary: the summary.
+        assert_eq!(
+            build_quote_of("x\nerror: could not compile `a`\nafter\n").as_deref(),
             Some("error: could not compile `a`")
         );
         // No error at all: the last line.
+        assert_eq!(build_quote_of("a\nstopped\n").as_deref(), Some("stopped"));
+        // gcc's shape names its place itself; make's summary is no error.
         assert_eq!(
-            build_quote_of("a\nstopped\n", true).as_deref(),
-            Some("stopped")
-        );
-        // gcc's shape names its place itself.
-        assert_eq!(
-            build_quote_of(
-                "cc -c x.c\nx.c:3:1: error: expected ';'\nmake: *** [all] Error 1\n",
-                true
-            )
-            .as_deref(),
+            build_quote_of("cc -c x.c\nx.c:3:1: error: expected ';'\nmake: *** [all] Error 1\n")
+                .as_deref(),
             Some("x.c:3:1: error: expected ';'")
         );
+        // A line that only mentions the word is none.
+        assert!(!is_build_error("2 |     let error: u32 = 5;"));
+        assert!(!is_build_error("note: see error: below"));
+        assert!(is_build_error("main.c:1: fatal error: x.h: No such file"));
     }
 
     #[test]

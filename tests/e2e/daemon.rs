@@ -492,6 +492,61 @@ async fn a_workers_helpers_get_the_stop_grace_too() {
     assert!(finished(3).await, "{}", read(&p.path("helper.log")));
 }
 
+/// A worker's exit is seen at once even when what it left in its group
+/// ignores SIGTERM and lives out the grace: a crash is restarted, and a
+/// candidate that exits is rejected with its exit status, while that
+/// helper is still there (they used to wait for the group to be empty:
+/// 503s for `stop_timeout_s`, and "start timeout" for a candidate that
+/// had exited). batond's stop still waits for the helper's SIGKILL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workers_exit_is_seen_before_its_stubborn_helper_is_gone() {
+    let p = Project::python("", "");
+    p.edit(
+        "etc/baton.toml",
+        "stop_timeout_s = 2\n",
+        "stop_timeout_s = 6\n",
+    );
+    p.append(
+        "src/pyworker.py",
+        "\n# HELPER=echo $$ > helper1.pid; trap '' TERM; while :; do sleep 0.1; done\n",
+    );
+    let pid_in = |name: &str| -> u32 { read(&p.path(name)).trim().parse().expect("a pid") };
+    let d = Daemon::start(&p).await;
+    let pid1 = d.active_pid(1).await;
+    for _ in 0..100 {
+        if !read(&p.path("helper1.pid")).trim().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let helper1 = pid_in("helper1.pid");
+    sigkill(pid1);
+    d.wait_for("the crash restart", |s| {
+        s.state == "running" && s.active.as_ref().is_some_and(|a| a.restarts == 1)
+    })
+    .await;
+    assert!(alive(helper1), "the restart waited for the helper's end");
+    assert!(wait_gone(helper1).await, "the helper outlived its grace");
+    // A candidate that exits at once, leaving such a helper.
+    p.write(
+        "fail.sh",
+        "sh -c 'echo $$ > helper2.pid; trap \"\" TERM; while :; do sleep 0.1; done' &\nsleep 0.3\necho 'failing on purpose' >&2\nexit 1\n",
+    );
+    p.edit(
+        "etc/baton.toml",
+        r#"command = ["python3", "{artifact}"]"#,
+        r#"command = ["sh", "fail.sh"]"#,
+    );
+    let g2 = d.wait_history(2, "rejected").await;
+    let reason = g2.reason.expect("reason");
+    assert!(reason.contains("exited with status code 1"), "{reason}");
+    let helper2 = pid_in("helper2.pid");
+    assert!(alive(helper2), "the rejection waited for the helper's end");
+    // batond's stop waits for the helper's grace to end it.
+    assert!(d.stop().await.success());
+    assert!(wait_gone(helper2).await, "the helper outlived batond");
+}
+
 /// A crash while a replacement of the same generation proves itself (here
 /// asked for with `batonctl restart`) starts no second process: the
 /// replacement takes over.
