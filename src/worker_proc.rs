@@ -321,6 +321,9 @@ pub struct LastWords {
     ended: tokio::sync::Notify,
     /// (last non-empty line, last error line)
     lines: std::sync::Mutex<(Option<String>, Option<String>)>,
+    /// The instance's budget of lines copied into `batond`'s own log, for
+    /// its stdout and stderr together (see [`COPIED_LINES_PER_S`]).
+    copied: std::sync::Mutex<Tokens>,
 }
 
 impl LastWords {
@@ -1112,7 +1115,9 @@ async fn pump(
             w.note(&line);
         }
         let now = Instant::now();
-        let taken = COPY_BUDGET.lock().is_ok_and(|mut b| b.take(now));
+        let taken = words
+            .as_ref()
+            .is_some_and(|w| w.copied.lock().is_ok_and(|mut b| b.take(now)));
         match shown.line(now, taken) {
             Some(0) => tracing::info!(target: "worker", generation, "[gen {generation}] {line}"),
             Some(skipped) => {
@@ -1133,32 +1138,37 @@ async fn pump(
     }
 }
 
-/// Worker output lines copied into `batond`'s own log, over all workers
-/// and their streams: bursts of [`COPIED_BURST`], then this many a second;
-/// past that, lines go to `worker.log` only and the log says how many it
-/// skipped. Formatting a log line costs far more than queueing it for
-/// `worker.log`, so a worker that floods its output would otherwise take
-/// the runtime thread's time from traffic. And under systemd the log goes
-/// to the journal, which takes 10,000 messages per 30 s from a unit by
-/// default and drops the rest, `batond`'s own included, until the 30 s
-/// are over: a chatty worker leaves most of that to `batond`.
-const COPIED_LINES_PER_S: u32 = 100;
+/// Worker output lines copied into `batond`'s own log, per worker process
+/// (its stdout and stderr together): bursts of [`COPIED_BURST`], then this
+/// many a second; past that, lines go to `worker.log` only and the log
+/// says how many it skipped. Formatting a log line costs far more than
+/// queueing it for `worker.log`, so a worker that floods its output would
+/// otherwise take the runtime thread's time from traffic. And under
+/// systemd the log goes to the journal, which takes 10,000 messages per
+/// 30 s from a unit by default and drops the rest, `batond`'s own
+/// included, until the 30 s are over: a chatty worker leaves most of that
+/// to `batond`. Each process has its own budget, so one that floods does
+/// not take the lines of another (a failing candidate's last words).
+const COPIED_LINES_PER_S: u32 = 50;
 /// The burst of [`COPIED_LINES_PER_S`]: a worker's start-up and a crash's
 /// last words are copied whole.
-const COPIED_BURST: u32 = 2000;
+const COPIED_BURST: u32 = 1000;
 /// How often, at most, a stream's skipped lines are noted in the log.
 const SKIPPED_NOTE_EVERY: Duration = Duration::from_secs(1);
 
-/// The budget all worker streams copy their lines into `batond`'s log from.
-static COPY_BUDGET: std::sync::Mutex<Tokens> =
-    std::sync::Mutex::new(Tokens::new(COPIED_LINES_PER_S, COPIED_BURST));
-
 /// A token bucket: `per_s` tokens a second, bursts of `burst`.
+#[derive(Debug)]
 struct Tokens {
     per_s: f64,
     burst: f64,
     tokens: f64,
     last: Option<Instant>,
+}
+
+impl Default for Tokens {
+    fn default() -> Self {
+        Tokens::new(COPIED_LINES_PER_S, COPIED_BURST)
+    }
 }
 
 impl Tokens {

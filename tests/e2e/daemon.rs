@@ -547,6 +547,40 @@ async fn a_workers_exit_is_seen_before_its_stubborn_helper_is_gone() {
     assert!(wait_gone(helper2).await, "the helper outlived batond");
 }
 
+/// One worker that floods its output does not take the lines another
+/// copies into batond's log: a failing candidate's last words are there
+/// whole while the active worker floods (each process has a budget of its
+/// own; the flood's are counted, and all are in its worker.log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_worker_does_not_silence_a_failing_candidate() {
+    let p = Project::python("", "");
+    p.append(
+        "src/pyworker.py",
+        "\n# HELPER=while :; do echo flood-line; done\n",
+    );
+    let d = Daemon::start(&p).await;
+    d.active_pid(1).await;
+    // The flood has used its budget up.
+    assert!(d.log_shows("lines not copied here").await, "{}", d.log());
+    p.write(
+        "fail.sh",
+        "for i in 1 2 3 4 5 6 7 8 9 10; do echo \"last words $i\"; done\nexit 1\n",
+    );
+    p.edit(
+        "etc/baton.toml",
+        r#"command = ["python3", "{artifact}"]"#,
+        r#"command = ["sh", "fail.sh"]"#,
+    );
+    d.wait_history(2, "rejected").await;
+    for i in 1..=10 {
+        assert!(
+            d.log_shows(&format!("[gen 2] last words {i}")).await,
+            "line {i} missing"
+        );
+    }
+    assert!(d.stop().await.success());
+}
+
 /// A crash while a replacement of the same generation proves itself (here
 /// asked for with `batonctl restart`) starts no second process: the
 /// replacement takes over.

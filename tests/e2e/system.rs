@@ -694,8 +694,8 @@ async fn a_log_reader_that_stalls_does_not_stop_the_daemon() {
     d.wait_active(1).await;
     let (code, _, body) = d.get("/whoami").await;
     assert_eq!(code, StatusCode::OK, "{body}");
-    // Deploys go through too. batond copies bursts of 2,000 lines of its
-    // workers' output into its own log, then 100 a second: each new
+    // Deploys go through too. batond copies bursts of 1,000 lines of each
+    // worker's output into its own log, then 50 a second: each new
     // generation's noise adds to what waits in the log queue (2,048 lines)
     // until lines are dropped.
     let mut body = String::new();
