@@ -179,7 +179,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let shim = std::env::current_exe().context("cannot find batond's own executable")?;
+    // The shim is this very executable, as it runs: `/proc/self/exe` stays
+    // it when the file is replaced (an upgrade, a `cargo build` of batond
+    // itself), where its path would then name another program.
+    let shim = match std::path::Path::new("/proc/self/exe") {
+        p if p.exists() => p.to_path_buf(),
+        _ => std::env::current_exe().context("cannot find batond's own executable")?,
+    };
     // One thread serves the proxy as fast as nginx's one worker process on
     // this kind of machine, with one malloc arena and no cross-thread wakeups.
     let rt = match cfg.daemon.threads {

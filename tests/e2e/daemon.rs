@@ -581,6 +581,34 @@ async fn a_flooding_worker_does_not_silence_a_failing_candidate() {
     assert!(d.stop().await.success());
 }
 
+/// batond starts its workers and builds through its own executable as it
+/// runs, not through the file it was started from: replaced by another
+/// program (an upgrade installed before the restart, a rebuild of batond),
+/// deploys and restarts go on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_batond_executable_does_not_break_its_workers() {
+    let p = Project::python("", "");
+    let copy = p.path("bin/batond");
+    std::fs::create_dir_all(p.path("bin")).expect("bin");
+    let script = format!(
+        "cp \"$0\" '{}' && exec '{}' \"$@\"",
+        copy.display(),
+        copy.display()
+    );
+    let d = Daemon::start_wrapped(&p, &["sh", "-c", &script], std::process::Stdio::null()).await;
+    d.active_pid(1).await;
+    // The file is replaced by a program that is no batond.
+    let other = p.path("bin/other");
+    std::fs::write(&other, "#!/bin/sh\nexit 127\n").expect("write");
+    std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    std::fs::rename(&other, &copy).expect("replace");
+    p.append("src/pyworker.py", "# v2\n");
+    d.active_pid(2).await;
+    assert_eq!(whoami(d.addr).await.0, 2);
+    assert!(d.stop().await.success());
+}
+
 /// A crash while a replacement of the same generation proves itself (here
 /// asked for with `batonctl restart`) starts no second process: the
 /// replacement takes over.
