@@ -78,7 +78,8 @@ struct WebhookArgs {
     /// Worker base URL, e.g. http://127.0.0.1:8081.
     #[arg(long)]
     base: String,
-    /// Public base URL that Twilio signs (default: --base).
+    /// Public base URL that Twilio signs (default: --base); the requests
+    /// then carry X-Forwarded-Proto and -Host for it, as a TLS proxy's do.
     #[arg(long)]
     public_url: Option<String>,
     /// Sign the webhooks with this Twilio auth token.

@@ -19,7 +19,9 @@ use crate::worker::http::encode_form;
 pub struct WebhookOptions {
     /// Where the worker is (`http://127.0.0.1:PORT`).
     pub base: String,
-    /// The public base Twilio would use (what gets signed); defaults to `base`.
+    /// The public base Twilio would use (what gets signed); defaults to
+    /// `base`. When given, the requests also carry `X-Forwarded-Proto` and
+    /// `X-Forwarded-Host` for it, as the TLS proxy in front would send.
     pub public_url: Option<String>,
     /// Sign requests with this token.
     pub auth_token: Option<String>,
@@ -192,15 +194,27 @@ pub async fn run(opts: &WebhookOptions) -> Result<WebhookReport, CallsimError> {
         ("Direction", "inbound"),
         ("ApiVersion", "2010-04-01"),
     ]);
+    // What the TLS proxy in front says of the public URL.
+    let forwarded = opts.public_url.as_deref().and_then(|u| {
+        let (scheme, rest) = u.split_once("://")?;
+        let host = rest.split('/').next().filter(|h| !h.is_empty())?;
+        Some((scheme.to_string(), host.to_string()))
+    });
     let post = |path: &'static str, form: Vec<(String, String)>| {
         let client = client.clone();
         let url = format!("{base}{path}");
         let signed_url = format!("{public}{path}");
         let token = opts.auth_token.clone();
+        let forwarded = forwarded.clone();
         async move {
             let mut req = Request::post(&url)
                 .header("content-type", "application/x-www-form-urlencoded")
                 .header("user-agent", "TwilioProxy/1.1 (callsim)");
+            if let Some((scheme, host)) = &forwarded {
+                req = req
+                    .header("x-forwarded-proto", scheme.as_str())
+                    .header("x-forwarded-host", host.as_str());
+            }
             if let Some(t) = token {
                 req = req.header(
                     "x-twilio-signature",

@@ -780,6 +780,33 @@ async fn worker_audio_runs_no_further_ahead_than_the_pacing_lead() {
     assert!((100.0..=212.0).contains(&lead), "max lead {lead} ms");
 }
 
+both!(callsim_checks_a_worker_behind_a_tls_proxy_as_twilio_reaches_it);
+/// `callsim webhook --public-url` against a worker that takes its public
+/// URL from the headers of the TLS proxy in front (no `public_url` in its
+/// config): callsim sends those headers as the proxy would, so the
+/// signatures check out (it used to sign the public URL but send none,
+/// and got 403 from a worker set up right).
+async fn callsim_checks_a_worker_behind_a_tls_proxy_as_twilio_reaches_it(mode: Mode) {
+    let w = Worker::start_in(mode, "", &[("TWILIO_AUTH_TOKEN", "secret")]).await;
+    let base = format!("http://{}", w.addr);
+    let (ok, out) = callsim(&[
+        "webhook",
+        "--base",
+        &base,
+        "--public-url",
+        "https://voice.example.com",
+        "--auth-token",
+        "secret",
+        "--json",
+    ])
+    .await;
+    assert!(ok, "{out}");
+    let v: Value = serde_json::from_str(&out).expect("report");
+    assert_eq!(v["incoming_call_status"], 200, "{out}");
+    assert_eq!(v["stream_status_status"], 204, "{out}");
+    assert_eq!(v["stream_url"], "wss://voice.example.com/ws/twilio-media");
+}
+
 both!(worker_webhooks_answer_twiml_that_parses_as_xml);
 async fn worker_webhooks_answer_twiml_that_parses_as_xml(mode: Mode) {
     let w = Worker::start_in(mode, "", &[]).await;
