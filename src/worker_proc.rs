@@ -1544,8 +1544,11 @@ impl RotatingLog {
         // The new file is made under another name and renamed over the
         // log, whose file stays on as `.1` (a second link): `worker.log`
         // is there at every moment, for `batonctl logs` and `tail -F`.
+        // A name of its own: two instances of a generation write the same
+        // log, each through its own writer, and may rotate at once.
+        static FRESH: AtomicUsize = AtomicUsize::new(0);
         let mut fresh = self.path.clone().into_os_string();
-        fresh.push(".new");
+        fresh.push(format!(".new{}", FRESH.fetch_add(1, Ordering::Relaxed)));
         let fresh = PathBuf::from(fresh);
         let rotated = async {
             let f = tokio::fs::File::create(&fresh).await?;
@@ -1795,7 +1798,13 @@ mod tests {
         assert!(rotations >= 5, "{rotations} rotations seen");
         let older = std::fs::read_to_string(dir.path().join("worker.log.1")).expect("worker.log.1");
         assert!(older.ends_with('\n') && !older.is_empty(), "{older}");
-        assert!(!dir.path().join("worker.log.new").exists());
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy().contains(".new"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     /// A build that writes faster than `build.log` is written waits for
