@@ -789,22 +789,29 @@ both!(callsim_checks_a_worker_behind_a_tls_proxy_as_twilio_reaches_it);
 async fn callsim_checks_a_worker_behind_a_tls_proxy_as_twilio_reaches_it(mode: Mode) {
     let w = Worker::start_in(mode, "", &[("TWILIO_AUTH_TOKEN", "secret")]).await;
     let base = format!("http://{}", w.addr);
-    let (ok, out) = callsim(&[
-        "webhook",
-        "--base",
-        &base,
-        "--public-url",
-        "https://voice.example.com",
-        "--auth-token",
-        "secret",
-        "--json",
-    ])
-    .await;
+    let (ok, out, v) = signed_webhooks(&base, "secret").await;
     assert!(ok, "{out}");
-    let v: Value = serde_json::from_str(&out).expect("report");
     assert_eq!(v["incoming_call_status"], 200, "{out}");
     assert_eq!(v["stream_status_status"], 204, "{out}");
     assert_eq!(v["stream_url"], "wss://voice.example.com/ws/twilio-media");
+}
+
+/// `callsim webhook` at `base`, signed with `token` for the public URL
+/// `https://voice.example.com`: whether it passed, its output, its report.
+async fn signed_webhooks(base: &str, token: &str) -> (bool, String, Value) {
+    let (ok, out) = callsim(&[
+        "webhook",
+        "--base",
+        base,
+        "--public-url",
+        "https://voice.example.com",
+        "--auth-token",
+        token,
+        "--json",
+    ])
+    .await;
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("report: {e}: {out}"));
+    (ok, out, v)
 }
 
 both!(worker_webhooks_answer_twiml_that_parses_as_xml);
@@ -894,35 +901,13 @@ async fn worker_checks_twilio_signatures_on_webhooks_and_upgrade(mode: Mode) {
     let want = sha256_file(MEDIA_WORKER);
     let base = format!("http://{}", w.addr);
 
-    let (ok, out) = callsim(&[
-        "webhook",
-        "--base",
-        &base,
-        "--public-url",
-        "https://voice.example.com",
-        "--auth-token",
-        "secret",
-        "--json",
-    ])
-    .await;
+    let (ok, out, v) = signed_webhooks(&base, "secret").await;
     assert!(ok, "{out}");
-    let v: Value = serde_json::from_str(&out).expect("report");
     assert_eq!(v["stream_url"], "wss://voice.example.com/ws/twilio-media");
 
     for token in ["from-file", "wrong"] {
-        let (ok, out) = callsim(&[
-            "webhook",
-            "--base",
-            &base,
-            "--public-url",
-            "https://voice.example.com",
-            "--auth-token",
-            token,
-            "--json",
-        ])
-        .await;
+        let (ok, out, v) = signed_webhooks(&base, token).await;
         assert!(!ok, "{out}");
-        let v: Value = serde_json::from_str(&out).expect("report");
         assert_eq!(v["incoming_call_status"], 403);
         assert_eq!(v["stream_status_status"], 403);
     }
