@@ -224,10 +224,17 @@ pub async fn run(
         });
     }
     let lock = lock_state_dir(&state_dir)?;
-    for (pgid, what) in GroupRecord::reap_stale(&state_dir) {
+    let reaped = GroupRecord::reap_stale(&state_dir);
+    for (pgid, what) in reaped.killed {
         tracing::warn!(
             pgid,
             "killed what was left of a {what} from a previous daemon (process group {pgid})"
+        );
+    }
+    for (pgid, what) in reaped.left {
+        tracing::info!(
+            pgid,
+            "a previous daemon's {what} was process group {pgid}; that number now belongs to other processes, left alone"
         );
     }
     let control_listener = control::server::bind(&cfg.daemon.control_socket)?;

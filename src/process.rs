@@ -358,13 +358,14 @@ impl GroupRecord {
     /// handed out again while a process group of that number has members,
     /// so such a group is a reused one only if the recorded one died out
     /// and its number came round again, which the session and start times
-    /// tell. A pid now used by another process is left alone.
-    pub fn reap_stale(state_dir: &Path) -> Vec<(i32, String)> {
+    /// tell. A pid now used by another process is left alone, and named
+    /// in what is returned beside the groups killed.
+    pub fn reap_stale(state_dir: &Path) -> Reaped {
         let mut files = vec![state_dir.join(LEGACY_BUILD_RECORD)];
         if let Ok(dir) = std::fs::read_dir(state_dir.join(GROUPS_DIR)) {
             files.extend(dir.flatten().map(|e| e.path()));
         }
-        let mut killed = Vec::new();
+        let mut reaped = Reaped::default();
         for path in files {
             let Ok(text) = std::fs::read_to_string(&path) else {
                 continue;
@@ -408,12 +409,26 @@ impl GroupRecord {
                 );
                 continue;
             }
-            if ours && killpg(Pid::from_raw(pgid), Signal::SIGKILL).is_ok() {
-                killed.push((pgid, what));
+            if ours {
+                if killpg(Pid::from_raw(pgid), Signal::SIGKILL).is_ok() {
+                    reaped.killed.push((pgid, what));
+                }
+            } else if group_alive(pgid) {
+                reaped.left.push((pgid, what));
             }
         }
-        killed
+        reaped
     }
+}
+
+/// What [`GroupRecord::reap_stale`] did with the records a daemon left:
+/// each as its process group and what it was (`worker of generation 3`).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reaped {
+    /// Groups killed: what was left of them.
+    pub killed: Vec<(i32, String)>,
+    /// Groups left alone: their number now belongs to other processes.
+    pub left: Vec<(i32, String)>,
 }
 
 /// The start time of `pid` in clock ticks since boot (field 22 of
@@ -699,12 +714,22 @@ mod tests {
         let mut fields: Vec<&str> = written.splitn(4, ' ').collect();
         fields[2] = "1";
         std::fs::write(&record, fields.join(" ")).expect("write");
-        assert!(GroupRecord::reap_stale(dir.path()).is_empty());
+        let reaped = GroupRecord::reap_stale(dir.path());
+        assert!(reaped.killed.is_empty(), "{reaped:?}");
+        // ...and said to be left alone.
+        assert_eq!(
+            reaped.left,
+            vec![(pgid, "worker of generation 1".to_string())]
+        );
         assert!(running(member), "a group of another session was killed");
         // As recorded: killed.
         std::fs::write(&record, &written).expect("write");
-        let killed = GroupRecord::reap_stale(dir.path());
-        assert_eq!(killed, vec![(pgid, "worker of generation 1".to_string())]);
+        let reaped = GroupRecord::reap_stale(dir.path());
+        assert_eq!(
+            reaped.killed,
+            vec![(pgid, "worker of generation 1".to_string())]
+        );
+        assert!(reaped.left.is_empty(), "{reaped:?}");
         let mut gone = false;
         for _ in 0..200 {
             if !running(member) {
