@@ -1558,14 +1558,7 @@ impl Supervisor {
         start: u64,
         result: Result<(Instance, Duration), worker_proc::StartFailure>,
     ) {
-        if self.fresh.as_ref().is_none_or(|f| f.id != start) {
-            // A start a cutover of another generation made obsolete (its
-            // flags and waiters were settled then): stopped, if it got
-            // that far.
-            self.stale_starts = self.stale_starts.saturating_sub(1);
-            if let Ok((inst, _)) = result {
-                inst.stop.cancel();
-            }
+        if self.stale_start_ended(start, &result) {
             return;
         }
         self.fresh = None;
@@ -2159,6 +2152,30 @@ impl Supervisor {
         self.pipeline_busy || self.replacing.is_some() || self.starting || self.stale_starts > 0
     }
 
+    /// Whether the fresh start `start` that ended is one a cutover of
+    /// another generation made obsolete (its flags and waiters were settled
+    /// then, and are not its to touch now). If so it is let go: its
+    /// process, if it got that far, is stopped, and while batond stops,
+    /// waited for with the others.
+    fn stale_start_ended(
+        &mut self,
+        start: u64,
+        result: &Result<(Instance, Duration), worker_proc::StartFailure>,
+    ) -> bool {
+        if self.fresh.as_ref().is_some_and(|f| f.id == start) {
+            return false;
+        }
+        self.stale_starts = self.stale_starts.saturating_sub(1);
+        if let Ok((inst, _)) = result {
+            inst.upstream.retire();
+            inst.stop.cancel();
+            if self.stopping.is_cancelled() {
+                self.late.push(inst.exited.clone());
+            }
+        }
+        true
+    }
+
     /// A build-and-prove or a fresh start that ended while batond stops
     /// (anything else is let go): a worker proven meanwhile is not cut
     /// over but stopped at once (its exit is waited for with the others),
@@ -2198,17 +2215,8 @@ impl Supervisor {
                 (generation, proven, std::mem::take(&mut self.waiters_now))
             }
             Internal::RestartDone { start, result, .. }
-                if self.fresh.as_ref().is_none_or(|f| f.id != start) =>
+                if self.stale_start_ended(start, &result) =>
             {
-                // A start a cutover made obsolete: its process stopped, and
-                // waited for with the others; the current start's flags
-                // and waiters are not its.
-                self.stale_starts = self.stale_starts.saturating_sub(1);
-                if let Ok((inst, _)) = result {
-                    inst.upstream.retire();
-                    inst.stop.cancel();
-                    self.late.push(inst.exited.clone());
-                }
                 self.notify_status();
                 return;
             }

@@ -84,19 +84,21 @@ pub async fn build(
         dir.file_name().unwrap_or_default().to_string_lossy()
     );
     let record = GroupRecord::write(&cfg.daemon.state_dir, child.pid(), &what);
-    let outcome = tokio::select! {
+    // The outcome, and whether batond stopped the build (its timeout, or
+    // batond's own stop).
+    let (outcome, stopped) = tokio::select! {
         r = tokio::time::timeout(cfg.build.timeout, child.wait()) => match r {
-            Ok(Ok(status)) if status.success() => Ok(()),
-            Ok(Ok(status)) => Err(format!("build failed: {}", process::describe(status))),
-            Ok(Err(e)) => Err(format!("build failed: {e}")),
+            Ok(Ok(status)) if status.success() => (Ok(()), false),
+            Ok(Ok(status)) => (Err(format!("build failed: {}", process::describe(status))), false),
+            Ok(Err(e)) => (Err(format!("build failed: {e}")), false),
             Err(_) => {
                 let killed = stopped_with_sigkill(&mut child).await;
-                Err(format!("build timed out after {} s{killed}", cfg.build.timeout.as_secs()))
+                (Err(format!("build timed out after {} s{killed}", cfg.build.timeout.as_secs())), true)
             }
         },
         () = token.cancelled() => {
             let killed = stopped_with_sigkill(&mut child).await;
-            Err(format!("build cancelled: daemon stopping{killed}"))
+            (Err(format!("build cancelled: daemon stopping{killed}")), true)
         }
     };
     record.clear();
@@ -110,13 +112,9 @@ pub async fn build(
     .await
     .ok()
     .flatten();
-    // The file says why the build ended there, as the reason does (after
-    // the reason has quoted the build's own last words).
-    let stopped = outcome
-        .as_ref()
-        .err()
-        .filter(|r| r.starts_with("build timed out") || r.starts_with("build cancelled"))
-        .cloned();
+    // A stopped build's log says why it ended there, as the reason does
+    // (written after the reason has quoted the build's own last words).
+    let stopped = outcome.as_ref().err().filter(|_| stopped).cloned();
     let kept = match &outcome {
         Err(_) => build_quote(&log_path).await,
         Ok(()) => None,
@@ -1755,6 +1753,32 @@ mod tests {
         assert_eq!(lines[2], "next");
     }
 
+    /// A log writer on `name` in `dir` (rotated at `max_bytes`) and its
+    /// queue (`limit` bytes), as a worker's or a build's pump has them.
+    async fn log_writer(
+        dir: &Path,
+        name: &'static str,
+        max_bytes: u64,
+        limit: usize,
+    ) -> (
+        PathBuf,
+        LogQueue,
+        tokio::task::JoinHandle<Option<Unwritten>>,
+    ) {
+        let path = dir.join(name);
+        let file = tokio::fs::File::create(&path).await.expect("create");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let writer = tokio::spawn(write_log(
+            Ok(file),
+            path.clone(),
+            max_bytes,
+            rx,
+            queued.clone(),
+        ));
+        (path, LogQueue::new(tx, queued, limit, name), writer)
+    }
+
     /// `worker.log` is there at every moment of a rotation: it is never
     /// moved away (a reader between the move and a new file's creation
     /// found none), only replaced by a rename onto it.
@@ -1762,17 +1786,13 @@ mod tests {
     async fn a_rotating_log_never_goes_missing() {
         use notify::{EventKind, RecursiveMode, Watcher, event::ModifyKind, event::RenameMode};
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("worker.log");
-        let file = tokio::fs::File::create(&path).await.expect("create");
         let (events_tx, events) = std::sync::mpsc::channel();
         let mut watcher = notify::recommended_watcher(events_tx).expect("watcher");
         watcher
             .watch(dir.path(), RecursiveMode::NonRecursive)
             .expect("watch");
-        let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let writer = tokio::spawn(write_log(Ok(file), path.clone(), 1000, rx, queued.clone()));
-        let mut q = LogQueue::new(tx, queued.clone(), LOG_QUEUE_BYTES, "worker.log");
+        let (path, mut q, writer) =
+            log_writer(dir.path(), "worker.log", 1000, LOG_QUEUE_BYTES).await;
         for i in 0..100 {
             q.offer(format!("line {i:03} {}", "x".repeat(90)));
         }
@@ -1813,19 +1833,14 @@ mod tests {
     #[tokio::test]
     async fn a_builds_output_is_slowed_down_never_cut() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("build.log");
-        let file = tokio::fs::File::create(&path).await.expect("create");
-        let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let writer = tokio::spawn(write_log(
-            Ok(file),
-            path.clone(),
-            BUILD_LOG_MAX_BYTES,
-            rx,
-            queued.clone(),
-        ));
         // Room for a few lines only.
-        let queue = LogQueue::new(tx, queued, 4 * (LINE_COST + 12), "build.log");
+        let (path, queue, writer) = log_writer(
+            dir.path(),
+            "build.log",
+            BUILD_LOG_MAX_BYTES,
+            4 * (LINE_COST + 12),
+        )
+        .await;
         let input: String = (0..2_000).map(|i| format!("line {i:05}\n")).collect();
         pump(input.as_bytes(), queue, None).await;
         assert!(writer.await.expect("writer").is_none(), "lines unwritten");
@@ -1838,12 +1853,8 @@ mod tests {
     #[tokio::test]
     async fn worker_log_is_rotated_at_its_size_limit() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("worker.log");
-        let file = tokio::fs::File::create(&path).await.expect("create");
-        let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let writer = tokio::spawn(write_log(Ok(file), path.clone(), 1000, rx, queued.clone()));
-        let mut q = LogQueue::new(tx, queued.clone(), LOG_QUEUE_BYTES, "worker.log");
+        let (path, mut q, writer) =
+            log_writer(dir.path(), "worker.log", 1000, LOG_QUEUE_BYTES).await;
         for i in 0..30 {
             q.offer(format!("line {i:03} {}", "x".repeat(90)));
         }
