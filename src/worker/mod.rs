@@ -6,6 +6,8 @@
 //!   the WebSocket upgrade (we write the 101 ourselves, to choose its
 //!   headers);
 //! - [`call`]: one task per call: protocol, pacing, barge-in, ping;
+//! - [`conn`]: the accepted connections (a Unix socket watched for reading
+//!   only);
 //! - [`pipeline`]: the engine traits and today's engines;
 //! - [`record`]: the JSON record each finished call leaves in the data dir.
 //!
@@ -15,6 +17,7 @@
 
 pub mod call;
 pub mod config;
+pub mod conn;
 pub mod http;
 pub mod pacer;
 pub mod pipeline;
@@ -101,7 +104,7 @@ impl Listener {
         })
     }
 
-    async fn accept(&self) -> std::io::Result<(crate::endpoint::Stream, Peer)> {
+    async fn accept(&self) -> std::io::Result<(conn::Conn, Peer)> {
         use tokio_util::either::Either;
         match self {
             Listener::Tcp(l) => {
@@ -109,7 +112,10 @@ impl Listener {
                 let _ = s.set_nodelay(true);
                 Ok((Either::Left(s), Peer::Tcp(peer)))
             }
-            Listener::Unix(l) => Ok((Either::Right(l.accept().await?.0), Peer::Unix)),
+            Listener::Unix(l) => Ok((
+                Either::Right(conn::UnixConn::new(l.accept().await?.0)?),
+                Peer::Unix,
+            )),
         }
     }
 }
@@ -117,7 +123,7 @@ impl Listener {
 /// Waits until `stream` has bytes to read, or is closed. Readiness alone
 /// can be spurious (a new socket is reported readable at once), so each
 /// time it is checked with a peek, which reads nothing.
-async fn first_bytes(stream: &crate::endpoint::Stream) -> std::io::Result<()> {
+async fn first_bytes(stream: &conn::Conn) -> std::io::Result<()> {
     use std::os::fd::{AsFd, AsRawFd};
     use tokio::io::Interest;
     use tokio_util::either::Either;
@@ -131,10 +137,7 @@ async fn first_bytes(stream: &crate::endpoint::Stream) -> std::io::Result<()> {
                 s.readable().await?;
                 s.try_io(Interest::READABLE, || peek(s.as_fd()))
             }
-            Either::Right(s) => {
-                s.readable().await?;
-                s.try_io(Interest::READABLE, || peek(s.as_fd()))
-            }
+            Either::Right(s) => s.read_with(peek).await,
         };
         match peeked {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
