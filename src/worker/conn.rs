@@ -120,6 +120,10 @@ impl AsyncRead for UnixConn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let want = buf.remaining().min(READ_MAX);
+        if want == 0 {
+            // No room to read into: nothing read, nothing taken.
+            return Poll::Ready(Ok(()));
+        }
         loop {
             let mut guard = ready!(self.io.poll_read_ready(cx))?;
             let read = SCRATCH.with_borrow_mut(|scratch| {
@@ -285,6 +289,7 @@ mod tests {
             }
         });
         let mut got = Vec::new();
+        assert_eq!(conn.read(&mut []).await.expect("empty read"), 0);
         let mut small = [0u8; 100];
         let n = conn.read(&mut small).await.expect("small read");
         got.extend_from_slice(&small[..n]);
