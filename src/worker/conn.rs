@@ -5,10 +5,10 @@
 //! its reader takes a message off it. tokio watches every socket it wraps for
 //! reading and writing, so each answer the proxy read from a worker on a Unix
 //! socket put an event on the worker's epoll and, when the worker was idle,
-//! woke one of its threads for nothing: with `batond` in front, 0.3-0.4
-//! voluntary sleeps of the worker per request, against 0.13-0.15 with the
+//! woke one of its threads for nothing: with `batond` in front, 0.33-0.43
+//! voluntary sleeps of the worker per request, against 0.12-0.16 with the
 //! watch for reading only, and the proxy paid for each wake-up in its read
-//! (HAProxy watches for reading only, too). [`UnixConn`] writes without
+//! (HAProxy watches its own sockets for reading only, too). [`UnixConn`] writes without
 //! asking first, and watches for room only while a write waits for it.
 //! TCP sockets report room only after a write found none, so they keep
 //! tokio's stream.
