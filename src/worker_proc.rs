@@ -1117,10 +1117,14 @@ async fn pump(
             .as_ref()
             .is_some_and(|w| w.copied.lock().is_ok_and(|mut b| b.take(now)));
         match shown.line(now, taken) {
-            Some(0) => tracing::info!(target: "worker", generation, "[gen {generation}] {line}"),
+            Some(0) => {
+                let shown = without_timestamp(&line);
+                tracing::info!(target: "worker", generation, "[gen {generation}] {shown}");
+            }
             Some(skipped) => {
+                let shown = without_timestamp(&line);
                 tracing::info!(target: "worker", generation, "[gen {generation}] ({skipped} lines not copied here; worker.log has them)");
-                tracing::info!(target: "worker", generation, "[gen {generation}] {line}");
+                tracing::info!(target: "worker", generation, "[gen {generation}] {shown}");
             }
             None => {}
         }
@@ -1134,6 +1138,52 @@ async fn pump(
     {
         tracing::info!(target: "worker", generation, "[gen {generation}] ({} lines not copied here; worker.log has them)", shown.skipped);
     }
+}
+
+/// A worker's line as copied into `batond`'s log: without the RFC 3339
+/// timestamp it starts with, if it does (tracing's and most loggers' text
+/// format), since `batond`'s own line, or the journal, has one already.
+/// worker.log keeps the line as it came.
+fn without_timestamp(line: &str) -> &str {
+    fn digits(b: &[u8]) -> bool {
+        !b.is_empty() && b.iter().all(u8::is_ascii_digit)
+    }
+    let Some((first, rest)) = line.split_once(|c: char| c.is_ascii_whitespace()) else {
+        return line;
+    };
+    let rest = rest.trim_start();
+    let b = first.as_bytes();
+    // YYYY-MM-DDTHH:MM:SS, then .fraction, then Z or +HH:MM / -HH:MM.
+    let date_time = b.len() > 19
+        && digits(&b[0..4])
+        && b[4] == b'-'
+        && digits(&b[5..7])
+        && b[7] == b'-'
+        && digits(&b[8..10])
+        && matches!(b[10], b'T' | b't')
+        && digits(&b[11..13])
+        && b[13] == b':'
+        && digits(&b[14..16])
+        && b[16] == b':'
+        && digits(&b[17..19]);
+    if !date_time || rest.is_empty() {
+        return line;
+    }
+    let mut zone = &b[19..];
+    if let Some(fraction) = zone.strip_prefix(b".") {
+        let n = fraction.iter().take_while(|c| c.is_ascii_digit()).count();
+        if n == 0 {
+            return line;
+        }
+        zone = &fraction[n..];
+    }
+    let zoned = matches!(zone, b"Z" | b"z")
+        || (zone.len() == 6
+            && matches!(zone[0], b'+' | b'-')
+            && digits(&zone[1..3])
+            && zone[3] == b':'
+            && digits(&zone[4..6]));
+    if zoned { rest } else { line }
 }
 
 /// Worker output lines copied into `batond`'s own log, per worker process
@@ -1608,6 +1658,44 @@ fn fill_placeholders(arg: &str, values: &[(&str, &str)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_workers_own_timestamp_is_left_out_of_batonds_log() {
+        for (line, shown) in [
+            (
+                "2026-11-27T22:40:01.123456Z  INFO media_worker: call started",
+                "INFO media_worker: call started",
+            ),
+            ("2026-11-27T22:40:01Z WARN x", "WARN x"),
+            ("2026-11-27T22:40:01.5+01:00 hello", "hello"),
+            ("2026-11-27t22:40:01-05:30\tthere", "there"),
+            // Not a timestamp, or nothing after it: left as it is.
+            (
+                "2026-11-27 22:40:01 INFO spaced",
+                "2026-11-27 22:40:01 INFO spaced",
+            ),
+            (
+                "2026-11-27T22:40:01. no fraction",
+                "2026-11-27T22:40:01. no fraction",
+            ),
+            ("2026-11-27T22:40:01 no zone", "2026-11-27T22:40:01 no zone"),
+            (
+                "2026-11-27T22:40:01+0100 short zone",
+                "2026-11-27T22:40:01+0100 short zone",
+            ),
+            ("2026-11-27T22:40:01Z", "2026-11-27T22:40:01Z"),
+            ("2026-11-27T22:40:01Z   ", "2026-11-27T22:40:01Z   "),
+            (
+                "{\"timestamp\":\"2026-11-27T22:40:01Z\"}",
+                "{\"timestamp\":\"2026-11-27T22:40:01Z\"}",
+            ),
+            ("listening on fd 3", "listening on fd 3"),
+            ("", ""),
+            ("2026-1é-27T22:40:01Z x", "2026-1é-27T22:40:01Z x"),
+        ] {
+            assert_eq!(without_timestamp(line), shown, "{line:?}");
+        }
+    }
 
     /// An artifact written to while it is copied gives no snapshot (the
     /// copy would be neither build); one left alone copies whole, with

@@ -289,6 +289,27 @@ async fn a_worker_on_a_unix_socket_serves_calls_across_a_cutover() {
     let m = recv_event(&mut ws, "media").await;
     assert_eq!(m["streamSid"], "MZ1");
 
+    // The worker's lines reach batond's log without their own timestamp
+    // (batond's line has one); worker.log keeps them whole.
+    let log = d.log();
+    let copied: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split_once("[gen 1] ").map(|(_, rest)| rest))
+        .collect();
+    assert!(!copied.is_empty(), "no worker line copied: {log}");
+    assert!(
+        copied
+            .iter()
+            .all(|rest| !rest.starts_with(|c: char| c.is_ascii_digit())),
+        "{copied:#?}"
+    );
+    let kept = std::fs::read_to_string(std::path::Path::new(&g1.dir).join("worker.log"))
+        .expect("worker.log");
+    assert!(
+        kept.lines().next().is_some_and(|l| l.starts_with("20")),
+        "worker.log keeps the worker's timestamps: {kept}"
+    );
+
     // A new build gets a socket of its own; the call stays on the old one.
     p.append("src/main.rs", "// v2\n");
     let s = d.wait_active(2).await;
