@@ -68,16 +68,13 @@ pub async fn build(
         },
     )
     .map_err(|e| e.to_string())?;
-    let (tx, rx) = mpsc::unbounded_channel::<String>();
-    let queued = Arc::new(AtomicUsize::new(0));
-    let writer = tokio::spawn(write_log(
+    let (queue, writer) = LogQueue::spawn(
         Ok(log),
         log_path.clone(),
         BUILD_LOG_MAX_BYTES,
-        rx,
-        queued.clone(),
-    ));
-    let queue = LogQueue::new(tx, queued, LOG_QUEUE_BYTES, "build.log");
+        LOG_QUEUE_BYTES,
+        "build.log",
+    );
     let pumping = tokio::spawn(pump(output, queue, None));
     let what = format!(
         "build in {}",
@@ -780,29 +777,25 @@ pub async fn start(
         child.pid(),
         &format!("worker of generation {}", launch.generation),
     );
-    let (line_tx, line_rx) = mpsc::unbounded_channel::<String>();
-    let queued = Arc::new(AtomicUsize::new(0));
-    tokio::spawn(write_log(
+    // The writer runs until both streams' queues are gone.
+    let (queue, _writer) = LogQueue::spawn(
         log,
         log_path.clone(),
         WORKER_LOG_MAX_BYTES,
-        line_rx,
-        queued.clone(),
-    ));
+        LOG_QUEUE_BYTES,
+        "worker.log",
+    );
     let words = Arc::new(LastWords::default());
     words.proving.store(true, Ordering::Relaxed);
     if let Some(out) = child.take_stdout() {
-        let queue = LogQueue::new(
-            line_tx.clone(),
-            queued.clone(),
-            LOG_QUEUE_BYTES,
-            "worker.log",
-        );
         words.open.fetch_add(1, Ordering::AcqRel);
-        tokio::spawn(pump(out, queue, Some((launch.generation, words.clone()))));
+        tokio::spawn(pump(
+            out,
+            queue.another(),
+            Some((launch.generation, words.clone())),
+        ));
     }
     if let Some(err) = child.take_stderr() {
-        let queue = LogQueue::new(line_tx, queued, LOG_QUEUE_BYTES, "worker.log");
         words.open.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(pump(err, queue, Some((launch.generation, words.clone()))));
     }
@@ -1304,6 +1297,35 @@ struct LogQueue {
 }
 
 impl LogQueue {
+    /// A task writing the log at `path` (opened as `file`, rotated past
+    /// `max_bytes`) and the queue to it, which holds up to `limit` bytes.
+    /// The task ends once every queue to it is dropped, with what it
+    /// could not write.
+    fn spawn(
+        file: std::io::Result<tokio::fs::File>,
+        path: PathBuf,
+        max_bytes: u64,
+        limit: usize,
+        name: &'static str,
+    ) -> (LogQueue, tokio::task::JoinHandle<Option<Unwritten>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let writer = tokio::spawn(write_log(file, path, max_bytes, rx, queued.clone()));
+        (LogQueue::new(tx, queued, limit, name), writer)
+    }
+
+    /// One more queue to the same writer (a process's stderr beside its
+    /// stdout): the bytes queued count for both, dropped lines each its own.
+    fn another(&self) -> LogQueue {
+        LogQueue {
+            tx: self.tx.clone(),
+            queued: self.queued.clone(),
+            limit: self.limit,
+            dropped: 0,
+            file: self.file,
+        }
+    }
+
     fn new(
         tx: mpsc::UnboundedSender<String>,
         queued: Arc<AtomicUsize>,
@@ -1855,16 +1877,8 @@ mod tests {
     ) {
         let path = dir.join(name);
         let file = tokio::fs::File::create(&path).await.expect("create");
-        let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let writer = tokio::spawn(write_log(
-            Ok(file),
-            path.clone(),
-            max_bytes,
-            rx,
-            queued.clone(),
-        ));
-        (path, LogQueue::new(tx, queued, limit, name), writer)
+        let (queue, writer) = LogQueue::spawn(Ok(file), path.clone(), max_bytes, limit, name);
+        (path, queue, writer)
     }
 
     /// `worker.log` is there at every moment of a rotation: it is never
@@ -1973,16 +1987,14 @@ mod tests {
         let Ok(full) = std::fs::OpenOptions::new().append(true).open("/dev/full") else {
             return; // no /dev/full here
         };
-        let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let writer = tokio::spawn(write_log(
+        let (mut q, writer) = LogQueue::spawn(
             Ok(tokio::fs::File::from_std(full)),
             PathBuf::from("/dev/full"),
             1 << 20,
-            rx,
-            queued.clone(),
-        ));
-        let mut q = LogQueue::new(tx, queued.clone(), LOG_QUEUE_BYTES, "build.log");
+            LOG_QUEUE_BYTES,
+            "build.log",
+        );
+        let queued = q.queued.clone();
         for i in 0..20 {
             q.offer(if i == 7 {
                 "error: the one to quote".to_string()
@@ -2011,10 +2023,9 @@ mod tests {
         std::fs::create_dir(&sub).expect("mkdir");
         let path = sub.join("worker.log");
         let file = tokio::fs::File::create(&path).await.expect("create");
-        let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let writer = tokio::spawn(write_log(Ok(file), path.clone(), 1000, rx, queued.clone()));
-        let mut q = LogQueue::new(tx, queued.clone(), LOG_QUEUE_BYTES, "worker.log");
+        let (mut q, writer) =
+            LogQueue::spawn(Ok(file), path.clone(), 1000, LOG_QUEUE_BYTES, "worker.log");
+        let queued = q.queued.clone();
         let line = |i: usize| format!("line {i:03} {}", "x".repeat(90));
         for i in 0..5 {
             q.offer(line(i));

@@ -528,14 +528,9 @@ async fn a_workers_exit_is_seen_before_its_stubborn_helper_is_gone() {
     assert!(alive(helper1), "the restart waited for the helper's end");
     assert!(wait_gone(helper1).await, "the helper outlived its grace");
     // A candidate that exits at once, leaving such a helper.
-    p.write(
-        "fail.sh",
+    deploy_sh(
+        &p,
         "sh -c 'echo $$ > helper2.pid; trap \"\" TERM; while :; do sleep 0.1; done' &\nsleep 0.3\necho 'failing on purpose' >&2\nexit 1\n",
-    );
-    p.edit(
-        "etc/baton.toml",
-        r#"command = ["python3", "{artifact}"]"#,
-        r#"command = ["sh", "fail.sh"]"#,
     );
     let g2 = d.wait_history(2, "rejected").await;
     let reason = g2.reason.expect("reason");
@@ -545,6 +540,17 @@ async fn a_workers_exit_is_seen_before_its_stubborn_helper_is_gone() {
     // batond's stop waits for the helper's grace to end it.
     assert!(d.stop().await.success());
     assert!(wait_gone(helper2).await, "the helper outlived batond");
+}
+
+/// Makes the python project's worker command run `script` with `sh`
+/// instead (the config's change deploys it).
+fn deploy_sh(p: &Project, script: &str) {
+    p.write("fail.sh", script);
+    p.edit(
+        "etc/baton.toml",
+        r#"command = ["python3", "{artifact}"]"#,
+        r#"command = ["sh", "fail.sh"]"#,
+    );
 }
 
 /// One worker that floods its output does not take the lines another
@@ -562,14 +568,9 @@ async fn a_flooding_worker_does_not_silence_a_failing_candidate() {
     d.active_pid(1).await;
     // The flood has used its budget up.
     assert!(d.log_shows("lines not copied here").await, "{}", d.log());
-    p.write(
-        "fail.sh",
+    deploy_sh(
+        &p,
         "for i in 1 2 3 4 5 6 7 8 9 10; do echo \"last words $i\"; done\nexit 1\n",
-    );
-    p.edit(
-        "etc/baton.toml",
-        r#"command = ["python3", "{artifact}"]"#,
-        r#"command = ["sh", "fail.sh"]"#,
     );
     d.wait_history(2, "rejected").await;
     for i in 1..=10 {
