@@ -11,7 +11,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -121,8 +121,6 @@ pub struct Proxy {
     idle_ms: AtomicU64,
     /// Counters for `/metrics`.
     pub metrics: Arc<ProxyMetrics>,
-    /// Requests being handled now (see [`Proxy::after_batch`]).
-    in_flight: AtomicUsize,
 }
 
 // === impl Proxy ===
@@ -136,7 +134,6 @@ impl Proxy {
             header_ms: AtomicU64::new(millis(t.header)),
             idle_ms: AtomicU64::new(millis(t.idle)),
             metrics: Arc::default(),
-            in_flight: AtomicUsize::new(0),
         })
     }
 
@@ -221,10 +218,7 @@ impl Proxy {
                 let activity = activity.clone();
                 bump(&activity.started);
                 async move {
-                    let resp = {
-                        let _busy = InFlight::enter(&proxy.in_flight);
-                        proxy.handle(req, &client, &activity).await
-                    };
+                    let resp = proxy.handle(req, &client, &activity).await;
                     bump(&activity.heads);
                     Ok::<_, Infallible>(resp.map(|body| ClientBody {
                         body,
@@ -249,24 +243,6 @@ impl Proxy {
         conns.close();
         if tokio::time::timeout(grace, conns.wait()).await.is_err() {
             tracing::warn!(?grace, "connections still open at shutdown; closing them");
-        }
-    }
-
-    /// Lets the tasks this thread has already woken run first, when other
-    /// requests are in flight: a request goes to the worker together with
-    /// the others read in the same turn of the event loop, and an answer
-    /// to its client together with the others, as an event loop that
-    /// reads everything ready before it writes anything (HAProxy's) does.
-    /// Written one by one between reads, each send wakes its reader on its
-    /// own: the worker and the client each wake once per message instead
-    /// of once per batch, and being woken onto this thread's CPU they take
-    /// it from the proxy. Measured with the worker on a Unix socket: 0.3-0.4
-    /// preemptions of `batond` per request without this, 0.15 with it (as
-    /// HAProxy), and 10-15% more requests a second. A request alone costs
-    /// no deferral.
-    async fn after_batch(&self) {
-        if self.in_flight.load(Ordering::Relaxed) > 1 {
-            tokio::task::yield_now().await;
         }
     }
 
@@ -364,7 +340,6 @@ impl Proxy {
             inbound_upgrade,
             body_errors,
         } = forward(req, client, host, bodies);
-        self.after_batch().await;
         let (mut upstream, mut ticket) = (upstream, ticket);
         let (mut refused, mut sent_again) = (0, false);
         let (resp, conn) = loop {
@@ -529,10 +504,9 @@ impl Proxy {
                     metrics: Arc::clone(&self.metrics),
                 };
                 // What has arrived of the body is taken now: a response
-                // that is then whole frees its worker connection before
-                // waiting its turn to go out.
+                // that is then whole frees its worker connection before it
+                // goes out (to a client that may be slow to take it).
                 body.prefetch().await;
-                self.after_batch().await;
                 Response::from_parts(parts, ProxyBody::Upstream(body))
             }
         }
@@ -838,22 +812,6 @@ struct Activity {
     /// up. No waker is needed: the handler runs inside the connection
     /// future the watcher polls right after setting it.
     give_up: AtomicBool,
-}
-
-/// Counts a request in [`Proxy::in_flight`] until dropped.
-struct InFlight<'a>(&'a AtomicUsize);
-
-impl<'a> InFlight<'a> {
-    fn enter(count: &'a AtomicUsize) -> InFlight<'a> {
-        count.fetch_add(1, Ordering::Relaxed);
-        InFlight(count)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// Adds one to a counter only this connection's task writes: a plain load
