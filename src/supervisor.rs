@@ -1538,6 +1538,8 @@ impl Supervisor {
         self.fresh = Some(FreshStart {
             id: start,
             generation,
+            instance: launch.instance,
+            at: Instant::now(),
             cancel: token.clone(),
         });
         tokio::spawn(async move {
@@ -1549,6 +1551,8 @@ impl Supervisor {
                 result,
             });
         });
+        // A replacement shows in systemd's status line too.
+        self.notify_status();
     }
 
     fn restart_done(
@@ -1976,9 +1980,31 @@ impl Supervisor {
             candidate,
             draining,
             history,
+            replacing: self.replacement(),
             deploy_pending: self.pending.is_some(),
             totals: self.totals,
         }
+    }
+
+    /// The replacement of the active worker under way, if one is. (Once
+    /// the active worker is gone, a replacement still proving itself is
+    /// the restart, and the status shows it as the generation starting.)
+    fn replacement(&self) -> Option<crate::control::api::Replacement> {
+        let why = self.replacing?;
+        let f = self.fresh.as_ref()?;
+        if self.active.as_ref()?.generation != f.generation {
+            return None;
+        }
+        Some(crate::control::api::Replacement {
+            generation: f.generation,
+            instance: f.instance,
+            reason: match why {
+                Replacing::Health => "health checks failed",
+                Replacing::Asked => "batonctl restart",
+            }
+            .to_string(),
+            since_s: f.at.elapsed().as_secs(),
+        })
     }
 
     fn status_line(&self) -> String {
@@ -1989,7 +2015,13 @@ impl Supervisor {
                 a.pid,
                 self.gens.get(&c).map_or("", |g| g.state.as_str())
             ),
-            (Some(a), None) => format!("generation {} active (pid {})", a.generation, a.pid),
+            (Some(a), None) => match self.replacement() {
+                Some(r) => format!(
+                    "generation {} active (pid {}); a fresh process replacing it ({})",
+                    a.generation, a.pid, r.reason
+                ),
+                None => format!("generation {} active (pid {})", a.generation, a.pid),
+            },
             (None, Some(c)) => format!(
                 "no active worker; generation {c} {}",
                 self.gens.get(&c).map_or("", |g| g.state.as_str())
@@ -2375,6 +2407,10 @@ struct FreshStart {
     /// Its number (`RestartDone::start`).
     id: u64,
     generation: u64,
+    /// Its process's instance number, and when it was started (for the
+    /// status).
+    instance: u64,
+    at: Instant,
     /// Stops it (its start's token).
     cancel: CancellationToken,
 }

@@ -507,6 +507,12 @@ fn render_status(s: &Status) -> String {
     if let Some(c) = &s.candidate {
         out.push_str(&format!("  Candidate: {}\n", gen_line(c)));
     }
+    if let Some(r) = &s.replacing {
+        out.push_str(&format!(
+            "  Replacing: gen {} with a fresh process (instance {}), starting for {} s [{}]\n",
+            r.generation, r.instance, r.since_s, r.reason
+        ));
+    }
     for d in &s.draining {
         out.push_str(&format!("   Draining: {}\n", gen_line(d)));
     }

@@ -106,11 +106,30 @@ pub struct Status {
     pub draining: Vec<GenerationInfo>,
     /// Finished generations, newest first (bounded).
     pub history: Vec<GenerationInfo>,
+    /// A fresh process of the active generation proving itself beside
+    /// the serving one (a health replacement or `batonctl restart`).
+    #[serde(default)]
+    pub replacing: Option<Replacement>,
     /// A change arrived during a deploy and will cause one more.
     pub deploy_pending: bool,
     /// Counts since the daemon started.
     #[serde(default)]
     pub totals: Totals,
+}
+
+/// A fresh process of the active generation's snapshot, started to
+/// replace the serving one, which serves until it is proven.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replacement {
+    /// The generation (the active one).
+    pub generation: u64,
+    /// The process's instance number within its generation (its
+    /// `worker-N.sock`, its place in `worker.log`).
+    pub instance: u64,
+    /// Why: `health checks failed` or `batonctl restart`.
+    pub reason: String,
+    /// Seconds since it was started.
+    pub since_s: u64,
 }
 
 /// What the daemon has done since it started (the history keeps the last

@@ -647,6 +647,50 @@ async fn a_crash_during_a_replacement_starts_no_second_process() {
     );
 }
 
+/// While a fresh process of the active generation proves itself beside
+/// the serving one, the status says so: which generation, which instance,
+/// why and for how long; and no longer once it has taken over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_shows_a_replacement_while_it_proves_itself() {
+    let p = Project::python("", "");
+    p.append("src/pyworker.py", "\n# START_DELAY_FILE=delay\n");
+    let d = Daemon::start(&p).await;
+    let pid1 = d.active_pid(1).await;
+    assert!(d.status().await.replacing.is_none());
+    p.write("delay", "2500");
+    let out = d.ctl(&["restart"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let s = d.wait_for("a replacement", |s| s.replacing.is_some()).await;
+    let r = s.replacing.expect("replacing");
+    assert_eq!(
+        (r.generation, r.instance, r.reason.as_str()),
+        (1, 2, "batonctl restart"),
+        "{r:?}"
+    );
+    // The serving worker serves on meanwhile, and is shown as active.
+    let a = s.active.expect("active");
+    assert_eq!((a.id, a.pid), (1, Some(pid1)), "{a:?}");
+    let text = String::from_utf8_lossy(&d.ctl(&["status"]).await.stdout).to_string();
+    assert!(
+        text.contains("Replacing: gen 1 with a fresh process (instance 2)")
+            && text.contains("[batonctl restart]"),
+        "{text}"
+    );
+    // Once proven, it is the active worker, and nothing is replacing.
+    let s = d
+        .wait_for("the replacement to take over", |s| {
+            s.active
+                .as_ref()
+                .and_then(|a| a.pid)
+                .is_some_and(|pid| pid != pid1)
+        })
+        .await;
+    assert!(s.replacing.is_none(), "{:?}", s.replacing);
+    let text = String::from_utf8_lossy(&d.ctl(&["status"]).await.stdout).to_string();
+    assert!(!text.contains("Replacing:"), "{text}");
+    assert!(d.stop().await.success());
+}
+
 /// A fresh start that fails is reported with what that process wrote,
 /// not with a line an earlier process of the same generation left in the
 /// generation's `worker.log`.
@@ -3268,6 +3312,23 @@ async fn systemd_hears_ready_on_an_abstract_notify_socket() {
     let mut seen = String::new();
     recv_notify_until(&sock, "READY=1", &mut seen).await;
     assert!(seen.contains("STATUS=generation 1 active"), "{seen}");
+    // A replacement proving itself beside the active worker is named in
+    // the status line until it takes over.
+    let out = d.ctl(&["restart", "--wait"]).await;
+    assert!(out.status.success(), "{out:?}");
+    recv_notify_until(
+        &sock,
+        "a fresh process replacing it (batonctl restart)",
+        &mut seen,
+    )
+    .await;
+    let pid = d.status().await.active.and_then(|a| a.pid).expect("pid");
+    recv_notify_until(
+        &sock,
+        &format!("STATUS=generation 1 active (pid {pid})"),
+        &mut seen,
+    )
+    .await;
     assert!(d.stop().await.success());
     recv_notify_until(&sock, "STOPPING=1", &mut seen).await;
 }
