@@ -1629,7 +1629,11 @@ impl Supervisor {
                 {
                     // (It is the restart a crash meanwhile was waiting for.)
                     self.restart_waiting = None;
-                    self.schedule_restart(generation, &format!("failed to start: {reason}"));
+                    // Unless the crash hit the start limit while this one
+                    // proved itself: the unit is failed and said so once.
+                    if self.unit_state != "failed" {
+                        self.schedule_restart(generation, &format!("failed to start: {reason}"));
+                    }
                 } else if for_health
                     && self
                         .active

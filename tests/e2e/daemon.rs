@@ -647,6 +647,57 @@ async fn a_crash_during_a_replacement_starts_no_second_process() {
     );
 }
 
+/// A start limit hit while a replacement proves itself is reported once:
+/// when that replacement then fails too, the unit is failed already, and
+/// its failure is its own event, not a second `start_limit_hit`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_failing_after_the_start_limit_is_not_a_second_limit_hit() {
+    let p = Project::python("", "[restart]\nlimit_burst = 1\nlimit_interval_s = 60\n");
+    p.append(
+        "src/pyworker.py",
+        "\n# START_DELAY_FILE=delay\n# HEALTH_FILE=health\n",
+    );
+    let d = Daemon::start(&p).await;
+    let pid1 = d.active_pid(1).await;
+    p.write("delay", "1500");
+    let waiting = d.ctl(&["restart", "--wait"]);
+    let crash = async {
+        // The replacement is under way (it takes 1.5 s to listen)...
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // ...when the active worker crashes: one start within the window
+        // is the limit, so the unit is failed at once...
+        sigkill(pid1);
+        d.wait_for("failed", |s| s.state == "failed").await;
+        // ...and the replacement, once it listens, is unhealthy.
+        p.write("health", "503");
+    };
+    let (out, _) = tokio::join!(waiting, crash);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success() && said.contains("healthz 503"),
+        "{said}"
+    );
+    let s = d.status().await;
+    assert_eq!(s.state, "failed", "{s:?}");
+    assert_eq!(
+        d.log().matches("event=\"start_limit_hit\"").count(),
+        1,
+        "{}",
+        d.log()
+    );
+    // A restart brings the failed unit back, as after any limit hit.
+    std::fs::remove_file(p.path("health")).expect("rm health");
+    p.write("delay", "0");
+    let out = d.ctl(&["restart", "--wait"]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(d.status().await.state, "running");
+    assert!(d.stop().await.success());
+}
+
 /// While a fresh process of the active generation proves itself beside
 /// the serving one, the status says so: which generation, which instance,
 /// why and for how long; and no longer once it has taken over.
