@@ -610,6 +610,26 @@ async fn a_replaced_batond_executable_does_not_break_its_workers() {
     assert!(d.stop().await.success());
 }
 
+/// `batonctl restart --wait` of a worker that reads `START_DELAY_FILE=delay`:
+/// the replacement takes 1.5 s to listen, and 300 ms into it the active
+/// worker (`pid`) is killed, after which `then` runs. What `batonctl` said.
+async fn restart_with_a_crash_meanwhile(
+    p: &Project,
+    d: &Daemon,
+    pid: u32,
+    then: impl std::future::Future<Output = ()>,
+) -> std::process::Output {
+    p.write("delay", "1500");
+    let waiting = d.ctl(&["restart", "--wait"]);
+    let crash = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        sigkill(pid);
+        then.await;
+    };
+    let (out, ()) = tokio::join!(waiting, crash);
+    out
+}
+
 /// A crash while a replacement of the same generation proves itself (here
 /// asked for with `batonctl restart`) starts no second process: the
 /// replacement takes over.
@@ -622,15 +642,7 @@ async fn a_crash_during_a_replacement_starts_no_second_process() {
     p.append("src/pyworker.py", "\n# START_DELAY_FILE=delay\n");
     let d = Daemon::start(&p).await;
     let pid1 = d.active_pid(1).await;
-    p.write("delay", "1500");
-    let waiting = d.ctl(&["restart", "--wait"]);
-    let crash = async {
-        // The replacement is under way (it takes 1.5 s to listen)...
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        // ...when the active worker crashes.
-        sigkill(pid1);
-    };
-    let (out, ()) = tokio::join!(waiting, crash);
+    let out = restart_with_a_crash_meanwhile(&p, &d, pid1, async {}).await;
     assert!(out.status.success(), "{out:?}");
     let s = d.wait_for("running", |s| s.state == "running").await;
     let a = s.active.expect("active");
@@ -659,19 +671,13 @@ async fn a_replacement_failing_after_the_start_limit_is_not_a_second_limit_hit()
     );
     let d = Daemon::start(&p).await;
     let pid1 = d.active_pid(1).await;
-    p.write("delay", "1500");
-    let waiting = d.ctl(&["restart", "--wait"]);
-    let crash = async {
-        // The replacement is under way (it takes 1.5 s to listen)...
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        // ...when the active worker crashes: one start within the window
-        // is the limit, so the unit is failed at once...
-        sigkill(pid1);
+    // One start within the window is the limit: the crash fails the unit
+    // at once, and the replacement, once it listens, is unhealthy.
+    let then = async {
         d.wait_for("failed", |s| s.state == "failed").await;
-        // ...and the replacement, once it listens, is unhealthy.
         p.write("health", "503");
     };
-    let (out, _) = tokio::join!(waiting, crash);
+    let out = restart_with_a_crash_meanwhile(&p, &d, pid1, then).await;
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
