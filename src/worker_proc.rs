@@ -1109,17 +1109,12 @@ async fn pump(
         let taken = words
             .as_ref()
             .is_some_and(|w| w.copied.lock().is_ok_and(|mut b| b.take(now)));
-        match shown.line(now, taken) {
-            Some(0) => {
-                let shown = without_timestamp(&line);
-                tracing::info!(target: "worker", generation, "[gen {generation}] {shown}");
-            }
-            Some(skipped) => {
-                let shown = without_timestamp(&line);
+        if let Some(skipped) = shown.line(now, taken) {
+            if skipped > 0 {
                 tracing::info!(target: "worker", generation, "[gen {generation}] ({skipped} lines not copied here; worker.log has them)");
-                tracing::info!(target: "worker", generation, "[gen {generation}] {shown}");
             }
-            None => {}
+            let copied = without_timestamp(&line);
+            tracing::info!(target: "worker", generation, "[gen {generation}] {copied}");
         }
         queue.offer(line);
         if ended {
