@@ -15,6 +15,7 @@
 //! | [`process`] | process groups, parent-death signal, the exec shim, stop |
 //! | [`probe`] | `/healthz` probes and the signature verdict |
 //! | [`pool`] | keep-alive HTTP/1.1 connections to one worker, driven by the task using them; request bodies that survive a refused connect |
+//! | [`h1`] | the lean HTTP/1.1 client for bodiless requests to a worker: the head written and the answer parsed in place |
 //! | [`router`] | the atomically swapped upstream and its traffic counters |
 //! | [`proxy`] | the public HTTP/WebSocket reverse proxy |
 //! | [`tunnel`] | upgraded connections copied both ways with no buffer per connection |
@@ -39,6 +40,7 @@ pub mod daemon;
 pub mod digest;
 pub mod endpoint;
 pub mod events;
+pub mod h1;
 pub mod headers;
 pub mod logging;
 pub mod pool;

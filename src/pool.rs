@@ -20,6 +20,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 
 use crate::endpoint::{Endpoint, Stream};
+use crate::h1::LeanConn;
 
 /// The error type of proxied bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -47,6 +48,19 @@ pub enum SendError {
     /// The exchange failed after the connection was made.
     #[error("{0}")]
     Http(#[from] hyper::Error),
+    /// A bodiless exchange (see [`crate::h1`]) failed after the connection
+    /// was made.
+    #[error("{0}")]
+    Lean(#[from] crate::h1::Error),
+}
+
+/// A connection taken from a pool for one request.
+#[derive(Debug)]
+pub enum Conn {
+    /// Through hyper's client: requests with a body, and upgrades.
+    Hyper(UpstreamConn),
+    /// Through [`crate::h1`]: a bodiless request.
+    Lean(Box<LeanConn>),
 }
 
 /// One keep-alive connection to a worker: the request handle and the
@@ -179,7 +193,7 @@ pub struct Pool {
 #[derive(Debug, Default)]
 struct Idle {
     /// Oldest first, each with when it went idle.
-    conns: Vec<(UpstreamConn, Duration)>,
+    conns: Vec<(Conn, Duration)>,
     /// Set once the worker no longer takes new requests: connections are
     /// closed when their last exchange ends, not kept.
     closed: bool,
@@ -196,7 +210,10 @@ impl Pool {
         })
     }
 
-    /// An idle connection ready for a request, or a new one.
+    /// An idle connection ready for a request, or a new one: for a
+    /// bodiless request that asks for no upgrade (`lean`), one hyper's
+    /// client does not hold if there is one; else one hyper's client
+    /// holds (a lean one is handed over to it).
     ///
     /// A connection idle for longer than the keep-alive timeout is not
     /// used: a worker that closes idle connections itself (Node's 5 s,
@@ -206,12 +223,27 @@ impl Pool {
     ///
     /// # Errors
     /// [`SendError`] when no connection can be made.
-    pub async fn checkout(&self) -> Result<UpstreamConn, SendError> {
+    pub async fn checkout(&self, lean: bool) -> Result<Conn, SendError> {
         // Newest first: the most recently used connection is the likeliest
         // to be alive. One that is closed or not ready is dropped.
-        while let Some(mut conn) = self.take_fresh() {
-            if conn.ready_now().await {
-                return Ok(conn);
+        while let Some(conn) = self.take_fresh() {
+            match conn {
+                Conn::Hyper(mut conn) => {
+                    if conn.ready_now().await {
+                        return Ok(Conn::Hyper(conn));
+                    }
+                }
+                Conn::Lean(mut conn) => {
+                    if !conn.is_idle() {
+                        continue;
+                    }
+                    if lean {
+                        return Ok(Conn::Lean(conn));
+                    }
+                    if let Some(io) = (*conn).into_io() {
+                        return Ok(Conn::Hyper(handshake(io).await?));
+                    }
+                }
             }
         }
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, self.endpoint.connect())
@@ -223,15 +255,10 @@ impl Pool {
                 ))
             })?
             .map_err(SendError::Connect)?;
-        let (sender, conn) = http1::Builder::new()
-            .writev(false)
-            .max_buf_size(MAX_BUF)
-            .handshake(TokioIo::new(stream))
-            .await?;
-        Ok(UpstreamConn {
-            sender,
-            driver: Driver::Inline(Box::new(conn)),
-        })
+        if lean {
+            return Ok(Conn::Lean(LeanConn::new(stream)));
+        }
+        Ok(Conn::Hyper(handshake(stream).await?))
     }
 
     /// Closes the idle connections and every one given back from now on:
@@ -260,7 +287,7 @@ impl Pool {
             return;
         }
         if conn.ready_now().now_or_never() == Some(true) {
-            self.keep(conn);
+            self.keep(Conn::Hyper(conn));
             return;
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
@@ -270,13 +297,18 @@ impl Pool {
         let busy = busy.take();
         rt.spawn(async move {
             if std::future::poll_fn(|cx| conn.poll_idle(cx)).await {
-                pool.keep(conn);
+                pool.keep(Conn::Hyper(conn));
             }
             drop(busy);
         });
     }
 
-    fn keep(&self, conn: UpstreamConn) {
+    /// Gives back a lean connection whose answer has been read whole.
+    pub fn keep_lean(&self, conn: Box<LeanConn>) {
+        self.keep(Conn::Lean(conn));
+    }
+
+    fn keep(&self, conn: Conn) {
         if let Ok(mut idle) = self.idle.lock()
             && !idle.closed
             && idle.conns.len() < MAX_IDLE
@@ -285,9 +317,21 @@ impl Pool {
         }
     }
 
+    /// How many idle connections wait, of each kind (hyper's, lean).
+    #[cfg(test)]
+    pub(crate) fn idle_kinds(&self) -> (usize, usize) {
+        let idle = self.idle.lock().expect("pool lock");
+        let lean = idle
+            .conns
+            .iter()
+            .filter(|(c, _)| matches!(c, Conn::Lean(_)))
+            .count();
+        (idle.conns.len() - lean, lean)
+    }
+
     /// The newest idle connection, unless it has been idle too long (then
     /// all are, and all are dropped).
-    fn take_fresh(&self) -> Option<UpstreamConn> {
+    fn take_fresh(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().ok()?;
         let (conn, since) = idle.conns.pop()?;
         if coarse_now().saturating_sub(since) > self.keepalive {
@@ -298,11 +342,64 @@ impl Pool {
     }
 }
 
+/// Puts hyper's HTTP/1.1 client on a connection.
+async fn handshake(stream: Stream) -> Result<UpstreamConn, SendError> {
+    let (sender, conn) = http1::Builder::new()
+        .writev(false)
+        .max_buf_size(MAX_BUF)
+        .handshake(TokioIo::new(stream))
+        .await?;
+    Ok(UpstreamConn {
+        sender,
+        driver: Driver::Inline(Box::new(conn)),
+    })
+}
+
 /// The monotonic clock as the kernel last ticked it: a few ms coarse, and
 /// cheaper to read than the exact one, on every request.
 fn coarse_now() -> Duration {
     use nix::time::{ClockId, clock_gettime};
     clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE).map_or(Duration::ZERO, Duration::from)
+}
+
+/// The body of a worker's answer: hyper's, or a lean exchange's.
+#[derive(Debug)]
+pub enum WorkerBody {
+    /// Read by hyper's client.
+    Hyper(Incoming),
+    /// Read by [`crate::h1`].
+    Lean(crate::h1::LeanBody),
+}
+
+impl Body for WorkerBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            WorkerBody::Hyper(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|o| o.map(|r| r.map_err(Into::into))),
+            WorkerBody::Lean(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            WorkerBody::Hyper(b) => b.is_end_stream(),
+            WorkerBody::Lean(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            WorkerBody::Hyper(b) => b.size_hint(),
+            WorkerBody::Lean(b) => b.size_hint(),
+        }
+    }
 }
 
 /// The body of a request to a worker: the client's, or none (a request

@@ -24,9 +24,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::h1::MAX_HEADER_LINES;
 use crate::headers;
 pub use crate::pool::BoxError;
-use crate::pool::{BodyProgress, BodyWatch, Pool, ReqBody, SendError, UpstreamConn};
+use crate::pool::{
+    BodyProgress, BodyWatch, Conn, Pool, ReqBody, SendError, UpstreamConn, WorkerBody,
+};
 use crate::router::{Router, Ticket, Upstream};
 /// The body of every response the proxy sends: a worker's, streamed, or a
 /// short one the proxy made itself. An enum rather than a boxed trait
@@ -347,8 +350,9 @@ impl Proxy {
             // that follow come after it: the answer, the error and the
             // request rebuilt would otherwise stay in the handler's state
             // through them (which each request moves).
-            let attempt = match upstream.pool.checkout().await {
-                Ok(mut conn) => {
+            let lean = upgrade.is_none() && req.body().is_end_stream();
+            let outcome = match upstream.pool.checkout(lean).await {
+                Ok(Conn::Hyper(mut conn)) => {
                     let answer = {
                         let mut answer = std::pin::pin!(conn.send(req));
                         let exchange =
@@ -359,68 +363,81 @@ impl Proxy {
                         // Nothing moved for the idle timeout (see
                         // `watch_connection`): the worker hangs.
                         None => return self.gateway_timeout(&upstream),
-                        Some(Ok(resp)) => break (resp, conn),
+                        Some(Ok(resp)) => Outcome::Answer(resp.map(WorkerBody::Hyper), Some(conn)),
+                        // Not sent (the connection closed first): the
+                        // request comes back whole, body included.
                         Some(Err(mut e)) => match e.take_message() {
-                            // Not sent (the connection closed first): the request
-                            // comes back whole, body included.
                             Some(back) => {
-                                req = back;
-                                Attempt::Refused(SendError::Http(e.into_error()), false)
+                                Outcome::Back(SendError::Http(e.into_error()), back, false)
                             }
-                            None => {
-                                let err = SendError::Http(e.into_error());
-                                // The client's body broke (bad chunked framing,
-                                // the client hung up mid-upload): the client's
-                                // fault, not the worker's.
-                                if bodies.errors.load(Ordering::Relaxed) != body_errors {
-                                    tracing::debug!(generation = upstream.generation, error = %err, "request body from the client failed");
-                                    return refuse(
-                                        StatusCode::BAD_REQUEST,
-                                        &format!(
-                                            "bad request: the request body could not be read: {}\n",
-                                            reason(&err)
-                                        ),
-                                    );
-                                }
-                                // The connection closed or was reset before any
-                                // answer, by a worker that was not stopped on
-                                // purpose: an idempotent request without a body
-                                // may be sent again, once (RFC 9110 §9.2.2: a
-                                // failed automatic retry is not retried). A
-                                // worker that crashed is out of the router
-                                // within moments (the supervisor hears of its
-                                // exit): then the request goes to its
-                                // replacement. One that lives on (a handler
-                                // that failed) gets it again itself. So a
-                                // request that itself crashes the worker costs
-                                // two crashes, not a crash loop, and one a live
-                                // worker drops is sent twice, not more. An
-                                // answer that is not HTTP is no reset: never
-                                // sent again. Not so either for a draining
-                                // worker cut at its drain timeout.
-                                match &replay {
-                                    Some((m, u, h))
-                                        if !sent_again
-                                            && connection_lost(&err)
-                                            && !upstream.is_retired() =>
-                                    {
-                                        sent_again = true;
-                                        let mut again = Request::new(ReqBody::Empty);
-                                        *again.method_mut() = m.clone();
-                                        *again.uri_mut() = u.clone();
-                                        *again.headers_mut() = h.clone();
-                                        req = again;
-                                        tracing::info!(generation = upstream.generation, error = %err, "sending an idempotent request again");
-                                        Attempt::Again
-                                    }
-                                    _ => return self.bad_gateway(&upstream, &err),
-                                }
-                            }
+                            None => Outcome::Failed(SendError::Http(e.into_error())),
                         },
                     }
                 }
+                Ok(Conn::Lean(conn)) => {
+                    let exchange = crate::h1::exchange(conn, req, &upstream.pool);
+                    match until_idle(std::pin::pin!(exchange), activity).await {
+                        None => return self.gateway_timeout(&upstream),
+                        Some(Ok(resp)) => Outcome::Answer(resp.map(WorkerBody::Lean), None),
+                        Some(Err((e, Some(back)))) => {
+                            Outcome::Back(SendError::Lean(e), back, false)
+                        }
+                        Some(Err((e, None))) => Outcome::Failed(SendError::Lean(e)),
+                    }
+                }
                 // Refused: the request never left.
-                Err(e) => Attempt::Refused(e, true),
+                Err(e) => Outcome::Back(e, req, true),
+            };
+            let attempt = match outcome {
+                Outcome::Answer(resp, conn) => break (resp, conn),
+                Outcome::Back(e, back, refused_conn) => {
+                    req = back;
+                    Attempt::Refused(e, refused_conn)
+                }
+                Outcome::Failed(err) => {
+                    // The client's body broke (bad chunked framing, the
+                    // client hung up mid-upload): the client's fault, not
+                    // the worker's.
+                    if bodies.errors.load(Ordering::Relaxed) != body_errors {
+                        tracing::debug!(generation = upstream.generation, error = %err, "request body from the client failed");
+                        return refuse(
+                            StatusCode::BAD_REQUEST,
+                            &format!(
+                                "bad request: the request body could not be read: {}\n",
+                                reason(&err)
+                            ),
+                        );
+                    }
+                    // The connection closed or was reset before any
+                    // answer, by a worker that was not stopped on purpose:
+                    // an idempotent request without a body may be sent
+                    // again, once (RFC 9110 §9.2.2: a failed automatic
+                    // retry is not retried). A worker that crashed is out
+                    // of the router within moments (the supervisor hears
+                    // of its exit): then the request goes to its
+                    // replacement. One that lives on (a handler that
+                    // failed) gets it again itself. So a request that
+                    // itself crashes the worker costs two crashes, not a
+                    // crash loop, and one a live worker drops is sent
+                    // twice, not more. An answer that is not HTTP is no
+                    // reset: never sent again. Not so either for a
+                    // draining worker cut at its drain timeout.
+                    match &replay {
+                        Some((m, u, h))
+                            if !sent_again && connection_lost(&err) && !upstream.is_retired() =>
+                        {
+                            sent_again = true;
+                            let mut again = Request::new(ReqBody::Empty);
+                            *again.method_mut() = m.clone();
+                            *again.uri_mut() = u.clone();
+                            *again.headers_mut() = h.clone();
+                            req = again;
+                            tracing::info!(generation = upstream.generation, error = %err, "sending an idempotent request again");
+                            Attempt::Again
+                        }
+                        _ => return self.bad_gateway(&upstream, &err),
+                    }
+                }
             };
             let (failure, refused_conn) = match attempt {
                 Attempt::Refused(failure, refused_conn) => (failure, refused_conn),
@@ -497,7 +514,7 @@ impl Proxy {
                     first: None,
                     first_other: None,
                     ticket: Some(ticket),
-                    conn: Some((conn, upstream.pool.clone())),
+                    conn: conn.map(|c| (c, upstream.pool.clone())),
                     done: false,
                     failed: None,
                     generation: upstream.generation,
@@ -517,7 +534,7 @@ impl Proxy {
     /// both ways in a task of that generation's tracker.
     fn tunnel(
         &self,
-        mut resp: Response<Incoming>,
+        mut resp: Response<WorkerBody>,
         proto: HeaderValue,
         inbound: hyper::upgrade::OnUpgrade,
         upstream: &Arc<Upstream>,
@@ -903,6 +920,18 @@ impl Body for ClientBody {
     }
 }
 
+/// How one attempt to send a request to a worker ended.
+enum Outcome {
+    /// The answer's head, and the connection hyper's client reads its
+    /// body from (a lean answer's body holds its own).
+    Answer(Response<WorkerBody>, Option<UpstreamConn>),
+    /// Not sent: the error, the request, and whether the worker refused
+    /// the connection.
+    Back(SendError, Request<ReqBody>, bool),
+    /// Failed after it was sent (in part or whole).
+    Failed(SendError),
+}
+
 /// What follows a failed attempt to send a request to a worker.
 enum Attempt {
     /// Reset before any answer: the request (rebuilt) goes again, once.
@@ -1076,18 +1105,14 @@ fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, &'static
 /// worker again.
 const CRASH_GRACE: Duration = Duration::from_millis(100);
 
-/// The most header lines a request or a worker's response head may have:
-/// hyper's default, kept (a larger limit costs a heap buffer per parsed
-/// head). HAProxy's is the same (`tune.http.maxhdr` 101, with the request
-/// line); a request over it gets 431, a response over it 502.
-const MAX_HEADER_LINES: usize = 100;
-
 /// Whether an exchange failed because the connection closed or was reset
 /// before an answer came, rather than because of what came (an answer
 /// that is not HTTP, a body that broke).
 fn connection_lost(e: &SendError) -> bool {
-    let SendError::Http(e) = e else {
-        return false;
+    let e = match e {
+        SendError::Http(e) => e,
+        SendError::Lean(e) => return e.connection_lost(),
+        SendError::Connect(_) => return false,
     };
     if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
         return true;
@@ -1114,9 +1139,12 @@ fn millis(d: Duration) -> u64 {
 
 fn reason(e: &SendError) -> String {
     // hyper says "message head is too large" for too many lines too.
-    if let SendError::Http(h) = e
-        && h.is_parse_too_large()
-    {
+    let too_large = match e {
+        SendError::Http(h) => h.is_parse_too_large(),
+        SendError::Lean(l) => matches!(l, crate::h1::Error::TooLarge),
+        SendError::Connect(_) => false,
+    };
+    if too_large {
         return format!(
             "its response head is too large (over {} KiB, or over {} header lines)",
             crate::pool::MAX_BUF / 1024,
@@ -1163,7 +1191,7 @@ fn empty() -> ProxyBody {
 /// the whole body: at once when it came with the head (see
 /// [`Guarded::prefetch`]), else at the end.
 pub struct Guarded {
-    inner: Incoming,
+    inner: WorkerBody,
     /// Data taken off `inner` before hyper asked (see
     /// [`Guarded::prefetch`]), given first.
     first: Option<Bytes>,
@@ -1224,11 +1252,11 @@ impl Body for Guarded {
                 // The client sees a cut response; the operator sees it here.
                 this.metrics.cut_responses.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(generation = this.generation, error = %e, "the worker broke off a response after its head");
-                this.failed = Some(e.into());
+                this.failed = Some(e);
                 cx.waker().wake_by_ref();
                 Poll::Pending
             }
-            r => r.map(|o| o.map(|r| r.map_err(Into::into))),
+            r => r,
         }
     }
 
