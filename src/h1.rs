@@ -46,6 +46,8 @@ use crate::pool::{BoxError, MAX_BUF, Pool, ReqBody};
 /// with the request line); a request over it gets 431, an answer over it
 /// 502.
 pub const MAX_HEADER_LINES: usize = 100;
+/// Header lines whose places are kept on the stack; more go to the heap.
+const FEW_HEADERS: usize = 24;
 /// The first read of an answer: most fit.
 const FIRST_READ: usize = 8 * 1024;
 /// The longest chunk-size line (with its extensions) taken.
@@ -235,12 +237,17 @@ enum Parsed {
 /// Parses the answer's head at the start of `buf`.
 fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
     // Where each header's name and value lie in `buf`: the head becomes
-    // one shared `Bytes`, and each value a slice of it.
-    let mut at = [(0usize, 0usize, 0usize, 0usize); MAX_HEADER_LINES];
+    // one shared `Bytes`, and each value a slice of it. Most answers have
+    // a few headers: room for more is made only when they come.
+    let mut at = [(0u32, 0u32, 0u32, 0u32); FEW_HEADERS];
+    let mut more = Vec::new();
     let (len, code, version, reason, count) = {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADER_LINES];
-        let mut r = httparse::Response::new(&mut headers);
-        let len = match r.parse(buf) {
+        // Not zeroed first (httparse writes each before it is read).
+        let mut lines = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADER_LINES];
+        let mut r = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut r, buf, &mut lines);
+        let len = match parsed {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
             Err(httparse::Error::TooManyHeaders) => return Err(Error::TooLarge),
@@ -249,10 +256,21 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
             Err(_) => return Err(Error::Invalid("bad status line or header")),
         };
         let base = buf.as_ptr().addr();
-        for (slot, h) in at.iter_mut().zip(r.headers.iter()) {
-            let name = h.name.as_ptr().addr() - base;
-            let value = h.value.as_ptr().addr() - base;
-            *slot = (name, name + h.name.len(), value, value + h.value.len());
+        // Offsets within the buffer, which is far below 4 GiB (MAX_BUF).
+        let offset = |p: *const u8| u32::try_from(p.addr() - base).unwrap_or(u32::MAX);
+        for (i, h) in r.headers.iter().enumerate() {
+            let name = offset(h.name.as_ptr());
+            let value = offset(h.value.as_ptr());
+            let span = (
+                name,
+                name + h.name.len() as u32,
+                value,
+                value + h.value.len() as u32,
+            );
+            match at.get_mut(i) {
+                Some(slot) => *slot = span,
+                None => more.push(span),
+            }
         }
         let reason = r.reason.unwrap_or("").as_bytes();
         let reason = (!reason.is_empty()).then(|| {
@@ -279,7 +297,8 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
     };
     let mut headers = HeaderMap::with_capacity(count);
     let (mut close, mut keep) = (false, false);
-    for &(n0, n1, v0, v1) in &at[..count] {
+    for &(n0, n1, v0, v1) in at.iter().take(count).chain(&more) {
+        let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
         let name =
             HeaderName::from_bytes(&head[n0..n1]).map_err(|_| Error::Invalid("bad header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))

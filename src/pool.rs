@@ -2,8 +2,11 @@
 //!
 //! Each [`Upstream`](crate::router::Upstream) owns one pool, so a worker's
 //! idle connections die with it and never outlive a generation. Connections
-//! are plain HTTP/1.1 (`hyper::client::conn::http1`), which keeps the proxy
-//! lean: no HTTP/2 machinery is linked into `batond`.
+//! are plain HTTP/1.1, which keeps the proxy lean: no HTTP/2 machinery is
+//! linked into `batond`. A bodiless request that asks for no upgrade goes
+//! through [`crate::h1`]; any other through hyper's client
+//! (`hyper::client::conn::http1`), to which an idle lean connection is
+//! handed over when such a request takes it (one pool holds both kinds).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -3161,6 +3161,33 @@ async fn idle_worker_connections_are_not_used_past_the_keepalive_timeout() {
     assert_ne!(later, again, "a connection idle past the timeout was used");
 }
 
+/// A bodiless request goes through batond's lean client, one with a body
+/// through hyper's; one worker connection serves both in turn (the lean
+/// client hands an idle connection over), and each answer arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_connection_serves_bodiless_requests_and_uploads_in_turn() {
+    let p = Project::python("", "");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    let port = |who: serde_json::Value| who["peer_port"].as_u64().expect("peer_port");
+    let first = port(whoami(d.addr).await.2);
+    for round in 0..2 {
+        let r = raw_request(
+            d.addr,
+            "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(r.ends_with("\r\n\r\nhello"), "{r}");
+        let lower = r.to_ascii_lowercase();
+        assert!(
+            lower.contains(&format!("x-peer-port: {first}\r\n")),
+            "round {round}: the upload came on another connection than {first}: {r}"
+        );
+        assert_eq!(port(whoami(d.addr).await.2), first, "round {round}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_stream_both_ways_and_upstream_failures_are_502() {
     use http_body_util::BodyExt;
