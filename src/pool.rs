@@ -243,8 +243,13 @@ impl Pool {
                     if lean {
                         return Ok(Conn::Lean(conn));
                     }
-                    if let Some(io) = (*conn).into_io() {
-                        return Ok(Conn::Hyper(handshake(io).await?));
+                    // Handed over to hyper's client; one that cannot be is
+                    // dropped like a closed one (the error is not the
+                    // worker refusing connections).
+                    if let Some(io) = (*conn).into_io()
+                        && let Ok(conn) = handshake(io).await
+                    {
+                        return Ok(Conn::Hyper(conn));
                     }
                 }
             }
