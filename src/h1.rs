@@ -38,6 +38,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::either::Either;
 
 use crate::endpoint::Stream;
+use crate::headers;
 use crate::pool::{BoxError, MAX_BUF, Pool, ReqBody};
 
 /// The most header lines a request or a worker's answer head (or its
@@ -304,8 +305,8 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
         let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
             .map_err(|_| Error::Invalid("bad header value"))?;
         if name == CONNECTION {
-            close |= has_token(&value, "close");
-            keep |= has_token(&value, "keep-alive");
+            close |= headers::lists_token(&value, "close");
+            keep |= headers::lists_token(&value, "keep-alive");
         }
         headers.append(name, value);
     }
@@ -378,13 +379,6 @@ fn digits(s: &str) -> Option<u64> {
         return None;
     }
     s.parse().ok()
-}
-
-/// Whether a comma-separated header value names `token`.
-fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value
-        .to_str()
-        .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 #[derive(Debug)]

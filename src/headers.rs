@@ -72,13 +72,22 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     let connection_upgrade = headers
         .get_all(header::CONNECTION)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
+        .any(|v| lists_token(v, "upgrade"));
     if connection_upgrade {
         headers.get(header::UPGRADE).cloned()
     } else {
         None
     }
+}
+
+/// Whether a comma-separated value (`Connection`, say) lists `token`,
+/// in any case. Split as bytes: a line with an obs-text byte still names
+/// its other tokens.
+pub fn lists_token(value: &HeaderValue, token: &str) -> bool {
+    value
+        .as_bytes()
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Whether `chosen` (a 101's `Upgrade`) is one of the protocols `offered`

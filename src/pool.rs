@@ -370,45 +370,9 @@ fn coarse_now() -> Duration {
     clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE).map_or(Duration::ZERO, Duration::from)
 }
 
-/// The body of a worker's answer: hyper's, or a lean exchange's.
-#[derive(Debug)]
-pub enum WorkerBody {
-    /// Read by hyper's client.
-    Hyper(Incoming),
-    /// Read by [`crate::h1`].
-    Lean(crate::h1::LeanBody),
-}
-
-impl Body for WorkerBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            WorkerBody::Hyper(b) => Pin::new(b)
-                .poll_frame(cx)
-                .map(|o| o.map(|r| r.map_err(Into::into))),
-            WorkerBody::Lean(b) => Pin::new(b).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            WorkerBody::Hyper(b) => b.is_end_stream(),
-            WorkerBody::Lean(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            WorkerBody::Hyper(b) => b.size_hint(),
-            WorkerBody::Lean(b) => b.size_hint(),
-        }
-    }
-}
+/// The body of a worker's answer: hyper's (`Left`), or a lean exchange's
+/// (`Right`); either one's error boxed.
+pub type WorkerBody = http_body_util::Either<Incoming, crate::h1::LeanBody>;
 
 /// The body of a request to a worker: the client's, or none (a request
 /// sent again after its first attempt was reset).

@@ -363,7 +363,7 @@ impl Proxy {
                         // Nothing moved for the idle timeout (see
                         // `watch_connection`): the worker hangs.
                         None => return self.gateway_timeout(&upstream),
-                        Some(Ok(resp)) => Outcome::Answer(resp.map(WorkerBody::Hyper), Some(conn)),
+                        Some(Ok(resp)) => Outcome::Answer(resp.map(WorkerBody::Left), Some(conn)),
                         // Not sent (the connection closed first): the
                         // request comes back whole, body included.
                         Some(Err(mut e)) => match e.take_message() {
@@ -378,7 +378,7 @@ impl Proxy {
                     let exchange = crate::h1::exchange(conn, req, &upstream.pool);
                     match until_idle(std::pin::pin!(exchange), activity).await {
                         None => return self.gateway_timeout(&upstream),
-                        Some(Ok(resp)) => Outcome::Answer(resp.map(WorkerBody::Lean), None),
+                        Some(Ok(resp)) => Outcome::Answer(resp.map(WorkerBody::Right), None),
                         Some(Err((e, Some(back)))) => {
                             Outcome::Back(SendError::Lean(e), back, false)
                         }
