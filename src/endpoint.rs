@@ -20,11 +20,13 @@ use std::sync::Arc;
 use tokio::net::{TcpStream, UnixStream};
 use tokio_util::either::Either;
 
+use crate::unixconn::UnixConn;
+
 /// The longest path a Unix socket address holds (`sun_path`, less its NUL).
 pub const UNIX_PATH_MAX: usize = 107;
 
 /// A connection to a worker.
-pub type Stream = Either<TcpStream, UnixStream>;
+pub type Stream = Either<TcpStream, UnixConn>;
 
 /// A worker's listening address.
 #[derive(Debug, Clone)]
@@ -161,7 +163,9 @@ impl Endpoint {
                 let _ = s.set_nodelay(true);
                 Ok(Either::Left(s))
             }
-            Endpoint::Unix(u) => Ok(Either::Right(UnixStream::connect(&u.addr).await?)),
+            Endpoint::Unix(u) => Ok(Either::Right(UnixConn::new(
+                UnixStream::connect(&u.addr).await?,
+            )?)),
         }
     }
 
@@ -219,7 +223,7 @@ mod tests {
                 l
             })
             .expect("register");
-            Either::Right(l.accept().await.expect("accept").0)
+            Either::Right(UnixConn::new(l.accept().await.expect("accept").0).expect("watch"))
         } else {
             let l = tokio::net::TcpListener::from_std({
                 let l = std::net::TcpListener::from(fd);

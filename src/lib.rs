@@ -18,6 +18,7 @@
 //! | [`h1`] | the lean HTTP/1.1 client for bodiless requests to a worker: the head written and the answer parsed in place |
 //! | [`router`] | the atomically swapped upstream and its traffic counters |
 //! | [`proxy`] | the public HTTP/WebSocket reverse proxy |
+//! | [`unixconn`] | a Unix stream socket watched for reading only, and for room only while a write waits (both ends of a worker connection) |
 //! | [`tunnel`] | upgraded connections copied both ways with no buffer per connection |
 //! | [`headers`] | hop-by-hop and forwarding headers (RFC 9110) |
 //! | [`logging`] | stderr logging through a writer thread: a stalled log reader never stalls traffic |
@@ -53,6 +54,7 @@ pub mod supervisor;
 pub mod systemd;
 pub mod tunnel;
 pub mod twilio;
+pub mod unixconn;
 pub mod watch;
 pub mod worker;
 pub mod worker_proc;

@@ -17,7 +17,6 @@
 
 pub mod call;
 pub mod config;
-pub mod conn;
 pub mod http;
 pub mod pacer;
 pub mod pipeline;
@@ -38,7 +37,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::unixconn::UnixConn;
+
 pub use config::Config;
+
+/// A connection the worker accepted: loopback TCP, or a Unix socket
+/// watched for reading only (see [`crate::unixconn`]).
+pub type Conn = tokio_util::either::Either<tokio::net::TcpStream, UnixConn>;
 
 /// Why the worker could not run.
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +109,7 @@ impl Listener {
         })
     }
 
-    async fn accept(&self) -> std::io::Result<(conn::Conn, Peer)> {
+    async fn accept(&self) -> std::io::Result<(Conn, Peer)> {
         use tokio_util::either::Either;
         match self {
             Listener::Tcp(l) => {
@@ -113,7 +118,7 @@ impl Listener {
                 Ok((Either::Left(s), Peer::Tcp(peer)))
             }
             Listener::Unix(l) => Ok((
-                Either::Right(conn::UnixConn::new(l.accept().await?.0)?),
+                Either::Right(UnixConn::new(l.accept().await?.0)?),
                 Peer::Unix,
             )),
         }
@@ -123,7 +128,7 @@ impl Listener {
 /// Waits until `stream` has bytes to read, or is closed. Readiness alone
 /// can be spurious (a new socket is reported readable at once), so each
 /// time it is checked with a peek, which reads nothing.
-async fn first_bytes(stream: &conn::Conn) -> std::io::Result<()> {
+async fn first_bytes(stream: &Conn) -> std::io::Result<()> {
     use std::os::fd::{AsFd, AsRawFd};
     use tokio::io::Interest;
     use tokio_util::either::Either;
