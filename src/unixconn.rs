@@ -159,9 +159,9 @@ impl AsyncRead for UnixConn {
                     // stream read takes all there is, up to the size). The
                     // next read waits for the next event instead of
                     // finding out with a read that fails, as tokio's own
-                    // streams do. Bytes come after this read raise a new
-                    // event, and a clear of a reading older than that event
-                    // is ignored. An end of stream stays readable.
+                    // streams do. Bytes that come after this read raise a
+                    // new event, and a clear of a reading older than that
+                    // event is ignored. An end of stream stays readable.
                     if n > 0 && n < want {
                         guard.clear_ready();
                     }
