@@ -78,14 +78,7 @@ impl UnixConn {
     /// # Errors
     /// The read's error, or `WouldBlock`.
     pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-            Poll::Ready(Err(e)) => Err(e),
-            Poll::Ready(Ok(mut guard)) => guard
-                .try_io(|s| s.get_ref().read(buf))
-                .unwrap_or_else(|_| Err(io::ErrorKind::WouldBlock.into())),
-        }
+        self.io.try_io(Interest::READABLE, |mut s| s.read(buf))
     }
 
     /// Writes with `f`, first without asking, then each time there is room.
