@@ -6,7 +6,8 @@
 //! [`crate::router`]). While there is none (a crash restart), it waits up to
 //! `hold_timeout` and then gets 503 with `Retry-After`. An upstream that fails
 //! mid-request gives 502 with a short reason; a malformed request gets 400
-//! from hyper and the listener lives on.
+//! from hyper (431 or 414 for a head over the limits), is counted and
+//! logged with what was wrong, and the listener lives on.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -90,6 +91,9 @@ pub struct ProxyMetrics {
     pub upgrades: AtomicU64,
     /// Connections accepted.
     pub connections: AtomicU64,
+    /// Requests refused before any handler saw them: not HTTP/1.x, or a
+    /// head over the limits (hyper answers 400, 414 or 431 and closes).
+    pub malformed: AtomicU64,
 }
 
 /// The proxy's time limits (see [`crate::config::DaemonConfig`]).
@@ -124,6 +128,8 @@ pub struct Proxy {
     idle_ms: AtomicU64,
     /// Counters for `/metrics`.
     pub metrics: Arc<ProxyMetrics>,
+    /// Malformed requests said in the log: at most one line a second.
+    malformed_log: std::sync::Mutex<LogLimit>,
 }
 
 // === impl Proxy ===
@@ -137,6 +143,7 @@ impl Proxy {
             header_ms: AtomicU64::new(millis(t.header)),
             idle_ms: AtomicU64::new(millis(t.idle)),
             metrics: Arc::default(),
+            malformed_log: std::sync::Mutex::default(),
         })
     }
 
@@ -238,7 +245,7 @@ impl Proxy {
                 seen,
                 (self.header_timeout(), self.idle_timeout()),
                 stop.clone(),
-                peer,
+                (peer, self.clone()),
             ));
         }
         drop(listener);
@@ -246,6 +253,26 @@ impl Proxy {
         conns.close();
         if tokio::time::timeout(grace, conns.wait()).await.is_err() {
             tracing::warn!(?grace, "connections still open at shutdown; closing them");
+        }
+    }
+
+    /// A client connection that ended on a request hyper could not parse
+    /// (it has answered it itself, with an empty body): counted, and said
+    /// in the log with the client's address and what was wrong, at most
+    /// once a second (a scanner's stream of them is one line a second,
+    /// with how many came since the line before).
+    fn refused_malformed(&self, peer: &std::net::SocketAddr, e: &hyper::Error) {
+        self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+        let due = self
+            .malformed_log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .due(std::time::Instant::now());
+        let Some(more) = due else { return };
+        if more > 0 {
+            tracing::info!(%peer, error = %e, unlogged_before = more, "refused a malformed request");
+        } else {
+            tracing::info!(%peer, error = %e, "refused a malformed request");
         }
     }
 
@@ -630,7 +657,7 @@ async fn watch_connection<C>(
     activity: Arc<Activity>,
     (timeout, idle): (Duration, Duration),
     stop: Arc<Stop>,
-    peer: std::net::SocketAddr,
+    (peer, proxy): (std::net::SocketAddr, Arc<Proxy>),
 ) where
     C: Future<Output = hyper::Result<()>>,
 {
@@ -751,8 +778,10 @@ async fn watch_connection<C>(
             }
         }
     };
-    if let Err(e) = r {
-        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    match r {
+        Err(e) if e.is_parse() => proxy.refused_malformed(&peer, &e),
+        Err(e) => tracing::debug!(%peer, error = %e, "client connection ended with an error"),
+        Ok(()) => {}
     }
 }
 
@@ -775,6 +804,32 @@ fn stalled(activity: &Activity, peer: &std::net::SocketAddr, idle: Duration) -> 
     } else {
         tracing::info!(%peer, ?idle, "dropping a client connection whose answer moved no byte for the idle timeout");
         true
+    }
+}
+
+/// One log line a second at most for a kind of event that a client can
+/// cause at will (a scanner's malformed requests): the first is said, the
+/// ones within the next second are counted, and the next line says how
+/// many there were.
+#[derive(Debug, Default)]
+struct LogLimit {
+    said_at: Option<std::time::Instant>,
+    unsaid: u64,
+}
+
+impl LogLimit {
+    /// An event at `now`: `Some(unsaid before it)` when a line is due,
+    /// `None` when it is only counted.
+    fn due(&mut self, now: std::time::Instant) -> Option<u64> {
+        if self
+            .said_at
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
+        {
+            self.unsaid += 1;
+            return None;
+        }
+        self.said_at = Some(now);
+        Some(std::mem::take(&mut self.unsaid))
     }
 }
 
@@ -1321,5 +1376,27 @@ impl Drop for Guarded {
         {
             pool.checkin(conn, &mut self.ticket);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_of_malformed_requests_is_one_log_line_a_second() {
+        let t0 = std::time::Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut limit = LogLimit::default();
+        assert_eq!(limit.due(at(0)), Some(0), "the first is said");
+        assert_eq!(limit.due(at(10)), None);
+        assert_eq!(limit.due(at(999)), None);
+        assert_eq!(limit.due(at(1000)), Some(2), "with the two unsaid");
+        assert_eq!(limit.due(at(1500)), None);
+        assert_eq!(limit.due(at(5000)), Some(1));
+        assert_eq!(limit.due(at(6000)), Some(0));
+        // A clock read behind the last line (another thread's) counts as
+        // within its second.
+        assert_eq!(limit.due(at(5999)), None);
     }
 }

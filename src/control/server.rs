@@ -560,7 +560,7 @@ fn metrics(s: &Status, job: &Job) -> Response<ProxyBody> {
     let m = &job.proxy.metrics;
     let live = || s.active.iter().chain(&s.draining);
     let count = |state| s.history.iter().filter(|g| g.state == state).count() as u64;
-    let rows: [(&str, &str, &str, u64); 20] = [
+    let rows: [(&str, &str, &str, u64); 21] = [
         (
             "baton_requests_total",
             "counter",
@@ -602,6 +602,12 @@ fn metrics(s: &Status, job: &Job) -> Response<ProxyBody> {
             "counter",
             "Client connections accepted.",
             m.connections.load(Ordering::Relaxed),
+        ),
+        (
+            "baton_malformed_requests_total",
+            "counter",
+            "Requests refused before any handler saw them: not HTTP/1.x, or a head over the limits (400, 414 or 431).",
+            m.malformed.load(Ordering::Relaxed),
         ),
         (
             "baton_deploys_active_total",

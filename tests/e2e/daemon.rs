@@ -2734,6 +2734,28 @@ async fn control_socket_metrics_logs_and_restart() {
             &text[..text.len().min(200)]
         );
     }
+    // Both refusals are counted, and the log names the client and what
+    // was wrong (the first one at least: a second one within the same
+    // second is told with the next line; see `proxy::LogLimit`).
+    assert!(
+        d.log_shows("refused a malformed request").await,
+        "{}",
+        d.log()
+    );
+    let log = d.log();
+    let first = log
+        .lines()
+        .find(|l| l.contains("refused a malformed request"))
+        .expect("logged");
+    assert!(first.contains("peer=127.0.0.1:"), "{first}");
+    assert!(first.contains("error=invalid HTTP"), "{first}");
+    let (_, text) = baton::control::client::call_text(&d.socket, http::Method::GET, "/metrics")
+        .await
+        .expect("metrics");
+    assert!(
+        text.contains("\nbaton_malformed_requests_total 2\n"),
+        "{text}"
+    );
     assert_eq!(
         d.get("/healthz").await.0,
         StatusCode::OK,
