@@ -92,7 +92,8 @@ pub struct ProxyMetrics {
     /// Connections accepted.
     pub connections: AtomicU64,
     /// Requests refused before any handler saw them: not HTTP/1.x, or a
-    /// head over the limits (hyper answers 400, 414 or 431 and closes).
+    /// head over the limits (hyper answers 400, 414 or 431 and closes; an
+    /// HTTP/2 preface is closed without an answer).
     pub malformed: AtomicU64,
 }
 

@@ -606,7 +606,7 @@ fn metrics(s: &Status, job: &Job) -> Response<ProxyBody> {
         (
             "baton_malformed_requests_total",
             "counter",
-            "Requests refused before any handler saw them: not HTTP/1.x, or a head over the limits (400, 414 or 431).",
+            "Requests refused before any handler saw them: not HTTP/1.x, or a head over the limits (400, 414 or 431; an HTTP/2 preface gets no answer).",
             m.malformed.load(Ordering::Relaxed),
         ),
         (
