@@ -223,6 +223,10 @@ impl Proxy {
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
             let activity = Arc::new(Activity::default());
             let seen = activity.clone();
+            let stream = FirstByte {
+                io: stream,
+                activity: Some(activity.clone()),
+            };
             let service = hyper::service::service_fn(move |req| {
                 let proxy = proxy.clone();
                 let client = client.clone();
@@ -262,7 +266,12 @@ impl Proxy {
     /// in the log with the client's address and what was wrong, at most
     /// once a second (a scanner's stream of them is one line a second,
     /// with how many came since the line before).
-    fn refused_malformed(&self, peer: &std::net::SocketAddr, e: &hyper::Error) {
+    fn refused_malformed(
+        &self,
+        peer: &std::net::SocketAddr,
+        e: &hyper::Error,
+        hint: Option<&'static str>,
+    ) {
         self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
         let due = self
             .malformed_log
@@ -270,10 +279,17 @@ impl Proxy {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .due(std::time::Instant::now());
         let Some(more) = due else { return };
-        if more > 0 {
-            tracing::info!(%peer, error = %e, unlogged_before = more, "refused a malformed request");
-        } else {
-            tracing::info!(%peer, error = %e, "refused a malformed request");
+        match (more, hint) {
+            (0, None) => tracing::info!(%peer, error = %e, "refused a malformed request"),
+            (0, Some(hint)) => {
+                tracing::info!(%peer, error = %e, hint, "refused a malformed request");
+            }
+            (more, None) => {
+                tracing::info!(%peer, error = %e, unlogged_before = more, "refused a malformed request");
+            }
+            (more, Some(hint)) => {
+                tracing::info!(%peer, error = %e, hint, unlogged_before = more, "refused a malformed request");
+            }
         }
     }
 
@@ -780,11 +796,18 @@ async fn watch_connection<C>(
         }
     };
     match r {
-        Err(e) if e.is_parse() => proxy.refused_malformed(&peer, &e),
+        Err(e) if e.is_parse() => {
+            let first = activity.first_byte.load(Ordering::Relaxed);
+            proxy.refused_malformed(&peer, &e, (first == 0x116).then_some(TLS_ON_PLAIN));
+        }
         Err(e) => tracing::debug!(%peer, error = %e, "client connection ended with an error"),
         Ok(()) => {}
     }
 }
+
+/// What a refused request that began as a TLS handshake is said to be.
+const TLS_ON_PLAIN: &str = "it began as a TLS handshake: this listener speaks plain HTTP; \
+     put the TLS terminator in front of it, or point it at http://, not https://";
 
 /// How long, at most, an upgraded connection whose worker has exited is
 /// still relayed: what the worker wrote before it went reaches the caller
@@ -885,11 +908,69 @@ struct Activity {
     /// up. No waker is needed: the handler runs inside the connection
     /// future the watcher polls right after setting it.
     give_up: AtomicBool,
+    /// The first byte the client sent, plus 0x100 (0: none yet).
+    first_byte: std::sync::atomic::AtomicU16,
 }
 
-/// Adds one to a counter only this connection's task writes: a plain load
-/// and store, no locked instruction (the watcher, in the same task, only
-/// reads it).
+/// A client's stream that notes the first byte the client sent, so that a
+/// request hyper could not parse is told apart when it was no HTTP at all
+/// (a TLS handshake on this plain-HTTP listener begins with 0x16). One
+/// branch per read after that.
+struct FirstByte {
+    io: tokio::net::TcpStream,
+    /// Where the byte goes; taken once it is noted.
+    activity: Option<Arc<Activity>>,
+}
+
+impl tokio::io::AsyncRead for FirstByte {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if this.activity.is_some()
+            && let Some(&b) = buf.filled().get(before)
+            && let Some(a) = this.activity.take()
+        {
+            a.first_byte.store(0x100 | u16::from(b), Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for FirstByte {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
 /// TCP keepalive on a client connection: a peer that vanished without a
 /// FIN or a reset (a NAT that forgot it, a host powered off) is found out
 /// about two minutes after it went quiet (60 s, then 6 probes 10 s apart),
@@ -903,6 +984,9 @@ fn keepalive(stream: &tokio::net::TcpStream) {
     let _ = setsockopt(stream, sockopt::TcpKeepCount, &6);
 }
 
+/// Adds one to a counter only this connection's task writes: a plain load
+/// and store, no locked instruction (the watcher, in the same task, only
+/// reads it).
 fn bump(counter: &AtomicU64) {
     counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
 }

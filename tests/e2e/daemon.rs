@@ -2769,6 +2769,25 @@ async fn control_socket_metrics_logs_and_restart() {
         text.contains("\nbaton_malformed_requests_total 2\n"),
         "{text}"
     );
+    // A TLS handshake sent to the plain-HTTP listener (an `https://` URL
+    // for it) is said to be one. (A second after the first line, so this
+    // one is said at once.)
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let text = raw_request(d.addr, "\x16\x03\x01\x00\x2a\x01\x00\x00\x26\x03\x03").await;
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(
+        d.log_shows("hint=\"it began as a TLS handshake").await,
+        "{}",
+        d.log()
+    );
+    let said = d.log();
+    let tls = said
+        .lines()
+        .find(|l| l.contains("hint=\"it began as a TLS handshake"))
+        .expect("said");
+    assert!(tls.contains("point it at http://, not https://"), "{tls}");
+    // Only that one: a request of plain bad HTTP gets no such hint.
+    assert_eq!(said.matches("TLS handshake").count(), 1, "{said}");
     assert_eq!(
         d.get("/healthz").await.0,
         StatusCode::OK,
