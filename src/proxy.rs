@@ -279,18 +279,9 @@ impl Proxy {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .due(std::time::Instant::now());
         let Some(more) = due else { return };
-        match (more, hint) {
-            (0, None) => tracing::info!(%peer, error = %e, "refused a malformed request"),
-            (0, Some(hint)) => {
-                tracing::info!(%peer, error = %e, hint, "refused a malformed request");
-            }
-            (more, None) => {
-                tracing::info!(%peer, error = %e, unlogged_before = more, "refused a malformed request");
-            }
-            (more, Some(hint)) => {
-                tracing::info!(%peer, error = %e, hint, unlogged_before = more, "refused a malformed request");
-            }
-        }
+        // Fields that are `None` are left out of the line.
+        let unlogged_before = (more > 0).then_some(more);
+        tracing::info!(%peer, error = %e, hint, unlogged_before, "refused a malformed request");
     }
 
     fn bad_gateway(&self, upstream: &Upstream, e: &SendError) -> Response<ProxyBody> {
