@@ -788,8 +788,8 @@ async fn watch_connection<C>(
     };
     match r {
         Err(e) if e.is_parse() => {
-            let first = activity.first_byte.load(Ordering::Relaxed);
-            proxy.refused_malformed(&peer, &e, (first == 0x116).then_some(TLS_ON_PLAIN));
+            let tls = activity.began_as_tls.load(Ordering::Relaxed);
+            proxy.refused_malformed(&peer, &e, tls.then_some(TLS_ON_PLAIN));
         }
         Err(e) => tracing::debug!(%peer, error = %e, "client connection ended with an error"),
         Ok(()) => {}
@@ -899,17 +899,18 @@ struct Activity {
     /// up. No waker is needed: the handler runs inside the connection
     /// future the watcher polls right after setting it.
     give_up: AtomicBool,
-    /// The first byte the client sent, plus 0x100 (0: none yet).
-    first_byte: std::sync::atomic::AtomicU16,
+    /// Whether the first byte the client sent was 0x16, as a TLS
+    /// handshake's is.
+    began_as_tls: AtomicBool,
 }
 
-/// A client's stream that notes the first byte the client sent, so that a
-/// request hyper could not parse is told apart when it was no HTTP at all
-/// (a TLS handshake on this plain-HTTP listener begins with 0x16). One
+/// A client's stream that looks at the first byte the client sent, so that
+/// a request hyper could not parse is told apart when it was no HTTP at
+/// all (a TLS handshake on this plain-HTTP listener begins with 0x16). One
 /// branch per read after that.
 struct FirstByte {
     io: tokio::net::TcpStream,
-    /// Where the byte goes; taken once it is noted.
+    /// Where what the byte says goes; taken once it is seen.
     activity: Option<Arc<Activity>>,
 }
 
@@ -926,7 +927,7 @@ impl tokio::io::AsyncRead for FirstByte {
             && let Some(&b) = buf.filled().get(before)
             && let Some(a) = this.activity.take()
         {
-            a.first_byte.store(0x100 | u16::from(b), Ordering::Relaxed);
+            a.began_as_tls.store(b == 0x16, Ordering::Relaxed);
         }
         r
     }

@@ -249,6 +249,21 @@ impl Daemon {
         true
     }
 
+    /// The first line of batond's log that contains `needle`, waited for
+    /// as `log_shows` does; panics with the log when none comes.
+    pub async fn log_line(&self, needle: &str) -> String {
+        assert!(
+            self.log_shows(needle).await,
+            "no {needle:?} in:\n{}",
+            self.log()
+        );
+        self.log()
+            .lines()
+            .find(|l| l.contains(needle))
+            .expect("shown")
+            .to_string()
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().expect("log lock").clone()
     }
