@@ -141,6 +141,12 @@ impl LeanConn {
         }
     }
 
+    /// Where the next request's head is written before [`send`] (kept
+    /// from one request to the next: its room is used again).
+    pub fn head_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.head
+    }
+
     /// The socket, for a connection that moves to hyper's client: only
     /// when nothing read is left over.
     pub fn into_io(self) -> Option<Stream> {
@@ -165,17 +171,31 @@ pub async fn exchange(mut conn: Box<LeanConn>, req: Request<ReqBody>, pool: &Arc
     let head_only = req.method() == http::Method::HEAD;
     conn.head.clear();
     encode_head(&req, &mut conn.head);
+    match send(conn, head_only, pool).await {
+        Ok(resp) => Ok(resp),
+        // Not a byte left: the request is still whole.
+        Err((e, true)) => Err((e, Some(req))),
+        Err((e, false)) => Err((e, None)),
+    }
+}
+
+/// Sends the request head in [`LeanConn::head_mut`] (a request without a
+/// body) and reads the answer's head, as [`exchange`] does. On failure,
+/// whether not a byte of the request left.
+pub async fn send(
+    mut conn: Box<LeanConn>,
+    head_only: bool,
+    pool: &Arc<Pool>,
+) -> Result<Response<LeanBody>, (Error, bool)> {
     let mut sent = 0;
     while sent < conn.head.len() {
-        match conn.io.write(&conn.head[sent..]).await {
-            Ok(0) => return Err((Error::Io(io::ErrorKind::WriteZero.into()), None)),
+        let LeanConn { io, head, .. } = &mut *conn;
+        match io.write(&head[sent..]).await {
+            Ok(0) => return Err((Error::Io(io::ErrorKind::WriteZero.into()), sent == 0)),
             Ok(n) => sent += n,
-            // Not a byte left: the request is still whole.
-            Err(e) if sent == 0 => return Err((Error::Io(e), Some(req))),
-            Err(e) => return Err((Error::Io(e), None)),
+            Err(e) => return Err((Error::Io(e), sent == 0)),
         }
     }
-    drop(req);
     loop {
         match parse_head(&mut conn.buf, head_only) {
             Ok(Parsed::Final(resp, framing, keep_alive)) => {
@@ -192,15 +212,15 @@ pub async fn exchange(mut conn: Box<LeanConn>, req: Request<ReqBody>, pool: &Arc
             }
             Ok(Parsed::Informational) => continue,
             Ok(Parsed::Partial) if conn.buf.len() >= MAX_BUF => {
-                return Err((Error::TooLarge, None));
+                return Err((Error::TooLarge, false));
             }
             Ok(Parsed::Partial) => {}
-            Err(e) => return Err((e, None)),
+            Err(e) => return Err((e, false)),
         }
         match std::future::poll_fn(|cx| conn.poll_fill(cx, FIRST_READ)).await {
-            Ok(0) => return Err((Error::Closed, None)),
+            Ok(0) => return Err((Error::Closed, false)),
             Ok(_) => {}
-            Err(e) => return Err((Error::Io(e), None)),
+            Err(e) => return Err((Error::Io(e), false)),
         }
     }
 }

@@ -152,6 +152,19 @@ impl UpstreamConn {
         answer.poll(cx)
     }
 
+    /// The socket of an idle connection driven here, for the lean client:
+    /// only when hyper holds nothing read from it.
+    fn into_lean(self) -> Option<Box<LeanConn>> {
+        let Driver::Inline(conn) = self.driver else {
+            return None;
+        };
+        let parts = conn.into_parts();
+        parts
+            .read_buf
+            .is_empty()
+            .then(|| LeanConn::new(parts.io.into_inner()))
+    }
+
     /// Lets a task of its own drive the connection, with upgrades.
     fn spawn_driver(&mut self) {
         if let Driver::Inline(conn) = std::mem::replace(&mut self.driver, Driver::Spawned) {
@@ -254,7 +267,32 @@ impl Pool {
                 }
             }
         }
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, self.endpoint.connect())
+        let stream = self.connect().await?;
+        if lean {
+            return Ok(Conn::Lean(LeanConn::new(stream)));
+        }
+        Ok(Conn::Hyper(handshake(stream).await?))
+    }
+
+    /// A connection for a lean exchange ([`crate::h1::send`]): an idle one
+    /// of hyper's client that sits clean is taken over, else a new one.
+    ///
+    /// # Errors
+    /// [`SendError`] when no connection can be made.
+    pub async fn checkout_lean(&self) -> Result<Box<LeanConn>, SendError> {
+        match self.checkout(true).await? {
+            Conn::Lean(conn) => return Ok(conn),
+            Conn::Hyper(conn) => {
+                if let Some(conn) = conn.into_lean() {
+                    return Ok(conn);
+                }
+            }
+        }
+        Ok(LeanConn::new(self.connect().await?))
+    }
+
+    async fn connect(&self) -> Result<Stream, SendError> {
+        tokio::time::timeout(CONNECT_TIMEOUT, self.endpoint.connect())
             .await
             .map_err(|_| {
                 SendError::Connect(std::io::Error::new(
@@ -262,11 +300,7 @@ impl Pool {
                     "connect timed out",
                 ))
             })?
-            .map_err(SendError::Connect)?;
-        if lean {
-            return Ok(Conn::Lean(LeanConn::new(stream)));
-        }
-        Ok(Conn::Hyper(handshake(stream).await?))
+            .map_err(SendError::Connect)
     }
 
     /// Closes the idle connections and every one given back from now on:

@@ -27,6 +27,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::h1::MAX_HEADER_LINES;
 use crate::headers;
+mod front;
+
 pub use crate::pool::BoxError;
 use crate::pool::{
     BodyProgress, BodyWatch, Conn, Pool, ReqBody, SendError, UpstreamConn, WorkerBody,
@@ -217,8 +219,7 @@ impl Proxy {
             let _ = stream.set_nodelay(true);
             keepalive(&stream);
             self.metrics.connections.fetch_add(1, Ordering::Relaxed);
-            let proxy = self.clone();
-            // Made once per connection, cloned (a reference count) per request.
+            // Made once per connection.
             let client = HeaderValue::from_str(&peer.ip().to_string())
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
             let activity = Arc::new(Activity::default());
@@ -227,26 +228,20 @@ impl Proxy {
                 io: stream,
                 activity: Some(activity.clone()),
             };
-            let service = hyper::service::service_fn(move |req| {
-                let proxy = proxy.clone();
-                let client = client.clone();
-                let activity = activity.clone();
-                bump(&activity.started);
-                async move {
-                    let resp = proxy.handle(req, &client, &activity).await;
-                    bump(&activity.heads);
-                    Ok::<_, Infallible>(resp.map(|body| ClientBody {
-                        body,
-                        done: Finished(activity),
-                    }))
-                }
-            });
-            let conn = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
+            // Asks the connection to close: after the request in progress,
+            // if any (see `connection`).
+            let shut = Arc::new(AtomicBool::new(false));
+            let conn = connection(
+                self.clone(),
+                stream,
+                client,
+                activity,
+                shut.clone(),
+                builder.clone(),
+            );
             conns.spawn(watch_connection(
                 conn,
-                |c| c.graceful_shutdown(),
+                move |_| shut.store(true, Ordering::Relaxed),
                 seen,
                 (self.header_timeout(), self.idle_timeout()),
                 stop.clone(),
@@ -640,6 +635,56 @@ impl Proxy {
         headers::restore_upgrade(&mut parts.headers, chosen);
         Response::from_parts(parts, empty())
     }
+}
+
+/// Serves one client connection: plain requests on the lean path
+/// ([`front`]), and from the first request that is not plain on, hyper's
+/// server, which reads that request again from the bytes already read.
+/// `shut` asks it to close (after the request in progress, if any).
+async fn connection(
+    proxy: Arc<Proxy>,
+    io: FirstByte,
+    client: HeaderValue,
+    activity: Arc<Activity>,
+    shut: Arc<AtomicBool>,
+    builder: hyper::server::conn::http1::Builder,
+) -> hyper::Result<()> {
+    let mut lean = front::Front::new(io, client.clone(), activity.clone(), shut.clone());
+    if let front::End::Closed = lean.run(&proxy).await {
+        return Ok(());
+    }
+    let front::Front { io, buf, .. } = lean;
+    let io = front::Rewound {
+        first: buf.freeze(),
+        io,
+    };
+    let service = hyper::service::service_fn(move |req| {
+        let proxy = proxy.clone();
+        let client = client.clone();
+        let activity = activity.clone();
+        bump(&activity.started);
+        async move {
+            let resp = proxy.handle(req, &client, &activity).await;
+            bump(&activity.heads);
+            Ok::<_, Infallible>(resp.map(|body| ClientBody {
+                body,
+                done: Finished(activity),
+            }))
+        }
+    });
+    let conn = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let mut asked = false;
+    std::future::poll_fn(|cx| {
+        if !asked && shut.load(Ordering::Relaxed) {
+            asked = true;
+            conn.as_mut().graceful_shutdown();
+        }
+        conn.as_mut().poll(cx)
+    })
+    .await
 }
 
 /// Drives one client connection until it ends, the daemon stops (the

@@ -3121,6 +3121,93 @@ async fn bad_requests_get_400_and_the_worker_is_not_blamed() {
     assert!(status(&r).starts_with("HTTP/1.1 200"), "{r}");
 }
 
+/// Requests without a body take batond's lean path, the others hyper's
+/// server, which takes the connection over at the first of them: on one
+/// connection, requests sent all at once are answered in order, whichever
+/// way each goes, and each is rewritten the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_requests_and_the_rest_share_one_connection_in_order() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let p = Project::python("", "");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    let mut s = tokio::net::TcpStream::connect(d.addr)
+        .await
+        .expect("connect");
+    s.write_all(
+        concat!(
+            "GET /whoami HTTP/1.1\r\nHost: crm.example\r\nConnection: keep-alive, X-Secret\r\n",
+            "X-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n",
+            "X-Forwarded-For: 198.51.100.1\r\nX-Forwarded-Proto: https\r\n\r\n",
+            "HEAD /echo HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+            "GET /whoami HTTP/1.1\r\nHost: crm.example\r\nConnection: close, X-Secret\r\n",
+            "X-Secret: 1\r\nX-Forwarded-For: 198.51.100.1\r\nX-Forwarded-Proto: https\r\n\r\n",
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut r = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut r))
+        .await
+        .expect("answers in time, then the close asked for")
+        .expect("read");
+    let answers: Vec<&str> = r.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(answers.len(), 5, "{r}");
+    let statuses: Vec<&str> = answers.iter().map(|a| &a[..3]).collect();
+    assert_eq!(statuses, ["200", "501", "200", "200", "200"], "{r}");
+    // The two whoami answers (the lean path's and hyper's) saw the same
+    // request: hop-by-hop headers gone, forwarding headers in.
+    let seen = |a: &str| -> serde_json::Value {
+        let body = a.split("\r\n\r\n").nth(1).unwrap_or("");
+        let who: serde_json::Value = serde_json::from_str(body).expect("whoami json");
+        who["headers"].clone()
+    };
+    let (lean, hyper) = (seen(answers[0]), seen(answers[4]));
+    assert_eq!(lean, hyper, "the same rewrite on both paths");
+    assert_eq!(lean["x-forwarded-for"], "198.51.100.1, 127.0.0.1", "{lean}");
+    assert_eq!(lean["x-forwarded-proto"], "https", "{lean}");
+    assert_eq!(lean["x-forwarded-host"], "crm.example", "{lean}");
+    assert_eq!(lean["via"], "1.1 batond", "{lean}");
+    for gone in ["x-secret", "keep-alive", "te", "connection"] {
+        assert!(lean.get(gone).is_none(), "{gone}: {lean}");
+    }
+    // HEAD: the length of the body it would have, and no body.
+    let head = answers[1].to_ascii_lowercase();
+    assert!(head.contains("\r\ncontent-length: "), "{r}");
+    assert!(head.ends_with("\r\n\r\n"), "{r}");
+    assert!(
+        answers[2]
+            .to_ascii_lowercase()
+            .contains("x-framing: length 0"),
+        "{r}"
+    );
+    assert!(
+        answers[3]
+            .to_ascii_lowercase()
+            .contains("x-framing: length 3"),
+        "{r}"
+    );
+    assert!(answers[3].ends_with("\r\n\r\nabc"), "{r}");
+    assert!(
+        answers[4]
+            .to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "{r}"
+    );
+    // The lean path's answers keep the connection open; only the last,
+    // which asked for it, closes it.
+    for a in &answers[..4] {
+        assert!(!a.to_ascii_lowercase().contains("connection: close"), "{r}");
+    }
+    let (_, text) = baton::control::client::call_text(&d.socket, http::Method::GET, "/metrics")
+        .await
+        .expect("metrics");
+    assert!(text.contains("baton_bad_gateway_total 0"), "{text}");
+}
+
 /// Nothing in progress holds a worker connection for ever: a worker that
 /// sends no answer gets the client a 504, one that stops in the middle of
 /// its answer loses the client connection, and an upgraded connection
