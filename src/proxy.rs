@@ -27,13 +27,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::h1::MAX_HEADER_LINES;
 use crate::headers;
-mod front;
-
 pub use crate::pool::BoxError;
 use crate::pool::{
     BodyProgress, BodyWatch, Conn, Pool, ReqBody, SendError, UpstreamConn, WorkerBody,
 };
 use crate::router::{Router, Ticket, Upstream};
+
+mod front;
+
 /// The body of every response the proxy sends: a worker's, streamed, or a
 /// short one the proxy made itself. An enum rather than a boxed trait
 /// object: no allocation per response.
