@@ -28,6 +28,21 @@ pub fn is_hop_by_hop(name: &str) -> bool {
         .any(|h| h.as_str().eq_ignore_ascii_case(name))
 }
 
+/// Readies a worker's answer head to be framed again for the client (RFC
+/// 9112 §6.3): beside `Transfer-Encoding` a `Content-Length` is wrong and
+/// goes, and so do the hop-by-hop headers. Returns the transfer codings
+/// besides the chunked framing, which stay on the body and so must stay
+/// named.
+pub fn unframe_answer(headers: &mut HeaderMap) -> Option<String> {
+    let mut codings = None;
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+        codings = codings_besides_chunked(headers);
+    }
+    strip_hop_by_hop(headers);
+    codings
+}
+
 /// Removes every hop-by-hop header, including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the few names present is

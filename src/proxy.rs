@@ -510,23 +510,14 @@ impl Proxy {
             }
             // RFC 9110 §7.8, §15.2: a 101 answers an upgrade request only
             // (and never an HTTP/1.0 one, whose Upgrade is ignored).
-            _ if resp.status() == StatusCode::SWITCHING_PROTOCOLS => self.bad_answer(
-                "bad gateway: worker switched protocols on a request that asked for no upgrade\n",
-            ),
+            _ if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                self.bad_answer(SWITCHED_UNASKED)
+            }
             _ => {
                 let (mut parts, body) = resp.into_parts();
-                // RFC 9112 §6.3: with Transfer-Encoding, a Content-Length
-                // is wrong, and must go before the message is passed on
-                // (it is framed again here). Codings besides the chunked
-                // framing stay on the body, so they stay named: hyper adds
-                // `chunked` after them.
-                let mut codings = None;
-                if parts.headers.contains_key(header::TRANSFER_ENCODING) {
-                    parts.headers.remove(header::CONTENT_LENGTH);
-                    codings = headers::codings_besides_chunked(&parts.headers);
-                }
-                headers::strip_hop_by_hop(&mut parts.headers);
-                if let Some(codings) = codings {
+                // Framed again by hyper, which adds `chunked` after the
+                // codings named.
+                if let Some(codings) = headers::unframe_answer(&mut parts.headers) {
                     // An HTTP/1.0 client knows no transfer coding.
                     match HeaderValue::from_str(&codings) {
                         Ok(v) if !http10 => {
@@ -841,6 +832,10 @@ async fn watch_connection<C>(
         Ok(()) => {}
     }
 }
+
+/// The 502 for a worker's 101 to a request that asked for no upgrade.
+const SWITCHED_UNASKED: &str =
+    "bad gateway: worker switched protocols on a request that asked for no upgrade\n";
 
 /// What a refused request that began as a TLS handshake is said to be.
 const TLS_ON_PLAIN: &str = "it began as a TLS handshake: this listener speaks plain HTTP; \

@@ -29,7 +29,8 @@ use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::{
-    Activity, CRASH_GRACE, FirstByte, Proxy, ProxyBody, bump, connection_lost, until_idle,
+    Activity, CRASH_GRACE, FirstByte, Proxy, ProxyBody, SWITCHED_UNASKED, bump, connection_lost,
+    until_idle,
 };
 use crate::h1::{LeanBody, MAX_HEADER_LINES};
 use crate::headers;
@@ -285,19 +286,13 @@ impl Front {
         };
         // RFC 9110 §15.2: a 101 answers an upgrade request only.
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let why =
-                "bad gateway: worker switched protocols on a request that asked for no upgrade\n";
-            return self.local(proxy.bad_answer(why), plain.close).await;
+            return self
+                .local(proxy.bad_answer(SWITCHED_UNASKED), plain.close)
+                .await;
         }
         let (mut parts, body) = resp.into_parts();
-        // Framed again here (RFC 9112 §6.3): codings besides the chunked
-        // framing stay named, with `chunked` after them.
-        let mut codings = None;
-        if parts.headers.contains_key(header::TRANSFER_ENCODING) {
-            parts.headers.remove(header::CONTENT_LENGTH);
-            codings = headers::codings_besides_chunked(&parts.headers);
-        }
-        headers::strip_hop_by_hop(&mut parts.headers);
+        // Framed again here, `chunked` after the codings named.
+        let codings = headers::unframe_answer(&mut parts.headers);
         let framing = if plain.head_only
             || parts.status == StatusCode::NO_CONTENT
             || parts.status == StatusCode::NOT_MODIFIED
