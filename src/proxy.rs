@@ -329,6 +329,17 @@ impl Proxy {
         resp
     }
 
+    /// Where a request reset by `upstream`'s worker goes again: to the
+    /// worker that replaces it when it died (the supervisor takes it out
+    /// within `CRASH_GRACE`), else to the active one (maybe itself).
+    async fn after_reset(&self, upstream: &Arc<Upstream>) -> Option<(Arc<Upstream>, Ticket)> {
+        if self.router.leaves(upstream, CRASH_GRACE).await {
+            self.router.acquire_other(Some(upstream), self.hold()).await
+        } else {
+            self.router.acquire(self.hold()).await
+        }
+    }
+
     async fn handle(
         &self,
         req: Request<Incoming>,
@@ -474,14 +485,7 @@ impl Proxy {
                 Attempt::Refused(failure, refused_conn) => (failure, refused_conn),
                 Attempt::Again => {
                     drop(ticket);
-                    let again = if self.router.leaves(&upstream, CRASH_GRACE).await {
-                        self.router
-                            .acquire_other(Some(&upstream), self.hold())
-                            .await
-                    } else {
-                        self.router.acquire(self.hold()).await
-                    };
-                    let Some((u, t)) = again else {
+                    let Some((u, t)) = self.after_reset(&upstream).await else {
                         return self.unavailable();
                     };
                     (upstream, ticket) = (u, t);

@@ -29,8 +29,7 @@ use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::{
-    Activity, CRASH_GRACE, FirstByte, Proxy, ProxyBody, SWITCHED_UNASKED, bump, connection_lost,
-    until_idle,
+    Activity, FirstByte, Proxy, ProxyBody, SWITCHED_UNASKED, bump, connection_lost, until_idle,
 };
 use crate::h1::{LeanBody, MAX_HEADER_LINES};
 use crate::headers;
@@ -528,14 +527,7 @@ impl Proxy {
                             sent_again = true;
                             tracing::info!(generation = upstream.generation, error = %err, "sending an idempotent request again");
                             drop(ticket);
-                            let again = if self.router.leaves(&upstream, CRASH_GRACE).await {
-                                self.router
-                                    .acquire_other(Some(&upstream), self.hold())
-                                    .await
-                            } else {
-                                self.router.acquire(self.hold()).await
-                            };
-                            let Some((u, t)) = again else {
+                            let Some((u, t)) = self.after_reset(&upstream).await else {
                                 return Err(self.unavailable());
                             };
                             (upstream, ticket) = (u, t);
