@@ -300,10 +300,17 @@ impl Front {
         } else if codings.is_none()
             && let Some(n) = body.size_hint().exact()
         {
-            parts.headers.remove(header::CONTENT_LENGTH);
-            parts
+            // The worker's own line, when it says the same (it mostly
+            // does: no new value to make).
+            let same = parts
                 .headers
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+                .get(header::CONTENT_LENGTH)
+                .is_some_and(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()) == Some(n));
+            if !same {
+                parts
+                    .headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            }
             Framing::Length
         } else {
             let te = match &codings {
@@ -311,7 +318,8 @@ impl Front {
                 None => Ok(HeaderValue::from_static("chunked")),
             };
             let Ok(te) = te else {
-                return self.local(proxy.bad_answer("bad gateway: the worker's answer has a transfer coding that cannot be passed on\n"), plain.close).await;
+                let why = "bad gateway: the worker's answer names a transfer coding that cannot be passed on\n";
+                return self.local(proxy.bad_answer(why), plain.close).await;
             };
             parts.headers.insert(header::TRANSFER_ENCODING, te);
             Framing::Chunked
