@@ -388,21 +388,11 @@ impl Front {
                 }
             };
             bump(&self.activity.sent);
-            let data = match frame.into_data() {
-                Ok(data) => data,
-                Err(frame) => {
-                    // Trailers: the last chunk carries them.
-                    if framing == Framing::Chunked
-                        && let Ok(trailers) = frame.into_trailers()
-                    {
-                        self.out.extend_from_slice(b"0\r\n");
-                        encode_fields(&mut self.out, &trailers);
-                        self.out.extend_from_slice(b"\r\n");
-                        // Nothing follows trailers.
-                        return self.flush().await.is_ok();
-                    }
-                    continue;
-                }
+            // Trailers are not passed on, as on the path through hyper's
+            // server: it sends only those the answer's `Trailer` line
+            // declares, and that line is hop-by-hop (stripped above).
+            let Ok(data) = frame.into_data() else {
+                continue;
             };
             if data.is_empty() {
                 continue;

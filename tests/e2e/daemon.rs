@@ -3202,6 +3202,33 @@ async fn plain_requests_and_the_rest_share_one_connection_in_order() {
     for a in &answers[..4] {
         assert!(!a.to_ascii_lowercase().contains("connection: close"), "{r}");
     }
+    // A worker's trailers are not passed on by either path (hyper's
+    // server sends only those a `Trailer` line declares, and that line is
+    // hop-by-hop): the body in chunks, then the last chunk alone.
+    for (path, way) in [
+        (
+            "GET /trailers HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: close\r\n\r\n",
+            "lean",
+        ),
+        // An absolute-form target goes through hyper's server.
+        (
+            "GET http://x/trailers HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: close\r\n\r\n",
+            "hyper",
+        ),
+    ] {
+        let r = raw_request(d.addr, path).await;
+        let lower = r.to_ascii_lowercase();
+        assert!(lower.starts_with("http/1.1 200"), "{way}: {r}");
+        assert!(
+            lower.contains("\r\ntransfer-encoding: chunked\r\n"),
+            "{way}: {r}"
+        );
+        assert!(r.ends_with("\r\n\r\n5\r\nhello\r\n0\r\n\r\n"), "{way}: {r}");
+        assert!(
+            !lower.contains("x-checksum") && !lower.contains("\r\ntrailer:"),
+            "{way}: {r}"
+        );
+    }
     let (_, text) = baton::control::client::call_text(&d.socket, http::Method::GET, "/metrics")
         .await
         .expect("metrics");
