@@ -171,12 +171,15 @@ pub async fn exchange(mut conn: Box<LeanConn>, req: Request<ReqBody>, pool: &Arc
     let head_only = req.method() == http::Method::HEAD;
     conn.head.clear();
     encode_head(&req, &mut conn.head);
-    match send(conn, head_only, pool).await {
-        Ok(resp) => Ok(resp),
+    if let Err((e, none_sent)) = write_head(&mut conn).await {
         // Not a byte left: the request is still whole.
-        Err((e, true)) => Err((e, Some(req))),
-        Err((e, false)) => Err((e, None)),
+        return Err((e, none_sent.then_some(req)));
     }
+    // Not kept through the wait for the answer.
+    drop(req);
+    read_answer(conn, head_only, pool)
+        .await
+        .map_err(|e| (e, None))
 }
 
 /// Sends the request head in [`LeanConn::head_mut`] (a request without a
@@ -187,15 +190,31 @@ pub async fn send(
     head_only: bool,
     pool: &Arc<Pool>,
 ) -> Result<Response<LeanBody>, (Error, bool)> {
+    write_head(&mut conn).await?;
+    read_answer(conn, head_only, pool)
+        .await
+        .map_err(|e| (e, false))
+}
+
+/// Writes the head in `conn.head`; on failure, whether not a byte left.
+async fn write_head(conn: &mut LeanConn) -> Result<(), (Error, bool)> {
     let mut sent = 0;
     while sent < conn.head.len() {
-        let LeanConn { io, head, .. } = &mut *conn;
-        match io.write(&head[sent..]).await {
+        match conn.io.write(&conn.head[sent..]).await {
             Ok(0) => return Err((Error::Io(io::ErrorKind::WriteZero.into()), sent == 0)),
             Ok(n) => sent += n,
             Err(e) => return Err((Error::Io(e), sent == 0)),
         }
     }
+    Ok(())
+}
+
+/// Reads the answer's head; the body is read as the caller takes it.
+async fn read_answer(
+    mut conn: Box<LeanConn>,
+    head_only: bool,
+    pool: &Arc<Pool>,
+) -> Result<Response<LeanBody>, Error> {
     loop {
         match parse_head(&mut conn.buf, head_only) {
             Ok(Parsed::Final(resp, framing, keep_alive)) => {
@@ -211,16 +230,14 @@ pub async fn send(
                 return Ok(resp.map(|()| body));
             }
             Ok(Parsed::Informational) => continue,
-            Ok(Parsed::Partial) if conn.buf.len() >= MAX_BUF => {
-                return Err((Error::TooLarge, false));
-            }
+            Ok(Parsed::Partial) if conn.buf.len() >= MAX_BUF => return Err(Error::TooLarge),
             Ok(Parsed::Partial) => {}
-            Err(e) => return Err((e, false)),
+            Err(e) => return Err(e),
         }
         match std::future::poll_fn(|cx| conn.poll_fill(cx, FIRST_READ)).await {
-            Ok(0) => return Err((Error::Closed, false)),
+            Ok(0) => return Err(Error::Closed),
             Ok(_) => {}
-            Err(e) => return Err((Error::Io(e), false)),
+            Err(e) => return Err(Error::Io(e)),
         }
     }
 }

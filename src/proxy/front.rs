@@ -461,7 +461,9 @@ fn encode_head(
     out.push(b' ');
     out.extend_from_slice(reason.unwrap_or(status.canonical_reason().unwrap_or("").as_bytes()));
     out.extend_from_slice(b"\r\n");
-    encode_fields(out, fields);
+    for (name, value) in fields {
+        line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
     if !fields.contains_key(header::DATE) {
         let now = httpdate::fmt_http_date(std::time::SystemTime::now());
         line(out, b"date", now.as_bytes());
@@ -470,12 +472,6 @@ fn encode_head(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-}
-
-fn encode_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
-    for (name, value) in fields {
-        line(out, name.as_str().as_bytes(), value.as_bytes());
-    }
 }
 
 impl Proxy {
