@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::TRANSFER_ENCODING;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
@@ -48,7 +48,7 @@ use crate::pool::{BoxError, MAX_BUF, Pool, ReqBody};
 /// 502.
 pub const MAX_HEADER_LINES: usize = 100;
 /// Header lines whose places are kept on the stack; more go to the heap.
-const FEW_HEADERS: usize = 24;
+const FEW_HEADERS: usize = 16;
 /// The first read of an answer: most fit.
 const FIRST_READ: usize = 8 * 1024;
 /// The longest chunk-size line (with its extensions) taken.
@@ -177,19 +177,21 @@ pub async fn exchange(mut conn: Box<LeanConn>, req: Request<ReqBody>, pool: &Arc
     }
     // Not kept through the wait for the answer.
     drop(req);
-    read_answer(conn, head_only, pool)
+    let (head, body) = read_answer(conn, head_only, pool)
         .await
-        .map_err(|e| (e, None))
+        .map_err(|e| (e, None))?;
+    Ok(head.into_response().map(|()| body))
 }
 
 /// Sends the request head in [`LeanConn::head_mut`] (a request without a
-/// body) and reads the answer's head, as [`exchange`] does. On failure,
-/// whether not a byte of the request left.
+/// body) and reads the answer's head, as [`exchange`] does, leaving it as
+/// the worker wrote it. On failure, whether not a byte of the request
+/// left.
 pub async fn send(
     mut conn: Box<LeanConn>,
     head_only: bool,
     pool: &Arc<Pool>,
-) -> Result<Response<LeanBody>, (Error, bool)> {
+) -> Result<(Head, LeanBody), (Error, bool)> {
     write_head(&mut conn).await?;
     read_answer(conn, head_only, pool)
         .await
@@ -214,10 +216,10 @@ async fn read_answer(
     mut conn: Box<LeanConn>,
     head_only: bool,
     pool: &Arc<Pool>,
-) -> Result<Response<LeanBody>, Error> {
+) -> Result<(Head, LeanBody), Error> {
     loop {
         match parse_head(&mut conn.buf, head_only) {
-            Ok(Parsed::Final(resp, framing, keep_alive)) => {
+            Ok(Parsed::Final(head, framing, keep_alive)) => {
                 let mut body = LeanBody {
                     conn: Some(conn),
                     pool: pool.clone(),
@@ -227,7 +229,7 @@ async fn read_answer(
                 if body.is_end_stream() {
                     body.finish();
                 }
-                return Ok(resp.map(|()| body));
+                return Ok((head, body));
             }
             Ok(Parsed::Informational) => continue,
             Ok(Parsed::Partial) if conn.buf.len() >= MAX_BUF => return Err(Error::TooLarge),
@@ -262,6 +264,99 @@ fn encode_head(req: &Request<ReqBody>, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Where a header line's name and value lie in its head: name start and
+/// end, value start and end.
+type Span = (u32, u32, u32, u32);
+
+/// An answer's head as the worker wrote it (checked as `http`'s header
+/// types check names and values): its bytes and where each part lies. A
+/// proxy that writes the head on as it came needs no header map.
+#[derive(Debug)]
+pub struct Head {
+    bytes: Bytes,
+    status: StatusCode,
+    version: Version,
+    /// The worker's reason phrase, when it gave one.
+    reason: Option<(usize, usize)>,
+    /// Most answers have a few lines: room for more is made only when
+    /// they come.
+    few: [Span; FEW_HEADERS],
+    count: usize,
+    more: Vec<Span>,
+}
+
+impl Head {
+    /// The answer's status code.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The reason phrase the worker wrote, when it wrote one.
+    pub fn reason(&self) -> Option<&[u8]> {
+        self.reason.map(|(r0, r1)| &self.bytes[r0..r1])
+    }
+
+    /// Each header line's name and value, in the worker's order and case.
+    pub fn lines(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.few[..self.count.min(FEW_HEADERS)]
+            .iter()
+            .chain(&self.more)
+            .map(|&(n0, n1, v0, v1)| {
+                (
+                    &self.bytes[n0 as usize..n1 as usize],
+                    &self.bytes[v0 as usize..v1 as usize],
+                )
+            })
+    }
+
+    /// The values of every line named `name` (lower case).
+    pub fn values<'a>(&'a self, name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> {
+        self.lines()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// The head at the start of `text` (a final answer), for tests.
+    #[cfg(test)]
+    pub(crate) fn parsed(text: &str, head_only: bool) -> Head {
+        match parse_head(&mut BytesMut::from(text), head_only) {
+            Ok(Parsed::Final(head, ..)) => head,
+            Ok(_) => panic!("not a final answer's whole head: {text:?}"),
+            Err(e) => panic!("{e}: {text:?}"),
+        }
+    }
+
+    /// The head as a response for hyper: each value a slice of the bytes
+    /// read, not a copy; the reason phrase kept when it is not the usual
+    /// one.
+    fn into_response(self) -> Response<()> {
+        let mut headers = HeaderMap::with_capacity(self.count);
+        for (name, value) in self.lines() {
+            // Checked by `parse_head` as these check.
+            let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name),
+                HeaderValue::from_maybe_shared(self.bytes.slice_ref(value)),
+            ) else {
+                continue;
+            };
+            headers.append(name, value);
+        }
+        let mut resp = Response::new(());
+        *resp.status_mut() = self.status;
+        *resp.version_mut() = self.version;
+        *resp.headers_mut() = headers;
+        if let Some(reason) = self.reason()
+            && self.status.canonical_reason().map(str::as_bytes) != Some(reason)
+            && let Ok(r) = hyper::ext::ReasonPhrase::try_from(self.bytes.slice_ref(reason))
+        {
+            resp.extensions_mut().insert(r);
+        }
+        resp
+    }
+}
+
+// The head is moved once, from the parse to its reader: no box for it.
+#[expect(clippy::large_enum_variant)]
 enum Parsed {
     /// The head is not all here yet.
     Partial,
@@ -269,15 +364,14 @@ enum Parsed {
     Informational,
     /// The answer's head (taken off the buffer), how its body is framed,
     /// and whether the connection may be used again after it.
-    Final(Response<()>, Framing, bool),
+    Final(Head, Framing, bool),
 }
 
 /// Parses the answer's head at the start of `buf`.
 fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
     // Where each header's name and value lie in `buf`: the head becomes
-    // one shared `Bytes`, and each value a slice of it. Most answers have
-    // a few headers: room for more is made only when they come.
-    let mut at = [(0u32, 0u32, 0u32, 0u32); FEW_HEADERS];
+    // one shared `Bytes`, and each value a slice of it.
+    let mut few = [(0u32, 0u32, 0u32, 0u32); FEW_HEADERS];
     let mut more = Vec::new();
     let (len, code, version, reason, count) = {
         // Not zeroed first (httparse writes each before it is read).
@@ -297,6 +391,12 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
         // Offsets within the buffer, which is far below 4 GiB (MAX_BUF).
         let offset = |p: *const u8| u32::try_from(p.addr() - base).unwrap_or(u32::MAX);
         for (i, h) in r.headers.iter().enumerate() {
+            // httparse takes the bytes `http` takes in a name (a token)
+            // and in a value (no control but tab); a name is also at most
+            // `http`'s longest.
+            if h.name.len() > usize::from(u16::MAX) {
+                return Err(Error::Invalid("bad header name"));
+            }
             let name = offset(h.name.as_ptr());
             let value = offset(h.value.as_ptr());
             let span = (
@@ -305,7 +405,7 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
                 value,
                 value + h.value.len() as u32,
             );
-            match at.get_mut(i) {
+            match few.get_mut(i) {
                 Some(slot) => *slot = span,
                 None => more.push(span),
             }
@@ -323,7 +423,7 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
             r.headers.len(),
         )
     };
-    let head = buf.split_to(len).freeze();
+    let bytes = buf.split_to(len).freeze();
     let status = StatusCode::from_u16(code).map_err(|_| Error::Invalid("bad status code"))?;
     if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
         return Ok(Parsed::Informational);
@@ -333,45 +433,31 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
     } else {
         Version::HTTP_11
     };
-    let mut headers = HeaderMap::with_capacity(count);
+    let head = Head {
+        bytes,
+        status,
+        version,
+        reason,
+        few,
+        count,
+        more,
+    };
     let (mut close, mut keep) = (false, false);
-    for &(n0, n1, v0, v1) in at.iter().take(count).chain(&more) {
-        let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
-        let name =
-            HeaderName::from_bytes(&head[n0..n1]).map_err(|_| Error::Invalid("bad header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
-            .map_err(|_| Error::Invalid("bad header value"))?;
-        if name == CONNECTION {
-            close |= headers::lists_token(&value, "close");
-            keep |= headers::lists_token(&value, "keep-alive");
-        }
-        headers.append(name, value);
+    for value in head.values(b"connection") {
+        close |= headers::lists(value, b"close");
+        keep |= headers::lists(value, b"keep-alive");
     }
-    let framing = framing(status, version, &headers, head_only)?;
+    let framing = framing(&head, head_only)?;
     let keep_alive = !close
         && (version == Version::HTTP_11 || keep)
         && !matches!(framing, Framing::ToEnd)
         && status != StatusCode::SWITCHING_PROTOCOLS;
-    let mut resp = Response::new(());
-    *resp.status_mut() = status;
-    *resp.version_mut() = version;
-    *resp.headers_mut() = headers;
-    if let Some((r0, r1)) = reason
-        && status.canonical_reason().map(str::as_bytes) != Some(&head[r0..r1])
-        && let Ok(r) = hyper::ext::ReasonPhrase::try_from(head.slice(r0..r1))
-    {
-        resp.extensions_mut().insert(r);
-    }
-    Ok(Parsed::Final(resp, framing, keep_alive))
+    Ok(Parsed::Final(head, framing, keep_alive))
 }
 
 /// How an answer's body is framed (RFC 9112 §6.3).
-fn framing(
-    status: StatusCode,
-    version: Version,
-    headers: &HeaderMap,
-    head_only: bool,
-) -> Result<Framing, Error> {
+fn framing(head: &Head, head_only: bool) -> Result<Framing, Error> {
+    let status = head.status;
     if head_only
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -379,15 +465,16 @@ fn framing(
     {
         return Ok(Framing::Length(0));
     }
-    if let Some(last) = headers.get_all(TRANSFER_ENCODING).iter().next_back() {
-        if version == Version::HTTP_10 {
+    if let Some(last) = head.values(b"transfer-encoding").last() {
+        if head.version == Version::HTTP_10 {
             return Err(Error::Invalid("Transfer-Encoding in an HTTP/1.0 answer"));
         }
-        let chunked = last
-            .to_str()
-            .ok()
-            .and_then(|s| s.rsplit(',').next())
-            .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+        // A value that is not ASCII names no coding `chunked`.
+        let chunked = last.is_ascii()
+            && last
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         return Ok(if chunked {
             Framing::Chunked(Chunk::Size)
         } else {
@@ -395,10 +482,11 @@ fn framing(
         });
     }
     let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        let line = value
-            .to_str()
-            .map_err(|_| Error::Invalid("bad Content-Length"))?;
+    for line in head.values(b"content-length") {
+        let line = std::str::from_utf8(line)
+            .ok()
+            .filter(|l| l.is_ascii())
+            .ok_or(Error::Invalid("bad Content-Length"))?;
         for v in line.split(',') {
             let n = digits(v.trim()).ok_or(Error::Invalid("bad Content-Length"))?;
             if length.is_some_and(|l| l != n) {

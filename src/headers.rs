@@ -22,10 +22,10 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 /// Whether `name` (any case) is always hop-by-hop: one of [`HOP_BY_HOP`].
-pub fn is_hop_by_hop(name: &str) -> bool {
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
     HOP_BY_HOP
         .iter()
-        .any(|h| h.as_str().eq_ignore_ascii_case(name))
+        .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// Readies a worker's answer head to be framed again for the client (RFC
@@ -72,10 +72,27 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// A proxy that dropped them would pass on a body still coded (gzip, say)
 /// with nothing left to say so (RFC 9112 §6.1, §7).
 pub fn codings_besides_chunked(headers: &HeaderMap) -> Option<String> {
-    let mut codings: Vec<&str> = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+    codings_listed(
+        headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    )
+}
+
+/// [`codings_besides_chunked`] of the values of a message's
+/// `Transfer-Encoding` lines, as the worker wrote them. A value with a
+/// byte that is not ASCII counts as one coding, `?` (no name can be made
+/// of it).
+pub fn codings_listed<'a>(values: impl Iterator<Item = &'a [u8]>) -> Option<String> {
+    let mut codings: Vec<&str> = values
+        .flat_map(|v| {
+            v.is_ascii()
+                .then(|| std::str::from_utf8(v).ok())
+                .flatten()
+                .unwrap_or("?")
+                .split(',')
+        })
         .map(str::trim)
         .filter(|c| !c.is_empty())
         .collect();
@@ -106,10 +123,14 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
 /// in any case. Split as bytes: a line with an obs-text byte still names
 /// its other tokens.
 pub fn lists_token(value: &HeaderValue, token: &str) -> bool {
+    lists(value.as_bytes(), token.as_bytes())
+}
+
+/// [`lists_token`] of a value as bytes.
+pub fn lists(value: &[u8], token: &[u8]) -> bool {
     value
-        .as_bytes()
         .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// Whether `chosen` (a 101's `Upgrade`) is one of the protocols `offered`

@@ -31,7 +31,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use super::{
     Activity, FirstByte, Proxy, ProxyBody, SWITCHED_UNASKED, bump, connection_lost, until_idle,
 };
-use crate::h1::{LeanBody, MAX_HEADER_LINES};
+use crate::h1::{Head, LeanBody, MAX_HEADER_LINES};
 use crate::headers;
 use crate::pool::{MAX_BUF, SendError};
 use crate::router::{Ticket, Upstream};
@@ -130,7 +130,7 @@ pub(super) fn parse(buf: &[u8], client: &[u8], out: &mut Vec<u8>) -> Parsed {
     let options = &options[..named];
     // `Host` is for every hop, never a connection option.
     let hop = |name: &str| {
-        headers::is_hop_by_hop(name)
+        headers::is_hop_by_hop(name.as_bytes())
             || (!name.eq_ignore_ascii_case("host")
                 && options
                     .iter()
@@ -212,11 +212,12 @@ pub(super) struct Front {
 }
 
 /// What the answer's body is framed by, towards the client.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Framing {
     /// None goes with the head (`HEAD`, 204, 304).
     Bodiless,
-    Length,
+    /// This many bytes.
+    Length(u64),
     Chunked,
 }
 
@@ -278,62 +279,40 @@ impl Front {
     /// Answers the request whose head is in `self.head`; whether the
     /// connection may take another.
     async fn answer(&mut self, proxy: &Proxy, plain: &Plain) -> bool {
-        let (resp, upstream, ticket) = match proxy.exchange(&self.head, plain, &self.activity).await
-        {
-            Ok(x) => x,
-            Err(local) => return self.local(local, plain.close).await,
-        };
+        let (head, body, upstream, ticket) =
+            match proxy.exchange(&self.head, plain, &self.activity).await {
+                Ok(x) => x,
+                Err(local) => return self.local(local, plain.close).await,
+            };
         // RFC 9110 §15.2: a 101 answers an upgrade request only.
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if head.status() == StatusCode::SWITCHING_PROTOCOLS {
             return self
                 .local(proxy.bad_answer(SWITCHED_UNASKED), plain.close)
                 .await;
         }
-        let (mut parts, body) = resp.into_parts();
+        let status = head.status();
         // Framed again here, `chunked` after the codings named.
-        let codings = headers::unframe_answer(&mut parts.headers);
+        let coded = head.values(b"transfer-encoding").next().is_some();
+        let codings = coded
+            .then(|| headers::codings_listed(head.values(b"transfer-encoding")))
+            .flatten();
         let framing = if plain.head_only
-            || parts.status == StatusCode::NO_CONTENT
-            || parts.status == StatusCode::NOT_MODIFIED
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
         {
             Framing::Bodiless
         } else if codings.is_none()
             && let Some(n) = body.size_hint().exact()
         {
-            // The worker's own line, when it says the same (it mostly
-            // does: no new value to make).
-            let same = parts
-                .headers
-                .get(header::CONTENT_LENGTH)
-                .is_some_and(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()) == Some(n));
-            if !same {
-                parts
-                    .headers
-                    .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
-            }
-            Framing::Length
+            Framing::Length(n)
         } else {
-            let te = match &codings {
-                Some(c) => HeaderValue::from_str(&format!("{c}, chunked")),
-                None => Ok(HeaderValue::from_static("chunked")),
-            };
-            let Ok(te) = te else {
-                let why = "bad gateway: the worker's answer names a transfer coding that cannot be passed on\n";
-                return self.local(proxy.bad_answer(why), plain.close).await;
-            };
-            parts.headers.insert(header::TRANSFER_ENCODING, te);
             Framing::Chunked
         };
         let close = plain.close || self.shut.load(Ordering::Relaxed);
-        let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>().cloned();
         self.out.clear();
-        encode_head(
-            &mut self.out,
-            parts.status,
-            reason.as_ref().map(hyper::ext::ReasonPhrase::as_bytes),
-            &parts.headers,
-            close,
-        );
+        encode_answer(&mut self.out, &head, framing, codings.as_deref(), close);
+        // The head's bytes are the worker connection's: let go of them.
+        drop(head);
         bump(&self.activity.heads);
         let kept = self.body(body, framing, &upstream, proxy).await;
         // The drain of this generation waited for the last byte.
@@ -440,31 +419,111 @@ impl Front {
             .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         let close = close || refused || self.shut.load(Ordering::Relaxed);
         self.out.clear();
-        encode_head(&mut self.out, parts.status, None, &parts.headers, close);
+        encode_local(&mut self.out, parts.status, &parts.headers, close);
         self.out.extend_from_slice(&body);
         bump(&self.activity.heads);
         self.flush().await.is_ok() && !close
     }
 }
 
-/// The status line and headers, with `Date` when the worker sent none and
-/// `Connection: close` when the connection closes after this answer.
-fn encode_head(
+/// The worker's answer head as the client gets it: the worker's status
+/// line and lines in its order (names in lower case, as hyper's server
+/// writes them), without the hop-by-hop ones (RFC 9110 §7.6.1, with every
+/// option `Connection` names) and the worker's framing (RFC 9112 §6.3:
+/// `Transfer-Encoding`, and `Content-Length` beside it or where the body
+/// is framed again by its length); then the framing towards the client,
+/// `Date` when the worker sent none, and `Connection: close` when the
+/// connection closes after this answer. As the path through hyper's
+/// server writes it.
+fn encode_answer(
     out: &mut Vec<u8>,
-    status: StatusCode,
-    reason: Option<&[u8]>,
-    fields: &HeaderMap,
+    head: &Head,
+    framing: Framing,
+    codings: Option<&str>,
     close: bool,
 ) {
+    let status = head.status();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
+    let reason = head.reason();
     out.extend_from_slice(reason.unwrap_or(status.canonical_reason().unwrap_or("").as_bytes()));
+    out.extend_from_slice(b"\r\n");
+    let listed = head.values(b"connection").next().is_some();
+    let coded = head.values(b"transfer-encoding").next().is_some();
+    let mut dated = false;
+    for (name, value) in head.lines() {
+        if headers::is_hop_by_hop(name)
+            // `Host` is for every hop, never a connection option.
+            || (listed
+                && !name.eq_ignore_ascii_case(b"host")
+                && head
+                    .values(b"connection")
+                    .any(|options| headers::lists(options, name)))
+        {
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"content-length")
+            && (coded || matches!(framing, Framing::Length(_)))
+        {
+            continue;
+        }
+        dated |= name.eq_ignore_ascii_case(b"date");
+        out.extend(name.iter().map(u8::to_ascii_lowercase));
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Bodiless => {}
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => {
+            out.extend_from_slice(b"transfer-encoding: ");
+            if let Some(c) = codings {
+                out.extend_from_slice(c.as_bytes());
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(b"chunked\r\n");
+        }
+    }
+    end_head(out, dated, close);
+}
+
+/// `n` in decimal digits.
+fn decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// The head of an answer `batond` made.
+fn encode_local(out: &mut Vec<u8>, status: StatusCode, fields: &HeaderMap, close: bool) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in fields {
         line(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    if !fields.contains_key(header::DATE) {
+    end_head(out, fields.contains_key(header::DATE), close);
+}
+
+/// `Date` unless `dated`, `Connection: close` when `close`, the empty line.
+fn end_head(out: &mut Vec<u8>, dated: bool, close: bool) {
+    if !dated {
         let now = httpdate::fmt_http_date(std::time::SystemTime::now());
         line(out, b"date", now.as_bytes());
     }
@@ -486,7 +545,7 @@ impl Proxy {
         head: &[u8],
         plain: &Plain,
         activity: &Activity,
-    ) -> Result<(Response<LeanBody>, Arc<Upstream>, Ticket), Response<ProxyBody>> {
+    ) -> Result<(Head, LeanBody, Arc<Upstream>, Ticket), Response<ProxyBody>> {
         let Some((mut upstream, mut ticket)) = self.router.acquire(self.hold()).await else {
             return Err(self.unavailable());
         };
@@ -503,7 +562,7 @@ impl Proxy {
                     };
                     match answer {
                         None => return Err(self.gateway_timeout(&upstream)),
-                        Some(Ok(resp)) => return Ok((resp, upstream, ticket)),
+                        Some(Ok((head, body))) => return Ok((head, body, upstream, ticket)),
                         // Not a byte left: as if refused, but the worker
                         // may take it on another connection.
                         Some(Err((e, true))) => (SendError::Lean(e), false),
@@ -651,6 +710,72 @@ mod tests {
             out,
             "POST /hook HTTP/1.1\r\nHost: \r\nx-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\nvia: 1.1 batond\r\n\r\n"
         );
+    }
+
+    fn answer(head: &str, head_only: bool, framing: Framing, close: bool) -> String {
+        let head = Head::parsed(head, head_only);
+        let te = head.values(b"transfer-encoding").next().is_some();
+        let codings = te
+            .then(|| headers::codings_listed(head.values(b"transfer-encoding")))
+            .flatten();
+        let mut out = Vec::new();
+        encode_answer(&mut out, &head, framing, codings.as_deref(), close);
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    #[test]
+    fn the_workers_answer_is_written_on_as_it_came_less_its_hops() {
+        // Hop-by-hop lines out, those `Connection` names too (but `Host`),
+        // the length framed again, names in lower case, order and the
+        // reason phrase kept, no `Date` added to the worker's.
+        let out = answer(
+            "HTTP/1.1 200 Fine\r\nConnection: keep-alive, X-Trace, host\r\nX-Trace: a\r\n\
+             Keep-Alive: timeout=5\r\nX-App-Signature: abc\r\nContent-Length: 5\r\nHost: w\r\n\
+             Set-Cookie: a=1\r\nDate: Sat, 28 Nov 2026 12:00:00 GMT\r\nset-cookie: b=2\r\n\
+             Proxy-Authenticate: Basic\r\nTrailer: X-Sum\r\n\r\nhello",
+            false,
+            Framing::Length(5),
+            false,
+        );
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 Fine\r\nx-app-signature: abc\r\nhost: w\r\nset-cookie: a=1\r\n\
+             date: Sat, 28 Nov 2026 12:00:00 GMT\r\nset-cookie: b=2\r\ncontent-length: 5\r\n\r\n"
+        );
+        // Codings besides `chunked` stay named; a length beside them goes;
+        // `Date` is added; the connection closes.
+        let out = answer(
+            "HTTP/1.1 201 \r\nTransfer-Encoding: gzip\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+            Framing::Chunked,
+            true,
+        );
+        let (start, rest) = out.split_at(out.find("date: ").expect("a date"));
+        assert_eq!(
+            start,
+            "HTTP/1.1 201 Created\r\ntransfer-encoding: gzip, chunked\r\n"
+        );
+        assert!(
+            rest.ends_with(" GMT\r\nconnection: close\r\n\r\n"),
+            "{rest:?}"
+        );
+        // A HEAD's answer keeps the length of what a GET would get.
+        let out = answer(
+            "HTTP/1.1 200 OK\r\nContent-Length: 42\r\nDate: x\r\n\r\n",
+            true,
+            Framing::Bodiless,
+            false,
+        );
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\ncontent-length: 42\r\ndate: x\r\n\r\n"
+        );
+        let mut digits = Vec::new();
+        for n in [0, 7, 10, 1234567890, u64::MAX] {
+            digits.clear();
+            decimal(&mut digits, n);
+            assert_eq!(digits, n.to_string().as_bytes());
+        }
     }
 
     #[test]
