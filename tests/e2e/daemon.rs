@@ -3124,7 +3124,8 @@ async fn bad_requests_get_400_and_the_worker_is_not_blamed() {
 /// Requests without a body take batond's lean path, the others hyper's
 /// server, which takes the connection over at the first of them: on one
 /// connection, requests sent all at once are answered in order, whichever
-/// way each goes, and each is rewritten the same way.
+/// way each goes, and each is rewritten the same way; so are the worker's
+/// answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_requests_and_the_rest_share_one_connection_in_order() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -3229,6 +3230,42 @@ async fn plain_requests_and_the_rest_share_one_connection_in_order() {
             "{way}: {r}"
         );
     }
+    // The worker's hop-by-hop lines (those its `Connection` names too)
+    // reach the client by neither path, which write the same lines.
+    let mut heads = Vec::new();
+    for (path, way) in [
+        (
+            "GET /hops HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            "lean",
+        ),
+        (
+            "GET http://x/hops HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            "hyper",
+        ),
+    ] {
+        let r = raw_request(d.addr, path).await;
+        let (head, body) = r.split_once("\r\n\r\n").expect("a head");
+        assert_eq!(body, "ok", "{way}: {r}");
+        let mut lines: Vec<String> = head.lines().skip(1).map(str::to_ascii_lowercase).collect();
+        lines.sort();
+        for gone in ["x-worker-secret", "keep-alive", "proxy-authenticate"] {
+            assert!(
+                !lines.iter().any(|l| l.contains(gone)),
+                "{way}: {gone}: {r}"
+            );
+        }
+        assert!(lines.contains(&"x-kept: 1".to_string()), "{way}: {r}");
+        assert!(
+            lines.contains(&"content-length: 2".to_string()),
+            "{way}: {r}"
+        );
+        assert!(
+            lines.contains(&"connection: close".to_string()),
+            "{way}: {r}"
+        );
+        heads.push(lines);
+    }
+    assert_eq!(heads[0], heads[1], "the same lines by both paths");
     let (_, text) = baton::control::client::call_text(&d.socket, http::Method::GET, "/metrics")
         .await
         .expect("metrics");
