@@ -309,7 +309,7 @@ impl Head {
             })
     }
 
-    /// The values of every line named `name` (lower case).
+    /// The values of every line named `name` (in any case), in order.
     pub fn values<'a>(&'a self, name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> {
         self.lines()
             .filter(move |(n, _)| n.eq_ignore_ascii_case(name))

@@ -81,9 +81,9 @@ pub fn codings_besides_chunked(headers: &HeaderMap) -> Option<String> {
 }
 
 /// [`codings_besides_chunked`] of the values of a message's
-/// `Transfer-Encoding` lines, as the worker wrote them. A value with a
-/// byte that is not ASCII counts as one coding, `?` (no name can be made
-/// of it).
+/// `Transfer-Encoding` lines, as the worker wrote them (`None` for no
+/// line at all). A value with a byte that is not ASCII counts as one
+/// coding, `?` (no name can be made of it).
 pub fn codings_listed<'a>(values: impl Iterator<Item = &'a [u8]>) -> Option<String> {
     let mut codings: Vec<&str> = values
         .flat_map(|v| {

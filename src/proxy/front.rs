@@ -292,10 +292,7 @@ impl Front {
         }
         let status = head.status();
         // Framed again here, `chunked` after the codings named.
-        let coded = head.values(b"transfer-encoding").next().is_some();
-        let codings = coded
-            .then(|| headers::codings_listed(head.values(b"transfer-encoding")))
-            .flatten();
+        let codings = headers::codings_listed(head.values(b"transfer-encoding"));
         let framing = if plain.head_only
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
@@ -714,10 +711,7 @@ mod tests {
 
     fn answer(head: &str, head_only: bool, framing: Framing, close: bool) -> String {
         let head = Head::parsed(head, head_only);
-        let te = head.values(b"transfer-encoding").next().is_some();
-        let codings = te
-            .then(|| headers::codings_listed(head.values(b"transfer-encoding")))
-            .flatten();
+        let codings = headers::codings_listed(head.values(b"transfer-encoding"));
         let mut out = Vec::new();
         encode_answer(&mut out, &head, framing, codings.as_deref(), close);
         String::from_utf8(out).expect("utf-8")
