@@ -22,6 +22,10 @@ use std::io;
 use std::process::Command;
 use std::sync::OnceLock;
 
+/// The name of `batond`'s runtime threads besides its main thread (with
+/// `daemon.threads` above 1; the blocking pool's threads have it too).
+pub const RUNTIME_THREAD: &str = "batond-rt";
+
 /// The highest `SCHED_FIFO` priority Linux takes.
 pub const MAX_PRIORITY: u8 = 99;
 

@@ -186,14 +186,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         p if p.exists() => p.to_path_buf(),
         _ => std::env::current_exe().context("cannot find batond's own executable")?,
     };
-    // One thread serves the proxy as fast as nginx's one worker process on
-    // this kind of machine, with one malloc arena and no cross-thread wakeups.
+    // One thread is the least memory (one malloc arena, no cross-thread
+    // wakeups); with a second, the proxy's work goes to whichever CPU is
+    // free while wrk-like clients and the worker share them (the default
+    // on two CPUs or more; see README, Benchmark).
     let rt = match cfg.daemon.threads {
         1 => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),
         n => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(n)
+            .thread_name(baton::sched::RUNTIME_THREAD)
             .enable_all()
             .build(),
     }

@@ -636,13 +636,24 @@ async fn realtime_priority_is_batonds_own_and_not_its_workers() {
         // A reload to 0 puts batond back to normal scheduling.
         reload(&p, &d, 10, 0, 2).await;
         assert_eq!(main_thread(batond), Some((false, 0)), "{}", d.log());
-        // And back to 10: the runtime's thread again, not the threads
-        // started since (the file watcher's, the blocking pool's).
+        // And back to 10: the runtime's threads again, not the threads
+        // started since (the file watcher's, the log writer's).
         reload(&p, &d, 0, 10, 3).await;
         assert_eq!(main_thread(batond), Some((true, 10)), "{}", d.log());
+        // With two CPUs or more the runtime has threads of its own (the
+        // default): they move the traffic, so they are set too.
+        if std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
+            let runtime = thread_policies(batond);
+            assert!(
+                runtime.iter().any(|(name, fifo, prio)| {
+                    name == baton::sched::RUNTIME_THREAD && *fifo && *prio == 10
+                }),
+                "{runtime:?}"
+            );
+        }
         let others: Vec<_> = thread_policies(batond)
             .into_iter()
-            .filter(|(name, _, _)| name != "batond")
+            .filter(|(name, _, _)| name != "batond" && name != baton::sched::RUNTIME_THREAD)
             .collect();
         assert!(!others.is_empty(), "batond has no other threads");
         assert!(
