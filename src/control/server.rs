@@ -223,9 +223,14 @@ pub async fn serve(
                 async move { Ok::<_, Infallible>(route(req, &job, &state_dir, trusted, token).await) }
             });
             // A client that sends half a request (or nothing) is not kept:
-            // a request head has 10 s to arrive.
+            // a request head has 10 s to arrive. A request whose sender
+            // closed its side after it is still read and routed (half
+            // close): one `batonctl` gave up on must reach `route`, which
+            // says so and drops it, instead of vanishing with the
+            // connection.
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
+                .half_close(true)
                 .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
