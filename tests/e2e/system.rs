@@ -595,7 +595,8 @@ async fn realtime_priority_is_batonds_own_and_not_its_workers() {
     p.edit(
         "etc/baton.toml",
         "[daemon]\n",
-        "[daemon]\nrealtime_priority = 10\n",
+        // Two runtime threads: the main one and the runtime's own.
+        "[daemon]\nrealtime_priority = 10\nthreads = 2\n",
     );
     let d = Daemon::start(&p).await;
     let s = d.wait_active(1).await;
@@ -640,17 +641,16 @@ async fn realtime_priority_is_batonds_own_and_not_its_workers() {
         // started since (the file watcher's, the log writer's).
         reload(&p, &d, 0, 10, 3).await;
         assert_eq!(main_thread(batond), Some((true, 10)), "{}", d.log());
-        // With two CPUs or more the runtime has threads of its own (the
-        // default): they move the traffic, so they are set too.
-        if std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
-            let runtime = thread_policies(batond);
-            assert!(
-                runtime.iter().any(|(name, fifo, prio)| {
-                    name == baton::sched::RUNTIME_THREAD && *fifo && *prio == 10
-                }),
-                "{runtime:?}"
-            );
-        }
+        // The runtime's own threads move the traffic: they are set too.
+        let runtime = thread_policies(batond);
+        assert!(
+            runtime
+                .iter()
+                .any(|(name, fifo, prio)| name == baton::sched::RUNTIME_THREAD
+                    && *fifo
+                    && *prio == 10),
+            "{runtime:?}"
+        );
         let others: Vec<_> = thread_policies(batond)
             .into_iter()
             .filter(|(name, _, _)| name != "batond" && name != baton::sched::RUNTIME_THREAD)
