@@ -28,6 +28,15 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
         .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
 }
 
+/// Whether a line named `name` is for this hop only (RFC 9110 §7.6.1):
+/// always hop-by-hop, or listed in one of `connection`, the values of the
+/// message's `Connection` lines. `Host` is for every hop (RFC 9112 §3.2),
+/// never a connection option.
+pub fn for_this_hop<'a>(name: &[u8], mut connection: impl Iterator<Item = &'a [u8]>) -> bool {
+    is_hop_by_hop(name)
+        || (!name.eq_ignore_ascii_case(b"host") && connection.any(|options| lists(options, name)))
+}
+
 /// Readies a worker's answer head to be framed again for the client (RFC
 /// 9112 §6.3): beside `Transfer-Encoding` a `Content-Length` is wrong and
 /// goes, and so do the hop-by-hop headers. Returns the transfer codings

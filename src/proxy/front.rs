@@ -128,14 +128,8 @@ pub(super) fn parse(buf: &[u8], client: &[u8], out: &mut Vec<u8>) -> Parsed {
         return Parsed::Hyper;
     }
     let options = &options[..named];
-    // `Host` is for every hop, never a connection option.
-    let hop = |name: &str| {
-        headers::is_hop_by_hop(name.as_bytes())
-            || (!name.eq_ignore_ascii_case("host")
-                && options
-                    .iter()
-                    .any(|o| o.eq_ignore_ascii_case(name.as_bytes())))
-    };
+    // Each option is a list of one.
+    let hop = |name: &str| headers::for_this_hop(name.as_bytes(), options.iter().copied());
     out.clear();
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
@@ -446,18 +440,10 @@ fn encode_answer(
     let reason = head.reason();
     out.extend_from_slice(reason.unwrap_or(status.canonical_reason().unwrap_or("").as_bytes()));
     out.extend_from_slice(b"\r\n");
-    let listed = head.values(b"connection").next().is_some();
     let coded = head.values(b"transfer-encoding").next().is_some();
     let mut dated = false;
     for (name, value) in head.lines() {
-        if headers::is_hop_by_hop(name)
-            // `Host` is for every hop, never a connection option.
-            || (listed
-                && !name.eq_ignore_ascii_case(b"host")
-                && head
-                    .values(b"connection")
-                    .any(|options| headers::lists(options, name)))
-        {
+        if headers::for_this_hop(name, head.values(b"connection")) {
             continue;
         }
         if name.eq_ignore_ascii_case(b"content-length")
