@@ -48,6 +48,12 @@ pub enum SendError {
     /// left, so it may go to another worker.
     #[error("{0}")]
     Connect(std::io::Error),
+    /// No connection could be made because batond itself is short of
+    /// descriptors or memory (see [`crate::process::short_of_resources`]):
+    /// the worker is not at fault, and the request may wait for the
+    /// shortage to pass.
+    #[error("batond is short of resources: {0}")]
+    Short(std::io::Error),
     /// The exchange failed after the connection was made.
     #[error("{0}")]
     Http(#[from] hyper::Error),
@@ -300,7 +306,13 @@ impl Pool {
                     "connect timed out",
                 ))
             })?
-            .map_err(SendError::Connect)
+            .map_err(|e| {
+                if crate::process::short_of_resources(&e) {
+                    SendError::Short(e)
+                } else {
+                    SendError::Connect(e)
+                }
+            })
     }
 
     /// Closes the idle connections and every one given back from now on:

@@ -63,7 +63,9 @@ async fn probe_inner(
 ) -> Result<Probe, String> {
     let stream = match endpoint.connect().await {
         Ok(s) => s,
-        Err(e) if own_shortage(&e) => return Ok(Probe::Unable(e.to_string())),
+        Err(e) if crate::process::short_of_resources(&e) => {
+            return Ok(Probe::Unable(e.to_string()));
+        }
         Err(e) => return Err(e.to_string()),
     };
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -86,15 +88,6 @@ async fn probe_inner(
     Ok(Probe::Answer {
         status: resp.status(),
         signature,
-    })
-}
-
-/// Whether a failed connect is `batond`'s own shortage (descriptors,
-/// memory, buffers), not the worker's doing.
-fn own_shortage(e: &std::io::Error) -> bool {
-    use nix::errno::Errno;
-    e.raw_os_error().is_some_and(|n| {
-        [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM].contains(&Errno::from_raw(n))
     })
 }
 

@@ -668,6 +668,17 @@ pub fn raise_fd_limit() -> Option<(u64, u64)> {
     Some((soft, hard))
 }
 
+/// Whether `e` says batond itself ran short of a resource the system
+/// gives back as others let go of it: descriptors (its own limit or the
+/// system's) or kernel memory. Not the other side's doing: a connection
+/// that fails so says nothing of the worker.
+pub fn short_of_resources(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error().is_some_and(|n| {
+        [Errno::EMFILE, Errno::ENFILE, Errno::ENOMEM, Errno::ENOBUFS].contains(&Errno::from_raw(n))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{BufRead, BufReader};

@@ -134,6 +134,9 @@ pub struct Proxy {
     pub metrics: Arc<ProxyMetrics>,
     /// Malformed requests said in the log: at most one line a second.
     malformed_log: std::sync::Mutex<LogLimit>,
+    /// Connections to a worker batond could not make for want of its own
+    /// descriptors or memory: at most one line a second too.
+    short_log: std::sync::Mutex<LogLimit>,
 }
 
 // === impl Proxy ===
@@ -148,6 +151,7 @@ impl Proxy {
             idle_ms: AtomicU64::new(millis(t.idle)),
             metrics: Arc::default(),
             malformed_log: std::sync::Mutex::default(),
+            short_log: std::sync::Mutex::default(),
         })
     }
 
@@ -329,6 +333,43 @@ impl Proxy {
         resp
     }
 
+    /// batond could not connect to the worker for want of its own
+    /// descriptors or memory (`e`): the worker is not at fault, and the
+    /// shortage passes as connections close. The request waits for it as
+    /// it would for a healthy worker: up to the hold time from its first
+    /// such failure (`since`). True when it is to be tried again; false
+    /// once the hold time is over (then [`Proxy::short`] answers).
+    async fn wait_short(&self, since: &mut Option<tokio::time::Instant>, e: &SendError) -> bool {
+        let now = tokio::time::Instant::now();
+        let deadline = *since.get_or_insert(now) + self.hold();
+        let due = self
+            .short_log
+            .lock()
+            .ok()
+            .and_then(|mut l| l.due(std::time::Instant::now()));
+        if let Some(unlogged_before) = due {
+            tracing::warn!(error = %e, unlogged_before, "cannot connect to the worker: batond is short of resources; requests wait for them up to the hold time");
+        }
+        if now >= deadline {
+            return false;
+        }
+        tokio::time::sleep_until(deadline.min(now + SHORT_RETRY)).await;
+        true
+    }
+
+    /// The 503 for a request that waited out the hold time for batond's
+    /// own resources (see [`Proxy::wait_short`]).
+    fn short(&self, e: &SendError) -> Response<ProxyBody> {
+        self.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
+        let mut resp = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("service unavailable: {e}; try again shortly\n"),
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        resp
+    }
+
     /// Where a request reset by `upstream`'s worker goes again: to the
     /// worker that replaces it when it died (the supervisor takes it out
     /// within `CRASH_GRACE`), else to the active one (maybe itself).
@@ -386,7 +427,7 @@ impl Proxy {
             body_errors,
         } = forward(req, client, host, bodies);
         let (mut upstream, mut ticket) = (upstream, ticket);
-        let (mut refused, mut sent_again) = (0, false);
+        let (mut refused, mut sent_again, mut short_since) = (0, false, None);
         let (resp, conn) = loop {
             // What failed is decided in a block without waits, and the waits
             // that follow come after it: the answer, the error and the
@@ -492,6 +533,12 @@ impl Proxy {
                     continue;
                 }
             };
+            if matches!(failure, SendError::Short(_)) {
+                if self.wait_short(&mut short_since, &failure).await {
+                    continue;
+                }
+                return self.short(&failure);
+            }
             // The request is still ours: send it to the worker that replaces
             // this one, once the supervisor has swapped it in.
             if refused >= 3 {
@@ -1282,6 +1329,10 @@ fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, &'static
 /// worker again.
 const CRASH_GRACE: Duration = Duration::from_millis(100);
 
+/// How often a request tries again to connect to the worker while batond
+/// is short of descriptors or memory (see [`Proxy::wait_short`]).
+const SHORT_RETRY: Duration = Duration::from_millis(20);
+
 /// Whether an exchange failed because the connection closed or was reset
 /// before an answer came, rather than because of what came (an answer
 /// that is not HTTP, a body that broke).
@@ -1289,7 +1340,7 @@ fn connection_lost(e: &SendError) -> bool {
     let e = match e {
         SendError::Http(e) => e,
         SendError::Lean(e) => return e.connection_lost(),
-        SendError::Connect(_) => return false,
+        SendError::Connect(_) | SendError::Short(_) => return false,
     };
     if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
         return true;
@@ -1319,7 +1370,7 @@ fn reason(e: &SendError) -> String {
     let too_large = match e {
         SendError::Http(h) => h.is_parse_too_large(),
         SendError::Lean(l) => matches!(l, crate::h1::Error::TooLarge),
-        SendError::Connect(_) => false,
+        SendError::Connect(_) | SendError::Short(_) => false,
     };
     if too_large {
         return format!(

@@ -629,17 +629,9 @@ impl StartFailure {
     /// it ran short of a resource (descriptors, memory, processes), which
     /// comes back; anything else (a folder gone) counts as a failed start.
     fn before_spawn(reason: String, e: &std::io::Error) -> Self {
-        use nix::errno::Errno;
-        let short = e.raw_os_error().is_some_and(|n| {
-            [
-                Errno::EMFILE,
-                Errno::ENFILE,
-                Errno::ENOMEM,
-                Errno::EAGAIN,
-                Errno::ENOBUFS,
-            ]
-            .contains(&Errno::from_raw(n))
-        });
+        // EAGAIN: fork's "too many processes".
+        let short = crate::process::short_of_resources(e)
+            || e.raw_os_error() == Some(nix::errno::Errno::EAGAIN as i32);
         if short {
             Self {
                 reason: format!("batond could not start it: {reason}"),

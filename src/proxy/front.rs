@@ -532,7 +532,7 @@ impl Proxy {
         let Some((mut upstream, mut ticket)) = self.router.acquire(self.hold()).await else {
             return Err(self.unavailable());
         };
-        let (mut refused, mut sent_again) = (0, false);
+        let (mut refused, mut sent_again, mut short_since) = (0, false, None);
         loop {
             let (failure, refused_conn) = match upstream.pool.checkout_lean().await {
                 Ok(mut conn) => {
@@ -573,6 +573,12 @@ impl Proxy {
                 }
                 Err(e) => (e, true),
             };
+            if matches!(failure, SendError::Short(_)) {
+                if self.wait_short(&mut short_since, &failure).await {
+                    continue;
+                }
+                return Err(self.short(&failure));
+            }
             if refused >= 3 {
                 return Err(self.bad_gateway(&upstream, &failure));
             }

@@ -778,6 +778,177 @@ async fn a_worker_log_that_cannot_be_opened_does_not_stop_a_restart() {
     assert!(d.stop().await.success());
 }
 
+/// Limits `pid` to a few descriptors over what it holds (once: raising a
+/// hard limit again takes a privilege); the limit.
+fn limit_descriptors(pid: u32) -> usize {
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .count();
+    let limit = open + 4;
+    let out = std::process::Command::new("prlimit")
+        .arg("--pid")
+        .arg(pid.to_string())
+        .arg(format!("--nofile={limit}:{limit}"))
+        .output()
+        .expect("prlimit (util-linux) runs");
+    assert!(out.status.success(), "{out:?}");
+    limit
+}
+
+/// Clients enough to take every descriptor batond (`pid`, under
+/// `limit`) has left, and waits until they have: the first of them are
+/// accepted, those past it wait in the listen queue.
+async fn take_descriptors(
+    pid: u32,
+    limit: usize,
+    addr: std::net::SocketAddr,
+) -> Vec<tokio::net::TcpStream> {
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        clients.push(
+            tokio::time::timeout(PATIENCE, tokio::net::TcpStream::connect(addr))
+                .await
+                .expect("connect in time")
+                .expect("connect"),
+        );
+    }
+    // A new descriptor takes the lowest free number: none is left below
+    // the limit.
+    let below = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("fds")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<usize>().ok())
+            .filter(|&n| n < limit)
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while below() < limit {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "batond holds {} of {limit} descriptors",
+            below()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    clients
+}
+
+/// Sends `request` on `stream` and reads the whole answer (the request
+/// asks for the connection to close).
+async fn answer_on(mut stream: tokio::net::TcpStream, request: String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tokio::time::timeout(PATIENCE, async move {
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.expect("read");
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+    .await
+    .expect("an answer in time")
+}
+
+/// batond short of descriptors cannot connect to its worker, which is not
+/// the worker's fault: a request waits for them as it would for a healthy
+/// worker. One that waits out the hold time gets 503 naming the shortage
+/// (and the worker is not taken for dead); one whose descriptors come
+/// back in time is answered, through the lean path and hyper's alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_wait_out_batonds_own_descriptor_shortage() {
+    let p = Project::python("", "");
+    // No probe takes a descriptor meanwhile.
+    p.edit(
+        "etc/baton.toml",
+        "health_interval_ms = 300",
+        "health_interval_ms = 600000",
+    );
+    p.edit(
+        "etc/baton.toml",
+        "hold_timeout_ms = 5000",
+        "hold_timeout_ms = 4000",
+    );
+    let d = Daemon::start(&p).await;
+    let worker = d
+        .wait_active(1)
+        .await
+        .active
+        .and_then(|a| a.pid)
+        .expect("pid");
+    let me = d.child.id().expect("pid");
+    let get = format!(
+        "GET /whoami HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        d.addr
+    );
+
+    // The shortage lasts: 503 after the hold time, with Retry-After and
+    // the reason.
+    let limit = limit_descriptors(me);
+    let mut clients = take_descriptors(me, limit, d.addr).await;
+    let first = clients.remove(0);
+    let started = std::time::Instant::now();
+    let answer = answer_on(first, get.clone()).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(3900),
+        "held {:?}: {answer}",
+        started.elapsed()
+    );
+    let lower = answer.to_ascii_lowercase();
+    assert!(lower.contains("\r\nretry-after: 1\r\n"), "{answer}");
+    assert!(
+        answer.contains("batond is short of resources: Too many open files"),
+        "{answer}"
+    );
+    assert!(
+        d.log_shows("batond is short of resources; requests wait for them")
+            .await,
+        "{}",
+        d.log()
+    );
+    assert!(!d.log().contains("did not take the request"), "{}", d.log());
+    drop(clients);
+
+    // The shortage passes while two requests wait: a plain GET (the lean
+    // path) and a POST with a body (hyper's).
+    let marks = d.log().matches("short of resources; requests wait").count();
+    let mut clients = take_descriptors(me, limit, d.addr).await;
+    let (a, b) = (clients.remove(0), clients.remove(0));
+    let to = p.path("ingested");
+    let post = format!(
+        "POST /ingest?to={} HTTP/1.1\r\nHost: {}\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+        to.display(),
+        d.addr
+    );
+    let got = tokio::spawn(answer_on(a, get.clone()));
+    let posted = tokio::spawn(answer_on(b, post));
+    // Once batond has said it waits (a second apart at most), the
+    // descriptors come back: the clients that held them go.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while d.log().matches("short of resources; requests wait").count() == marks {
+        assert!(tokio::time::Instant::now() < deadline, "{}", d.log());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(clients);
+    let got = got.await.expect("GET");
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    let body = got.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let who: serde_json::Value = serde_json::from_str(body).expect("whoami JSON");
+    assert_eq!(who["pid"], worker, "{got}");
+    let posted = posted.await.expect("POST");
+    assert!(posted.starts_with("HTTP/1.1 202"), "{posted}");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while read(&to) != "hello" {
+        assert!(tokio::time::Instant::now() < deadline, "{}", read(&to));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The worker served throughout: no restart, no rejection.
+    let s = d.status().await;
+    assert_eq!(s.active.and_then(|a| a.pid), Some(worker));
+    for event in ["event=\"restart", "event=\"worker_exited"] {
+        assert!(!d.log().contains(event), "{}", d.log());
+    }
+    assert!(d.stop().await.success());
+}
+
 /// batond out of file descriptors cannot start a worker at all: those
 /// starts count toward the start limit (as systemd counts a failed spawn),
 /// the reason says they were batond's own failures, and once it has
@@ -792,27 +963,9 @@ async fn starts_batond_cannot_make_are_said_to_be_its_own() {
     let s = d.wait_active(1).await;
     let worker = s.active.and_then(|a| a.pid).expect("pid");
     let me = d.child.id().expect("pid");
-    let open = std::fs::read_dir(format!("/proc/{me}/fd"))
-        .expect("fds")
-        .count();
-    // A few more than it has, then clients take them all (those past the
-    // limit wait in the listen queue and take each one freed).
-    let limit = (open + 4).to_string();
-    let out = std::process::Command::new("prlimit")
-        .arg("--pid")
-        .arg(me.to_string())
-        .arg(format!("--nofile={limit}:{limit}"))
-        .output()
-        .expect("prlimit (util-linux) runs");
-    assert!(out.status.success(), "{out:?}");
-    let mut clients = Vec::new();
-    for _ in 0..40 {
-        clients.push(
-            tokio::net::TcpStream::connect(d.addr)
-                .await
-                .expect("connect"),
-        );
-    }
+    // A few more than it has, then clients take them all.
+    let limit = limit_descriptors(me);
+    let clients = take_descriptors(me, limit, d.addr).await;
     sigkill(worker);
     // (The control socket needs a descriptor too: the log tells.)
     let mut failed = false;
