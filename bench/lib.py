@@ -254,13 +254,17 @@ def http_rows(http, name):
         return statistics.median(vals) if vals else None
 
     direct_rps, direct_p99 = med("direct", "rps"), med("direct", "p99_ms")
-    peers = {c: (med(c, "rps"), med(c, "p99_ms")) for c in ("batond", "nginx", "haproxy")}
+    peers = {c: (med(c, "rps"), med(c, "p99_ms")) for c in ("batond", "nginx", "haproxy", "nginx2", "haproxy2")}
     best_peer = max((peers[c] for c in ("nginx", "haproxy") if peers[c][0]), default=(None, None))
+    # The peers with two workers / threads (a reference, no verdict).
+    best_two = max((peers[c] for c in ("nginx2", "haproxy2") if peers[c][0]), default=(None, None))
     where = {"tcp": "worker on loopback TCP", "unix": "worker on a Unix socket",
              "pinned": "worker on loopback TCP; the proxy alone on one CPU, the worker and wrk on another"}[name]
     for cfg, label in (("direct", "direct to media-worker"), ("batond", "through batond"),
                        ("nginx", "through nginx (1 worker, keepalive)"),
-                       ("haproxy", "through HAProxy (1 thread, http-reuse always)")):
+                       ("haproxy", "through HAProxy (1 thread, http-reuse always)"),
+                       ("nginx2", "through nginx (2 workers, keepalive)"),
+                       ("haproxy2", "through HAProxy (2 threads, http-reuse always)")):
         if cfg not in http:
             continue
         rps, p99 = (direct_rps, direct_p99) if cfg == "direct" else peers[cfg]
@@ -272,6 +276,8 @@ def http_rows(http, name):
             ok = rps >= best_peer[0] and p99 <= best_peer[1]
             target = "req/s >= best of nginx/HAProxy, p99 no worse"
             v = f"{ratio}{rps / best_peer[0]:.2f}x best peer req/s, p99 {p99:.2f} vs {best_peer[1]:.2f} ms: {verdict(ok)}"
+            if best_two[0]:
+                v += f" (against the better peer with two workers/threads: {rps / best_two[0]:.2f}x, p99 {p99:.2f} vs {best_two[1]:.2f} ms)"
         else:
             target, v = "(reference)", ratio.rstrip("; ") or "-"
         n = len(http.get(cfg, []))

@@ -226,7 +226,8 @@ pub struct DaemonConfig {
     pub history: usize,
     /// How long SIGTERM waits for requests and calls before stopping workers.
     pub shutdown_timeout: Duration,
-    /// Runtime threads: 1 runs everything on one thread (the default).
+    /// Runtime threads: 1 runs everything on one thread; the default is
+    /// one per CPU, up to two.
     pub threads: usize,
     /// `SCHED_FIFO` priority of batond's threads; 0 (the default) is
     /// normal scheduling. See [`crate::sched`].
@@ -1114,7 +1115,13 @@ impl Validator<'_> {
         let idle = self.positive("daemon", "idle_timeout_s", raw.daemon.idle_timeout_s, 60);
         let shutdown = raw.daemon.shutdown_timeout_s.unwrap_or(30);
         let shutdown = self.at_most_a_year("daemon", "shutdown_timeout_s", shutdown);
-        let threads = raw.daemon.threads.unwrap_or(1);
+        // One per CPU, up to two: a second thread takes the proxy's work
+        // to whichever CPU is free (see README, Benchmark); more would
+        // mostly cost memory (an allocator arena each).
+        let threads = raw
+            .daemon
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(2)));
         if threads == 0 || threads > 64 {
             self.issue("daemon", "threads", "must be between 1 and 64");
         }

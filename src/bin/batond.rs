@@ -188,7 +188,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     // One thread is the least memory (one malloc arena, no cross-thread
     // wakeups); with a second, the proxy's work goes to whichever CPU is
-    // free while clients and the worker share them (see README, Benchmark).
+    // free while clients and the worker share them (the default on two
+    // CPUs or more; see README, Benchmark).
     let rt = match cfg.daemon.threads {
         1 => tokio::runtime::Builder::new_current_thread()
             .enable_all()
