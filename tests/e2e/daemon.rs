@@ -778,13 +778,17 @@ async fn a_worker_log_that_cannot_be_opened_does_not_stop_a_restart() {
     assert!(d.stop().await.success());
 }
 
-/// Limits `pid` to a few descriptors over what it holds (once: raising a
-/// hard limit again takes a privilege); the limit.
+/// How many descriptors over what it holds [`limit_descriptors`] leaves
+/// batond.
+const ROOM: usize = 4;
+
+/// Limits `pid` to [`ROOM`] descriptors over what it holds (once: raising
+/// a hard limit again takes a privilege); the limit.
 fn limit_descriptors(pid: u32) -> usize {
     let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("fds")
         .count();
-    let limit = open + 4;
+    let limit = open + ROOM;
     let out = std::process::Command::new("prlimit")
         .arg("--pid")
         .arg(pid.to_string())
@@ -814,6 +818,13 @@ async fn take_descriptors(
     }
     // A new descriptor takes the lowest free number: none is left below
     // the limit.
+    wait_descriptors(pid, limit, |n| n == limit).await;
+    clients
+}
+
+/// Waits until the number of descriptors `pid` holds below `limit`
+/// satisfies `done`.
+async fn wait_descriptors(pid: u32, limit: usize, done: impl Fn(usize) -> bool) {
     let below = || {
         std::fs::read_dir(format!("/proc/{pid}/fd"))
             .expect("fds")
@@ -822,7 +833,7 @@ async fn take_descriptors(
             .count()
     };
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while below() < limit {
+    while !done(below()) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "batond holds {} of {limit} descriptors",
@@ -830,7 +841,6 @@ async fn take_descriptors(
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    clients
 }
 
 /// Sends `request` on `stream` and reads the whole answer (the request
@@ -906,6 +916,9 @@ async fn requests_wait_out_batonds_own_descriptor_shortage() {
     );
     assert!(!d.log().contains("did not take the request"), "{}", d.log());
     drop(clients);
+    // Every one of them closed (those left in the listen queue too): the
+    // next clients are the ones accepted.
+    wait_descriptors(me, limit, |n| n <= limit - ROOM).await;
 
     // The shortage passes while two requests wait: a plain GET (the lean
     // path) and a POST with a body (hyper's).
