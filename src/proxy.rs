@@ -4,7 +4,9 @@
 //!
 //! Every request goes to the upstream active when it arrives (see
 //! [`crate::router`]). While there is none (a crash restart), it waits up to
-//! `hold_timeout` and then gets 503 with `Retry-After`. An upstream that fails
+//! `hold_timeout` and then gets 503 with `Retry-After`; so does one batond
+//! cannot connect to the worker for want of its own descriptors or memory
+//! (the worker is not taken for dead). An upstream that fails
 //! mid-request gives 502 with a short reason; a malformed request gets 400
 //! from hyper (431 or 414 for a head over the limits), is counted and
 //! logged with what was wrong, and the listener lives on.
