@@ -85,7 +85,8 @@ pub struct ProxyMetrics {
     pub requests: AtomicU64,
     /// 502s the proxy made (upstream failed).
     pub bad_gateway: AtomicU64,
-    /// 503s the proxy made (no healthy worker within the hold time).
+    /// 503s the proxy made (no healthy worker, or batond short of
+    /// descriptors, within the hold time).
     pub unavailable: AtomicU64,
     /// 504s the proxy made (the worker sent no answer within the idle
     /// timeout).
@@ -325,10 +326,15 @@ impl Proxy {
     }
 
     fn unavailable(&self) -> Response<ProxyBody> {
+        self.try_again_shortly("no healthy worker")
+    }
+
+    /// A 503 with `Retry-After` saying `why`, counted with the others.
+    fn try_again_shortly(&self, why: &str) -> Response<ProxyBody> {
         self.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
         let mut resp = text(
             StatusCode::SERVICE_UNAVAILABLE,
-            "no healthy worker; try again shortly\n",
+            &format!("{why}; try again shortly\n"),
         );
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -362,14 +368,7 @@ impl Proxy {
     /// The 503 for a request that waited out the hold time for batond's
     /// own resources (see [`Proxy::wait_short`]).
     fn short(&self, e: &SendError) -> Response<ProxyBody> {
-        self.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
-        let mut resp = text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("service unavailable: {e}; try again shortly\n"),
-        );
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        resp
+        self.try_again_shortly(&format!("service unavailable: {e}"))
     }
 
     /// Where a request reset by `upstream`'s worker goes again: to the

@@ -593,7 +593,7 @@ fn metrics(s: &Status, job: &Job) -> Response<ProxyBody> {
         (
             "baton_unavailable_total",
             "counter",
-            "503 responses made by the proxy (no healthy worker).",
+            "503 responses made by the proxy (no healthy worker, or batond short of descriptors, within the hold time).",
             m.unavailable.load(Ordering::Relaxed),
         ),
         (
