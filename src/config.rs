@@ -95,6 +95,7 @@ struct RawDaemon {
     history: Option<usize>,
     shutdown_timeout_s: Option<u64>,
     threads: Option<usize>,
+    spread_threads: Option<bool>,
     realtime_priority: Option<u8>,
 }
 
@@ -229,6 +230,9 @@ pub struct DaemonConfig {
     /// Runtime threads: 1 runs everything on one thread; the default is
     /// one per CPU, up to two.
     pub threads: usize,
+    /// Each runtime thread kept to CPUs of its own (with `threads` above 1
+    /// and at least as many CPUs); the default. See [`crate::sched::spread`].
+    pub spread_threads: bool,
     /// `SCHED_FIFO` priority of batond's threads; 0 (the default) is
     /// normal scheduling. See [`crate::sched`].
     pub realtime_priority: u8,
@@ -1146,6 +1150,7 @@ impl Validator<'_> {
             history: raw.daemon.history.unwrap_or(20).max(1),
             shutdown_timeout: Duration::from_secs(shutdown),
             threads: threads.clamp(1, 64),
+            spread_threads: raw.daemon.spread_threads.unwrap_or(true),
             realtime_priority: realtime_priority.min(crate::sched::MAX_PRIORITY),
         };
 

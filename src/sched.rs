@@ -1,4 +1,6 @@
-//! Real-time scheduling for the media path (`realtime_priority`).
+//! Where and how `batond`'s threads run: real-time scheduling for the
+//! media path (`realtime_priority`), and each runtime thread kept to CPUs
+//! of its own (`spread_threads`, see [`spread`]).
 //!
 //! On a busy host the kernel's fair scheduler lets a process that has work
 //! wait for another's time slice: a few milliseconds, which is what a 20 ms
@@ -20,7 +22,10 @@
 
 use std::io;
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
+
+use nix::sched::CpuSet;
+use nix::unistd::Pid;
 
 /// The name of `batond`'s runtime threads besides its main thread (with
 /// `daemon.threads` above 1; the blocking pool's threads have it too).
@@ -193,6 +198,154 @@ pub fn policy_of(pid: u32, tid: u32) -> io::Result<Policy> {
     })
 }
 
+// === CPU placement ===
+
+/// The runtime threads [`spread`] kept to CPUs of their own, by thread id.
+/// Empty: none is (one runtime thread, `spread_threads = false`, or too
+/// few CPUs), and every thread runs where the process may.
+static PINNED: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// Which CPUs of `allowed` (in order) runtime thread `k` of `n` keeps to:
+/// every `n`-th, starting at the `k`-th. No CPU is in two shares, each
+/// share has one at least (with `n` at most `allowed.len()`), and on a
+/// host with more CPUs than threads each still has some to move between.
+#[must_use]
+pub fn share(allowed: &[usize], k: usize, n: usize) -> Vec<usize> {
+    allowed
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| n > 0 && i % n == k)
+        .map(|(_, &cpu)| cpu)
+        .collect()
+}
+
+/// The CPUs in `set`, in order.
+fn cpus(set: &CpuSet) -> Vec<usize> {
+    (0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect()
+}
+
+/// The CPUs the process may use: those of its main thread, which is never
+/// kept to a share (what `taskset -p`, systemd's `CPUAffinity=` or a
+/// cgroup's cpuset allow).
+///
+/// # Errors
+/// The kernel refused to say (it does not, for a thread of this process).
+pub fn process_cpus() -> io::Result<Vec<usize>> {
+    main_set().map(|s| cpus(&s))
+}
+
+fn main_set() -> io::Result<CpuSet> {
+    let pid = i32::try_from(std::process::id()).map_err(io::Error::other)?;
+    Ok(nix::sched::sched_getaffinity(Pid::from_raw(pid))?)
+}
+
+/// The CPUs thread `tid` of this process may run on.
+///
+/// # Errors
+/// The thread does not exist (any more).
+pub fn thread_cpus(tid: u32) -> io::Result<Vec<usize>> {
+    let tid = i32::try_from(tid).map_err(io::Error::other)?;
+    Ok(cpus(&nix::sched::sched_getaffinity(Pid::from_raw(tid))?))
+}
+
+/// The ids of this process's threads now.
+///
+/// # Errors
+/// `/proc/self/task` cannot be read.
+pub fn thread_ids() -> io::Result<Vec<u32>> {
+    let mut tids = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/task")? {
+        if let Some(tid) = entry?.file_name().to_str().and_then(|s| s.parse().ok()) {
+            tids.push(tid);
+        }
+    }
+    tids.sort_unstable();
+    Ok(tids)
+}
+
+/// Keeps each of the runtime threads `tids` to a share of the CPUs the
+/// process may use ([`share`]), and returns the shares. None is kept when
+/// there are fewer than two threads or fewer CPUs than threads (an empty
+/// list).
+///
+/// Why: on a host where clients, the worker and `batond` share few CPUs,
+/// the kernel often puts a runtime thread woken by the other one on that
+/// one's CPU, where it waits for it: both queue behind each other while the
+/// other CPU serves the worker. Kept apart, the two always run side by
+/// side; the tail of the proxy's latency narrows (README, Benchmark), as
+/// nginx's `worker_cpu_affinity` and HAProxy's `cpu-map` do for theirs.
+///
+/// What the runtime threads start is not kept to their share: threads of
+/// the blocking pool ([`unpin_this_thread`], the runtime's thread-start
+/// hook), threads made under [`unpinned`], and every child process (the
+/// exec shim takes the main thread's CPUs, see
+/// [`crate::process::shim_exec`]).
+///
+/// # Errors
+/// The kernel refused a thread's CPUs; threads already kept stay kept.
+pub fn spread(tids: &[u32]) -> io::Result<Vec<Vec<usize>>> {
+    let allowed = process_cpus()?;
+    let n = tids.len();
+    if n < 2 || allowed.len() < n {
+        return Ok(Vec::new());
+    }
+    let mut pinned = PINNED.lock().unwrap_or_else(|e| e.into_inner());
+    let mut shares = Vec::with_capacity(n);
+    for (k, &tid) in tids.iter().enumerate() {
+        let cpus = share(&allowed, k, n);
+        let mut set = CpuSet::new();
+        for &c in &cpus {
+            set.set(c)?;
+        }
+        let raw = i32::try_from(tid).map_err(io::Error::other)?;
+        nix::sched::sched_setaffinity(Pid::from_raw(raw), &set)
+            .map_err(|e| io::Error::other(format!("runtime thread {tid} to CPUs {cpus:?}: {e}")))?;
+        pinned.push(tid);
+        shares.push(cpus);
+    }
+    Ok(shares)
+}
+
+/// Gives the calling thread the CPUs of the process (the main thread's),
+/// unless it is a runtime thread [`spread`] keeps to a share: for a thread
+/// a runtime thread started, which would otherwise inherit its share. The
+/// runtime calls it as each of its threads starts. Does nothing while no
+/// thread is kept.
+pub fn unpin_this_thread() {
+    let pinned = PINNED.lock().unwrap_or_else(|e| e.into_inner());
+    if pinned.is_empty() {
+        return;
+    }
+    let me = u32::try_from(nix::unistd::gettid().as_raw()).unwrap_or(0);
+    if !pinned.contains(&me)
+        && let Ok(all) = main_set()
+    {
+        let _ = nix::sched::sched_setaffinity(Pid::from_raw(0), &all);
+    }
+}
+
+/// Runs `f` with the calling thread on the CPUs of the process, then puts
+/// it back on its share: for threads started by code `batond` does not own
+/// (the file watcher's), which would otherwise inherit the share of the
+/// runtime thread that made them.
+pub fn unpinned<T>(f: impl FnOnce() -> T) -> T {
+    let me = u32::try_from(nix::unistd::gettid().as_raw()).unwrap_or(0);
+    let kept = PINNED.lock().map(|p| p.contains(&me)).unwrap_or(false);
+    let own = kept
+        .then(|| nix::sched::sched_getaffinity(Pid::from_raw(0)).ok())
+        .flatten();
+    if let (Some(_), Ok(all)) = (&own, main_set()) {
+        let _ = nix::sched::sched_setaffinity(Pid::from_raw(0), &all);
+    }
+    let out = f();
+    if let Some(own) = own {
+        let _ = nix::sched::sched_setaffinity(Pid::from_raw(0), &own);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,6 +415,80 @@ mod tests {
                 assert_eq!(before, after, "a refused change changed the policy");
             }
         }
+    }
+
+    #[test]
+    fn each_runtime_thread_gets_cpus_no_other_has() {
+        assert_eq!(share(&[0, 1], 0, 2), [0]);
+        assert_eq!(share(&[0, 1], 1, 2), [1]);
+        assert_eq!(share(&[0, 1, 2, 3], 0, 2), [0, 2]);
+        assert_eq!(share(&[0, 1, 2, 3], 1, 2), [1, 3]);
+        assert_eq!(share(&[0, 1, 2], 1, 2), [1]);
+        assert_eq!(share(&[3, 5, 9], 2, 3), [9]);
+        for cpus in 2..=9 {
+            let allowed: Vec<usize> = (0..cpus).map(|c| c * 2 + 1).collect();
+            for n in 2..=cpus {
+                let mut all: Vec<usize> = (0..n).flat_map(|k| share(&allowed, k, n)).collect();
+                assert!((0..n).all(|k| !share(&allowed, k, n).is_empty()));
+                all.sort_unstable();
+                assert_eq!(all, allowed, "{cpus} CPUs, {n} threads");
+            }
+        }
+    }
+
+    /// Two threads spread over the CPUs keep to their shares; a thread one
+    /// of them starts, and code run under `unpinned`, get every CPU.
+    #[test]
+    fn spread_threads_keep_to_their_share_and_what_they_start_does_not() {
+        let all = process_cpus().expect("own CPUs");
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let mut go = Vec::new();
+        let mut threads = Vec::new();
+        for _ in 0..2 {
+            let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+            go.push(go_tx);
+            let tid_tx = tid_tx.clone();
+            threads.push(std::thread::spawn(move || {
+                let me = current_tid().expect("own tid");
+                tid_tx.send(me).expect("send tid");
+                go_rx.recv().expect("go");
+                let inside = unpinned(|| thread_cpus(me).expect("own CPUs"));
+                let after = thread_cpus(me).expect("own CPUs");
+                let child = std::thread::spawn(|| {
+                    let inherited = thread_cpus(current_tid().expect("tid")).expect("CPUs");
+                    unpin_this_thread();
+                    (
+                        inherited,
+                        thread_cpus(current_tid().expect("tid")).expect("CPUs"),
+                    )
+                })
+                .join()
+                .expect("child");
+                (inside, after, child)
+            }));
+        }
+        let mut tids: Vec<u32> = (0..2).map(|_| tid_rx.recv().expect("tid")).collect();
+        tids.sort_unstable();
+        let shares = spread(&tids).expect("spread");
+        for tx in go {
+            tx.send(()).expect("go");
+        }
+        let seen: Vec<_> = threads
+            .into_iter()
+            .map(|t| t.join().expect("thread"))
+            .collect();
+        if all.len() < 2 {
+            assert!(shares.is_empty(), "{shares:?} on {all:?}");
+            return;
+        }
+        assert_eq!(shares, [share(&all, 0, 2), share(&all, 1, 2)]);
+        for (inside, after, (inherited, unpinned_child)) in &seen {
+            assert_eq!(inside, &all, "under unpinned");
+            assert!(shares.contains(after), "{after:?} is not a share");
+            assert_eq!(inherited, after, "a new thread inherits the share");
+            assert_eq!(unpinned_child, &all, "unpin_this_thread");
+        }
+        assert_ne!(seen[0].1, seen[1].1, "both threads on one share");
     }
 
     #[test]

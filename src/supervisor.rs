@@ -2561,6 +2561,12 @@ fn prepare_reload(
         &n.state_dir.display(),
     );
     keep("threads", n.threads != o.threads, &o.threads, &n.threads);
+    keep(
+        "spread_threads",
+        n.spread_threads != o.spread_threads,
+        &o.spread_threads,
+        &n.spread_threads,
+    );
     if o.socket_activated && n.listen_asked != o.listen_asked {
         kept.push(format!(
             "daemon.listen ({}) is not used: the listening socket ({}) comes from systemd; change it in batond.socket",
@@ -2576,6 +2582,7 @@ fn prepare_reload(
     new.daemon.control_socket = old.daemon.control_socket.clone();
     new.daemon.state_dir = old.daemon.state_dir.clone();
     new.daemon.threads = old.daemon.threads;
+    new.daemon.spread_threads = old.daemon.spread_threads;
     let w = watch_sources(&new, change_tx).map_err(|e| e.to_string())?;
     if new.daemon.realtime_priority != old.daemon.realtime_priority {
         crate::sched::apply_to_process(new.daemon.realtime_priority);

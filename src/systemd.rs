@@ -42,7 +42,10 @@ fn queue() -> Option<&'static SyncSender<Message>> {
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
         std::thread::Builder::new()
             .name(NOTIFY_THREAD.into())
-            .spawn(move || send_all(&rx))
+            .spawn(move || {
+                crate::sched::unpin_this_thread();
+                send_all(&rx)
+            })
             .ok()?;
         Some(tx)
     })

@@ -154,6 +154,47 @@ fn init_tracing(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
     guard
 }
 
+/// Keeps each runtime thread to CPUs of its own (`daemon.spread_threads`).
+/// The runtime's threads are the ones its build started (`before` is the
+/// list from just before): nothing has run on it yet, so no blocking-pool
+/// thread exists. Logged; on failure the threads run where the kernel
+/// puts them.
+fn spread_runtime_threads(before: &[u32], threads: usize) {
+    let started: Vec<u32> = baton::sched::thread_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| !before.contains(t))
+        .collect();
+    if started.len() != threads {
+        tracing::warn!(
+            threads,
+            found = started.len(),
+            "spread_threads not applied: the runtime's {threads} threads could not be told from the others"
+        );
+        return;
+    }
+    match baton::sched::spread(&started) {
+        Ok(shares) if shares.is_empty() => tracing::info!(
+            threads,
+            "spread_threads: fewer CPUs than runtime threads; they run where the kernel puts them"
+        ),
+        Ok(shares) => {
+            let said: Vec<String> = shares.iter().map(|s| cpu_list(s)).collect();
+            tracing::info!(
+                "runtime threads kept to CPUs of their own: {}",
+                said.join("; ")
+            );
+        }
+        Err(e) => tracing::warn!(error = %e, "spread_threads not applied: {e}"),
+    }
+}
+
+/// `[0, 2, 4]` as "CPU 0, 2, 4".
+fn cpu_list(cpus: &[usize]) -> String {
+    let list: Vec<String> = cpus.iter().map(usize::to_string).collect();
+    format!("CPU {}", list.join(", "))
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let overrides = Overrides {
         listen: cli.listen,
@@ -190,6 +231,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // wakeups); with a second, the proxy's work goes to whichever CPU is
     // free while clients and the worker share them (the default on two
     // CPUs or more; see README, Benchmark).
+    let before = baton::sched::thread_ids().unwrap_or_default();
     let rt = match cfg.daemon.threads {
         1 => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -197,10 +239,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         n => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(n)
             .thread_name(baton::sched::RUNTIME_THREAD)
+            .on_thread_start(baton::sched::unpin_this_thread)
             .enable_all()
             .build(),
     }
     .context("tokio runtime")?;
+    if cfg.daemon.threads > 1 && cfg.daemon.spread_threads {
+        spread_runtime_threads(&before, cfg.daemon.threads);
+    }
     let result = rt.block_on(async move {
         let listener =
             match baton::systemd::inherited_listener().context("inherited socket (LISTEN_FDS)")? {

@@ -530,6 +530,42 @@ pub fn thread_policies(pid: u32) -> Vec<(String, bool, u32)> {
     out
 }
 
+/// Each thread of `pid`: its name and the CPUs it may run on (its
+/// `Cpus_allowed_list`), the main thread first.
+pub fn thread_cpus(pid: u32) -> Vec<(String, Vec<usize>)> {
+    let mut tids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str().and_then(|t| t.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    tids.sort_unstable_by_key(|&t| (t != pid, t));
+    let mut out = Vec::new();
+    for tid in tids {
+        let dir = format!("/proc/{pid}/task/{tid}");
+        let name = read(Path::new(&format!("{dir}/comm")))
+            .trim_end()
+            .to_string();
+        let status = read(Path::new(&format!("{dir}/status")));
+        let Some(list) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        else {
+            continue;
+        };
+        let mut cpus = Vec::new();
+        for part in list.trim().split(',') {
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            if let (Ok(a), Ok(b)) = (a.parse::<usize>(), b.parse::<usize>()) {
+                cpus.extend(a..=b);
+            }
+        }
+        out.push((name, cpus));
+    }
+    out
+}
+
 /// Sends `request` as written on a new connection and reads until the
 /// server closes it (bounded).
 pub async fn raw_request(addr: SocketAddr, request: &str) -> String {

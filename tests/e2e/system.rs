@@ -670,6 +670,110 @@ async fn realtime_priority_is_batonds_own_and_not_its_workers() {
     assert_eq!(code, StatusCode::OK);
 }
 
+/// `daemon.spread_threads` (on by default): with two runtime threads and
+/// at least two CPUs each runtime thread keeps to CPUs no other has, and
+/// nothing batond starts does: its other threads (the main one, the log
+/// writer's, the file watcher's, the blocking pool's, started by a runtime
+/// thread), its workers and their threads run on every CPU batond may
+/// use. A reload keeps the setting (and says so); with `false` no thread
+/// is kept to a share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_threads_keep_to_cpus_of_their_own_and_nothing_they_start_does() {
+    let p = Project::python("", "");
+    p.edit("etc/baton.toml", "[daemon]\n", "[daemon]\nthreads = 2\n");
+    let d = Daemon::start(&p).await;
+    d.wait_active(1).await;
+    // A deploy: a build, a digest on the blocking pool and a worker, all
+    // started from the runtime's threads.
+    p.append("src/pyworker.py", "\n# an edit\n");
+    let s = d.wait_active(2).await;
+    let worker = s.active.and_then(|a| a.pid).expect("worker pid");
+    let batond = d.child.id().expect("batond pid");
+    let threads = thread_cpus(batond);
+    let all = threads
+        .first()
+        .map(|(_, c)| c.clone())
+        .expect("main thread");
+    let rt = baton::sched::RUNTIME_THREAD;
+    let kept: Vec<_> = threads.iter().filter(|(_, c)| c != &all).collect();
+    let free: Vec<_> = threads.iter().filter(|(_, c)| c == &all).collect();
+    if all.len() >= 2 {
+        assert_eq!(kept.len(), 2, "{threads:?}");
+        assert!(kept.iter().all(|(name, _)| name == rt), "{threads:?}");
+        let (a, b) = (&kept[0].1, &kept[1].1);
+        assert!(
+            a.iter().all(|c| !b.contains(c)),
+            "shares overlap: {threads:?}"
+        );
+        let mut union: Vec<usize> = a.iter().chain(b).copied().collect();
+        union.sort_unstable();
+        assert_eq!(union, all, "{threads:?}");
+        assert!(
+            d.log_shows("runtime threads kept to CPUs of their own")
+                .await,
+            "{}",
+            d.log()
+        );
+        // The blocking pool's threads (the digest's) bear the runtime's
+        // name and were started by a runtime thread.
+        assert!(
+            free.iter().any(|(name, _)| name == rt),
+            "no blocking-pool thread to look at: {threads:?}"
+        );
+    } else {
+        assert!(kept.is_empty(), "{threads:?}");
+        assert!(
+            d.log_shows("fewer CPUs than runtime threads").await,
+            "{}",
+            d.log()
+        );
+    }
+    for name in ["log-writer", "watch-folders"] {
+        assert!(free.iter().any(|(n, _)| n == name), "{name}: {threads:?}");
+    }
+    let workers = thread_cpus(worker);
+    assert!(!workers.is_empty(), "no threads for worker {worker}");
+    assert!(
+        workers.iter().all(|(_, c)| c == &all),
+        "the worker kept to a share: {workers:?} (batond may use {all:?})"
+    );
+    // A reload keeps what the runtime started with.
+    p.edit(
+        "etc/baton.toml",
+        "[daemon]\n",
+        "[daemon]\nspread_threads = false\n",
+    );
+    assert!(
+        d.log_shows("daemon.spread_threads stays true until batond restarts")
+            .await,
+        "{}",
+        d.log()
+    );
+    let still: Vec<_> = thread_cpus(batond)
+        .into_iter()
+        .filter(|(_, c)| c != &all)
+        .collect();
+    assert_eq!(still.len(), kept.len(), "{still:?}");
+    assert!(d.stop().await.success());
+    // Off: every thread runs where the process may.
+    let d = Daemon::start(&p).await;
+    d.wait_for("a worker", |s| s.active.is_some()).await;
+    let batond = d.child.id().expect("batond pid");
+    let threads = thread_cpus(batond);
+    assert!(
+        threads.iter().all(|(_, c)| c == &all),
+        "spread_threads = false kept a thread to a share: {threads:?}"
+    );
+    assert!(
+        !d.log().contains("kept to CPUs of their own"),
+        "{}",
+        d.log()
+    );
+    let (code, _, _) = d.get("/healthz").await;
+    assert_eq!(code, StatusCode::OK);
+    assert!(d.stop().await.success());
+}
+
 /// A priority Linux does not have is a config error with its position.
 #[test]
 fn realtime_priority_above_99_is_refused_with_its_position() {
