@@ -227,10 +227,12 @@ pub struct DaemonConfig {
     pub history: usize,
     /// How long SIGTERM waits for requests and calls before stopping workers.
     pub shutdown_timeout: Duration,
-    /// Runtime threads: 1 runs everything on one thread; the default is
-    /// one per CPU, up to two.
+    /// Front threads: 1 runs everything on the main thread's event loop;
+    /// above 1, that many threads, each with an event loop of its own,
+    /// serve the client connections (see [`crate::runtime`]). The default
+    /// is one per CPU, up to two.
     pub threads: usize,
-    /// Each runtime thread kept to CPUs of its own (with `threads` above 1
+    /// Each front thread kept to CPUs of its own (with `threads` above 1
     /// and at least as many CPUs); the default. See [`crate::sched::spread`].
     pub spread_threads: bool,
     /// `SCHED_FIFO` priority of batond's threads; 0 (the default) is
@@ -1119,9 +1121,9 @@ impl Validator<'_> {
         let idle = self.positive("daemon", "idle_timeout_s", raw.daemon.idle_timeout_s, 60);
         let shutdown = raw.daemon.shutdown_timeout_s.unwrap_or(30);
         let shutdown = self.at_most_a_year("daemon", "shutdown_timeout_s", shutdown);
-        // One per CPU, up to two: a second thread takes the proxy's work
-        // to whichever CPU is free (see README, Benchmark); more would
-        // mostly cost memory (an allocator arena each).
+        // One per CPU, up to two: with a second, the proxy's work runs on
+        // both CPUs (see README, Benchmark); more would mostly cost memory
+        // (an allocator arena each).
         let threads = raw
             .daemon
             .threads

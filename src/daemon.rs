@@ -188,6 +188,8 @@ async fn keep_lock(
 }
 
 /// Runs the daemon on `listener` until a stop signal or `token` is cancelled.
+/// Client connections are served by the runtimes in `front` in turn (the
+/// front threads, see [`crate::runtime`]), or here when it is empty.
 /// `shim` is the executable that understands [`crate::process::SHIM_ARG`]
 /// (`batond` itself).
 ///
@@ -196,6 +198,7 @@ async fn keep_lock(
 /// and the daemon keeps running.
 pub async fn run(
     listener: TcpListener,
+    front: Vec<tokio::runtime::Handle>,
     mut cfg: Config,
     overrides: Overrides,
     shim: PathBuf,
@@ -282,7 +285,7 @@ pub async fn run(
 
     let tracker = TaskTracker::new();
     let front_token = token.child_token();
-    tracker.spawn(proxy.serve(listener, front_token.clone(), shutdown_grace));
+    tracker.spawn(proxy.serve(listener, front, front_token.clone(), shutdown_grace));
     let control_token = CancellationToken::new();
     let lock = tokio::spawn(keep_lock(lock, state_dir.clone(), control_token.clone()));
     tracker.spawn(control::server::serve(

@@ -25,7 +25,8 @@
 //! | [`watch`] | `notify` watches with ignore globs |
 //! | [`events`] | the event bus behind the log and `/v1/events` |
 //! | [`control`] | the control socket API, server and client |
-//! | [`sched`] | real-time scheduling (`SCHED_FIFO`, reset on fork) for the threads that move frames |
+//! | [`runtime`] | the main event loop and the front threads, each with its own, that serve client connections |
+//! | [`sched`] | real-time scheduling (`SCHED_FIFO`, reset on fork) for the threads that move frames; front threads kept to CPUs of their own |
 //! | [`systemd`] | `sd_notify` and socket activation |
 //! | [`twilio`] | Media Streams messages, `X-Twilio-Signature`, G.711 mu-law and 8 kHz framing (shared by the worker and callsim) |
 //! | [`worker`] | the `media-worker` server (webhooks, Media Streams, pipeline) |
@@ -49,6 +50,7 @@ pub mod probe;
 pub mod process;
 pub mod proxy;
 pub mod router;
+pub mod runtime;
 pub mod sched;
 pub mod supervisor;
 pub mod systemd;

@@ -8,8 +8,9 @@
 //! (`hyper::client::conn::http1`), to which an idle lean connection is
 //! handed over when such a request takes it (one pool holds both kinds).
 
+use std::cell::Cell;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -203,11 +204,33 @@ impl UpstreamConn {
     }
 }
 
+/// How many front threads (each with a runtime of its own) serve clients;
+/// 0 when the daemon's one runtime does.
+static SHARDS: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// 1 + the front thread this is, 0 on any other thread.
+    static SHARD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Says how many front threads there are: each pool made from now on keeps
+/// idle connections apart for each (a connection belongs to the runtime
+/// that made it).
+pub fn set_shards(n: usize) {
+    SHARDS.store(n, Ordering::Relaxed);
+}
+
+/// Marks the calling thread as front thread `i` (from 0).
+pub fn enter_shard(i: usize) {
+    SHARD.with(|s| s.set(i + 1));
+}
+
 /// A worker's idle keep-alive connections.
 #[derive(Debug)]
 pub struct Pool {
     endpoint: Endpoint,
-    idle: Mutex<Idle>,
+    /// One set for each front thread, and one for the others.
+    idle: Box<[Mutex<Idle>]>,
     /// How long a connection may sit idle and still be used again.
     keepalive: Duration,
 }
@@ -227,7 +250,9 @@ impl Pool {
     pub fn new(endpoint: Endpoint, keepalive: Duration) -> Arc<Pool> {
         Arc::new(Pool {
             endpoint,
-            idle: Mutex::new(Idle::default()),
+            idle: (0..=SHARDS.load(Ordering::Relaxed))
+                .map(|_| Mutex::new(Idle::default()))
+                .collect(),
             keepalive,
         })
     }
@@ -319,10 +344,18 @@ impl Pool {
     /// the worker is draining, and a connection a pinned WebSocket keeps
     /// its generation alive for would only hold memory.
     pub fn close(&self) {
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.closed = true;
-            idle.conns = Vec::new();
+        for idle in &self.idle {
+            if let Ok(mut idle) = idle.lock() {
+                idle.closed = true;
+                idle.conns = Vec::new();
+            }
         }
+    }
+
+    /// The idle connections of the calling thread's runtime.
+    fn mine(&self) -> &Mutex<Idle> {
+        let i = SHARD.with(Cell::get);
+        &self.idle[i.min(self.idle.len() - 1)]
     }
 
     /// Gives a connection back once its response has been read. One that
@@ -363,7 +396,7 @@ impl Pool {
     }
 
     fn keep(&self, conn: Conn) {
-        if let Ok(mut idle) = self.idle.lock()
+        if let Ok(mut idle) = self.mine().lock()
             && !idle.closed
             && idle.conns.len() < MAX_IDLE
         {
@@ -374,7 +407,7 @@ impl Pool {
     /// How many idle connections wait, of each kind (hyper's, lean).
     #[cfg(test)]
     pub(crate) fn idle_kinds(&self) -> (usize, usize) {
-        let idle = self.idle.lock().expect("pool lock");
+        let idle = self.mine().lock().expect("pool lock");
         let lean = idle
             .conns
             .iter()
@@ -386,7 +419,7 @@ impl Pool {
     /// The newest idle connection, unless it has been idle too long (then
     /// all are, and all are dropped).
     fn take_fresh(&self) -> Option<Conn> {
-        let mut idle = self.idle.lock().ok()?;
+        let mut idle = self.mine().lock().ok()?;
         let (conn, since) = idle.conns.pop()?;
         if coarse_now().saturating_sub(since) > self.keepalive {
             idle.conns.clear();

@@ -179,13 +179,17 @@ impl Proxy {
     }
 
     /// Serves `listener` until `token` is cancelled, then lets open
-    /// connections finish up to `grace`.
+    /// connections finish up to `grace`. Each connection is served on the
+    /// next runtime of `shards` in turn (the front threads), or on this
+    /// one when there are none.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
+        shards: Vec<tokio::runtime::Handle>,
         token: CancellationToken,
         grace: Duration,
     ) {
+        let mut next = 0usize;
         let mut builder = hyper::server::conn::http1::Builder::new();
         // No per-request header timer (hyper's costs a timer and a clock
         // read per request): each connection's task checks for progress
@@ -224,37 +228,31 @@ impl Proxy {
                 },
                 () = token.cancelled() => break,
             };
-            let _ = stream.set_nodelay(true);
-            keepalive(&stream);
-            self.metrics.connections.fetch_add(1, Ordering::Relaxed);
-            // Made once per connection.
-            let client = HeaderValue::from_str(&peer.ip().to_string())
-                .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-            let activity = Arc::new(Activity::default());
-            let seen = activity.clone();
-            let stream = FirstByte {
-                io: stream,
-                activity: Some(activity.clone()),
-            };
-            // Asks the connection to close: after the request in progress,
-            // if any (see `connection`).
-            let shut = Arc::new(AtomicBool::new(false));
-            let conn = connection(
-                self.clone(),
-                stream,
-                client,
-                activity,
-                shut.clone(),
-                builder.clone(),
-            );
-            conns.spawn(watch_connection(
-                conn,
-                move |_| shut.store(true, Ordering::Relaxed),
-                seen,
-                (self.header_timeout(), self.idle_timeout()),
-                stop.clone(),
-                (peer, self.clone()),
-            ));
+            match shards.get(next % shards.len().max(1)) {
+                None => {
+                    conns.spawn(self.accepted(stream, peer, &builder, &stop));
+                }
+                Some(shard) => {
+                    next = next.wrapping_add(1);
+                    // Moved to the front thread's runtime: its driver
+                    // watches the socket from now on.
+                    match stream.into_std() {
+                        Ok(std) => {
+                            let (this, builder, stop) =
+                                (self.clone(), builder.clone(), stop.clone());
+                            shard.spawn(conns.track_future(async move {
+                                match tokio::net::TcpStream::from_std(std) {
+                                    Ok(stream) => this.accepted(stream, peer, &builder, &stop).await,
+                                    Err(e) => tracing::warn!(error = %e, "an accepted connection could not be handed to a front thread"),
+                                }
+                            }));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "an accepted connection could not be handed to a front thread")
+                        }
+                    }
+                }
+            }
         }
         drop(listener);
         stop.fire();
@@ -262,6 +260,47 @@ impl Proxy {
         if tokio::time::timeout(grace, conns.wait()).await.is_err() {
             tracing::warn!(?grace, "connections still open at shutdown; closing them");
         }
+    }
+
+    /// Serves one accepted client connection to its end.
+    fn accepted(
+        self: &Arc<Self>,
+        stream: tokio::net::TcpStream,
+        peer: std::net::SocketAddr,
+        builder: &hyper::server::conn::http1::Builder,
+        stop: &Arc<Stop>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let _ = stream.set_nodelay(true);
+        keepalive(&stream);
+        self.metrics.connections.fetch_add(1, Ordering::Relaxed);
+        // Made once per connection.
+        let client = HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        let activity = Arc::new(Activity::default());
+        let seen = activity.clone();
+        let stream = FirstByte {
+            io: stream,
+            activity: Some(activity.clone()),
+        };
+        // Asks the connection to close: after the request in progress,
+        // if any (see `connection`).
+        let shut = Arc::new(AtomicBool::new(false));
+        let conn = connection(
+            self.clone(),
+            stream,
+            client,
+            activity,
+            shut.clone(),
+            builder.clone(),
+        );
+        watch_connection(
+            conn,
+            move |_| shut.store(true, Ordering::Relaxed),
+            seen,
+            (self.header_timeout(), self.idle_timeout()),
+            stop.clone(),
+            (peer, self.clone()),
+        )
     }
 
     /// A client connection that ended on a request hyper could not parse

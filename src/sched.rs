@@ -1,5 +1,5 @@
 //! Where and how `batond`'s threads run: real-time scheduling for the
-//! media path (`realtime_priority`), and each runtime thread kept to CPUs
+//! media path (`realtime_priority`), and each front thread kept to CPUs
 //! of its own (`spread_threads`, see [`spread`]).
 //!
 //! On a busy host the kernel's fair scheduler lets a process that has work
@@ -27,8 +27,10 @@ use std::sync::{Mutex, OnceLock};
 use nix::sched::CpuSet;
 use nix::unistd::Pid;
 
-/// The name of `batond`'s runtime threads besides its main thread (with
-/// `daemon.threads` above 1; the blocking pool's threads have it too).
+/// The name of `batond`'s threads besides its main thread that run its
+/// event loops or their blocking work: the front threads (with
+/// `daemon.threads` above 1, see [`crate::runtime`]) and the blocking
+/// pools' threads.
 pub const RUNTIME_THREAD: &str = "batond-rt";
 
 /// The highest `SCHED_FIFO` priority Linux takes.
@@ -200,12 +202,12 @@ pub fn policy_of(pid: u32, tid: u32) -> io::Result<Policy> {
 
 // === CPU placement ===
 
-/// The runtime threads [`spread`] kept to CPUs of their own, by thread id.
-/// Empty: none is (one runtime thread, `spread_threads = false`, or too
-/// few CPUs), and every thread runs where the process may.
+/// The front threads [`spread`] kept to CPUs of their own, by thread id.
+/// Empty: none is (no front threads, `spread_threads = false`, or too few
+/// CPUs), and every thread runs where the process may.
 static PINNED: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
-/// Which CPUs of `allowed` (in order) runtime thread `k` of `n` keeps to:
+/// Which CPUs of `allowed` (in order) front thread `k` of `n` keeps to:
 /// every `n`-th, starting at the `k`-th. No CPU is in two shares, each
 /// share has one at least (with `n` at most `allowed.len()`), and on a
 /// host with more CPUs than threads each still has some to move between.
@@ -265,20 +267,20 @@ pub fn thread_ids() -> io::Result<Vec<u32>> {
     Ok(tids)
 }
 
-/// Keeps each of the runtime threads `tids` to a share of the CPUs the
+/// Keeps each of the front threads `tids` to a share of the CPUs the
 /// process may use ([`share`]), and returns the shares. None is kept when
 /// there are fewer than two threads or fewer CPUs than threads (an empty
 /// list).
 ///
 /// Why: on a host where clients, the worker and `batond` share few CPUs,
-/// the kernel often puts a runtime thread woken by the other one on that
-/// one's CPU, where it waits for it: both queue behind each other while the
-/// other CPU serves the worker. Kept apart, the two always run side by
-/// side; the tail of the proxy's latency narrows (README, Benchmark), as
-/// nginx's `worker_cpu_affinity` and HAProxy's `cpu-map` do for theirs.
+/// the kernel often puts both front threads on one CPU for a while, where
+/// each waits for the other's turn while the other CPU serves the worker.
+/// Kept apart, the two always run side by side: more requests a second and
+/// a narrower tail of the proxy's latency (README, Benchmark), as nginx's
+/// `worker_cpu_affinity` and HAProxy's `cpu-map` do for theirs.
 ///
-/// What the runtime threads start is not kept to their share: threads of
-/// the blocking pool ([`unpin_this_thread`], the runtime's thread-start
+/// What the front threads start is not kept to their share: threads of
+/// their blocking pools ([`unpin_this_thread`], the runtime's thread-start
 /// hook), threads made under [`unpinned`], and every child process (the
 /// exec shim takes the main thread's CPUs, see
 /// [`crate::process::shim_exec`]).
@@ -301,7 +303,7 @@ pub fn spread(tids: &[u32]) -> io::Result<Vec<Vec<usize>>> {
         }
         let raw = i32::try_from(tid).map_err(io::Error::other)?;
         nix::sched::sched_setaffinity(Pid::from_raw(raw), &set)
-            .map_err(|e| io::Error::other(format!("runtime thread {tid} to CPUs {cpus:?}: {e}")))?;
+            .map_err(|e| io::Error::other(format!("front thread {tid} to CPUs {cpus:?}: {e}")))?;
         pinned.push(tid);
         shares.push(cpus);
     }
@@ -309,9 +311,9 @@ pub fn spread(tids: &[u32]) -> io::Result<Vec<Vec<usize>>> {
 }
 
 /// Gives the calling thread the CPUs of the process (the main thread's),
-/// unless it is a runtime thread [`spread`] keeps to a share: for a thread
-/// a runtime thread started, which would otherwise inherit its share. The
-/// runtime calls it as each of its threads starts. Does nothing while no
+/// unless it is a front thread [`spread`] keeps to a share: for a thread a
+/// front thread started, which would otherwise inherit its share. A front
+/// thread's runtime calls it as each of its blocking threads starts. Does nothing while no
 /// thread is kept.
 pub fn unpin_this_thread() {
     let pinned = PINNED.lock().unwrap_or_else(|e| e.into_inner());
@@ -329,7 +331,7 @@ pub fn unpin_this_thread() {
 /// Runs `f` with the calling thread on the CPUs of the process, then puts
 /// it back on its share: for threads started by code `batond` does not own
 /// (the file watcher's), which would otherwise inherit the share of the
-/// runtime thread that made them.
+/// front thread that made them.
 pub fn unpinned<T>(f: impl FnOnce() -> T) -> T {
     let me = u32::try_from(nix::unistd::gettid().as_raw()).unwrap_or(0);
     let kept = PINNED.lock().map(|p| p.contains(&me)).unwrap_or(false);

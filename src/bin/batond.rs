@@ -154,47 +154,6 @@ fn init_tracing(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
     guard
 }
 
-/// Keeps each runtime thread to CPUs of its own (`daemon.spread_threads`).
-/// The runtime's threads are the ones its build started (`before` is the
-/// list from just before): nothing has run on it yet, so no blocking-pool
-/// thread exists. Logged; on failure the threads run where the kernel
-/// puts them.
-fn spread_runtime_threads(before: &[u32], threads: usize) {
-    let started: Vec<u32> = baton::sched::thread_ids()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|t| !before.contains(t))
-        .collect();
-    if started.len() != threads {
-        tracing::warn!(
-            threads,
-            found = started.len(),
-            "spread_threads not applied: the runtime's {threads} threads could not be told from the others"
-        );
-        return;
-    }
-    match baton::sched::spread(&started) {
-        Ok(shares) if shares.is_empty() => tracing::info!(
-            threads,
-            "spread_threads: fewer CPUs than runtime threads; they run where the kernel puts them"
-        ),
-        Ok(shares) => {
-            let said: Vec<String> = shares.iter().map(|s| cpu_list(s)).collect();
-            tracing::info!(
-                "runtime threads kept to CPUs of their own: {}",
-                said.join("; ")
-            );
-        }
-        Err(e) => tracing::warn!(error = %e, "spread_threads not applied: {e}"),
-    }
-}
-
-/// `[0, 2, 4]` as "CPU 0, 2, 4".
-fn cpu_list(cpus: &[usize]) -> String {
-    let list: Vec<String> = cpus.iter().map(usize::to_string).collect();
-    format!("CPU {}", list.join(", "))
-}
-
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let overrides = Overrides {
         listen: cli.listen,
@@ -227,26 +186,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         p if p.exists() => p.to_path_buf(),
         _ => std::env::current_exe().context("cannot find batond's own executable")?,
     };
-    // One thread is the least memory (one malloc arena, no cross-thread
-    // wakeups); with a second, the proxy's work goes to whichever CPU is
-    // free while clients and the worker share them (the default on two
-    // CPUs or more; see README, Benchmark).
-    let before = baton::sched::thread_ids().unwrap_or_default();
-    let rt = match cfg.daemon.threads {
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .thread_name(baton::sched::RUNTIME_THREAD)
-            .on_thread_start(baton::sched::unpin_this_thread)
-            .enable_all()
-            .build(),
-    }
-    .context("tokio runtime")?;
-    if cfg.daemon.threads > 1 && cfg.daemon.spread_threads {
-        spread_runtime_threads(&before, cfg.daemon.threads);
-    }
+    // The main thread's event loop: the daemon's own work, and the client
+    // connections too with `threads = 1` (the least memory: one malloc
+    // arena); above 1 the connections go to front threads, each with an
+    // event loop of its own (see `baton::runtime`).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name(baton::sched::RUNTIME_THREAD)
+        .build()
+        .context("tokio runtime")?;
+    let front = baton::runtime::FrontThreads::start(cfg.daemon.threads, cfg.daemon.spread_threads)
+        .context("front threads")?;
+    let handles = front.handles();
     let result = rt.block_on(async move {
         let listener =
             match baton::systemd::inherited_listener().context("inherited socket (LISTEN_FDS)")? {
@@ -258,11 +209,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .await
                     .with_context(|| format!("cannot listen on {}", cfg.daemon.listen))?,
             };
-        baton::daemon::run(listener, cfg, overrides, shim, CancellationToken::new()).await?;
+        baton::daemon::run(
+            listener,
+            handles,
+            cfg,
+            overrides,
+            shim,
+            CancellationToken::new(),
+        )
+        .await?;
         Ok(ExitCode::SUCCESS)
     });
     // Blocking work still running (a reload stuck reading a config file on
     // a hung file system, say) must not keep the daemon from exiting.
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    drop(front);
     result
 }

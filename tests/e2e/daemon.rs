@@ -5,7 +5,7 @@ use std::ffi::OsStr;
 use std::time::Duration;
 
 use baton::control::api::GenState;
-use http::StatusCode;
+use http::{Method, StatusCode};
 
 use crate::support::*;
 
@@ -3500,6 +3500,8 @@ async fn requests_and_tunnels_that_move_nothing_end_at_the_idle_timeout() {
 /// and not once it has been idle for `worker.keepalive_timeout_ms`: a
 /// worker that closes idle connections itself may be closing it just then,
 /// and a POST that meets that close is a 502 (it cannot be sent again).
+/// (The requests come on one client connection: each front thread keeps
+/// idle worker connections of its own.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_worker_connections_are_not_used_past_the_keepalive_timeout() {
     let p = Project::python("keepalive_timeout_ms = 300", "");
@@ -3507,11 +3509,12 @@ async fn idle_worker_connections_are_not_used_past_the_keepalive_timeout() {
     d.wait_active(1).await;
     // The port of batond's end of the connection each request came on.
     let port = |who: serde_json::Value| who["peer_port"].as_u64().expect("peer_port");
-    let first = port(whoami(d.addr).await.2);
-    let again = port(whoami(d.addr).await.2);
+    let mut client = KeepAlive::connect(d.addr).await;
+    let first = port(client.whoami().await);
+    let again = port(client.whoami().await);
     assert_eq!(first, again, "a fresh idle connection is used again");
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let later = port(whoami(d.addr).await.2);
+    let later = port(client.whoami().await);
     assert_ne!(later, again, "a connection idle past the timeout was used");
 }
 
@@ -3524,21 +3527,19 @@ async fn one_worker_connection_serves_bodiless_requests_and_uploads_in_turn() {
     let d = Daemon::start(&p).await;
     d.wait_active(1).await;
     let port = |who: serde_json::Value| who["peer_port"].as_u64().expect("peer_port");
-    let first = port(whoami(d.addr).await.2);
+    // One client connection: one front thread, whose idle worker
+    // connections these requests share.
+    let mut client = KeepAlive::connect(d.addr).await;
+    let first = port(client.whoami().await);
     for round in 0..2 {
-        let r = raw_request(
-            d.addr,
-            "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
-        )
-        .await;
-        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
-        assert!(r.ends_with("\r\n\r\nhello"), "{r}");
-        let lower = r.to_ascii_lowercase();
-        assert!(
-            lower.contains(&format!("x-peer-port: {first}\r\n")),
-            "round {round}: the upload came on another connection than {first}: {r}"
+        let (code, headers, body) = client.request(Method::POST, "/echo", b"hello").await;
+        assert_eq!((code, body.as_str()), (StatusCode::OK, "hello"));
+        assert_eq!(
+            headers.get("x-peer-port").and_then(|v| v.to_str().ok()),
+            Some(first.to_string().as_str()),
+            "round {round}: the upload came on another connection than {first}"
         );
-        assert_eq!(port(whoami(d.addr).await.2), first, "round {round}");
+        assert_eq!(port(client.whoami().await), first, "round {round}");
     }
 }
 

@@ -14,7 +14,7 @@ use baton::control::api::Status;
 use baton::control::client;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -404,6 +404,64 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (StatusCode, HeaderMap, S
     })
     .await
     .expect("GET timed out")
+}
+
+/// One client connection to batond, kept alive across requests: all of
+/// them are served by the same front thread, and so may use the same
+/// worker connections (each front thread keeps its own idle ones).
+pub struct KeepAlive {
+    addr: SocketAddr,
+    send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl KeepAlive {
+    pub async fn connect(addr: SocketAddr) -> KeepAlive {
+        let stream = tokio::time::timeout(PATIENCE, tokio::net::TcpStream::connect(addr))
+            .await
+            .expect("connect timed out")
+            .expect("connect");
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        KeepAlive { addr, send }
+    }
+
+    /// Sends a request with `body` (none for an empty one) and reads the
+    /// whole answer.
+    pub async fn request(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: &'static [u8],
+    ) -> (StatusCode, HeaderMap, String) {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, self.addr.to_string())
+            .body(Full::new(Bytes::from_static(body)))
+            .expect("request");
+        tokio::time::timeout(PATIENCE, async {
+            self.send.ready().await.expect("connection kept open");
+            let resp = self.send.send_request(req).await.expect("response");
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await.expect("body").to_bytes();
+            (
+                parts.status,
+                parts.headers,
+                String::from_utf8_lossy(&body).into_owned(),
+            )
+        })
+        .await
+        .expect("request timed out")
+    }
+
+    /// `/whoami`'s answer.
+    pub async fn whoami(&mut self) -> serde_json::Value {
+        let (code, _, body) = self.request(Method::GET, "/whoami", b"").await;
+        assert_eq!(code, StatusCode::OK, "{body}");
+        serde_json::from_str(&body).expect("whoami json")
+    }
 }
 
 /// Whether a process exists (and is not a zombie).

@@ -670,21 +670,19 @@ async fn realtime_priority_is_batonds_own_and_not_its_workers() {
     assert_eq!(code, StatusCode::OK);
 }
 
-/// `daemon.spread_threads` (on by default): with two runtime threads and
-/// at least two CPUs each runtime thread keeps to CPUs no other has, and
-/// nothing batond starts does: its other threads (the main one, the log
-/// writer's, the file watcher's, the blocking pool's, started by a runtime
-/// thread), its workers and their threads run on every CPU batond may
-/// use. A reload keeps the setting (and says so); with `false` no thread
-/// is kept to a share.
+/// `daemon.spread_threads` (on by default): with two front threads and at
+/// least two CPUs each front thread keeps to CPUs no other has, and
+/// nothing else in batond does: its other threads (the main one, the log
+/// writer's, the file watcher's, the blocking pool's), its workers and
+/// their threads run on every CPU batond may use. A reload keeps the
+/// setting (and says so); with `false` no thread is kept to a share.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_threads_keep_to_cpus_of_their_own_and_nothing_they_start_does() {
     let p = Project::python("", "");
     p.edit("etc/baton.toml", "[daemon]\n", "[daemon]\nthreads = 2\n");
     let d = Daemon::start(&p).await;
     d.wait_active(1).await;
-    // A deploy: a build, a digest on the blocking pool and a worker, all
-    // started from the runtime's threads.
+    // A deploy: a build, a digest on the blocking pool and a worker.
     p.append("src/pyworker.py", "\n# an edit\n");
     let s = d.wait_active(2).await;
     let worker = s.active.and_then(|a| a.pid).expect("worker pid");
@@ -709,13 +707,12 @@ async fn runtime_threads_keep_to_cpus_of_their_own_and_nothing_they_start_does()
         union.sort_unstable();
         assert_eq!(union, all, "{threads:?}");
         assert!(
-            d.log_shows("runtime threads kept to CPUs of their own")
-                .await,
+            d.log_shows("front threads kept to CPUs of their own").await,
             "{}",
             d.log()
         );
-        // The blocking pool's threads (the digest's) bear the runtime's
-        // name and were started by a runtime thread.
+        // The blocking pool's threads (the digest's) bear the front
+        // threads' name.
         assert!(
             free.iter().any(|(name, _)| name == rt),
             "no blocking-pool thread to look at: {threads:?}"
@@ -723,7 +720,7 @@ async fn runtime_threads_keep_to_cpus_of_their_own_and_nothing_they_start_does()
     } else {
         assert!(kept.is_empty(), "{threads:?}");
         assert!(
-            d.log_shows("fewer CPUs than runtime threads").await,
+            d.log_shows("fewer CPUs than front threads").await,
             "{}",
             d.log()
         );
