@@ -7,6 +7,8 @@
 //! through [`crate::h1`]; any other through hyper's client
 //! (`hyper::client::conn::http1`), to which an idle lean connection is
 //! handed over when such a request takes it (one pool holds both kinds).
+//! Each front thread (see [`crate::runtime`]) keeps idle connections of
+//! its own: a connection belongs to the event loop that made it.
 
 use std::cell::Cell;
 use std::pin::Pin;

@@ -234,22 +234,19 @@ impl Proxy {
                 }
                 Some(shard) => {
                     next = next.wrapping_add(1);
-                    // Moved to the front thread's runtime: its driver
+                    // Moved to the front thread's runtime: its poller
                     // watches the socket from now on.
-                    match stream.into_std() {
-                        Ok(std) => {
-                            let (this, builder, stop) =
-                                (self.clone(), builder.clone(), stop.clone());
-                            shard.spawn(conns.track_future(async move {
-                                match tokio::net::TcpStream::from_std(std) {
-                                    Ok(stream) => this.accepted(stream, peer, &builder, &stop).await,
-                                    Err(e) => tracing::warn!(error = %e, "an accepted connection could not be handed to a front thread"),
-                                }
-                            }));
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "an accepted connection could not be handed to a front thread")
-                        }
+                    let (this, builder, stop) = (self.clone(), builder.clone(), stop.clone());
+                    let moved = stream.into_std().map(|std| {
+                        shard.spawn(conns.track_future(async move {
+                            match tokio::net::TcpStream::from_std(std) {
+                                Ok(stream) => this.accepted(stream, peer, &builder, &stop).await,
+                                Err(e) => not_handed(&peer, &e),
+                            }
+                        }))
+                    });
+                    if let Err(e) = moved {
+                        not_handed(&peer, &e);
                     }
                 }
             }
@@ -936,6 +933,12 @@ const TLS_ON_PLAIN: &str = "it began as a TLS handshake: this listener speaks pl
 /// still relayed: what the worker wrote before it went reaches the caller
 /// (the relay ends as soon as that has all gone out).
 pub const TUNNEL_FLUSH: Duration = Duration::from_secs(5);
+
+/// An accepted connection that could not be moved to a front thread (its
+/// socket is closed): said, as a failed accept is.
+fn not_handed(peer: &std::net::SocketAddr, e: &std::io::Error) {
+    tracing::warn!(%peer, error = %e, "an accepted connection could not be handed to a front thread");
+}
 
 /// A request in progress on which nothing moved for `idle`: a handler that
 /// has no answer yet and waits on the worker gives up (a 504; one that

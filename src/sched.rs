@@ -252,21 +252,6 @@ pub fn thread_cpus(tid: u32) -> io::Result<Vec<usize>> {
     Ok(cpus(&nix::sched::sched_getaffinity(Pid::from_raw(tid))?))
 }
 
-/// The ids of this process's threads now.
-///
-/// # Errors
-/// `/proc/self/task` cannot be read.
-pub fn thread_ids() -> io::Result<Vec<u32>> {
-    let mut tids = Vec::new();
-    for entry in std::fs::read_dir("/proc/self/task")? {
-        if let Some(tid) = entry?.file_name().to_str().and_then(|s| s.parse().ok()) {
-            tids.push(tid);
-        }
-    }
-    tids.sort_unstable();
-    Ok(tids)
-}
-
 /// Keeps each of the front threads `tids` to a share of the CPUs the
 /// process may use ([`share`]), and returns the shares. None is kept when
 /// there are fewer than two threads or fewer CPUs than threads (an empty
