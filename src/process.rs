@@ -571,13 +571,6 @@ pub fn shim_exec(args: &[OsString]) -> Result<std::convert::Infallible, ShimErro
     // worker would inherit that (a shell pipeline in it would no longer
     // end when its reader does), and any blocked signals.
     default_ignored_signals();
-    // The thread that forked this shim may be a front thread kept to a
-    // share of the CPUs (`daemon.spread_threads`, see `sched::spread`): the program
-    // gets every CPU the daemon may use, which its main thread has. Best
-    // effort: a worker on fewer CPUs is slower, not wrong.
-    if let Ok(all) = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(parent)) {
-        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &all);
-    }
     // Before the exec, so the program and all it starts inherit it. The
     // shim has one thread, and Linux keeps a nice value per thread.
     if nice != 0 {

@@ -51,9 +51,6 @@ impl FrontThreads {
                     let rt = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .thread_name(crate::sched::RUNTIME_THREAD)
-                        // Its blocking pool's threads, made here, would
-                        // keep this thread's CPUs.
-                        .on_thread_start(crate::sched::unpin_this_thread)
                         .build();
                     let rt = match rt {
                         Ok(rt) => rt,

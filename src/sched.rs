@@ -22,7 +22,7 @@
 
 use std::io;
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use nix::sched::CpuSet;
 use nix::unistd::Pid;
@@ -202,11 +202,6 @@ pub fn policy_of(pid: u32, tid: u32) -> io::Result<Policy> {
 
 // === CPU placement ===
 
-/// The front threads [`spread`] kept to CPUs of their own, by thread id.
-/// Empty: none is (no front threads, `spread_threads = false`, or too few
-/// CPUs), and every thread runs where the process may.
-static PINNED: Mutex<Vec<u32>> = Mutex::new(Vec::new());
-
 /// Which CPUs of `allowed` (in order) front thread `k` of `n` keeps to:
 /// every `n`-th, starting at the `k`-th. No CPU is in two shares, each
 /// share has one at least (with `n` at most `allowed.len()`), and on a
@@ -264,11 +259,10 @@ pub fn thread_cpus(tid: u32) -> io::Result<Vec<usize>> {
 /// a narrower tail of the proxy's latency (README, Benchmark), as nginx's
 /// `worker_cpu_affinity` and HAProxy's `cpu-map` do for theirs.
 ///
-/// What the front threads start is not kept to their share: threads of
-/// their blocking pools ([`unpin_this_thread`], the runtime's thread-start
-/// hook), threads made under [`unpinned`], and every child process (the
-/// exec shim takes the main thread's CPUs, see
-/// [`crate::process::shim_exec`]).
+/// Nothing else is: the daemon's own work (the supervisor, which starts
+/// builds and workers, the file watch, the control socket, the blocking
+/// pool) runs on the main thread, which keeps every CPU the process may
+/// use, and what it starts inherits that.
 ///
 /// # Errors
 /// The kernel refused a thread's CPUs; threads already kept stay kept.
@@ -278,7 +272,6 @@ pub fn spread(tids: &[u32]) -> io::Result<Vec<Vec<usize>>> {
     if n < 2 || allowed.len() < n {
         return Ok(Vec::new());
     }
-    let mut pinned = PINNED.lock().unwrap_or_else(|e| e.into_inner());
     let mut shares = Vec::with_capacity(n);
     for (k, &tid) in tids.iter().enumerate() {
         let cpus = share(&allowed, k, n);
@@ -289,48 +282,9 @@ pub fn spread(tids: &[u32]) -> io::Result<Vec<Vec<usize>>> {
         let raw = i32::try_from(tid).map_err(io::Error::other)?;
         nix::sched::sched_setaffinity(Pid::from_raw(raw), &set)
             .map_err(|e| io::Error::other(format!("front thread {tid} to CPUs {cpus:?}: {e}")))?;
-        pinned.push(tid);
         shares.push(cpus);
     }
     Ok(shares)
-}
-
-/// Gives the calling thread the CPUs of the process (the main thread's),
-/// unless it is a front thread [`spread`] keeps to a share: for a thread a
-/// front thread started, which would otherwise inherit its share. A front
-/// thread's runtime calls it as each of its blocking threads starts. Does nothing while no
-/// thread is kept.
-pub fn unpin_this_thread() {
-    let pinned = PINNED.lock().unwrap_or_else(|e| e.into_inner());
-    if pinned.is_empty() {
-        return;
-    }
-    let me = u32::try_from(nix::unistd::gettid().as_raw()).unwrap_or(0);
-    if !pinned.contains(&me)
-        && let Ok(all) = main_set()
-    {
-        let _ = nix::sched::sched_setaffinity(Pid::from_raw(0), &all);
-    }
-}
-
-/// Runs `f` with the calling thread on the CPUs of the process, then puts
-/// it back on its share: for threads started by code `batond` does not own
-/// (the file watcher's), which would otherwise inherit the share of the
-/// front thread that made them.
-pub fn unpinned<T>(f: impl FnOnce() -> T) -> T {
-    let me = u32::try_from(nix::unistd::gettid().as_raw()).unwrap_or(0);
-    let kept = PINNED.lock().map(|p| p.contains(&me)).unwrap_or(false);
-    let own = kept
-        .then(|| nix::sched::sched_getaffinity(Pid::from_raw(0)).ok())
-        .flatten();
-    if let (Some(_), Ok(all)) = (&own, main_set()) {
-        let _ = nix::sched::sched_setaffinity(Pid::from_raw(0), &all);
-    }
-    let out = f();
-    if let Some(own) = own {
-        let _ = nix::sched::sched_setaffinity(Pid::from_raw(0), &own);
-    }
-    out
 }
 
 #[cfg(test)]
@@ -423,10 +377,9 @@ mod tests {
         }
     }
 
-    /// Two threads spread over the CPUs keep to their shares; a thread one
-    /// of them starts, and code run under `unpinned`, get every CPU.
+    /// Two threads spread over the CPUs keep to their shares.
     #[test]
-    fn spread_threads_keep_to_their_share_and_what_they_start_does_not() {
+    fn spread_threads_keep_to_their_share() {
         let all = process_cpus().expect("own CPUs");
         let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let mut go = Vec::new();
@@ -439,19 +392,7 @@ mod tests {
                 let me = current_tid().expect("own tid");
                 tid_tx.send(me).expect("send tid");
                 go_rx.recv().expect("go");
-                let inside = unpinned(|| thread_cpus(me).expect("own CPUs"));
-                let after = thread_cpus(me).expect("own CPUs");
-                let child = std::thread::spawn(|| {
-                    let inherited = thread_cpus(current_tid().expect("tid")).expect("CPUs");
-                    unpin_this_thread();
-                    (
-                        inherited,
-                        thread_cpus(current_tid().expect("tid")).expect("CPUs"),
-                    )
-                })
-                .join()
-                .expect("child");
-                (inside, after, child)
+                thread_cpus(me).expect("own CPUs")
             }));
         }
         let mut tids: Vec<u32> = (0..2).map(|_| tid_rx.recv().expect("tid")).collect();
@@ -469,13 +410,15 @@ mod tests {
             return;
         }
         assert_eq!(shares, [share(&all, 0, 2), share(&all, 1, 2)]);
-        for (inside, after, (inherited, unpinned_child)) in &seen {
-            assert_eq!(inside, &all, "under unpinned");
+        for after in &seen {
             assert!(shares.contains(after), "{after:?} is not a share");
-            assert_eq!(inherited, after, "a new thread inherits the share");
-            assert_eq!(unpinned_child, &all, "unpin_this_thread");
         }
-        assert_ne!(seen[0].1, seen[1].1, "both threads on one share");
+        assert_ne!(seen[0], seen[1], "both threads on one share");
+        assert_eq!(
+            process_cpus().expect("own CPUs"),
+            all,
+            "the process kept its CPUs"
+        );
     }
 
     #[test]

@@ -42,10 +42,7 @@ fn queue() -> Option<&'static SyncSender<Message>> {
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
         std::thread::Builder::new()
             .name(NOTIFY_THREAD.into())
-            .spawn(move || {
-                crate::sched::unpin_this_thread();
-                send_all(&rx)
-            })
+            .spawn(move || send_all(&rx))
             .ok()?;
         Some(tx)
     })

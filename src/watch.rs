@@ -727,14 +727,10 @@ pub fn watch(
             }
         }
     };
-    // notify's thread is started here: not on a runtime thread's CPUs.
-    let inner =
-        crate::sched::unpinned(|| notify::recommended_watcher(handler)).map_err(|source| {
-            WatchError {
-                path: root.to_path_buf(),
-                source,
-            }
-        })?;
+    let inner = notify::recommended_watcher(handler).map_err(|source| WatchError {
+        path: root.to_path_buf(),
+        source,
+    })?;
     let mut st = State {
         w: inner,
         by_key: HashMap::new(),
@@ -817,7 +813,6 @@ fn spawn_follower(
     std::thread::Builder::new()
         .name("watch-folders".into())
         .spawn(move || {
-            crate::sched::unpin_this_thread();
             // Folders that could not be watched (the inotify watch limit
             // reached) are tried again every `RETRY_UNWATCHED`; and when
             // that was last said.
